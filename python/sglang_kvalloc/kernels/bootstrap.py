@@ -10,6 +10,12 @@ the module filled with the pure-torch fallbacks from `sgl_kernel_cpu`. A machine
 working kernel build never sees the fallback.
 
 Set SGLANG_KVALLOC_DISABLE_KERNEL_FALLBACK=1 to turn this off.
+
+It also runs upstream's `load_plugins()` right after `sglang.srt.entrypoints.engine` is
+imported. `Engine.__init__` loads plugins itself, but only once it is already running, so
+without this a hook on `Engine.__init__` (the `kv_alloc_mode=` keyword) would miss the first
+Engine of a process. `load_plugins()` is idempotent and upstream asks for it "early in every
+process"; this only makes it earlier.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import types
 
 FALLBACK_ENV = "SGLANG_KVALLOC_DISABLE_KERNEL_FALLBACK"
 TARGET = "sgl_kernel"
+ENGINE_MODULE = "sglang.srt.entrypoints.engine"
 
 
 class _GuardedLoader(importlib.abc.Loader):
@@ -54,8 +61,36 @@ class _GuardedLoader(importlib.abc.Loader):
         sgl_kernel_cpu.populate(module, reason)
 
 
-class SglKernelFallbackFinder(importlib.abc.MetaPathFinder):
-    """Finds the real `sgl_kernel` spec and wraps its loader in `_GuardedLoader`."""
+class _LoadPluginsAfterExec(importlib.abc.Loader):
+    """Runs the real loader, then upstream's (idempotent) `load_plugins()`."""
+
+    def __init__(self, real_loader: importlib.abc.Loader) -> None:
+        self._real = real_loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._real.create_module(spec) if hasattr(self._real, "create_module") else None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._real.exec_module(module)
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+
+
+def _real_spec(
+    skip: object, fullname: str, path: object, target: types.ModuleType | None
+) -> importlib.machinery.ModuleSpec | None:
+    for finder in sys.meta_path:
+        if finder is skip or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(fullname, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
+class KvAllocImportHooks(importlib.abc.MetaPathFinder):
+    """Wraps the real loaders of `sgl_kernel` (fallback) and the Engine module (plugins)."""
 
     def find_spec(
         self,
@@ -63,15 +98,14 @@ class SglKernelFallbackFinder(importlib.abc.MetaPathFinder):
         path: object = None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TARGET:
+        if fullname == ENGINE_MODULE:
+            spec = _real_spec(self, fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _LoadPluginsAfterExec(spec.loader)
+            return spec
+        if fullname != TARGET or os.environ.get(FALLBACK_ENV, "") in ("1", "true", "True"):
             return None
-        real_spec = None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            real_spec = finder.find_spec(fullname, path, target)
-            if real_spec is not None:
-                break
+        real_spec = _real_spec(self, fullname, path, target)
         if real_spec is None:
             return importlib.machinery.ModuleSpec(
                 TARGET, _GuardedLoader(None), is_package=True
@@ -81,10 +115,8 @@ class SglKernelFallbackFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if os.environ.get(FALLBACK_ENV, "") in ("1", "true", "True"):
-        return
-    if not any(isinstance(f, SglKernelFallbackFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, SglKernelFallbackFinder())
+    if not any(isinstance(f, KvAllocImportHooks) for f in sys.meta_path):
+        sys.meta_path.insert(0, KvAllocImportHooks())
 
 
 install()

@@ -4,12 +4,13 @@ Upstream's `ServerArgs.from_cli_args` keeps only declared fields, so the parsed 
 attached to the record as the bookkeeping attribute `_kv_alloc_mode`. `ServerArgs.__reduce__`
 pickles bookkeeping with the fields, so the scheduler, TP workers and detokenizer receive
 it with the record they are spawned with. `sglang.Engine(kv_alloc_mode=...)` reaches the
-same attribute through a hook on `ServerArgs.__init__`.
+same attribute through hooks on `Engine.__init__` and `ServerArgs.resolve_once`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -95,11 +96,35 @@ def around_from_cli_args(original: Callable[..., Any], cls: type, args: argparse
     return server_args
 
 
-def around_server_args_init(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any):
-    """AROUND `ServerArgs.__init__`: accept `kv_alloc_mode=` (the `sglang.Engine` keyword)."""
+# The `sglang.Engine(kv_alloc_mode=...)` keyword, between Engine.__init__ and the record it
+# builds. ServerArgs is a msgspec Struct whose construction bypasses a patched __init__, so
+# the keyword is taken off before upstream sees it and put on the record at resolution.
+_ENGINE_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kv_alloc_engine_mode", default=None
+)
+
+
+def around_engine_init(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND `Engine.__init__`: accept the `kv_alloc_mode=` keyword."""
     mode = kwargs.pop(DEST, None)
-    original(self, *args, **kwargs)
-    attach_mode(self, mode)
+    if mode is not None:
+        modes.validate_mode(mode)
+        server_args = kwargs.get("server_args")
+        if server_args is not None:
+            attach_mode(server_args, mode)
+    token = _ENGINE_MODE.set(mode)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        _ENGINE_MODE.reset(token)
+
+
+def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `ServerArgs.resolve_once`: an Engine keyword lands on the record it built."""
+    mode = _ENGINE_MODE.get()
+    if mode is not None and getattr(self, modes.SERVER_ARGS_ATTR, None) is None:
+        attach_mode(self, mode)
+    return None
 
 
 def after_resolved_dict(result: dict[str, Any], self: Any, *args: Any, **kwargs: Any) -> None:

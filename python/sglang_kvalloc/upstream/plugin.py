@@ -7,6 +7,7 @@ records targets; `HookRegistry.apply_hooks()` (run by upstream's `load_plugins()
 from __future__ import annotations
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+ENGINE = "sglang.srt.entrypoints.engine.Engine"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
@@ -21,7 +22,8 @@ def hooks() -> list[tuple[str, object, str]]:
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
         (f"{SERVER_ARGS}.add_cli_args", cli.after_add_cli_args, "AFTER"),
         (f"{SERVER_ARGS}.from_cli_args", cli.around_from_cli_args, "AROUND"),
-        (f"{SERVER_ARGS}.__init__", cli.around_server_args_init, "AROUND"),
+        (f"{ENGINE}.__init__", cli.around_engine_init, "AROUND"),
+        (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Pools built for the chosen mode; the decision reported by the scheduler.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),

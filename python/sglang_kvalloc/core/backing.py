@@ -1,0 +1,324 @@
+"""Reserved address space whose physical memory is committed and released in ranges.
+
+A `Backing` reserves ``reserved_bytes`` of contiguous address space up front and exposes it
+as one tensor, so indices into it never move. Physical memory is committed (made resident)
+and released range by range, in multiples of ``granularity`` bytes.
+
+Only the CPU backing lives here. The GPU seam is `make_backing`: a CUDA backing would reserve
+with ``cuMemAddressReserve`` and map/unmap ``cuMemCreate`` handles per range (upstream's
+``sglang.srt.utils.cuda_vmm_utils`` already wraps those driver calls). It is a separate
+piece of work; this module deliberately contains no CUDA driver bindings.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import math
+import mmap
+import platform
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "Backing",
+    "BackingUnavailableError",
+    "CpuMmapBacking",
+    "RangeSet",
+    "make_backing",
+]
+
+# Python's mmap module lacks these constants on some versions; the values are Linux ABI.
+# MAP_NORESERVE is 0x40 on powerpc and 0x4000 on x86, arm, s390 and the asm-generic arches.
+_MAP_NORESERVE: int = getattr(
+    mmap, "MAP_NORESERVE", 0x40 if platform.machine().startswith("ppc") else 0x4000
+)
+_MADV_POPULATE_WRITE: int = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_MADV_NOHUGEPAGE: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
+
+
+class BackingUnavailableError(RuntimeError):
+    """No backing exists (yet) for the requested device."""
+
+
+@runtime_checkable
+class Backing(Protocol):
+    """Reserved address space with physical memory committed/released in ranges."""
+
+    granularity: int
+    """Bytes; every commit/release offset and size is a multiple of this."""
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Size of the reservation (a multiple of ``granularity``)."""
+        ...
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes currently committed (resident or guaranteed backable)."""
+        ...
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous tensor view starting at offset 0 of the reservation."""
+        ...
+
+    def commit(self, offset: int, nbytes: int) -> None:
+        """Back ``[offset, offset + nbytes)`` with physical memory; idempotent."""
+        ...
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Return ``[offset, offset + nbytes)`` to the system; idempotent."""
+        ...
+
+    def close(self) -> None:
+        """Release everything; the reservation goes away with the last tensor view."""
+        ...
+
+
+class RangeSet:
+    """Disjoint, sorted half-open integer intervals; add/remove report the size changed.
+
+    Segments are committed in large contiguous ranges, so an interval list stays tiny where a
+    per-granule bitmap of an 80 GB reservation would cost tens of MB.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self.total: int = 0
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def intervals(self) -> list[tuple[int, int]]:
+        return list(zip(self._starts, self._ends, strict=True))
+
+    def overlap(self, lo: int, hi: int) -> int:
+        """How much of ``[lo, hi)`` is covered."""
+        covered = 0
+        i = bisect.bisect_right(self._ends, lo)
+        while i < len(self._starts) and self._starts[i] < hi:
+            covered += min(hi, self._ends[i]) - max(lo, self._starts[i])
+            i += 1
+        return covered
+
+    def add(self, lo: int, hi: int) -> int:
+        """Cover ``[lo, hi)``; returns how much was newly covered."""
+        if hi <= lo:
+            return 0
+        newly = (hi - lo) - self.overlap(lo, hi)
+        # Every interval touching or overlapping [lo, hi) is merged into one.
+        i = bisect.bisect_left(self._ends, lo)
+        j = bisect.bisect_right(self._starts, hi)
+        if i < j:
+            lo = min(lo, self._starts[i])
+            hi = max(hi, self._ends[j - 1])
+        self._starts[i:j] = [lo]
+        self._ends[i:j] = [hi]
+        self.total += newly
+        return newly
+
+    def remove(self, lo: int, hi: int) -> int:
+        """Uncover ``[lo, hi)``; returns how much was previously covered."""
+        if hi <= lo:
+            return 0
+        removed = self.overlap(lo, hi)
+        if removed == 0:
+            return 0
+        i = bisect.bisect_right(self._ends, lo)
+        j = bisect.bisect_left(self._starts, hi)
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        if self._starts[i] < lo:
+            keep_s.append(self._starts[i])
+            keep_e.append(lo)
+        if self._ends[j - 1] > hi:
+            keep_s.append(hi)
+            keep_e.append(self._ends[j - 1])
+        self._starts[i:j] = keep_s
+        self._ends[i:j] = keep_e
+        self.total -= removed
+        return removed
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+class CpuMmapBacking:
+    """Anonymous private ``MAP_NORESERVE`` mapping exposed zero-copy as a torch tensor.
+
+    Reserving does not count against the commit limit under the default overcommit policy
+    (``vm.overcommit_memory`` 0 or 1), so an 82 GB reservation works on a 24 GB machine. Under
+    strict overcommit (mode 2) the kernel ignores ``MAP_NORESERVE`` and the reservation fails.
+
+    ``release`` is ``MADV_DONTNEED``: RSS drops at once and the range reads back as zeros.
+    ``commit`` is ``MADV_POPULATE_WRITE`` (Linux >= 5.14), falling back to touching one byte per
+    OS page, so committed memory is really resident and a later kernel write cannot fault.
+    """
+
+    def __init__(
+        self, nbytes: int, granularity: int | None = None, *, populate: bool | None = None
+    ) -> None:
+        page = mmap.PAGESIZE
+        granularity = page if granularity is None else granularity
+        if granularity <= 0 or granularity % page:
+            raise ValueError(
+                f"granularity {granularity} must be a positive multiple of the OS page size {page}"
+            )
+        if nbytes <= 0:
+            raise ValueError(f"reservation size must be positive, got {nbytes} bytes")
+        self.granularity: int = granularity
+        self._reserved = _align_up(nbytes, granularity)
+        self._map: mmap.mmap | None = mmap.mmap(
+            -1,
+            self._reserved,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        if _MADV_NOHUGEPAGE is not None:
+            # With THP "always" a 4 KB commit could fault in 2 MB and a partial release would
+            # only split the huge page, making committed_bytes disagree with RSS.
+            try:
+                self._map.madvise(_MADV_NOHUGEPAGE)
+            except OSError:
+                pass
+        # torch keeps a reference to the mmap object for as long as any view lives, so the
+        # mapping cannot be unmapped under a live tensor (see close()).
+        self._base: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._committed = RangeSet()
+        # None = probe MADV_POPULATE_WRITE on first commit; False forces the touch fallback.
+        self._populate: bool | None = populate
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    @property
+    def committed_bytes(self) -> int:
+        return self._committed.total
+
+    @property
+    def uses_populate_write(self) -> bool | None:
+        """Whether commits use MADV_POPULATE_WRITE (None until the first commit probes it)."""
+        return self._populate
+
+    def committed_ranges(self) -> list[tuple[int, int]]:
+        """Committed ``(start, end)`` byte ranges, sorted and disjoint."""
+        return self._committed.intervals()
+
+    def is_committed(self, offset: int, nbytes: int) -> bool:
+        return self._committed.overlap(offset, offset + nbytes) == nbytes
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        base = self._live_base()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * itemsize
+        if nbytes > self._reserved:
+            raise ValueError(
+                f"tensor of shape {tuple(shape)} and dtype {dtype} needs {nbytes} bytes, "
+                f"but only {self._reserved} are reserved"
+            )
+        return base[:nbytes].view(dtype).view(shape)
+
+    def commit(self, offset: int, nbytes: int) -> None:
+        self._check_range(offset, nbytes)
+        if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == nbytes:
+            return
+        # Populating an already-resident page is harmless, so the whole range goes in one call.
+        self._populate_range(offset, nbytes)
+        self._committed.add(offset, offset + nbytes)
+
+    def release(self, offset: int, nbytes: int) -> None:
+        self._check_range(offset, nbytes)
+        if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == 0:
+            return
+        assert self._map is not None
+        # MADV_DONTNEED (not MADV_FREE): private anonymous pages are dropped at once and read
+        # back as zeros, which the allocator relies on for stale-data-free reuse.
+        self._map.madvise(mmap.MADV_DONTNEED, offset, nbytes)
+        self._committed.remove(offset, offset + nbytes)
+
+    def close(self) -> None:
+        """Drop all physical memory and this object's references to the mapping.
+
+        The mapping itself is unmapped when the last tensor view dies: calling ``mmap.close``
+        under a live view would leave it dangling and segfault on the next access.
+        """
+        if self._map is None:
+            return
+        self._map.madvise(mmap.MADV_DONTNEED)
+        self._committed = RangeSet()
+        self._base = None
+        self._map = None
+
+    def _live_base(self) -> torch.Tensor:
+        if self._base is None:
+            raise RuntimeError("backing is closed")
+        return self._base
+
+    def _check_range(self, offset: int, nbytes: int) -> None:
+        if self._map is None:
+            raise RuntimeError("backing is closed")
+        g = self.granularity
+        if offset < 0 or nbytes < 0 or offset % g or nbytes % g:
+            raise ValueError(
+                f"range offset={offset} nbytes={nbytes} is not aligned to granularity {g}"
+            )
+        if offset + nbytes > self._reserved:
+            raise ValueError(
+                f"range [{offset}, {offset + nbytes}) exceeds the reservation of "
+                f"{self._reserved} bytes"
+            )
+
+    def _populate_range(self, offset: int, nbytes: int) -> None:
+        assert self._map is not None
+        if self._populate is not False:
+            try:
+                self._madvise_retry(_MADV_POPULATE_WRITE, offset, nbytes)
+                self._populate = True
+                return
+            except OSError as e:
+                if e.errno == errno.ENOMEM or e.errno == errno.EFAULT:
+                    raise MemoryError(
+                        f"cannot commit {nbytes} bytes at offset {offset}: out of memory"
+                    ) from e
+                if e.errno != errno.EINVAL or self._populate:
+                    raise
+                # EINVAL on the first try: kernel older than 5.14, use the touch fallback.
+                self._populate = False
+        # Rewrite one byte per OS page with its own value: the write fault allocates the page
+        # without changing contents. Only best effort under memory pressure (may OOM-kill).
+        assert self._base is not None
+        touched = self._base[offset : offset + nbytes : mmap.PAGESIZE]
+        touched.copy_(touched.clone())
+
+    def _madvise_retry(self, advice: int, offset: int, nbytes: int) -> None:
+        assert self._map is not None
+        for _ in range(100):
+            try:
+                self._map.madvise(advice, offset, nbytes)
+                return
+            except OSError as e:
+                # POPULATE may be interrupted by a signal or transient contention; it is
+                # idempotent, so retrying the whole range is safe.
+                if e.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
+        self._map.madvise(advice, offset, nbytes)
+
+
+def make_backing(device: str | torch.device, nbytes: int, granularity: int | None) -> Backing:
+    """Create the backing for ``device``: CPU gets `CpuMmapBacking`; CUDA is a separate issue."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return CpuMmapBacking(nbytes, granularity)
+    if dev.type == "cuda":
+        raise BackingUnavailableError(
+            "--kv-alloc-mode segmented has no CUDA backing yet: the CUDA VMM backing (built on "
+            "upstream sglang.srt.utils.cuda_vmm_utils: cuMemAddressReserve + cuMemCreate/cuMemMap "
+            "per segment) is tracked as a separate issue. Use --kv-alloc-mode static on GPU."
+        )
+    raise BackingUnavailableError(
+        f"--kv-alloc-mode segmented has no backing for device {str(dev)!r}; supported: cpu"
+    )

@@ -1,0 +1,516 @@
+"""Segment geometry, buffers that commit by segment, and a segment-aware page allocator.
+
+Row space. Slot index == row index in every buffer. The segmented space is rows
+``[0, cap_tokens)``, i.e. pages ``[0, cap_pages)``; segment ``i`` is pages
+``[i * segment_pages, (i + 1) * segment_pages)`` clipped to the cap (the last one may be
+partial). Page 0 is the padding page upstream writes dummy outputs into, so segment 0 is always
+committed and the allocator hands out pages from ``first_page = 1``.
+
+Mapping an upstream pool of ``size`` usable tokens: ``cap_tokens = size + page_size`` (upstream
+buffers have exactly that many rows), ``first_page = 1``; the allocator then serves pages
+``1 .. size // page_size``, the same ids upstream's allocators use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sglang_kvalloc.core.backing import Backing, make_backing
+
+__all__ = [
+    "SegmentGeometry",
+    "SegmentedBuffers",
+    "SegmentedPageAllocator",
+    "aligned_segment_tokens",
+]
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def _align_down(value: int, alignment: int) -> int:
+    return value // alignment * alignment
+
+
+class SegmentGeometry:
+    """How ``cap_tokens`` rows split into segments of ``segment_tokens`` rows."""
+
+    def __init__(self, cap_tokens: int, segment_tokens: int, page_size: int) -> None:
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        if cap_tokens <= 0:
+            raise ValueError(f"KV cap must be positive, got {cap_tokens} tokens")
+        if cap_tokens % page_size:
+            raise ValueError(
+                f"KV cap of {cap_tokens} tokens is not a multiple of page_size {page_size}; "
+                f"round it down to {_align_down(cap_tokens, page_size)}"
+            )
+        if segment_tokens == 0:
+            raise ValueError("segment size must be positive, got 0 tokens")
+        if segment_tokens < 0:
+            raise ValueError(f"segment size must be positive, got {segment_tokens} tokens")
+        if segment_tokens % page_size:
+            raise ValueError(
+                f"segment size of {segment_tokens} tokens is not a multiple of page_size "
+                f"{page_size}"
+            )
+        if segment_tokens > cap_tokens:
+            raise ValueError(
+                f"segment size of {segment_tokens} tokens is larger than the KV cap of "
+                f"{cap_tokens} tokens"
+            )
+        self.cap_tokens: int = cap_tokens
+        self.segment_tokens: int = segment_tokens
+        self.page_size: int = page_size
+        self.cap_pages: int = cap_tokens // page_size
+        self.segment_pages: int = segment_tokens // page_size
+        self.num_segments: int = -(-cap_tokens // segment_tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentGeometry(cap_tokens={self.cap_tokens}, segment_tokens={self.segment_tokens}, "
+            f"page_size={self.page_size}, num_segments={self.num_segments})"
+        )
+
+    def segment_pages_range(self, seg: int) -> tuple[int, int]:
+        """Page ids ``[start, end)`` of segment ``seg``."""
+        self._check_segment(seg)
+        start = seg * self.segment_pages
+        return start, min(start + self.segment_pages, self.cap_pages)
+
+    def segment_rows(self, seg: int) -> tuple[int, int]:
+        """Rows (slots) ``[start, end)`` of segment ``seg``."""
+        start, end = self.segment_pages_range(seg)
+        return start * self.page_size, end * self.page_size
+
+    def segment_of_page(self, page: int) -> int:
+        return page // self.segment_pages
+
+    def _check_segment(self, seg: int) -> None:
+        if not 0 <= seg < self.num_segments:
+            raise IndexError(f"segment {seg} out of range [0, {self.num_segments})")
+
+
+def aligned_segment_tokens(
+    requested: int, page_size: int, row_bytes_list: Sequence[int], granularity: int
+) -> int:
+    """Round ``requested`` up to the smallest multiple of ``page_size`` whose byte size is a
+    multiple of ``granularity`` in every buffer, so segment commit/release ranges are exact."""
+    if requested <= 0:
+        raise ValueError(f"segment size must be positive, got {requested} tokens")
+    if page_size <= 0 or granularity <= 0:
+        raise ValueError(f"page_size {page_size} and granularity {granularity} must be positive")
+    step = page_size
+    for row_bytes in row_bytes_list:
+        if row_bytes <= 0:
+            raise ValueError(f"row size must be positive, got {row_bytes} bytes")
+        # tokens * row_bytes % granularity == 0  <=>  tokens % (granularity / gcd) == 0
+        step = math.lcm(step, granularity // math.gcd(row_bytes, granularity))
+    return _align_up(requested, step)
+
+
+class SegmentedBuffers:
+    """Several backings (e.g. K and V per layer) committed and released one segment at a time.
+
+    Buffer ``b`` holds ``rows = cap_tokens + extra_rows`` rows of ``row_bytes[b]`` bytes. The
+    ``extra_rows`` trailing rows (if any) lie outside segment management and stay committed.
+    Segment 0 holds the padding slot, which padded tokens write into, so it is committed at
+    construction and can never be released.
+    """
+
+    def __init__(
+        self,
+        geometry: SegmentGeometry,
+        backings: Sequence[Backing],
+        row_bytes: Sequence[int],
+        extra_rows: int = 0,
+    ) -> None:
+        if len(backings) != len(row_bytes):
+            raise ValueError(f"{len(backings)} backings but {len(row_bytes)} row sizes")
+        if extra_rows < 0:
+            raise ValueError(f"extra_rows must be non-negative, got {extra_rows}")
+        self.geometry: SegmentGeometry = geometry
+        self.backings: list[Backing] = list(backings)
+        self.row_bytes: list[int] = list(row_bytes)
+        self.rows: int = geometry.cap_tokens + extra_rows
+        # Per buffer: where segment ranges stop, so they never touch the pinned extra rows.
+        self._limit: list[int] = []
+        for backing, rb in zip(self.backings, self.row_bytes, strict=True):
+            g = backing.granularity
+            seg_bytes = geometry.segment_tokens * rb
+            if seg_bytes % g:
+                raise ValueError(
+                    f"segment of {geometry.segment_tokens} tokens x {rb} bytes = {seg_bytes} "
+                    f"bytes is not a multiple of the backing granularity {g}; use "
+                    f"aligned_segment_tokens() to pick the segment size"
+                )
+            if backing.reserved_bytes < self.rows * rb:
+                raise ValueError(
+                    f"backing reserves {backing.reserved_bytes} bytes but {self.rows} rows x "
+                    f"{rb} bytes need {self.rows * rb}"
+                )
+            if extra_rows:
+                # The extra rows may share a granule with the last segment; that granule is
+                # pinned with them and left out of the segment's range.
+                pin_lo = _align_down(geometry.cap_tokens * rb, g)
+                backing.commit(pin_lo, _align_up(self.rows * rb, g) - pin_lo)
+                self._limit.append(pin_lo)
+            else:
+                self._limit.append(_align_up(self.rows * rb, g))
+        self._committed: list[bool] = [False] * geometry.num_segments
+        self.commit_segment(0)
+
+    @classmethod
+    def create(
+        cls,
+        geometry: SegmentGeometry,
+        row_bytes: Sequence[int],
+        device: str = "cpu",
+        granularity: int | None = None,
+        extra_rows: int = 0,
+    ) -> SegmentedBuffers:
+        """Reserve one backing per row size on ``device`` (see `make_backing`)."""
+        rows = geometry.cap_tokens + extra_rows
+        backings = [make_backing(device, rows * rb, granularity) for rb in row_bytes]
+        return cls(geometry, backings, row_bytes, extra_rows)
+
+    def byte_range(self, buffer: int, seg: int) -> tuple[int, int]:
+        """Byte offset and size that segment ``seg`` commits in buffer ``buffer``."""
+        rb = self.row_bytes[buffer]
+        g = self.backings[buffer].granularity
+        lo_row, hi_row = self.geometry.segment_rows(seg)
+        lo = lo_row * rb  # granule-aligned: segment byte size is a granularity multiple
+        hi = min(_align_up(hi_row * rb, g), self._limit[buffer])
+        return lo, max(0, hi - lo)
+
+    def commit_segment(self, seg: int) -> None:
+        """Commit segment ``seg`` in every buffer; no-op if already committed."""
+        if self._committed[seg]:
+            return
+        done: list[int] = []
+        try:
+            for b, backing in enumerate(self.backings):
+                backing.commit(*self.byte_range(b, seg))
+                done.append(b)
+        except BaseException:
+            # All-or-nothing: a half-committed segment would leak memory nobody tracks.
+            for b in done:
+                self.backings[b].release(*self.byte_range(b, seg))
+            raise
+        self._committed[seg] = True
+
+    def release_segment(self, seg: int) -> None:
+        """Release segment ``seg`` in every buffer; no-op if not committed."""
+        if seg == 0:
+            raise ValueError("segment 0 holds the padding slot and must stay committed")
+        if not self._committed[seg]:
+            return
+        for b, backing in enumerate(self.backings):
+            backing.release(*self.byte_range(b, seg))
+        self._committed[seg] = False
+
+    def is_committed(self, seg: int) -> bool:
+        return self._committed[seg]
+
+    @property
+    def committed_segments(self) -> int:
+        return sum(self._committed)
+
+    @property
+    def committed_bytes(self) -> int:
+        return sum(b.committed_bytes for b in self.backings)
+
+    def close(self) -> None:
+        for backing in self.backings:
+            backing.close()
+
+
+class SegmentedPageAllocator:
+    """Page allocator that commits segments on demand and releases trailing empty ones.
+
+    Pages live in ``[first_page, cap_pages)``. Committed segments are always a prefix
+    ``[0, committed_segments)``: growth commits the lowest uncommitted segment, shrinking
+    releases the highest committed one. ``free_pages`` is a sorted int64 tensor of free pages
+    in committed segments (like upstream's); allocation takes the lowest ids so load packs into
+    low segments and high ones drain.
+
+    ``lazy_merge=True`` mirrors upstream's ``need_sort``: freed pages are staged and merged into
+    ``free_pages`` only when an allocation runs short or a shrink needs them.
+    """
+
+    def __init__(
+        self,
+        geometry: SegmentGeometry,
+        *,
+        first_page: int = 1,
+        min_committed_segments: int = 1,
+        hold_off_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_commit: Callable[[int], None] | None = None,
+        on_release: Callable[[int], None] | None = None,
+        lazy_merge: bool = False,
+        debug: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not 0 <= first_page < geometry.cap_pages:
+            raise ValueError(
+                f"first_page {first_page} must lie in [0, {geometry.cap_pages}) (the cap in pages)"
+            )
+        if not 1 <= min_committed_segments <= geometry.num_segments:
+            raise ValueError(
+                f"min_committed_segments {min_committed_segments} must lie in "
+                f"[1, {geometry.num_segments}]"
+            )
+        if hold_off_s < 0:
+            raise ValueError(f"hold_off_s must be non-negative, got {hold_off_s}")
+        self.geometry: SegmentGeometry = geometry
+        self.first_page: int = first_page
+        self.min_committed_segments: int = min_committed_segments
+        self.hold_off_s: float = hold_off_s
+        self.clock: Callable[[], float] = clock
+        self.on_commit: Callable[[int], None] | None = on_commit
+        self.on_release: Callable[[int], None] | None = on_release
+        self.lazy_merge: bool = lazy_merge
+        self.debug: bool = debug
+        self.device: torch.device = torch.device(device)
+        self.committed_segments: int = 0
+        self.peak_committed_segments: int = 0
+        self.commits: int = 0
+        self.releases: int = 0
+        # _uncommitted_pages[k]: usable pages in segments k.. (what growth can still add).
+        counts = [self._usable_count(s) for s in range(geometry.num_segments)] + [0]
+        self._uncommitted_pages: list[int] = [sum(counts[k:]) for k in range(len(counts))]
+        self._init_state()
+        self.grow_to(min_committed_segments)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        g = self.geometry
+        self.free_pages: torch.Tensor = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self._staged: list[torch.Tensor] = []
+        self._num_staged: int = 0
+        # Allocated pages per segment, maintained incrementally with bincount.
+        self.used_pages: torch.Tensor = torch.zeros(
+            g.num_segments, dtype=torch.int64, device=self.device
+        )
+        # When each committed segment last became entirely free; None while in use/uncommitted.
+        self._empty_since: list[float | None] = [None] * g.num_segments
+        self._allocated: torch.Tensor | None = (
+            torch.zeros(g.cap_pages, dtype=torch.bool, device=self.device) if self.debug else None
+        )
+
+    def _usable_range(self, seg: int) -> tuple[int, int]:
+        """Pages of ``seg`` this allocator hands out (segment 0 loses the padding pages)."""
+        start, end = self.geometry.segment_pages_range(seg)
+        return max(start, self.first_page), end
+
+    def _usable_count(self, seg: int) -> int:
+        start, end = self._usable_range(seg)
+        return max(0, end - start)
+
+    def _usable_pages(self, seg: int) -> torch.Tensor:
+        start, end = self._usable_range(seg)
+        return torch.arange(start, max(start, end), dtype=torch.int64, device=self.device)
+
+    @property
+    def capacity_pages(self) -> int:
+        """Pages this allocator can ever hand out (everything up to the cap)."""
+        return self.geometry.cap_pages - self.first_page
+
+    @property
+    def num_free_committed(self) -> int:
+        """Free pages that are backed right now (merged plus staged)."""
+        return len(self.free_pages) + self._num_staged
+
+    def available_pages(self) -> int:
+        """Free committed pages plus every page of uncommitted segments (promised up to cap)."""
+        return self.num_free_committed + self._uncommitted_pages[self.committed_segments]
+
+    def merge_and_sort_free(self) -> None:
+        """Fold staged frees into the sorted ``free_pages``."""
+        if not self._staged:
+            return
+        self.free_pages, _ = torch.sort(torch.cat((self.free_pages, *self._staged)))
+        self._staged = []
+        self._num_staged = 0
+
+    # -- growth ---------------------------------------------------------------------------
+
+    def grow_to(self, num_segments: int) -> None:
+        """Commit segments until ``num_segments`` are committed (never beyond the cap)."""
+        num_segments = min(num_segments, self.geometry.num_segments)
+        while self.committed_segments < num_segments:
+            self._commit_next()
+
+    def _commit_next(self) -> None:
+        seg = self.committed_segments
+        # Callback first: if the memory cannot be committed, no page of it is ever handed out.
+        if self.on_commit is not None:
+            self.on_commit(seg)
+        # Every page of a new top segment is above all existing free pages: stays sorted.
+        self.free_pages = torch.cat((self.free_pages, self._usable_pages(seg)))
+        self.committed_segments = seg + 1
+        self.peak_committed_segments = max(self.peak_committed_segments, seg + 1)
+        self.commits += 1
+        self._empty_since[seg] = self.clock()
+
+    def ensure_free(self, n_pages: int) -> bool:
+        """Commit the lowest uncommitted segments until ``n_pages`` free pages are backed.
+
+        On True, ``free_pages[:n_pages]`` are valid (staged frees are merged if needed), so
+        upstream's alloc kernels can read them directly. False if even the cap cannot hold them.
+        """
+        if n_pages > self.available_pages():
+            return False
+        while self.num_free_committed < n_pages:
+            self._commit_next()
+        if n_pages > len(self.free_pages):
+            self.merge_and_sort_free()
+        return True
+
+    # -- alloc / free ---------------------------------------------------------------------
+
+    def alloc(self, n_pages: int) -> torch.Tensor | None:
+        """Take the ``n_pages`` lowest free page ids, growing as needed; None if over the cap."""
+        if n_pages < 0:
+            raise ValueError(f"cannot allocate {n_pages} pages")
+        if not self.ensure_free(n_pages):
+            return None
+        out = self.free_pages[:n_pages]
+        self.free_pages = self.free_pages[n_pages:]
+        self._mark_used(out)
+        return out
+
+    def _mark_used(self, pages: torch.Tensor) -> None:
+        if pages.numel() == 0:
+            return
+        if self._allocated is not None:
+            assert not bool(self._allocated[pages].any()), "page handed out twice"
+            self._allocated[pages] = True
+        segs = pages // self.geometry.segment_pages
+        self.used_pages += torch.bincount(segs, minlength=self.geometry.num_segments)
+        for seg in torch.unique(segs).tolist():
+            self._empty_since[seg] = None
+
+    def free(self, page_ids: torch.Tensor) -> None:
+        """Return pages (each exactly once) to the free list."""
+        if page_ids.numel() == 0:
+            return
+        page_ids = page_ids.to(device=self.device, dtype=torch.int64).reshape(-1)
+        if self._allocated is not None:
+            self._check_free(page_ids)
+            self._allocated[page_ids] = False
+        segs = page_ids // self.geometry.segment_pages
+        touched = torch.unique(segs)
+        self.used_pages -= torch.bincount(segs, minlength=self.geometry.num_segments)
+        now: float | None = None
+        for seg, used in zip(touched.tolist(), self.used_pages[touched].tolist(), strict=True):
+            if used == 0:
+                now = self.clock() if now is None else now
+                self._empty_since[seg] = now
+        if self.lazy_merge:
+            self._staged.append(page_ids.clone())  # caller may reuse its tensor
+            self._num_staged += page_ids.numel()
+        else:
+            self.free_pages, _ = torch.sort(torch.cat((self.free_pages, page_ids)))
+
+    def _check_free(self, page_ids: torch.Tensor) -> None:
+        assert self._allocated is not None
+        lo, hi = int(page_ids.min()), int(page_ids.max())
+        limit = self.committed_segments * self.geometry.segment_pages
+        if lo < self.first_page or hi >= min(limit, self.geometry.cap_pages):
+            raise ValueError(f"freeing pages outside [{self.first_page}, {limit}): {lo}..{hi}")
+        if len(torch.unique(page_ids)) != len(page_ids):
+            raise ValueError("page freed twice in one call")
+        if not bool(self._allocated[page_ids].all()):
+            raise ValueError("freeing a page that is not allocated (double free?)")
+
+    def clear(self) -> None:
+        """Forget all allocations; committed segments stay until `maybe_shrink` drops them."""
+        committed = self.committed_segments
+        self._init_state()
+        self.free_pages = torch.cat([self._usable_pages(s) for s in range(committed)])
+        now = self.clock()
+        for seg in range(committed):
+            self._empty_since[seg] = now
+
+    # -- shrink ---------------------------------------------------------------------------
+
+    def maybe_shrink(self, now: float | None = None) -> int:
+        """Release trailing committed segments that have been entirely free for ``hold_off_s``.
+
+        Never releases below ``min_committed_segments`` (so never segment 0). Returns how many
+        segments were released. With ``lazy_merge`` it also merges staged frees: otherwise
+        allocation keeps taking the unmerged (higher) pages and high segments never drain.
+        """
+        now = self.clock() if now is None else now
+        self.merge_and_sort_free()
+        released = 0
+        while self.committed_segments > self.min_committed_segments:
+            seg = self.committed_segments - 1
+            since = self._empty_since[seg]
+            if since is None or now - since < self.hold_off_s:
+                break
+            self._release_top(seg)
+            released += 1
+        return released
+
+    def _release_top(self, seg: int) -> None:
+        # Its pages are all free, hence in the free list; being the top segment they are its tail.
+        self.merge_and_sort_free()
+        start, _ = self._usable_range(seg)
+        cut = int(torch.searchsorted(self.free_pages, start))
+        assert len(self.free_pages) - cut == self._usable_count(seg), "segment not entirely free"
+        kept, dropped = self.free_pages[:cut], self.free_pages[cut:]
+        # Pages leave the free list before the memory goes, so none can point at released memory.
+        self.free_pages = kept
+        self.committed_segments = seg
+        if self.on_release is not None:
+            try:
+                self.on_release(seg)
+            except BaseException:
+                self.free_pages = torch.cat((kept, dropped))
+                self.committed_segments = seg + 1
+                raise
+        self._empty_since[seg] = None
+        self.releases += 1
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Assert internal consistency (for tests; O(capacity))."""
+        g = self.geometry
+        k = self.committed_segments
+        assert 1 <= self.min_committed_segments <= k <= g.num_segments
+        assert self.peak_committed_segments >= k
+        free = self.free_pages
+        assert free.dtype == torch.int64
+        if len(free) > 1:
+            assert bool((free[1:] > free[:-1]).all()), "free_pages not sorted/unique"
+        every_free = torch.cat((free, *self._staged)) if self._staged else free
+        assert len(every_free) == len(free) + self._num_staged
+        assert len(torch.unique(every_free)) == len(every_free), "page free twice"
+        limit = min(k * g.segment_pages, g.cap_pages)
+        if len(every_free):
+            assert int(every_free.min()) >= self.first_page
+            assert int(every_free.max()) < limit, "free page in an uncommitted segment"
+        free_per_seg = torch.bincount(every_free // g.segment_pages, minlength=g.num_segments)
+        for seg in range(g.num_segments):
+            used = int(self.used_pages[seg])
+            if seg < k:
+                assert used + int(free_per_seg[seg]) == self._usable_count(seg), (
+                    f"segment {seg}: {used} used + {int(free_per_seg[seg])} free != "
+                    f"{self._usable_count(seg)} pages"
+                )
+                assert (self._empty_since[seg] is None) == (used > 0), f"segment {seg} stamp"
+            else:
+                assert used == 0 and self._empty_since[seg] is None
+        if self._allocated is not None:
+            assert not bool(self._allocated[every_free].any()), "free page is also allocated"
+            assert int(self._allocated.sum()) == int(self.used_pages.sum())

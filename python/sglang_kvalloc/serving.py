@@ -1,0 +1,171 @@
+"""Start and stop a local SGLang server on the CPU engine; read its memory. Used by the demo,
+the tests and the benchmarks, so all three measure servers the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 300) -> Any:
+    """GET (payload None) or POST JSON; returns the decoded body. Raises HTTPError on 4xx/5xx."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = resp.read()
+    return json.loads(body) if body else None
+
+
+def http_text(url: str, timeout: float = 60) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+@dataclass
+class LocalServer:
+    """`python -m sglang.launch_server` on 127.0.0.1 in its own process group."""
+
+    model_path: str | Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(self.model_path),
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+
+    def start(self, timeout: float = 300) -> LocalServer:
+        """Launch and wait until /health answers; raises with the log tail if it dies."""
+        self.port = self.port or free_port()
+        env = {**os.environ, **CPU_ENV, **self.env}
+        if self.log_path is None:
+            self.log_path = Path(f"/tmp/sglang-kvalloc-server-{self.port}.log")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float = 300) -> int:
+        """For servers expected to fail at start-up: wait for the exit code."""
+        self.port = self.port or free_port()
+        env = {**os.environ, **CPU_ENV, **self.env}
+        result = subprocess.run(
+            self.command(), env=env, capture_output=True, timeout=timeout, start_new_session=True
+        )
+        self.log_path = Path(f"/tmp/sglang-kvalloc-server-{self.port}.log")
+        self.log_path.write_bytes(result.stdout + result.stderr)
+        return result.returncode
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def pids(self) -> list[int]:
+        """The server's process and all its descendants."""
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        root = psutil.Process(self.proc.pid)
+        return [root.pid] + [p.pid for p in root.children(recursive=True)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory summed over the server's processes."""
+        import psutil
+
+        total = 0
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def server_info(self) -> dict[str, Any]:
+        return http_json(self.url + "/server_info")
+
+    def generate(self, payload: dict[str, Any], timeout: float = 600) -> Any:
+        return http_json(self.url + "/generate", payload, timeout=timeout)
+
+    def stop(self) -> None:
+        """Kill the whole process group (scheduler and detokenizer included) by pid."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=20)
+
+    def __enter__(self) -> LocalServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

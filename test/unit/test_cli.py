@@ -1,0 +1,76 @@
+"""`--kv-alloc-mode` on upstream's own command line and on the ServerArgs record."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from sglang_kvalloc import modes
+
+LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_mode_on_its_own_line() -> None:
+    result = _run(["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--kv-alloc-mode {static,segmented,auto}" in result.stdout
+    for mode in modes.MODES:
+        assert any(line.strip().startswith(f"{mode}: ") for line in result.stdout.splitlines())
+
+
+def test_unknown_mode_is_an_argparse_error() -> None:
+    result = _run(["--model-path", "unused", "--kv-alloc-mode", "bogus"])
+    assert result.returncode == 2
+    assert "invalid choice: 'bogus'" in result.stderr
+    assert "static" in result.stderr and "segmented" in result.stderr and "auto" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", sorted(set(modes.MODES) - modes.IMPLEMENTED_MODES))
+def test_unavailable_mode_fails_in_one_line(mode: str) -> None:
+    result = _run(["--model-path", "unused", "--kv-alloc-mode", mode])
+    assert result.returncode == 2
+    assert "not available in this build" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _load_plugins() -> None:
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+def test_parsed_flag_lands_on_the_record_and_survives_pickling() -> None:
+    _load_plugins()
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(["--model-path", "m", "--kv-alloc-mode", "static"])
+    assert getattr(server_args, modes.SERVER_ARGS_ATTR) == "static"
+    clone = pickle.loads(pickle.dumps(server_args))
+    assert getattr(clone, modes.SERVER_ARGS_ATTR) == "static"
+    assert modes.requested_mode(clone) == "static"
+
+
+def test_engine_hook_is_in_place_before_the_first_engine() -> None:
+    """Engine.__init__ loads plugins only once running; the bootstrap loads them at import."""
+    code = (
+        "from sglang.srt.entrypoints.engine import Engine\n"
+        "print(getattr(Engine.__init__, '__wrapped__', None) is not None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("True")
+
+
+def test_environment_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(modes.MODE_ENV, "segmented")
+    assert modes.requested_mode(object()) == "segmented"
+    monkeypatch.delenv(modes.MODE_ENV)
+    assert modes.requested_mode(object()) == modes.DEFAULT_MODE

@@ -1,0 +1,538 @@
+"""Segment geometry, SegmentedBuffers and SegmentedPageAllocator."""
+
+from __future__ import annotations
+
+import mmap
+import random
+import time
+
+import pytest
+import torch
+
+from sglang_kvalloc.core.backing import CpuMmapBacking
+from sglang_kvalloc.core.segments import (
+    SegmentedBuffers,
+    SegmentedPageAllocator,
+    SegmentGeometry,
+    aligned_segment_tokens,
+)
+
+PAGE = mmap.PAGESIZE
+MB = 1 << 20
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pages(*ids: int) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def span(lo: int, hi: int) -> list[int]:
+    return list(range(lo, hi))
+
+
+# -- geometry ------------------------------------------------------------------------------
+
+
+def test_geometry_exact_and_partial() -> None:
+    g = SegmentGeometry(256, 64, 1)
+    assert (g.num_segments, g.cap_pages, g.segment_pages) == (4, 256, 64)
+    assert g.segment_pages_range(3) == (192, 256)
+    g = SegmentGeometry(250, 64, 1)
+    assert g.num_segments == 4
+    assert g.segment_pages_range(3) == (192, 250)
+    assert g.segment_rows(3) == (192, 250)
+    g = SegmentGeometry(1024, 256, 16)
+    assert (g.num_segments, g.cap_pages, g.segment_pages) == (4, 64, 16)
+    assert g.segment_rows(1) == (256, 512)
+    assert g.segment_of_page(17) == 1
+    with pytest.raises(IndexError):
+        g.segment_pages_range(4)
+    assert SegmentGeometry(64, 64, 16).num_segments == 1
+
+
+@pytest.mark.parametrize(
+    ("cap", "seg", "ps", "match"),
+    [
+        (256, 0, 1, "segment size must be positive, got 0"),
+        (256, -16, 16, "segment size must be positive, got -16"),
+        (256, 24, 16, "segment size of 24 tokens is not a multiple of page_size 16"),
+        (256, 512, 1, "segment size of 512 tokens is larger than the KV cap of 256"),
+        (250, 32, 16, "KV cap of 250 tokens is not a multiple of page_size 16"),
+        (0, 16, 16, "KV cap must be positive, got 0"),
+        (256, 16, 0, "page_size must be positive, got 0"),
+    ],
+)
+def test_geometry_errors(cap: int, seg: int, ps: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SegmentGeometry(cap, seg, ps)
+
+
+def test_aligned_segment_tokens() -> None:
+    assert aligned_segment_tokens(64, 1, [64], 4096) == 64
+    assert aligned_segment_tokens(10, 1, [64], 4096) == 64
+    assert aligned_segment_tokens(65, 1, [64], 4096) == 128
+    # gcd(96, 4096) = 32 -> 128-token steps, already a multiple of page_size 16.
+    assert aligned_segment_tokens(100, 16, [96], 4096) == 128
+    # Two buffers: 1024-byte rows need 2048-token steps for 2 MB granules.
+    assert aligned_segment_tokens(1, 1, [2048, 1024], 2 * MB) == 2048
+    # page_size larger than the byte step dominates.
+    assert aligned_segment_tokens(1, 64, [4096], 4096) == 64
+    for requested in range(1, 300, 7):
+        for row_bytes in ([64], [96, 40], [4096, 24]):
+            got = aligned_segment_tokens(requested, 16, row_bytes, 4096)
+            assert got >= requested and got % 16 == 0
+            assert all(got * rb % 4096 == 0 for rb in row_bytes)
+            assert not any(  # smallest such
+                all(t * rb % 4096 == 0 for rb in row_bytes)
+                for t in range(16 * -(-requested // 16), got, 16)
+            )
+    with pytest.raises(ValueError, match="positive"):
+        aligned_segment_tokens(0, 1, [64], 4096)
+    with pytest.raises(ValueError, match="row size"):
+        aligned_segment_tokens(10, 1, [0], 4096)
+
+
+# -- buffers -------------------------------------------------------------------------------
+
+
+def test_buffers_commit_release_by_segment() -> None:
+    g = SegmentGeometry(256, 64, 1)
+    buf = SegmentedBuffers.create(g, [64, 128], device="cpu")
+    # Segment 0 (padding slot) is committed at construction.
+    assert buf.committed_segments == 1 and buf.is_committed(0)
+    assert buf.committed_bytes == 64 * 64 + 64 * 128
+    assert buf.byte_range(1, 2) == (128 * 128, 64 * 128)
+    buf.commit_segment(2)
+    buf.commit_segment(2)
+    assert buf.committed_segments == 2
+    assert buf.committed_bytes == 2 * (64 * 64 + 64 * 128)
+    k = buf.backings[0].tensor(torch.int32, (256, 16))
+    k[128:192] = 9
+    k[0:64] = 4
+    buf.release_segment(2)
+    buf.release_segment(2)
+    assert buf.committed_segments == 1
+    assert int(k[128:192].count_nonzero()) == 0
+    assert bool((k[0:64] == 4).all())
+    with pytest.raises(ValueError, match="padding"):
+        buf.release_segment(0)
+    del k
+    buf.close()
+
+
+def test_buffers_reject_misaligned_segment_and_small_backing() -> None:
+    g = SegmentGeometry(256, 32, 1)
+    with pytest.raises(ValueError, match="aligned_segment_tokens"):
+        SegmentedBuffers.create(g, [64])
+    g = SegmentGeometry(256, 64, 1)
+    with pytest.raises(ValueError, match="reserves"):
+        SegmentedBuffers(g, [CpuMmapBacking(PAGE)], [64])
+    with pytest.raises(ValueError, match="row sizes"):
+        SegmentedBuffers(g, [CpuMmapBacking(16 * PAGE)], [64, 64])
+
+
+def test_buffers_partial_last_segment_and_extra_rows() -> None:
+    # 200 rows x 64 B: last segment holds rows 192..200, i.e. bytes 12288..12800.
+    g = SegmentGeometry(200, 64, 1)
+    buf = SegmentedBuffers.create(g, [64])
+    assert buf.byte_range(0, 3) == (12288, PAGE)  # rounded up to a whole granule
+    buf.commit_segment(3)
+    assert buf.committed_bytes == 2 * PAGE
+    buf.close()
+
+    # With 8 extra rows (bytes 12800..13312) the shared granule is pinned with them.
+    buf = SegmentedBuffers.create(g, [64], extra_rows=8)
+    assert buf.rows == 208
+    assert buf.committed_bytes == 2 * PAGE  # segment 0 + pinned tail granule
+    t = buf.backings[0].tensor(torch.int32, (208, 16))
+    t[196:208] = 3
+    buf.commit_segment(3)
+    buf.release_segment(3)
+    assert bool((t[196:208] == 3).all())
+    assert buf.committed_bytes == 2 * PAGE
+    del t
+    buf.close()
+
+
+# -- allocator, page_size 1 ----------------------------------------------------------------
+
+
+def make_alloc(
+    cap: int = 256, seg: int = 64, ps: int = 1, **kwargs: object
+) -> tuple[SegmentedPageAllocator, list[tuple[str, int]], FakeClock]:
+    events: list[tuple[str, int]] = []
+    clock = FakeClock()
+    alloc = SegmentedPageAllocator(
+        SegmentGeometry(cap, seg, ps),
+        clock=clock,
+        on_commit=lambda s: events.append(("commit", s)),
+        on_release=lambda s: events.append(("release", s)),
+        debug=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return alloc, events, clock
+
+
+def test_initial_state_and_lowest_first() -> None:
+    a, events, _ = make_alloc()
+    assert events == [("commit", 0)]
+    assert a.committed_segments == 1
+    assert a.free_pages.tolist() == span(1, 64)  # page 0 is padding
+    assert a.capacity_pages == 255 and a.available_pages() == 255
+    x = a.alloc(3)
+    assert x is not None and x.tolist() == [1, 2, 3]
+    a.free(pages(2))
+    y = a.alloc(2)
+    assert y is not None and y.tolist() == [2, 4]
+    assert a.available_pages() == 255 - 4
+    a.check_invariants()
+
+
+def test_growth_on_demand() -> None:
+    a, events, _ = make_alloc()
+    x = a.alloc(63)
+    assert x is not None and x.tolist() == span(1, 64)
+    assert a.committed_segments == 1 and len(a.free_pages) == 0
+    y = a.alloc(70)  # needs segment 1 entirely plus 6 pages of segment 2
+    assert y is not None and y.tolist() == span(64, 134)
+    assert events == [("commit", 0), ("commit", 1), ("commit", 2)]
+    assert a.committed_segments == a.peak_committed_segments == 3
+    assert a.commits == 3
+    a.check_invariants()
+    # ensure_free commits only what is needed.
+    assert a.ensure_free(58)
+    assert a.committed_segments == 3
+    assert a.ensure_free(59)
+    assert a.committed_segments == 4
+    a.check_invariants()
+
+
+def test_cap_never_exceeded() -> None:
+    a, events, _ = make_alloc()
+    assert a.alloc(256) is None
+    assert not a.ensure_free(256)
+    assert a.committed_segments == 1  # a hopeless request commits nothing
+    x = a.alloc(255)
+    assert x is not None and x.tolist() == span(1, 256)
+    assert a.committed_segments == 4
+    assert a.alloc(1) is None
+    assert not a.ensure_free(1)
+    assert a.available_pages() == 0
+    assert len(events) == 4
+    a.free(x[10:20])
+    z = a.alloc(10)
+    assert z is not None and z.tolist() == span(11, 21)
+    a.check_invariants()
+
+
+def test_alloc_zero_and_negative() -> None:
+    a, _, _ = make_alloc()
+    x = a.alloc(0)
+    assert x is not None and x.numel() == 0
+    with pytest.raises(ValueError):
+        a.alloc(-1)
+    a.free(torch.empty(0, dtype=torch.int64))
+    a.check_invariants()
+
+
+def test_debug_mode_catches_bad_frees() -> None:
+    a, _, _ = make_alloc()
+    x = a.alloc(4)
+    assert x is not None
+    a.free(x[:2])
+    with pytest.raises(ValueError, match="not allocated"):
+        a.free(x[:1])
+    with pytest.raises(ValueError, match="outside"):
+        a.free(pages(100))  # uncommitted segment
+    with pytest.raises(ValueError, match="outside"):
+        a.free(pages(0))  # padding page
+    with pytest.raises(ValueError, match="twice"):
+        a.free(pages(3, 3))
+
+
+# -- shrinking -----------------------------------------------------------------------------
+
+
+def test_shrink_after_hold_off_only() -> None:
+    a, events, clock = make_alloc(cap=1024, seg=256, ps=16, hold_off_s=2.0)
+    assert a.capacity_pages == 63
+    x = a.alloc(20)  # segment 0 has 15 usable pages, so segment 1 is committed
+    assert x is not None and x.tolist() == span(1, 21)
+    assert a.committed_segments == 2
+    clock.now = 10.0
+    a.free(x)
+    assert a.maybe_shrink(now=11.9) == 0
+    assert a.maybe_shrink(now=12.0) == 1
+    assert a.committed_segments == 1 and a.releases == 1
+    assert events[-1] == ("release", 1)
+    assert a.free_pages.tolist() == span(1, 16)  # segment 1's pages left the free list
+    assert a.maybe_shrink(now=1e9) == 0  # segment 0 is never released
+    a.check_invariants()
+    # Growth after a release re-commits the same segment.
+    y = a.alloc(16)
+    assert y is not None and y.tolist() == span(1, 17)
+    assert events[-1] == ("commit", 1) and a.commits == 3
+    a.check_invariants()
+
+
+def test_shrink_only_trailing_and_not_while_in_use() -> None:
+    a, events, clock = make_alloc(cap=1024, seg=256, ps=16, hold_off_s=1.0)
+    x = a.alloc(47)  # fills segments 0, 1 and 2
+    assert x is not None and a.committed_segments == 3
+    seg1 = torch.tensor(span(16, 32))
+    seg2 = torch.tensor(span(32, 48))
+    a.free(seg1)
+    clock.now = 5.0
+    assert a.maybe_shrink() == 0  # segment 1 is empty but segment 2 above it is not
+    a.free(seg2[1:])
+    assert a.maybe_shrink(now=100.0) == 0  # one page of segment 2 still in use
+    a.free(seg2[:1])  # segment 2 empty at t=5
+    assert a.maybe_shrink(now=5.5) == 0
+    assert a.maybe_shrink(now=6.0) == 2  # segment 2, then segment 1 (empty since t=0)
+    assert [e for e in events if e[0] == "release"] == [("release", 2), ("release", 1)]
+    assert a.committed_segments == 1 and a.peak_committed_segments == 3
+    a.check_invariants()
+
+
+def test_reuse_resets_hold_off() -> None:
+    a, _, clock = make_alloc(hold_off_s=1.0)
+    x = a.alloc(64)
+    assert x is not None and a.committed_segments == 2
+    a.free(x[-1:])  # page 64, segment 1 becomes empty at t=0
+    clock.now = 0.5
+    y = a.alloc(1)
+    assert y is not None and y.tolist() == [64]
+    clock.now = 0.8
+    a.free(y)  # empty again from t=0.8
+    assert a.maybe_shrink(now=1.5) == 0
+    assert a.maybe_shrink(now=1.8) == 1
+    a.check_invariants()
+
+
+def test_min_committed_segments_and_never_used_segment() -> None:
+    a, events, _ = make_alloc(min_committed_segments=2, hold_off_s=0.0)
+    assert events == [("commit", 0), ("commit", 1)]
+    assert a.ensure_free(200)
+    assert a.committed_segments == 4
+    # Committed but never used segments count as empty since commit.
+    assert a.maybe_shrink() == 2
+    assert a.committed_segments == 2
+    a.check_invariants()
+
+
+def test_release_callback_failure_restores_state() -> None:
+    a, _, _ = make_alloc(hold_off_s=0.0)
+
+    def boom(seg: int) -> None:
+        raise RuntimeError("driver said no")
+
+    assert a.ensure_free(100)
+    a.on_release = boom
+    before = a.free_pages.clone()
+    with pytest.raises(RuntimeError, match="driver"):
+        a.maybe_shrink()
+    assert a.committed_segments == 2 and torch.equal(a.free_pages, before)
+    a.check_invariants()
+
+
+def test_commit_callback_failure_hands_out_nothing() -> None:
+    a, _, _ = make_alloc()
+
+    def boom(seg: int) -> None:
+        raise MemoryError("no memory")
+
+    a.on_commit = boom
+    with pytest.raises(MemoryError):
+        a.alloc(100)
+    assert a.committed_segments == 1 and len(a.free_pages) == 63
+    a.check_invariants()
+
+
+def test_clear() -> None:
+    a, _, clock = make_alloc(hold_off_s=1.0)
+    x = a.alloc(100)
+    assert x is not None
+    clock.now = 3.0
+    a.clear()
+    assert a.committed_segments == 2
+    assert a.free_pages.tolist() == span(1, 128)
+    assert a.maybe_shrink(now=3.5) == 0
+    assert a.maybe_shrink(now=4.0) == 1
+    a.check_invariants()
+
+
+def test_lazy_merge_stages_frees() -> None:
+    a, _, _ = make_alloc(lazy_merge=True)
+    x = a.alloc(10)
+    assert x is not None
+    a.free(x[:5])
+    assert a.free_pages.tolist() == span(11, 64)  # staged, not merged yet
+    assert a.available_pages() == 255 - 5
+    y = a.alloc(3)
+    assert y is not None and y.tolist() == [11, 12, 13]
+    assert a.ensure_free(55)  # 50 merged + 5 staged: merge makes free_pages[:55] valid
+    assert a.free_pages[:5].tolist() == span(1, 6)
+    assert a.committed_segments == 1
+    a.check_invariants()
+
+
+# -- randomized ----------------------------------------------------------------------------
+
+
+def _rows(slot_pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    return (slot_pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("page_size", "segment_tokens", "lazy_merge", "seed"),
+    [(1, 64, False, 0), (16, 256, True, 1)],
+    ids=["ps1", "ps16_lazy"],
+)
+def test_randomized_alloc_free_grow_shrink(
+    page_size: int, segment_tokens: int, lazy_merge: bool, seed: int
+) -> None:
+    """4 segments, 64-byte K and V rows, OS-page granularity; 100k mixed operations."""
+    n_ops = 100_000
+    start = time.perf_counter()
+    rng = random.Random(seed)
+    ps = page_size
+    row_bytes = [64, 64]  # a K and a V buffer
+    assert aligned_segment_tokens(segment_tokens, ps, row_bytes, PAGE) == segment_tokens
+    geometry = SegmentGeometry(4 * segment_tokens, segment_tokens, ps)
+    buffers = SegmentedBuffers.create(geometry, row_bytes, device="cpu")
+    kv = [b.tensor(torch.int32, (geometry.cap_tokens, 16)) for b in buffers.backings]
+    clock = FakeClock()
+    alloc = SegmentedPageAllocator(
+        geometry,
+        first_page=1,
+        min_committed_segments=1,
+        hold_off_s=0.5,
+        clock=clock,
+        on_commit=buffers.commit_segment,
+        on_release=buffers.release_segment,
+        lazy_merge=lazy_merge,
+    )
+    cap_pages = alloc.capacity_pages
+    live: list[torch.Tensor] = []
+    owned = torch.zeros(geometry.cap_pages, dtype=torch.bool)
+    expected = torch.zeros(geometry.cap_pages, dtype=torch.int32)
+    tag = 0
+    target = cap_pages // 2
+    next_swing = 0
+    seg_bytes = sum(geometry.segment_tokens * rb for rb in row_bytes)
+
+    def write(p: torch.Tensor, value: torch.Tensor) -> None:
+        rows = _rows(p, ps)
+        vals = value.repeat_interleave(ps)[:, None]
+        kv[0][rows] = vals
+        kv[1][rows] = ~vals
+
+    def verify(p: torch.Tensor) -> None:
+        if p.numel() == 0:
+            return
+        rows = _rows(p, ps)
+        vals = expected[p].repeat_interleave(ps)[:, None]
+        assert bool((kv[0][rows] == vals).all()), "live data lost"
+        assert bool((kv[1][rows] == ~vals).all()), "live data lost"
+
+    def check_all() -> None:
+        alloc.check_invariants()
+        assert int(owned.sum()) == cap_pages - alloc.available_pages()
+        k = alloc.committed_segments
+        assert buffers.committed_segments == k
+        assert buffers.committed_bytes == k * seg_bytes
+        verify(torch.nonzero(owned).reshape(-1))
+        hi_row = min(k * geometry.segment_tokens, geometry.cap_tokens)
+        assert int(kv[0][hi_row:].count_nonzero()) == 0, "released memory not zero"
+
+    grows = shrinks = failed = 0
+    for op in range(n_ops):
+        clock.now += 0.01
+        if op == next_swing:
+            # Swing the load so segments fill up and drain again.
+            target = rng.choice([0, 2, cap_pages // 4, cap_pages // 2, cap_pages])
+            next_swing += rng.randint(100, 2000)
+        r = rng.random()
+        used = cap_pages - alloc.available_pages()
+        if r < 0.05:
+            committed = alloc.committed_segments
+            released = alloc.maybe_shrink()
+            assert alloc.committed_segments == committed - released
+            assert alloc.committed_segments >= 1
+            shrinks += released
+        elif r < 0.08:
+            n = rng.randint(0, cap_pages + 4)
+            possible = n <= alloc.available_pages()
+            before = alloc.committed_segments
+            assert alloc.ensure_free(n) == possible
+            if possible:
+                assert alloc.num_free_committed >= n and len(alloc.free_pages) >= n
+            else:
+                assert alloc.committed_segments == before
+            grows += alloc.committed_segments - before
+        elif (used < target and r < 0.6) or not live:
+            n = rng.choice([1, 1, 1, 2, 3, rng.randint(1, max(1, cap_pages // 6))])
+            if rng.random() < 0.01:
+                n = rng.randint(cap_pages // 2, cap_pages + 2)
+            possible = n <= alloc.available_pages()
+            before = alloc.committed_segments
+            got = alloc.alloc(n)
+            if not possible:
+                assert got is None
+                assert alloc.committed_segments == before
+                failed += 1
+                continue
+            assert got is not None and got.numel() == n
+            assert not bool(owned[got].any()), "page handed out twice"
+            assert alloc.committed_segments <= geometry.num_segments
+            grows += alloc.committed_segments - before
+            owned[got] = True
+            tag += 1
+            values = torch.arange(tag * 1024, tag * 1024 + n, dtype=torch.int32)
+            expected[got] = values
+            write(got, values)
+            live.append(got.clone())
+        else:
+            i = rng.randrange(len(live))
+            victim = live[i]
+            if victim.numel() > 1 and rng.random() < 0.3:
+                cut = rng.randint(1, victim.numel() - 1)
+                freed, live[i] = victim[:cut], victim[cut:]
+            else:
+                freed = victim
+                live[i] = live[-1]
+                live.pop()
+            verify(freed)
+            owned[freed] = False
+            alloc.free(freed)
+        if op % 2000 == 0:
+            check_all()
+
+    check_all()
+    for p in live:
+        verify(p)
+        alloc.free(p)
+    owned.zero_()
+    assert alloc.available_pages() == cap_pages
+    clock.now += 10.0
+    alloc.maybe_shrink()
+    assert alloc.committed_segments == 1
+    assert buffers.committed_segments == 1
+    assert buffers.committed_bytes == seg_bytes
+    check_all()
+    assert grows > 100 and shrinks > 100 and failed > 10, (grows, shrinks, failed)
+    assert alloc.commits == alloc.releases + 1
+    elapsed = time.perf_counter() - start
+    print(
+        f"\n{n_ops} ops ps={ps} lazy={lazy_merge}: {elapsed:.1f}s, commits={alloc.commits} "
+        f"releases={alloc.releases} failed_allocs={failed}"
+    )
+    del kv
+    buffers.close()
