@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import random
 
 import pytest
 import torch
-
 from sglang_kvalloc.core.backing import (
     Backing,
     BackingUnavailableError,
@@ -193,5 +193,5 @@ def test_range_set_matches_reference() -> None:
         assert rs.overlap(q_lo, q_hi) == len(ref & set(range(q_lo, q_hi)))
         ivals = rs.intervals()
         assert all(a < b for a, b in ivals)
-        assert all(b1 < a2 for (_, b1), (a2, _) in zip(ivals, ivals[1:], strict=False))
+        assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(ivals))
         assert set().union(*(range(a, b) for a, b in ivals)) == ref

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from sglang_kvalloc.core.backing import CpuMmapBacking
 from sglang_kvalloc.core.segments import (
     SegmentedBuffers,
@@ -534,5 +533,5 @@ def test_randomized_alloc_free_grow_shrink(
         f"\n{n_ops} ops ps={ps} lazy={lazy_merge}: {elapsed:.1f}s, commits={alloc.commits} "
         f"releases={alloc.releases} failed_allocs={failed}"
     )
-    del kv
+    kv.clear()
     buffers.close()

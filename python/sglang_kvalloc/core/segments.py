@@ -37,6 +37,28 @@ def _align_down(value: int, alignment: int) -> int:
     return value // alignment * alignment
 
 
+def _merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
+    """Merge ``new_ids`` (any order) into ascending ``sorted_ids``; ids must be disjoint.
+
+    O(F + k log k) instead of re-sorting all F + k ids (about 8x faster at F = 500k).
+    """
+    if new_ids.numel() == 0:
+        return sorted_ids
+    new_ids, _ = torch.sort(new_ids)
+    if sorted_ids.numel() == 0:
+        return new_ids
+    # Final position of each new id: ids before it from sorted_ids plus new ids before it.
+    pos = torch.searchsorted(sorted_ids, new_ids) + torch.arange(
+        new_ids.numel(), device=new_ids.device
+    )
+    out = torch.empty(sorted_ids.numel() + new_ids.numel(), dtype=torch.int64, device=pos.device)
+    keep = torch.ones(out.numel(), dtype=torch.bool, device=pos.device)
+    keep[pos] = False
+    out[pos] = new_ids
+    out[keep] = sorted_ids
+    return out
+
+
 class SegmentGeometry:
     """How ``cap_tokens`` rows split into segments of ``segment_tokens`` rows."""
 
@@ -240,7 +262,8 @@ class SegmentedPageAllocator:
     low segments and high ones drain.
 
     ``lazy_merge=True`` mirrors upstream's ``need_sort``: freed pages are staged and merged into
-    ``free_pages`` only when an allocation runs short or a shrink needs them.
+    ``free_pages`` only when an allocation runs short and on every `maybe_shrink` call. Eager
+    mode merges on every free, O(free pages) each (about 1.6 ms at 500k free pages here).
     """
 
     def __init__(
@@ -283,8 +306,11 @@ class SegmentedPageAllocator:
         self.commits: int = 0
         self.releases: int = 0
         # _uncommitted_pages[k]: usable pages in segments k.. (what growth can still add).
-        counts = [self._usable_count(s) for s in range(geometry.num_segments)] + [0]
-        self._uncommitted_pages: list[int] = [sum(counts[k:]) for k in range(len(counts))]
+        self._uncommitted_pages: list[int] = [0] * (geometry.num_segments + 1)
+        for seg in reversed(range(geometry.num_segments)):
+            self._uncommitted_pages[seg] = self._uncommitted_pages[seg + 1] + self._usable_count(
+                seg
+            )
         self._init_state()
         self.grow_to(min_committed_segments)
 
@@ -336,7 +362,7 @@ class SegmentedPageAllocator:
         """Fold staged frees into the sorted ``free_pages``."""
         if not self._staged:
             return
-        self.free_pages, _ = torch.sort(torch.cat((self.free_pages, *self._staged)))
+        self.free_pages = _merge_sorted(self.free_pages, torch.cat(self._staged))
         self._staged = []
         self._num_staged = 0
 
@@ -418,7 +444,7 @@ class SegmentedPageAllocator:
             self._staged.append(page_ids.clone())  # caller may reuse its tensor
             self._num_staged += page_ids.numel()
         else:
-            self.free_pages, _ = torch.sort(torch.cat((self.free_pages, page_ids)))
+            self.free_pages = _merge_sorted(self.free_pages, page_ids)
 
     def _check_free(self, page_ids: torch.Tensor) -> None:
         assert self._allocated is not None

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the virtual environment: upstream sglang==0.5.23, this package, test tools.
+# Idempotent and quick when nothing changed. The venv lives outside the checkout so fresh
+# clones on the same machine reuse the ~11 GB upstream install.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  mkdir -p "$(dirname "$venv")"
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.sglang-kvalloc-deps"
+want="$(sha256sum "$repo/python/constraints.txt" "$repo/python/pyproject.toml" | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing sglang==0.5.23 and test tools (first time: several minutes, ~11 GB)"
+  "$venv/bin/pip" install -q -c "$repo/python/constraints.txt" \
+    "sglang==0.5.23" transformers tokenizers pytest hypothesis requests ruff hatchling psutil
+  echo "$want" > "$stamp"
+fi
+# This checkout's package, editable (its .pth bootstrap included); fast, no deps.
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo/python"
+echo "[setup] ready: $venv"
