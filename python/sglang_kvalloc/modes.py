@@ -12,12 +12,20 @@ STATIC = "static"
 SEGMENTED = "segmented"
 AUTO = "auto"
 MODES = (STATIC, SEGMENTED, AUTO)
-DEFAULT_MODE = STATIC
+DEFAULT_MODE = AUTO
 
 MODE_ENV = "SGLANG_KV_ALLOC_MODE"
 # Bookkeeping attribute on upstream's ServerArgs: not a declared field, so it is kept in the
 # record's __dict__, which ServerArgs.__reduce__ pickles to every spawned process.
 SERVER_ARGS_ATTR = "_kv_alloc_mode"
+# The context the operator asked for, kept when auto clamps `context_length`.
+REQUESTED_CONTEXT_ATTR = "_kv_alloc_requested_context_length"
+# Segmented-mode settings, carried the same way.
+SEGMENT_TOKENS_ATTR = "_kv_segment_tokens"
+SEGMENT_TOKENS_ENV = "SGLANG_KV_SEGMENT_TOKENS"
+HOLD_OFF_ATTR = "_kv_segment_hold_off_s"
+HOLD_OFF_ENV = "SGLANG_KV_SEGMENT_HOLD_OFF"
+DEFAULT_HOLD_OFF_S = 5.0
 
 MODE_HELP = {
     STATIC: "upstream behaviour: pools and tables sized at start-up (max requests x context).",
@@ -29,7 +37,7 @@ MODE_HELP = {
 
 # Modes whose start-up path exists. A mode outside this set fails at start-up with one line
 # instead of silently running as static.
-IMPLEMENTED_MODES: frozenset[str] = frozenset({STATIC})
+IMPLEMENTED_MODES: frozenset[str] = frozenset(MODES)
 
 
 class KvAllocModeError(ValueError):
@@ -38,9 +46,7 @@ class KvAllocModeError(ValueError):
 
 def validate_mode(mode: str) -> str:
     if mode not in MODES:
-        raise KvAllocModeError(
-            f"unknown --kv-alloc-mode {mode!r}; choose from {', '.join(MODES)}"
-        )
+        raise KvAllocModeError(f"unknown --kv-alloc-mode {mode!r}; choose from {', '.join(MODES)}")
     if mode not in IMPLEMENTED_MODES:
         raise KvAllocModeError(
             f"--kv-alloc-mode {mode} is not available in this build of sglang-kvalloc "
@@ -58,3 +64,25 @@ def requested_mode(server_args: object | None) -> str:
     """The mode asked for: the record's value, else the environment, else the default."""
     value = getattr(server_args, SERVER_ARGS_ATTR, None) if server_args is not None else None
     return value or mode_from_env() or DEFAULT_MODE
+
+
+def segment_tokens(server_args: object | None) -> int | None:
+    """Segment size in tokens if one was asked for (None: the default for the pool)."""
+    value = getattr(server_args, SEGMENT_TOKENS_ATTR, None) if server_args is not None else None
+    if value is None and os.environ.get(SEGMENT_TOKENS_ENV, "").strip():
+        value = int(os.environ[SEGMENT_TOKENS_ENV])
+    if value is not None and value <= 0:
+        raise KvAllocModeError(f"--kv-segment-tokens must be a positive integer, got {value}")
+    return value
+
+
+def segment_hold_off_s(server_args: object | None) -> float:
+    """Seconds a trailing segment must stay empty before it is given back."""
+    value = getattr(server_args, HOLD_OFF_ATTR, None) if server_args is not None else None
+    if value is None and os.environ.get(HOLD_OFF_ENV, "").strip():
+        value = float(os.environ[HOLD_OFF_ENV])
+    if value is None:
+        return DEFAULT_HOLD_OFF_S
+    if value < 0:
+        raise KvAllocModeError(f"--kv-segment-hold-off must be >= 0 seconds, got {value}")
+    return float(value)

@@ -240,6 +240,19 @@ class CpuMmapBacking:
         self._map.madvise(mmap.MADV_DONTNEED, offset, nbytes)
         self._committed.remove(offset, offset + nbytes)
 
+    def discard(self, offset: int, nbytes: int) -> None:
+        """Drop whatever pages of a range are resident, committed explicitly or by first touch.
+
+        For tables written in place (req_to_token) whose pages the kernel commits on write:
+        `release` only acts on ranges `commit` accounted for.
+        """
+        self._check_range(offset, nbytes)
+        if nbytes == 0:
+            return
+        assert self._map is not None
+        self._map.madvise(mmap.MADV_DONTNEED, offset, nbytes)
+        self._committed.remove(offset, offset + nbytes)
+
     def close(self) -> None:
         """Drop all physical memory and this object's references to the mapping.
 

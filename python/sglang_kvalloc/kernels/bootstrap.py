@@ -107,9 +107,7 @@ class KvAllocImportHooks(importlib.abc.MetaPathFinder):
             return None
         real_spec = _real_spec(self, fullname, path, target)
         if real_spec is None:
-            return importlib.machinery.ModuleSpec(
-                TARGET, _GuardedLoader(None), is_package=True
-            )
+            return importlib.machinery.ModuleSpec(TARGET, _GuardedLoader(None), is_package=True)
         real_spec.loader = _GuardedLoader(real_spec.loader)
         return real_spec
 

@@ -18,6 +18,14 @@ from sglang_kvalloc import modes
 
 FLAG = "--kv-alloc-mode"
 DEST = "kv_alloc_mode"
+SEGMENT_TOKENS_DEST = "kv_segment_tokens"
+HOLD_OFF_DEST = "kv_segment_hold_off"
+# Every value this plugin adds to upstream's CLI / Engine keywords -> its ServerArgs attribute.
+CARRIED = {
+    DEST: modes.SERVER_ARGS_ATTR,
+    SEGMENT_TOKENS_DEST: modes.SEGMENT_TOKENS_ATTR,
+    HOLD_OFF_DEST: modes.HOLD_OFF_ATTR,
+}
 _RAW_MARK = "R|"
 
 
@@ -57,6 +65,26 @@ def _mode_type(value: str) -> str:
     return value
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"segment size must be positive, got {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"hold-off must be >= 0 seconds, got {number}")
+    return number
+
+
 def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     """Add the flag to a parser that lacks it."""
     if any(FLAG in action.option_strings for action in parser._actions):
@@ -69,6 +97,23 @@ def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
         choices=list(modes.MODES),
         default=None,
         help=_help_text(),
+    )
+    parser.add_argument(
+        "--kv-segment-tokens",
+        dest=SEGMENT_TOKENS_DEST,
+        type=_positive_int,
+        default=None,
+        help="Segmented mode: tokens per KV segment, a multiple of --page-size and at most the "
+        "pool capacity; rounded up so each segment spans whole OS pages (default: 8192). "
+        f"Env {modes.SEGMENT_TOKENS_ENV}.",
+    )
+    parser.add_argument(
+        "--kv-segment-hold-off",
+        dest=HOLD_OFF_DEST,
+        type=_non_negative_float,
+        default=None,
+        help="Segmented mode: seconds a trailing KV segment must stay empty before its memory "
+        f"is given back (default: {modes.DEFAULT_HOLD_OFF_S:g}). Env {modes.HOLD_OFF_ENV}.",
     )
 
 
@@ -89,41 +134,64 @@ def attach_mode(server_args: Any, mode: str | None) -> None:
     setattr(server_args, modes.SERVER_ARGS_ATTR, mode)
 
 
+def attach_values(server_args: Any, values: dict[str, Any]) -> None:
+    """Record this plugin's values (by CLI dest / keyword name) on the ServerArgs record."""
+    for dest, attr in CARRIED.items():
+        value = values.get(dest)
+        if value is None:
+            continue
+        if dest == DEST:
+            attach_mode(server_args, value)
+        else:
+            setattr(server_args, attr, value)
+    # Fail early, in the launcher, on values the workers would reject.
+    modes.segment_tokens(server_args)
+    modes.segment_hold_off_s(server_args)
+
+
 def around_from_cli_args(original: Callable[..., Any], cls: type, args: argparse.Namespace) -> Any:
-    """AROUND `ServerArgs.from_cli_args`: carry the parsed flag onto the record."""
+    """AROUND `ServerArgs.from_cli_args`: carry the parsed flags onto the record."""
     server_args = original(cls, args)
-    attach_mode(server_args, getattr(args, DEST, None))
+    attach_values(server_args, {dest: getattr(args, dest, None) for dest in CARRIED})
     return server_args
 
 
 # The `sglang.Engine(kv_alloc_mode=...)` keyword, between Engine.__init__ and the record it
 # builds. ServerArgs is a msgspec Struct whose construction bypasses a patched __init__, so
 # the keyword is taken off before upstream sees it and put on the record at resolution.
-_ENGINE_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "kv_alloc_engine_mode", default=None
+_ENGINE_VALUES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "kv_alloc_engine_values", default=None
 )
 
 
 def around_engine_init(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
-    """AROUND `Engine.__init__`: accept the `kv_alloc_mode=` keyword."""
-    mode = kwargs.pop(DEST, None)
-    if mode is not None:
-        modes.validate_mode(mode)
-        server_args = kwargs.get("server_args")
-        if server_args is not None:
-            attach_mode(server_args, mode)
-    token = _ENGINE_MODE.set(mode)
+    """AROUND `Engine.__init__`: accept `kv_alloc_mode=`, `kv_segment_tokens=`,
+    `kv_segment_hold_off=`."""
+    values = {dest: kwargs.pop(dest) for dest in list(CARRIED) if dest in kwargs}
+    if values.get(DEST) is not None:
+        modes.validate_mode(values[DEST])
+    if values and kwargs.get("server_args") is not None:
+        attach_values(kwargs["server_args"], values)
+    token = _ENGINE_VALUES.set(values or None)
     try:
         return original(self, *args, **kwargs)
     finally:
-        _ENGINE_MODE.reset(token)
+        _ENGINE_VALUES.reset(token)
 
 
 def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `ServerArgs.resolve_once`: an Engine keyword lands on the record it built."""
-    mode = _ENGINE_MODE.get()
-    if mode is not None and getattr(self, modes.SERVER_ARGS_ATTR, None) is None:
-        attach_mode(self, mode)
+    """BEFORE `ServerArgs.resolve_once`: Engine keywords land on the record it built, then
+    `auto` clamps the context in the launcher (see `auto.clamp_context_in_launcher`)."""
+    if getattr(self, "_resolution_finished", False):
+        return None
+    values = _ENGINE_VALUES.get()
+    if values:
+        attach_values(
+            self, {d: v for d, v in values.items() if getattr(self, CARRIED[d], None) is None}
+        )
+    from sglang_kvalloc.upstream import auto
+
+    auto.clamp_context_in_launcher(self)
     return None
 
 

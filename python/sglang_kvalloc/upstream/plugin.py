@@ -8,6 +8,7 @@ from __future__ import annotations
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
@@ -25,7 +26,22 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{ENGINE}.__init__", cli.around_engine_init, "AROUND"),
         (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
-        # Pools built for the chosen mode; the decision reported by the scheduler.
+        # The mode in force (auto: decided, context clamped) once upstream sized the pool.
+        (
+            f"{CONFIGURATOR}._resolve_memory_pool_config",
+            pools.around_resolve_memory_pool_config,
+            "AROUND",
+        ),
+        # Segmented mode: reserved, segment-committed pools and segment-aware allocators.
+        (f"{CONFIGURATOR}._build_default_req_pool", pools.around_build_default_req_pool, "AROUND"),
+        (f"{CONFIGURATOR}._build_mha_kv_pool", pools.around_build_mha_kv_pool, "AROUND"),
+        (
+            f"{CONFIGURATOR}._build_token_to_kv_pool_allocator",
+            pools.around_build_allocator,
+            "AROUND",
+        ),
+        (f"{SCHEDULER}.on_idle", pools.after_on_idle, "AFTER"),
+        # What was built: start-up log, then /server_info through the scheduler's state.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),
     ]

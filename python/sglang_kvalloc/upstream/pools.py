@@ -1,4 +1,9 @@
-"""Hooks on upstream's KV cache configurator (scheduler / TP worker processes)."""
+"""Hooks on upstream's KV cache configurator (scheduler / TP worker processes).
+
+`_resolve_memory_pool_config` is where upstream learns the pool capacity; there `auto` clamps
+the context and picks the mode with exact numbers. The `_build_*` hooks then build the pools
+of the mode in force: upstream's own for static, the segmented subclasses for segmented.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +12,225 @@ from collections.abc import Callable
 from typing import Any
 
 from sglang_kvalloc import modes
+from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream.state import STATE
 
 logger = logging.getLogger(__name__)
 
 
-def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
-    """AROUND `KVCacheConfigurator.configure`: build the pools for the chosen mode, and say so."""
+def _effective_mode() -> str:
+    return STATE.mode or modes.STATIC
+
+
+def _mha_cell_bytes(configurator: Any) -> int | None:
+    """KV bytes per token per rank for a plain MHA pool, or None for other pool kinds."""
+    if configurator.use_mla_backend or configurator.is_hybrid_swa:
+        return None
+    from sglang.srt.runtime_context import get_parallel
+
+    mc = configurator.model_config
+    heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
+    layers = configurator.layer_info.num_effective_layers
+    return heads * (mc.head_dim + mc.v_head_dim) * layers * configurator.kv_cache_dtype.itemsize
+
+
+def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: int) -> int:
+    """What static mode allocates at start in proportion to the context (this process)."""
+    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
+
+    extra = get_req_to_token_extra_context_len()
+    total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
+    if str(configurator.device).startswith("cuda"):
+        # cuda-graph index buffers (planner formulas; not exercised here: no GPU was used).
+        try:
+            from sglang.srt.runtime_context import get_exec
+
+            spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
+            graph = get_exec().graph if hasattr(get_exec(), "graph") else None
+            max_bs = getattr(graph, "max_bs", None) or 256
+            backend = str(getattr(configurator.server_args, "attention_backend", None) or "fa3")
+            for alloc in planner.cuda_graph_allocations(
+                spec,
+                backend=backend,
+                max_bs=max_bs,
+                context_len=context_len,
+                page_size=configurator.page_size,
+            ):
+                total += alloc.bytes
+        except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
+            logger.debug("cuda-graph buffer estimate skipped: %s", exc)
+    return total
+
+
+def around_resolve_memory_pool_config(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `KVCacheConfigurator._resolve_memory_pool_config`: decide the mode (and, for
+    auto, the context) once upstream has sized the pool."""
+    config = original(self, *args, **kwargs)
+    if self.is_draft_worker:
+        return config
     requested = modes.requested_mode(self.server_args)
     modes.validate_mode(requested)
+    _apply_segment_settings(self.server_args)
+    STATE.requested_mode = requested
+    STATE.requested_context_length = getattr(self.server_args, modes.REQUESTED_CONTEXT_ATTR, None)
+    if requested != modes.AUTO:
+        STATE.mode = requested
+        STATE.reason = "chosen explicitly"
+        return config
+
+    capacity = config.max_total_num_tokens // self.page_size * self.page_size
+    context_len = self.model_config.context_len
+    cell = _mha_cell_bytes(self)
+    static_bytes = _context_scaled_static_bytes(self, config, min(context_len, capacity))
+    decision = planner.decide_auto(
+        requested_context=context_len,
+        model_max_context=context_len,
+        max_context_one_request=capacity,
+        context_scaled_bytes_static=static_bytes,
+        budget_bytes=capacity * (cell or 1),
+    )
+    if decision.clamped:
+        logger.warning(
+            "--kv-alloc-mode auto: context length %d clamped to %d: the KV pool holds %d "
+            "tokens, so one request cannot use more.",
+            context_len,
+            decision.effective_context,
+            capacity,
+        )
+        self.model_config.context_len = decision.effective_context
+        # max running requests depends on the context; size again with the clamped one.
+        config = original(self, *args, **kwargs)
+    mode = decision.mode
+    reason = decision.reason
+    if mode == modes.SEGMENTED and cell is None:
+        mode = modes.STATIC
+        reason += "; segmented supports MHA pools only, so static"
+    STATE.mode = mode
+    STATE.reason = reason
+    logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
+    return config
+
+
+def _apply_segment_settings(server_args: Any) -> None:
+    from sglang_kvalloc.upstream.segmented import SETTINGS
+
+    SETTINGS.segment_tokens = modes.segment_tokens(server_args)
+    SETTINGS.hold_off_s = modes.segment_hold_off_s(server_args)
+    SETTINGS.device = "cpu"
+
+
+def _require_cpu(configurator: Any) -> None:
+    if not str(configurator.device).startswith("cpu"):
+        raise modes.KvAllocModeError(
+            "--kv-alloc-mode segmented has only a CPU backing in this build; the CUDA "
+            "virtual-memory backing is separate work (not run on a GPU here)."
+        )
+
+
+def around_build_default_req_pool(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `_build_default_req_pool`: segmented req_to_token in segmented mode."""
+    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
+        return original(self, *args, **kwargs)
+    _require_cpu(self)
+    from sglang.srt.runtime_context import get_exec
+
+    from sglang_kvalloc.upstream.segmented import SegmentedReqToTokenPool
+
+    return SegmentedReqToTokenPool(
+        size=kwargs["max_num_reqs"],
+        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
+        device=self.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+    )
+
+
+def around_build_mha_kv_pool(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `_build_mha_kv_pool`: the segmented MHA pool class in segmented mode."""
+    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
+        return original(self, *args, **kwargs)
+    _require_cpu(self)
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
+
+    if (
+        kwargs.get("mha_pool_class") is not MHATokenToKVPool
+        or kwargs.get("quant_method") is not None
+        or self.kv_cache_dtype_str == "mxfp8"
+        or self.kv_shard_rank is not None
+    ):
+        raise modes.KvAllocModeError(
+            "--kv-alloc-mode segmented supports the plain MHA KV pool only "
+            f"(got {getattr(kwargs.get('mha_pool_class'), '__name__', '?')})"
+        )
+    kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
+    return original(self, *args, **kwargs)
+
+
+def around_build_allocator(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `_build_token_to_kv_pool_allocator`: segment-aware allocators in segmented mode."""
+    allocator = original(self, *args, **kwargs)
+    pool = kwargs.get("token_to_kv_pool")
+    if _effective_mode() != modes.SEGMENTED or not hasattr(pool, "segmented_buffers"):
+        return allocator
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from sglang_kvalloc.upstream.segmented import (
+        SegmentedPagedTokenToKVPoolAllocator,
+        SegmentedTokenToKVPoolAllocator,
+    )
+
+    if type(allocator) is TokenToKVPoolAllocator:
+        return SegmentedTokenToKVPoolAllocator(
+            allocator.size, allocator.dtype, allocator.device, pool, allocator.need_sort
+        )
+    if type(allocator) is PagedTokenToKVPoolAllocator:
+        return SegmentedPagedTokenToKVPoolAllocator(
+            allocator.size,
+            allocator.page_size,
+            allocator.dtype,
+            allocator.device,
+            pool,
+            allocator.need_sort,
+        )
+    raise modes.KvAllocModeError(
+        "--kv-alloc-mode segmented supports upstream's token and paged allocators only "
+        f"(got {type(allocator).__name__})"
+    )
+
+
+def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND `KVCacheConfigurator.configure`: record and log what was built."""
     result = original(self, *args, **kwargs)
     if self.is_draft_worker:
         return result
-    req_pool = result.req_to_token_pool
-    req_to_token = getattr(req_pool, "req_to_token", None)
-    STATE.requested_mode = requested
-    STATE.mode = STATE.mode or requested
+    req_to_token = getattr(result.req_to_token_pool, "req_to_token", None)
     STATE.effective_context_length = self.model_config.context_len
     STATE.token_capacity = result.max_total_num_tokens
     STATE.max_running_requests = result.max_running_requests
     if req_to_token is not None:
         STATE.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
+    STATE.allocator = result.token_to_kv_pool_allocator
+    STATE.req_to_token_pool = result.req_to_token_pool
     logger.info(
-        "KV allocation mode: %s (requested %s%s). KV capacity %d tokens, context length %d, "
-        "max running requests %d, req_to_token table %.3f GB.",
+        "KV allocation mode: %s (requested %s; %s). KV capacity %d tokens, context length %d, "
+        "max running requests %d, req_to_token %s %.3f GB.",
         STATE.mode,
-        requested,
-        f"; {STATE.reason}" if STATE.reason else "",
+        STATE.requested_mode,
+        STATE.reason,
         result.max_total_num_tokens,
         self.model_config.context_len,
         result.max_running_requests,
+        "reserved" if STATE.mode == modes.SEGMENTED else "allocated",
         (STATE.req_to_token_bytes or 0) / 1e9,
     )
     return result
@@ -47,4 +241,13 @@ def after_get_internal_state(result: Any, *args: Any, **kwargs: Any) -> None:
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         state["kv_alloc"] = STATE.as_dict()
+    return None
+
+
+def after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER `Scheduler.on_idle`: give back trailing segments once their hold-off has passed."""
+    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
+    shrink = getattr(allocator, "maybe_shrink", None)
+    if shrink is not None:
+        shrink()
     return None

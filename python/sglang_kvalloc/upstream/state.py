@@ -20,13 +20,29 @@ class KvAllocState:
     token_capacity: int | None = None
     max_running_requests: int | None = None
     req_to_token_bytes: int | None = None
-    # Filled by segmented mode; None elsewhere.
-    segments: dict[str, Any] | None = None
+    # Live objects (not reported as such): segmented mode reads its figures from them.
+    allocator: Any = dataclasses.field(default=None, repr=False)
+    req_to_token_pool: Any = dataclasses.field(default=None, repr=False)
+
+    def segment_stats(self) -> dict[str, Any] | None:
+        stats = getattr(self.allocator, "segment_stats", None)
+        if stats is None:
+            return None
+        out = stats()
+        resident = getattr(self.req_to_token_pool, "resident_bytes", None)
+        if resident is not None:
+            out["req_to_token_resident_bytes"] = resident()
+        return out
 
     def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if self.segments is None:
-            out.pop("segments")
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("allocator", "req_to_token_pool")
+        }
+        segments = self.segment_stats()
+        if segments is not None:
+            out["segments"] = segments
         return out
 
 

@@ -1,0 +1,389 @@
+"""Segmented mode on upstream's pools: subclasses of upstream's MHA KV pool, token and paged
+allocators, and ReqToTokenPool whose memory is reserved up front and committed on demand.
+
+Slot ids never move: buffers are one contiguous tensor each over a reservation, so the radix
+cache, req_to_token and every attention kernel work unchanged. Only the CPU backing exists in
+this build (`core.backing.CpuMmapBacking`); the CUDA VMM backing is a separate piece of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.utils import get_num_new_pages
+
+from sglang_kvalloc.core.backing import make_backing
+from sglang_kvalloc.core.segments import (
+    SegmentedBuffers,
+    SegmentedPageAllocator,
+    SegmentGeometry,
+    aligned_segment_tokens,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT_TOKENS = 8192
+# Small pools still get several segments, so growth and shrink happen at all.
+MIN_SEGMENTS_BY_DEFAULT = 16
+DEFAULT_HOLD_OFF_S = 5.0
+# Growth/shrink log lines: at most one per this many seconds (the gauges carry every change).
+LOG_INTERVAL_S = 10.0
+
+
+class SegmentSettings:
+    """What segmented mode was asked for; set per process by the configurator hook."""
+
+    segment_tokens: int | None = None
+    hold_off_s: float = DEFAULT_HOLD_OFF_S
+    device: str = "cpu"
+
+
+SETTINGS = SegmentSettings()
+
+
+def _choose_segment_tokens(
+    requested: int | None, cap_tokens: int, page_size: int, row_bytes: list[int], gran: int
+) -> int:
+    """Validate an explicit size against the cap and page size; then round up for the backing."""
+    if requested is not None:
+        SegmentGeometry(cap_tokens, requested, page_size)  # raises with the numbers
+        size = requested
+    else:
+        size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
+        size = max(page_size, size // page_size * page_size)
+    aligned = aligned_segment_tokens(size, page_size, row_bytes, gran)
+    return min(aligned, math.ceil(cap_tokens / page_size) * page_size)
+
+
+class _RateLimitedLog:
+    def __init__(self) -> None:
+        self._last = 0.0
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= LOG_INTERVAL_S:
+            if self.suppressed:
+                msg += f" ({self.suppressed} earlier changes not logged)"
+            logger.info(msg, *args)
+            self._last = now
+            self.suppressed = 0
+        else:
+            self.suppressed += 1
+
+
+class SegmentedMHATokenToKVPool(MHATokenToKVPool):
+    """MHA KV pool whose per-layer K and V buffers sit on reserved, segment-committed memory."""
+
+    segmented_buffers: SegmentedBuffers
+
+    def _create_buffers_normal(self) -> None:
+        layout = getattr(self, "kv_cache_layout", "nhd")
+        if layout != "nhd" or getattr(self, "use_hnd", False):
+            raise ValueError(
+                f"--kv-alloc-mode segmented supports the NHD KV layout only (got {layout!r})"
+            )
+        k_shape, v_shape = self._kv_buffer_shapes()
+        itemsize = self.store_dtype.itemsize
+        k_row = int(math.prod(k_shape[1:])) * itemsize
+        v_row = int(math.prod(v_shape[1:])) * itemsize
+        row_bytes = [k_row] * self.layer_num + [v_row] * self.layer_num
+        cap_tokens = k_shape[0]  # size + page_size rows: slot 0's page is padding
+        probe = make_backing(SETTINGS.device, 1, None)
+        gran = probe.granularity
+        probe.close()
+        seg_tokens = _choose_segment_tokens(
+            SETTINGS.segment_tokens, cap_tokens, self.page_size, row_bytes, gran
+        )
+        geometry = SegmentGeometry(cap_tokens, seg_tokens, self.page_size)
+        self.segmented_buffers = SegmentedBuffers.create(
+            geometry, row_bytes, device=SETTINGS.device
+        )
+        backings = self.segmented_buffers.backings
+        self.k_buffer = [
+            backings[i].tensor(self.store_dtype, tuple(k_shape)) for i in range(self.layer_num)
+        ]
+        self.v_buffer = [
+            backings[self.layer_num + i].tensor(self.store_dtype, tuple(v_shape))
+            for i in range(self.layer_num)
+        ]
+        logger.info(
+            "Segmented KV pool: %d tokens reserved (%.3f GB address space) in %d segments of %d "
+            "tokens (%.2f MB each); committed now: %.2f MB.",
+            cap_tokens - self.page_size,
+            sum(b.reserved_bytes for b in backings) / 1e9,
+            geometry.num_segments,
+            seg_tokens,
+            seg_tokens * sum(row_bytes) / 1e6,
+            self.segmented_buffers.committed_bytes / 1e6,
+        )
+
+
+class _SegmentedAllocatorMixin:
+    """Upstream's allocator API over a `SegmentedPageAllocator` (the upstream-free core).
+
+    Upstream's own `free_pages` tensor is kept equal to the core's sorted free list of
+    committed pages, so upstream's extend/decode kernels read it as before.
+    """
+
+    page_size: int
+    free_pages: torch.Tensor
+    _segments: SegmentedPageAllocator
+
+    def _make_segments(self, kvcache: Any) -> None:
+        buffers: SegmentedBuffers = kvcache.segmented_buffers
+        log = _RateLimitedLog()
+        self._segment_log = log
+
+        def on_commit(seg: int) -> None:
+            buffers.commit_segment(seg)
+            log(
+                "KV segments grew: segment %d committed; %d/%d committed, %.2f MB.",
+                seg,
+                buffers.committed_segments,
+                buffers.geometry.num_segments,
+                buffers.committed_bytes / 1e6,
+            )
+
+        def on_release(seg: int) -> None:
+            buffers.release_segment(seg)
+            log(
+                "KV segments shrank: segment %d released; %d/%d committed, %.2f MB.",
+                seg,
+                buffers.committed_segments,
+                buffers.geometry.num_segments,
+                buffers.committed_bytes / 1e6,
+            )
+
+        self._buffers = buffers
+        self._segments = SegmentedPageAllocator(
+            buffers.geometry,
+            first_page=1,
+            hold_off_s=SETTINGS.hold_off_s,
+            on_commit=on_commit,
+            on_release=on_release,
+        )
+
+    def _sync(self) -> None:
+        self.free_pages = self._segments.free_pages
+
+    def available_size(self) -> int:
+        # Uncommitted segments count: the scheduler may plan up to the cap, and commits follow.
+        return self._segments.available_pages() * self.page_size
+
+    def get_all_free_pages(self) -> torch.Tensor:
+        return self._segments.free_pages
+
+    def merge_and_sort_free(self) -> None:
+        self._segments.merge_and_sort_free()
+        self._sync()
+
+    def maybe_shrink(self) -> int:
+        released = self._segments.maybe_shrink()
+        if released:
+            self._sync()
+        return released
+
+    def _free_page_ids_now(self, page_ids: torch.Tensor) -> None:
+        if page_ids.numel() == 0:
+            return
+        self._segments.free(page_ids.to(torch.int64))
+        self._sync()
+        self.maybe_shrink()
+
+    def segment_stats(self) -> dict[str, Any]:
+        seg = self._segments
+        geometry = self._buffers.geometry
+        free_committed = seg.num_free_committed
+        committed_pages = sum(
+            seg._usable_count(s)  # noqa: SLF001 - core helper, same package
+            for s in range(seg.committed_segments)
+        )
+        return {
+            "segment_tokens": geometry.segment_tokens,
+            "total_segments": geometry.num_segments,
+            "committed_segments": seg.committed_segments,
+            "peak_committed_segments": seg.peak_committed_segments,
+            "committed_bytes": self._buffers.committed_bytes,
+            "reserved_bytes": sum(b.reserved_bytes for b in self._buffers.backings),
+            "used_tokens": (committed_pages - free_committed) * self.page_size,
+            "commits": seg.commits,
+            "releases": seg.releases,
+            "hold_off_s": seg.hold_off_s,
+        }
+
+
+class SegmentedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, TokenToKVPoolAllocator):
+    """page_size 1: slot ids are page ids."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: Any, need_sort: bool):
+        self._make_segments(kvcache)
+        super().__init__(size, dtype, device, kvcache, need_sort)
+
+    def clear(self) -> None:
+        self._segments.clear()
+        self._sync()
+        self.free_group = None
+        self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
+
+    def alloc(self, need_size: int) -> torch.Tensor | None:
+        out = self._segments.alloc(need_size)
+        self._sync()
+        return out
+
+    def free(self, free_index: torch.Tensor) -> None:
+        if free_index.numel() == 0:
+            return
+        if self.free_group is not None:
+            self.free_group.append(self._copy_for_free_group(free_index))
+            return
+        self._free_page_ids_now(free_index)
+
+
+class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenToKVPoolAllocator):
+    """page_size > 1: upstream's extend/decode kernels over the core's committed free list."""
+
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: str,
+        kvcache: Any,
+        need_sort: bool,
+    ):
+        self._make_segments(kvcache)
+        super().__init__(size, page_size, dtype, device, kvcache, need_sort)
+
+    def clear(self) -> None:
+        super().clear()
+        self._segments.clear()
+        self._sync()
+
+    def alloc(self, need_size: int) -> torch.Tensor | None:
+        pages = self._segments.alloc(need_size // self.page_size)
+        self._sync()
+        if pages is None:
+            return None
+        return (
+            pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)
+        ).reshape(-1)
+
+    def _take_pages_after(self, num_new_pages: int, out: torch.Tensor | None) -> Any:
+        if out is not None and num_new_pages:
+            taken = self._segments.alloc(num_new_pages)
+            assert taken is not None, "ensure_free promised these pages"
+        self._sync()
+        return out
+
+    def alloc_extend(
+        self,
+        prefix_lens: torch.Tensor,
+        prefix_lens_cpu: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor,
+        last_loc: torch.Tensor,
+        extend_num_tokens: int,
+        num_new_pages: int | None = None,
+    ) -> torch.Tensor | None:
+        if num_new_pages is None:
+            num_new_pages = get_num_new_pages(
+                seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
+            )
+        if not self._segments.ensure_free(num_new_pages):
+            return None
+        self._sync()
+        out = super().alloc_extend(
+            prefix_lens,
+            prefix_lens_cpu,
+            seq_lens,
+            seq_lens_cpu,
+            last_loc,
+            extend_num_tokens,
+            num_new_pages=num_new_pages,
+        )
+        return self._take_pages_after(num_new_pages, out)
+
+    def alloc_decode(
+        self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
+    ) -> torch.Tensor | None:
+        num_new_pages = get_num_new_pages(
+            seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True
+        )
+        if not self._segments.ensure_free(num_new_pages):
+            return None
+        self._sync()
+        out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)
+        return self._take_pages_after(num_new_pages, out)
+
+    def _release_page_ids(self, *page_ids: torch.Tensor) -> None:
+        self._free_page_ids_now(torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0])
+
+
+class SegmentedReqToTokenPool(ReqToTokenPool):
+    """req_to_token over reserved memory: only the rows and pages requests write are committed.
+
+    Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at
+    10M context. Here it is a view of an anonymous reservation; untouched pages read as zero
+    without being committed, and a freed row's pages are given back.
+    """
+
+    def __init__(
+        self, size: int, max_context_len: int, device: str, enable_memory_saver: bool
+    ) -> None:
+        # Upstream's bookkeeping (free slots, generations) with a one-column table, then the
+        # table itself from the reservation.
+        super().__init__(size, 1, device, enable_memory_saver)
+        rows = self._alloc_size
+        self._row_bytes = max_context_len * 4
+        self._backing = make_backing(SETTINGS.device, rows * self._row_bytes, None)
+        self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
+        self.max_context_len = max_context_len
+        logger.info(
+            "Segmented req_to_token: %d x %d int32 reserved (%.3f GB address space), "
+            "committed as rows are written.",
+            rows,
+            max_context_len,
+            self._backing.reserved_bytes / 1e9,
+        )
+
+    def _release_rows(self, indices: list[int]) -> None:
+        gran = self._backing.granularity
+        for row in indices:
+            lo = -(-(row * self._row_bytes) // gran) * gran
+            hi = ((row + 1) * self._row_bytes) // gran * gran
+            if hi > lo:
+                self._backing.discard(lo, hi - lo)
+
+    def free_rows(self, indices: list[int]) -> None:
+        super().free_rows(indices)
+        self._release_rows(list(indices))
+
+    def resident_bytes(self) -> int:
+        """Bytes of this table resident in RAM (pages written since their last release)."""
+        import mmap as _mmap
+
+        base = self.req_to_token.data_ptr()
+        n = self._backing.reserved_bytes
+        return _resident_bytes(base, n, _mmap.PAGESIZE)
+
+
+def _resident_bytes(addr: int, nbytes: int, page: int) -> int:
+    """mincore(2) over a range: how much of it is resident."""
+    import ctypes
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    npages = (nbytes + page - 1) // page
+    vec = (ctypes.c_ubyte * npages)()
+    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), vec) != 0:
+        return -1
+    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
