@@ -1,0 +1,95 @@
+"""`--kv-alloc-mode auto` at server start: clamp, decide, report; upstream where it fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import parity_prompts
+from sglang_kvalloc.serving import LocalServer
+
+OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+
+
+def test_auto_clamps_10m_context_and_serves(tiny_model: Path) -> None:
+    server = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+        + ["--max-total-tokens", "8192", "--dtype", "float32"],
+        env=OVERRIDE,
+    )
+    with server:
+        log = server.log()
+        assert "WARNING" in log or "clamped" in log
+        clamp_lines = [line for line in log.splitlines() if "clamped to 8192" in line]
+        assert clamp_lines and "10000000" in clamp_lines[0]
+        info = server.server_info()
+        assert info["kv_alloc_mode"] == "auto"
+        assert info["context_length"] == 8192
+        kv = info["internal_states"][0]["kv_alloc"]
+        assert kv["requested_mode"] == "auto"
+        assert kv["mode"] == "segmented"
+        assert kv["requested_context_length"] == 10_000_000
+        assert kv["effective_context_length"] == 8192
+        assert kv["token_capacity"] == 8192
+        assert "% of the" in kv["reason"]
+        out = server.generate(
+            {"text": "Hello world", "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+        )
+        assert out["meta_info"]["completion_tokens"] == 6
+        # A request longer than the clamped context is refused as upstream does; still up.
+        import urllib.error
+
+        try:
+            refused = server.generate(
+                {"input_ids": [5] * 9000, "sampling_params": {"max_new_tokens": 1}}
+            )
+            assert refused["meta_info"]["finish_reason"]["type"] == "abort", refused
+        except urllib.error.HTTPError as err:
+            assert err.code == 400
+        again = server.generate(
+            {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+        )
+        assert again["meta_info"]["completion_tokens"] == 2
+
+
+def _served(server: LocalServer, prompts: list[list[int]]) -> list[list[int]]:
+    outs = []
+    for prompt in prompts:
+        out = server.generate(
+            {
+                "input_ids": prompt,
+                "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+            }
+        )
+        outs.append(out["output_ids"])
+    return outs
+
+
+def test_auto_is_upstream_static_where_static_costs_nothing(tiny_model: Path) -> None:
+    """Few request slots and a short context: context-scaled tables are tiny, auto = static."""
+    common = ["--context-length", "2048", "--max-running-requests", "4"]
+    common += ["--max-total-tokens", "65536", "--dtype", "float32"]
+    prompts = parity_prompts(2048)[:3]
+    with LocalServer(tiny_model, args=["--kv-alloc-mode", "auto", *common]) as auto_server:
+        auto_kv = auto_server.server_info()["internal_states"][0]["kv_alloc"]
+        auto_out = _served(auto_server, prompts)
+        assert "clamped" not in auto_server.log()
+    with LocalServer(tiny_model, args=["--kv-alloc-mode", "static", *common]) as static_server:
+        static_kv = static_server.server_info()["internal_states"][0]["kv_alloc"]
+        static_out = _served(static_server, prompts)
+    assert auto_kv["mode"] == "static"
+    assert "segments" not in auto_kv
+    for key in ("token_capacity", "max_running_requests", "req_to_token_bytes"):
+        assert auto_kv[key] == static_kv[key], key
+    assert auto_out == static_out
+
+
+def test_context_above_model_max_gets_upstreams_error(tiny_model: Path) -> None:
+    server = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+        + ["--max-total-tokens", "8192"],
+    )
+    code = server.wait_exit(timeout=300)
+    assert code != 0
+    assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" in server.log()
