@@ -69,7 +69,9 @@ def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of tokens, got {value!r}"
+        ) from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f"segment size must be positive, got {number}")
     return number

@@ -1,0 +1,195 @@
+"""`--kv-alloc-mode segmented` on the CPU engine: footprint, parity, growth and shrink."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import hf_greedy
+from sglang_kvalloc.serving import LocalServer, http_json
+
+OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+# A leak found by upstream's idle check raises instead of warning.
+STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+MB = 1_000_000
+
+
+def _kv(server: LocalServer) -> dict:
+    return server.server_info()["internal_states"][0]["kv_alloc"]
+
+
+def test_10m_context_costs_what_2k_static_costs(tiny_model: Path) -> None:
+    common = ["--max-total-tokens", "65536", "--dtype", "float32"]
+    with LocalServer(
+        tiny_model, args=["--kv-alloc-mode", "static", "--context-length", "2048", *common]
+    ) as static_2k:
+        time.sleep(3)
+        static_rss = static_2k.rss_bytes()
+    seg = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "segmented", "--context-length", "10000000", *common],
+        env={**OVERRIDE, **STRICT},
+    )
+    with seg:
+        time.sleep(3)
+        seg_rss = seg.rss_bytes()
+        kv = _kv(seg)
+        assert kv["mode"] == "segmented"
+        assert kv["effective_context_length"] == 10_000_000  # explicit segmented: no clamp
+        assert kv["req_to_token_bytes"] > 80e9  # reserved, not committed
+        assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
+        assert kv["segments"]["committed_segments"] == 1
+    print(f"RSS static@2K {static_rss / MB:.1f} MB, segmented@10M {seg_rss / MB:.1f} MB")
+    # KNOWN GAP (issue 4 stays open): upstream's rotary cos/sin cache follows the overridden
+    # context (model_config sets max_position_embeddings = context_length), 10M positions x
+    # 16 x 4 B = 640 MB in the scheduler, in static and segmented alike. Everything this
+    # plugin allocates is checked above; the rest must stay within 100 MB plus that cache.
+    rotary_cache = 10_000_256 * 16 * 4
+    assert seg_rss - static_rss < 100 * MB + rotary_cache
+
+    # Static at 10M dies at start-up on the req_to_token table; record how.
+    failing = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "static", "--context-length", "10000000", *common],
+        env=OVERRIDE,
+    )
+    code = failing.wait_exit(timeout=300)
+    assert code != 0
+    assert "81960032784 bytes" in failing.log() or "memory" in failing.log().lower()
+
+
+LONG = 33_000
+
+
+@pytest.fixture(scope="module")
+def long_prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    return [[rng.randrange(3, 2048) for _ in range(n)] for n in (17, 900, LONG)]
+
+
+def _greedy(server: LocalServer, prompt: list[int], n: int = 6) -> dict:
+    return server.generate(
+        {
+            "input_ids": prompt,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+        },
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def static_outputs(tiny_model: Path, long_prompts: list[list[int]]) -> list[list[int]]:
+    args = ["--kv-alloc-mode", "static", "--max-total-tokens", "40960", "--dtype", "float32"]
+    with LocalServer(tiny_model, args=args) as server:
+        return [_greedy(server, p)["output_ids"] for p in long_prompts]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_tokens_equal_static_and_hf_across_segments(
+    tiny_model: Path,
+    long_prompts: list[list[int]],
+    static_outputs: list[list[int]],
+    hf_model,
+    page_size: int,
+) -> None:
+    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "40960", "--dtype", "float32"]
+    args += ["--kv-segment-tokens", "1024", "--page-size", str(page_size)]
+    with LocalServer(tiny_model, args=args, env=STRICT) as server:
+        first = [_greedy(server, p) for p in long_prompts]
+        assert [o["output_ids"] for o in first] == static_outputs
+        kv = _kv(server)
+        assert kv["segments"]["segment_tokens"] == 1024
+        assert kv["segments"]["peak_committed_segments"] >= LONG // 1024  # many segments
+        # Again: now from the prefix cache.
+        second = [_greedy(server, p) for p in long_prompts]
+        assert [o["output_ids"] for o in second] == static_outputs
+        assert second[-1]["meta_info"]["cached_tokens"] > LONG // 2
+        assert server.generate({"text": "ok", "sampling_params": {"max_new_tokens": 1}})
+    if page_size == 1:
+        assert static_outputs[-1] == hf_greedy(hf_model, long_prompts[-1], 6)
+
+
+def test_memory_rises_under_load_and_returns_after(tiny_model: Path) -> None:
+    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "131072", "--dtype", "float32"]
+    args += [
+        "--kv-segment-tokens",
+        "2048",
+        "--kv-segment-hold-off",
+        "1",
+        "--context-length",
+        "32768",
+    ]
+    with LocalServer(tiny_model, args=args, env={**STRICT}) as server:
+        time.sleep(2)
+        start = _kv(server)["segments"]
+        start_rss = server.rss_bytes()
+        rng = random.Random(5)
+        prompts = [[rng.randrange(3, 2048) for _ in range(24_000)] for _ in range(4)]
+        peak = {"committed": 0, "rss": 0}
+        errors: list[BaseException] = []
+
+        def run(prompt: list[int]) -> None:
+            try:
+                _greedy(server, prompt, n=48)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            seg = _kv(server)["segments"]
+            peak["committed"] = max(peak["committed"], seg["committed_bytes"])
+            peak["rss"] = max(peak["rss"], server.rss_bytes())
+            time.sleep(0.3)
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        seg = _kv(server)["segments"]
+        peak["committed"] = max(peak["committed"], seg["committed_bytes"])
+        grown = peak["committed"] - start["committed_bytes"]
+        assert grown >= 4 * 24_000 * 512 * 0.9, (start, peak)  # 512 B/token on this model
+        assert peak["rss"] - start_rss > grown * 0.5
+        # Finished requests stay in the prefix cache until evicted: flush it, then wait out
+        # the hold-off; the idle loop gives the segments back.
+        http_json(server.url + "/flush_cache", {})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seg = _kv(server)["segments"]
+            if seg["committed_bytes"] == start["committed_bytes"]:
+                break
+            time.sleep(0.5)
+        assert seg["committed_bytes"] == start["committed_bytes"], seg
+        assert seg["releases"] >= 1
+        assert server.rss_bytes() - start_rss < grown * 0.5
+        assert "memory leak detected" not in server.log()
+
+
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_non_positive_segment_size_is_an_argparse_error(tiny_model: Path, value: str) -> None:
+    server = LocalServer(
+        tiny_model, args=["--kv-alloc-mode", "segmented", "--kv-segment-tokens", value]
+    )
+    assert server.wait_exit() == 2
+    assert "segment size must be positive" in server.log()
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--page-size", "16", "--kv-segment-tokens", "100"], "is not a multiple of page_size"),
+        (["--kv-segment-tokens", "1000000"], "larger than"),
+    ],
+)
+def test_bad_segment_size_fails_at_start(tiny_model: Path, extra: list[str], message: str) -> None:
+    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "8192", *extra]
+    server = LocalServer(tiny_model, args=args)
+    assert server.wait_exit() != 0
+    assert message in server.log(), server.log_tail()
