@@ -820,7 +820,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="contexts for part 2 (skipped for a context where either mode fails to start)",
     )
     p.add_argument("--max-total-tokens", type=int, default=65536)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prefill-len", type=int, default=1000)
     p.add_argument("--prefill-batches", type=int, default=8)

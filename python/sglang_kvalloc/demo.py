@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             f"[demo] memory: server RSS {_mb(server.rss_bytes())}; "
             f"KV committed {_mb(segments.get('committed_bytes'))} of "
             f"{_mb(segments.get('reserved_bytes'))} reserved; "
-            f"req_to_token {'reserved' if segments else 'allocated'} {_mb(kv['req_to_token_bytes'])}"
+            f"req_to_token {'reserved' if segments else 'allocated'} "
+            f"{_mb(kv['req_to_token_bytes'])}"
             f", resident {_mb(segments.get('req_to_token_resident_bytes'))}"
         )
         print(

@@ -5,14 +5,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, http_json
+from sglang_kvalloc.serving import LocalServer, http_text
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 # A leak found by upstream's idle check raises instead of warning.
@@ -158,7 +155,7 @@ def test_memory_rises_under_load_and_returns_after(tiny_model: Path) -> None:
         assert peak["rss"] - start_rss > grown * 0.5
         # Finished requests stay in the prefix cache until evicted: flush it, then wait out
         # the hold-off; the idle loop gives the segments back.
-        http_json(server.url + "/flush_cache", {})
+        assert "Cache flushed" in http_text(server.url + "/flush_cache")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             seg = _kv(server)["segments"]

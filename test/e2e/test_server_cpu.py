@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import hf_greedy, parity_prompts
 from sglang_kvalloc.serving import LocalServer, http_json
 
