@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import hf_greedy, parity_prompts
 from sglang_kvalloc.serving import LocalServer, http_json
 

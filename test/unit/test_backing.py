@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from sglang_kvalloc.core.backing import (
     Backing,
     BackingUnavailableError,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from sglang_kvalloc import modes
 
 LAUNCH = [sys.executable, "-m", "sglang.launch_server"]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from sglang_kvalloc.kernels import sgl_kernel_cpu
 
 

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import pytest
+
 from sglang_kvalloc.core.planner import (
     AUTO_STATIC_MAX_SHARE,
     GIB,

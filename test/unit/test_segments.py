@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+
 from sglang_kvalloc.core.backing import CpuMmapBacking
 from sglang_kvalloc.core.segments import (
     SegmentedBuffers,
