@@ -9,6 +9,9 @@ from __future__ import annotations
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+ROPE = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding"
+RESERVE_ROPE = "sglang.srt.utils.common.reserve_rope_cache_for_long_sequences"
+COLLECTOR = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
@@ -17,7 +20,7 @@ INTERNAL_STATE = (
 
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
-    from sglang_kvalloc.upstream import cli, pools
+    from sglang_kvalloc.upstream import cli, metrics, pools, rope
 
     return [
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
@@ -26,6 +29,11 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{ENGINE}.__init__", cli.around_engine_init, "AROUND"),
         (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
+        # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
+        (f"{SCHEDULER}.__init__", rope.before_scheduler_init, "BEFORE"),
+        (RESERVE_ROPE, rope.around_reserve_rope_cache, "AROUND"),
+        (f"{ROPE}.forward_native", rope.before_rope_forward, "BEFORE"),
+        (f"{ROPE}.forward_cpu", rope.before_rope_forward, "BEFORE"),
         # The mode in force (auto: decided, context clamped) once upstream sized the pool.
         (
             f"{CONFIGURATOR}._resolve_memory_pool_config",
@@ -44,6 +52,9 @@ def hooks() -> list[tuple[str, object, str]]:
         # What was built: start-up log, then /server_info through the scheduler's state.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),
+        # Gauges on /metrics (with upstream's --enable-metrics).
+        (f"{COLLECTOR}.__init__", metrics.after_collector_init, "AFTER"),
+        (f"{COLLECTOR}.log_stats", metrics.after_log_stats, "AFTER"),
     ]
 
 

@@ -74,7 +74,9 @@ def around_resolve_memory_pool_config(
     modes.validate_mode(requested)
     _apply_segment_settings(self.server_args)
     STATE.requested_mode = requested
-    STATE.requested_context_length = getattr(self.server_args, modes.REQUESTED_CONTEXT_ATTR, None)
+    STATE.requested_context_length = getattr(
+        self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
+    )
     if requested != modes.AUTO:
         STATE.mode = requested
         STATE.reason = "chosen explicitly"

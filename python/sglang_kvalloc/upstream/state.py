@@ -13,6 +13,7 @@ from typing import Any
 @dataclasses.dataclass
 class KvAllocState:
     requested_mode: str | None = None
+    device: str = ""
     mode: str | None = None
     reason: str = ""
     requested_context_length: int | None = None
@@ -38,7 +39,7 @@ class KvAllocState:
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("allocator", "req_to_token_pool")
+            if f.name not in ("allocator", "req_to_token_pool", "device")
         }
         segments = self.segment_stats()
         if segments is not None:

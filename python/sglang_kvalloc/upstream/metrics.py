@@ -1,0 +1,82 @@
+"""Prometheus gauges for the KV allocation layer, next to upstream's scheduler metrics.
+
+Created with upstream's `SchedulerMetricsCollector` (so only with `--enable-metrics`, with its
+labels and multiprocess mode) and refreshed whenever it logs its own stats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang_kvalloc.upstream.state import STATE
+
+# name suffix -> (documentation, how to read it from STATE / the segment stats)
+_GAUGES: dict[str, str] = {
+    "token_capacity": "KV tokens the pool can hold (static: allocated; segmented: the cap).",
+    "effective_context_length": "Context length in force after auto's clamp.",
+    "req_to_token_bytes": "Size of the req_to_token table (segmented: reserved, not committed).",
+    "committed_bytes": "KV pool bytes physically committed (segmented mode).",
+    "reserved_bytes": "KV pool address space reserved (segmented mode).",
+    "committed_segments": "KV segments committed (segmented mode).",
+    "total_segments": "KV segments the reservation is divided into (segmented mode).",
+    "used_tokens": "KV slots in use in committed segments, prefix cache included (segmented).",
+    "segment_commits": "Segments committed since start (segmented mode).",
+    "segment_releases": "Segments given back since start (segmented mode).",
+}
+_FROM_SEGMENTS = {
+    "committed_bytes": "committed_bytes",
+    "reserved_bytes": "reserved_bytes",
+    "committed_segments": "committed_segments",
+    "total_segments": "total_segments",
+    "used_tokens": "used_tokens",
+    "segment_commits": "commits",
+    "segment_releases": "releases",
+}
+
+
+def after_collector_init(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges."""
+    from prometheus_client import Gauge
+
+    labels = dict(getattr(self, "labels", {}) or {})
+    self._kvalloc_labels = labels
+    self._kvalloc_gauges = {
+        name: Gauge(
+            name=f"sglang:kv_alloc_{name}",
+            documentation=doc,
+            labelnames=list(labels.keys()),
+            multiprocess_mode="mostrecent",
+        )
+        for name, doc in _GAUGES.items()
+    }
+    self._kvalloc_mode_gauge = Gauge(
+        name="sglang:kv_alloc_mode",
+        documentation="1 for the KV allocation mode in force (label mode), requested in label "
+        "requested_mode.",
+        labelnames=[*labels.keys(), "mode", "requested_mode"],
+        multiprocess_mode="mostrecent",
+    )
+    return None
+
+
+def after_log_stats(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER `SchedulerMetricsCollector.log_stats`: refresh the gauges from the live state."""
+    gauges = getattr(self, "_kvalloc_gauges", None)
+    if gauges is None or STATE.mode is None:
+        return None
+    labels = self._kvalloc_labels
+    values: dict[str, Any] = {
+        "token_capacity": STATE.token_capacity,
+        "effective_context_length": STATE.effective_context_length,
+        "req_to_token_bytes": STATE.req_to_token_bytes,
+    }
+    segments = STATE.segment_stats() or {}
+    for name, key in _FROM_SEGMENTS.items():
+        values[name] = segments.get(key)
+    for name, value in values.items():
+        if value is not None:
+            gauges[name].labels(**labels).set(value)
+    self._kvalloc_mode_gauge.labels(
+        **labels, mode=STATE.mode, requested_mode=STATE.requested_mode or STATE.mode
+    ).set(1)
+    return None
