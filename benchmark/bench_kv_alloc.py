@@ -70,8 +70,14 @@ def log(msg: str) -> None:
 # -- servers ------------------------------------------------------------------------------
 
 
+# Segmented servers get this hold-off (--segment-hold-off). The default keeps segments
+# committed across the pauses between rounds, so the throughput ratio is the steady state;
+# a short hold-off adds the cost of committing segments again after each pause.
+SEGMENT_HOLD_OFF_S = 600.0
+
+
 def server_args(mode: str, context: int, max_total_tokens: int) -> list[str]:
-    return [
+    args = [
         "--dtype",
         "float32",
         "--max-total-tokens",
@@ -81,6 +87,9 @@ def server_args(mode: str, context: int, max_total_tokens: int) -> list[str]:
         "--context-length",
         str(context),
     ]
+    if mode == "segmented":
+        args += ["--kv-segment-hold-off", str(SEGMENT_HOLD_OFF_S)]
+    return args
 
 
 def make_server(model: Path, mode: str, context: int, max_total_tokens: int) -> LocalServer:
@@ -168,8 +177,10 @@ def wait_quiet(servers: list[LocalServer], limit: float, max_wait: float) -> flo
         waited = time.monotonic() - t0
         if f.foreign_cores < limit or waited >= max_wait:
             if waited > 2.5:
-                log(f"waited {waited:.0f}s for other processes to go quiet "
-                    f"(now {f.foreign_cores:.2f} cores)")
+                log(
+                    f"waited {waited:.0f}s for other processes to go quiet "
+                    f"(now {f.foreign_cores:.2f} cores)"
+                )
             return waited
 
 
@@ -183,8 +194,10 @@ def rss_by_process(server: LocalServer) -> dict[str, int]:
             name = p.name()
             if name == "python" or name.startswith("python"):
                 cmd = p.cmdline()
-                name = "launcher (tokenizer manager, HTTP)" if pid == server.proc.pid else (
-                    "helper " + " ".join(cmd[1:3])
+                name = (
+                    "launcher (tokenizer manager, HTTP)"
+                    if pid == server.proc.pid
+                    else ("helper " + " ".join(cmd[1:3]))
                 )
             out[f"{name} [{pid}]"] = p.memory_info().rss
         except psutil.NoSuchProcess:
@@ -224,7 +237,12 @@ def failure_line(text: str) -> str:
 
 
 def start_and_measure(
-    model: Path, mode: str, context: int, max_total_tokens: int, settle_s: float, timeout: float,
+    model: Path,
+    mode: str,
+    context: int,
+    max_total_tokens: int,
+    settle_s: float,
+    timeout: float,
     cfg: argparse.Namespace,
 ) -> tuple[dict[str, Any], LocalServer | None]:
     waited = wait_quiet([], cfg.foreign_limit, cfg.quiet_wait)
@@ -260,8 +278,10 @@ def start_and_measure(
             log_lines=interesting_log_lines(text),
             log_path=str(server.log_path),
         )
-        log(f"{mode:9s} ctx={context:>8d}: FAILED after {elapsed:.1f}s rc={rc}: "
-            f"{rec['error_line'][:160]}")
+        log(
+            f"{mode:9s} ctx={context:>8d}: FAILED after {elapsed:.1f}s rc={rc}: "
+            f"{rec['error_line'][:160]}"
+        )
         return rec, None
     startup = time.monotonic() - t0
     rec["foreign_cores_during_startup"] = round(foreign.foreign_cores, 3)
@@ -341,9 +361,7 @@ def measure_decode(
     }
 
 
-def throughput_at(
-    model: Path, context: int, cfg: argparse.Namespace, vocab: int
-) -> dict[str, Any]:
+def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int) -> dict[str, Any]:
     servers: dict[str, LocalServer] = {}
     starts: dict[str, Any] = {}
     try:
@@ -397,8 +415,14 @@ def throughput_at(
                     time.sleep(cfg.retry_wait)
                 _pause(server)
                 rounds.append(
-                    {"round": r, "mode": mode, "prefill": pre, "decode": dec,
-                     "noisy": noisy, "rejected_attempts": rejected}
+                    {
+                        "round": r,
+                        "mode": mode,
+                        "prefill": pre,
+                        "decode": dec,
+                        "noisy": noisy,
+                        "rejected_attempts": rejected,
+                    }
                 )
         after: dict[str, Any] = {}
         for mode in MODES:
@@ -449,8 +473,13 @@ def throughput_at(
 # -- segment commit cost (in process) -------------------------------------------------------
 
 
-def segment_cost(name: str, geometry_args: dict[str, Any], row_bytes: list[int],
-                 granularity: int | None, reps: int) -> dict[str, Any]:
+def segment_cost(
+    name: str,
+    geometry_args: dict[str, Any],
+    row_bytes: list[int],
+    granularity: int | None,
+    reps: int,
+) -> dict[str, Any]:
     from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
 
     geometry = SegmentGeometry(**geometry_args)
@@ -548,7 +577,7 @@ def machine_info() -> dict[str, Any]:
         "memory_total_bytes": psutil.virtual_memory().total,
         "memory_available_at_start_bytes": psutil.virtual_memory().available,
         "swap_total_bytes": psutil.swap_memory().total,
-        "gpu": "none (torch.cuda.is_available() == %s)" % torch.cuda.is_available(),
+        "gpu": f"none (torch.cuda.is_available() == {torch.cuda.is_available()})",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -586,6 +615,61 @@ def _ctx(n: int) -> str:
     return str(n)
 
 
+def findings(data: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the numbers (no judgement beyond the 0.99 target)."""
+    out: list[str] = []
+    by = {(r["context"], r["mode"]): r for r in data["startup"]}
+    for mode in MODES:
+        cells = []
+        for ctx in sorted({c for c, _ in by}):
+            r = by.get((ctx, mode))
+            if r is None:
+                continue
+            cells.append(
+                f"{_ctx(ctx)} {_gb(r['rss_bytes'])} GB"
+                if r["started"]
+                else f"{_ctx(ctx)} failed to start (exit code {r['exit_code']})"
+            )
+        out.append(f"RSS after start-up, {mode}: " + ", ".join(cells) + ".")
+    seg = [by[k] for k in sorted(by) if k[1] == "segmented" and by[k]["started"]]
+    if len(seg) >= 2:
+        lo, hi = seg[0], seg[-1]
+        sched = lambda r: sum(v for k, v in r["rss_by_process"].items() if "scheduler" in k)  # noqa: E731
+        extra = sched(hi) - sched(lo)
+        per_pos = extra / (hi["context"] - lo["context"])
+        out.append(
+            f"Segmented RSS is not flat in the context: the scheduler holds "
+            f"{extra / 1e6:.0f} MB more at {_ctx(hi['context'])} than at {_ctx(lo['context'])} "
+            f"(about {per_pos:.0f} bytes per context position) although its req_to_token "
+            "table has 0 MB resident. 64 bytes per position is what a float32 rotary cos/sin "
+            "cache of rotary dim 16 (the tiny model's head dim) takes if it is sized by the "
+            "overridden context: the likely cause (inferred from the numbers, not traced in "
+            "upstream's code). It lies outside the KV pool and req_to_token, so segmented mode "
+            "does not cover it."
+        )
+    for tp in data["throughput"]:
+        if "ratio_segmented_over_static" not in tp:
+            continue
+        r = tp["ratio_segmented_over_static"]
+        verdict = ", ".join(
+            f"{ph} {r[ph]:.3f} ({'meets' if r[ph] >= 0.99 else 'below'} the 0.99 target)"
+            for ph in ("prefill", "decode")
+        )
+        spread = {
+            ph: (
+                min(x[ph] for x in tp["per_round_ratio"]),
+                max(x[ph] for x in tp["per_round_ratio"]),
+            )
+            for ph in ("prefill", "decode")
+        }
+        out.append(
+            f"Throughput at {_ctx(tp['context'])}, segmented/static medians: {verdict}; "
+            f"per-round ratios span {spread['prefill'][0]:.2f}-{spread['prefill'][1]:.2f} "
+            f"(prefill) and {spread['decode'][0]:.2f}-{spread['decode'][1]:.2f} (decode)."
+        )
+    return out
+
+
 def render_md(data: dict[str, Any]) -> str:
     m = data["machine"]
     s = data["settings"]
@@ -602,6 +686,11 @@ def render_md(data: dict[str, Any]) -> str:
         "committed with the CUDA VMM driver calls instead of `madvise` (that backing does not "
         "exist yet)."
     )
+    add("")
+    add("## Findings in this run")
+    add("")
+    for line in findings(data):
+        add(f"- {line}")
     add("")
     add("## Machine")
     add("")
@@ -625,7 +714,9 @@ def render_md(data: dict[str, Any]) -> str:
     add(
         "Each server is `python -m sglang.launch_server --model-path <tiny model> --device cpu "
         f"--dtype float32 --max-total-tokens {s['max_total_tokens']} --kv-alloc-mode MODE "
-        "--context-length N`, started and stopped with `sglang_kvalloc.serving.LocalServer` "
+        "--context-length N` (segmented ones also with `--kv-segment-hold-off "
+        f"{s.get('segment_hold_off', 5.0):g}`), started and stopped with "
+        "`sglang_kvalloc.serving.LocalServer` "
         "(own process group, killed as a group). Contexts above the tiny model's 65,536 need "
         "`SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`, which is set for them. "
         f"`--max-total-tokens {s['max_total_tokens']}` keeps the KV pool at the same "
@@ -643,7 +734,7 @@ def render_md(data: dict[str, Any]) -> str:
         "manager, scheduler, detokenizer, helper) after start-up; the scheduler alone is in "
         "its own column. The machine may be shared: before each launch the benchmark waits "
         f"(up to {s.get('quiet_wait', 0):.0f} s) until processes outside it use less than "
-        f"{s['foreign_limit']} cores, and \"other load\" is the average number of cores such "
+        f'{s["foreign_limit"]} cores, and "other load" is the average number of cores such '
         "processes still kept busy during the start-up; start-up times with a high value there "
         "are inflated."
     )
@@ -709,8 +800,8 @@ def render_md(data: dict[str, Any]) -> str:
         f"{s['batch']} concurrent requests with {s['decode_prompt_len']}-token prompts, "
         f"`max_new_tokens={s['decode_tokens']}`, `ignore_eos`; generated tokens / wall time "
         "(the short prefill is included). Both servers of a context run at once and are "
-        f"measured alternately for {s['rounds']} rounds (order swapped every round, after one "
-        "untimed warm-up each); the one not being measured is paused with SIGSTOP, because an "
+        f"measured alternately for {s['rounds']} rounds (order swapped every round, after an "
+        "untimed warm-up of each); the one not being measured is paused with SIGSTOP, because an "
         "idle SGLang scheduler busy-polls a full core. Values are medians over the rounds; the "
         "client is Python threads with `urllib` on the same 2 cores. Each measurement waits "
         "for a quiet machine first (as for start-ups, up to 60 s), and a measurement during "
@@ -783,7 +874,8 @@ def render_md(data: dict[str, Any]) -> str:
     add("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in data["segment_cost"]:
         add(
-            f"| {c['name']}, {c['segment_tokens']} tokens | {c['segment_bytes_total'] / 2**20:.0f} MB "
+            f"| {c['name']}, {c['segment_tokens']} tokens "
+            f"| {c['segment_bytes_total'] / 2**20:.0f} MB "
             f"| {c['repetitions']} | {c['commit_median_s'] * 1e3:.2f} ms "
             f"| {c['commit_p90_s'] * 1e3:.2f} ms | {c['release_median_s'] * 1e3:.2f} ms "
             f"| {c['release_p90_s'] * 1e3:.2f} ms | {c['commit_gb_per_s']:.1f} GB/s |"
@@ -816,7 +908,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=REPO / "models" / "tiny-llama-f32")
     p.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     p.add_argument(
-        "--throughput-contexts", type=int, nargs="*", default=list(DEFAULT_THROUGHPUT_CONTEXTS),
+        "--throughput-contexts",
+        type=int,
+        nargs="*",
+        default=list(DEFAULT_THROUGHPUT_CONTEXTS),
         help="contexts for part 2 (skipped for a context where either mode fails to start)",
     )
     p.add_argument("--max-total-tokens", type=int, default=65536)
@@ -829,13 +924,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--segment-reps", type=int, default=50)
     p.add_argument("--settle", type=float, default=3.0, help="seconds after /health before RSS")
     p.add_argument(
-        "--foreign-limit", type=float, default=0.15,
+        "--foreign-limit",
+        type=float,
+        default=0.15,
         help="redo a throughput measurement when other processes used more than this many "
         "cores on average during it (the machine may be shared)",
     )
+    p.add_argument(
+        "--segment-hold-off",
+        type=float,
+        default=SEGMENT_HOLD_OFF_S,
+        help="--kv-segment-hold-off for segmented servers (default: steady state)",
+    )
     p.add_argument("--max-retries", type=int, default=3)
-    p.add_argument("--quiet-wait", type=float, default=180.0,
-                   help="max seconds to wait for a quiet machine before each start-up")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=180.0,
+        help="max seconds to wait for a quiet machine before each start-up",
+    )
     p.add_argument("--retry-wait", type=float, default=5.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--from-json", type=Path, help="only re-render md/png from this JSON")
@@ -843,7 +950,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEGMENT_HOLD_OFF_S
     cfg = parse_args(argv)
+    SEGMENT_HOLD_OFF_S = cfg.segment_hold_off
     cfg.out.mkdir(parents=True, exist_ok=True)
     from plot_png import render_png
 
@@ -852,10 +961,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = run(cfg, argv)
         (cfg.out / "benchmark.json").write_text(json.dumps(data, indent=1) + "\n")
+        (cfg.out / "benchmark.partial.json").unlink(missing_ok=True)
     (cfg.out / "benchmark.md").write_text(render_md(data))
     render_png(data, cfg.out / "benchmark.png")
     log(f"wrote {cfg.out / 'benchmark.json'}, benchmark.md, benchmark.png")
     return 0
+
+
+def _save_partial(cfg: argparse.Namespace, data: dict[str, Any]) -> None:
+    """Keep what is measured so far (benchmark.partial.json) in case the run is interrupted."""
+    (cfg.out / "benchmark.partial.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def run(cfg: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
@@ -887,6 +1002,7 @@ def run(cfg: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             startup.append(rec)
     startup.sort(key=lambda r: (r["context"], MODES.index(r["mode"])))
     data["startup"] = startup
+    _save_partial(cfg, data)
 
     # Part 2: throughput where both modes start.
     throughput = []
@@ -897,6 +1013,8 @@ def run(cfg: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             continue
         log(f"throughput at context {context}")
         throughput.append(throughput_at(model, context, cfg, vocab))
+        data["throughput"] = throughput
+        _save_partial(cfg, data)
     data["throughput"] = throughput
     # Part 3 last, with every server stopped, and with the geometry the server really used.
     seg = next(

@@ -53,13 +53,27 @@ def _nice_max(v: float) -> tuple[float, float]:
     return top, step
 
 
-def _text(d: ImageDraw.ImageDraw, xy: tuple[float, float], s: str, font: Any,
-          anchor: str = "la", fill: tuple[int, int, int] = FG) -> None:
+def _text(
+    d: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    s: str,
+    font: Any,
+    anchor: str = "la",
+    fill: tuple[int, int, int] = FG,
+) -> None:
     d.text(xy, s, font=font, fill=fill, anchor=anchor)
 
 
-def _axes(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], top: float, step: float,
-          fmt: str, font: Any, ylabel: str, lo: float = 0.0) -> Any:
+def _axes(
+    d: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    top: float,
+    step: float,
+    fmt: str,
+    font: Any,
+    ylabel: str,
+    lo: float = 0.0,
+) -> Any:
     x0, y0, x1, y1 = box
     d.line([(x0, y0), (x0, y1), (x1, y1)], fill=FG, width=2)
 
@@ -77,9 +91,18 @@ def _axes(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], top: float, st
     return ypix
 
 
-def _grouped_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], startup: list[dict],
-                  value: Any, top: float, step: float, fmt: str, label_fmt: str, fonts: dict,
-                  ylabel: str) -> None:
+def _grouped_bars(
+    d: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    startup: list[dict],
+    value: Any,
+    top: float,
+    step: float,
+    fmt: str,
+    label_fmt: str,
+    fonts: dict,
+    ylabel: str,
+) -> None:
     x0, y0, x1, y1 = box
     ypix = _axes(d, box, top, step, fmt, fonts["small"], ylabel)
     contexts = sorted({r["context"] for r in startup})
@@ -96,15 +119,20 @@ def _grouped_bars(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], startu
                 v = value(rec)
                 yt = ypix(min(v, top))
                 d.rectangle([bx, yt, bx + bar_w, y1 - 1], fill=COLORS[mode])
-                _text(d, (bx + bar_w / 2, yt - 4), label_fmt.format(v), fonts["small"],
-                      anchor="md")
+                _text(d, (bx + bar_w / 2, yt - 4), label_fmt.format(v), fonts["small"], anchor="md")
             else:
                 # A hatched stub and the word "failed" where the bar would be.
                 d.rectangle([bx, y1 - 60, bx + bar_w, y1 - 1], outline=FAIL, width=2)
                 d.line([(bx, y1 - 60), (bx + bar_w, y1 - 1)], fill=FAIL, width=2)
                 d.line([(bx + bar_w, y1 - 60), (bx, y1 - 1)], fill=FAIL, width=2)
-                _text(d, (bx + bar_w / 2, y1 - 66), "failed", fonts["small_bold"],
-                      anchor="md", fill=FAIL)
+                _text(
+                    d,
+                    (bx + bar_w / 2, y1 - 66),
+                    "failed",
+                    fonts["small_bold"],
+                    anchor="md",
+                    fill=FAIL,
+                )
         _text(d, (gx, y1 + 8), _ctx(ctx), fonts["label"], anchor="ma")
     _text(d, ((x0 + x1) / 2, y1 + 34), "context length (tokens)", fonts["small"], anchor="ma")
 
@@ -121,13 +149,15 @@ def render_png(data: dict[str, Any], path: Path) -> None:
     }
     m = data["machine"]
     _text(
-        d, (20, 14),
+        d,
+        (20, 14),
         "--kv-alloc-mode static vs segmented, tiny Llama (float32) on SGLang's CPU engine - "
         "no GPU used",
         fonts["title"],
     )
     _text(
-        d, (20, 44),
+        d,
+        (20, 44),
         f"{m['logical_cpus']} cores, {m['memory_total_bytes'] / 2**30:.0f} GB RAM; "
         f"--max-total-tokens {data['settings']['max_total_tokens']} in every server; "
         f"{data['started_at']}",
@@ -142,20 +172,21 @@ def render_png(data: dict[str, Any], path: Path) -> None:
     startup = data["startup"]
     # Panel 1: RSS.
     p1 = (95, 130, 560, 540)
-    _text(d, (p1[0] - 70, 86), "Resident memory after start-up (GB, all processes)",
-          fonts["panel"])
+    _text(d, (p1[0] - 70, 86), "Resident memory after start-up (GB, all processes)", fonts["panel"])
     rss_max = max((r["rss_bytes"] for r in startup if r["started"]), default=1) / 1e9
     top, step = _nice_max(rss_max * 1.1)
-    _grouped_bars(d, p1, startup, lambda r: r["rss_bytes"] / 1e9, top, step, "{:.0f}",
-                  "{:.1f}", fonts, "GB")
+    _grouped_bars(
+        d, p1, startup, lambda r: r["rss_bytes"] / 1e9, top, step, "{:.0f}", "{:.1f}", fonts, "GB"
+    )
 
     # Panel 2: start-up time.
     p2 = (680, 130, 1010, 540)
     _text(d, (p2[0] - 60, 86), "Start-up time (s, launch to /health)", fonts["panel"])
     st_max = max((r["startup_s"] for r in startup if r["started"]), default=1)
     top, step = _nice_max(st_max * 1.1)
-    _grouped_bars(d, p2, startup, lambda r: r["startup_s"], top, step, "{:.0f}", "{:.0f}",
-                  fonts, "s")
+    _grouped_bars(
+        d, p2, startup, lambda r: r["startup_s"], top, step, "{:.0f}", "{:.0f}", fonts, "s"
+    )
 
     # Panel 3: throughput ratios.
     p3 = (1140, 130, 1470, 540)
@@ -185,10 +216,10 @@ def render_png(data: dict[str, Any], path: Path) -> None:
                 bx = gx + (j - 1) * bar_w - 2 + j * 4
                 yv = ypix(max(min(v, hi), lo))
                 ybase = ypix(max(lo, min(1.0, hi)))
-                d.rectangle([bx, min(yv, ybase), bx + bar_w, max(yv, ybase)],
-                            fill=RATIO_COLORS[ph])
-                _text(d, (bx + bar_w / 2, min(yv, ybase) - 4), f"{v:.3f}", fonts["small"],
-                      anchor="md")
+                d.rectangle([bx, min(yv, ybase), bx + bar_w, max(yv, ybase)], fill=RATIO_COLORS[ph])
+                _text(
+                    d, (bx + bar_w / 2, min(yv, ybase) - 4), f"{v:.3f}", fonts["small"], anchor="md"
+                )
             _text(d, (gx, y1 + 8), f"context {_ctx(t['context'])}", fonts["label"], anchor="ma")
     for k, ph in enumerate(("prefill", "decode")):
         bx = x0 + 10 + k * 110
@@ -196,10 +227,18 @@ def render_png(data: dict[str, Any], path: Path) -> None:
         _text(d, (bx + 22, y1 + 43), ph, fonts["small"], anchor="lm")
     skipped = [t for t in data["throughput"] if "skipped" in t]
     if skipped:
-        _text(d, (x0, y1 + 62),
-              "skipped: " + ", ".join(_ctx(t["context"]) for t in skipped), fonts["small"])
-    _text(d, (20, H - 18),
-          "bars marked 'failed': the server exited during start-up (see benchmark.md for the "
-          "exit code and error line).",
-          fonts["small"], anchor="ls")
+        _text(
+            d,
+            (x0, y1 + 62),
+            "skipped: " + ", ".join(_ctx(t["context"]) for t in skipped),
+            fonts["small"],
+        )
+    _text(
+        d,
+        (20, H - 18),
+        "bars marked 'failed': the server exited during start-up (see benchmark.md for the "
+        "exit code and error line).",
+        fonts["small"],
+        anchor="ls",
+    )
     img.save(path)

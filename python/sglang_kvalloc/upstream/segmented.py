@@ -35,6 +35,7 @@ MIN_SEGMENTS_BY_DEFAULT = 16
 DEFAULT_HOLD_OFF_S = 5.0
 # Growth/shrink log lines: at most one per this many seconds (the gauges carry every change).
 LOG_INTERVAL_S = 10.0
+SHRINK_CHECK_INTERVAL_S = 0.25
 
 
 class SegmentSettings:
@@ -169,7 +170,11 @@ class _SegmentedAllocatorMixin:
             hold_off_s=SETTINGS.hold_off_s,
             on_commit=on_commit,
             on_release=on_release,
+            # Like upstream's need_sort: frees are staged in O(1) and merged when an
+            # allocation runs short or at a shrink check, not on every free.
+            lazy_merge=True,
         )
+        self._next_shrink_check = 0.0
 
     def _sync(self) -> None:
         self.free_pages = self._segments.free_pages
@@ -186,9 +191,14 @@ class _SegmentedAllocatorMixin:
         self._sync()
 
     def maybe_shrink(self) -> int:
+        """Release trailing segments empty for the hold-off; checked at most every
+        SHRINK_CHECK_INTERVAL_S (it also merges staged frees, so lowest-first holds)."""
+        now = time.monotonic()
+        if now < self._next_shrink_check:
+            return 0
+        self._next_shrink_check = now + SHRINK_CHECK_INTERVAL_S
         released = self._segments.maybe_shrink()
-        if released:
-            self._sync()
+        self._sync()
         return released
 
     def _free_page_ids_now(self, page_ids: torch.Tensor) -> None:
