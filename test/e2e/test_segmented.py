@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -226,3 +227,49 @@ def test_gauges_on_metrics(tiny_model: Path) -> None:
         assert values["sglang:kv_alloc_committed_segments"] >= 3  # 3000 tokens / 1024
         assert values["sglang:kv_alloc_token_capacity"] == 16384
         assert 'mode="segmented"' in text
+
+
+def test_bfloat16_tokens_equal_static(tiny_model: Path) -> None:
+    rng = random.Random(31)
+    prompts = [[rng.randrange(3, 2048) for _ in range(n)] for n in (40, 2500)]
+    common = ["--max-total-tokens", "16384", "--dtype", "bfloat16", "--page-size", "16"]
+    outs = {}
+    for mode in ("static", "segmented"):
+        args = ["--kv-alloc-mode", mode, *common]
+        if mode == "segmented":
+            args += ["--kv-segment-tokens", "512"]
+        with LocalServer(tiny_model, args=args, env=STRICT) as server:
+            outs[mode] = [_greedy(server, p, n=8)["output_ids"] for p in prompts]
+    assert outs["segmented"] == outs["static"]
+
+
+def test_cap_reached_queues_requests_and_stays_up(tiny_model: Path) -> None:
+    """More concurrent work than the cap holds: upstream queues or retracts; all finish."""
+    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "8192", "--dtype", "float32"]
+    args += ["--kv-segment-tokens", "512"]
+    with LocalServer(tiny_model, args=args, env=STRICT) as server:
+        rng = random.Random(9)
+        prompts = [[rng.randrange(3, 2048) for _ in range(3000)] for _ in range(6)]
+        results: list[dict] = []
+        errors: list[Exception] = []
+
+        def run(prompt: list[int]) -> None:
+            try:
+                results.append(_greedy(server, prompt, n=64))
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert [r["meta_info"]["completion_tokens"] for r in results] == [64] * 6
+        seg = _kv(server)["segments"]
+        # 6 x 3,064 tokens do not fit in 8,192: upstream queued some while the pool was full.
+        assert re.search(r"#queue-req: [1-9]", server.log())
+        assert seg["peak_committed_segments"] >= seg["total_segments"] - 3  # pool nearly full
+        assert seg["committed_bytes"] <= seg["reserved_bytes"]
+        assert server.generate({"text": "still up", "sampling_params": {"max_new_tokens": 2}})
+        assert "memory leak detected" not in server.log()
