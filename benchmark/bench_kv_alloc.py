@@ -608,11 +608,9 @@ def _gb(n: int | None) -> str:
 
 
 def _ctx(n: int) -> str:
-    if n >= 1_000_000 and n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
+    from plot_png import _ctx as context_label  # one label format for the table and the plot
+
+    return context_label(n)
 
 
 def findings(data: dict[str, Any]) -> list[str]:

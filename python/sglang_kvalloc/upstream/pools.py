@@ -41,14 +41,16 @@ def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: in
     extra = get_req_to_token_extra_context_len()
     total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
     if str(configurator.device).startswith("cuda"):
-        # cuda-graph index buffers (planner formulas; not exercised here: no GPU was used).
+        # cuda-graph index buffers, by the planner's formulas. Not run here (no GPU); a GPU
+        # owner confirms with: python -m sglang.launch_server --model-path M
+        #   --kv-alloc-mode auto --context-length 10000000  (the log states the share).
         try:
-            from sglang.srt.runtime_context import get_exec
+            from sglang.srt.arg_groups.overrides import resolving_view
 
+            view = resolving_view(configurator.server_args)
             spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-            graph = get_exec().graph if hasattr(get_exec(), "graph") else None
-            max_bs = getattr(graph, "max_bs", None) or 256
-            backend = str(getattr(configurator.server_args, "attention_backend", None) or "fa3")
+            max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+            backend = str(view.attention_backend or "fa3")
             for alloc in planner.cuda_graph_allocations(
                 spec,
                 backend=backend,
