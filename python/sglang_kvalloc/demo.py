@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sglang_kvalloc.serving import LocalServer, http_json
+from sglang_kvalloc.serving import LocalServer, free_port, http_json
 from sglang_kvalloc.tiny_model import ensure
 
 PROMPTS = [
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         # The tiny model declares 65,536 positions; upstream asks for this to go beyond.
         env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"},
+        port=free_port(),
     )
     print(f"[demo] launching: {' '.join(server.command()[1:])}")
     with server:
