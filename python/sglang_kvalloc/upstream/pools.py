@@ -125,6 +125,14 @@ def _apply_segment_settings(server_args: Any) -> None:
     SETTINGS.device = "cpu"
 
 
+def _builds_segmented(configurator: Any) -> bool:
+    """Whether this configurator's pools are the segmented ones (target worker, CPU only)."""
+    if _effective_mode() != modes.SEGMENTED or configurator.is_draft_worker:
+        return False
+    _require_cpu(configurator)
+    return True
+
+
 def _require_cpu(configurator: Any) -> None:
     if not str(configurator.device).startswith("cpu"):
         raise modes.KvAllocModeError(
@@ -137,9 +145,8 @@ def around_build_default_req_pool(
     original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
 ) -> Any:
     """AROUND `_build_default_req_pool`: segmented req_to_token in segmented mode."""
-    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
+    if not _builds_segmented(self):
         return original(self, *args, **kwargs)
-    _require_cpu(self)
     from sglang.srt.runtime_context import get_exec
 
     from sglang_kvalloc.upstream.segmented import SegmentedReqToTokenPool
@@ -156,9 +163,8 @@ def around_build_mha_kv_pool(
     original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
 ) -> Any:
     """AROUND `_build_mha_kv_pool`: the segmented MHA pool class in segmented mode."""
-    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
+    if not _builds_segmented(self):
         return original(self, *args, **kwargs)
-    _require_cpu(self)
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool

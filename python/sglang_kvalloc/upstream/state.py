@@ -25,13 +25,16 @@ class KvAllocState:
     allocator: Any = dataclasses.field(default=None, repr=False)
     req_to_token_pool: Any = dataclasses.field(default=None, repr=False)
 
-    def segment_stats(self) -> dict[str, Any] | None:
+    def segment_stats(self, include_resident: bool = False) -> dict[str, Any] | None:
+        """Segmented-mode figures. `include_resident` adds a mincore(2) scan of the whole
+        req_to_token reservation (82 GB at 10M context): for /server_info, not the periodic
+        metrics refresh."""
         stats = getattr(self.allocator, "segment_stats", None)
         if stats is None:
             return None
         out = stats()
         resident = getattr(self.req_to_token_pool, "resident_bytes", None)
-        if resident is not None:
+        if include_resident and resident is not None:
             out["req_to_token_resident_bytes"] = resident()
         return out
 
@@ -41,7 +44,7 @@ class KvAllocState:
             for f in dataclasses.fields(self)
             if f.name not in ("allocator", "req_to_token_pool", "device")
         }
-        segments = self.segment_stats()
+        segments = self.segment_stats(include_resident=True)
         if segments is not None:
             out["segments"] = segments
         return out
