@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import random
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -342,17 +343,172 @@ def test_release_callback_failure_restores_state() -> None:
     a.check_invariants()
 
 
-def test_commit_callback_failure_hands_out_nothing() -> None:
-    a, _, _ = make_alloc()
+def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
+    a, events, clock = make_alloc(retry_s=2.0)
+    fail = {"on": True}
 
-    def boom(seg: int) -> None:
-        raise MemoryError("no memory")
+    def flaky(seg: int) -> None:
+        if fail["on"]:
+            raise MemoryError("no memory")
+        events.append(("commit", seg))
 
-    a.on_commit = boom
-    with pytest.raises(MemoryError):
-        a.alloc(100)
+    a.on_commit = flaky
+    assert a.available_pages() == 255
+    assert a.alloc(100) is None  # needs segment 1: the commit fails, nothing is handed out
     assert a.committed_segments == 1 and len(a.free_pages) == 63
+    assert a.ceiling == 1 and a.commit_failures == 1
+    assert a.available_pages() == 63 and a.withheld_pages() == 192
+    assert a.last_commit_error == "no memory"
+    x = a.alloc(63)  # what is backed is still served
+    assert x is not None and a.available_pages() == 0
     a.check_invariants()
+    # Before retry_s nothing is tried; after it, a failing retry keeps the ceiling.
+    clock.now = 1.0
+    assert not a.prepare(10)
+    assert a.commit_failures == 1
+    clock.now = 2.5
+    assert not a.prepare(10)
+    assert a.commit_failures == 2 and a.ceiling == 1
+    # The memory comes back: the next retry lifts the ceiling and commits ahead.
+    fail["on"] = False
+    clock.now = 5.0
+    assert a.prepare(10)
+    assert a.ceiling == a.geometry.num_segments and a.withheld_pages() == 0
+    assert a.committed_segments == 2 and a.available_pages() == 255 - 63
+    a.free(x)
+    a.check_invariants()
+
+
+def test_prepare_commits_ahead_and_shrink_keeps_the_headroom() -> None:
+    a, events, clock = make_alloc(hold_off_s=1.0)
+    assert a.prepare(100)  # 63 free in segment 0: segment 1 is committed ahead of need
+    assert a.committed_segments == 2 and a.num_free_committed == 127
+    assert a.prepare(10_000)  # more than the cap: commits up to the cap, no error
+    assert a.committed_segments == 4
+    clock.now = 5.0
+    # Everything is free and past the hold-off, but 100 pages of headroom stay backed.
+    assert a.maybe_shrink(keep_free_pages=100) == 2
+    assert a.committed_segments == 2
+    assert a.maybe_shrink() == 1
+    a.check_invariants()
+
+
+def test_hold_off_inf_never_releases_and_nan_is_refused() -> None:
+    a, _, clock = make_alloc(hold_off_s=float("inf"))
+    x = a.alloc(200)
+    assert x is not None
+    a.free(x)
+    clock.now = 1e12
+    assert a.maybe_shrink() == 0 and a.committed_segments == 4
+    with pytest.raises(ValueError, match="hold_off_s"):
+        make_alloc(hold_off_s=float("nan"))
+
+
+def test_staged_frees_are_visible_and_double_frees_caught() -> None:
+    a, _, _ = make_alloc(lazy_merge=True)
+    x = a.alloc(8)
+    assert x is not None
+    a.free(x[:4])
+    assert sorted(a.all_free_pages().tolist()) == span(1, 5) + span(9, 64)
+    assert a._num_staged == 4  # still staged: the census sees them anyway
+    with pytest.raises(AssertionError, match="not allocated"):
+        a.free(x[:1])  # debug: a double free of a staged page is caught at once
+    # Without the debug bitmap a double free still shows in the census, as upstream's does.
+    b = SegmentedPageAllocator(SegmentGeometry(256, 64, 1), lazy_merge=True)
+    y = b.alloc(8)
+    assert y is not None
+    b.free(y[:4])
+    b.free(y[:4])
+    census = b.all_free_pages()
+    assert len(census) - len(torch.unique(census)) == 4
+    assert b.available_pages() == 251 + 4  # 4 pages counted twice, as upstream counts them
+    assert any("free twice" in p for p in b.accounting_problems())
+
+
+class LockStepRanks:
+    """Two ranks in threads; `agree` is a MIN all-reduce over them (a barrier each call)."""
+
+    def __init__(self, n: int = 2) -> None:
+        import threading
+
+        self.n = n
+        self.barrier = threading.Barrier(n, timeout=10)
+        self.values: list[int] = [0] * n
+        self.calls: list[int] = [0] * n
+
+    def agree_for(self, rank: int) -> Callable[[int], int]:
+        def agree(value: int) -> int:
+            self.calls[rank] += 1
+            self.values[rank] = value
+            self.barrier.wait()
+            result = min(self.values)
+            self.barrier.wait()
+            return result
+
+        return agree
+
+    def run(self, body: Callable[[int], object]) -> list[object]:
+        import threading
+
+        results: list[object] = [None] * self.n
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = body(rank)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "ranks hung"
+        if errors:
+            raise errors[0]
+        return results
+
+
+def test_ranks_agree_on_a_commit_that_fails_on_one_of_them() -> None:
+    ranks = LockStepRanks()
+    clock = FakeClock()
+    fail_rank1 = {"on": True}
+
+    def body(rank: int) -> dict[str, object]:
+        def on_commit(seg: int) -> None:
+            if rank == 1 and seg >= 2 and fail_rank1["on"]:
+                raise MemoryError("taken by another process")
+
+        a = SegmentedPageAllocator(
+            SegmentGeometry(256, 64, 1),
+            clock=clock,
+            hold_off_s=0.0,
+            retry_s=0.0,
+            on_commit=on_commit,
+            agree=ranks.agree_for(rank),
+            debug=True,
+        )
+        x = a.alloc(100)  # segments 0-1: fine everywhere
+        y = a.alloc(50)  # segment 2 fails on rank 1: refused on both ranks
+        seen = {"y": y is None, "avail": a.available_pages(), "ceiling": a.ceiling}
+        seen["committed_after_failure"] = a.committed_segments
+        assert x is not None
+        a.free(x)
+        a.maybe_shrink()  # every rank shrinks to the same count
+        seen["committed_after_shrink"] = a.committed_segments
+        a.check_invariants()
+        return seen
+
+    r0, r1 = ranks.run(body)
+    assert r0["y"] and r1["y"]  # the same decision on both ranks
+    assert r0["avail"] == r1["avail"] == 127 - 100
+    assert r0["ceiling"] == r1["ceiling"] == 2
+    # Rank 0 committed segment 2 (withheld); rank 1 could not.
+    assert (r0["committed_after_failure"], r1["committed_after_failure"]) == (3, 2)
+    assert r0["committed_after_shrink"] == r1["committed_after_shrink"] == 1
+    assert ranks.calls[0] == ranks.calls[1]
 
 
 def test_clear() -> None:
@@ -391,14 +547,15 @@ def _rows(slot_pages: torch.Tensor, page_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("page_size", "segment_tokens", "lazy_merge", "seed"),
-    [(1, 64, False, 0), (16, 256, True, 1)],
-    ids=["ps1", "ps16_lazy"],
+    ("page_size", "segment_tokens", "lazy_merge", "seed", "commit_failure_rate"),
+    [(1, 64, False, 0, 0.0), (16, 256, True, 1, 0.0), (4, 256, True, 2, 0.2)],
+    ids=["ps1", "ps16_lazy", "ps4_lazy_failing_commits"],
 )
 def test_randomized_alloc_free_grow_shrink(
-    page_size: int, segment_tokens: int, lazy_merge: bool, seed: int
+    page_size: int, segment_tokens: int, lazy_merge: bool, seed: int, commit_failure_rate: float
 ) -> None:
-    """4 segments, 64-byte K and V rows, OS-page granularity; 100k mixed operations."""
+    """4 segments, 64-byte K and V rows, OS-page granularity; 100k mixed operations. With
+    failing commits: a failure hands out nothing and leaks nothing, and the pool recovers."""
     n_ops = 100_000
     start = time.perf_counter()
     rng = random.Random(seed)
@@ -409,13 +566,23 @@ def test_randomized_alloc_free_grow_shrink(
     buffers = SegmentedBuffers.create(geometry, row_bytes, device="cpu")
     kv = [b.tensor(torch.int32, (geometry.cap_tokens, 16)) for b in buffers.backings]
     clock = FakeClock()
+    commit_failures = 0
+
+    def commit(seg: int) -> None:
+        nonlocal commit_failures
+        if seg > 0 and rng.random() < commit_failure_rate:
+            commit_failures += 1
+            raise MemoryError("injected")
+        buffers.commit_segment(seg)
+
     alloc = SegmentedPageAllocator(
         geometry,
         first_page=1,
         min_committed_segments=1,
         hold_off_s=0.5,
+        retry_s=0.05,
         clock=clock,
-        on_commit=buffers.commit_segment,
+        on_commit=commit,
         on_release=buffers.release_segment,
         lazy_merge=lazy_merge,
     )
@@ -444,7 +611,7 @@ def test_randomized_alloc_free_grow_shrink(
 
     def check_all() -> None:
         alloc.check_invariants()
-        assert int(owned.sum()) == cap_pages - alloc.available_pages()
+        assert int(owned.sum()) == cap_pages - alloc.available_pages() - alloc.withheld_pages()
         k = alloc.committed_segments
         assert buffers.committed_segments == k
         assert buffers.committed_bytes == k * seg_bytes
@@ -460,8 +627,12 @@ def test_randomized_alloc_free_grow_shrink(
             target = rng.choice([0, 2, cap_pages // 4, cap_pages // 2, cap_pages])
             next_swing += rng.randint(100, 2000)
         r = rng.random()
-        used = cap_pages - alloc.available_pages()
-        if r < 0.05:
+        used = cap_pages - alloc.available_pages() - alloc.withheld_pages()
+        if r < 0.02:
+            before = alloc.committed_segments
+            alloc.prepare(rng.randint(0, cap_pages // 3))
+            assert alloc.committed_segments >= before
+        elif r < 0.05:
             committed = alloc.committed_segments
             released = alloc.maybe_shrink()
             assert alloc.committed_segments == committed - released
@@ -471,7 +642,12 @@ def test_randomized_alloc_free_grow_shrink(
             n = rng.randint(0, cap_pages + 4)
             possible = n <= alloc.available_pages()
             before = alloc.committed_segments
-            assert alloc.ensure_free(n) == possible
+            failures_before = alloc.commit_failures
+            ok = alloc.ensure_free(n)
+            if alloc.commit_failures > failures_before:
+                assert not ok and alloc.ceiling == alloc.committed_segments
+                continue
+            assert ok == possible
             if possible:
                 assert alloc.num_free_committed >= n and len(alloc.free_pages) >= n
             else:
@@ -483,7 +659,14 @@ def test_randomized_alloc_free_grow_shrink(
                 n = rng.randint(cap_pages // 2, cap_pages + 2)
             possible = n <= alloc.available_pages()
             before = alloc.committed_segments
+            failures_before = alloc.commit_failures
             got = alloc.alloc(n)
+            if alloc.commit_failures > failures_before:
+                # Refused like a full pool; the segments that did commit stay usable.
+                assert got is None and alloc.ceiling == alloc.committed_segments
+                assert alloc.available_pages() == alloc.num_free_committed
+                failed += 1
+                continue
             if not possible:
                 assert got is None
                 assert alloc.committed_segments == before
@@ -520,8 +703,10 @@ def test_randomized_alloc_free_grow_shrink(
         verify(p)
         alloc.free(p)
     owned.zero_()
-    assert alloc.available_pages() == cap_pages
     clock.now += 10.0
+    commit_failure_rate = 0.0
+    assert alloc.prepare(0)  # a pending ceiling is lifted once commits work again
+    assert alloc.available_pages() == cap_pages
     alloc.maybe_shrink()
     assert alloc.committed_segments == 1
     assert buffers.committed_segments == 1
@@ -529,10 +714,13 @@ def test_randomized_alloc_free_grow_shrink(
     check_all()
     assert grows > 100 and shrinks > 100 and failed > 10, (grows, shrinks, failed)
     assert alloc.commits == alloc.releases + 1
+    assert alloc.commit_failures == commit_failures
+    if commit_failure_rate:
+        assert commit_failures > 100
     elapsed = time.perf_counter() - start
     print(
         f"\n{n_ops} ops ps={ps} lazy={lazy_merge}: {elapsed:.1f}s, commits={alloc.commits} "
-        f"releases={alloc.releases} failed_allocs={failed}"
+        f"releases={alloc.releases} failed_allocs={failed} failed_commits={commit_failures}"
     )
     kv.clear()
     buffers.close()

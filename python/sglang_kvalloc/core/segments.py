@@ -22,6 +22,7 @@ import torch
 from sglang_kvalloc.core.backing import Backing, make_backing
 
 __all__ = [
+    "PageAccountingError",
     "SegmentGeometry",
     "SegmentedBuffers",
     "SegmentedPageAllocator",
@@ -173,7 +174,9 @@ class SegmentedBuffers:
         for backing, rb in zip(self.backings, self.row_bytes, strict=True):
             g = backing.granularity
             seg_bytes = geometry.segment_tokens * rb
-            if seg_bytes % g:
+            # One segment spans the whole pool: it is committed whole, so any size works
+            # (upstream builds pools of any size; a tiny one is smaller than a granule).
+            if seg_bytes % g and geometry.num_segments > 1:
                 raise ValueError(
                     f"segment of {geometry.segment_tokens} tokens x {rb} bytes = {seg_bytes} "
                     f"bytes is not a multiple of the backing granularity {g}; use "
@@ -260,6 +263,17 @@ class SegmentedBuffers:
             backing.close()
 
 
+class PageAccountingError(AssertionError, ValueError):
+    """A debug check caught a bad free (double free, page outside the pool, ...).
+
+    An AssertionError, as upstream's own allocator debug checks raise, and a ValueError, since
+    the pages passed in are wrong."""
+
+
+def _agree_alone(value: int) -> int:
+    return value
+
+
 class SegmentedPageAllocator:
     """Page allocator that commits segments on demand and releases trailing empty ones.
 
@@ -268,6 +282,17 @@ class SegmentedPageAllocator:
     releases the highest committed one. ``free_pages`` is a sorted int64 tensor of free pages
     in committed segments (like upstream's); allocation takes the lowest ids so load packs into
     low segments and high ones drain.
+
+    A commit that fails (``on_commit`` raises MemoryError) lowers the *ceiling*: segments at or
+    above it are withheld, so `available_pages` drops and the caller queues work as for a full
+    pool instead of being promised memory that cannot be had. `prepare` retries every
+    ``retry_s`` and lifts the ceiling once a commit succeeds.
+
+    Several ranks (tensor parallelism) must commit and release the same segments. Every
+    decision that could differ between them (a commit's outcome, how far to shrink, whether
+    to retry) goes through ``agree``: the minimum of an int over all ranks, called at the same
+    point on every rank. Allocation state is otherwise identical on all ranks, so they stay in
+    lock-step. The default ``agree`` is a single rank's identity.
 
     ``lazy_merge=True`` mirrors upstream's ``need_sort``: freed pages are staged and merged into
     ``free_pages`` only when an allocation runs short and on every `maybe_shrink` call. Eager
@@ -281,9 +306,11 @@ class SegmentedPageAllocator:
         first_page: int = 1,
         min_committed_segments: int = 1,
         hold_off_s: float = 5.0,
+        retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_commit: Callable[[int], None] | None = None,
         on_release: Callable[[int], None] | None = None,
+        agree: Callable[[int], int] | None = None,
         lazy_merge: bool = False,
         debug: bool = False,
         device: str | torch.device = "cpu",
@@ -297,15 +324,19 @@ class SegmentedPageAllocator:
                 f"min_committed_segments {min_committed_segments} must lie in "
                 f"[1, {geometry.num_segments}]"
             )
-        if hold_off_s < 0:
-            raise ValueError(f"hold_off_s must be non-negative, got {hold_off_s}")
+        if math.isnan(hold_off_s) or hold_off_s < 0:
+            raise ValueError(f"hold_off_s must be >= 0 (inf: never release), got {hold_off_s}")
+        if math.isnan(retry_s) or retry_s < 0:
+            raise ValueError(f"retry_s must be >= 0, got {retry_s}")
         self.geometry: SegmentGeometry = geometry
         self.first_page: int = first_page
         self.min_committed_segments: int = min_committed_segments
         self.hold_off_s: float = hold_off_s
+        self.retry_s: float = retry_s
         self.clock: Callable[[], float] = clock
         self.on_commit: Callable[[int], None] | None = on_commit
         self.on_release: Callable[[int], None] | None = on_release
+        self.agree: Callable[[int], int] = agree or _agree_alone
         self.lazy_merge: bool = lazy_merge
         self.debug: bool = debug
         self.device: torch.device = torch.device(device)
@@ -313,14 +344,22 @@ class SegmentedPageAllocator:
         self.peak_committed_segments: int = 0
         self.commits: int = 0
         self.releases: int = 0
-        # _uncommitted_pages[k]: usable pages in segments k.. (what growth can still add).
-        self._uncommitted_pages: list[int] = [0] * (geometry.num_segments + 1)
-        for seg in reversed(range(geometry.num_segments)):
-            self._uncommitted_pages[seg] = self._uncommitted_pages[seg + 1] + self._usable_count(
-                seg
-            )
+        self.commit_failures: int = 0
+        # Segments >= ceiling are withheld after a failed commit (see the class docstring).
+        self.ceiling: int = geometry.num_segments
+        self.last_commit_error: str | None = None
+        self._failed_at: float = 0.0
+        # _pages_below[k]: usable pages in segments [0, k).
+        self._pages_below: list[int] = [0] * (geometry.num_segments + 1)
+        for seg in range(geometry.num_segments):
+            self._pages_below[seg + 1] = self._pages_below[seg] + self._usable_count(seg)
         self._init_state()
         self.grow_to(min_committed_segments)
+        if self.committed_segments < min_committed_segments:
+            raise MemoryError(
+                f"cannot commit the first {min_committed_segments} segment(s): "
+                f"{self.last_commit_error}"
+            )
 
     # -- state ---------------------------------------------------------------------------
 
@@ -362,9 +401,38 @@ class SegmentedPageAllocator:
         """Free pages that are backed right now (merged plus staged)."""
         return len(self.free_pages) + self._num_staged
 
+    def _withheld_committed(self) -> int:
+        """Free pages of segments committed here but above the ceiling (another rank failed)."""
+        extra = self.committed_segments - self.ceiling
+        return (
+            self._pages_below[self.committed_segments] - self._pages_below[self.ceiling]
+            if (extra > 0)
+            else 0
+        )
+
+    def _free_usable(self) -> int:
+        return self.num_free_committed - self._withheld_committed()
+
     def available_pages(self) -> int:
-        """Free committed pages plus every page of uncommitted segments (promised up to cap)."""
-        return self.num_free_committed + self._uncommitted_pages[self.committed_segments]
+        """Pages that can be handed out: free committed ones plus every page of the
+        uncommitted segments below the ceiling (promised: commits follow)."""
+        below = self._pages_below
+        return self.num_free_committed + below[self.ceiling] - below[self.committed_segments]
+
+    def withheld_pages(self) -> int:
+        """Pages out of reach since a commit failed (0 normally)."""
+        return self._pages_below[self.geometry.num_segments] - self._pages_below[self.ceiling]
+
+    def used_count(self) -> int:
+        """Pages handed out and not yet freed."""
+        return self._pages_below[self.committed_segments] - self.num_free_committed
+
+    def all_free_pages(self) -> torch.Tensor:
+        """Every free committed page, staged frees included (for census checks: a page freed
+        twice shows up twice here)."""
+        if not self._staged:
+            return self.free_pages
+        return torch.cat((self.free_pages, *self._staged))
 
     def merge_and_sort_free(self) -> None:
         """Fold staged frees into the sorted ``free_pages``."""
@@ -376,37 +444,85 @@ class SegmentedPageAllocator:
 
     # -- growth ---------------------------------------------------------------------------
 
-    def grow_to(self, num_segments: int) -> None:
-        """Commit segments until ``num_segments`` are committed (never beyond the cap)."""
-        num_segments = min(num_segments, self.geometry.num_segments)
+    def grow_to(self, num_segments: int) -> bool:
+        """Commit segments until ``num_segments`` are committed (never beyond the ceiling).
+        False if a commit failed (on any rank)."""
+        num_segments = min(num_segments, self.ceiling)
         while self.committed_segments < num_segments:
-            self._commit_next()
+            if not self._commit_next():
+                return False
+        return True
 
-    def _commit_next(self) -> None:
+    def _commit_next(self) -> bool:
+        """Commit the lowest uncommitted segment; every rank learns whether all succeeded."""
         seg = self.committed_segments
-        # Callback first: if the memory cannot be committed, no page of it is ever handed out.
-        if self.on_commit is not None:
-            self.on_commit(seg)
-        # Every page of a new top segment is above all existing free pages: stays sorted.
-        self.free_pages = torch.cat((self.free_pages, self._usable_pages(seg)))
-        self.committed_segments = seg + 1
-        self.peak_committed_segments = max(self.peak_committed_segments, seg + 1)
-        self.commits += 1
-        self._empty_since[seg] = self.clock()
+        ok = 1
+        try:
+            # Before any page of it is handed out: a failed commit hands out nothing.
+            if self.on_commit is not None:
+                self.on_commit(seg)
+        except MemoryError as exc:
+            ok = 0
+            self.last_commit_error = str(exc) or type(exc).__name__
+        all_ok = self.agree(ok)
+        if ok:
+            # Every page of a new top segment is above all existing free pages: stays sorted.
+            self.free_pages = torch.cat((self.free_pages, self._usable_pages(seg)))
+            self.committed_segments = seg + 1
+            self.peak_committed_segments = max(self.peak_committed_segments, seg + 1)
+            self.commits += 1
+            self._empty_since[seg] = self.clock()
+        if not all_ok:
+            self.ceiling = min(self.ceiling, seg)
+            self._failed_at = self.clock()
+            self.commit_failures += 1
+            if ok:
+                self.last_commit_error = "a commit failed on another rank"
+        return bool(all_ok)
 
     def ensure_free(self, n_pages: int) -> bool:
         """Commit the lowest uncommitted segments until ``n_pages`` free pages are backed.
 
         On True, ``free_pages[:n_pages]`` are valid (staged frees are merged if needed), so
-        upstream's alloc kernels can read them directly. False if even the cap cannot hold them.
+        upstream's alloc kernels can read them directly. False if even the cap (or the ceiling
+        after a failed commit) cannot hold them; then nothing is handed out.
         """
         if n_pages > self.available_pages():
             return False
-        while self.num_free_committed < n_pages:
-            self._commit_next()
+        while self._free_usable() < n_pages:
+            if not self._commit_next():
+                return False
         if n_pages > len(self.free_pages):
             self.merge_and_sort_free()
         return True
+
+    def prepare(self, n_pages: int) -> bool:
+        """Commit ahead so ``n_pages`` free pages are backed before they are asked for (as far
+        as the cap allows); retry a failed commit once ``retry_s`` has passed. Call it at a
+        point every rank reaches together (the scheduler loop). False if a commit failed."""
+        if self.ceiling < self.geometry.num_segments:
+            due = int(self.clock() - self._failed_at >= self.retry_s)
+            if not self.agree(due):
+                return False
+            self._retry_ceiling()
+            if self.ceiling < self.geometry.num_segments:
+                return False
+        return self.ensure_free(min(n_pages, self.available_pages()))
+
+    def _retry_ceiling(self) -> None:
+        seg = self.ceiling
+        if self.committed_segments > seg:
+            # Committed here already (another rank failed): only the others try again.
+            ok = self.agree(1)
+        else:
+            self.ceiling = self.geometry.num_segments
+            ok = self._commit_next()  # lowers the ceiling again on failure, with agreement
+            if not ok:
+                return
+        if ok:
+            self.ceiling = self.geometry.num_segments
+        else:
+            self._failed_at = self.clock()
 
     # -- alloc / free ---------------------------------------------------------------------
 
@@ -425,7 +541,8 @@ class SegmentedPageAllocator:
         if pages.numel() == 0:
             return
         if self._allocated is not None:
-            assert not bool(self._allocated[pages].any()), "page handed out twice"
+            if bool(self._allocated[pages].any()):
+                raise PageAccountingError("page handed out twice")
             self._allocated[pages] = True
         segs = pages // self.geometry.segment_pages
         self.used_pages += torch.bincount(segs, minlength=self.geometry.num_segments)
@@ -459,11 +576,13 @@ class SegmentedPageAllocator:
         lo, hi = int(page_ids.min()), int(page_ids.max())
         limit = self.committed_segments * self.geometry.segment_pages
         if lo < self.first_page or hi >= min(limit, self.geometry.cap_pages):
-            raise ValueError(f"freeing pages outside [{self.first_page}, {limit}): {lo}..{hi}")
+            raise PageAccountingError(
+                f"freeing pages outside [{self.first_page}, {limit}): {lo}..{hi}"
+            )
         if len(torch.unique(page_ids)) != len(page_ids):
-            raise ValueError("page freed twice in one call")
+            raise PageAccountingError("page freed twice in one call")
         if not bool(self._allocated[page_ids].all()):
-            raise ValueError("freeing a page that is not allocated (double free?)")
+            raise PageAccountingError("freeing a page that is not allocated (double free?)")
 
     def clear(self) -> None:
         """Forget all allocations; committed segments stay until `maybe_shrink` drops them."""
@@ -476,22 +595,41 @@ class SegmentedPageAllocator:
 
     # -- shrink ---------------------------------------------------------------------------
 
-    def maybe_shrink(self, now: float | None = None) -> int:
-        """Release trailing committed segments that have been entirely free for ``hold_off_s``.
+    def segment_of_pages(self, page_ids: torch.Tensor) -> torch.Tensor:
+        return page_ids // self.geometry.segment_pages
 
-        Never releases below ``min_committed_segments`` (so never segment 0). Returns how many
-        segments were released. With ``lazy_merge`` it also merges staged frees: otherwise
-        allocation keeps taking the unmerged (higher) pages and high segments never drain.
-        """
+    def segments_to_keep(self, keep_free_pages: int = 0, now: float | None = None) -> int:
+        """How many committed segments this rank needs: trailing segments entirely free for
+        ``hold_off_s`` can go, as long as ``keep_free_pages`` free pages stay backed."""
         now = self.clock() if now is None else now
-        self.merge_and_sort_free()
-        released = 0
-        while self.committed_segments > self.min_committed_segments:
-            seg = self.committed_segments - 1
+        keep = self.committed_segments
+        free = self._free_usable()
+        while keep > self.min_committed_segments:
+            seg = keep - 1
             since = self._empty_since[seg]
             if since is None or now - since < self.hold_off_s:
                 break
-            self._release_top(seg)
+            if seg < self.ceiling:
+                if free - self._usable_count(seg) < keep_free_pages:
+                    break
+                free -= self._usable_count(seg)
+            keep -= 1
+        return keep
+
+    def maybe_shrink(self, now: float | None = None, keep_free_pages: int = 0) -> int:
+        """Release trailing committed segments that have been entirely free for ``hold_off_s``,
+        keeping ``keep_free_pages`` free pages backed (the headroom `prepare` committed).
+
+        Never releases below ``min_committed_segments`` (so never segment 0). Every rank
+        shrinks to the same count (the largest any rank keeps). Returns how many segments were
+        released here. With ``lazy_merge`` it also merges staged frees: otherwise allocation
+        keeps taking the unmerged (higher) pages and high segments never drain.
+        """
+        self.merge_and_sort_free()
+        keep = -self.agree(-self.segments_to_keep(keep_free_pages, now))
+        released = 0
+        while self.committed_segments > keep:
+            self._release_top(self.committed_segments - 1)
             released += 1
         return released
 
@@ -500,7 +638,8 @@ class SegmentedPageAllocator:
         self.merge_and_sort_free()
         start, _ = self._usable_range(seg)
         cut = int(torch.searchsorted(self.free_pages, start))
-        assert len(self.free_pages) - cut == self._usable_count(seg), "segment not entirely free"
+        if len(self.free_pages) - cut != self._usable_count(seg):
+            raise PageAccountingError(f"segment {seg} is not entirely free")
         kept, dropped = self.free_pages[:cut], self.free_pages[cut:]
         # Pages leave the free list before the memory goes, so none can point at released memory.
         self.free_pages = kept
@@ -518,33 +657,54 @@ class SegmentedPageAllocator:
     # -- checks ---------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Assert internal consistency (for tests; O(capacity))."""
+        """Assert internal consistency (for tests and idle diagnostics; O(capacity))."""
+        for problem in self.accounting_problems():
+            raise AssertionError(problem)
+
+    def accounting_problems(self) -> list[str]:
+        """Everything inconsistent in the page accounting; empty when healthy."""
         g = self.geometry
         k = self.committed_segments
-        assert 1 <= self.min_committed_segments <= k <= g.num_segments
-        assert self.peak_committed_segments >= k
+        problems: list[str] = []
+        if not 1 <= self.min_committed_segments <= k <= g.num_segments:
+            problems.append(f"{k} committed segments outside [{self.min_committed_segments}, ...]")
+        if self.peak_committed_segments < k:
+            problems.append("peak below committed")
         free = self.free_pages
-        assert free.dtype == torch.int64
-        if len(free) > 1:
-            assert bool((free[1:] > free[:-1]).all()), "free_pages not sorted/unique"
-        every_free = torch.cat((free, *self._staged)) if self._staged else free
-        assert len(every_free) == len(free) + self._num_staged
-        assert len(torch.unique(every_free)) == len(every_free), "page free twice"
+        if free.dtype != torch.int64:
+            problems.append(f"free_pages dtype {free.dtype}")
+        if len(free) > 1 and not bool((free[1:] > free[:-1]).all()):
+            problems.append("free_pages not sorted/unique")
+        every_free = self.all_free_pages()
+        if len(every_free) != len(free) + self._num_staged:
+            problems.append("staged count mismatch")
+        if len(torch.unique(every_free)) != len(every_free):
+            problems.append(f"{len(every_free) - len(torch.unique(every_free))} page(s) free twice")
         limit = min(k * g.segment_pages, g.cap_pages)
         if len(every_free):
-            assert int(every_free.min()) >= self.first_page
-            assert int(every_free.max()) < limit, "free page in an uncommitted segment"
-        free_per_seg = torch.bincount(every_free // g.segment_pages, minlength=g.num_segments)
+            if int(every_free.min()) < self.first_page:
+                problems.append("padding page in the free list")
+            if int(every_free.max()) >= limit:
+                problems.append("free page in an uncommitted segment")
+        free_per_seg = torch.bincount(
+            (every_free // g.segment_pages).clamp(max=g.num_segments - 1),
+            minlength=g.num_segments,
+        )
         for seg in range(g.num_segments):
             used = int(self.used_pages[seg])
             if seg < k:
-                assert used + int(free_per_seg[seg]) == self._usable_count(seg), (
-                    f"segment {seg}: {used} used + {int(free_per_seg[seg])} free != "
-                    f"{self._usable_count(seg)} pages"
-                )
-                assert (self._empty_since[seg] is None) == (used > 0), f"segment {seg} stamp"
-            else:
-                assert used == 0 and self._empty_since[seg] is None
+                if used + int(free_per_seg[seg]) != self._usable_count(seg):
+                    problems.append(
+                        f"segment {seg}: {used} used + {int(free_per_seg[seg])} free != "
+                        f"{self._usable_count(seg)} pages"
+                    )
+                if (self._empty_since[seg] is None) != (used > 0):
+                    problems.append(f"segment {seg}: empty-since stamp disagrees with use")
+            elif used != 0 or self._empty_since[seg] is not None:
+                problems.append(f"uncommitted segment {seg} has used pages or a stamp")
         if self._allocated is not None:
-            assert not bool(self._allocated[every_free].any()), "free page is also allocated"
-            assert int(self._allocated.sum()) == int(self.used_pages.sum())
+            if len(every_free) and bool(self._allocated[every_free].any()):
+                problems.append("free page is also allocated")
+            if int(self._allocated.sum()) != int(self.used_pages.sum()):
+                problems.append("allocated bitmap disagrees with per-segment counts")
+        return problems

@@ -3,14 +3,14 @@
 The launcher only estimates the pool (the scheduler sizes it after loading weights), so this
 clamp keeps the tokenizer and `/server_info` consistent with what the device can hold; the
 scheduler then clamps exactly (`pools.around_resolve_memory_pool_config`) if the estimate was
-high. A context above the model's maximum without upstream's override is left alone, so
-upstream's own error reaches the operator.
+high. A context above the model's maximum is clamped to it unless upstream's override
+(SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1) is set; the explicit modes keep upstream's error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from typing import Any
 
 from sglang_kvalloc import modes
@@ -22,7 +22,25 @@ OVERRIDE_ENV = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
 
 
 def _override_allowed() -> bool:
-    return os.environ.get(OVERRIDE_ENV, "").strip().lower() in ("1", "true", "yes")
+    """Upstream's own test for contexts above the model maximum (`_derive_context_length`)."""
+    from sglang.srt.environ import envs
+
+    return bool(envs.SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN.get() or envs.SGLANG_IS_IN_CI.get())
+
+
+def model_config_and_max_context(server_args: Any) -> tuple[dict[str, Any], int]:
+    """The HF config as upstream loads it (overrides applied) and the context length upstream
+    derives from it. Upstream's own loader, so hub ids and `--json-model-override-args` work."""
+    from sglang.srt.utils.hf_transformers.common import get_context_length, get_hf_text_config
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    hf_config = get_config(
+        str(server_args.model_path),
+        trust_remote_code=bool(server_args.trust_remote_code),
+        revision=server_args.revision,
+        model_override_args=json.loads(server_args.json_model_override_args or "{}"),
+    )
+    return hf_config.to_dict(), int(get_context_length(get_hf_text_config(hf_config)))
 
 
 def _device_memory_bytes(device: str | None) -> int:
@@ -43,7 +61,7 @@ def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | Non
     device = str(server_args.device or "")
     try:
         inputs = planner.PlanInputs(
-            model=planner.model_spec_from_config(cfg),
+            model=cfg,
             device_memory_bytes=_device_memory_bytes(device),
             tp=int(server_args.tp_size or 1),
             pp=int(server_args.pp_size or 1),
@@ -60,6 +78,8 @@ def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | Non
 
 
 def clamp_context_in_launcher(server_args: Any) -> None:
+    """auto: clamp `--context-length` to the model maximum (unless upstream's override is set)
+    and to the estimated pool, with a WARNING naming both numbers each time."""
     if modes.requested_mode(server_args) != modes.AUTO:
         return
     requested = server_args.context_length
@@ -67,12 +87,19 @@ def clamp_context_in_launcher(server_args: Any) -> None:
     if requested is None:
         return  # the model's own context; the scheduler clamps it if the pool is smaller
     try:
-        cfg = planner.load_model_config(str(server_args.model_path))
-        model_max = planner.derive_context_length(cfg.get("text_config", cfg))
-    except (planner.PlanError, OSError, ValueError, KeyError):
+        cfg, model_max = model_config_and_max_context(server_args)
+    except Exception as exc:  # noqa: BLE001 - upstream reports an unreadable model itself
+        logger.info("auto: model config not readable in the launcher (%s); upstream decides", exc)
         return
     if requested > model_max and not _override_allowed():
-        return  # upstream refuses it with its own message
+        logger.warning(
+            "--kv-alloc-mode auto: --context-length %d clamped to %d, the model's maximum "
+            "context (upstream refuses more unless %s=1 is set).",
+            requested,
+            model_max,
+            OVERRIDE_ENV,
+        )
+        server_args.context_length = requested = model_max
     capacity = estimate_capacity_tokens(server_args, cfg)
     if capacity is None or capacity <= 0 or requested <= capacity:
         return
