@@ -6,6 +6,7 @@ environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence.
 
 from __future__ import annotations
 
+import math
 import os
 
 STATIC = "static"
@@ -26,6 +27,9 @@ SEGMENT_TOKENS_ENV = "SGLANG_KV_SEGMENT_TOKENS"
 HOLD_OFF_ATTR = "_kv_segment_hold_off_s"
 HOLD_OFF_ENV = "SGLANG_KV_SEGMENT_HOLD_OFF"
 DEFAULT_HOLD_OFF_S = 5.0
+IDLE_CACHE_ATTR = "_kv_idle_cache_tokens"
+IDLE_CACHE_ENV = "SGLANG_KV_IDLE_CACHE_TOKENS"
+DEFAULT_IDLE_CACHE_TOKENS = 8192
 
 MODE_HELP = {
     STATIC: "upstream behaviour: pools and tables sized at start-up (max requests x context).",
@@ -77,12 +81,35 @@ def segment_tokens(server_args: object | None) -> int | None:
 
 
 def segment_hold_off_s(server_args: object | None) -> float:
-    """Seconds a trailing segment must stay empty before it is given back."""
+    """Seconds a trailing segment must stay empty before it is given back (inf: never)."""
     value = getattr(server_args, HOLD_OFF_ATTR, None) if server_args is not None else None
     if value is None and os.environ.get(HOLD_OFF_ENV, "").strip():
-        value = float(os.environ[HOLD_OFF_ENV])
+        value = parse_hold_off(os.environ[HOLD_OFF_ENV])
     if value is None:
         return DEFAULT_HOLD_OFF_S
+    return parse_hold_off(str(value))
+
+
+def parse_hold_off(text: str) -> float:
+    """Seconds >= 0; 'inf' means memory is never given back; NaN and negatives are errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise KvAllocModeError(f"--kv-segment-hold-off expects seconds, got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise KvAllocModeError(
+            f"--kv-segment-hold-off must be >= 0 seconds (inf: never give memory back), got {text}"
+        )
+    return value
+
+
+def idle_cache_tokens(server_args: object | None) -> int:
+    """Prefix-cache tokens the idle policy keeps committed."""
+    value = getattr(server_args, IDLE_CACHE_ATTR, None) if server_args is not None else None
+    if value is None and os.environ.get(IDLE_CACHE_ENV, "").strip():
+        value = int(os.environ[IDLE_CACHE_ENV])
+    if value is None:
+        return DEFAULT_IDLE_CACHE_TOKENS
     if value < 0:
-        raise KvAllocModeError(f"--kv-segment-hold-off must be >= 0 seconds, got {value}")
-    return float(value)
+        raise KvAllocModeError(f"--kv-idle-cache-tokens must be >= 0, got {value}")
+    return int(value)

@@ -23,7 +23,6 @@ SEGMENT = 256
 
 def _segmented_allocator(page_size: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
-    monkeypatch.setattr(segmented, "SHRINK_CHECK_INTERVAL_S", 0.0)
     geometry = SegmentGeometry(SIZE + page_size, SEGMENT, page_size)
     buffers = SegmentedBuffers.create(geometry, [64, 64])
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)

@@ -13,6 +13,7 @@ buffers have exactly that many rows), ``first_page = 1``; the allocator then ser
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -598,16 +599,29 @@ class SegmentedPageAllocator:
     def segment_of_pages(self, page_ids: torch.Tensor) -> torch.Tensor:
         return page_ids // self.geometry.segment_pages
 
-    def segments_to_keep(self, keep_free_pages: int = 0, now: float | None = None) -> int:
+    def segments_holding(self, n_pages: int) -> int:
+        """The fewest leading segments (at least ``min_committed_segments``) whose usable
+        pages number ``n_pages`` or more (all segments if the pool is smaller)."""
+        keep = bisect.bisect_left(self._pages_below, n_pages)
+        return max(self.min_committed_segments, min(keep, self.geometry.num_segments))
+
+    def first_page_of(self, seg: int) -> int:
+        """Page id where segment ``seg`` starts (``cap_pages`` past the last segment)."""
+        return min(seg * self.geometry.segment_pages, self.geometry.cap_pages)
+
+    def segments_to_keep(
+        self, keep_free_pages: int = 0, now: float | None = None, hold_off_s: float | None = None
+    ) -> int:
         """How many committed segments this rank needs: trailing segments entirely free for
-        ``hold_off_s`` can go, as long as ``keep_free_pages`` free pages stay backed."""
+        the hold-off can go, as long as ``keep_free_pages`` free pages stay backed."""
         now = self.clock() if now is None else now
+        hold_off_s = self.hold_off_s if hold_off_s is None else hold_off_s
         keep = self.committed_segments
         free = self._free_usable()
         while keep > self.min_committed_segments:
             seg = keep - 1
             since = self._empty_since[seg]
-            if since is None or now - since < self.hold_off_s:
+            if since is None or now - since < hold_off_s:
                 break
             if seg < self.ceiling:
                 if free - self._usable_count(seg) < keep_free_pages:
@@ -616,9 +630,12 @@ class SegmentedPageAllocator:
             keep -= 1
         return keep
 
-    def maybe_shrink(self, now: float | None = None, keep_free_pages: int = 0) -> int:
-        """Release trailing committed segments that have been entirely free for ``hold_off_s``,
-        keeping ``keep_free_pages`` free pages backed (the headroom `prepare` committed).
+    def maybe_shrink(
+        self, now: float | None = None, keep_free_pages: int = 0, hold_off_s: float | None = None
+    ) -> int:
+        """Release trailing committed segments that have been entirely free for ``hold_off_s``
+        (default: the allocator's), keeping ``keep_free_pages`` free pages backed (the headroom
+        `prepare` committed).
 
         Never releases below ``min_committed_segments`` (so never segment 0). Every rank
         shrinks to the same count (the largest any rank keeps). Returns how many segments were
@@ -626,7 +643,7 @@ class SegmentedPageAllocator:
         keeps taking the unmerged (higher) pages and high segments never drain.
         """
         self.merge_and_sort_free()
-        keep = -self.agree(-self.segments_to_keep(keep_free_pages, now))
+        keep = -self.agree(-self.segments_to_keep(keep_free_pages, now, hold_off_s))
         released = 0
         while self.committed_segments > keep:
             self._release_top(self.committed_segments - 1)

@@ -48,16 +48,17 @@ def _device_memory_bytes(device: str | None) -> int:
         import psutil
 
         return int(psutil.virtual_memory().available)
-    import torch  # GPU path: not run on a GPU here
+    # Upstream's own query (nvidia-smi): no CUDA context in the launcher. Not run on a GPU here.
+    from sglang.srt.utils.common import get_device_memory_capacity
 
-    return int(torch.cuda.get_device_properties(0).total_memory)
+    mib = get_device_memory_capacity(device or "cuda")
+    if not mib:
+        raise RuntimeError(f"device memory of {device!r} unknown")
+    return int(mib * (1 << 20))
 
 
-def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | None:
-    """KV tokens one rank's pool will hold, as far as the launcher can tell."""
-    page = int(server_args.page_size or 1)
-    if server_args.max_total_tokens:
-        return int(server_args.max_total_tokens) // page * page
+def launcher_plan(server_args: Any, cfg: dict[str, Any]) -> planner.Plan | None:
+    """The planner's view of one rank's pool, from the launcher (None if it cannot tell)."""
     device = str(server_args.device or "")
     try:
         inputs = planner.PlanInputs(
@@ -67,14 +68,66 @@ def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | Non
             pp=int(server_args.pp_size or 1),
             mem_fraction_static=server_args.mem_fraction_static,
             kv_cache_dtype=str(server_args.kv_cache_dtype or "auto"),
-            page_size=page,
+            page_size=int(server_args.page_size or 1),
+            max_total_tokens=server_args.max_total_tokens or None,
             allow_longer_context=True,
             attention_backend="torch_native" if device.startswith("cpu") else "fa3",
         )
-        return planner.plan(inputs).max_total_num_tokens
+        return planner.plan(inputs)
     except (planner.PlanError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-        logger.info("auto: no launcher-side capacity estimate (%s); the scheduler decides", exc)
+        logger.info("kv-alloc: no launcher-side pool estimate (%s); the scheduler decides", exc)
         return None
+
+
+def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | None:
+    """KV tokens one rank's pool will hold, as far as the launcher can tell."""
+    page = int(server_args.page_size or 1)
+    if server_args.max_total_tokens:
+        return int(server_args.max_total_tokens) // page * page
+    plan = launcher_plan(server_args, cfg)
+    return None if plan is None else plan.max_total_num_tokens
+
+
+# KV slot indices are int32 in upstream's req_to_token: no pool (or segment) holds more.
+MAX_POOL_TOKENS = 2**31 - 1
+
+
+def segment_size_problem(server_args: Any, *, load_model: bool = True) -> str | None:
+    """Why `--kv-segment-tokens` cannot work with the rest of the command, as one line (None
+    if it can, or if that is only known once the scheduler sized the pool)."""
+    tokens = modes.segment_tokens(server_args)
+    if tokens is None:
+        return None
+    if tokens > MAX_POOL_TOKENS:
+        return (
+            f"--kv-segment-tokens {tokens} is larger than any KV pool can be "
+            f"({MAX_POOL_TOKENS} tokens: slot indices are int32)"
+        )
+    page = server_args.page_size
+    if page and tokens % int(page):
+        return f"--kv-segment-tokens {tokens} is not a multiple of --page-size {page}"
+    if server_args.max_total_tokens and tokens > int(server_args.max_total_tokens):
+        return (
+            f"--kv-segment-tokens {tokens} is larger than the KV pool "
+            f"(--max-total-tokens {server_args.max_total_tokens})"
+        )
+    if not load_model or modes.requested_mode(server_args) == modes.STATIC:
+        return None
+    try:
+        cfg, _ = model_config_and_max_context(server_args)
+    except Exception:  # noqa: BLE001 - upstream reports an unreadable model itself
+        return None
+    plan = launcher_plan(server_args, cfg)
+    if plan is None or plan.kv_per_token.pool_cell <= 0:
+        return None
+    segment_bytes = tokens * plan.kv_per_token.pool_cell
+    if segment_bytes > plan.device_memory_bytes:
+        return (
+            f"--kv-segment-tokens {tokens}: one segment would take {segment_bytes / 1e9:,.1f} GB "
+            f"of KV, more than the device's {plan.device_memory_bytes / 1e9:,.1f} GB; the pool "
+            f"holds about {plan.max_total_num_tokens} tokens"
+        )
+    return None
 
 
 def clamp_context_in_launcher(server_args: Any) -> None:

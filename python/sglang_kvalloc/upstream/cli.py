@@ -20,13 +20,18 @@ FLAG = "--kv-alloc-mode"
 DEST = "kv_alloc_mode"
 SEGMENT_TOKENS_DEST = "kv_segment_tokens"
 HOLD_OFF_DEST = "kv_segment_hold_off"
+IDLE_CACHE_DEST = "kv_idle_cache_tokens"
 # Every value this plugin adds to upstream's CLI / Engine keywords -> its ServerArgs attribute.
 CARRIED = {
     DEST: modes.SERVER_ARGS_ATTR,
     SEGMENT_TOKENS_DEST: modes.SEGMENT_TOKENS_ATTR,
     HOLD_OFF_DEST: modes.HOLD_OFF_ATTR,
+    IDLE_CACHE_DEST: modes.IDLE_CACHE_ATTR,
 }
 _RAW_MARK = "R|"
+# The parser the flags were added to: checks that need several flags report through it
+# (one line, exit 2), as argparse reports its own errors.
+_PARSER: argparse.ArgumentParser | None = None
 
 
 def _help_text() -> str:
@@ -65,32 +70,42 @@ def _mode_type(value: str) -> str:
     return value
 
 
-def _positive_int(value: str) -> int:
+def _tokens(value: str) -> int:
     try:
-        number = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a whole number of tokens, got {value!r}"
         ) from None
+
+
+def _positive_int(value: str) -> int:
+    number = _tokens(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"segment size must be positive, got {number}")
     return number
 
 
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+def _non_negative_int(value: str) -> int:
+    number = _tokens(value)
     if number < 0:
-        raise argparse.ArgumentTypeError(f"hold-off must be >= 0 seconds, got {number}")
+        raise argparse.ArgumentTypeError(f"must be >= 0 tokens, got {number}")
     return number
+
+
+def _hold_off(value: str) -> float:
+    try:
+        return modes.parse_hold_off(value)
+    except modes.KvAllocModeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     """Add the flag to a parser that lacks it."""
+    global _PARSER
     if any(FLAG in action.option_strings for action in parser._actions):
         return
+    _PARSER = parser
     parser.formatter_class = _keep_marked_lines(parser.formatter_class)
     parser.add_argument(
         FLAG,
@@ -112,10 +127,21 @@ def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-segment-hold-off",
         dest=HOLD_OFF_DEST,
-        type=_non_negative_float,
+        type=_hold_off,
         default=None,
-        help="Segmented mode: seconds a trailing KV segment must stay empty before its memory "
-        f"is given back (default: {modes.DEFAULT_HOLD_OFF_S:g}). Env {modes.HOLD_OFF_ENV}.",
+        help="Segmented mode: seconds a trailing KV segment must stay empty (and the server "
+        "idle, for the idle policy) before memory is given back; 'inf' never gives it back "
+        f"(default: {modes.DEFAULT_HOLD_OFF_S:g}). Env {modes.HOLD_OFF_ENV}.",
+    )
+    parser.add_argument(
+        "--kv-idle-cache-tokens",
+        dest=IDLE_CACHE_DEST,
+        type=_non_negative_int,
+        default=None,
+        help="Segmented mode: prefix-cache tokens kept when the server has been idle for the "
+        "hold-off; cached KV in the highest segments goes first, then least recently used, "
+        f"and the emptied segments are given back (default: {modes.DEFAULT_IDLE_CACHE_TOKENS})."
+        f" Env {modes.IDLE_CACHE_ENV}.",
     )
 
 
@@ -149,12 +175,21 @@ def attach_values(server_args: Any, values: dict[str, Any]) -> None:
     # Fail early, in the launcher, on values the workers would reject.
     modes.segment_tokens(server_args)
     modes.segment_hold_off_s(server_args)
+    modes.idle_cache_tokens(server_args)
 
 
 def around_from_cli_args(original: Callable[..., Any], cls: type, args: argparse.Namespace) -> Any:
     """AROUND `ServerArgs.from_cli_args`: carry the parsed flags onto the record."""
+    from sglang_kvalloc.upstream import auto
+
     server_args = original(cls, args)
-    attach_values(server_args, {dest: getattr(args, dest, None) for dest in CARRIED})
+    try:
+        attach_values(server_args, {dest: getattr(args, dest, None) for dest in CARRIED})
+        problem = auto.segment_size_problem(server_args)
+    except modes.KvAllocModeError as exc:  # a bad value from the environment
+        problem = str(exc)
+    if problem is not None:
+        (_PARSER or argparse.ArgumentParser()).error(problem)
     return server_args
 
 
@@ -168,7 +203,7 @@ _ENGINE_VALUES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Cont
 
 def around_engine_init(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND `Engine.__init__`: accept `kv_alloc_mode=`, `kv_segment_tokens=`,
-    `kv_segment_hold_off=`."""
+    `kv_segment_hold_off=`, `kv_idle_cache_tokens=`."""
     values = {dest: kwargs.pop(dest) for dest in list(CARRIED) if dest in kwargs}
     if values.get(DEST) is not None:
         modes.validate_mode(values[DEST])
@@ -187,12 +222,15 @@ def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
     if getattr(self, "_resolution_finished", False):
         return None
     values = _ENGINE_VALUES.get()
+    from sglang_kvalloc.upstream import auto
+
     if values:
         attach_values(
             self, {d: v for d, v in values.items() if getattr(self, CARRIED[d], None) is None}
         )
-    from sglang_kvalloc.upstream import auto
-
+        problem = auto.segment_size_problem(self)
+        if problem is not None:
+            raise modes.KvAllocModeError(problem)
     auto.clamp_context_in_launcher(self)
     return None
 

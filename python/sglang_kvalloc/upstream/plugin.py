@@ -13,6 +13,7 @@ ROPE = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding"
 RESERVE_ROPE = "sglang.srt.utils.common.reserve_rope_cache_for_long_sequences"
 COLLECTOR = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+CHECKER = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 )
@@ -20,7 +21,7 @@ INTERNAL_STATE = (
 
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
-    from sglang_kvalloc.upstream import cli, metrics, pools, rope
+    from sglang_kvalloc.upstream import cli, metrics, pools, rope, scheduler_loop
 
     return [
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
@@ -48,7 +49,15 @@ def hooks() -> list[tuple[str, object, str]]:
             pools.around_build_allocator,
             "AROUND",
         ),
-        (f"{SCHEDULER}.on_idle", pools.after_on_idle, "AFTER"),
+        # ... grown ahead of each iteration, given back when idle, withheld after a failed
+        # commit without tripping upstream's leak identity.
+        (
+            f"{SCHEDULER}.get_next_batch_to_run",
+            scheduler_loop.before_get_next_batch_to_run,
+            "BEFORE",
+        ),
+        (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
+        (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
         # What was built: start-up log, then /server_info through the scheduler's state.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),

@@ -122,7 +122,29 @@ def _apply_segment_settings(server_args: Any) -> None:
 
     SETTINGS.segment_tokens = modes.segment_tokens(server_args)
     SETTINGS.hold_off_s = modes.segment_hold_off_s(server_args)
+    SETTINGS.idle_cache_tokens = modes.idle_cache_tokens(server_args)
     SETTINGS.device = "cpu"
+    SETTINGS.agree = _rank_agreement()
+
+
+def _rank_agreement() -> Callable[[int], int]:
+    """MIN of an int over the attention-TP ranks, which hold identical KV pools and make the
+    same allocations: each commit's outcome and each shrink are agreed so they stay so."""
+    import torch
+    import torch.distributed as dist
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    if int(getattr(parallel, "attn_tp_size", 1) or 1) <= 1:
+        return lambda value: value
+    group = parallel.attn_tp_group.cpu_group
+
+    def agree(value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return int(flag.item())
+
+    return agree
 
 
 def _builds_segmented(configurator: Any) -> bool:
@@ -251,13 +273,4 @@ def after_get_internal_state(result: Any, *args: Any, **kwargs: Any) -> None:
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         state["kv_alloc"] = STATE.as_dict()
-    return None
-
-
-def after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER `Scheduler.on_idle`: give back trailing segments once their hold-off has passed."""
-    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
-    shrink = getattr(allocator, "maybe_shrink", None)
-    if shrink is not None:
-        shrink()
     return None

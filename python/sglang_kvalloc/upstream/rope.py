@@ -43,12 +43,28 @@ def _can_grow_lazily(module: Any) -> bool:
     return False
 
 
+def _grows_lazily_here(model_config: Any) -> bool:
+    """Segmented on the CPU always; auto on the CPU only past the model's own positions (where
+    upstream would expand the caches), so ordinary contexts keep upstream's behaviour."""
+    if not STATE.device.startswith("cpu"):
+        return False
+    if STATE.requested_mode == modes.SEGMENTED:
+        return True
+    if STATE.requested_mode != modes.AUTO or model_config is None:
+        return False
+    hf_text = getattr(model_config, "hf_text_config", None)
+    positions = getattr(hf_text, "max_position_embeddings", None)
+    context = getattr(model_config, "context_len", None)
+    return bool(positions and context and context > positions)
+
+
 def around_reserve_rope_cache(
     original: Callable[..., Any], model: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """AROUND `reserve_rope_cache_for_long_sequences`: in segmented mode on the CPU, mark the
-    caches that can grow lazily instead of expanding them to the context length."""
-    if STATE.requested_mode != modes.SEGMENTED or not STATE.device.startswith("cpu"):
+    """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run on the
+    CPU, mark the caches that can grow lazily instead of expanding them to the context."""
+    model_config = args[0] if args else kwargs.get("model_config")
+    if not _grows_lazily_here(model_config):
         return original(model, *args, **kwargs)
     lazy = eager = 0
     for module in model.modules():
@@ -61,8 +77,9 @@ def around_reserve_rope_cache(
     if eager:
         original(model, *args, **kwargs)  # only the eager ones still need it; lazy ones grow
     logger.info(
-        "Segmented mode: %d RoPE cache(s) grow with the positions in use instead of being "
+        "KV alloc mode %s: %d RoPE cache(s) grow with the positions in use instead of being "
         "sized to the context at start-up%s.",
+        STATE.requested_mode,
         lazy,
         f"; {eager} keep upstream's reservation" if eager else "",
     )

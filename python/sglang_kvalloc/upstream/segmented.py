@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +34,16 @@ DEFAULT_SEGMENT_TOKENS = 8192
 # Small pools still get several segments, so growth and shrink happen at all.
 MIN_SEGMENTS_BY_DEFAULT = 16
 DEFAULT_HOLD_OFF_S = 5.0
+DEFAULT_IDLE_CACHE_TOKENS = 8192
 # Growth/shrink log lines: at most one per this many seconds (the gauges carry every change).
 LOG_INTERVAL_S = 10.0
-SHRINK_CHECK_INTERVAL_S = 0.25
+# Shrink checks (and, with several ranks, their agreement) every this many scheduler
+# iterations: counted, not timed, so every rank checks in the same iteration.
+SYNC_EVERY_ITERATIONS = 8
+
+
+def _agree_alone(value: int) -> int:
+    return value
 
 
 class SegmentSettings:
@@ -43,7 +51,10 @@ class SegmentSettings:
 
     segment_tokens: int | None = None
     hold_off_s: float = DEFAULT_HOLD_OFF_S
+    idle_cache_tokens: int = DEFAULT_IDLE_CACHE_TOKENS
     device: str = "cpu"
+    # MIN of an int over the ranks that share this KV pool's decisions (attention TP).
+    agree: Callable[[int], int] = staticmethod(_agree_alone)
 
 
 SETTINGS = SegmentSettings()
@@ -52,10 +63,27 @@ SETTINGS = SegmentSettings()
 def _choose_segment_tokens(
     requested: int | None, cap_tokens: int, page_size: int, row_bytes: list[int], gran: int
 ) -> int:
-    """Validate an explicit size against the cap and page size; then round up for the backing."""
+    """The segment size: the request (made a page multiple, at most the pool) or the default;
+    then rounded up so every buffer's segment spans whole granules of the backing."""
     if requested is not None:
-        SegmentGeometry(cap_tokens, requested, page_size)  # raises with the numbers
-        size = requested
+        size = -(-requested // page_size) * page_size
+        if size > cap_tokens:
+            # The launcher refuses what it can tell is too large; the exact pool is only
+            # known here, after the weights loaded.
+            logger.warning(
+                "--kv-segment-tokens %d is larger than the KV pool (%d tokens): one segment "
+                "holds the whole pool.",
+                requested,
+                cap_tokens - page_size,
+            )
+            size = cap_tokens
+        elif size != requested:
+            logger.warning(
+                "--kv-segment-tokens %d rounded up to %d, a multiple of --page-size %d.",
+                requested,
+                size,
+                page_size,
+            )
     else:
         size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
         size = max(page_size, size // page_size * page_size)
@@ -127,11 +155,20 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
         )
 
 
+def _debug_memory_pool() -> bool:
+    """Upstream's allocator debug switch (read once per allocator, as upstream does)."""
+    from sglang.srt.utils import get_bool_env_var
+
+    return get_bool_env_var("SGLANG_DEBUG_MEMORY_POOL")
+
+
 class _SegmentedAllocatorMixin:
     """Upstream's allocator API over a `SegmentedPageAllocator` (the upstream-free core).
 
     Upstream's own `free_pages` tensor is kept equal to the core's sorted free list of
-    committed pages, so upstream's extend/decode kernels read it as before.
+    committed pages, so upstream's extend/decode kernels read it as before. Growth happens
+    ahead of need at the top of each scheduler iteration (`scheduler_step`), so allocation
+    rarely commits; shrinking happens there and at idle, never inside a free.
     """
 
     page_size: int
@@ -170,52 +207,121 @@ class _SegmentedAllocatorMixin:
             hold_off_s=SETTINGS.hold_off_s,
             on_commit=on_commit,
             on_release=on_release,
+            agree=SETTINGS.agree,
             # Like upstream's need_sort: frees are staged in O(1) and merged when an
             # allocation runs short or at a shrink check, not on every free.
             lazy_merge=True,
+            debug=_debug_memory_pool(),
         )
-        self._next_shrink_check = 0.0
+        self._iteration = 0
+        self._commit_failures_logged = 0
+        self._busy_at = time.monotonic()
+        self._idle_policy_done = False
 
     def _sync(self) -> None:
         self.free_pages = self._segments.free_pages
 
     def available_size(self) -> int:
-        # Uncommitted segments count: the scheduler may plan up to the cap, and commits follow.
+        # Uncommitted segments count: the scheduler may plan up to the cap (below the ceiling
+        # a failed commit sets), and commits follow.
         return self._segments.available_pages() * self.page_size
 
+    def withheld_size(self) -> int:
+        """Tokens out of reach since a commit failed; upstream's leak identity adds them."""
+        return self._segments.withheld_pages() * self.page_size
+
     def get_all_free_pages(self) -> torch.Tensor:
-        return self._segments.free_pages
+        # Staged frees included: upstream's debug duplicate check and the scheduler's
+        # SGLANG_CHECK_KV_PAGE_INVARIANTS census must see a page freed twice.
+        return self._segments.all_free_pages()
 
     def merge_and_sort_free(self) -> None:
         self._segments.merge_and_sort_free()
         self._sync()
 
-    def maybe_shrink(self) -> int:
-        """Release trailing segments empty for the hold-off; checked at most every
-        SHRINK_CHECK_INTERVAL_S (it also merges staged frees, so lowest-first holds)."""
-        now = time.monotonic()
-        if now < self._next_shrink_check:
-            return 0
-        self._next_shrink_check = now + SHRINK_CHECK_INTERVAL_S
-        released = self._segments.maybe_shrink()
+    def verify_byte_accounting(self) -> list[str]:
+        """Upstream's idle diagnostic: the core's page accounting, under upstream's allocator
+        debug switch only (it is O(capacity) and the idle loop calls it often)."""
+        if not self._segments.debug:
+            return []
+        return self._segments.accounting_problems()
+
+    def scheduler_step(self, demand_tokens: int) -> None:
+        """Top of every scheduler iteration (every rank together): commit ahead so the
+        iteration's allocations find backed pages, and every few iterations give back
+        trailing segments empty for the hold-off (keeping that headroom)."""
+        self._iteration += 1
+        pages = -(-demand_tokens // self.page_size)
+        self._segments.prepare(pages)
+        if self._iteration % SYNC_EVERY_ITERATIONS == 0:
+            self._segments.maybe_shrink(keep_free_pages=pages)
+        self._sync()
+        self._log_commit_failure()
+
+    def note_busy(self) -> None:
+        """The scheduler has work: the idle policy waits for a full hold-off after it."""
+        self._busy_at = time.monotonic()
+        self._idle_policy_done = False
+
+    def idle_step(self, tree_cache: Any) -> None:
+        """On a fully idle iteration (every rank): once idle for the hold-off, evict cached KV
+        in trailing segments, then LRU down to the retained budget, and give the emptied
+        segments back at once. Runs once per idle period."""
+        seg = self._segments
+        if self._iteration % SYNC_EVERY_ITERATIONS:
+            return
+        due = not self._idle_policy_done and time.monotonic() - self._busy_at >= seg.hold_off_s
+        if not seg.agree(int(due)):
+            return
+        self._idle_policy_done = True
+        from sglang_kvalloc.upstream.idle_eviction import evict_at_or_above, evict_lru_down_to
+
+        retain = SETTINGS.idle_cache_tokens
+        keep = seg.segments_holding(-(-retain // self.page_size))
+        boundary_slot = seg.first_page_of(keep) * self.page_size
+        before = self._buffers.committed_bytes
+        by_location = evict_at_or_above(tree_cache, boundary_slot)
+        by_lru = evict_lru_down_to(tree_cache, retain)
+        released = seg.maybe_shrink(hold_off_s=0.0)
+        self._sync()
+        if by_location or by_lru or released:
+            logger.info(
+                "Idle for %.1f s: evicted %d cached tokens at or above slot %d and %d more "
+                "(LRU, %d retained); released %d segments: %.2f -> %.2f MB committed.",
+                seg.hold_off_s,
+                by_location,
+                boundary_slot,
+                by_lru,
+                retain,
+                released,
+                before / 1e6,
+                self._buffers.committed_bytes / 1e6,
+            )
+
+    def _log_commit_failure(self) -> None:
+        seg = self._segments
+        if seg.commit_failures == self._commit_failures_logged:
+            return
+        self._commit_failures_logged = seg.commit_failures
+        if seg.ceiling < seg.geometry.num_segments:
+            logger.warning(
+                "KV segment commit failed (%s): %d of %d tokens withheld until a commit "
+                "succeeds (retried every %.1f s); requests queue as for a full pool.",
+                seg.last_commit_error,
+                seg.withheld_pages() * self.page_size,
+                seg.capacity_pages * self.page_size,
+                seg.retry_s,
+            )
+
+    def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
+        """Release trailing segments empty for the hold-off (every rank the same count)."""
+        released = self._segments.maybe_shrink(keep_free_pages=keep_free_tokens // self.page_size)
         self._sync()
         return released
-
-    def _free_page_ids_now(self, page_ids: torch.Tensor) -> None:
-        if page_ids.numel() == 0:
-            return
-        self._segments.free(page_ids.to(torch.int64))
-        self._sync()
-        self.maybe_shrink()
 
     def segment_stats(self) -> dict[str, Any]:
         seg = self._segments
         geometry = self._buffers.geometry
-        free_committed = seg.num_free_committed
-        committed_pages = sum(
-            seg._usable_count(s)  # noqa: SLF001 - core helper, same package
-            for s in range(seg.committed_segments)
-        )
         return {
             "segment_tokens": geometry.segment_tokens,
             "total_segments": geometry.num_segments,
@@ -223,9 +329,11 @@ class _SegmentedAllocatorMixin:
             "peak_committed_segments": seg.peak_committed_segments,
             "committed_bytes": self._buffers.committed_bytes,
             "reserved_bytes": sum(b.reserved_bytes for b in self._buffers.backings),
-            "used_tokens": (committed_pages - free_committed) * self.page_size,
+            "used_tokens": seg.used_count() * self.page_size,
+            "withheld_tokens": seg.withheld_pages() * self.page_size,
             "commits": seg.commits,
             "releases": seg.releases,
+            "commit_failures": seg.commit_failures,
             "hold_off_s": seg.hold_off_s,
         }
 
@@ -254,7 +362,8 @@ class SegmentedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, TokenToKVPoolAll
         if self.free_group is not None:
             self.free_group.append(self._copy_for_free_group(free_index))
             return
-        self._free_page_ids_now(free_index)
+        self._segments.free(free_index.to(torch.int64))
+        self._sync()
 
 
 class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenToKVPoolAllocator):
@@ -278,6 +387,8 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         self._sync()
 
     def alloc(self, need_size: int) -> torch.Tensor | None:
+        if self.debug_mode:
+            assert need_size % self.page_size == 0, "The allocation size should be page-aligned"
         pages = self._segments.alloc(need_size // self.page_size)
         self._sync()
         if pages is None:
@@ -334,7 +445,10 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         return self._take_pages_after(num_new_pages, out)
 
     def _release_page_ids(self, *page_ids: torch.Tensor) -> None:
-        self._free_page_ids_now(torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0])
+        ids = torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0]
+        if ids.numel():
+            self._segments.free(ids.to(torch.int64))
+            self._sync()
 
 
 class SegmentedReqToTokenPool(ReqToTokenPool):

@@ -1,0 +1,91 @@
+"""Segmented mode in the scheduler loop: commit ahead, give back, and account what is withheld.
+
+Every iteration starts (on every rank together) with `Scheduler.get_next_batch_to_run`. Before
+it, the segmented allocator commits enough free pages for what this iteration can allocate, so
+the admission that follows sees a failed commit as a smaller pool (requests queue, as upstream
+does when its pool is full) instead of an allocation failing mid-batch. When fully idle, the
+idle policy evicts cached KV in trailing segments and releases them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+
+def iteration_demand_tokens(scheduler: Any, draft_tokens: int = 0) -> int:
+    """An upper bound of the KV slots one iteration allocates: the prefill the waiting queue
+    can feed (at most one chunk when chunked prefill is on, one page of rounding per request)
+    plus one decode step (``draft_tokens`` speculative tokens included) of the running
+    requests."""
+    page = int(scheduler.page_size)
+    running = getattr(scheduler, "running_batch", None)
+    n_running = len(running.reqs) if running is not None else 0
+    decode = n_running * (-(-(1 + draft_tokens) // page) + 1) * page if n_running else 0
+
+    chunk = scheduler.chunked_prefill_size
+    cap = None if chunk is None or chunk <= 0 else int(chunk)
+    prefill = 0
+    n_prefill = 0
+    chunked = scheduler.chunked_req
+    if chunked is not None:
+        prefill += len(chunked.origin_input_ids) + page
+        n_prefill += 1
+    for req in scheduler.waiting_queue:
+        prefill += len(req.origin_input_ids) + len(req.output_ids) + page
+        n_prefill += 1
+        if cap is not None and prefill >= cap + n_prefill * page:
+            break
+    if cap is not None:
+        prefill = min(prefill, cap + n_prefill * page)
+    return prefill + decode
+
+
+def _has_work(scheduler: Any) -> bool:
+    running = getattr(scheduler, "running_batch", None)
+    return bool(
+        scheduler.waiting_queue
+        or scheduler.chunked_req is not None
+        or (running is not None and not running.is_empty())
+    )
+
+
+def before_get_next_batch_to_run(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in segmented mode."""
+    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
+    step = getattr(allocator, "scheduler_step", None)
+    if step is None:
+        return None
+    if _has_work(scheduler):
+        allocator.note_busy()
+    step(iteration_demand_tokens(scheduler, _draft_tokens()))
+    return None
+
+
+def _draft_tokens() -> int:
+    from sglang.srt.runtime_context import get_spec
+
+    return int(getattr(get_spec(), "speculative_num_draft_tokens", 0) or 0)
+
+
+def after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments)."""
+    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
+    idle_step = getattr(allocator, "idle_step", None)
+    if idle_step is not None and scheduler.is_fully_idle():
+        idle_step(scheduler.tree_cache)
+    return None
+
+
+def around_check_full_pool(
+    original: Callable[..., Any], checker: Any, ps: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `SchedulerInvariantChecker._check_full_pool`: tokens withheld after a failed
+    commit are neither free nor used; the leak identity counts them as available, so it still
+    catches real leaks while the pool is smaller."""
+    withheld = getattr(checker.token_to_kv_pool_allocator, "withheld_size", None)
+    extra = withheld() if withheld is not None else 0
+    if extra:
+        ps = dataclasses.replace(ps, full_available_size=ps.full_available_size + extra)
+    return original(checker, ps, *args, **kwargs)
