@@ -84,10 +84,12 @@ def test_auto_is_upstream_static_where_static_costs_nothing(tiny_model: Path) ->
     assert auto_out == static_out
 
 
-def test_context_above_model_max_gets_upstreams_error(tiny_model: Path) -> None:
+def test_explicit_mode_above_model_max_gets_upstreams_error(tiny_model: Path) -> None:
+    """Only auto clamps; an explicit mode keeps upstream's refusal (auto's clamp is tested with
+    the newcomer's commands)."""
     server = LocalServer(
         tiny_model,
-        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+        args=["--kv-alloc-mode", "static", "--context-length", "10000000"]
         + ["--max-total-tokens", "8192"],
     )
     code = server.wait_exit(timeout=300)

@@ -1,0 +1,118 @@
+"""The commands a new user types, with no extra flags: upstream's default pool size (about 70%
+of free memory on the CPU), dtype and page size; contexts below, at and above the model's
+maximum (65,536 positions for the tiny model), with and without upstream's override.
+
+    SGLANG_USE_CPU_ENGINE=1 python -m sglang.launch_server --model-path models/tiny-llama \\
+        --device cpu --kv-alloc-mode auto --context-length 10000000
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sglang_kvalloc.serving import CPU_ENV, LocalServer
+
+MODEL_MAX = 65_536
+OVERRIDE = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
+GB = 1e9
+
+
+@pytest.fixture(autouse=True)
+def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(OVERRIDE, raising=False)
+
+
+def _answers(server: LocalServer) -> None:
+    out = server.generate(
+        {"text": "Hello world", "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+    )
+    assert out["meta_info"]["completion_tokens"] == 6
+    long_prompt = {"input_ids": [7] * 1500, "sampling_params": {"max_new_tokens": 2}}
+    assert server.generate(long_prompt)["meta_info"]["completion_tokens"] == 2
+
+
+def test_headline_command_as_typed(tiny_model: Path) -> None:
+    """Above the model maximum, no override: auto clamps to the model maximum, says so, and
+    serves; the default pool is far larger than one request, so segmented is chosen for the
+    context-sized tables (4,097 request slots x 65,540 int32)."""
+    server = LocalServer(
+        tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+    )
+    with server:
+        log = server.log()
+        clamp = [line for line in log.splitlines() if "clamped to 65536" in line]
+        assert clamp and "10000000" in clamp[0] and OVERRIDE in clamp[0], log[-3000:]
+        info = server.server_info()
+        assert info["context_length"] == MODEL_MAX
+        kv = info["internal_states"][0]["kv_alloc"]
+        assert kv["requested_context_length"] == 10_000_000
+        assert kv["effective_context_length"] == MODEL_MAX
+        assert kv["mode"] == "segmented", kv["reason"]
+        # Upstream's default pool: tens of millions of tokens on this machine, reserved.
+        assert kv["token_capacity"] > 10 * MODEL_MAX
+        assert kv["segments"]["reserved_bytes"] > 1 * GB
+        assert kv["segments"]["committed_segments"] <= 2
+        _answers(server)
+        # Committed memory follows use, not the default pool's size.
+        assert (
+            server.server_info()["internal_states"][0]["kv_alloc"]["segments"]["committed_bytes"]
+            < 0.05 * kv["segments"]["reserved_bytes"]
+        )
+
+
+def test_headline_command_with_upstreams_override(tiny_model: Path) -> None:
+    """With the override the 10M context stands (the default pool holds more than one 10M
+    request here) and the 82 GB-class req_to_token table is only reserved."""
+    server = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"],
+        env={OVERRIDE: "1"},
+    )
+    with server:
+        kv = server.server_info()["internal_states"][0]["kv_alloc"]
+        assert kv["mode"] == "segmented"
+        if kv["token_capacity"] >= 10_000_000:
+            assert kv["effective_context_length"] == 10_000_000
+            assert "clamped" not in server.log()
+        else:  # a machine with less free memory: clamped to the pool, with a warning
+            assert kv["effective_context_length"] == kv["token_capacity"]
+            assert "clamped to" in server.log()
+        assert kv["req_to_token_bytes"] > 10 * GB
+        assert kv["segments"]["req_to_token_resident_bytes"] < 0.01 * GB
+        _answers(server)
+
+
+def test_context_below_the_model_maximum_is_upstream_static(tiny_model: Path) -> None:
+    """An ordinary context with the default pool: auto is upstream's static mode (the whole
+    pool allocated at start, as upstream does)."""
+    server = LocalServer(tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "2048"])
+    with server:
+        kv = server.server_info()["internal_states"][0]["kv_alloc"]
+        assert kv["mode"] == "static", kv["reason"]
+        assert "segments" not in kv
+        assert kv["effective_context_length"] == 2048
+        assert "clamped" not in server.log()
+        _answers(server)
+
+
+def test_engine_as_typed_above_the_maximum(tiny_model: Path) -> None:
+    """`sglang.Engine` as typed: a 10M context clamps to the model maximum like the server."""
+    os.environ.update(CPU_ENV)
+    import sglang
+
+    engine = sglang.Engine(
+        model_path=str(tiny_model), device="cpu", kv_alloc_mode="auto", context_length=10_000_000
+    )
+    try:
+        info = engine.get_server_info()
+        kv = info["internal_states"][0]["kv_alloc"]
+        assert info["context_length"] == MODEL_MAX
+        assert kv["requested_context_length"] == 10_000_000
+        assert kv["mode"] == "segmented"
+        out = engine.generate("Hello world", {"max_new_tokens": 5, "temperature": 0})
+        assert out["meta_info"]["completion_tokens"] == 5
+    finally:
+        engine.shutdown()
