@@ -42,6 +42,69 @@ class BackingUnavailableError(RuntimeError):
     """No backing exists (yet) for the requested device."""
 
 
+# A commit is refused (MemoryError) rather than attempted when it would leave less than this
+# much memory available: on Linux an over-commit is not an error but the OOM killer.
+COMMIT_RESERVE_BYTES = 256 << 20
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1), None if unlimited.
+
+    Usage counts the page cache too (log files written, model files read); its inactive part
+    is reclaimed before the OOM killer acts, so it is left out, as `docker stats` does."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root, limit_name, usage_name, cache_key = (
+                "/sys/fs/cgroup" + path, "memory.max", "memory.current", "inactive_file"
+            )  # fmt: skip
+        elif "memory" in controllers.split(","):
+            root, limit_name, usage_name, cache_key = (
+                "/sys/fs/cgroup/memory" + path,
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
+        else:
+            continue
+        try:
+            with open(f"{root}/{limit_name}") as f:
+                limit_text = f.read().strip()
+            with open(f"{root}/{usage_name}") as f:
+                usage = int(f.read().strip())
+            with open(f"{root}/memory.stat") as f:
+                stat = dict(line.split() for line in f if line.strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 1 << 60:
+            continue
+        return int(limit_text) - (usage - int(stat.get(cache_key, 0)))
+    return None
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a commit can still take: the kernel's MemAvailable, bounded by this process's
+    memory cgroup (a container limit); None if neither can be read."""
+    figures = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
+    return min(figures) if figures else None
+
+
 @runtime_checkable
 class Backing(Protocol):
     """Reserved address space with physical memory committed/released in ranges."""
@@ -155,11 +218,18 @@ class CpuMmapBacking:
 
     ``release`` is ``MADV_DONTNEED``: RSS drops at once and the range reads back as zeros.
     ``commit`` is ``MADV_POPULATE_WRITE`` (Linux >= 5.14), falling back to touching one byte per
-    OS page, so committed memory is really resident and a later kernel write cannot fault.
+    OS page, so committed memory is really resident and a later kernel write cannot fault. A
+    commit the machine or its memory cgroup cannot hold raises MemoryError before touching
+    anything (populating it would summon the OOM killer instead of failing).
     """
 
     def __init__(
-        self, nbytes: int, granularity: int | None = None, *, populate: bool | None = None
+        self,
+        nbytes: int,
+        granularity: int | None = None,
+        *,
+        populate: bool | None = None,
+        check_available: bool = True,
     ) -> None:
         page = mmap.PAGESIZE
         granularity = page if granularity is None else granularity
@@ -190,6 +260,7 @@ class CpuMmapBacking:
         self._committed = RangeSet()
         # None = probe MADV_POPULATE_WRITE on first commit; False forces the touch fallback.
         self._populate: bool | None = populate
+        self.check_available: bool = check_available
 
     @property
     def reserved_bytes(self) -> int:
@@ -224,11 +295,25 @@ class CpuMmapBacking:
 
     def commit(self, offset: int, nbytes: int) -> None:
         self._check_range(offset, nbytes)
-        if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == nbytes:
+        already = self._committed.overlap(offset, offset + nbytes)
+        if nbytes == 0 or already == nbytes:
             return
+        self._check_available(nbytes - already)
         # Populating an already-resident page is harmless, so the whole range goes in one call.
         self._populate_range(offset, nbytes)
         self._committed.add(offset, offset + nbytes)
+
+    def _check_available(self, nbytes: int) -> None:
+        """Refuse a commit the machine (or container) cannot hold: populating it anyway would
+        end in the OOM killer, not an error (another process may have taken the memory)."""
+        if not self.check_available:
+            return
+        available = available_memory_bytes()
+        if available is not None and nbytes > available - COMMIT_RESERVE_BYTES:
+            raise MemoryError(
+                f"cannot commit {nbytes} bytes: {max(available, 0)} bytes available, "
+                f"{COMMIT_RESERVE_BYTES} kept in reserve"
+            )
 
     def release(self, offset: int, nbytes: int) -> None:
         self._check_range(offset, nbytes)

@@ -130,14 +130,18 @@ def _apply_segment_settings(server_args: Any) -> None:
 def _rank_agreement() -> Callable[[int], int]:
     """MIN of an int over the attention-TP ranks, which hold identical KV pools and make the
     same allocations: each commit's outcome and each shrink are agreed so they stay so."""
-    import torch
-    import torch.distributed as dist
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()
     if int(getattr(parallel, "attn_tp_size", 1) or 1) <= 1:
         return lambda value: value
-    group = parallel.attn_tp_group.cpu_group
+    return make_rank_agreement(parallel.attn_tp_group.cpu_group)
+
+
+def make_rank_agreement(group: Any) -> Callable[[int], int]:
+    """An all-reduce MIN of one int over ``group`` (upstream's gloo CPU group)."""
+    import torch
+    import torch.distributed as dist
 
     def agree(value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64)

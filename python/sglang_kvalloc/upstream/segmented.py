@@ -215,6 +215,8 @@ class _SegmentedAllocatorMixin:
         )
         self._iteration = 0
         self._commit_failures_logged = 0
+        self._withheld_logged = False
+        self._failure_logged_at = 0.0
         self._busy_at = time.monotonic()
         self._idle_policy_done = False
 
@@ -299,19 +301,35 @@ class _SegmentedAllocatorMixin:
             )
 
     def _log_commit_failure(self) -> None:
+        """WARNING when commits start failing (then at most every LOG_INTERVAL_S while they
+        keep failing), INFO when the capacity is back."""
         seg = self._segments
+        withheld = seg.ceiling < seg.geometry.num_segments
+        if not withheld:
+            if self._withheld_logged:
+                logger.info(
+                    "KV segment commits succeed again: all %d tokens available.",
+                    seg.capacity_pages * self.page_size,
+                )
+                self._withheld_logged = False
+            return
         if seg.commit_failures == self._commit_failures_logged:
             return
+        now = time.monotonic()
+        if self._withheld_logged and now - self._failure_logged_at < LOG_INTERVAL_S:
+            return
+        logger.warning(
+            "KV segment commit failed (%s; %d failures so far): %d of %d tokens withheld until "
+            "a commit succeeds (retried every %.1f s); requests queue as for a full pool.",
+            seg.last_commit_error,
+            seg.commit_failures,
+            seg.withheld_pages() * self.page_size,
+            seg.capacity_pages * self.page_size,
+            seg.retry_s,
+        )
         self._commit_failures_logged = seg.commit_failures
-        if seg.ceiling < seg.geometry.num_segments:
-            logger.warning(
-                "KV segment commit failed (%s): %d of %d tokens withheld until a commit "
-                "succeeds (retried every %.1f s); requests queue as for a full pool.",
-                seg.last_commit_error,
-                seg.withheld_pages() * self.page_size,
-                seg.capacity_pages * self.page_size,
-                seg.retry_s,
-            )
+        self._withheld_logged = True
+        self._failure_logged_at = now
 
     def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
         """Release trailing segments empty for the hold-off (every rank the same count)."""
