@@ -73,3 +73,46 @@ def test_environment_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert modes.requested_mode(object()) == "segmented"
     monkeypatch.delenv(modes.MODE_ENV)
     assert modes.requested_mode(object()) == modes.DEFAULT_MODE
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--kv-segment-tokens", "0"], "segment size must be positive"),
+        (["--kv-segment-tokens", "-4"], "segment size must be positive"),
+        (["--kv-segment-hold-off", "nan"], "must be >= 0 seconds"),
+        (["--kv-segment-hold-off", "-1"], "must be >= 0 seconds"),
+        (["--kv-idle-cache-tokens", "-1"], "must be >= 0 tokens"),
+        (["--kv-segment-tokens", "1000000000000000"], "larger than any KV pool"),
+        (["--kv-segment-tokens", "1000000000"], "more than the device's"),
+        (["--page-size", "16", "--kv-segment-tokens", "100"], "not a multiple of --page-size"),
+        (["--max-total-tokens", "8192", "--kv-segment-tokens", "10000"], "larger than the KV"),
+    ],
+)
+def test_bad_segment_settings_are_argparse_errors(
+    tiny_model, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rejected while the command line is parsed, before anything starts: exit 2, one line."""
+    _load_plugins()
+    from sglang.srt.server_args import prepare_server_args
+
+    argv = ["--model-path", str(tiny_model), "--device", "cpu", "--kv-alloc-mode", "segmented"]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_server_args(argv + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_inf_hold_off_is_accepted_and_means_never() -> None:
+    assert modes.parse_hold_off("inf") == float("inf")
+    with pytest.raises(modes.KvAllocModeError, match="never give memory back"):
+        modes.parse_hold_off("nan")
+
+
+def test_nan_hold_off_exits_2_as_typed() -> None:
+    result = _run(["--model-path", "unused", "--kv-segment-hold-off", "nan"])
+    assert result.returncode == 2
+    assert "--kv-segment-hold-off must be >= 0 seconds" in result.stderr
+    assert "Traceback" not in result.stderr
