@@ -276,7 +276,7 @@ def test_upstreams_own_checks_hold_under_shared_prefix_load(tiny_model: Path, pa
             results: list[dict] = []
             errors: list[Exception] = []
 
-            def run(prompt: list[int]) -> None:
+            def run(prompt: list[int], results=results, errors=errors) -> None:
                 try:
                     results.append(_greedy(server, prompt, n=16))
                 except Exception as exc:  # surfaced below

@@ -1,0 +1,363 @@
+"""A fake of the CUDA driver's virtual memory API over host memory, with the driver's rules.
+
+Reservations are ``PROT_NONE`` host mappings; a physical handle is a memfd; ``cuMemMap`` maps
+the memfd over the range (``MAP_FIXED | MAP_SHARED``, so one handle mapped at many addresses
+aliases, as on a GPU) still without access; ``cuMemSetAccess`` makes it readable and
+writable; ``cuMemUnmap`` puts ``PROT_NONE`` back. Touching a range without access is a real
+fault (SIGSEGV), as an unmapped GPU address is an illegal-address error that kills the CUDA
+context. The rules enforced, each an error result as the real driver returns it (the codes
+are cuda-python's own ``CUresult`` members):
+
+- sizes and addresses of ``cuMemCreate`` / ``cuMemMap`` / ``cuMemUnmap`` are multiples of the
+  MINIMUM granularity (the RECOMMENDED one is larger, to catch a mix-up);
+- ``cuMemMap`` maps a whole handle (offset 0, size == handle size) into one reservation, and
+  never over a range that is mapped already;
+- ``cuMemUnmap`` takes exactly a union of whole, contiguous mappings: never part of one;
+- ``cuMemSetAccess`` covers only fully mapped ranges; access is reset by an unmap;
+- handles are reference counted: the memory lives until released and unmapped everywhere;
+  releasing an unknown (or already released) handle is a test failure, as it is undefined
+  behaviour on the real driver;
+- ``cuMemAddressFree`` takes exactly a reservation with no mapping left in it;
+- device memory is finite (``capacity``), and any call can be made to fail (``fail_next``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import cuda.bindings.driver as real_driver
+import torch
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]  # fmt: skip
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+_MAP_NORESERVE = 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+CUresult = real_driver.CUresult
+SUCCESS = CUresult.CUDA_SUCCESS
+INVALID_VALUE = CUresult.CUDA_ERROR_INVALID_VALUE
+OUT_OF_MEMORY = CUresult.CUDA_ERROR_OUT_OF_MEMORY
+MIB = 1 << 20
+
+
+def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int = -1) -> int:
+    result = _libc.mmap(addr, size, prot, flags, fd, 0)
+    if result in (None, _MAP_FAILED):
+        raise OSError(ctypes.get_errno(), f"mmap failed: {os.strerror(ctypes.get_errno())}")
+    return int(result)
+
+
+@dataclass
+class _Handle:
+    size: int
+    fd: int
+    refs: int = 1  # the creation reference plus one per mapping
+    released: bool = False
+
+
+@dataclass
+class _Mapping:
+    start: int
+    size: int
+    handle: int
+    accessible: bool = False
+
+
+@dataclass
+class _Reservation:
+    start: int
+    size: int
+    raw: int
+    raw_size: int
+    mappings: list[_Mapping] = field(default_factory=list)  # sorted by start
+
+
+class FakeDriver:
+    """The subset of ``cuda.bindings.driver`` the KV backing calls, with the rules above.
+    Anything else (enums, structs) is the real module's."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 256 * MIB,
+        min_granularity: int = 64 * 1024,
+        recommended_granularity: int = 2 * MIB,
+        vmm_supported: bool = True,
+    ) -> None:
+        self.capacity = capacity
+        self.min_granularity = min_granularity
+        self.recommended_granularity = recommended_granularity
+        self.vmm_supported = vmm_supported
+        self.handles: dict[int, _Handle] = {}
+        self.reservations: list[_Reservation] = []  # sorted by start
+        self._next_handle = 1
+        self._failures: dict[str, list[CUresult]] = {}
+        self.calls: dict[str, int] = {}
+        self.log: list[tuple[str, int, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(real_driver, name)
+
+    # -- fault injection and inspection ---------------------------------------------------
+
+    def fail_next(self, name: str, error: CUresult = OUT_OF_MEMORY, times: int = 1) -> None:
+        self._failures.setdefault(name, []).extend([error] * times)
+
+    def _enter(self, name: str) -> CUresult | None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        pending = self._failures.get(name)
+        return pending.pop(0) if pending else None
+
+    @property
+    def physical_bytes(self) -> int:
+        """Device memory held: every handle not yet freed (released and unmapped)."""
+        return sum(h.size for h in self.handles.values())
+
+    @property
+    def live_handles(self) -> int:
+        return len(self.handles)
+
+    def mapping_at(self, address: int) -> _Mapping | None:
+        res = self._reservation_of(address, 1)
+        if res is None:
+            return None
+        for m in res.mappings:
+            if m.start <= address < m.start + m.size:
+                return m
+        return None
+
+    # -- driver calls ----------------------------------------------------------------------
+
+    def cuDeviceGetAttribute(self, attribute: Any, device: int) -> tuple[CUresult, int]:
+        injected = self._enter("cuDeviceGetAttribute")
+        if injected is not None:
+            return (injected, None)
+        vmm = real_driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+        if int(attribute) == int(vmm):
+            return (SUCCESS, int(self.vmm_supported))
+        return (SUCCESS, 0)
+
+    def cuMemGetAllocationGranularity(self, prop: Any, option: Any) -> tuple[CUresult, int]:
+        self._enter("cuMemGetAllocationGranularity")
+        minimum = real_driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        if int(option) == int(minimum):
+            return (SUCCESS, self.min_granularity)
+        return (SUCCESS, self.recommended_granularity)
+
+    def cuMemGetInfo(self) -> tuple[CUresult, int, int]:
+        return (SUCCESS, self.capacity - self.physical_bytes, self.capacity)
+
+    def cuMemAddressReserve(
+        self, size: int, alignment: int, addr: int, flags: int
+    ) -> tuple[CUresult, int | None]:
+        injected = self._enter("cuMemAddressReserve")
+        if injected is not None:
+            return (injected, None)
+        size, alignment = int(size), int(alignment)
+        if size <= 0 or size % mmap.PAGESIZE or flags:
+            return (INVALID_VALUE, None)
+        if alignment and alignment & (alignment - 1):
+            return (INVALID_VALUE, None)
+        align = max(alignment, self.recommended_granularity)
+        raw_size = size + align
+        raw = _mmap(None, raw_size, _PROT_NONE, _private_noreserve())
+        start = -(-raw // align) * align
+        res = _Reservation(start=start, size=size, raw=raw, raw_size=raw_size)
+        bisect.insort(self.reservations, res, key=lambda r: r.start)
+        return (SUCCESS, start)
+
+    def cuMemAddressFree(self, ptr: int, size: int) -> tuple[CUresult]:
+        self._enter("cuMemAddressFree")
+        res = self._reservation_of(int(ptr), 1)
+        if res is None or res.start != int(ptr) or res.size != int(size):
+            return (INVALID_VALUE,)
+        if res.mappings:
+            return (INVALID_VALUE,)  # undocumented on the real driver: be strict
+        _libc.munmap(res.raw, res.raw_size)
+        self.reservations.remove(res)
+        return (SUCCESS,)
+
+    def cuMemCreate(self, size: int, prop: Any, flags: int) -> tuple[CUresult, int | None]:
+        injected = self._enter("cuMemCreate")
+        if injected is not None:
+            return (injected, None)
+        size = int(size)
+        if size <= 0 or size % self.min_granularity or flags:
+            return (INVALID_VALUE, None)
+        if self.physical_bytes + size > self.capacity:
+            return (OUT_OF_MEMORY, None)
+        fd = os.memfd_create("fake-cuda-handle")
+        os.ftruncate(fd, size)
+        handle = self._next_handle
+        self._next_handle += 1
+        self.handles[handle] = _Handle(size=size, fd=fd)
+        self.log.append(("create", handle, size))
+        return (SUCCESS, handle)
+
+    def cuMemRelease(self, handle: int) -> tuple[CUresult]:
+        self._enter("cuMemRelease")
+        h = self.handles.get(int(handle))
+        # Undefined behaviour on the real driver: a bug here, never a code to handle.
+        assert h is not None and not h.released, f"cuMemRelease of unknown handle {handle}"
+        h.released = True
+        self._unref(int(handle))
+        return (SUCCESS,)
+
+    def cuMemMap(
+        self, ptr: int, size: int, offset: int, handle: int, flags: int
+    ) -> tuple[CUresult]:
+        injected = self._enter("cuMemMap")
+        if injected is not None:
+            return (injected,)
+        ptr, size, handle = int(ptr), int(size), int(handle)
+        g = self.min_granularity
+        h = self.handles.get(handle)
+        assert h is not None and not h.released, f"cuMemMap of unknown handle {handle}"
+        if ptr % g or size % g or size <= 0 or flags:
+            return (INVALID_VALUE,)
+        if int(offset) != 0 or size != h.size:
+            return (INVALID_VALUE,)  # no partial-handle maps ("offset currently must be 0")
+        res = self._reservation_of(ptr, size)
+        if res is None:
+            return (INVALID_VALUE,)
+        if any(m.start < ptr + size and ptr < m.start + m.size for m in res.mappings):
+            return (INVALID_VALUE,)  # mapping over a mapped range
+        _mmap(ptr, size, _PROT_NONE, mmap.MAP_SHARED | _MAP_FIXED, h.fd)
+        bisect.insort(res.mappings, _Mapping(ptr, size, handle), key=lambda m: m.start)
+        h.refs += 1
+        self.log.append(("map", ptr, size))
+        return (SUCCESS,)
+
+    def cuMemUnmap(self, ptr: int, size: int) -> tuple[CUresult]:
+        injected = self._enter("cuMemUnmap")
+        if injected is not None:
+            return (injected,)
+        ptr, size = int(ptr), int(size)
+        if ptr % self.min_granularity or size % self.min_granularity or size <= 0:
+            return (INVALID_VALUE,)
+        res = self._reservation_of(ptr, size)
+        if res is None:
+            return (INVALID_VALUE,)
+        covered = self._whole_mappings(res, ptr, size)
+        if covered is None:
+            return (INVALID_VALUE,)  # part of a mapping, or a hole in the range
+        _mmap(ptr, size, _PROT_NONE, _private_noreserve() | _MAP_FIXED)
+        for m in covered:
+            res.mappings.remove(m)
+            self._unref(m.handle)
+        self.log.append(("unmap", ptr, size))
+        return (SUCCESS,)
+
+    def cuMemSetAccess(self, ptr: int, size: int, desc: Any, count: int) -> tuple[CUresult]:
+        injected = self._enter("cuMemSetAccess")
+        if injected is not None:
+            return (injected,)
+        if not isinstance(desc, (list, tuple)) or len(desc) != int(count) or not desc:
+            raise TypeError("cuMemSetAccess takes a list of CUmemAccessDesc")
+        ptr, size = int(ptr), int(size)
+        res = self._reservation_of(ptr, size)
+        if res is None:
+            return (INVALID_VALUE,)
+        covered = self._whole_mappings(res, ptr, size)
+        if covered is None:
+            return (INVALID_VALUE,)
+        if _libc.mprotect(ptr, size, mmap.PROT_READ | mmap.PROT_WRITE) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+        for m in covered:
+            m.accessible = True
+        return (SUCCESS,)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _reservation_of(self, ptr: int, size: int) -> _Reservation | None:
+        for res in self.reservations:
+            if res.start <= ptr and ptr + size <= res.start + res.size:
+                return res
+        return None
+
+    @staticmethod
+    def _whole_mappings(res: _Reservation, ptr: int, size: int) -> list[_Mapping] | None:
+        """The mappings that exactly tile ``[ptr, ptr + size)``, or None."""
+        covered = [m for m in res.mappings if m.start < ptr + size and ptr < m.start + m.size]
+        cursor = ptr
+        for m in covered:
+            if m.start != cursor:
+                return None
+            cursor += m.size
+        return covered if cursor == ptr + size else None
+
+    def _unref(self, handle: int) -> None:
+        h = self.handles[handle]
+        h.refs -= 1
+        if h.refs == 0:
+            os.close(h.fd)
+            del self.handles[handle]
+            self.log.append(("free", handle, h.size))
+
+
+def _private_noreserve() -> int:
+    return mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+
+
+class FakeVmmApi:
+    """`VmmApi` over the fake: CPU tensors at the fake device addresses."""
+
+    def __init__(self, driver: FakeDriver | None = None) -> None:
+        self.driver = driver or FakeDriver()
+        self.syncs = 0
+        self.bound_threads = 0
+
+    def check(self, result: Any, label: str) -> Any:
+        if not isinstance(result, tuple):
+            result = (result,)
+        if result[0] != SUCCESS:
+            raise RuntimeError(f"{label}: {result[0]}")
+        return result[1] if len(result) > 1 else None
+
+    def allocation_prop(self, device_id: int) -> Any:
+        prop = real_driver.CUmemAllocationProp()
+        prop.type = real_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = real_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = int(device_id)
+        return prop
+
+    def granularity(self, prop: Any, *, minimum: bool) -> int:
+        flags = real_driver.CUmemAllocationGranularity_flags
+        flag = (
+            flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+            if minimum
+            else flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+        )
+        return int(self.check(self.driver.cuMemGetAllocationGranularity(prop, flag), "granularity"))
+
+    def access_desc(self, device_id: int) -> Any:
+        desc = real_driver.CUmemAccessDesc()
+        desc.location.type = real_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        desc.location.id = int(device_id)
+        desc.flags = real_driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        return desc
+
+    def tensor_over(
+        self, address: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], owner: Any
+    ) -> torch.Tensor:
+        buffer = (ctypes.c_uint8 * nbytes).from_address(address)
+        buffer._kv_owner = owner  # the tensor keeps the buffer, the buffer keeps the owner
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def bind_thread(self) -> None:
+        self.bound_threads += 1
