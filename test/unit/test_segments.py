@@ -269,6 +269,8 @@ def test_shrink_after_hold_off_only() -> None:
     assert a.committed_segments == 2
     clock.now = 10.0
     a.free(x)
+    # Hold-offs run from the first shrink check that sees a segment entirely free.
+    assert a.maybe_shrink(now=10.0) == 0
     assert a.maybe_shrink(now=11.9) == 0
     assert a.maybe_shrink(now=12.0) == 1
     assert a.committed_segments == 1 and a.releases == 1
@@ -290,11 +292,13 @@ def test_shrink_only_trailing_and_not_while_in_use() -> None:
     seg1 = torch.tensor(span(16, 32))
     seg2 = torch.tensor(span(32, 48))
     a.free(seg1)
+    assert a.maybe_shrink(now=0.0) == 0  # segment 1 seen empty at t=0
     clock.now = 5.0
     assert a.maybe_shrink() == 0  # segment 1 is empty but segment 2 above it is not
     a.free(seg2[1:])
-    assert a.maybe_shrink(now=100.0) == 0  # one page of segment 2 still in use
-    a.free(seg2[:1])  # segment 2 empty at t=5
+    assert a.maybe_shrink(now=5.0) == 0  # one page of segment 2 still in use
+    a.free(seg2[:1])
+    assert a.maybe_shrink(now=5.0) == 0  # segment 2 seen empty at t=5
     assert a.maybe_shrink(now=5.5) == 0
     assert a.maybe_shrink(now=6.0) == 2  # segment 2, then segment 1 (empty since t=0)
     assert [e for e in events if e[0] == "release"] == [("release", 2), ("release", 1)]
@@ -306,12 +310,15 @@ def test_reuse_resets_hold_off() -> None:
     a, _, clock = make_alloc(hold_off_s=1.0)
     x = a.alloc(64)
     assert x is not None and a.committed_segments == 2
-    a.free(x[-1:])  # page 64, segment 1 becomes empty at t=0
+    a.free(x[-1:])  # page 64: segment 1 is empty
+    assert a.maybe_shrink(now=0.0) == 0  # ... and seen so at t=0
     clock.now = 0.5
     y = a.alloc(1)
     assert y is not None and y.tolist() == [64]
+    assert a.maybe_shrink(now=0.5) == 0  # in use: the hold-off starts over
     clock.now = 0.8
-    a.free(y)  # empty again from t=0.8
+    a.free(y)
+    assert a.maybe_shrink(now=0.8) == 0  # empty again from t=0.8
     assert a.maybe_shrink(now=1.5) == 0
     assert a.maybe_shrink(now=1.8) == 1
     a.check_invariants()
@@ -385,6 +392,7 @@ def test_prepare_commits_ahead_and_shrink_keeps_the_headroom() -> None:
     assert a.committed_segments == 2 and a.num_free_committed == 127
     assert a.prepare(10_000)  # more than the cap: commits up to the cap, no error
     assert a.committed_segments == 4
+    assert a.maybe_shrink(keep_free_pages=100) == 0  # seen empty now: the hold-off starts
     clock.now = 5.0
     # Everything is free and past the hold-off, but 100 pages of headroom stay backed.
     assert a.maybe_shrink(keep_free_pages=100) == 2
@@ -519,6 +527,7 @@ def test_clear() -> None:
     a.clear()
     assert a.committed_segments == 2
     assert a.free_pages.tolist() == span(1, 128)
+    assert a.maybe_shrink(now=3.0) == 0
     assert a.maybe_shrink(now=3.5) == 0
     assert a.maybe_shrink(now=4.0) == 1
     a.check_invariants()
@@ -707,7 +716,9 @@ def test_randomized_alloc_free_grow_shrink(
     commit_failure_rate = 0.0
     assert alloc.prepare(0)  # a pending ceiling is lifted once commits work again
     assert alloc.available_pages() == cap_pages
-    alloc.maybe_shrink()
+    alloc.maybe_shrink()  # sees every segment empty ...
+    clock.now += 1.0
+    alloc.maybe_shrink()  # ... and releases them once the hold-off has passed
     assert alloc.committed_segments == 1
     assert buffers.committed_segments == 1
     assert buffers.committed_bytes == seg_bytes

@@ -57,15 +57,19 @@ def _merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tens
     new_ids, _ = torch.sort(new_ids)
     if sorted_ids.numel() == 0:
         return new_ids
-    # Final position of each new id: ids before it from sorted_ids plus new ids before it.
-    pos = torch.searchsorted(sorted_ids, new_ids) + torch.arange(
+    # Final position of every id: ids before it in its own list plus ids before it in the
+    # other. Integer scatters only, so on a GPU nothing waits for the device.
+    pos_new = torch.searchsorted(sorted_ids, new_ids) + torch.arange(
         new_ids.numel(), device=new_ids.device
     )
-    out = torch.empty(sorted_ids.numel() + new_ids.numel(), dtype=torch.int64, device=pos.device)
-    keep = torch.ones(out.numel(), dtype=torch.bool, device=pos.device)
-    keep[pos] = False
-    out[pos] = new_ids
-    out[keep] = sorted_ids
+    pos_old = torch.searchsorted(new_ids, sorted_ids) + torch.arange(
+        sorted_ids.numel(), device=sorted_ids.device
+    )
+    out = torch.empty(
+        sorted_ids.numel() + new_ids.numel(), dtype=torch.int64, device=pos_new.device
+    )
+    out[pos_new] = new_ids
+    out[pos_old] = sorted_ids
     return out
 
 
@@ -369,11 +373,9 @@ class SegmentedPageAllocator:
         self.free_pages: torch.Tensor = torch.empty((0,), dtype=torch.int64, device=self.device)
         self._staged: list[torch.Tensor] = []
         self._num_staged: int = 0
-        # Allocated pages per segment, maintained incrementally with bincount.
-        self.used_pages: torch.Tensor = torch.zeros(
-            g.num_segments, dtype=torch.int64, device=self.device
-        )
-        # When each committed segment last became entirely free; None while in use/uncommitted.
+        # When a shrink check first saw each segment entirely free; None otherwise. Which
+        # segment a page belongs to is only looked at in those checks, never on alloc/free,
+        # so both stay a slice and an append (and on a GPU never wait for the device).
         self._empty_since: list[float | None] = [None] * g.num_segments
         self._allocated: torch.Tensor | None = (
             torch.zeros(g.cap_pages, dtype=torch.bool, device=self.device) if self.debug else None
@@ -472,7 +474,6 @@ class SegmentedPageAllocator:
             self.committed_segments = seg + 1
             self.peak_committed_segments = max(self.peak_committed_segments, seg + 1)
             self.commits += 1
-            self._empty_since[seg] = self.clock()
         if not all_ok:
             self.ceiling = min(self.ceiling, seg)
             self._failed_at = self.clock()
@@ -535,20 +536,11 @@ class SegmentedPageAllocator:
             return None
         out = self.free_pages[:n_pages]
         self.free_pages = self.free_pages[n_pages:]
-        self._mark_used(out)
-        return out
-
-    def _mark_used(self, pages: torch.Tensor) -> None:
-        if pages.numel() == 0:
-            return
-        if self._allocated is not None:
-            if bool(self._allocated[pages].any()):
+        if self._allocated is not None and n_pages:
+            if bool(self._allocated[out].any()):
                 raise PageAccountingError("page handed out twice")
-            self._allocated[pages] = True
-        segs = pages // self.geometry.segment_pages
-        self.used_pages += torch.bincount(segs, minlength=self.geometry.num_segments)
-        for seg in torch.unique(segs).tolist():
-            self._empty_since[seg] = None
+            self._allocated[out] = True
+        return out
 
     def free(self, page_ids: torch.Tensor) -> None:
         """Return pages (each exactly once) to the free list."""
@@ -558,14 +550,6 @@ class SegmentedPageAllocator:
         if self._allocated is not None:
             self._check_free(page_ids)
             self._allocated[page_ids] = False
-        segs = page_ids // self.geometry.segment_pages
-        touched = torch.unique(segs)
-        self.used_pages -= torch.bincount(segs, minlength=self.geometry.num_segments)
-        now: float | None = None
-        for seg, used in zip(touched.tolist(), self.used_pages[touched].tolist(), strict=True):
-            if used == 0:
-                now = self.clock() if now is None else now
-                self._empty_since[seg] = now
         if self.lazy_merge:
             self._staged.append(page_ids.clone())  # caller may reuse its tensor
             self._num_staged += page_ids.numel()
@@ -590,14 +574,8 @@ class SegmentedPageAllocator:
         committed = self.committed_segments
         self._init_state()
         self.free_pages = torch.cat([self._usable_pages(s) for s in range(committed)])
-        now = self.clock()
-        for seg in range(committed):
-            self._empty_since[seg] = now
 
     # -- shrink ---------------------------------------------------------------------------
-
-    def segment_of_pages(self, page_ids: torch.Tensor) -> torch.Tensor:
-        return page_ids // self.geometry.segment_pages
 
     def segments_holding(self, n_pages: int) -> int:
         """The fewest leading segments (at least ``min_committed_segments``) whose usable
@@ -609,13 +587,33 @@ class SegmentedPageAllocator:
         """Page id where segment ``seg`` starts (``cap_pages`` past the last segment)."""
         return min(seg * self.geometry.segment_pages, self.geometry.cap_pages)
 
+    def free_per_segment(self) -> list[int]:
+        """Free pages in each committed segment (staged frees included), from the sorted free
+        list: one batched search, no per-page work."""
+        self.merge_and_sort_free()
+        k = self.committed_segments
+        bounds = torch.tensor(
+            [self._usable_range(seg)[0] for seg in range(k)] + [self.first_page_of(k)],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        positions = torch.searchsorted(self.free_pages, bounds).tolist()
+        return [positions[i + 1] - positions[i] for i in range(k)]
+
     def segments_to_keep(
         self, keep_free_pages: int = 0, now: float | None = None, hold_off_s: float | None = None
     ) -> int:
-        """How many committed segments this rank needs: trailing segments entirely free for
-        the hold-off can go, as long as ``keep_free_pages`` free pages stay backed."""
+        """How many committed segments this rank needs: trailing segments seen entirely free
+        for the hold-off can go, as long as ``keep_free_pages`` free pages stay backed."""
         now = self.clock() if now is None else now
         hold_off_s = self.hold_off_s if hold_off_s is None else hold_off_s
+        free_counts = self.free_per_segment()
+        for seg, free_count in enumerate(free_counts):
+            if free_count == self._usable_count(seg):
+                if self._empty_since[seg] is None:
+                    self._empty_since[seg] = now
+            else:
+                self._empty_since[seg] = None
         keep = self.committed_segments
         free = self._free_usable()
         while keep > self.min_committed_segments:
@@ -695,33 +693,26 @@ class SegmentedPageAllocator:
         every_free = self.all_free_pages()
         if len(every_free) != len(free) + self._num_staged:
             problems.append("staged count mismatch")
-        if len(torch.unique(every_free)) != len(every_free):
-            problems.append(f"{len(every_free) - len(torch.unique(every_free))} page(s) free twice")
-        limit = min(k * g.segment_pages, g.cap_pages)
+        duplicates = len(every_free) - len(torch.unique(every_free))
+        if duplicates:
+            problems.append(f"{duplicates} page(s) free twice")
+        limit = self.first_page_of(k)
         if len(every_free):
             if int(every_free.min()) < self.first_page:
                 problems.append("padding page in the free list")
             if int(every_free.max()) >= limit:
                 problems.append("free page in an uncommitted segment")
-        free_per_seg = torch.bincount(
-            (every_free // g.segment_pages).clamp(max=g.num_segments - 1),
-            minlength=g.num_segments,
-        )
-        for seg in range(g.num_segments):
-            used = int(self.used_pages[seg])
-            if seg < k:
-                if used + int(free_per_seg[seg]) != self._usable_count(seg):
+        if not duplicates:
+            for seg, free_count in enumerate(self.free_per_segment()):
+                if free_count > self._usable_count(seg):
                     problems.append(
-                        f"segment {seg}: {used} used + {int(free_per_seg[seg])} free != "
-                        f"{self._usable_count(seg)} pages"
+                        f"segment {seg}: {free_count} free of {self._usable_count(seg)}"
                     )
-                if (self._empty_since[seg] is None) != (used > 0):
-                    problems.append(f"segment {seg}: empty-since stamp disagrees with use")
-            elif used != 0 or self._empty_since[seg] is not None:
-                problems.append(f"uncommitted segment {seg} has used pages or a stamp")
+        if self.used_count() < 0:
+            problems.append(f"{-self.used_count()} more pages free than committed")
         if self._allocated is not None:
             if len(every_free) and bool(self._allocated[every_free].any()):
                 problems.append("free page is also allocated")
-            if int(self._allocated.sum()) != int(self.used_pages.sum()):
-                problems.append("allocated bitmap disagrees with per-segment counts")
+            if int(self._allocated.sum()) != self.used_count():
+                problems.append("allocated bitmap disagrees with the free list")
         return problems
