@@ -166,9 +166,9 @@ def test_make_backing() -> None:
     assert isinstance(backing, Backing)
     assert backing.granularity == PAGE
     backing.close()
-    with pytest.raises(BackingUnavailableError, match="cuda_vmm_utils"):
+    with pytest.raises(BackingUnavailableError, match="CudaBackingFactory"):
         make_backing("cuda", 10 * PAGE, None)
-    with pytest.raises(BackingUnavailableError, match="cuda_vmm_utils"):
+    with pytest.raises(BackingUnavailableError, match="CudaBackingFactory"):
         make_backing("cuda:1", 10 * PAGE, 2 * MB)
     with pytest.raises(BackingUnavailableError, match="meta"):
         make_backing("meta", 10 * PAGE, None)

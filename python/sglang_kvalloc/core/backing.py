@@ -4,10 +4,9 @@ A `Backing` reserves ``reserved_bytes`` of contiguous address space up front and
 as one tensor, so indices into it never move. Physical memory is committed (made resident)
 and released range by range, in multiples of ``granularity`` bytes.
 
-Only the CPU backing lives here. The GPU seam is `make_backing`: a CUDA backing would reserve
-with ``cuMemAddressReserve`` and map/unmap ``cuMemCreate`` handles per range (upstream's
-``sglang.srt.utils.cuda_vmm_utils`` already wraps those driver calls). It is a separate
-piece of work; this module deliberately contains no CUDA driver bindings.
+The CPU backing lives here; the CUDA one (``cuMemAddressReserve`` once, ``cuMemCreate`` handles
+mapped per committed range) is `sglang_kvalloc.core.cuda_backing.CudaVmmBacking`. Both are
+made through a `BackingFactory` per device.
 """
 
 from __future__ import annotations
@@ -23,7 +22,9 @@ import torch
 
 __all__ = [
     "Backing",
+    "BackingFactory",
     "BackingUnavailableError",
+    "CpuBackingFactory",
     "CpuMmapBacking",
     "RangeSet",
     "make_backing",
@@ -406,17 +407,51 @@ class CpuMmapBacking:
         self._map.madvise(advice, offset, nbytes)
 
 
+class BackingFactory(Protocol):
+    """Makes the backings of one device: ``factory(nbytes)``, all with ``granularity``."""
+
+    granularity: int
+
+    def __call__(self, nbytes: int) -> Backing: ...
+
+    def keep_spares(self, nbytes: int, count: int) -> None:
+        """Keep physical memory for ``count`` commits of ``nbytes`` ready (may be a no-op)."""
+        ...
+
+    def trim_spares(self) -> int:
+        """Give back whatever `keep_spares` holds; returns how many spares were dropped."""
+        ...
+
+
+class CpuBackingFactory:
+    """`CpuMmapBacking` at OS-page granularity; nothing to keep ready (a commit is a
+    populate of private pages)."""
+
+    def __init__(self, granularity: int | None = None) -> None:
+        self.granularity: int = granularity or mmap.PAGESIZE
+
+    def __call__(self, nbytes: int) -> Backing:
+        return CpuMmapBacking(nbytes, self.granularity)
+
+    def keep_spares(self, nbytes: int, count: int) -> None:
+        return None
+
+    def trim_spares(self) -> int:
+        return 0
+
+
 def make_backing(device: str | torch.device, nbytes: int, granularity: int | None) -> Backing:
-    """Create the backing for ``device``: CPU gets `CpuMmapBacking`; CUDA is a separate issue."""
+    """A CPU backing; a CUDA one needs the driver API (`cuda_backing.CudaBackingFactory`,
+    built by the upstream layer from upstream's ``cuda_vmm_utils``)."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return CpuMmapBacking(nbytes, granularity)
     if dev.type == "cuda":
         raise BackingUnavailableError(
-            "--kv-alloc-mode segmented has no CUDA backing yet: the CUDA VMM backing (built on "
-            "upstream sglang.srt.utils.cuda_vmm_utils: cuMemAddressReserve + cuMemCreate/cuMemMap "
-            "per segment) is tracked as a separate issue. Use --kv-alloc-mode static on GPU."
+            "a CUDA backing is built from the driver API: use "
+            "sglang_kvalloc.core.cuda_backing.CudaBackingFactory (the server builds it on "
+            "upstream's sglang.srt.utils.cuda_vmm_utils)"
         )
     raise BackingUnavailableError(
-        f"--kv-alloc-mode segmented has no backing for device {str(dev)!r}; supported: cpu"
+        f"--kv-alloc-mode segmented has no backing for device {str(dev)!r}; supported: cpu, cuda"
     )

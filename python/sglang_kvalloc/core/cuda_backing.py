@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from sglang_kvalloc.core.backing import BackingUnavailableError, RangeSet
 
-__all__ = ["CudaVmmBacking", "VmmApi", "VmmDevice"]
+__all__ = ["CudaBackingFactory", "CudaVmmBacking", "VmmApi", "VmmDevice"]
 
 logger = logging.getLogger(__name__)
 
@@ -479,7 +478,18 @@ class CudaVmmBacking:
             )
 
 
-def cuda_backing_factory(api: VmmApi, device_id: int) -> Callable[[int], CudaVmmBacking]:
-    """``nbytes -> CudaVmmBacking`` on one device (the shared `VmmDevice` made once)."""
-    device = VmmDevice.get(api, device_id)
-    return lambda nbytes: CudaVmmBacking(nbytes, device)
+class CudaBackingFactory:
+    """`CudaVmmBacking` on one device; spares are pre-created handles of the device."""
+
+    def __init__(self, device: VmmDevice) -> None:
+        self.device = device
+        self.granularity: int = device.granularity
+
+    def __call__(self, nbytes: int) -> CudaVmmBacking:
+        return CudaVmmBacking(nbytes, self.device)
+
+    def keep_spares(self, nbytes: int, count: int) -> None:
+        self.device.keep_spares(nbytes, count)
+
+    def trim_spares(self) -> int:
+        return self.device.trim_spares()

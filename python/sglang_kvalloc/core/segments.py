@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sglang_kvalloc.core.backing import Backing, make_backing
+from sglang_kvalloc.core.backing import Backing, BackingFactory, make_backing
 
 __all__ = [
     "PageAccountingError",
@@ -211,11 +211,21 @@ class SegmentedBuffers:
         device: str = "cpu",
         granularity: int | None = None,
         extra_rows: int = 0,
+        backings: BackingFactory | None = None,
     ) -> SegmentedBuffers:
-        """Reserve one backing per row size on ``device`` (see `make_backing`)."""
+        """Reserve one backing per row size, from ``backings`` (else a CPU one)."""
         rows = geometry.cap_tokens + extra_rows
-        backings = [make_backing(device, rows * rb, granularity) for rb in row_bytes]
-        return cls(geometry, backings, row_bytes, extra_rows)
+        if backings is None:
+            made = [make_backing(device, rows * rb, granularity) for rb in row_bytes]
+        else:
+            made = [backings(rows * rb) for rb in row_bytes]
+        buffers = cls(geometry, made, row_bytes, extra_rows)
+        if backings is not None:
+            # Handles for the next segment of every buffer, created before they are needed.
+            for size in {buffers.byte_range(b, 0)[1] for b in range(len(made))}:
+                count = sum(buffers.byte_range(b, 0)[1] == size for b in range(len(made)))
+                backings.keep_spares(size, count)
+        return buffers
 
     def byte_range(self, buffer: int, seg: int) -> tuple[int, int]:
         """Byte offset and size that segment ``seg`` commits in buffer ``buffer``."""

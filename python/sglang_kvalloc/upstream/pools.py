@@ -74,12 +74,14 @@ def around_resolve_memory_pool_config(
         return config
     requested = modes.requested_mode(self.server_args)
     modes.validate_mode(requested)
-    _apply_segment_settings(self.server_args)
+    _apply_segment_settings(self)
     STATE.requested_mode = requested
     STATE.requested_context_length = getattr(
         self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
     )
     if requested != modes.AUTO:
+        if requested == modes.SEGMENTED:
+            _open_backings(self)  # a device that cannot do it says so now, in one line
         STATE.mode = requested
         STATE.reason = "chosen explicitly"
         return config
@@ -111,20 +113,60 @@ def around_resolve_memory_pool_config(
     if mode == modes.SEGMENTED and cell is None:
         mode = modes.STATIC
         reason += "; segmented supports MHA pools only, so static"
+    if mode == modes.SEGMENTED:
+        try:
+            _open_backings(self)
+        except modes.KvAllocModeError as exc:
+            mode, reason = _static_if_it_fits(self, config, static_bytes, reason, str(exc))
     STATE.mode = mode
     STATE.reason = reason
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     return config
 
 
-def _apply_segment_settings(server_args: Any) -> None:
+def _apply_segment_settings(configurator: Any) -> None:
     from sglang_kvalloc.upstream.segmented import SETTINGS
 
+    server_args = configurator.server_args
     SETTINGS.segment_tokens = modes.segment_tokens(server_args)
     SETTINGS.hold_off_s = modes.segment_hold_off_s(server_args)
     SETTINGS.idle_cache_tokens = modes.idle_cache_tokens(server_args)
-    SETTINGS.device = "cpu"
+    SETTINGS.device = str(configurator.device)
     SETTINGS.agree = _rank_agreement()
+
+
+def _open_backings(configurator: Any) -> None:
+    """The device's backing factory; a device that cannot back segmented mode is a one-line
+    KvAllocModeError."""
+    from sglang_kvalloc.upstream.segmented import open_backings
+
+    open_backings(str(configurator.device))
+
+
+def _static_if_it_fits(
+    configurator: Any, config: Any, static_bytes: int, reason: str, why_not: str
+) -> tuple[str, str]:
+    """auto wanted segmented but the device cannot do it: static if its context-sized tables
+    and the pool fit in free device memory, else a refusal with the numbers."""
+    free = _free_device_bytes(configurator)
+    pool = config.max_total_num_tokens * (_mha_cell_bytes(configurator) or 0)
+    if free is None or static_bytes + pool <= free:
+        return modes.STATIC, f"{reason}; but {why_not}: static fits, so static"
+    raise modes.KvAllocModeError(
+        f"--kv-alloc-mode auto: {why_not}, and static mode does not fit: its context-sized "
+        f"tables take {static_bytes / 1e9:.2f} GB besides the {pool / 1e9:.2f} GB KV pool, with "
+        f"{free / 1e9:.2f} GB free; lower --context-length or --max-running-requests"
+    )
+
+
+def _free_device_bytes(configurator: Any) -> int | None:
+    device = str(configurator.device)
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
 
 
 def _rank_agreement() -> Callable[[int], int]:
@@ -152,19 +194,8 @@ def make_rank_agreement(group: Any) -> Callable[[int], int]:
 
 
 def _builds_segmented(configurator: Any) -> bool:
-    """Whether this configurator's pools are the segmented ones (target worker, CPU only)."""
-    if _effective_mode() != modes.SEGMENTED or configurator.is_draft_worker:
-        return False
-    _require_cpu(configurator)
-    return True
-
-
-def _require_cpu(configurator: Any) -> None:
-    if not str(configurator.device).startswith("cpu"):
-        raise modes.KvAllocModeError(
-            "--kv-alloc-mode segmented has only a CPU backing in this build; the CUDA "
-            "virtual-memory backing is separate work (not run on a GPU here)."
-        )
+    """Whether this configurator's pools are the segmented ones (the target worker)."""
+    return _effective_mode() == modes.SEGMENTED and not configurator.is_draft_worker
 
 
 def around_build_default_req_pool(

@@ -57,10 +57,41 @@ def before_get_next_batch_to_run(scheduler: Any, *args: Any, **kwargs: Any) -> N
     step = getattr(allocator, "scheduler_step", None)
     if step is None:
         return None
+    draft = _draft_tokens()
     if _has_work(scheduler):
         allocator.note_busy()
-    step(iteration_demand_tokens(scheduler, _draft_tokens()))
+    step(iteration_demand_tokens(scheduler, draft))
+    _grow_tables(scheduler, draft)
     return None
+
+
+def _grow_tables(scheduler: Any, draft: int) -> None:
+    """GPU: commit the req_to_token rows and RoPE rows the next step can write or read (a
+    GPU does not fault memory in), and release what freed rows left, at this sync point."""
+    from sglang_kvalloc.upstream import rope
+
+    pool = scheduler.req_to_token_pool
+    rows_known = getattr(pool, "ensure_rows", None) is not None and pool.commits_rows
+    if not rows_known and not rope.has_fixed_caches():
+        return
+    # Two steps ahead: with overlap scheduling the batch formed next may run one step on.
+    step = 2 * (1 + draft)
+    rows: list[tuple[int, int]] = []
+    furthest = 0
+    running = getattr(scheduler, "running_batch", None)
+    for req in running.reqs if running is not None else ():
+        length = len(req.origin_input_ids) + len(req.output_ids) + step
+        furthest = max(furthest, length)
+        if req.kv.req_pool_idx is not None:
+            rows.append((req.kv.req_pool_idx, length))
+    chunked = scheduler.chunked_req
+    queued = [chunked] if chunked is not None else []
+    for req in (*queued, *scheduler.waiting_queue):
+        furthest = max(furthest, len(req.origin_input_ids) + len(req.output_ids) + step)
+    if rows_known:
+        pool.ensure_rows(rows)
+        pool.sync_point()
+    rope.grow_fixed_caches(furthest)
 
 
 def _draft_tokens() -> int:

@@ -20,7 +20,8 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.utils import get_num_new_pages
 
-from sglang_kvalloc.core.backing import make_backing
+from sglang_kvalloc.core.backing import BackingFactory, CpuBackingFactory, CpuMmapBacking
+from sglang_kvalloc.core.rows import RowCommits
 from sglang_kvalloc.core.segments import (
     SegmentedBuffers,
     SegmentedPageAllocator,
@@ -53,11 +54,58 @@ class SegmentSettings:
     hold_off_s: float = DEFAULT_HOLD_OFF_S
     idle_cache_tokens: int = DEFAULT_IDLE_CACHE_TOKENS
     device: str = "cpu"
+    # Makes the reservations on the device in use (CPU mmap, or the CUDA VMM backing).
+    backings: BackingFactory = CpuBackingFactory()
     # MIN of an int over the ranks that share this KV pool's decisions (attention TP).
     agree: Callable[[int], int] = staticmethod(_agree_alone)
 
 
 SETTINGS = SegmentSettings()
+
+
+def open_backings(device: str) -> BackingFactory:
+    """Make (once) and install the backing factory of ``device``: the CPU mmap one, or the
+    CUDA VMM one, which checks the device, the driver and the environment first. A device
+    that cannot back segmented mode is a one-line KvAllocModeError."""
+    from sglang_kvalloc import modes
+    from sglang_kvalloc.core.backing import BackingUnavailableError
+
+    if device.startswith("cpu"):
+        if not isinstance(SETTINGS.backings, CpuBackingFactory):
+            SETTINGS.backings = CpuBackingFactory()
+        return SETTINGS.backings
+    if not device.startswith("cuda"):
+        raise modes.KvAllocModeError(
+            f"--kv-alloc-mode segmented has no backing for device {device!r} (cpu and cuda "
+            "have one); use --kv-alloc-mode static"
+        )
+    from sglang.srt.environ import envs
+
+    if envs.SGLANG_ENABLE_POST_CAPTURE_KV_SIZING.get():
+        raise modes.KvAllocModeError(
+            "--kv-alloc-mode segmented sizes the KV pool itself: unset "
+            "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING, or use --kv-alloc-mode static"
+        )
+    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
+    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
+
+    if isinstance(SETTINGS.backings, CudaBackingFactory):
+        return SETTINGS.backings
+    device_id = torch.cuda.current_device()
+    try:
+        api = UpstreamVmmApi(device_id)
+        SETTINGS.backings = CudaBackingFactory(VmmDevice.get(api, device_id))
+    except BackingUnavailableError as exc:
+        raise modes.KvAllocModeError(
+            f"--kv-alloc-mode segmented cannot run on {device}: {exc}; use --kv-alloc-mode static"
+        ) from None
+    logger.info(
+        "Segmented mode on %s: CUDA virtual memory, granularity %d MiB, uncommitted ranges "
+        "mapped to a zero-filled scratch granule.",
+        device,
+        SETTINGS.backings.granularity >> 20,
+    )
+    return SETTINGS.backings
 
 
 def _choose_segment_tokens(
@@ -125,15 +173,13 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
         v_row = int(math.prod(v_shape[1:])) * itemsize
         row_bytes = [k_row] * self.layer_num + [v_row] * self.layer_num
         cap_tokens = k_shape[0]  # size + page_size rows: slot 0's page is padding
-        probe = make_backing(SETTINGS.device, 1, None)
-        gran = probe.granularity
-        probe.close()
+        gran = SETTINGS.backings.granularity
         seg_tokens = _choose_segment_tokens(
             SETTINGS.segment_tokens, cap_tokens, self.page_size, row_bytes, gran
         )
         geometry = SegmentGeometry(cap_tokens, seg_tokens, self.page_size)
         self.segmented_buffers = SegmentedBuffers.create(
-            geometry, row_bytes, device=SETTINGS.device
+            geometry, row_bytes, backings=SETTINGS.backings
         )
         backings = self.segmented_buffers.backings
         self.k_buffer = [
@@ -175,7 +221,7 @@ class _SegmentedAllocatorMixin:
     free_pages: torch.Tensor
     _segments: SegmentedPageAllocator
 
-    def _make_segments(self, kvcache: Any) -> None:
+    def _make_segments(self, kvcache: Any, device: str) -> None:
         buffers: SegmentedBuffers = kvcache.segmented_buffers
         log = _RateLimitedLog()
         self._segment_log = log
@@ -212,6 +258,8 @@ class _SegmentedAllocatorMixin:
             # allocation runs short or at a shrink check, not on every free.
             lazy_merge=True,
             debug=_debug_memory_pool(),
+            # Upstream's kernels read free_pages where the pool lives (the GPU there).
+            device=device,
         )
         self._iteration = 0
         self._commit_failures_logged = 0
@@ -285,6 +333,7 @@ class _SegmentedAllocatorMixin:
         by_location = evict_at_or_above(tree_cache, boundary_slot)
         by_lru = evict_lru_down_to(tree_cache, retain)
         released = seg.maybe_shrink(hold_off_s=0.0)
+        SETTINGS.backings.trim_spares()  # pre-created handles hold memory too
         self._sync()
         if by_location or by_lru or released:
             logger.info(
@@ -360,7 +409,7 @@ class SegmentedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, TokenToKVPoolAll
     """page_size 1: slot ids are page ids."""
 
     def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: Any, need_sort: bool):
-        self._make_segments(kvcache)
+        self._make_segments(kvcache, device)
         super().__init__(size, dtype, device, kvcache, need_sort)
 
     def clear(self) -> None:
@@ -396,7 +445,7 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         kvcache: Any,
         need_sort: bool,
     ):
-        self._make_segments(kvcache)
+        self._make_segments(kvcache, device)
         super().__init__(size, page_size, dtype, device, kvcache, need_sort)
 
     def clear(self) -> None:
@@ -473,8 +522,11 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
     """req_to_token over reserved memory: only the rows and pages requests write are committed.
 
     Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at
-    10M context. Here it is a view of an anonymous reservation; untouched pages read as zero
-    without being committed, and a freed row's pages are given back.
+    10M context. Here it is a view of a reservation. On the CPU untouched pages read as zero
+    without being committed and the first write commits a page; a freed row's pages are given
+    back. A GPU does not fault memory in, so there each row's used prefix is committed before
+    it is written (`ensure_rows`: when a request gets its row and ahead of each decode step),
+    row 0 (cuda-graph padding) always, and a freed row's granules go at the next sync point.
     """
 
     def __init__(
@@ -485,18 +537,60 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         super().__init__(size, 1, device, enable_memory_saver)
         rows = self._alloc_size
         self._row_bytes = max_context_len * 4
-        self._backing = make_backing(SETTINGS.device, rows * self._row_bytes, None)
+        self._backing = SETTINGS.backings(rows * self._row_bytes)
         self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
         self.max_context_len = max_context_len
+        # CPU pages commit on first write; every other backing commits rows explicitly.
+        self._row_commits: RowCommits | None = None
+        worst = ""
+        if not isinstance(self._backing, CpuMmapBacking):
+            self._row_commits = RowCommits(self._backing, rows, self._row_bytes)
+            self._row_commits.ensure(0, 4)  # the padding row cuda-graph batches point at
+            SETTINGS.backings.keep_spares(self._backing.granularity, 2)
+            worst = (
+                f"; at most one {self._backing.granularity >> 20} MiB granule per running "
+                f"request ({size * self._backing.granularity / 1e9:.3f} GB for {size}) while "
+                f"requests stay under {self._backing.granularity // 4} tokens"
+            )
         logger.info(
             "Segmented req_to_token: %d x %d int32 reserved (%.3f GB address space), "
-            "committed as rows are written.",
+            "committed as rows are used%s.",
             rows,
             max_context_len,
             self._backing.reserved_bytes / 1e9,
+            worst,
         )
 
+    def alloc(self, reqs: list[Any]) -> list[int] | None:
+        rows = super().alloc(reqs)
+        if rows is not None and self._row_commits is not None:
+            # The extend about to be written: positions [0, extend_end) of each row.
+            self.ensure_rows([(row, _target_len(req)) for row, req in zip(rows, reqs, strict=True)])
+        return rows
+
+    @property
+    def commits_rows(self) -> bool:
+        """Rows are committed explicitly (every backing but the CPU's)."""
+        return self._row_commits is not None
+
+    def ensure_rows(self, rows_and_lengths: list[tuple[int, int]]) -> None:
+        """Commit rows up to the given token counts (GPU; a no-op on the CPU)."""
+        commits = self._row_commits
+        if commits is None:
+            return
+        for row, length in rows_and_lengths:
+            commits.ensure(row, min(length, self.max_context_len) * 4)
+
+    def sync_point(self) -> None:
+        """Release what freed rows no longer hold (no kernel can be reading it now)."""
+        if self._row_commits is not None:
+            self._row_commits.flush()
+
     def _release_rows(self, indices: list[int]) -> None:
+        if self._row_commits is not None:
+            for row in indices:
+                self._row_commits.drop(row)
+            return
         gran = self._backing.granularity
         for row in indices:
             lo = -(-(row * self._row_bytes) // gran) * gran
@@ -508,13 +602,35 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         super().free_rows(indices)
         self._release_rows(list(indices))
 
+    def clear(self) -> None:
+        super().clear()
+        if self._row_commits is not None:
+            for row in range(1, self._alloc_size):
+                self._row_commits.drop(row)
+
+    def committed_bytes(self) -> int | None:
+        """Committed explicitly (GPU); None where the kernel commits on write (CPU)."""
+        return None if self._row_commits is None else self._row_commits.committed_bytes
+
     def resident_bytes(self) -> int:
-        """Bytes of this table resident in RAM (pages written since their last release)."""
+        """Bytes of this table resident (pages written since their last release on the CPU,
+        committed granules on a GPU)."""
+        if self._row_commits is not None:
+            return self._row_commits.committed_bytes
         import mmap as _mmap
 
         base = self.req_to_token.data_ptr()
         n = self._backing.reserved_bytes
         return _resident_bytes(base, n, _mmap.PAGESIZE)
+
+
+def _target_len(req: Any) -> int:
+    """Positions of the request's row written by its next extend (and one decode step)."""
+    extend_end = getattr(req, "extend_end", None)
+    length = len(req.origin_input_ids) + len(req.output_ids)
+    if isinstance(extend_end, int):
+        length = max(length, extend_end)
+    return length + 1
 
 
 def _resident_bytes(addr: int, nbytes: int, page: int) -> int:

@@ -1,0 +1,102 @@
+"""Commit a 2-D table row by row, as far as each row is used: `req_to_token` on a GPU.
+
+On the CPU the first write to a page commits it; a GPU does not fault memory in, so every
+row's used prefix is committed before anything is written there. Rows are not aligned to the
+backing's granularity (a row is ``context_len`` int32), so neighbouring rows can share a
+granule: each granule is reference counted by the rows that reach into it. Releases wait for
+`flush`, called where no kernel can be reading the table (a scheduler sync point).
+"""
+
+from __future__ import annotations
+
+from sglang_kvalloc.core.backing import Backing
+
+__all__ = ["RowCommits"]
+
+
+class RowCommits:
+    """Granule-level commits of a ``rows x row_bytes`` table over one backing."""
+
+    def __init__(self, backing: Backing, rows: int, row_bytes: int) -> None:
+        self.backing = backing
+        self.rows = rows
+        self.row_bytes = row_bytes
+        self.granularity = backing.granularity
+        # Per row: granules [lo, hi) it holds a reference to (hi == lo: none).
+        self._held: list[tuple[int, int]] = [(0, 0)] * rows
+        self._refs: dict[int, int] = {}
+        self._pending: set[int] = set()
+        self.commits = 0
+        self.releases = 0
+
+    def covered_items(self, row: int, item_bytes: int) -> int:
+        """How many leading items of ``row`` are committed."""
+        lo, hi = self._held[row]
+        if hi == lo:
+            return 0
+        end = min(hi * self.granularity, (row + 1) * self.row_bytes)
+        return (end - row * self.row_bytes) // item_bytes
+
+    def ensure(self, row: int, nbytes: int) -> None:
+        """Commit the first ``nbytes`` of ``row`` (MemoryError if the device cannot)."""
+        if nbytes <= 0:
+            return
+        nbytes = min(nbytes, self.row_bytes)
+        g = self.granularity
+        start = row * self.row_bytes
+        lo = start // g
+        hi = -(-(start + nbytes) // g)
+        held_lo, held_hi = self._held[row]
+        if held_hi > held_lo and hi <= held_hi:
+            return
+        first_new = held_hi if held_hi > held_lo else lo
+        taken: list[int] = []
+        try:
+            for granule in range(first_new, hi):
+                if self._refs.get(granule, 0) == 0:
+                    if granule in self._pending:
+                        self._pending.discard(granule)  # still mapped: reuse it
+                    else:
+                        self.backing.commit(granule * g, g)
+                        self.commits += 1
+                self._refs[granule] = self._refs.get(granule, 0) + 1
+                taken.append(granule)
+        except BaseException:
+            for granule in taken:
+                self._unref(granule)
+            raise
+        self._held[row] = (lo, hi)
+
+    def drop(self, row: int) -> None:
+        """The row is free: its granules go once no row reaches into them (at `flush`)."""
+        lo, hi = self._held[row]
+        for granule in range(lo, hi):
+            self._unref(granule)
+        self._held[row] = (0, 0)
+
+    def _unref(self, granule: int) -> None:
+        refs = self._refs[granule] - 1
+        if refs:
+            self._refs[granule] = refs
+        else:
+            del self._refs[granule]
+            self._pending.add(granule)
+
+    def flush(self) -> int:
+        """Release granules no row holds any more; returns how many."""
+        released = 0
+        g = self.granularity
+        for granule in sorted(self._pending):
+            self.backing.release(granule * g, g)
+            released += 1
+        self.releases += released
+        self._pending.clear()
+        return released
+
+    @property
+    def committed_granules(self) -> int:
+        return len(self._refs) + len(self._pending)
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.committed_granules * self.granularity
