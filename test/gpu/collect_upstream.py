@@ -30,7 +30,7 @@ COPIED = [
     "kernels/ops/attention/score_mod.py",
 ]
 
-UTILS_STUB = '''"""Stub of sglang.srt.utils for the GPU suite (written by sglang-kvalloc, not upstream)."""
+UTILS_STUB = '''"""Stub of sglang.srt.utils for the GPU suite (sglang-kvalloc's, not upstream's)."""
 
 import functools
 import logging
@@ -63,7 +63,7 @@ def get_device_core_count(device_id: int = 0) -> int:
     return torch.cuda.get_device_properties(device_id).multi_processor_count
 '''
 
-RUNTIME_CONTEXT_STUB = '''"""Stub of sglang.srt.runtime_context for the GPU suite: nothing is published."""
+RUNTIME_CONTEXT_STUB = '''"""Stub of sglang.srt.runtime_context: nothing is published."""
 
 
 def get_exec():
