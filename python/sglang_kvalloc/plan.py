@@ -19,6 +19,7 @@ from sglang_kvalloc.core.planner import (
     DEFAULT_SWA_FULL_TOKENS_RATIO,
     GIB,
     GPU_PRESETS_MIB,
+    GPU_VMM_GRANULARITY,
     KV_CACHE_DTYPES,
     MIB,
     Plan,
@@ -159,10 +160,19 @@ def render(result: Plan) -> str:
     lines.append("")
     header = f"{'context-scaled start-up allocation':<40} {'static':>18} {'segmented':>18}"
     lines += [f"at context {result.planned_context:,}", header, "-" * len(header)]
+    on_gpu = result.attention_backend != "torch_native"
     for a in result.static.allocations:
-        lines.append(f"{a.name:<40} {a.bytes:>18,} {'0 (reserved)':>18}")
+        if a.name != "req_to_token":
+            segmented = f"{a.bytes:,} *"  # not lazy yet: allocated at upstream's size
+        elif on_gpu:
+            worst = min(a.bytes, (result.segmented.max_num_reqs + 1) * GPU_VMM_GRANULARITY)
+            segmented = f"<= {worst:,}"
+        else:
+            segmented = "as written"
+        lines.append(f"{a.name:<40} {a.bytes:>18,} {segmented:>18}")
     lines.append(
-        f"{'committed at start':<40} {result.static.context_scaled_committed_bytes:>18,} "
+        f"{'committed (segmented: worst case)':<40} "
+        f"{result.static.context_scaled_committed_bytes:>18,} "
         f"{result.segmented.context_scaled_committed_bytes:>18,}"
     )
     lines.append(
@@ -180,6 +190,17 @@ def render(result: Plan) -> str:
     )
     for a in result.static.allocations:
         lines.append(f"  {a.name}: {a.formula}  [{a.upstream}]")
+    if on_gpu:
+        lines.append(
+            f"  segmented req_to_token: reserved; rows committed as used, in "
+            f"{GPU_VMM_GRANULARITY >> 20} MiB granules: worst case one per request slot for "
+            f"requests under {GPU_VMM_GRANULARITY // 4:,} tokens"
+        )
+    if len(result.static.allocations) > 1:
+        lines.append(
+            "  * the attention backend's cuda-graph buffers are still allocated at upstream's "
+            "size in segmented mode (making them lazy is separate work)"
+        )
     lines += [
         "",
         f"auto -> {result.auto.mode}, context {result.auto.effective_context:,}"

@@ -611,6 +611,29 @@ def resolve_max_num_reqs(
     return min(estimated, token_capacity // 2)
 
 
+# The CUDA VMM granularity segmented mode commits req_to_token rows in: the RECOMMENDED
+# granularity of pinned device memory, 2 MiB on H100/H200 (expected; the GPU suite records it).
+GPU_VMM_GRANULARITY = 2 * MIB
+
+
+def segmented_committed_bytes(allocations: list[Allocation], max_reqs: int, *, on_gpu: bool) -> int:
+    """What segmented mode commits at start-up of the context-sized allocations, counting each
+    running request's first req_to_token granule (the worst case for requests shorter than one
+    granule of positions, 524,288 on a GPU; on the CPU pages commit as they are written).
+
+    The attention backends' cuda-graph buffers are still allocated at upstream's size in this
+    build (making them lazy is separate work), so they count in full.
+    """
+    committed = 0
+    for allocation in allocations:
+        if allocation.name == "req_to_token":
+            if on_gpu:
+                committed += min(allocation.bytes, (max_reqs + 1) * GPU_VMM_GRANULARITY)
+        else:
+            committed += allocation.bytes
+    return committed
+
+
 def req_to_token_extra(speculative_draft_tokens: int = 0) -> int:
     """Row headroom past context_len; mirrors mem_cache/allocation_sizing.py
     get_req_to_token_extra_context_len (4 + draft tokens; spec v2 with page > 1 may add more).
@@ -1078,8 +1101,10 @@ def plan(inputs: PlanInputs) -> Plan:
             speculative_draft_tokens=inputs.speculative_draft_tokens,
         )
         reserved = sum(a.bytes for a in allocs)
-        # Segmented commits req_to_token rows / index pages only as requests touch them.
-        committed = reserved if mode == "static" else 0
+        if mode == "static":
+            committed = reserved
+        else:
+            committed = segmented_committed_bytes(allocs, reqs, on_gpu=backend != "torch_native")
         return ModePlan(
             mode=mode,
             context_len=context_len,
