@@ -34,34 +34,53 @@ def _mha_cell_bytes(configurator: Any) -> int | None:
     return heads * (mc.head_dim + mc.v_head_dim) * layers * configurator.kv_cache_dtype.itemsize
 
 
+def _cuda_graph_bytes(configurator: Any, context_len: int) -> int:
+    """The attention backend's context-sized cuda-graph buffers, by the planner's formulas (0
+    off CUDA). Computed, not measured here: no GPU ran this."""
+    if not str(configurator.device).startswith("cuda"):
+        return 0
+    try:
+        from sglang.srt.arg_groups.overrides import resolving_view
+
+        view = resolving_view(configurator.server_args)
+        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
+        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+        backend = str(view.attention_backend or "fa3")
+        allocations = planner.cuda_graph_allocations(
+            spec,
+            backend=backend,
+            max_bs=max_bs,
+            context_len=context_len,
+            page_size=configurator.page_size,
+        )
+    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
+        logger.debug("cuda-graph buffer estimate skipped: %s", exc)
+        return 0
+    return sum(a.bytes for a in allocations)
+
+
 def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: int) -> int:
     """What static mode allocates at start in proportion to the context (this process)."""
     from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
 
     extra = get_req_to_token_extra_context_len()
     total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
-    if str(configurator.device).startswith("cuda"):
-        # cuda-graph index buffers, by the planner's formulas. Not run here (no GPU); a GPU
-        # owner confirms with: python -m sglang.launch_server --model-path M
-        #   --kv-alloc-mode auto --context-length 10000000  (the log states the share).
-        try:
-            from sglang.srt.arg_groups.overrides import resolving_view
+    return total + _cuda_graph_bytes(configurator, context_len)
 
-            view = resolving_view(configurator.server_args)
-            spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-            max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
-            backend = str(view.attention_backend or "fa3")
-            for alloc in planner.cuda_graph_allocations(
-                spec,
-                backend=backend,
-                max_bs=max_bs,
-                context_len=context_len,
-                page_size=configurator.page_size,
-            ):
-                total += alloc.bytes
-        except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
-            logger.debug("cuda-graph buffer estimate skipped: %s", exc)
-    return total
+
+def _warn_graph_buffers(configurator: Any) -> None:
+    """Segmented on a GPU: say what is still sized by the context (until the attention
+    backends' buffers are lazy too), so an operator can act before capture runs short."""
+    graph_bytes = _cuda_graph_bytes(configurator, configurator.model_config.context_len)
+    if graph_bytes > 1e9:
+        logger.warning(
+            "--kv-alloc-mode segmented: the attention backend's cuda-graph buffers are still "
+            "sized by the context in this build: about %.1f GB at context %d (computed). If "
+            "cuda-graph capture runs out of memory, lower --cuda-graph-max-bs or "
+            "--context-length.",
+            graph_bytes / 1e9,
+            configurator.model_config.context_len,
+        )
 
 
 def around_resolve_memory_pool_config(
@@ -82,6 +101,7 @@ def around_resolve_memory_pool_config(
     if requested != modes.AUTO:
         if requested == modes.SEGMENTED:
             _open_backings(self)  # a device that cannot do it says so now, in one line
+            _warn_graph_buffers(self)
         STATE.mode = requested
         STATE.reason = "chosen explicitly"
         return config
@@ -121,6 +141,8 @@ def around_resolve_memory_pool_config(
     STATE.mode = mode
     STATE.reason = reason
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
+    if mode == modes.SEGMENTED:
+        _warn_graph_buffers(self)
     return config
 
 
