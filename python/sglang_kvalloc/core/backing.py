@@ -210,6 +210,29 @@ def _align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
+def tensor_bytes(dtype: torch.dtype, shape: tuple[int, ...], reserved: int) -> int:
+    """Bytes a tensor view of ``shape`` takes; ValueError if the reservation is smaller."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > reserved:
+        raise ValueError(
+            f"tensor of shape {tuple(shape)} and dtype {dtype} needs {nbytes} bytes, "
+            f"but only {reserved} are reserved"
+        )
+    return nbytes
+
+
+def check_range(offset: int, nbytes: int, granularity: int, reserved: int) -> None:
+    """A commit/release range must be granule-aligned and inside the reservation."""
+    if offset < 0 or nbytes < 0 or offset % granularity or nbytes % granularity:
+        raise ValueError(
+            f"range offset={offset} nbytes={nbytes} is not aligned to granularity {granularity}"
+        )
+    if offset + nbytes > reserved:
+        raise ValueError(
+            f"range [{offset}, {offset + nbytes}) exceeds the reservation of {reserved} bytes"
+        )
+
+
 class CpuMmapBacking:
     """Anonymous private ``MAP_NORESERVE`` mapping exposed zero-copy as a torch tensor.
 
@@ -285,13 +308,7 @@ class CpuMmapBacking:
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         base = self._live_base()
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = math.prod(shape) * itemsize
-        if nbytes > self._reserved:
-            raise ValueError(
-                f"tensor of shape {tuple(shape)} and dtype {dtype} needs {nbytes} bytes, "
-                f"but only {self._reserved} are reserved"
-            )
+        nbytes = tensor_bytes(dtype, shape, self._reserved)
         return base[:nbytes].view(dtype).view(shape)
 
     def commit(self, offset: int, nbytes: int) -> None:
@@ -360,16 +377,7 @@ class CpuMmapBacking:
     def _check_range(self, offset: int, nbytes: int) -> None:
         if self._map is None:
             raise RuntimeError("backing is closed")
-        g = self.granularity
-        if offset < 0 or nbytes < 0 or offset % g or nbytes % g:
-            raise ValueError(
-                f"range offset={offset} nbytes={nbytes} is not aligned to granularity {g}"
-            )
-        if offset + nbytes > self._reserved:
-            raise ValueError(
-                f"range [{offset}, {offset + nbytes}) exceeds the reservation of "
-                f"{self._reserved} bytes"
-            )
+        check_range(offset, nbytes, self.granularity, self._reserved)
 
     def _populate_range(self, offset: int, nbytes: int) -> None:
         assert self._map is not None

@@ -28,7 +28,12 @@ from typing import Any, Protocol
 
 import torch
 
-from sglang_kvalloc.core.backing import BackingUnavailableError, RangeSet
+from sglang_kvalloc.core.backing import (
+    BackingUnavailableError,
+    RangeSet,
+    check_range,
+    tensor_bytes,
+)
 
 __all__ = ["CudaBackingFactory", "CudaVmmBacking", "VmmApi", "VmmDevice"]
 
@@ -370,13 +375,7 @@ class CudaVmmBacking:
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         reservation = self._live()
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = int(torch.Size(shape).numel()) * itemsize
-        if nbytes > self._reserved:
-            raise ValueError(
-                f"tensor of shape {tuple(shape)} and dtype {dtype} needs {nbytes} bytes, "
-                f"but only {self._reserved} are reserved"
-            )
+        nbytes = tensor_bytes(dtype, shape, self._reserved)
         return self.device.api.tensor_over(
             reservation.address, nbytes, dtype, tuple(shape), owner=reservation
         )
@@ -466,16 +465,7 @@ class CudaVmmBacking:
         return self._reservation
 
     def _check_range(self, offset: int, nbytes: int) -> None:
-        g = self.granularity
-        if offset < 0 or nbytes < 0 or offset % g or nbytes % g:
-            raise ValueError(
-                f"range offset={offset} nbytes={nbytes} is not aligned to granularity {g}"
-            )
-        if offset + nbytes > self._reserved:
-            raise ValueError(
-                f"range [{offset}, {offset + nbytes}) exceeds the reservation of "
-                f"{self._reserved} bytes"
-            )
+        check_range(offset, nbytes, self.granularity, self._reserved)
 
 
 class CudaBackingFactory:
