@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.sglang-kvalloc-deps"
-want="$(sha256sum "$repo/python/constraints.txt" "$repo/python/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)"
+want="$(cat "$repo/python/constraints.txt" "$repo/python/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing sglang==0.5.23 and test tools (first time: several minutes, ~11 GB)"
   "$venv/bin/pip" install -q -c "$repo/python/constraints.txt" \
