@@ -6,7 +6,8 @@ venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
 set +e
-"$venv/bin/python" -m pytest test -q -p no:cacheprovider -W ignore::DeprecationWarning "$@"
+"$venv/bin/python" -m pytest test -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  --durations=15 "$@"
 status=$?
 set -e
 # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.

@@ -563,9 +563,9 @@ def _rows(slot_pages: torch.Tensor, page_size: int) -> torch.Tensor:
 def test_randomized_alloc_free_grow_shrink(
     page_size: int, segment_tokens: int, lazy_merge: bool, seed: int, commit_failure_rate: float
 ) -> None:
-    """4 segments, 64-byte K and V rows, OS-page granularity; 100k mixed operations. With
+    """4 segments, 64-byte K and V rows, OS-page granularity; 30k mixed operations. With
     failing commits: a failure hands out nothing and leaks nothing, and the pool recovers."""
-    n_ops = 100_000
+    n_ops = 30_000
     start = time.perf_counter()
     rng = random.Random(seed)
     ps = page_size
@@ -723,11 +723,11 @@ def test_randomized_alloc_free_grow_shrink(
     assert buffers.committed_segments == 1
     assert buffers.committed_bytes == seg_bytes
     check_all()
-    assert grows > 100 and shrinks > 100 and failed > 10, (grows, shrinks, failed)
+    assert grows > 30 and shrinks > 30 and failed > 10, (grows, shrinks, failed)
     assert alloc.commits == alloc.releases + 1
     assert alloc.commit_failures == commit_failures
     if commit_failure_rate:
-        assert commit_failures > 100
+        assert commit_failures > 20
     elapsed = time.perf_counter() - start
     print(
         f"\n{n_ops} ops ps={ps} lazy={lazy_merge}: {elapsed:.1f}s, commits={alloc.commits} "
