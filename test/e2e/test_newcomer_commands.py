@@ -99,7 +99,8 @@ def test_context_below_the_model_maximum_is_upstream_static(tiny_model: Path) ->
 
 
 def test_engine_as_typed_above_the_maximum(tiny_model: Path) -> None:
-    """`sglang.Engine` as typed: a 10M context clamps to the model maximum like the server."""
+    """`sglang.Engine` as typed, with the `kv_alloc_mode` keyword: a 10M context clamps to the
+    model maximum like the server."""
     os.environ.update(CPU_ENV)
     import sglang
 
@@ -109,6 +110,8 @@ def test_engine_as_typed_above_the_maximum(tiny_model: Path) -> None:
     try:
         info = engine.get_server_info()
         kv = info["internal_states"][0]["kv_alloc"]
+        assert info["kv_alloc_mode"] == "auto"  # the keyword reached the scheduler
+        assert kv["requested_mode"] == "auto"
         assert info["context_length"] == MODEL_MAX
         assert kv["requested_context_length"] == 10_000_000
         assert kv["mode"] == "segmented"

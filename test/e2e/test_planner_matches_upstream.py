@@ -12,8 +12,7 @@ from sglang_kvalloc.serving import LocalServer
 CASES = [
     # (context length, --max-total-tokens, --page-size, --max-running-requests)
     (2048, 16384, 1, None),
-    (16384, 40000, 16, None),
-    (65536, 65536, 1, 8),
+    (16384, 40000, 16, 8),
 ]
 
 
