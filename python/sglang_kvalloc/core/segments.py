@@ -412,7 +412,7 @@ class SegmentedPageAllocator:
     @property
     def num_free_committed(self) -> int:
         """Free pages that are backed right now (merged plus staged)."""
-        return len(self.free_pages) + self._num_staged
+        return self.free_pages.shape[0] + self._num_staged
 
     def _withheld_committed(self) -> int:
         """Free pages of segments committed here but above the ceiling (another rank failed)."""
@@ -504,7 +504,7 @@ class SegmentedPageAllocator:
         while self._free_usable() < n_pages:
             if not self._commit_next():
                 return False
-        if n_pages > len(self.free_pages):
+        if n_pages > self.free_pages.shape[0]:
             self.merge_and_sort_free()
         return True
 

@@ -1,0 +1,241 @@
+"""Allocator microbenchmark (not a CI test): upstream's token / paged allocators against the
+segmented ones, in-process, on the same scheduler-like alloc/free traces.
+
+A trace replays what the scheduler asks of the allocator: requests arrive with a prompt
+(prefill: `alloc(n)` at page size 1, `alloc_extend` above), every running request takes one
+slot per decode step (`alloc(bs)` / `alloc_decode`), finished requests free all their slots.
+The segmented allocator also gets its per-iteration `scheduler_step` (commit ahead, shrink
+check), timed as part of its cost. Reported: ns per allocator call by kind and per step in
+total, the median of interleaved repeats with their spread, and the ratio segmented/upstream.
+
+    python benchmark/allocator_micro.py --out docs/ [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream.segmented import (
+    SegmentedPagedTokenToKVPoolAllocator,
+    SegmentedTokenToKVPoolAllocator,
+)
+
+SEGMENT_TOKENS = 4096
+ROW_BYTES = 1  # one byte per token and buffer: the backing is exercised, memory stays small
+
+
+@dataclass
+class Trace:
+    """A replayable request schedule: per step, the arrivals' prompt lengths; per request,
+    its number of decode steps."""
+
+    name: str
+    arrivals: list[list[int]]
+    decode_steps: dict[int, int]
+
+
+def make_trace(name: str, pool_tokens: int, steps: int, seed: int) -> Trace:
+    rng = random.Random(seed)
+    if name == "decode":  # a steady batch of long decodes, arrivals few
+        batch, prompt, out = 64, (256, 2048), (256, 1024)
+    else:  # prefill-heavy: many arrivals with long prompts, short outputs
+        batch, prompt, out = 16, (2048, 16384), (4, 64)
+    # Keep the live set well inside the pool, so both allocators always succeed.
+    batch = max(1, min(batch, pool_tokens // (2 * (prompt[1] + out[1]))))
+    arrivals: list[list[int]] = []
+    decode_steps: dict[int, int] = {}
+    live = 0
+    rid = 0
+    ends: list[int] = []
+    for step in range(steps):
+        ends = [e for e in ends if e > step]
+        live = len(ends)
+        new = []
+        while live + len(new) < batch:
+            new.append(rng.randint(*prompt))
+            n_out = rng.randint(*out)
+            decode_steps[rid] = n_out
+            ends.append(step + 1 + n_out)
+            rid += 1
+        arrivals.append(new)
+    return Trace(name, arrivals, decode_steps)
+
+
+@dataclass
+class Timings:
+    ns: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, ns: int) -> None:
+        self.ns[kind] = self.ns.get(kind, 0) + ns
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+
+def build(impl: str, pool_tokens: int, page_size: int):
+    if impl == "upstream":
+        if page_size == 1:
+            return TokenToKVPoolAllocator(pool_tokens, torch.int64, "cpu", None, False)
+        return PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.int64, "cpu", None, False)
+    geometry = SegmentGeometry(pool_tokens + page_size, SEGMENT_TOKENS, page_size)
+    kv = types.SimpleNamespace(
+        segmented_buffers=SegmentedBuffers.create(geometry, [ROW_BYTES, ROW_BYTES])
+    )
+    if page_size == 1:
+        return SegmentedTokenToKVPoolAllocator(pool_tokens, torch.int64, "cpu", kv, False)
+    return SegmentedPagedTokenToKVPoolAllocator(
+        pool_tokens, page_size, torch.int64, "cpu", kv, False
+    )
+
+
+def replay(impl: str, trace: Trace, pool_tokens: int, page_size: int) -> Timings:
+    alloc = build(impl, pool_tokens, page_size)
+    step_hook = getattr(alloc, "scheduler_step", None)
+    t = Timings()
+    clock = time.perf_counter_ns
+    slots: dict[int, list[torch.Tensor]] = {}  # request -> its slot chunks
+    lens: dict[int, int] = {}
+    left: dict[int, int] = {}
+    rid = 0
+    for new in trace.arrivals:
+        demand = sum(new) + len(slots)
+        if step_hook is not None:
+            t0 = clock()
+            step_hook(demand)
+            t.add("scheduler_step", clock() - t0)
+        # Prefill the arrivals, one batch.
+        if new:
+            if page_size == 1:
+                t0 = clock()
+                out = alloc.alloc(sum(new))
+                t.add("alloc_prefill", clock() - t0)
+            else:
+                zeros = torch.zeros(len(new), dtype=torch.int64)
+                seq = torch.tensor(new, dtype=torch.int64)
+                last = torch.full((len(new),), -1, dtype=torch.int64)
+                t0 = clock()
+                out = alloc.alloc_extend(zeros, zeros, seq, seq, last, sum(new))
+                t.add("alloc_extend", clock() - t0)
+            assert out is not None, "the trace keeps the live set inside the pool"
+            at = 0
+            for n in new:
+                slots[rid] = [out[at : at + n]]
+                lens[rid] = n
+                left[rid] = trace.decode_steps[rid]
+                at += n
+                rid += 1
+        # One decode step for every running request.
+        running = list(slots)
+        if running:
+            if page_size == 1:
+                t0 = clock()
+                out = alloc.alloc(len(running))
+                t.add("alloc_decode", clock() - t0)
+            else:
+                seq = torch.tensor([lens[r] + 1 for r in running], dtype=torch.int64)
+                last = torch.stack([slots[r][-1][-1] for r in running])
+                t0 = clock()
+                out = alloc.alloc_decode(seq, seq, last)
+                t.add("alloc_decode", clock() - t0)
+            assert out is not None
+            for i, r in enumerate(running):
+                slots[r].append(out[i : i + 1])
+                lens[r] += 1
+                left[r] -= 1
+        # Finished requests free their slots (upstream frees them as one tensor per request,
+        # inside a free group per batch).
+        done = [r for r in running if left[r] <= 0]
+        if done:
+            t0 = clock()
+            alloc.free_group_begin()
+            for r in done:
+                alloc.free(torch.cat(slots.pop(r)))
+                del lens[r], left[r]
+            alloc.free_group_end()
+            t.add("free", clock() - t0)
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--pool-tokens", type=int, nargs="+", default=[65_536, 1_048_576, 8_388_608]
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    segmented.SETTINGS.hold_off_s = 5.0
+
+    rows = []
+    for pool in args.pool_tokens:
+        for page_size in (1, 16):
+            for name in ("decode", "prefill"):
+                trace = make_trace(name, pool, args.steps, seed=pool + page_size)
+                per: dict[str, list[Timings]] = {"upstream": [], "segmented": []}
+                for _ in range(args.repeats):  # interleaved, so drift hits both alike
+                    for impl in ("upstream", "segmented"):
+                        per[impl].append(replay(impl, trace, pool, page_size))
+                row = {"pool_tokens": pool, "page_size": page_size, "trace": name}
+                for impl, runs in per.items():
+                    kinds = sorted(runs[0].ns)
+                    row[impl] = {
+                        k: {
+                            "calls": runs[0].calls[k],
+                            "ns_per_call": statistics.median(r.ns[k] / r.calls[k] for r in runs),
+                        }
+                        for k in kinds
+                    }
+                    totals = [sum(r.ns.values()) / args.steps for r in runs]
+                    row[impl]["ns_per_step"] = {
+                        "median": statistics.median(totals),
+                        "min": min(totals),
+                        "max": max(totals),
+                    }
+                ratios = [
+                    sum(s.ns.values()) / sum(u.ns.values())
+                    for u, s in zip(per["upstream"], per["segmented"], strict=True)
+                ]
+                row["ratio_segmented_over_upstream"] = {
+                    "median": statistics.median(ratios),
+                    "min": min(ratios),
+                    "max": max(ratios),
+                }
+                rows.append(row)
+                r = row["ratio_segmented_over_upstream"]
+                print(
+                    f"pool {pool:>9} page {page_size:>2} {name:<7} upstream "
+                    f"{row['upstream']['ns_per_step']['median'] / 1e3:8.1f} us/step, segmented "
+                    f"{row['segmented']['ns_per_step']['median'] / 1e3:8.1f} us/step, ratio "
+                    f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]",
+                    flush=True,
+                )
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": "CPU only, torch threads 1",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "segment_tokens": SEGMENT_TOKENS,
+        "rows": rows,
+    }
+    (args.out / "allocator_micro.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
