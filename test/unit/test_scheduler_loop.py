@@ -27,14 +27,26 @@ def test_demand_covers_one_chunk_of_prefill_and_one_decode_step() -> None:
     assert iteration_demand_tokens(_scheduler([])) == 0
     # Two short requests: all of them (plus a page each of rounding).
     assert iteration_demand_tokens(_scheduler([_req(100), _req(50, 7)])) == 100 + 1 + 57 + 1
-    # A long queue is capped at one chunk (and its pages of rounding), not summed whole.
+    # A long queue stops at one chunk, not summed whole; the request that crosses the chunk
+    # boundary counts whole (upstream admits it as a chunked request, all of it reserved).
     many = [_req(3000) for _ in range(1000)]
-    assert iteration_demand_tokens(_scheduler(many, chunk=4096)) == 4096 + 2
+    assert iteration_demand_tokens(_scheduler(many, chunk=4096)) == 2 * 3001
+    assert iteration_demand_tokens(_scheduler([_req(100_000)] * 3, chunk=4096)) == 100_001
+    # A chunked request in flight: its whole remaining input, whatever the chunk size.
+    chunked = types.SimpleNamespace(origin_input_ids=[0] * 100_000, prefix_len=40_000)
+    assert iteration_demand_tokens(_scheduler([], chunk=4096, chunked=chunked)) == 60_001
     # Without chunked prefill the whole queue may go in one batch.
     assert iteration_demand_tokens(_scheduler(many[:3], chunk=-1)) == 3 * 3001
     # Decode: a new page per running request (two with speculative draft tokens past a page).
     assert iteration_demand_tokens(_scheduler([], running=5, page=16)) == 5 * 2 * 16
     assert iteration_demand_tokens(_scheduler([], running=5), draft_tokens=4) == 5 * 6
+    # The last prefill batch's requests join the running batch before its decode step.
+    with_last = _scheduler([], running=5)
+    extend = types.SimpleNamespace(is_extend=lambda: True)
+    with_last.last_batch = types.SimpleNamespace(reqs=[_req(10)] * 3, forward_mode=extend)
+    assert iteration_demand_tokens(with_last) == (5 + 3) * 2
+    with_last.last_batch.forward_mode = types.SimpleNamespace(is_extend=lambda: False)
+    assert iteration_demand_tokens(with_last) == 5 * 2
 
 
 def test_commit_ahead_serves_the_iteration_without_committing_in_alloc() -> None:

@@ -386,6 +386,39 @@ def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
     a.check_invariants()
 
 
+def test_pages_promised_below_a_ceiling_are_committed_ahead_not_mid_batch() -> None:
+    """After a failed commit, a shrink can release segments below the ceiling; available_pages()
+    still promises them, so prepare() must commit them before the scheduler's admission, even
+    while the retry is not due (the CI failure: a mid-batch commit failed and upstream raised
+    "Out of memory" on an allocation its admission had counted)."""
+    a, events, clock = make_alloc(hold_off_s=1.0, retry_s=60.0)
+    fail = {"on": False}
+
+    def flaky(seg: int) -> None:
+        if fail["on"]:
+            raise MemoryError("no memory")
+        events.append(("commit", seg))
+
+    a.on_commit = flaky
+    assert a.prepare(150) and a.committed_segments == 3
+    fail["on"] = True
+    assert not a.prepare(250) and a.ceiling == 3  # segment 3 fails: ceiling at 3
+    # Segment 2 empties and is released after the hold-off: committed 2, ceiling 3.
+    a.maybe_shrink(keep_free_pages=0)
+    clock.now += 1.5
+    a.maybe_shrink(keep_free_pages=0)
+    assert a.committed_segments < a.ceiling
+    promised = a.available_pages()
+    fail["on"] = False
+    clock.now += 0.1  # the retry of the ceiling is not due yet
+    assert not a.prepare(promised)  # the ceiling stands, but what it promises is committed
+    assert a.committed_segments == a.ceiling
+    assert a.num_free_committed == promised
+    got = a.alloc(promised)  # the whole promise is served without a commit
+    assert got is not None and got.numel() == promised
+    a.check_invariants()
+
+
 def test_prepare_commits_ahead_and_shrink_keeps_the_headroom() -> None:
     a, events, clock = make_alloc(hold_off_s=1.0)
     assert a.prepare(100)  # 63 free in segment 0: segment 1 is committed ahead of need

@@ -514,12 +514,13 @@ class SegmentedPageAllocator:
         point every rank reaches together (the scheduler loop). False if a commit failed."""
         if self.ceiling < self.geometry.num_segments:
             due = int(self.clock() - self._failed_at >= self.retry_s)
-            if not self.agree(due):
-                return False
-            self._retry_ceiling()
-            if self.ceiling < self.geometry.num_segments:
-                return False
-        return self.ensure_free(min(n_pages, self.available_pages()))
+            if self.agree(due):
+                self._retry_ceiling()
+        # Even while a ceiling stands: segments released below it since (a shrink) are still
+        # promised by available_pages(), so they are committed here, not mid-batch, where a
+        # failure would leave upstream's allocation without the pages its admission counted.
+        ok = self.ensure_free(min(n_pages, self.available_pages()))
+        return ok and self.ceiling == self.geometry.num_segments
 
     def _retry_ceiling(self) -> None:
         seg = self.ceiling

@@ -15,31 +15,36 @@ from typing import Any
 
 
 def iteration_demand_tokens(scheduler: Any, draft_tokens: int = 0) -> int:
-    """An upper bound of the KV slots one iteration allocates: the prefill the waiting queue
-    can feed (at most one chunk when chunked prefill is on, one page of rounding per request)
-    plus one decode step (``draft_tokens`` speculative tokens included) of the running
-    requests."""
+    """An upper bound of the KV slots one iteration allocates, and of what upstream's admission
+    takes as reserved from then on: the chunked request's whole remaining input, the waiting
+    queue's requests up to one chunk with the request that crosses the chunk boundary counted
+    whole (upstream admits it as a chunked request and, to make progress, continues it later
+    whatever the pool holds then), one page of rounding per request, plus one decode step
+    (``draft_tokens`` speculative tokens included) of the running requests."""
     page = int(scheduler.page_size)
     running = getattr(scheduler, "running_batch", None)
     n_running = len(running.reqs) if running is not None else 0
+    # The last prefill batch joins the running batch inside get_next_batch_to_run, before
+    # its decode step allocates.
+    last = getattr(scheduler, "last_batch", None)
+    mode = getattr(last, "forward_mode", None)
+    if last is not None and last is not running and mode is not None and mode.is_extend():
+        n_running += len(last.reqs)
     decode = n_running * (-(-(1 + draft_tokens) // page) + 1) * page if n_running else 0
 
     chunk = scheduler.chunked_prefill_size
     cap = None if chunk is None or chunk <= 0 else int(chunk)
-    prefill = 0
-    n_prefill = 0
     chunked = scheduler.chunked_req
+    continuation = 0
     if chunked is not None:
-        prefill += len(chunked.origin_input_ids) + page
-        n_prefill += 1
+        done = int(getattr(chunked, "prefix_len", 0) or 0)
+        continuation = max(0, len(chunked.origin_input_ids) - done) + page
+    queue = 0
     for req in scheduler.waiting_queue:
-        prefill += len(req.origin_input_ids) + len(req.output_ids) + page
-        n_prefill += 1
-        if cap is not None and prefill >= cap + n_prefill * page:
+        queue += len(req.origin_input_ids) + len(req.output_ids) + page
+        if cap is not None and queue >= cap:
             break
-    if cap is not None:
-        prefill = min(prefill, cap + n_prefill * page)
-    return prefill + decode
+    return continuation + queue + decode
 
 
 def _has_work(scheduler: Any) -> bool:

@@ -223,10 +223,24 @@ class _SegmentedAllocatorMixin:
 
     def _make_segments(self, kvcache: Any, device: str) -> None:
         buffers: SegmentedBuffers = kvcache.segmented_buffers
+        self._committing_ahead = True  # the constructor's first commit is not mid-batch
+        self._last_demand_tokens = 0
+        self.mid_batch_commits = 0
         log = _RateLimitedLog()
         self._segment_log = log
 
         def on_commit(seg: int) -> None:
+            if not self._committing_ahead:
+                # Inside an allocation: the scheduler's commit-ahead did not cover it. Should
+                # this commit fail, upstream's allocation fails mid-batch; counted and said.
+                self.mid_batch_commits += 1
+                log(
+                    "KV segment %d committed inside an allocation, not ahead of the iteration "
+                    "(its demand estimate was %d tokens); %d such commits so far.",
+                    seg,
+                    self._last_demand_tokens,
+                    self.mid_batch_commits,
+                )
             buffers.commit_segment(seg)
             log(
                 "KV segments grew: segment %d committed; %d/%d committed, %.2f MB.",
@@ -261,6 +275,7 @@ class _SegmentedAllocatorMixin:
             # Upstream's kernels read free_pages where the pool lives (the GPU there).
             device=device,
         )
+        self._committing_ahead = False
         self._iteration = 0
         self._commit_failures_logged = 0
         self._withheld_logged = False
@@ -302,7 +317,12 @@ class _SegmentedAllocatorMixin:
         trailing segments empty for the hold-off (keeping that headroom)."""
         self._iteration += 1
         pages = -(-demand_tokens // self.page_size)
-        self._segments.prepare(pages)
+        self._last_demand_tokens = demand_tokens
+        self._committing_ahead = True
+        try:
+            self._segments.prepare(pages)
+        finally:
+            self._committing_ahead = False
         if self._iteration % SYNC_EVERY_ITERATIONS == 0:
             self._segments.maybe_shrink(keep_free_pages=pages)
         self._sync()
@@ -401,6 +421,7 @@ class _SegmentedAllocatorMixin:
             "commits": seg.commits,
             "releases": seg.releases,
             "commit_failures": seg.commit_failures,
+            "mid_batch_commits": self.mid_batch_commits,
             "hold_off_s": seg.hold_off_s,
         }
 
