@@ -174,6 +174,7 @@ def test_another_process_takes_the_memory_mid_growth(tiny_model: Path, cgroup) -
             seg = _kv(server)["segments"]
         assert seg["withheld_tokens"] == 0, seg
         assert seg["committed_bytes"] > start["committed_bytes"]
+        print(f"mid-batch commits: {seg['mid_batch_commits']}, failures {seg['commit_failures']}")
         log = server.log()
         assert "KV segment commit failed" in log
         assert "KV segment commits succeed again" in log
