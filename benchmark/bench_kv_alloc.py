@@ -681,9 +681,9 @@ def render_md(data: dict[str, Any]) -> str:
         "(`SGLANG_USE_CPU_ENGINE=1`, `--device cpu`) serving the built-in tiny Llama "
         "(2 layers, hidden 64, 2 KV heads of dim 16, float32, random weights). They show what "
         "the allocation mode changes in memory and start-up, and whether segmented mode costs "
-        "serving speed on this engine; they say nothing about GPU speed, where segments would be "
-        "committed with the CUDA VMM driver calls instead of `madvise` (that backing does not "
-        "exist yet)."
+        "serving speed on this engine; they say nothing about GPU speed, where segments are "
+        "committed with the CUDA VMM driver calls instead of `madvise` (that backing exists "
+        "but has not run on a GPU yet: see gpu.md)."
     )
     add("")
     add("## Findings in this run")
