@@ -171,6 +171,9 @@ def test_memory_rises_under_load_and_returns_when_idle(tiny_model: Path) -> None
         assert "memory leak detected" not in server.log()
 
 
+SHORT_MAX_POSITIONS = 4096
+
+
 @pytest.fixture(scope="module")
 def short_positions_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with max_position_embeddings 4,096 (the weights do not depend on it), so
@@ -184,9 +187,6 @@ def short_positions_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFac
     (out / "config.json").unlink()
     (out / "config.json").write_text(json.dumps(config))
     return out
-
-
-SHORT_MAX_POSITIONS = 4096
 
 
 def test_positions_past_the_model_maximum_grow_the_rope_cache(

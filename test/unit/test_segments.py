@@ -350,9 +350,11 @@ def test_release_callback_failure_restores_state() -> None:
     a.check_invariants()
 
 
-def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
-    a, events, clock = make_alloc(retry_s=2.0)
-    fail = {"on": True}
+def _flaky_commits(
+    a: SegmentedPageAllocator, events: list[tuple[str, int]], failing: bool
+) -> dict[str, bool]:
+    """Make the allocator's commits raise MemoryError while the returned switch is on."""
+    fail = {"on": failing}
 
     def flaky(seg: int) -> None:
         if fail["on"]:
@@ -360,6 +362,12 @@ def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
         events.append(("commit", seg))
 
     a.on_commit = flaky
+    return fail
+
+
+def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
+    a, events, clock = make_alloc(retry_s=2.0)
+    fail = _flaky_commits(a, events, failing=True)
     assert a.available_pages() == 255
     assert a.alloc(100) is None  # needs segment 1: the commit fails, nothing is handed out
     assert a.committed_segments == 1 and len(a.free_pages) == 63
@@ -389,17 +397,10 @@ def test_commit_failure_withholds_the_rest_and_retry_lifts_it() -> None:
 def test_pages_promised_below_a_ceiling_are_committed_ahead_not_mid_batch() -> None:
     """After a failed commit, a shrink can release segments below the ceiling; available_pages()
     still promises them, so prepare() must commit them before the scheduler's admission, even
-    while the retry is not due (the CI failure: a mid-batch commit failed and upstream raised
-    "Out of memory" on an allocation its admission had counted)."""
+    while the retry is not due: a commit failing mid-batch makes upstream raise "Out of
+    memory" on an allocation its admission had counted."""
     a, events, clock = make_alloc(hold_off_s=1.0, retry_s=60.0)
-    fail = {"on": False}
-
-    def flaky(seg: int) -> None:
-        if fail["on"]:
-            raise MemoryError("no memory")
-        events.append(("commit", seg))
-
-    a.on_commit = flaky
+    fail = _flaky_commits(a, events, failing=False)
     assert a.prepare(150) and a.committed_segments == 3
     fail["on"] = True
     assert not a.prepare(250) and a.ceiling == 3  # segment 3 fails: ceiling at 3
