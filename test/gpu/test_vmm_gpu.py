@@ -335,3 +335,149 @@ def test_triton_decode_and_extend_attention_equal_over_vmm_kv(vmm, results) -> N
     del k_vmm, v_vmm
     for b in backings:
         b.close()
+
+
+# -- issue 9: an attention backend's cuda-graph kv_indices, reserved and committed per replay --
+
+
+def test_triton_decode_graph_over_a_lazy_kv_indices_buffer(vmm, results) -> None:
+    """Upstream's triton decode kernel captured in a CUDA graph reading a kv_indices buffer of
+    upstream's cuda-graph shape (max tokens x context, int64) that is reserved, not allocated.
+    Before each replay the batch's need is committed (as the can_run_graph hook does), the
+    indices are filled (as the backend's replay prep does), and the output must equal an eager
+    run over an ordinary buffer, while the sum of sequence lengths grows past what was
+    committed at capture, after an idle release, and regrows."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+
+    from sglang_kvalloc.core.graph_buffers import (
+        FLAT,
+        GraphBatch,
+        GraphBufferLayout,
+        LazyGraphBuffer,
+    )
+
+    api, device = vmm
+    max_bs, context, slots = 8, 4_000_000, 400_000
+    layout = GraphBufferLayout("triton cuda_graph_kv_indices", FLAT, 1, max_bs * context, 8)
+    buffer = LazyGraphBuffer(layout, CudaVmmBacking(layout.reserved_bytes, device))
+    kv_indices = buffer.backing.tensor(torch.int64, (layout.items,))
+    gen = torch.Generator("cuda").manual_seed(3)
+    k = torch.randn((slots, H_KV, D), dtype=torch.bfloat16, device="cuda", generator=gen)
+    v = torch.randn((slots, H_KV, D), dtype=torch.bfloat16, device="cuda", generator=gen)
+    q = torch.randn((max_bs, H_Q, D), dtype=torch.bfloat16, device="cuda", generator=gen)
+    splits = 8
+    o = torch.empty((max_bs, H_Q, D), dtype=torch.bfloat16, device="cuda")
+    logits = torch.empty((max_bs, H_Q, splits, D), dtype=torch.float32, device="cuda")
+    lse = torch.empty((max_bs, H_Q, splits), dtype=torch.float32, device="cuda")
+    num_splits = torch.full((max_bs,), splits, dtype=torch.int32, device="cuda")
+    kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(D)
+
+    def run(indices: torch.Tensor, out: torch.Tensor) -> None:
+        decode_attention_fwd(q, k, v, out, kv_indptr, indices, logits, lse, num_splits, splits,
+                             scale, 1.0, 1.0)  # fmt: skip
+
+    def fill(seq_lens: list[int]) -> tuple[torch.Tensor, float]:
+        batch = GraphBatch(rows=max_bs, seq_lens_sum=sum(seq_lens), max_seq_len=max(seq_lens))
+        commit_us = _timed(lambda: buffer.ensure(batch))
+        total = sum(seq_lens)
+        kv_indptr[1:] = torch.cumsum(torch.tensor(seq_lens, device="cuda"), 0)
+        indices = torch.randint(0, slots, (total,), device="cuda", generator=gen)
+        kv_indices[:total] = indices
+        return indices, commit_us
+
+    capture_lens = [1] * max_bs  # upstream captures with seq_len_fill_value 1
+    fill(capture_lens)
+    committed_at_capture = buffer.committed_bytes
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(kv_indices, o)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(kv_indices, o)
+
+    rounds = []
+    schedule = [[1000] * max_bs, [100_000] * max_bs, [400_000, 5, 300_000, 7, 1, 250_000, 9, 3]]
+    schedule += [[2000] * max_bs]  # after the idle release below
+    for i, seq_lens in enumerate(schedule):
+        if i == 3:
+            released = buffer.release()
+            assert released > 0 and buffer.committed_bytes == 0
+        indices, commit_us = fill(seq_lens)
+        graph.replay()
+        expected = torch.empty_like(o)
+        run(indices, expected)
+        torch.cuda.synchronize()
+        assert torch.equal(o, expected), f"round {i}: graph output differs from eager"
+        batch = GraphBatch(max_bs, sum(seq_lens), max(seq_lens))
+        rounds.append(
+            {
+                "seq_lens_sum": sum(seq_lens),
+                "commit_us": round(commit_us, 1),
+                "committed_bytes": buffer.committed_bytes,
+                "commit_bytes_from_empty": layout.commit_bytes(batch, device.granularity),
+            }
+        )
+    # What the planner prints for a batch is what the buffer holds after committing it.
+    assert rounds[-1]["committed_bytes"] == rounds[-1]["commit_bytes_from_empty"]
+    assert rounds[2]["committed_bytes"] >= rounds[2]["commit_bytes_from_empty"]
+    results["triton_graph_over_lazy_kv_indices"] = {
+        "reserved_bytes": layout.reserved_bytes,
+        "committed_at_capture_bytes": committed_at_capture,
+        "replays": rounds,
+        "outputs_equal_eager": True,
+    }
+    del graph
+    buffer.release()
+    buffer.backing.close()
+
+
+def test_graph_reading_a_lazy_row_table_across_growth(vmm, results) -> None:
+    """A rows-layout table (fa3's page-table shape: max batch x pages, int32) reserved at a 10M
+    width: rows committed as far as the batch's longest sequence before the fill; a captured
+    gather reads it across growth and an idle release."""
+    from sglang_kvalloc.core.graph_buffers import (
+        ROWS,
+        GraphBatch,
+        GraphBufferLayout,
+        LazyGraphBuffer,
+    )
+
+    api, device = vmm
+    max_bs, pages = 16, 10_000_000
+    layout = GraphBufferLayout("fa3 page_table", ROWS, max_bs, pages, 4)
+    buffer = LazyGraphBuffer(layout, CudaVmmBacking(layout.reserved_bytes, device))
+    table = buffer.backing.tensor(torch.int32, (max_bs, pages))
+    probe_cols = torch.tensor([0, 1, 999, 600_000, 1_500_000], device="cuda")
+    out = torch.zeros((max_bs, probe_cols.numel()), dtype=torch.int32, device="cuda")
+    buffer.ensure(GraphBatch(max_bs, max_bs, 1))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out.copy_(table[:, probe_cols])
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        out.copy_(table[:, probe_cols])
+    figures = []
+    for rows, longest in [(4, 1000), (16, 1_600_000), (2, 2_000)]:
+        batch = GraphBatch(rows, rows * longest, longest)
+        commit_us = _timed(lambda b=batch: buffer.ensure(b))
+        table[:rows, :longest] = torch.arange(longest, dtype=torch.int32, device="cuda") + 7
+        graph.replay()
+        torch.cuda.synchronize()
+        visible = probe_cols < longest
+        assert torch.equal(out[:rows, visible], (probe_cols[visible] + 7).int().expand(rows, -1))
+        figures.append({"rows": rows, "longest": longest, "commit_us": round(commit_us, 1),
+                        "committed_bytes": buffer.committed_bytes})  # fmt: skip
+        if rows == 16:
+            assert buffer.release() > 0  # idle: everything goes
+            graph.replay()  # reads the scratch page: zeros, no fault
+            torch.cuda.synchronize()
+            assert int(out.count_nonzero()) == 0
+    results["rows_table_graph"] = {"reserved_bytes": layout.reserved_bytes, "rounds": figures}
+    del graph
+    buffer.release()
+    buffer.backing.close()

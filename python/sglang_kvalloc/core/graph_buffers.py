@@ -1,0 +1,177 @@
+"""Attention backends' cuda-graph index buffers, reserved at upstream's shape and committed as
+far as the replayed batch needs.
+
+Upstream sizes these buffers by max batch x context at capture (a triton ``kv_indices`` of
+``max_num_tokens x context`` int64 is 41 GB at 512 x 10M). A graph reads them at fixed
+addresses, so they cannot be reallocated; they can be reserved (a backing) and committed
+before each replay as far as that replay writes, which is known on the host: the batch's
+rows, the sum of its sequence lengths and the longest one.
+
+Two layouts cover the index buffers:
+
+- ``flat``: ragged per-request lists laid end to end (triton ``kv_indices``): a replay writes
+  the first ``sum(ceil(seq_len / positions_per_item))`` items;
+- ``rows``: a ``rows x items`` table indexed by batch row (fa3 page tables): a replay writes
+  rows ``[0, batch rows)`` up to ``ceil(longest / positions_per_item)`` items each.
+
+`GraphBufferLayout.commit_bytes` is what a batch commits from empty; the planner prints it and
+`LazyGraphBuffer` commits exactly that (one shared function). Nothing here imports upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sglang_kvalloc.core.backing import Backing
+from sglang_kvalloc.core.rows import RowCommits
+
+__all__ = ["FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
+
+FLAT = "flat"
+ROWS = "rows"
+
+
+@dataclass(frozen=True)
+class GraphBatch:
+    """What one graph replay (or capture) fills, as the host knows it before the fill."""
+
+    rows: int  # batch rows filled: the captured batch size the batch is padded to
+    seq_lens_sum: int  # sum of the sequence lengths over those rows (padding rows included)
+    max_seq_len: int  # the longest of them
+    tokens_per_row: int = 1  # query tokens per row (draft tokens when verifying)
+
+
+@dataclass(frozen=True)
+class GraphBufferLayout:
+    """Shape and fill pattern of one context-sized cuda-graph buffer."""
+
+    name: str
+    kind: str  # FLAT or ROWS
+    rows: int  # ROWS: table rows (the captured max batch); FLAT: 1
+    items: int  # items per row (FLAT: the whole buffer)
+    item_bytes: int
+    positions_per_item: int = 1  # KV positions one item stands for (the page size for tables)
+
+    def __post_init__(self) -> None:
+        if self.kind not in (FLAT, ROWS):
+            raise ValueError(f"layout kind must be {FLAT!r} or {ROWS!r}, got {self.kind!r}")
+        if min(self.rows, self.items, self.item_bytes, self.positions_per_item) <= 0:
+            raise ValueError(f"graph buffer {self.name}: every dimension must be positive")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.items * self.item_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def items_needed(self, batch: GraphBatch) -> int:
+        """FLAT: items written in total; ROWS: items written in each of the batch's rows.
+
+        One item more per row than the lengths give covers the per-row rounding up and the
+        token the step appends; never more than the buffer holds."""
+        ppi = self.positions_per_item
+        if self.kind == FLAT:
+            per_row_slack = batch.rows * (1 + batch.tokens_per_row)
+            need = -(-batch.seq_lens_sum // ppi) + per_row_slack
+        else:
+            need = -(-(batch.max_seq_len + batch.tokens_per_row) // ppi) + 1
+        return min(need, self.items)
+
+    def commit_bytes(self, batch: GraphBatch, granularity: int) -> int:
+        """Bytes committed for ``batch`` from nothing committed, at ``granularity``."""
+        if batch.rows <= 0:
+            return 0
+        g = granularity
+        if self.kind == FLAT:
+            nbytes = self.items_needed(batch) * self.item_bytes
+            return min(-(-nbytes // g) * g, -(-self.reserved_bytes // g) * g)
+        prefix = self.items_needed(batch) * self.item_bytes
+        granules = 0
+        last = -1  # highest granule counted so far (rows go up in address)
+        for row in range(min(batch.rows, self.rows)):
+            start = row * self.row_bytes
+            lo, hi = start // g, -(-(start + prefix) // g)
+            granules += hi - max(lo, last + 1)
+            last = hi - 1
+        return granules * g
+
+
+class LazyGraphBuffer:
+    """One reserved buffer of a `GraphBufferLayout`, committed before each replay as far as it
+    writes, and given back at idle (a sync point: no graph is reading it)."""
+
+    def __init__(self, layout: GraphBufferLayout, backing: Backing) -> None:
+        if backing.reserved_bytes < layout.reserved_bytes:
+            raise ValueError(
+                f"graph buffer {layout.name}: backing holds {backing.reserved_bytes} B, the "
+                f"layout needs {layout.reserved_bytes} B"
+            )
+        self.layout = layout
+        self.backing = backing
+        self.granularity = backing.granularity
+        self._flat_end = 0  # FLAT: committed prefix, in bytes (granule multiple)
+        self._rows = RowCommits(backing, layout.rows, layout.row_bytes)
+        # ROWS fast path: rows [0, _rows_ready) hold at least _prefix_ready bytes each.
+        self._rows_ready = 0
+        self._prefix_ready = 0
+        self.commits = 0
+        self.releases = 0
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.backing.committed_bytes
+
+    def ensure(self, batch: GraphBatch) -> int:
+        """Commit what ``batch`` writes; returns the bytes newly committed. MemoryError (and
+        nothing the graph could read half-committed) if the device cannot back it."""
+        layout = self.layout
+        if batch.rows <= 0:
+            return 0
+        if layout.kind == FLAT:
+            g = self.granularity
+            need = -(-(layout.items_needed(batch) * layout.item_bytes) // g) * g
+            need = min(need, self.backing.reserved_bytes)
+            if need <= self._flat_end:
+                return 0
+            # One new mapping past the committed prefix: ranges are committed whole.
+            self.backing.commit(self._flat_end, need - self._flat_end)
+            grown = need - self._flat_end
+            self._flat_end = need
+            self.commits += 1
+            return grown
+        rows = min(batch.rows, layout.rows)
+        prefix = layout.items_needed(batch) * layout.item_bytes
+        if rows <= self._rows_ready and prefix <= self._prefix_ready:
+            return 0
+        before = self.backing.committed_bytes
+        for row in range(rows):
+            self._rows.ensure(row, prefix)
+        if rows >= self._rows_ready and prefix >= self._prefix_ready:
+            self._rows_ready, self._prefix_ready = rows, prefix
+        elif rows >= self._rows_ready:
+            self._rows_ready = rows
+            self._prefix_ready = min(self._prefix_ready, prefix)
+        grown = self.backing.committed_bytes - before
+        if grown:
+            self.commits += 1
+        return grown
+
+    def release(self) -> int:
+        """Give back everything committed; returns the bytes released. Only where no kernel
+        can read the buffer (idle); the next replay commits again before its fill."""
+        before = self.backing.committed_bytes
+        if self.layout.kind == FLAT:
+            if self._flat_end:
+                self.backing.release(0, self._flat_end)
+                self._flat_end = 0
+        else:
+            for row in range(self._rows_ready):
+                self._rows.drop(row)
+            self._rows.flush()
+            self._rows_ready = self._prefix_ready = 0
+        released = before - self.backing.committed_bytes
+        if released:
+            self.releases += 1
+        return released

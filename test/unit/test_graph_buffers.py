@@ -1,0 +1,115 @@
+"""Lazy cuda-graph buffers (issue 9) over the fake CUDA driver: what a batch commits equals the
+layout's arithmetic (the planner's), data written inside the committed part survives growth,
+a failed commit changes nothing, and idle gives everything back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fake_cuda import MIB, FakeDriver, FakeVmmApi
+
+from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
+from sglang_kvalloc.core.graph_buffers import (
+    FLAT,
+    ROWS,
+    GraphBatch,
+    GraphBufferLayout,
+    LazyGraphBuffer,
+)
+
+G = 2 * MIB
+
+
+class Device:
+    """The fake driver, and what it holds beyond the device's one scratch granule."""
+
+    def __init__(self, capacity: int) -> None:
+        self.driver = FakeDriver(capacity=capacity)
+        self.vmm = VmmDevice(FakeVmmApi(self.driver), 0, background_refill=False)
+        self.scratch = self.driver.physical_bytes
+
+    @property
+    def physical_bytes(self) -> int:
+        return self.driver.physical_bytes - self.scratch
+
+    def fail_next(self, name: str) -> None:
+        self.driver.fail_next(name)
+
+
+def lazy(layout: GraphBufferLayout, capacity: int = 256 * MIB) -> tuple[LazyGraphBuffer, Device]:
+    device = Device(capacity)
+    return LazyGraphBuffer(layout, CudaVmmBacking(layout.reserved_bytes, device.vmm)), device
+
+
+def test_flat_commits_the_batch_prefix_and_grows_in_whole_mappings() -> None:
+    layout = GraphBufferLayout("kv_indices", FLAT, 1, 64 * 10_000_000, 8)  # 5.1 GB reserved
+    buffer, driver = lazy(layout)
+    view = buffer.backing.tensor(torch.int64, (layout.items,))
+    capture = GraphBatch(rows=64, seq_lens_sum=64, max_seq_len=1)
+    assert buffer.ensure(capture) == G == layout.commit_bytes(capture, G)
+    view[:64] = 5
+    big = GraphBatch(rows=64, seq_lens_sum=3_000_000, max_seq_len=100_000)
+    grown = buffer.ensure(big)
+    expected = layout.commit_bytes(big, G)
+    assert buffer.committed_bytes == expected == -(-(3_000_000 + 128) * 8 // G) * G
+    assert grown == expected - G
+    assert driver.physical_bytes == expected  # what the device lost is what was committed
+    view[3_000_000 - 1] = 7  # the last item this batch writes is backed
+    assert int(view[:64].sum()) == 320  # growth kept what the first mapping held
+    assert buffer.ensure(GraphBatch(64, 1000, 10)) == 0  # smaller batches commit nothing
+    assert buffer.release() == expected and driver.physical_bytes == 0
+
+
+def test_rows_commit_each_row_prefix_with_shared_granules_counted_once() -> None:
+    layout = GraphBufferLayout("page_table", ROWS, 512, 10_000_000 // 16, 4, positions_per_item=16)
+    buffer, driver = lazy(layout, capacity=2048 * MIB)
+    for batch in [GraphBatch(512, 512, 1), GraphBatch(100, 100 * 50_000, 3_000_000)]:
+        buffer.release()
+        buffer.ensure(batch)
+        assert buffer.committed_bytes == layout.commit_bytes(batch, G) == driver.physical_bytes
+    # 2.5 MB rows, prefixes of ceil((3M + 1) / 16) + 1 pages x 4 B = 750 KB: 100 rows touch
+    # 1 or 2 granules each, neighbours never share one here.
+    assert layout.commit_bytes(GraphBatch(100, 1, 3_000_000), G) == buffer.committed_bytes
+    table = buffer.backing.tensor(torch.int32, (512, layout.items))
+    table[99, : layout.items_needed(GraphBatch(100, 1, 3_000_000))] = 3  # backed: no fault
+    # Rows of 1 MB: two neighbours share each granule, counted once (256 granules, not 512).
+    narrow = GraphBufferLayout("page_table", ROWS, 512, MIB // 4, 4)
+    buffer, device = lazy(narrow, capacity=1024 * MIB)
+    buffer.ensure(GraphBatch(512, 512, 1))
+    assert narrow.commit_bytes(GraphBatch(512, 512, 1), G) == 256 * G == device.physical_bytes
+
+
+def test_rows_fast_path_keeps_what_every_row_holds() -> None:
+    layout = GraphBufferLayout("page_table", ROWS, 8, 4 * MIB, 4)  # 16 MiB rows
+    buffer, _ = lazy(layout)
+    buffer.ensure(GraphBatch(8, 8, 1))
+    assert buffer.committed_bytes == 8 * G
+    # Fewer rows, longer: rows 0-1 grow, the fast path must not believe rows 2-7 did.
+    buffer.ensure(GraphBatch(2, 2, 600_000))
+    assert buffer.committed_bytes == 8 * G + 2 * G
+    buffer.ensure(GraphBatch(8, 8, 600_000))
+    assert buffer.committed_bytes == 8 * 2 * G
+    assert buffer.ensure(GraphBatch(8, 8, 500_000)) == 0
+
+
+def test_a_failed_commit_changes_nothing_and_the_next_one_succeeds() -> None:
+    layout = GraphBufferLayout("kv_indices", FLAT, 1, 50_000_000, 8)
+    buffer, driver = lazy(layout)
+    buffer.ensure(GraphBatch(8, 8, 1))
+    before = buffer.committed_bytes
+    driver.fail_next("cuMemCreate")
+    with pytest.raises(MemoryError):
+        buffer.ensure(GraphBatch(8, 1_000_000, 500_000))
+    assert buffer.committed_bytes == before == driver.physical_bytes
+    buffer.ensure(GraphBatch(8, 1_000_000, 500_000))
+    assert buffer.committed_bytes == layout.commit_bytes(GraphBatch(8, 1_000_000, 500_000), G)
+
+
+def test_layouts_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        GraphBufferLayout("x", "ragged", 1, 1, 1)
+    with pytest.raises(ValueError, match="positive"):
+        GraphBufferLayout("x", FLAT, 1, 0, 8)
+    layout = GraphBufferLayout("x", FLAT, 1, 100, 8)
+    assert layout.items_needed(GraphBatch(8, 10**9, 10**8)) == 100  # never past the buffer
+    assert layout.commit_bytes(GraphBatch(0, 0, 0), G) == 0
