@@ -161,8 +161,11 @@ def render(result: Plan) -> str:
     header = f"{'context-scaled start-up allocation':<40} {'static':>18} {'segmented':>18}"
     lines += [f"at context {result.planned_context:,}", header, "-" * len(header)]
     on_gpu = result.attention_backend != "torch_native"
+    lazy = {f["name"]: f for f in result.segmented.lazy_graph_buffers}
     for a in result.static.allocations:
-        if a.name != "req_to_token":
+        if a.name in lazy:
+            segmented = f"{lazy[a.name]['capture_commit_bytes']:,}"
+        elif a.name != "req_to_token":
             segmented = f"{a.bytes:,} *"  # not lazy yet: allocated at upstream's size
         elif on_gpu:
             worst = min(a.bytes, (result.segmented.max_num_reqs + 1) * GPU_VMM_GRANULARITY)
@@ -196,10 +199,16 @@ def render(result: Plan) -> str:
             f"{GPU_VMM_GRANULARITY >> 20} MiB granules: worst case one per request slot for "
             f"requests under {GPU_VMM_GRANULARITY // 4:,} tokens"
         )
-    if len(result.static.allocations) > 1:
+    for f in result.segmented.lazy_graph_buffers:
         lines.append(
-            "  * the attention backend's cuda-graph buffers are still allocated at upstream's "
-            "size in segmented mode (making them lazy is separate work)"
+            f"  segmented {f['name']}: reserved; committed before each graph replay as far as "
+            f"the batch writes: {f['capture_commit_bytes']:,} B at capture, "
+            f"{f['one_full_context_request_commit_bytes']:,} B for one request of the whole "
+            "context; given back at idle"
+        )
+    if any(a.name != "req_to_token" and a.name not in lazy for a in result.static.allocations):
+        lines.append(
+            "  * allocated at upstream's size in segmented mode too (not lazy in this build)"
         )
     lines += [
         "",

@@ -312,12 +312,18 @@ def test_plan_llama31_8b_brief_numbers() -> None:
     assert result.kv_per_token.full_attention == 1 * 256 * 32 * 1
     req = result.static.allocations[0]
     assert req.name == "req_to_token" and req.bytes == 81_960_032_784
-    # Segmented: one 2 MiB req_to_token granule per request slot, plus the attention
-    # backend's cuda-graph buffers, which are not lazy yet.
-    graph_buffers = sum(a.bytes for a in result.segmented.allocations[1:])
-    assert graph_buffers > 0
+    # Segmented: one 2 MiB req_to_token granule per request slot; fa3's page table is lazy
+    # (capture commits one granule per captured row: 512 rows of 40 MB), strided_indices not.
+    tables, strided = result.segmented.allocations[1:]
+    assert tables.lazy is not None and strided.lazy is None
+    captured = result.segmented.cuda_graph_max_bs
+    assert captured == 512
+    (figures,) = result.segmented.lazy_graph_buffers
+    assert figures["capture_commit_bytes"] == captured * 2 * MIB
+    # One 10M-token request: ceil((10M + 1) / 1) + 1 pages x 4 B in one row = 20 granules.
+    assert figures["one_full_context_request_commit_bytes"] == 20 * 2 * MIB
     assert result.segmented.context_scaled_committed_bytes == (
-        (result.segmented.max_num_reqs + 1) * 2 * MIB + graph_buffers
+        (result.segmented.max_num_reqs + 1) * 2 * MIB + captured * 2 * MIB + strided.bytes
     )
     assert result.segmented.context_scaled_reserved_bytes == (
         result.static.context_scaled_reserved_bytes

@@ -21,9 +21,10 @@ Two layouts cover the index buffers:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sglang_kvalloc.core.backing import Backing
-from sglang_kvalloc.core.rows import RowCommits
+if TYPE_CHECKING:  # the layouts stay torch-free: the planner imports them
+    from sglang_kvalloc.core.backing import Backing
 
 __all__ = ["FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
 
@@ -103,6 +104,8 @@ class LazyGraphBuffer:
     writes, and given back at idle (a sync point: no graph is reading it)."""
 
     def __init__(self, layout: GraphBufferLayout, backing: Backing) -> None:
+        from sglang_kvalloc.core.rows import RowCommits
+
         if backing.reserved_bytes < layout.reserved_bytes:
             raise ValueError(
                 f"graph buffer {layout.name}: backing holds {backing.reserved_bytes} B, the "

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sglang_kvalloc.core.graph_buffers import FLAT, ROWS, GraphBatch, GraphBufferLayout
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -616,22 +618,52 @@ def resolve_max_num_reqs(
 GPU_VMM_GRANULARITY = 2 * MIB
 
 
-def segmented_committed_bytes(allocations: list[Allocation], max_reqs: int, *, on_gpu: bool) -> int:
+def segmented_committed_bytes(
+    allocations: list[Allocation],
+    max_reqs: int,
+    *,
+    on_gpu: bool,
+    captured_bs: int = 0,
+    tokens_per_row: int = 1,
+) -> int:
     """What segmented mode commits at start-up of the context-sized allocations, counting each
     running request's first req_to_token granule (the worst case for requests shorter than one
     granule of positions, 524,288 on a GPU; on the CPU pages commit as they are written).
 
-    The attention backends' cuda-graph buffers are still allocated at upstream's size in this
-    build (making them lazy is separate work), so they count in full.
+    Lazy cuda-graph buffers count what capturing the largest batch commits (rows of length
+    one, upstream's fill value); the others count in full.
     """
+    capture = capture_batch(captured_bs, tokens_per_row)
     committed = 0
     for allocation in allocations:
         if allocation.name == "req_to_token":
             if on_gpu:
                 committed += min(allocation.bytes, (max_reqs + 1) * GPU_VMM_GRANULARITY)
+        elif on_gpu:
+            committed += allocation.segmented_commit_bytes(capture)
         else:
             committed += allocation.bytes
     return committed
+
+
+def capture_batch(captured_bs: int, tokens_per_row: int = 1) -> GraphBatch:
+    """The batch graph capture fills: every captured row at upstream's seq_len_fill_value (1)."""
+    return GraphBatch(captured_bs, captured_bs, 1, max(1, tokens_per_row))
+
+
+def triton_kv_indices_layout(max_num_tokens: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors TritonAttnBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
+    zeros((max_num_tokens * max_context_len,), int64), ragged indices end to end."""
+    return GraphBufferLayout(
+        "triton cuda_graph_kv_indices", FLAT, 1, max_num_tokens * context_len, 8
+    )
+
+
+def fa3_page_table_layout(max_bs: int, context_len: int, page_size: int) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state: each page table is
+    zeros((max_bs, ceil(max_context_len / page_size)), int32), one row per batch row."""
+    pages = -(-context_len // page_size)
+    return GraphBufferLayout("fa3 page table", ROWS, max_bs, pages, 4, page_size)
 
 
 def req_to_token_extra(speculative_draft_tokens: int = 0) -> int:
@@ -649,6 +681,17 @@ class Allocation:
     bytes: int
     formula: str
     upstream: str
+    # Segmented mode on a GPU reserves this buffer and commits it per replay (issue 9): its
+    # layout (one table of ``copies`` identical ones), else None (allocated at upstream's size).
+    lazy: GraphBufferLayout | None = None
+    copies: int = 1
+
+    def segmented_commit_bytes(self, batch: GraphBatch) -> int:
+        """What segmented mode on a GPU commits of this buffer for ``batch``: the lazy
+        layout's arithmetic, or all of it where the buffer is not lazy."""
+        if self.lazy is None:
+            return self.bytes
+        return self.copies * self.lazy.commit_bytes(batch, GPU_VMM_GRANULARITY)
 
 
 def req_to_token_allocation(max_reqs: int, context_len: int, extra: int) -> Allocation:
@@ -688,12 +731,14 @@ def cuda_graph_allocations(
     tokens = max_bs * max(1, draft)
     out: list[Allocation] = []
     if backend == "triton":
+        layout = triton_kv_indices_layout(tokens, context_len)
         out.append(
             Allocation(
-                "triton cuda_graph_kv_indices",
-                tokens * context_len * 8,
+                layout.name,
+                layout.reserved_bytes,
                 f"{tokens} x {context_len} x 8 B (int64)",
                 "layers/attention/triton_backend.py TritonAttnBackend.init_cuda_graph_state",
+                lazy=layout,
             )
         )
         if draft:
@@ -737,12 +782,15 @@ def cuda_graph_allocations(
         up = (
             "layers/attention/flashattention_backend.py FlashAttentionBackend.init_cuda_graph_state"
         )
+        layout = fa3_page_table_layout(max_bs, context_len, page_size)
         out.append(
             Allocation(
                 "fa3 page tables",
-                tables * max_bs * pages * 4,
+                tables * layout.reserved_bytes,
                 f"{tables} table(s) x {max_bs} x {pages} pages x 4 B (int32)",
                 up,
+                lazy=layout,
+                copies=tables,
             )
         )
         strided = (1 + (2 if draft else 0)) * pages * 8
@@ -889,6 +937,28 @@ class ModePlan:
     context_scaled_reserved_bytes: int
     context_scaled_committed_bytes: int
     fits_in_slack: bool
+    # Segmented on a GPU: per lazy cuda-graph buffer, reserved bytes and what capture and one
+    # request of the whole context commit (`lazy_graph_buffer_figures`).
+    lazy_graph_buffers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lazy_graph_buffer_figures(
+    allocations: list[Allocation], captured_bs: int, context_len: int, tokens_per_row: int = 1
+) -> list[dict[str, Any]]:
+    """Reserved bytes of each lazy cuda-graph buffer, and what it commits at capture and for
+    one request of ``context_len`` tokens: the same arithmetic the hooks commit by."""
+    whole_context = GraphBatch(1, context_len, context_len, max(1, tokens_per_row))
+    capture = capture_batch(captured_bs, tokens_per_row)
+    return [
+        {
+            "name": a.name,
+            "reserved_bytes": a.bytes,
+            "capture_commit_bytes": a.segmented_commit_bytes(capture),
+            "one_full_context_request_commit_bytes": a.segmented_commit_bytes(whole_context),
+        }
+        for a in allocations
+        if a.lazy is not None
+    ]
 
 
 @dataclass(frozen=True)
@@ -1104,7 +1174,13 @@ def plan(inputs: PlanInputs) -> Plan:
         if mode == "static":
             committed = reserved
         else:
-            committed = segmented_committed_bytes(allocs, reqs, on_gpu=backend != "torch_native")
+            committed = segmented_committed_bytes(
+                allocs,
+                reqs,
+                on_gpu=backend != "torch_native",
+                captured_bs=captured_bs,
+                tokens_per_row=inputs.speculative_draft_tokens,
+            )
         return ModePlan(
             mode=mode,
             context_len=context_len,
@@ -1114,6 +1190,13 @@ def plan(inputs: PlanInputs) -> Plan:
             context_scaled_reserved_bytes=reserved,
             context_scaled_committed_bytes=committed,
             fits_in_slack=committed <= slack,
+            lazy_graph_buffers=(
+                lazy_graph_buffer_figures(
+                    allocs, captured_bs, context_len, inputs.speculative_draft_tokens
+                )
+                if mode == "segmented" and backend != "torch_native"
+                else []
+            ),
         )
 
     static = mode_plan("static", planned)
