@@ -14,6 +14,9 @@ RESERVE_ROPE = "sglang.srt.utils.common.reserve_rope_cache_for_long_sequences"
 COLLECTOR = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 CHECKER = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker"
+TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
+FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
+DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 )
@@ -21,7 +24,7 @@ INTERNAL_STATE = (
 
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
-    from sglang_kvalloc.upstream import cli, metrics, pools, rope, scheduler_loop
+    from sglang_kvalloc.upstream import cli, graph_buffers, metrics, pools, rope, scheduler_loop
 
     return [
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
@@ -58,6 +61,16 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
         (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
+        # Segmented on a GPU: the attention backends' context-sized cuda-graph buffers
+        # reserved, committed before each replay as far as the batch writes (else eager).
+        (
+            f"{TRITON}.init_cuda_graph_state",
+            graph_buffers.around_triton_init_cuda_graph_state,
+            "AROUND",
+        ),
+        (f"{FA3}.init_cuda_graph_state", graph_buffers.around_fa3_init_cuda_graph_state, "AROUND"),
+        (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
+        (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
         # What was built: start-up log, then /server_info through the scheduler's state.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),

@@ -34,9 +34,10 @@ def _mha_cell_bytes(configurator: Any) -> int | None:
     return heads * (mc.head_dim + mc.v_head_dim) * layers * configurator.kv_cache_dtype.itemsize
 
 
-def _cuda_graph_bytes(configurator: Any, context_len: int) -> int:
+def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = True) -> int:
     """The attention backend's context-sized cuda-graph buffers, by the planner's formulas (0
-    off CUDA). Computed, not measured here: no GPU ran this."""
+    off CUDA); without ``lazy_too``, only those segmented mode still allocates in full.
+    Computed, not measured."""
     if not str(configurator.device).startswith("cuda"):
         return 0
     try:
@@ -56,7 +57,7 @@ def _cuda_graph_bytes(configurator: Any, context_len: int) -> int:
     except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
         logger.debug("cuda-graph buffer estimate skipped: %s", exc)
         return 0
-    return sum(a.bytes for a in allocations)
+    return sum(a.bytes for a in allocations if lazy_too or a.lazy is None)
 
 
 def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: int) -> int:
@@ -71,11 +72,14 @@ def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: in
 def _warn_graph_buffers(configurator: Any) -> None:
     """Segmented on a GPU: say what is still sized by the context (until the attention
     backends' buffers are lazy too), so an operator can act before capture runs short."""
-    graph_bytes = _cuda_graph_bytes(configurator, configurator.model_config.context_len)
+    graph_bytes = _cuda_graph_bytes(
+        configurator, configurator.model_config.context_len, lazy_too=False
+    )
     if graph_bytes > 1e9:
         logger.warning(
-            "--kv-alloc-mode segmented: the attention backend's cuda-graph buffers are still "
-            "sized by the context in this build: about %.1f GB at context %d (computed). If "
+            "--kv-alloc-mode segmented: cuda-graph buffers this attention backend allocates "
+            "at upstream's size (not lazy in this build): about %.1f GB at context %d "
+            "(computed). If "
             "cuda-graph capture runs out of memory, lower --cuda-graph-max-bs or "
             "--context-length.",
             graph_bytes / 1e9,

@@ -109,8 +109,10 @@ def after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Non
     """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments)."""
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     idle_step = getattr(allocator, "idle_step", None)
-    if idle_step is not None and scheduler.is_fully_idle():
-        idle_step(scheduler.tree_cache)
+    if idle_step is not None and scheduler.is_fully_idle() and idle_step(scheduler.tree_cache):
+        from sglang_kvalloc.upstream import graph_buffers
+
+        graph_buffers.release_at_idle()
     return None
 
 

@@ -333,16 +333,16 @@ class _SegmentedAllocatorMixin:
         self._busy_at = time.monotonic()
         self._idle_policy_done = False
 
-    def idle_step(self, tree_cache: Any) -> None:
+    def idle_step(self, tree_cache: Any) -> bool:
         """On a fully idle iteration (every rank): once idle for the hold-off, evict cached KV
         in trailing segments, then LRU down to the retained budget, and give the emptied
-        segments back at once. Runs once per idle period."""
+        segments back at once. Runs once per idle period; True when it ran."""
         seg = self._segments
         if self._iteration % SYNC_EVERY_ITERATIONS:
-            return
+            return False
         due = not self._idle_policy_done and time.monotonic() - self._busy_at >= seg.hold_off_s
         if not seg.agree(int(due)):
-            return
+            return False
         self._idle_policy_done = True
         from sglang_kvalloc.upstream.idle_eviction import evict_at_or_above, evict_lru_down_to
 
@@ -368,6 +368,7 @@ class _SegmentedAllocatorMixin:
                 before / 1e6,
                 self._buffers.committed_bytes / 1e6,
             )
+        return True
 
     def _log_commit_failure(self) -> None:
         """WARNING when commits start failing (then at most every LOG_INTERVAL_S while they

@@ -33,6 +33,10 @@ class KvAllocState:
         if stats is None:
             return None
         out = stats()
+        from sglang_kvalloc.upstream import graph_buffers
+
+        if graph_buffers.BUFFERS:
+            out.update(graph_buffers.stats())
         resident = getattr(self.req_to_token_pool, "resident_bytes", None)
         if include_resident and resident is not None:
             out["req_to_token_resident_bytes"] = resident()

@@ -1,0 +1,247 @@
+"""Segmented mode on a GPU: the attention backends' context-sized cuda-graph buffers.
+
+Upstream allocates them once, at capture, by max batch x context (`torch.zeros` in each
+backend's `init_cuda_graph_state`). Here, while the backend builds its graph state, those
+`torch.zeros` calls whose shape and dtype are the planner's layout of a context-sized buffer
+get a reserved tensor instead (`LazyGraphBuffer`; uncommitted memory reads zeros, as
+`torch.zeros` would). Everything else the backend allocates is upstream's own.
+
+Before a graph runs, `can_run_graph` commits what the batch writes (known on the host: rows,
+sum and maximum of the sequence lengths); if the device cannot, the batch runs eager, as
+upstream runs a batch the graphs do not cover. Committed ranges go back at idle.
+
+Covered: triton's `cuda_graph_kv_indices`, fa3's page tables (every (max_bs, pages) int32
+table, speculative ones included). Not covered, allocated at upstream's size and logged:
+flashinfer, the speculative verify mask, Llama-4's local-attention table, multi-step draft
+buffers passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from sglang_kvalloc import modes
+from sglang_kvalloc.core import planner
+from sglang_kvalloc.core.graph_buffers import GraphBatch, GraphBufferLayout, LazyGraphBuffer
+from sglang_kvalloc.upstream.state import STATE
+
+logger = logging.getLogger(__name__)
+
+# Every lazy buffer of this process (each rank has its own): the decode runner, draft runners.
+BUFFERS: list[LazyGraphBuffer] = []
+
+
+class GraphBufferStats:
+    def __init__(self) -> None:
+        self.eager_fallbacks = 0
+        self.commit_failures_logged = 0
+
+
+STATS = GraphBufferStats()
+
+
+def _backings() -> Any | None:
+    """The CUDA backing factory when segmented mode runs on a GPU, else None."""
+    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
+    from sglang_kvalloc.upstream.segmented import SETTINGS
+
+    if STATE.mode != modes.SEGMENTED or not isinstance(SETTINGS.backings, CudaBackingFactory):
+        return None
+    return SETTINGS.backings
+
+
+def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        return tuple(int(s) for s in size[0])
+    return tuple(int(s) for s in size)
+
+
+@contextlib.contextmanager
+def reserved_zeros(
+    expected: dict[tuple[tuple[int, ...], torch.dtype], GraphBufferLayout],
+    backings: Callable[[int], Any],
+) -> Iterator[list[LazyGraphBuffer]]:
+    """While active, `torch.zeros` of exactly an expected (shape, dtype) returns a reserved,
+    uncommitted tensor of a new `LazyGraphBuffer` (listed in the yielded list)."""
+    made: list[LazyGraphBuffer] = []
+    real_zeros = torch.zeros
+
+    def zeros(*size: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("out") is None and size:
+            try:
+                shape = _shape_of(size)
+            except (TypeError, ValueError):
+                shape = ()
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            layout = expected.get((shape, dtype))
+            if layout is not None:
+                buffer = LazyGraphBuffer(layout, backings(layout.reserved_bytes))
+                made.append(buffer)
+                return buffer.backing.tensor(dtype, shape)
+        return real_zeros(*size, **kwargs)
+
+    torch.zeros = zeros
+    try:
+        yield made
+    finally:
+        torch.zeros = real_zeros
+
+
+def _register(backend: str, made: list[LazyGraphBuffer], expected_names: set[str]) -> None:
+    BUFFERS.extend(made)
+    missing = expected_names - {b.layout.name for b in made}
+    if missing:
+        # Upstream allocated it another way (a newer version?): it is at upstream's size.
+        logger.warning(
+            "--kv-alloc-mode segmented: %s cuda-graph buffer(s) %s were not found where "
+            "expected; they are allocated at upstream's size.",
+            backend,
+            ", ".join(sorted(missing)),
+        )
+    for buffer in made:
+        logger.info(
+            "Segmented cuda-graph buffer %s (%s): %d x %d x %d B reserved (%.2f GB), "
+            "committed per replay as far as the batch writes.",
+            buffer.layout.name,
+            backend,
+            buffer.layout.rows,
+            buffer.layout.items,
+            buffer.layout.item_bytes,
+            buffer.layout.reserved_bytes / 1e9,
+        )
+
+
+def around_triton_init_cuda_graph_state(
+    original: Callable[..., Any],
+    backend: Any,
+    max_bs: int,
+    max_num_tokens: int,
+    kv_indices_buf: Any = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """AROUND `TritonAttnBackend.init_cuda_graph_state`: `cuda_graph_kv_indices` reserved."""
+    backings = _backings()
+    if backings is None or kv_indices_buf is not None:  # a caller's buffer stays the caller's
+        return original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+    layout = planner.triton_kv_indices_layout(max_num_tokens, int(backend.max_context_len))
+    expected = {((layout.items,), torch.int64): layout}
+    with reserved_zeros(expected, backings) as made:
+        result = original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+    _register("triton", made, {layout.name})
+    if getattr(backend, "_verify_mask", None) is not None:
+        logger.info("The speculative verify mask is allocated at upstream's size (not lazy).")
+    return result
+
+
+def around_fa3_init_cuda_graph_state(
+    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
+) -> Any:
+    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved."""
+    backings = _backings()
+    if backings is None:
+        return original(backend, max_bs, max_num_tokens)
+    context = int(backend.max_context_len)
+    layout = planner.fa3_page_table_layout(max_bs, context, int(backend.page_size))
+    expected = {((layout.rows, layout.items), torch.int32): layout}
+    if int(getattr(backend, "topk", 0) or 0) > 1 and layout.positions_per_item != 1:
+        # The top-k draft table is (max_bs, max_context_len): one column per position.
+        by_position = planner.fa3_page_table_layout(max_bs, context, 1)
+        expected[((by_position.rows, by_position.items), torch.int32)] = by_position
+    with reserved_zeros(expected, backings) as made:
+        result = original(backend, max_bs, max_num_tokens)
+    _register("fa3", made, {layout.name})
+    if getattr(backend, "local_attn_builder", None) is not None:
+        logger.warning(
+            "fa3's local-attention cuda-graph table (Llama-4) is allocated at upstream's size "
+            "in this build."
+        )
+    return result
+
+
+def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
+    """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
+    rows at upstream's seq_len_fill_value."""
+    bs = int(forward_batch.batch_size)
+    capture_bs = sorted(getattr(runner, "capture_bs", None) or [bs])
+    at = bisect.bisect_left(capture_bs, bs)
+    rows = capture_bs[at] if at < len(capture_bs) else bs
+    fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
+    seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+    if seq_lens_cpu is not None:
+        lens = seq_lens_cpu[:bs]
+        seq_sum, longest = int(lens.sum()), int(lens.max()) if bs else 0
+    else:
+        lens = forward_batch.seq_lens[:bs]
+        seq_sum, longest = int(lens.sum().item()), int(lens.max().item()) if bs else 0
+    tokens_per_row = int(getattr(runner, "captured_req_width", 1) or 1)
+    return GraphBatch(
+        rows=rows,
+        seq_lens_sum=seq_sum + (rows - bs) * fill,
+        max_seq_len=max(longest, fill),
+        tokens_per_row=tokens_per_row,
+    )
+
+
+def ensure_for(batch: GraphBatch) -> None:
+    """Commit every lazy buffer for ``batch`` (MemoryError if the device cannot)."""
+    for buffer in BUFFERS:
+        buffer.ensure(batch)
+
+
+def around_can_run_graph(
+    original: Callable[..., Any], runner: Any, forward_batch: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `DecodeCudaGraphRunner.can_run_graph`: a batch the graphs can run gets its lazy
+    buffers committed first; one that cannot be committed runs eager instead."""
+    ok = original(runner, forward_batch, *args, **kwargs)
+    if not ok or not BUFFERS:
+        return ok
+    try:
+        ensure_for(graph_batch(runner, forward_batch))
+    except MemoryError as exc:
+        STATS.eager_fallbacks += 1
+        if STATS.eager_fallbacks in (1, 10, 100) or STATS.eager_fallbacks % 1000 == 0:
+            logger.warning(
+                "Segmented cuda-graph buffers could not be committed for a batch of %d (%s); "
+                "it runs without the graph (%d such batches so far).",
+                int(forward_batch.batch_size),
+                exc,
+                STATS.eager_fallbacks,
+            )
+        return False
+    return ok
+
+
+def before_capture(runner: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `DecodeCudaGraphRunner.capture`: capture fills every captured row at the fill
+    value; commit that first (a write to an uncommitted range would land on the shared
+    scratch granule)."""
+    if not BUFFERS:
+        return
+    max_bs = int(getattr(runner, "max_bs", 0) or 0)
+    fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
+    width = int(getattr(runner, "captured_req_width", 1) or 1)
+    ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
+
+
+def release_at_idle() -> int:
+    """Give back every lazy buffer's committed memory (idle: no graph is running)."""
+    released = sum(buffer.release() for buffer in BUFFERS)
+    if released:
+        logger.info("Idle: released %.2f MB of cuda-graph buffers.", released / 1e6)
+    return released
+
+
+def stats() -> dict[str, Any]:
+    return {
+        "cuda_graph_buffers_reserved_bytes": sum(b.layout.reserved_bytes for b in BUFFERS),
+        "cuda_graph_buffers_committed_bytes": sum(b.committed_bytes for b in BUFFERS),
+        "cuda_graph_eager_fallbacks": STATS.eager_fallbacks,
+    }
