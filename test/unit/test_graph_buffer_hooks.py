@@ -59,7 +59,8 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
     assert buffer.layout == planner.triton_kv_indices_layout(max_bs, context)
     kv = backend.cuda_graph_kv_indices
     assert kv.shape == (max_bs * context,) and kv.dtype == torch.int64  # 1.28 GB, reserved
-    assert buffer.committed_bytes == 0 and int(kv[::1_000_000].count_nonzero()) == 0
+    # Only the first granule is committed (upstream may poke element 0 at set-up).
+    assert buffer.committed_bytes == G and int(kv[::1_000_000].count_nonzero()) == 0
     # Everything else is upstream's ordinary allocation at its own shape.
     assert backend.cuda_graph_attn_logits.shape == (max_bs, 4, 2, 16)
     assert backend.cuda_graph_num_kv_splits.shape == (max_bs,)
@@ -116,10 +117,70 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
     assert graph_buffers.STATS.eager_fallbacks == 1  # 1.2 GB of indices: over the 512 MiB
-    assert graph_buffers.BUFFERS[0].committed_bytes == G  # nothing half-committed
+    assert graph_buffers.BUFFERS[0].committed_bytes == 0  # back to nothing, as on every rank
     small = types.SimpleNamespace(batch_size=5, seq_lens_cpu=torch.full((5,), 100_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, small) is True
     assert graph_buffers.around_can_run_graph(lambda r, b: False, runner, huge) is False
     assert graph_buffers.STATS.eager_fallbacks == 1  # upstream said no: not our fallback
     assert driver.physical_bytes > G
     assert graph_buffers.stats()["cuda_graph_eager_fallbacks"] == 1
+
+
+def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
+    segmented_on_fake_gpu,
+) -> None:
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    driver = segmented_on_fake_gpu
+    context, max_bs = 10_000_000, 8
+    backend = types.SimpleNamespace(
+        max_context_len=context, page_size=1, num_wrappers=2, use_sliding_window_kv_pool=False,
+        skip_prefill=False, kv_indptr=[torch.zeros(max_bs + 1, dtype=torch.int32)] * 2,
+    )  # fmt: skip
+    graph_buffers.around_flashinfer_init_cuda_graph_state(
+        FlashInferAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs
+    )
+    assert backend.num_wrappers == 2
+    indices = planner.flashinfer_kv_indices_layout(max_bs, context, 1)
+    mask = planner.flashinfer_custom_mask_layout(max_bs, context)
+    assert sorted(b.layout.name for b in graph_buffers.BUFFERS) == sorted(
+        [indices.name, indices.name, mask.name]
+    )
+    assert [x.shape for x in backend.cuda_graph_kv_indices] == [(max_bs * context,)] * 2
+    assert backend.cuda_graph_custom_mask.shape == (max_bs * context,)
+    # 640 MB of indices per wrapper and 80 MB of mask reserved; one granule each committed.
+    assert driver.physical_bytes <= 4 * G
+    # A verify batch: the mask commits per query token, the indices per position.
+    batch = GraphBatch(rows=8, seq_lens_sum=800_000, max_seq_len=100_000, tokens_per_row=4)
+    graph_buffers.ensure_for(batch)
+    by_name = {b.layout.name: b for b in graph_buffers.BUFFERS}
+    assert by_name[mask.name].committed_bytes == mask.commit_bytes(batch, G)
+    assert mask.items_needed(batch) == (800_000 + 8 * 5) * 4
+
+
+def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, monkeypatch):
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    backend = triton_stub(1_000_000)
+    graph_buffers.around_triton_init_cuda_graph_state(
+        TritonAttnBackend.init_cuda_graph_state, backend, 8, 8
+    )
+    runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
+    votes = []
+
+    def another_rank_failed(value: int) -> int:
+        votes.append(value)
+        return 0
+
+    monkeypatch.setattr(SETTINGS, "agree", another_rank_failed)
+    batch = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 100_000))
+    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is False
+    assert votes == [1]  # this rank could commit; another could not
+    assert graph_buffers.BUFFERS[0].committed_bytes == 0
+    # A batch that needs nothing new does not call the agreement at all.
+    monkeypatch.setattr(SETTINGS, "agree", lambda value: value)
+    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    votes.clear()
+    monkeypatch.setattr(SETTINGS, "agree", another_rank_failed)
+    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert votes == []

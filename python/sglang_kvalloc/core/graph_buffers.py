@@ -52,6 +52,8 @@ class GraphBufferLayout:
     items: int  # items per row (FLAT: the whole buffer)
     item_bytes: int
     positions_per_item: int = 1  # KV positions one item stands for (the page size for tables)
+    # FLAT: one item per KV position per query token (a verify mask), not per KV position.
+    per_query_token: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (FLAT, ROWS):
@@ -76,6 +78,8 @@ class GraphBufferLayout:
         if self.kind == FLAT:
             per_row_slack = batch.rows * (1 + batch.tokens_per_row)
             need = -(-batch.seq_lens_sum // ppi) + per_row_slack
+            if self.per_query_token:
+                need *= batch.tokens_per_row
         else:
             need = -(-(batch.max_seq_len + batch.tokens_per_row) // ppi) + 1
         return min(need, self.items)
@@ -125,6 +129,17 @@ class LazyGraphBuffer:
     @property
     def committed_bytes(self) -> int:
         return self.backing.committed_bytes
+
+    def needs_commit(self, batch: GraphBatch) -> bool:
+        """Whether `ensure` would commit anything for ``batch`` (host arithmetic only)."""
+        layout = self.layout
+        if batch.rows <= 0:
+            return False
+        if layout.kind == FLAT:
+            return layout.items_needed(batch) * layout.item_bytes > self._flat_end
+        rows = min(batch.rows, layout.rows)
+        prefix = layout.items_needed(batch) * layout.item_bytes
+        return not (rows <= self._rows_ready and prefix <= self._prefix_ready)
 
     def ensure(self, batch: GraphBatch) -> int:
         """Commit what ``batch`` writes; returns the bytes newly committed. MemoryError (and

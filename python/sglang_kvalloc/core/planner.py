@@ -659,6 +659,35 @@ def triton_kv_indices_layout(max_num_tokens: int, context_len: int) -> GraphBuff
     )
 
 
+def flashinfer_kv_indices_layout(
+    max_num_tokens: int, context_len: int, page_size: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: each wrapper's
+    ``cuda_graph_kv_indices`` = zeros((max_num_tokens * max_context_len,), int32), filled with
+    page ids end to end."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_kv_indices",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        4,
+        page_size,
+    )
+
+
+def flashinfer_custom_mask_layout(max_num_tokens: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: ``cuda_graph_custom_mask`` =
+    zeros((max_num_tokens * max_context_len,), uint8), one byte per (query token, position)."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_custom_mask",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        1,
+        per_query_token=True,
+    )
+
+
 def fa3_page_table_layout(max_bs: int, context_len: int, page_size: int) -> GraphBufferLayout:
     """Mirrors FlashAttentionBackend.init_cuda_graph_state: each page table is
     zeros((max_bs, ceil(max_context_len / page_size)), int32), one row per batch row."""
@@ -757,20 +786,25 @@ def cuda_graph_allocations(
         up = "layers/attention/flashinfer_backend.py FlashInferAttnBackend.init_cuda_graph_state"
         # Two wrappers (and two index buffers) when the model has a sliding window.
         wrappers = 2 if spec.sliding_window else 1
+        indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
         out.append(
             Allocation(
-                "flashinfer cuda_graph_kv_indices",
-                wrappers * tokens * context_len * 4,
+                indices.name,
+                wrappers * indices.reserved_bytes,
                 f"{wrappers} wrapper(s) x {tokens} x {context_len} x 4 B (int32)",
                 up,
+                lazy=indices,
+                copies=wrappers,
             )
         )
+        mask = flashinfer_custom_mask_layout(tokens, context_len)
         out.append(
             Allocation(
-                "flashinfer cuda_graph_custom_mask",
-                tokens * context_len,
+                mask.name,
+                mask.reserved_bytes,
                 f"{tokens} x {context_len} x 1 B (uint8)",
                 up,
+                lazy=mask,
             )
         )
     elif backend == "fa3":

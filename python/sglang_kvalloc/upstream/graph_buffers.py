@@ -11,9 +11,10 @@ sum and maximum of the sequence lengths); if the device cannot, the batch runs e
 upstream runs a batch the graphs do not cover. Committed ranges go back at idle.
 
 Covered: triton's `cuda_graph_kv_indices`, fa3's page tables (every (max_bs, pages) int32
-table, speculative ones included). Not covered, allocated at upstream's size and logged:
-flashinfer, the speculative verify mask, Llama-4's local-attention table, multi-step draft
-buffers passed in by the caller.
+table, speculative ones included), flashinfer's per-wrapper `cuda_graph_kv_indices` and its
+custom mask. Not covered, allocated at upstream's size: the speculative verify mask (the draft
+phase writes it before the verify step's `can_run_graph`), Llama-4's local-attention table,
+multi-step draft buffers passed in by the caller, flashinfer-MLA.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:
     return tuple(int(s) for s in size)
 
 
+def new_buffer(layout: GraphBufferLayout, backings: Callable[[int], Any]) -> LazyGraphBuffer:
+    """A reserved buffer with its first item committed: upstream pokes element 0 of some of
+    them at set-up (flashinfer), and a write to an uncommitted range would reach the shared
+    scratch granule."""
+    buffer = LazyGraphBuffer(layout, backings(layout.reserved_bytes))
+    buffer.ensure(GraphBatch(1, 1, 1))
+    return buffer
+
+
 @contextlib.contextmanager
 def reserved_zeros(
     expected: dict[tuple[tuple[int, ...], torch.dtype], GraphBufferLayout],
@@ -81,7 +91,7 @@ def reserved_zeros(
             dtype = kwargs.get("dtype") or torch.get_default_dtype()
             layout = expected.get((shape, dtype))
             if layout is not None:
-                buffer = LazyGraphBuffer(layout, backings(layout.reserved_bytes))
+                buffer = new_buffer(layout, backings)
                 made.append(buffer)
                 return buffer.backing.tensor(dtype, shape)
         return real_zeros(*size, **kwargs)
@@ -165,6 +175,46 @@ def around_fa3_init_cuda_graph_state(
     return result
 
 
+def around_flashinfer_init_cuda_graph_state(
+    original: Callable[..., Any],
+    backend: Any,
+    max_bs: int,
+    max_num_tokens: int,
+    kv_indices_buf: Any = None,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """AROUND `FlashInferAttnBackend.init_cuda_graph_state`: each wrapper's
+    `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the first index
+    buffer for the other wrappers (a sliding window has two); a clone would allocate the whole
+    size, so upstream builds one and the others are reserved here."""
+    backings = _backings()
+    if backings is None or kv_indices_buf is not None:
+        return original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+    context = int(backend.max_context_len)
+    page = int(getattr(backend, "page_size", 1) or 1)
+    indices = planner.flashinfer_kv_indices_layout(max_num_tokens, context, page)
+    mask = planner.flashinfer_custom_mask_layout(max_num_tokens, context)
+    expected = {
+        ((indices.items,), torch.int32): indices,
+        ((mask.items,), torch.uint8): mask,
+    }
+    wrappers = int(backend.num_wrappers)
+    backend.num_wrappers = 1
+    try:
+        with reserved_zeros(expected, backings) as made:
+            result = original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+    finally:
+        backend.num_wrappers = wrappers
+    for _ in range(wrappers - 1):
+        buffer = new_buffer(indices, backings)
+        made.append(buffer)
+        backend.cuda_graph_kv_indices.append(buffer.backing.tensor(torch.int32, (indices.items,)))
+    names = {indices.name} | ({mask.name} if not getattr(backend, "skip_prefill", False) else set())
+    _register("flashinfer", made, names)
+    return result
+
+
 def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
     """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
     rows at upstream's seq_len_fill_value."""
@@ -203,16 +253,31 @@ def around_can_run_graph(
     ok = original(runner, forward_batch, *args, **kwargs)
     if not ok or not BUFFERS:
         return ok
+    batch = graph_batch(runner, forward_batch)
+    if not any(buffer.needs_commit(batch) for buffer in BUFFERS):
+        return ok
+    # Every attention-TP rank holds the same buffers and sees the same batch, so all of them
+    # reach this point in the same step; they agree on graph or eager (a graph on one rank
+    # and eager on another would diverge in their collectives).
+    from sglang_kvalloc.upstream.segmented import SETTINGS
+
+    reason = ""
     try:
-        ensure_for(graph_batch(runner, forward_batch))
+        ensure_for(batch)
     except MemoryError as exc:
+        reason = str(exc) or "out of device memory"
+    if SETTINGS.agree(int(not reason)) == 0:
+        # Every rank goes back to nothing committed, so all of them stay in the same state
+        # and keep reaching the agreement together (release synchronizes the device first).
+        for buffer in BUFFERS:
+            buffer.release()
         STATS.eager_fallbacks += 1
         if STATS.eager_fallbacks in (1, 10, 100) or STATS.eager_fallbacks % 1000 == 0:
             logger.warning(
                 "Segmented cuda-graph buffers could not be committed for a batch of %d (%s); "
                 "it runs without the graph (%d such batches so far).",
                 int(forward_batch.batch_size),
-                exc,
+                reason or "another rank could not commit",
                 STATS.eager_fallbacks,
             )
         return False

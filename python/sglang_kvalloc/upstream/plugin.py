@@ -16,6 +16,7 @@ CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 CHECKER = "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker"
 TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
+FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
 DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
@@ -69,6 +70,11 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (f"{FA3}.init_cuda_graph_state", graph_buffers.around_fa3_init_cuda_graph_state, "AROUND"),
+        (
+            f"{FLASHINFER}.init_cuda_graph_state",
+            graph_buffers.around_flashinfer_init_cuda_graph_state,
+            "AROUND",
+        ),
         (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
         (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
         # What was built: start-up log, then /server_info through the scheduler's state.
