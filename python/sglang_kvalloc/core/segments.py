@@ -387,6 +387,8 @@ class SegmentedPageAllocator:
         # segment a page belongs to is only looked at in those checks, never on alloc/free,
         # so both stay a slice and an append (and on a GPU never wait for the device).
         self._empty_since: list[float | None] = [None] * g.num_segments
+        # Segment start pages for `free_per_segment`, per committed count (built once each).
+        self._bounds: dict[int, torch.Tensor] = {}
         self._allocated: torch.Tensor | None = (
             torch.zeros(g.cap_pages, dtype=torch.bool, device=self.device) if self.debug else None
         )
@@ -508,6 +510,14 @@ class SegmentedPageAllocator:
             self.merge_and_sort_free()
         return True
 
+    def backed_for(self, n_pages: int) -> bool:
+        """Nothing to do for `prepare(n_pages)`: no ceiling stands and ``n_pages`` free pages
+        are backed already (the common case: a few integer reads, every rank alike)."""
+        return (
+            self.ceiling == self.geometry.num_segments
+            and self.free_pages.shape[0] + self._num_staged >= n_pages
+        )
+
     def prepare(self, n_pages: int) -> bool:
         """Commit ahead so ``n_pages`` free pages are backed before they are asked for (as far
         as the cap allows); retry a failed commit once ``retry_s`` has passed. Call it at a
@@ -603,11 +613,14 @@ class SegmentedPageAllocator:
         list: one batched search, no per-page work."""
         self.merge_and_sort_free()
         k = self.committed_segments
-        bounds = torch.tensor(
-            [self._usable_range(seg)[0] for seg in range(k)] + [self.first_page_of(k)],
-            dtype=torch.int64,
-            device=self.device,
-        )
+        bounds = self._bounds.get(k)
+        if bounds is None:
+            bounds = torch.tensor(
+                [self._usable_range(seg)[0] for seg in range(k)] + [self.first_page_of(k)],
+                dtype=torch.int64,
+                device=self.device,
+            )
+            self._bounds[k] = bounds
         positions = torch.searchsorted(self.free_pages, bounds).tolist()
         return [positions[i + 1] - positions[i] for i in range(k)]
 

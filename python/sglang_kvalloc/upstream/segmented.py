@@ -318,15 +318,21 @@ class _SegmentedAllocatorMixin:
         self._iteration += 1
         pages = -(-demand_tokens // self.page_size)
         self._last_demand_tokens = demand_tokens
-        self._committing_ahead = True
-        try:
-            self._segments.prepare(pages)
-        finally:
-            self._committing_ahead = False
+        seg = self._segments
+        changed = False
+        if not seg.backed_for(pages):  # most iterations: backed already, nothing to call
+            changed = True
+            self._committing_ahead = True
+            try:
+                seg.prepare(pages)
+            finally:
+                self._committing_ahead = False
         if self._iteration % SYNC_EVERY_ITERATIONS == 0:
-            self._segments.maybe_shrink(keep_free_pages=pages)
-        self._sync()
-        self._log_commit_failure()
+            changed = True
+            seg.maybe_shrink(keep_free_pages=pages)
+        if changed:
+            self._sync()
+            self._log_commit_failure()
 
     def note_busy(self) -> None:
         """The scheduler has work: the idle policy waits for a full hold-off after it."""
