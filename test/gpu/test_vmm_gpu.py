@@ -481,3 +481,91 @@ def test_graph_reading_a_lazy_row_table_across_growth(vmm, results) -> None:
     del graph
     buffer.release()
     buffer.backing.close()
+
+
+def test_reservations_beyond_the_device_memory(vmm, results) -> None:
+    """Segmented mode at 10M reserves more address space than the device holds (req_to_token,
+    the KV pool, the graph tables): 3 x 100 GB on an 80 GB card, costing no memory."""
+    api, device = vmm
+    before = _free()
+    start = time.perf_counter()
+    backings = [CudaVmmBacking(100 * GIB, device) for _ in range(3)]
+    seconds = time.perf_counter() - start
+    drop = before - _free()
+    for backing in backings:
+        t = backing.tensor(torch.int32, (100 * GIB // 4,))
+        assert int(t[:: 256 * MIB // 4].count_nonzero()) == 0
+        del t
+    backings[2].commit(50 * GIB, 2 * MIB)  # a commit far up in the third one
+    view = backings[2].tensor(torch.int32, (100 * GIB // 4,))
+    view[50 * GIB // 4 : 50 * GIB // 4 + 16] = 9
+    torch.cuda.synchronize()
+    assert int(view[50 * GIB // 4 : 50 * GIB // 4 + 16].sum()) == 144
+    del view
+    for backing in backings:
+        backing.close()
+    results["reserve_300gb_on_the_device"] = {
+        "seconds": round(seconds, 2),
+        "free_memory_drop_bytes": drop,
+    }
+    assert drop < 64 * MIB
+
+
+def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, results) -> None:
+    """The hook module's own interception (upstream/graph_buffers.py imports no upstream
+    code): an allocation shaped like triton's cuda_graph_kv_indices (64 x 10M int64, 5.12 GB)
+    made inside `reserved_zeros` is reserved, other allocations are ordinary; the runner gate's
+    commits show up in the device's free memory, and the idle release gives them back."""
+    import types
+
+    from sglang_kvalloc.core import planner
+    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
+    from sglang_kvalloc.upstream import graph_buffers
+
+    api, device = vmm
+    factory = CudaBackingFactory(device)
+    tokens, context = 64, 10_000_000
+    layout = planner.triton_kv_indices_layout(tokens, context)
+    backend = types.SimpleNamespace(max_context_len=context)
+    before = _free()
+    with graph_buffers.reserved_zeros({((layout.items,), torch.int64): layout}, factory) as made:
+        # What TritonAttnBackend.init_cuda_graph_state allocates, shaped as upstream does.
+        backend.cuda_graph_kv_indices = torch.zeros(
+            (tokens * backend.max_context_len), dtype=torch.int64, device="cuda"
+        )
+        backend.cuda_graph_attn_logits = torch.zeros((tokens, 32, 8, 128), device="cuda")
+    after_init = _free()
+    assert len(made) == 1 and backend.cuda_graph_kv_indices.numel() == tokens * context
+    assert backend.cuda_graph_attn_logits.is_contiguous()
+    graph_buffers.BUFFERS[:] = made
+    try:
+        runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
+        fb = types.SimpleNamespace(batch_size=40, seq_lens_cpu=torch.full((40,), 250_000))
+        batch = graph_buffers.graph_batch(runner, fb)
+        commit_us = _timed(lambda: graph_buffers.ensure_for(batch))
+        after_commit = _free()
+        committed = made[0].committed_bytes
+        backend.cuda_graph_kv_indices[: batch.seq_lens_sum] = 1  # the replay's fill: backed
+        torch.cuda.synchronize()
+        released = graph_buffers.release_at_idle()
+        after_release = _free()
+    finally:
+        graph_buffers.BUFFERS.clear()
+    logits_bytes = tokens * 32 * 8 * 128 * 4
+    results["graph_buffer_hook_on_gpu"] = {
+        "reserved_bytes": layout.reserved_bytes,
+        "free_memory_drop_at_init_bytes": before - after_init,
+        "ordinary_allocation_bytes": logits_bytes,
+        "batch": {"rows": batch.rows, "seq_lens_sum": batch.seq_lens_sum},
+        "commit_us": round(commit_us, 1),
+        "committed_bytes": committed,
+        "free_memory_drop_at_commit_bytes": after_init - after_commit,
+        "released_bytes": released,
+        "free_memory_regained_at_release_bytes": after_release - after_commit,
+    }
+    assert committed == layout.commit_bytes(batch, device.granularity)
+    assert abs((after_init - after_commit) - (committed - device.granularity)) <= 2 * MIB
+    assert released == committed
+    # Init took the ordinary buffer and one granule, not 5.12 GB.
+    assert before - after_init < logits_bytes + 64 * MIB
+    made[0].backing.close()
