@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pool-tokens", type=int, nargs="+", default=[65_536, 1_048_576, 8_388_608]
     )
+    parser.add_argument("--from-json", type=Path, help="only re-render md/png from this JSON")
     args = parser.parse_args(argv)
+    if args.from_json:
+        write_outputs(json.loads(args.from_json.read_text()), args.out)
+        return 0
     torch.set_num_threads(1)
     segmented.SETTINGS.hold_off_s = 5.0
 
@@ -234,8 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     (args.out / "allocator_micro.json").write_text(json.dumps(result, indent=1))
-    (args.out / "allocator_micro.md").write_text(render(result))
+    write_outputs(result, args.out)
     return 0
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    from plot import render_allocator_png
+
+    (out / "allocator_micro.md").write_text(render(result))
+    render_allocator_png(result, out / "allocator_micro.png")
 
 
 def render(result: dict) -> str:
@@ -253,7 +264,10 @@ def render(result: dict) -> str:
         "running (one slot per request per step), `prefill` feeds long prompts with short "
         "outputs. Segmented's cost includes its per-iteration `scheduler_step` (commit ahead, "
         "shrink check), which upstream does not have. Per step: the median of the repeats "
-        "[min, max]; ratio: segmented / upstream per repeat pair, median [min, max].",
+        "[min, max]; ratio: segmented / upstream per repeat pair, median [min, max]. "
+        "The goal (issue 11) is a ratio of 1.1 or less on every row.",
+        "",
+        "![segmented / upstream per step](allocator_micro.png)",
         "",
         "| pool tokens | page | trace | upstream us/step | segmented us/step | ratio |",
         "|---:|---:|---|---:|---:|---:|",

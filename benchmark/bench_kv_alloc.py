@@ -608,7 +608,7 @@ def _gb(n: int | None) -> str:
 
 
 def _ctx(n: int) -> str:
-    from plot_png import _ctx as context_label  # one label format for the table and the plot
+    from plot import context_label  # one label format for the table and the plot
 
     return context_label(n)
 
@@ -682,8 +682,8 @@ def render_md(data: dict[str, Any]) -> str:
         "(2 layers, hidden 64, 2 KV heads of dim 16, float32, random weights). They show what "
         "the allocation mode changes in memory and start-up, and whether segmented mode costs "
         "serving speed on this engine; they say nothing about GPU speed, where segments are "
-        "committed with the CUDA VMM driver calls instead of `madvise` (that backing exists "
-        "but has not run on a GPU yet: see gpu.md)."
+        "committed with the CUDA VMM driver calls instead of `madvise` (that backing's own "
+        "suite ran on one H100 on 2026-11-22, but no server has run on a GPU: see gpu.md)."
     )
     add("")
     add("## Findings in this run")
@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     SEGMENT_HOLD_OFF_S = cfg.segment_hold_off
     cfg.out.mkdir(parents=True, exist_ok=True)
-    from plot_png import render_png
+    from plot import render_png
 
     if cfg.from_json:
         data = json.loads(cfg.from_json.read_text())
