@@ -3,7 +3,9 @@
 For each context length, a static and a segmented server (SGLang's CPU engine, the tiny
 Llama) run side by side; `sglang.bench_serving` (upstream's `sglang.benchmark.serving`, called
 in-process through its own command line) sends each the same random-ids workload, round after
-round, alternating which server goes first, at every request rate. Per round and rate the
+round, alternating which server goes first, at every request rate; the server not being
+measured is paused (SIGSTOP), as bench_kv_alloc.py does, since an idle CPU-engine scheduler
+busy-polls. Per round and rate the
 segmented/static ratio of each metric is taken; the report gives the median ratio and a 95%
 confidence interval of the mean ratio (t-interval on log ratios over the rounds).
 
@@ -22,6 +24,7 @@ import io
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -34,8 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from sglang_kvalloc.serving import LocalServer  # noqa: E402
 from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
-MODES = ("static", "segmented")
-# Higher is better for these; lower for the latencies. The ratio is always segmented/static.
+ROLES = ("baseline", "candidate")
+# What each role's server runs, per comparison. "modes": the allocation modes (segmented
+# commits once and keeps its memory for the run). "growth": segmented that gives segments
+# back as soon as they are empty (hold-off 0: commits and releases all through the run)
+# against one that never does, for the cost of growth on step time.
+PAIRS = {
+    "modes": {
+        "baseline": ["--kv-alloc-mode", "static"],
+        "candidate": ["--kv-alloc-mode", "segmented", "--kv-segment-hold-off", "600"],
+    },
+    "growth": {
+        "baseline": ["--kv-alloc-mode", "segmented", "--kv-segment-hold-off", "600"],
+        "candidate": ["--kv-alloc-mode", "segmented", "--kv-segment-hold-off", "0"],
+    },
+}
+# Higher is better for these; lower for the latencies. The ratio is always candidate/baseline.
 THROUGHPUT = ("request_throughput", "input_throughput", "output_throughput")
 LATENCY = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_e2e_latency_ms")
 
@@ -72,6 +89,18 @@ def bench_once(
     return json.loads(line)
 
 
+@contextlib.contextmanager
+def running(server: LocalServer) -> Any:
+    """Resume ``server`` for the block, then pause it again (SIGSTOP on its process group): an
+    idle CPU-engine scheduler busy-polls, and on two cores the paused one must not steal a
+    core from the one being measured."""
+    os.killpg(server.proc.pid, signal.SIGCONT)
+    try:
+        yield server
+    finally:
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+
+
 def t_interval(ratios: list[float]) -> tuple[float, float]:
     """95% confidence interval of the mean ratio (t on log ratios)."""
     if len(ratios) < 2:
@@ -90,13 +119,7 @@ def run_context(
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"} if context > 65536 else {}
     common = ["--dtype", "float32", "--context-length", str(context), *pool_args]
     servers = {
-        mode: LocalServer(
-            model,
-            args=[*common, "--kv-alloc-mode", mode]
-            + (["--kv-segment-hold-off", "600"] if mode == "segmented" else []),
-            env=env,
-        )
-        for mode in MODES
+        role: LocalServer(model, args=[*common, *PAIRS[cfg.pair][role]], env=env) for role in ROLES
     }
     record: dict[str, Any] = {"label": label, "context": context, "pool_args": pool_args}
     try:
@@ -104,28 +127,35 @@ def run_context(
             started = time.monotonic()
             server.start(timeout=cfg.start_timeout)
             log(f"{label}: {mode} up in {time.monotonic() - started:.0f} s on {server.url}")
+            os.killpg(server.proc.pid, signal.SIGSTOP)
         for server in servers.values():  # warm-up: first requests compile and fault in
-            bench_once(server.url, str(model), math.inf, cfg, seed=1)
+            with running(server):
+                bench_once(server.url, str(model), math.inf, cfg, seed=1)
         rounds = []
         for r in range(cfg.rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
+            order = ROLES if r % 2 == 0 else ROLES[::-1]
             for rate in cfg.rates:
                 results = {}
                 for mode in order:
-                    results[mode] = bench_once(servers[mode].url, str(model), rate, cfg, 100 + r)
+                    with running(servers[mode]) as server:
+                        results[mode] = bench_once(server.url, str(model), rate, cfg, 100 + r)
                 rounds.append({"round": r, "rate": rate, "first": order[0], **results})
-                s, g = results["static"], results["segmented"]
+                s, g = results["baseline"], results["candidate"]
                 log(
-                    f"{label} round {r} rate {rate}: output tok/s static "
-                    f"{s['output_throughput']:.0f} segmented {g['output_throughput']:.0f} "
+                    f"{label} round {r} rate {rate}: output tok/s baseline "
+                    f"{s['output_throughput']:.0f} candidate {g['output_throughput']:.0f} "
                     f"({g['output_throughput'] / s['output_throughput']:.3f})"
                 )
         record["rounds"] = rounds
-        record["server_info"] = {
-            mode: _kv_alloc_info(server.url) for mode, server in servers.items()
-        }
+        record["server_info"] = {}
+        for mode, server in servers.items():
+            with running(server):
+                record["server_info"][mode] = _kv_alloc_info(server.url)
     finally:
         for server in servers.values():
+            if server.proc is not None and server.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.proc.pid, signal.SIGCONT)
             server.stop()
     record["summary"] = summarize(record["rounds"], cfg.rates)
     return record
@@ -149,16 +179,16 @@ def summarize(rounds: list[dict[str, Any]], rates: list[float]) -> dict[str, Any
         per_metric = {}
         for metric in THROUGHPUT + LATENCY:
             ratios = [
-                r["segmented"][metric] / r["static"][metric]
+                r["candidate"][metric] / r["baseline"][metric]
                 for r in these
-                if r["static"].get(metric) and r["segmented"].get(metric) is not None
+                if r["baseline"].get(metric) and r["candidate"].get(metric) is not None
             ]
             if not ratios:
                 continue
             lo, hi = t_interval(ratios)
             per_metric[metric] = {
-                "static_median": statistics.median(r["static"][metric] for r in these),
-                "segmented_median": statistics.median(r["segmented"][metric] for r in these),
+                "baseline_median": statistics.median(r["baseline"][metric] for r in these),
+                "candidate_median": statistics.median(r["candidate"][metric] for r in these),
                 "ratio_median": statistics.median(ratios),
                 "ratio_ci95": [lo, hi],
                 "ratio_min": min(ratios),
@@ -169,9 +199,20 @@ def summarize(rounds: list[dict[str, Any]], rates: list[float]) -> dict[str, Any
     return out
 
 
+NAMES = {
+    "modes": ("static", "segmented", "static vs segmented"),
+    "growth": (
+        "segmented, hold-off 600 s",
+        "segmented, hold-off 0",
+        "the cost of growth: segmented giving segments back at once vs never",
+    ),
+}
+
+
 def render(data: dict[str, Any]) -> str:
+    base, cand, title = NAMES[data["settings"].get("pair", "modes")]
     lines = [
-        "# static vs segmented with `sglang.bench_serving`",
+        f"# {title}, with `sglang.bench_serving`",
         "",
         f"Generated by `{data['command']}` on {data['started_at']} ({data['duration_min']:.0f} "
         "min). **No GPU**: SGLang's CPU engine serving the tiny Llama (2 layers, random "
@@ -184,12 +225,12 @@ def render(data: dict[str, Any]) -> str:
         f"{', '.join(str(r) for r in data['settings']['rates'])} per second (inf: all at "
         f"once, saturation). Both servers run side by side; each of "
         f"{data['settings']['rounds']} rounds runs every rate on both, alternating which goes "
-        "first. Ratio = segmented / static per round; the table gives its median, the 95% "
+        f"first. Ratio = {cand} / {base} per round; the table gives its median, the 95% "
         "confidence interval of the mean (t on log ratios), and the rounds' min-max. "
         "Throughput goal: >= 0.99 with the interval above 0.99; latency ratios: lower is "
         "better.",
         "",
-        "| context (pool) | rate | metric | static | segmented | ratio median | 95% CI | min-max |",
+        f"| context (pool) | rate | metric | {base} | {cand} | ratio median | 95% CI | min-max |",
         "|---|---:|---|---:|---:|---:|---|---|",
     ]
     for rec in data["contexts"]:
@@ -197,13 +238,13 @@ def render(data: dict[str, Any]) -> str:
             for metric, m in metrics.items():
                 lo, hi = m["ratio_ci95"]
                 lines.append(
-                    f"| {rec['label']} | {rate} | {metric} | {m['static_median']:,.1f} | "
-                    f"{m['segmented_median']:,.1f} | **{m['ratio_median']:.3f}** | "
+                    f"| {rec['label']} | {rate} | {metric} | {m['baseline_median']:,.1f} | "
+                    f"{m['candidate_median']:,.1f} | **{m['ratio_median']:.3f}** | "
                     f"[{lo:.3f}, {hi:.3f}] | {m['ratio_min']:.3f}-{m['ratio_max']:.3f} |"
                 )
-    lines += ["", "What the segmented servers held after the rounds (`/server_info`):", ""]
+    lines += ["", f"What the {cand} servers held after the rounds (`/server_info`):", ""]
     for rec in data["contexts"]:
-        seg = rec.get("server_info", {}).get("segmented", {})
+        seg = rec.get("server_info", {}).get("candidate", {})
         segments = seg.get("segments", {})
         lines.append(
             f"- {rec['label']}: token capacity {seg.get('token_capacity', '?'):,}, committed "
@@ -221,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
     )
+    p.add_argument("--pair", choices=sorted(PAIRS), default="modes")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 131072, 1048576])
     p.add_argument("--default-pool-context", type=int, default=2048)
     p.add_argument("--default-pool-mem-fraction", type=float, default=0.25)
@@ -233,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", type=Path)
     cfg = p.parse_args(argv)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_serving" if cfg.pair == "modes" else f"bench_serving_{cfg.pair}"
     if cfg.from_json:
         data = json.loads(cfg.from_json.read_text())
     else:
@@ -243,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmark/bench_serving_compare.py "
             + " ".join(argv or sys.argv[1:]),
             "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(began)),
-            "settings": {k: v for k, v in vars(cfg).items() if k not in ("out", "from_json")},
+            "settings": {
+                k: v for k, v in vars(cfg).items() if k not in ("out", "from_json", "model")
+            },
             "contexts": [],
         }
         runs = [
@@ -258,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         for context, pool_args, label in runs:
             data["contexts"].append(run_context(context, pool_args, model, cfg, label))
             data["duration_min"] = (time.time() - began) / 60
-            (cfg.out / "bench_serving.json").write_text(json.dumps(data, indent=1) + "\n")
-    (cfg.out / "bench_serving.md").write_text(render(data))
-    log(f"wrote {cfg.out / 'bench_serving.json'} and bench_serving.md")
+            (cfg.out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (cfg.out / f"{stem}.md").write_text(render(data))
+    log(f"wrote {cfg.out / stem}.json and .md")
     return 0
 
 
