@@ -435,6 +435,21 @@ def test_prepare_commits_ahead_and_shrink_keeps_the_headroom() -> None:
     a.check_invariants()
 
 
+def test_backed_for_only_where_prepare_has_nothing_to_do() -> None:
+    """The scheduler skips `prepare` when `backed_for` says so: it must be True only where
+    `prepare` would commit nothing, counting staged frees, and False while a ceiling stands."""
+    a, events, _ = make_alloc(lazy_merge=True)
+    assert a.backed_for(63) and not a.backed_for(64)  # 63 free pages in segment 0
+    x = a.alloc(40)
+    assert x is not None and not a.backed_for(24)
+    a.free(x)  # staged, not merged: still backed
+    assert a.backed_for(63)
+    a.prepare(64)
+    assert events[-1] == ("commit", 1) and a.backed_for(127)
+    a.ceiling = 1  # as after a failed commit elsewhere: prepare has work (retry, withheld)
+    assert not a.backed_for(1)
+
+
 def test_hold_off_inf_never_releases_and_nan_is_refused() -> None:
     a, _, clock = make_alloc(hold_off_s=float("inf"))
     x = a.alloc(200)
