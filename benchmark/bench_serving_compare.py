@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--from-json", type=Path)
     cfg = p.parse_args(argv)
+    # A TERM must still run the finally blocks: a paused server left behind keeps its memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_serving" if cfg.pair == "modes" else f"bench_serving_{cfg.pair}"
     if cfg.from_json:
