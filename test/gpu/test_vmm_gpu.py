@@ -569,3 +569,30 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     # Init took the ordinary buffer and one granule, not 5.12 GB.
     assert before - after_init < logits_bytes + 64 * MIB
     made[0].backing.close()
+
+
+def test_a_write_to_an_uncommitted_range_lands_on_the_shared_scratch(vmm, results) -> None:
+    """Why every writer commits first (req_to_token rows, graph buffers, the capture fill):
+    uncommitted granules all map one scratch granule, so a write there shows up in every
+    other uncommitted range of the device. Measured on a device state of its own."""
+    from sglang_kvalloc.core.cuda_backing import VmmDevice
+
+    api, _ = vmm
+    own = VmmDevice(api, 0, background_refill=False)
+    try:
+        a = CudaVmmBacking(8 * MIB, own)
+        b = CudaVmmBacking(8 * MIB, own)
+        ta = a.tensor(torch.int32, (8 * MIB // 4,))
+        tb = b.tensor(torch.int32, (8 * MIB // 4,))
+        ta[5] = 1234  # uncommitted: lands on the scratch granule
+        torch.cuda.synchronize()
+        seen = int(tb[5]), int(tb[2 * MIB // 4 + 5]), int(ta[6 * MIB // 4 + 5])
+        ta[5] = 0
+        torch.cuda.synchronize()
+        results["uncommitted_write_aliases"] = {"other_backing_and_granules_read": list(seen)}
+        assert seen == (1234, 1234, 1234)
+        del ta, tb
+        a.close()
+        b.close()
+    finally:
+        own.close()
