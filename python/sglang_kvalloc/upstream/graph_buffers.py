@@ -116,14 +116,15 @@ def _register(backend: str, made: list[LazyGraphBuffer], expected_names: set[str
         )
     for buffer in made:
         logger.info(
-            "Segmented cuda-graph buffer %s (%s): %d x %d x %d B reserved (%.2f GB), "
-            "committed per replay as far as the batch writes.",
+            "Segmented cuda-graph buffer %s (%s): %d x %d x %d B reserved (%.2f GB), %.1f MB "
+            "committed; committed per replay as far as the batch writes, released at idle.",
             buffer.layout.name,
             backend,
             buffer.layout.rows,
             buffer.layout.items,
             buffer.layout.item_bytes,
             buffer.layout.reserved_bytes / 1e9,
+            buffer.committed_bytes / 1e6,
         )
 
 
