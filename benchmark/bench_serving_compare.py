@@ -76,7 +76,7 @@ def bench_once(
         "--random-range-ratio", "0.5", "--num-prompts", str(cfg.num_prompts),
         "--request-rate", str(rate), "--seed", str(seed), "--output-file", str(out),
         "--disable-tqdm",
-    ]  # fmt: skip
+    ] + (["--flush-cache"] if cfg.flush_cache else [])  # fmt: skip
     saved = sys.argv
     sys.argv = argv
     try:
@@ -223,7 +223,13 @@ def render(data: dict[str, Any]) -> str:
         f"{data['settings']['num_prompts']} prompts, input {data['settings']['input_len']} and "
         f"output {data['settings']['output_len']} tokens (range ratio 0.5), request rates "
         f"{', '.join(str(r) for r in data['settings']['rates'])} per second (inf: all at "
-        f"once, saturation). Both servers run side by side; each of "
+        f"once, saturation)"
+        + (
+            "; the prefix cache is flushed before every run (upstream's --flush-cache)"
+            if data["settings"].get("flush_cache")
+            else "; the prefix cache is kept between runs"
+        )
+        + f". Both servers run side by side; each of "
         f"{data['settings']['rounds']} rounds runs every rate on both, alternating which goes "
         f"first. Ratio = {cand} / {base} per round; the table gives its median, the 95% "
         "confidence interval of the mean (t on log ratios), and the rounds' min-max. "
@@ -293,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--flush-cache",
+        action="store_true",
+        help="empty the prefix cache before every run (upstream's --flush-cache): no run "
+        "reuses the previous one's KV, so a server that evicts at idle is not penalized for "
+        "cache misses; what remains is the cost of committing",
+    )
     p.add_argument("--from-json", type=Path)
     cfg = p.parse_args(argv)
     # A TERM must still run the finally blocks: a paused server left behind keeps its memory.
