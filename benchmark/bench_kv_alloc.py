@@ -27,7 +27,6 @@ import platform
 import random
 import re
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -52,7 +51,6 @@ _LIVE: list[LocalServer] = []
 
 def _stop_all() -> None:
     for server in list(_LIVE):
-        _resume(server)
         try:
             server.stop()
         except Exception:  # noqa: BLE001 - best effort at exit
@@ -97,21 +95,7 @@ def make_server(model: Path, mode: str, context: int, max_total_tokens: int) -> 
     return LocalServer(model, args=server_args(mode, context, max_total_tokens), env=env)
 
 
-def _pause(server: LocalServer) -> None:
-    if server.proc is not None and server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGSTOP)
-
-
-def _resume(server: LocalServer) -> None:
-    if server.proc is not None and server.proc.poll() is None:
-        try:
-            os.killpg(server.proc.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-
-
 def _stop(server: LocalServer) -> None:
-    _resume(server)
     server.stop()
     if server in _LIVE:
         _LIVE.remove(server)
@@ -373,21 +357,21 @@ def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int
             if server is None:
                 return {"context": context, "skipped": f"{mode} did not start", "starts": starts}
             servers[mode] = server
-            _pause(server)
+            server.pause()
         # Warm-up (untimed): first requests pay lazy initialisation.
         for mode in MODES:
-            _resume(servers[mode])
+            servers[mode].resume()
             time.sleep(0.3)
             for k in range(2):
                 measure_prefill(servers[mode], 10_000 + k, cfg, vocab)
                 measure_decode(servers[mode], 10_000 + k, cfg, vocab)
-            _pause(servers[mode])
+            servers[mode].pause()
         rounds: list[dict[str, Any]] = []
         for r in range(cfg.rounds):
             order = MODES if r % 2 == 0 else MODES[::-1]
             for mode in order:
                 server = servers[mode]
-                _resume(server)
+                server.resume()
                 time.sleep(0.3)
                 # Both modes get the same prompts in a round, new prompts every round (and every
                 # retry), so the radix cache never hits.
@@ -413,7 +397,7 @@ def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int
                         break
                     rejected.append({"prefill": pre, "decode": dec})
                     time.sleep(cfg.retry_wait)
-                _pause(server)
+                server.pause()
                 rounds.append(
                     {
                         "round": r,
@@ -426,13 +410,13 @@ def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int
                 )
         after: dict[str, Any] = {}
         for mode in MODES:
-            _resume(servers[mode])
+            servers[mode].resume()
             time.sleep(0.3)
             after[mode] = {
                 "rss_bytes": servers[mode].rss_bytes(),
                 **kv_alloc_info(servers[mode]),
             }
-            _pause(servers[mode])
+            servers[mode].pause()
     finally:
         for server in servers.values():
             _stop(server)

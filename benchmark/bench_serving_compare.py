@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 def bench_once(
     url: str, tokenizer: str, rate: float, cfg: argparse.Namespace, seed: int
 ) -> dict[str, Any]:
-    """One `sglang.bench_serving` run through its own command line; returns its result line."""
+    """One `sglang.bench_serving` run through its own command line; returns its figures."""
     from sglang.benchmark import serving
 
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
@@ -86,7 +86,8 @@ def bench_once(
         sys.argv = saved
     line = out.read_text().strip().splitlines()[-1]
     out.unlink()
-    return json.loads(line)
+    # The figures only: the per-request lists (texts, latencies) would be MBs per run.
+    return {k: v for k, v in json.loads(line).items() if not isinstance(v, (list, dict))}
 
 
 @contextlib.contextmanager
@@ -94,11 +95,11 @@ def running(server: LocalServer) -> Any:
     """Resume ``server`` for the block, then pause it again (SIGSTOP on its process group): an
     idle CPU-engine scheduler busy-polls, and on two cores the paused one must not steal a
     core from the one being measured."""
-    os.killpg(server.proc.pid, signal.SIGCONT)
+    server.resume()
     try:
         yield server
     finally:
-        os.killpg(server.proc.pid, signal.SIGSTOP)
+        server.pause()
 
 
 def t_interval(ratios: list[float]) -> tuple[float, float]:
@@ -127,7 +128,7 @@ def run_context(
             started = time.monotonic()
             server.start(timeout=cfg.start_timeout)
             log(f"{label}: {mode} up in {time.monotonic() - started:.0f} s on {server.url}")
-            os.killpg(server.proc.pid, signal.SIGSTOP)
+            server.pause()
         for server in servers.values():  # warm-up: first requests compile and fault in
             with running(server):
                 bench_once(server.url, str(model), math.inf, cfg, seed=1)
@@ -153,9 +154,6 @@ def run_context(
                 record["server_info"][mode] = _kv_alloc_info(server.url)
     finally:
         for server in servers.values():
-            if server.proc is not None and server.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(server.proc.pid, signal.SIGCONT)
             server.stop()
     record["summary"] = summarize(record["rounds"], cfg.rates)
     return record

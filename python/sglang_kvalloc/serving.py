@@ -146,10 +146,24 @@ class LocalServer:
     def generate(self, payload: dict[str, Any], timeout: float = 600) -> Any:
         return http_json(self.url + "/generate", payload, timeout=timeout)
 
+    def pause(self) -> None:
+        """SIGSTOP the process group: an idle CPU-engine scheduler busy-polls, so a benchmark
+        pauses the server it is not measuring (on two cores it would steal one)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         """Kill the whole process group (scheduler and detokenizer included) by pid."""
         if self.proc is None:
             return
+        self.resume()  # a paused group would hold SIGTERM until the SIGKILL
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:

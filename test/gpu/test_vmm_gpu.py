@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from sglang_kvalloc.core.cuda_backing import CudaVmmBacking
+from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
 from sglang_kvalloc.core.rows import RowCommits
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
 
@@ -213,7 +213,7 @@ def test_rows_and_fixed_rope_cache_on_the_gpu(vmm) -> None:
             return 1.0 / (base ** (arange / self.rotary_dim))
 
     module = Rope()
-    fixed = FixedAddressRope(module, 10_000_000, torch.bfloat16, _Factory(device))
+    fixed = FixedAddressRope(module, 10_000_000, torch.bfloat16, CudaBackingFactory(device))
     address = module.cos_sin_cache.data_ptr()
     fixed.grow(2_000_000)
     t = torch.arange(2_000_000, dtype=torch.float, device="cuda")
@@ -222,15 +222,6 @@ def test_rows_and_fixed_rope_cache_on_the_gpu(vmm) -> None:
     assert torch.equal(module.cos_sin_cache[4096:2_000_000], expected[4096:])
     assert module.cos_sin_cache.data_ptr() == address
     assert fixed.committed_bytes < 10_000_000 * 128 * 2 // 2
-
-
-class _Factory:
-    def __init__(self, device) -> None:
-        self.device = device
-        self.granularity = device.granularity
-
-    def __call__(self, nbytes: int) -> CudaVmmBacking:
-        return CudaVmmBacking(nbytes, self.device)
 
 
 # -- upstream's Triton attention kernels over VMM-backed K/V -----------------------------------
@@ -519,7 +510,6 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     import types
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
     from sglang_kvalloc.upstream import graph_buffers
 
     api, device = vmm

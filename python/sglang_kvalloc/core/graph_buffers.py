@@ -144,15 +144,13 @@ class LazyGraphBuffer:
     def ensure(self, batch: GraphBatch) -> int:
         """Commit what ``batch`` writes; returns the bytes newly committed. MemoryError (and
         nothing the graph could read half-committed) if the device cannot back it."""
-        layout = self.layout
-        if batch.rows <= 0:
+        if not self.needs_commit(batch):
             return 0
+        layout = self.layout
         if layout.kind == FLAT:
             g = self.granularity
             need = -(-(layout.items_needed(batch) * layout.item_bytes) // g) * g
             need = min(need, self.backing.reserved_bytes)
-            if need <= self._flat_end:
-                return 0
             # One new mapping past the committed prefix: ranges are committed whole.
             self.backing.commit(self._flat_end, need - self._flat_end)
             grown = need - self._flat_end
@@ -161,8 +159,6 @@ class LazyGraphBuffer:
             return grown
         rows = min(batch.rows, layout.rows)
         prefix = layout.items_needed(batch) * layout.item_bytes
-        if rows <= self._rows_ready and prefix <= self._prefix_ready:
-            return 0
         before = self.backing.committed_bytes
         for row in range(rows):
             self._rows.ensure(row, prefix)

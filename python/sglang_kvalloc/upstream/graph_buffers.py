@@ -41,7 +41,6 @@ BUFFERS: list[LazyGraphBuffer] = []
 class GraphBufferStats:
     def __init__(self) -> None:
         self.eager_fallbacks = 0
-        self.commit_failures_logged = 0
 
 
 STATS = GraphBufferStats()
@@ -220,7 +219,7 @@ def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
     """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
     rows at upstream's seq_len_fill_value."""
     bs = int(forward_batch.batch_size)
-    capture_bs = sorted(getattr(runner, "capture_bs", None) or [bs])
+    capture_bs = getattr(runner, "capture_bs", None) or [bs]  # upstream keeps it sorted
     at = bisect.bisect_left(capture_bs, bs)
     rows = capture_bs[at] if at < len(capture_bs) else bs
     fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
