@@ -586,3 +586,127 @@ def test_a_write_to_an_uncommitted_range_lands_on_the_shared_scratch(vmm, result
         b.close()
     finally:
         own.close()
+
+
+def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, results) -> None:
+    """The speculative verify mask (FULL_MASK: draft x (seq_len + draft) bytes per request, end
+    to end), reserved at upstream's shape through the hook's interception. The hook around the
+    draft stage's tail commits what the draft writes before it writes; upstream's triton
+    extend kernel then reads the mask from the reserved buffer (as the verify step does), and
+    must give what it gives over an ordinary mask. Upstream's tree kernel (sgl_kernel) is not
+    on the lent machine; the test writes the mask's layout itself."""
+    import types
+
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    from sglang_kvalloc.core import planner
+    from sglang_kvalloc.core.graph_buffers import GraphBatch
+    from sglang_kvalloc.upstream import graph_buffers
+
+    api, device = vmm
+    factory = CudaBackingFactory(device)
+    max_bs, draft, context = 64, 8, 10_000_000
+    layout = planner.verify_mask_layout(max_bs, draft, context)  # 5.12 GB
+    before = _free()
+    with graph_buffers.reserved_zeros({((layout.items,), torch.uint8): layout}, factory) as made:
+        # What maybe_create_verify_mask allocates for triton: tree_mask_numel bytes, uint8.
+        buffer = torch.zeros(max_bs * draft * (context + draft), dtype=torch.uint8, device="cuda")
+    assert len(made) == 1 and buffer.numel() == layout.items
+
+    class VerifyMask:  # upstream's VerifyMask as the draft tail uses it (buffer, fits)
+        def __init__(self, buffer: torch.Tensor) -> None:
+            self.buffer = buffer
+
+        def fits(self, bs: int) -> bool:
+            return bs <= max_bs
+
+    backend = types.SimpleNamespace(_verify_mask=VerifyMask(buffer), max_context_len=context)
+    target = types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backend))
+    seq_lens = [1000, 37_000, 250_000, 600_000]
+    bs = len(seq_lens)
+    gen = torch.Generator("cuda").manual_seed(3)
+    rows = []  # each request's mask: draft x (seq_len + draft); prefix visible, tree random
+    for n in seq_lens:
+        tree = torch.rand((draft, draft), generator=gen, device="cuda") < 0.5
+        tree |= torch.eye(draft, dtype=torch.bool, device="cuda")
+        row = torch.ones((draft, n + draft), dtype=torch.uint8, device="cuda")
+        row[:, n:] = tree.to(torch.uint8)
+        rows.append(row.flatten())
+    plain_mask = torch.cat(rows)
+    lens = torch.tensor(seq_lens)
+    batch = types.SimpleNamespace(seq_lens=lens.cuda(), seq_lens_cpu=lens, seq_lens_sum=None)
+    graph_buffers.BUFFERS[:] = made
+    timings = {}
+    try:
+
+        def tail(batch, *args, target_worker, num_draft_tokens, **kwargs):
+            # The draft stage writes the mask into the backend's buffer, in place.
+            timings["committed_when_written"] = made[0].committed_bytes
+            target_worker.model_runner.attn_backend._verify_mask.buffer[: plain_mask.numel()] = (
+                plain_mask
+            )
+            return "verify input"
+
+        start = time.perf_counter()
+        graph_buffers.around_build_eagle_verify_input(
+            tail, batch, target_worker=target, num_draft_tokens=draft
+        )
+        torch.cuda.synchronize()
+        hook_us = (time.perf_counter() - start) * 1e6
+        committed = made[0].committed_bytes
+        after = _free()
+
+        # The verify step's attention: upstream's triton extend kernel with the custom mask.
+        torch.manual_seed(4)
+        kv_tokens = sum(seq_lens)
+        k_buffer = torch.randn((kv_tokens, H_KV, D), dtype=torch.bfloat16, device="cuda")
+        v_buffer = torch.randn_like(k_buffer)
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device="cuda")
+        kv_indptr[1:] = torch.cumsum(lens.cuda(), 0)
+        kv_indices = torch.arange(kv_tokens, dtype=torch.int64, device="cuda")
+        qo_indptr = torch.arange(0, (bs + 1) * draft, draft, dtype=torch.int32, device="cuda")
+        mask_indptr = torch.zeros(bs + 1, dtype=torch.int64, device="cuda")
+        mask_indptr[1:] = torch.cumsum(draft * (lens.cuda() + draft), 0)
+        q = torch.randn((bs * draft, H_Q, D), dtype=torch.bfloat16, device="cuda")
+        k_ext = torch.randn((bs * draft, H_KV, D), dtype=torch.bfloat16, device="cuda")
+        v_ext = torch.randn_like(k_ext)
+
+        def verify(mask: torch.Tensor, skip_prefix: bool) -> torch.Tensor:
+            o = torch.empty_like(q)
+            extend_attention_fwd(q, k_ext, v_ext, o, k_buffer, v_buffer, qo_indptr, kv_indptr,
+                                 kv_indices, mask, True, mask_indptr, draft, 1.0, 1.0,
+                                 sm_scale=1.0 / math.sqrt(D),
+                                 skip_prefix_custom_mask=skip_prefix)  # fmt: skip
+            return o
+
+        equal = {}
+        for skip_prefix in (True, False):
+            o_plain = verify(plain_mask, skip_prefix)
+            o_lazy = verify(buffer, skip_prefix)
+            torch.cuda.synchronize()
+            equal[skip_prefix] = bool(torch.equal(o_plain, o_lazy))
+            assert bool(torch.isfinite(o_plain.float()).all())
+        released = graph_buffers.release_at_idle()
+    finally:
+        graph_buffers.BUFFERS.clear()
+        graph_buffers.VERIFY_MASKS.clear()
+    expected = layout.commit_bytes(
+        GraphBatch(bs, sum(seq_lens), max(seq_lens), draft), device.granularity
+    )
+    results["verify_mask_on_gpu"] = {
+        "reserved_bytes": layout.reserved_bytes,
+        "mask_bytes_written": plain_mask.numel(),
+        "committed_bytes": committed,
+        "committed_when_the_draft_wrote": timings["committed_when_written"],
+        "planner_commit_bytes": expected,
+        "free_memory_drop_bytes": before - after,
+        "hook_us": round(hook_us, 1),
+        "extend_equal": {"skip_prefix_mask": equal[True], "full_mask_read": equal[False]},
+        "released_bytes": released,
+    }
+    assert timings["committed_when_written"] == committed >= plain_mask.numel()
+    assert committed == expected
+    assert equal == {True: True, False: True}
+    assert before - after <= committed + 2 * MIB  # not 5.12 GB
+    assert released == committed
+    made[0].backing.close()

@@ -30,11 +30,13 @@ def segmented_on_fake_gpu():
     saved = STATE.mode, SETTINGS.backings
     STATE.mode, SETTINGS.backings = modes.SEGMENTED, factory
     graph_buffers.BUFFERS.clear()
-    graph_buffers.STATS.eager_fallbacks = 0
+    graph_buffers.VERIFY_MASKS.clear()
+    graph_buffers.STATS.eager_fallbacks = graph_buffers.STATS.draft_mask_fallbacks = 0
     yield driver
     for buffer in graph_buffers.BUFFERS:
         buffer.release()
     graph_buffers.BUFFERS.clear()
+    graph_buffers.VERIFY_MASKS.clear()
     STATE.mode, SETTINGS.backings = saved
 
 
@@ -184,3 +186,119 @@ def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, 
     monkeypatch.setattr(SETTINGS, "agree", another_rank_failed)
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     assert votes == []
+
+
+def speculative_triton(monkeypatch, context: int, max_bs: int, draft: int) -> types.SimpleNamespace:
+    """A target runner's triton backend built by upstream's own state builder, speculative,
+    with the GPU's FULL_MASK verify mask."""
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.speculative import eagle_utils
+
+    monkeypatch.setattr(eagle_utils, "_is_cpu", False)  # the GPU's mask layout
+    backend = triton_stub(context)
+    backend.num_draft_tokens = draft
+    graph_buffers.around_triton_init_cuda_graph_state(
+        TritonAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs * draft
+    )
+    return backend
+
+
+def write_verify_mask(backend: types.SimpleNamespace, seq_lens: list[int], draft: int) -> int:
+    """What upstream's tree kernel writes: draft x (seq_len + draft) bytes per request, end to
+    end, from the start of the backend's verify mask. Returns the bytes written."""
+    nbytes = sum(draft * (n + draft) for n in seq_lens)
+    backend._verify_mask.buffer[:nbytes].fill_(1)
+    return nbytes
+
+
+def test_verify_mask_is_reserved_and_committed_where_the_draft_writes_it(
+    segmented_on_fake_gpu, monkeypatch
+) -> None:
+    from sglang.srt.layers.attention.verify_mask import TreeMaskMode
+
+    context, max_bs, draft = 1_000_000, 8, 4
+    backend = speculative_triton(monkeypatch, context, max_bs, draft)
+    layout = planner.verify_mask_layout(max_bs, draft, context)
+    mask = backend._verify_mask
+    assert mask.mode == TreeMaskMode.FULL_MASK and mask.buffer.dtype == torch.uint8
+    assert mask.buffer.shape == (layout.items,) == (8 * 4 * 1_000_004,)  # 32 MB, reserved
+    (lazy,) = [b for b in graph_buffers.BUFFERS if b.layout == layout]
+    assert lazy.committed_bytes == G
+    # The draft stage's tail commits what it is about to write, before it writes.
+    target = types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backend))
+    seq_lens = [900_000, 300_000, 7]
+    batch = types.SimpleNamespace(
+        seq_lens=torch.tensor(seq_lens), seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=None
+    )
+    written = []
+
+    def tail(batch, *args, target_worker, num_draft_tokens, **kwargs):
+        verify_mask = target_worker.model_runner.attn_backend._verify_mask
+        assert verify_mask.fits(len(batch.seq_lens))
+        nbytes = write_verify_mask(target_worker.model_runner.attn_backend, seq_lens, draft)
+        assert lazy.backing.is_committed(0, nbytes)  # every byte written lands in memory
+        written.append(nbytes)
+        return "verify input"
+
+    result = graph_buffers.around_build_eagle_verify_input(
+        tail, batch, None, None, None, None, None,
+        target_worker=target, topk=4, num_steps=3, num_draft_tokens=draft,
+        tree_mask_mode=TreeMaskMode.FULL_MASK, device="cpu",
+    )  # fmt: skip
+    assert result == "verify input"
+    expected = GraphBatch(3, sum(seq_lens), 900_000, draft)
+    assert lazy.committed_bytes == layout.commit_bytes(expected, G)
+    assert written[0] <= lazy.committed_bytes < written[0] + 2 * G
+    # The planner prices the same buffer with the same layout (one function, not two).
+    (priced,) = [
+        a
+        for a in planner.cuda_graph_allocations(
+            planner.model_spec_from_config(planner.load_model_config("llama-3.1-8b")),
+            backend="triton", max_bs=max_bs,
+            context_len=context, page_size=1, speculative_draft_tokens=draft,
+        )
+        if a.name == planner.VERIFY_MASK
+    ]  # fmt: skip
+    assert priced.lazy == layout and priced.bytes == layout.reserved_bytes
+    assert graph_buffers.release_at_idle() >= lazy.layout.commit_bytes(expected, G)
+    assert lazy.committed_bytes == 0
+
+
+def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
+    segmented_on_fake_gpu, monkeypatch
+) -> None:
+    # 8 x 4 x 20M B = 640 MB reserved on a 512 MiB device; one batch of 8 x 19M cannot commit.
+    context, max_bs, draft = 20_000_000, 8, 4
+    backend = speculative_triton(monkeypatch, context, max_bs, draft)
+    mask = backend._verify_mask
+    target = types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backend))
+    lens = torch.full((8,), 19_000_000)
+    batch = types.SimpleNamespace(seq_lens=lens, seq_lens_cpu=lens, seq_lens_sum=None)
+    seen = []
+
+    def tail(batch, *args, target_worker, num_draft_tokens, **kwargs):
+        seen.append(target_worker.model_runner.attn_backend._verify_mask.fits(8))
+        return "own mask"
+
+    assert (
+        graph_buffers.around_build_eagle_verify_input(
+            tail, batch, target_worker=target, num_draft_tokens=draft
+        )
+        == "own mask"
+    )
+    assert seen == [False]  # the draft allocated its own mask, wrote nothing uncommitted
+    assert backend._verify_mask is mask  # and the backend's is back for the verify step
+    assert graph_buffers.STATS.draft_mask_fallbacks == 1
+    assert graph_buffers.stats()["cuda_graph_draft_mask_fallbacks"] == 1
+    # Zero draft steps: one token per request, filled with True by upstream.
+    small = types.SimpleNamespace(seq_lens=torch.tensor([1000, 2000]), seq_lens_cpu=None)
+    small.seq_lens_sum = 3000
+    worker = types.SimpleNamespace(_target_worker=target)
+
+    def trivial(worker, batch):
+        assert worker._target_worker.model_runner.attn_backend._verify_mask.fits(2)
+        (lazy,) = [b for b in graph_buffers.BUFFERS if b.layout.name == planner.VERIFY_MASK]
+        assert lazy.backing.is_committed(0, 1000 + 1 + 2000 + 1)
+        return "trivial"
+
+    assert graph_buffers.around_build_trivial_verify_input(trivial, worker, small) == "trivial"

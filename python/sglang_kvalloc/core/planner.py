@@ -651,6 +651,9 @@ def capture_batch(captured_bs: int, tokens_per_row: int = 1) -> GraphBatch:
     return GraphBatch(captured_bs, captured_bs, 1, max(1, tokens_per_row))
 
 
+VERIFY_MASK = "speculative verify mask"
+
+
 def triton_kv_indices_layout(max_num_tokens: int, context_len: int) -> GraphBufferLayout:
     """Mirrors TritonAttnBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
     zeros((max_num_tokens * max_context_len,), int64), ragged indices end to end."""
@@ -685,6 +688,15 @@ def flashinfer_custom_mask_layout(max_num_tokens: int, context_len: int) -> Grap
         max_num_tokens * context_len,
         1,
         per_query_token=True,
+    )
+
+
+def verify_mask_layout(max_bs: int, draft: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors layers/attention/verify_mask.py maybe_create_verify_mask (FULL_MASK, the GPU
+    layout): ``tree_mask_numel`` = max_bs x draft x (max_context_len + draft) bytes; the draft
+    stage writes ``draft x (seq_len + draft)`` per request, end to end."""
+    return GraphBufferLayout(
+        VERIFY_MASK, FLAT, 1, max_bs * draft * (context_len + draft), 1, per_query_token=True
     )
 
 
@@ -851,11 +863,13 @@ def cuda_graph_allocations(
 
 def _verify_mask(max_bs: int, draft: int, context_len: int, where: str) -> Allocation:
     """FULL_MASK verify buffer; mirrors layers/attention/verify_mask.py tree_mask_numel."""
+    layout = verify_mask_layout(max_bs, draft, context_len)
     return Allocation(
-        "speculative verify mask",
-        max_bs * draft * (context_len + draft),
+        VERIFY_MASK,
+        layout.reserved_bytes,
         f"{max_bs} x {draft} x ({context_len} + {draft}) x 1 B",
         f"layers/attention/verify_mask.py maybe_create_verify_mask (via {where})",
+        lazy=layout,
     )
 
 

@@ -12,9 +12,13 @@ upstream runs a batch the graphs do not cover. Committed ranges go back at idle.
 
 Covered: triton's `cuda_graph_kv_indices`, fa3's page tables (every (max_bs, pages) int32
 table, speculative ones included), flashinfer's per-wrapper `cuda_graph_kv_indices` and its
-custom mask. Not covered, allocated at upstream's size: the speculative verify mask (the draft
-phase writes it before the verify step's `can_run_graph`), Llama-4's local-attention table,
-multi-step draft buffers passed in by the caller, flashinfer-MLA.
+custom mask, and the speculative verify mask of triton and fa3 (FULL_MASK). The draft stage
+writes that mask in place before the verify step reaches `can_run_graph`, so it is committed
+where the draft writes it (`build_eagle_verify_input`, `_build_trivial_verify_input`); if it
+cannot be, the draft builds its own mask, as upstream does for a batch past the captured size,
+and the verify step commits again or runs eager. Not covered, allocated at upstream's size:
+Llama-4's local-attention table, multi-step draft buffers passed in by the caller,
+flashinfer-MLA.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ logger = logging.getLogger(__name__)
 
 # Every lazy buffer of this process (each rank has its own): the decode runner, draft runners.
 BUFFERS: list[LazyGraphBuffer] = []
+# The lazy verify masks by the address upstream's `VerifyMask.buffer` holds.
+VERIFY_MASKS: dict[int, LazyGraphBuffer] = {}
 
 
 class GraphBufferStats:
     def __init__(self) -> None:
         self.eager_fallbacks = 0
+        self.draft_mask_fallbacks = 0
 
 
 STATS = GraphBufferStats()
@@ -92,7 +99,10 @@ def reserved_zeros(
             if layout is not None:
                 buffer = new_buffer(layout, backings)
                 made.append(buffer)
-                return buffer.backing.tensor(dtype, shape)
+                tensor = buffer.backing.tensor(dtype, shape)
+                if layout.name == planner.VERIFY_MASK:
+                    VERIFY_MASKS[tensor.data_ptr()] = buffer
+                return tensor
         return real_zeros(*size, **kwargs)
 
     torch.zeros = zeros
@@ -140,14 +150,38 @@ def around_triton_init_cuda_graph_state(
     backings = _backings()
     if backings is None or kv_indices_buf is not None:  # a caller's buffer stays the caller's
         return original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
-    layout = planner.triton_kv_indices_layout(max_num_tokens, int(backend.max_context_len))
+    context = int(backend.max_context_len)
+    layout = planner.triton_kv_indices_layout(max_num_tokens, context)
     expected = {((layout.items,), torch.int64): layout}
+    names = {layout.name}
+    mask = _expected_verify_mask(backend, max_bs, context, is_read=True)
+    if mask is not None:  # triton reads it as uint8
+        expected[((mask.items,), torch.uint8)] = mask
+        names.add(mask.name)
     with reserved_zeros(expected, backings) as made:
         result = original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
-    _register("triton", made, {layout.name})
-    if getattr(backend, "_verify_mask", None) is not None:
-        logger.info("The speculative verify mask is allocated at upstream's size (not lazy).")
+    _register("triton", made, names)
     return result
+
+
+def _expected_verify_mask(
+    backend: Any, max_bs: int, context: int, *, is_read: bool
+) -> GraphBufferLayout | None:
+    """The verify mask's layout where upstream's `maybe_create_verify_mask` will allocate a
+    context-sized one (a target runner, speculative, FULL_MASK); None where it allocates
+    nothing or a QLEN_ONLY mask (draft x draft per request: not context-sized)."""
+    draft = getattr(backend, "num_draft_tokens", None)
+    if draft is None:  # fa3 names it differently
+        draft = getattr(backend, "speculative_num_draft_tokens", None)
+    if not draft or not is_read:
+        return None
+    if getattr(backend, "is_draft_runner", False) or getattr(backend, "skip_prefill", False):
+        return None
+    from sglang.srt.speculative.eagle_utils import TreeMaskMode, default_tree_mask_mode
+
+    if default_tree_mask_mode() != TreeMaskMode.FULL_MASK:
+        return None
+    return planner.verify_mask_layout(max_bs, int(draft), context)
 
 
 def around_fa3_init_cuda_graph_state(
@@ -164,9 +198,16 @@ def around_fa3_init_cuda_graph_state(
         # The top-k draft table is (max_bs, max_context_len): one column per position.
         by_position = planner.fa3_page_table_layout(max_bs, context, 1)
         expected[((by_position.rows, by_position.items), torch.int32)] = by_position
+    names = {layout.name}
+    # fa3 reads the mask only with top-k > 1 (else QLEN_ONLY); allocated as bool.
+    topk = int(getattr(backend, "topk", 0) or 0)
+    mask = _expected_verify_mask(backend, max_bs, context, is_read=topk > 1)
+    if mask is not None:
+        expected[((mask.items,), torch.bool)] = mask
+        names.add(mask.name)
     with reserved_zeros(expected, backings) as made:
         result = original(backend, max_bs, max_num_tokens)
-    _register("fa3", made, {layout.name})
+    _register("fa3", made, names)
     if getattr(backend, "local_attn_builder", None) is not None:
         logger.warning(
             "fa3's local-attention cuda-graph table (Llama-4) is allocated at upstream's size "
@@ -296,6 +337,77 @@ def before_capture(runner: Any, *args: Any, **kwargs: Any) -> None:
     ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
 
 
+def _draft_batch(batch: Any, tokens_per_row: int, context: int) -> GraphBatch:
+    """What the draft stage writes into the verify mask for ``batch`` (its own rows, not the
+    padded ones): the host's sequence lengths where the batch has them, else its sum, else
+    the context per row (more than needed, never less)."""
+    rows = int(batch.seq_lens.shape[0])
+    seq_lens_cpu = getattr(batch, "seq_lens_cpu", None)
+    if seq_lens_cpu is not None and len(seq_lens_cpu) >= rows:
+        lens = seq_lens_cpu[:rows]
+        total, longest = int(lens.sum()), int(lens.max()) if rows else 0
+    elif getattr(batch, "seq_lens_sum", None) is not None:
+        total, longest = int(batch.seq_lens_sum), context
+    else:
+        total, longest = rows * context, context
+    return GraphBatch(rows, total, longest, max(1, tokens_per_row))
+
+
+@contextlib.contextmanager
+def _verify_mask_written(backend: Any, batch: Any, tokens_per_row: int) -> Iterator[None]:
+    """While the draft stage writes the verify mask in place: commit what it writes first.
+    If that cannot be committed, the backend shows a mask that fits no batch for the while,
+    so the draft builds its own (upstream's path past the captured size) and writes nothing
+    into uncommitted memory."""
+    mask = getattr(backend, "_verify_mask", None)
+    rows = int(batch.seq_lens.shape[0]) if getattr(batch, "seq_lens", None) is not None else 0
+    lazy = VERIFY_MASKS.get(mask.buffer.data_ptr()) if mask is not None else None
+    if lazy is None or rows == 0 or not mask.fits(rows):
+        yield
+        return
+    try:
+        lazy.ensure(_draft_batch(batch, tokens_per_row, int(backend.max_context_len)))
+    except MemoryError as exc:
+        STATS.draft_mask_fallbacks += 1
+        if STATS.draft_mask_fallbacks in (1, 10, 100) or STATS.draft_mask_fallbacks % 1000 == 0:
+            logger.warning(
+                "The speculative verify mask could not be committed for a batch of %d (%s); "
+                "the draft builds its own mask (%d such batches so far).",
+                rows,
+                str(exc) or "out of device memory",
+                STATS.draft_mask_fallbacks,
+            )
+        import msgspec
+
+        backend._verify_mask = msgspec.structs.replace(mask, max_bs=0)
+        try:
+            yield
+        finally:
+            backend._verify_mask = mask
+        return
+    yield
+
+
+def around_build_eagle_verify_input(
+    original: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `eagle_worker_common.build_eagle_verify_input` (the draft stage's tail, which
+    writes the verify mask into the target backend's buffer)."""
+    backend = kwargs["target_worker"].model_runner.attn_backend
+    with _verify_mask_written(backend, batch, int(kwargs["num_draft_tokens"])):
+        return original(batch, *args, **kwargs)
+
+
+def around_build_trivial_verify_input(
+    original: Callable[..., Any], worker: Any, batch: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `EAGLEWorkerV2._build_trivial_verify_input` (zero draft steps: the mask is
+    filled with True, one token per request)."""
+    backend = worker._target_worker.model_runner.attn_backend
+    with _verify_mask_written(backend, batch, 1):
+        return original(worker, batch, *args, **kwargs)
+
+
 def release_at_idle() -> int:
     """Give back every lazy buffer's committed memory (idle: no graph is running)."""
     released = sum(buffer.release() for buffer in BUFFERS)
@@ -309,4 +421,5 @@ def stats() -> dict[str, Any]:
         "cuda_graph_buffers_reserved_bytes": sum(b.layout.reserved_bytes for b in BUFFERS),
         "cuda_graph_buffers_committed_bytes": sum(b.committed_bytes for b in BUFFERS),
         "cuda_graph_eager_fallbacks": STATS.eager_fallbacks,
+        "cuda_graph_draft_mask_fallbacks": STATS.draft_mask_fallbacks,
     }

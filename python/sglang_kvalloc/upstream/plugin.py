@@ -18,6 +18,8 @@ TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
 FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
 DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
+EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 )
@@ -77,6 +79,18 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
         (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
+        # ... and the speculative verify mask, written by the draft stage before the verify
+        # step reaches can_run_graph: committed where the draft writes it.
+        (
+            f"{SPEC_COMMON}.build_eagle_verify_input",
+            graph_buffers.around_build_eagle_verify_input,
+            "AROUND",
+        ),
+        (
+            f"{EAGLE_V2}._build_trivial_verify_input",
+            graph_buffers.around_build_trivial_verify_input,
+            "AROUND",
+        ),
         # What was built: start-up log, then /server_info through the scheduler's state.
         (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),
