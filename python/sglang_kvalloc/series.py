@@ -1,0 +1,528 @@
+"""The upstream PR series: apply this project's hooks to an upstream SGLang tree as direct edits.
+
+    python -m sglang_kvalloc.series list
+    python -m sglang_kvalloc.series apply PATH [--no-commit] [--force]
+
+PATH is the user's copy of upstream 0.5.23: a clone (``PATH/python/sglang``), the package
+directory itself (``.../site-packages/sglang``), or a folder holding it. Each pull request of
+`SERIES` is applied in merge order:
+
+- this project's modules that the PR's hooks need (their import closure, lazy imports too)
+  are written into ``sglang/srt/kvalloc/``, with ``sglang_kvalloc.`` renamed to
+  ``sglang.srt.kvalloc.``;
+- each upstream function a hook of the PR targets (``upstream/plugin.py``) gets one line,
+  ``@kvalloc_hook("AROUND", "sglang.srt.kvalloc.upstream.pools:around_...")``, found by
+  parsing the file (no line numbers, no upstream text kept here), plus one import per file.
+
+In a git work tree each PR becomes one commit. The repository holds no upstream source: the
+tool edits the user's files. The CPU-kernel shim (`sglang_kvalloc.kernels`), the planner CLI,
+the demo and the test helpers are not part of the series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE = "sglang_kvalloc"
+UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
+UPSTREAM_VERSION = "0.5.23"
+SOURCE = Path(__file__).resolve().parent
+# Never part of the series: the plugin's registration (replaced by the decorations), the CPU
+# kernel shim (an environment workaround), the CLIs and helpers outside the server.
+NOT_IN_SERIES = (
+    "upstream/plugin.py",
+    "series.py",
+    "plan.py",
+    "demo.py",
+    "serving.py",
+    "tiny_model.py",
+    "kernels/",
+)
+INLINE_MODULE = "upstream/inline.py"
+IMPORT_LINE = f"from {UPSTREAM_PACKAGE}.upstream.inline import kvalloc_hook"
+
+
+class SeriesError(RuntimeError):
+    """The series cannot be applied to the tree given (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    number: int
+    slug: str
+    title: str
+    summary: str
+    # Hook functions of upstream/plugin.py this PR turns into edits: "module.function" or
+    # "module.*", relative to sglang_kvalloc.upstream.
+    hooks: tuple[str, ...]
+    # Modules carried here even if no hook of this PR imports them (paths in the package).
+    files: tuple[str, ...] = ()
+
+
+SERIES: tuple[PullRequest, ...] = (
+    PullRequest(
+        1,
+        "kv-alloc-mode-flag",
+        "--kv-alloc-mode on ServerArgs and Engine",
+        "The flag, its companions and their checks; static (the default) changes nothing.",
+        ("cli.*",),
+        (INLINE_MODULE,),
+    ),
+    PullRequest(
+        2,
+        "auto-mode",
+        "auto: clamp the context to what the device holds and choose the mode",
+        "Resolves auto once upstream has sized the pool; says what it chose and why.",
+        ("pools.around_resolve_memory_pool_config",),
+        ("upstream/auto.py",),
+    ),
+    PullRequest(
+        3,
+        "lazy-context-tables",
+        "Lazy req_to_token and RoPE cache in segmented mode",
+        "The tables sized by the context are reserved and committed as used.",
+        ("pools.around_build_default_req_pool", "rope.*"),
+        # segmented.py holds the lazy req_to_token pool and (used from PR 4) the allocators.
+        ("core/rows.py", "core/segments.py", "upstream/segmented.py"),
+    ),
+    PullRequest(
+        4,
+        "segmented-kv-pool",
+        "Segment-aware allocators, the segmented MHA pool and the CPU backing",
+        "KV memory committed a segment at a time ahead of demand, given back when idle.",
+        ("pools.around_build_mha_kv_pool", "pools.around_build_allocator", "scheduler_loop.*"),
+        ("upstream/idle_eviction.py",),
+    ),
+    PullRequest(
+        5,
+        "cuda-vmm-backing",
+        "The CUDA virtual-memory backing",
+        "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
+        (),
+        ("core/cuda_backing.py", "upstream/cuda_vmm.py"),
+    ),
+    PullRequest(
+        6,
+        "kv-alloc-observability",
+        "Start-up report, /server_info and sglang:kv_* gauges",
+        "What mode is in force, why, the capacity and what is committed.",
+        ("pools.around_configure", "pools.after_get_internal_state", "metrics.*"),
+    ),
+    PullRequest(
+        7,
+        "lazy-cuda-graph-buffers",
+        "Attention backends' cuda-graph buffers reserved, committed per replay",
+        "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
+        ("graph_buffers.*",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One decoration of an upstream function."""
+
+    target: str  # dotted upstream path, as upstream/plugin.py names it
+    hook_type: str
+    hook: str  # "module:function" in the upstream tree
+
+    @property
+    def line(self) -> str:
+        return f'@kvalloc_hook("{self.hook_type}", "{self.hook}")'
+
+
+@dataclass
+class PlannedPR:
+    pr: PullRequest
+    files: list[str] = field(default_factory=list)  # package-relative, new in this PR
+    edits: list[Edit] = field(default_factory=list)
+    # Imports inside functions of this PR's files that reach a later PR's file: code paths
+    # (segmented on a GPU, say) that later PR completes. (file, imported file, its PR).
+    forward: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which files and edits each PR carries
+# --------------------------------------------------------------------------------------------
+
+
+def _excluded(rel: str) -> bool:
+    return any(rel == x or (x.endswith("/") and rel.startswith(x)) for x in NOT_IN_SERIES)
+
+
+def _module_file(module: str) -> str | None:
+    """Package-relative file of a ``sglang_kvalloc.*`` module, or None."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "__init__.py"
+    for rel in ("/".join(parts) + ".py", "/".join(parts) + "/__init__.py"):
+        if (SOURCE / rel).is_file():
+            return rel
+    return None
+
+
+def _imports(rel: str, *, lazy: bool = False) -> set[str]:
+    """Package-relative files a module imports from this package at import time (``lazy``:
+    also those imported inside functions)."""
+    tree = ast.parse((SOURCE / rel).read_text())
+    found: set[str] = set()
+    nodes = ast.walk(tree) if lazy else _module_level(tree.body)
+    for node in nodes:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                target = _module_file(name)
+                if target is not None:
+                    found.add(target)
+    return found
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """Statements run at import: the module body and its if/try blocks, not function bodies."""
+    out: list[ast.stmt] = []
+    for node in body:
+        out.append(node)
+        if isinstance(node, (ast.If, ast.Try)):
+            for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
+                out.extend(_module_level(block))
+            for handler in getattr(node, "handlers", []):
+                out.extend(_module_level(handler.body))
+    return out
+
+
+def _closure(roots: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        # Every package a module sits in comes with it (its __init__).
+        parts = rel.split("/")[:-1]
+        for i in range(len(parts) + 1):
+            init = "/".join(parts[:i] + ["__init__.py"])
+            if (SOURCE / init).is_file() and init not in seen:
+                todo.append(init)
+        todo.extend(_imports(rel) - seen)
+    return seen
+
+
+def _data_files(rel: str) -> list[str]:
+    """Non-Python files a module reads from the package (the planner's model configs)."""
+    if rel == "core/planner.py":
+        return sorted(str(p.relative_to(SOURCE)) for p in (SOURCE / "configs").glob("*.json"))
+    return []
+
+
+def _hook_matches(pattern: str, hook: object) -> bool:
+    module = getattr(hook, "__module__", "").rpartition(".")[2]
+    name = getattr(hook, "__name__", "")
+    want_module, _, want_name = pattern.partition(".")
+    return module == want_module and want_name in ("*", name)
+
+
+def plan() -> list[PlannedPR]:
+    """Every PR's new files and edits, in merge order. Every hook of upstream/plugin.py lands
+    in exactly one PR (SeriesError otherwise)."""
+    from sglang_kvalloc.upstream import plugin
+
+    hooks = plugin.hooks()
+    planned = [PlannedPR(pr) for pr in SERIES]
+    for target, hook, hook_type in hooks:
+        owners = [p for p in planned if any(_hook_matches(x, hook) for x in p.pr.hooks)]
+        if len(owners) != 1:
+            raise SeriesError(
+                f"hook {hook.__module__}.{hook.__name__} on {target} belongs to "
+                f"{len(owners)} PRs of the series (must be exactly one)"
+            )
+        module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
+        owners[0].edits.append(Edit(target, hook_type, f"{module}:{hook.__name__}"))
+    carried: set[str] = set()
+    for p in planned:
+        roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))
+                 for e in p.edits}  # fmt: skip
+        roots |= set(p.pr.files)
+        roots.discard(None)  # type: ignore[arg-type]
+        new = sorted(r for r in _closure(roots) if not _excluded(r)) if roots else []  # type: ignore[arg-type]
+        for rel in new:
+            if rel not in carried:
+                carried.add(rel)
+                p.files.append(rel)
+                p.files.extend(d for d in _data_files(rel) if d not in carried)
+                carried.update(_data_files(rel))
+    owner = {rel: p.pr.number for p in planned for rel in p.files}
+    for p in planned:
+        for rel in p.files:
+            if rel.endswith(".py"):
+                for dep in sorted(_imports(rel, lazy=True)):
+                    if owner.get(dep, 0) > p.pr.number:
+                        p.forward.append((rel, dep, owner[dep]))
+    unowned = sorted(
+        rel
+        for rel in _closure({str(f.relative_to(SOURCE)) for f in SOURCE.rglob("*.py")})
+        if not _excluded(rel) and rel not in owner
+    )
+    if unowned:
+        raise SeriesError(f"modules in no PR of the series: {', '.join(unowned)}")
+    return planned
+
+
+def code_lines(text: str) -> int:
+    """Non-blank lines that are not comments (docstrings count: they are code to review)."""
+    return sum(1 for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#"))
+
+
+# --------------------------------------------------------------------------------------------
+# Applying
+# --------------------------------------------------------------------------------------------
+
+
+def find_package(path: Path) -> Path:
+    """The ``sglang`` package directory in what the user pointed at."""
+    for candidate in (path, path / "sglang", path / "python" / "sglang"):
+        if (candidate / "srt" / "server_args.py").is_file():
+            return candidate.resolve()
+    raise SeriesError(
+        f"{path}: no upstream SGLang package here (looked for srt/server_args.py in it, "
+        "sglang/ and python/sglang/)"
+    )
+
+
+def upstream_version(package: Path) -> str:
+    """The tree's version: the generated ``_version.py`` (installed or built), else the
+    installed distribution's metadata beside it, else a clone's ``python/pyproject.toml``."""
+    sources = [(package / "_version.py", r"__version__\s*=\s*(?:version\s*=\s*)?['\"]([^'\"]+)")]
+    sources += [
+        (m, r"(?m)^Version:\s*(\S+)") for m in package.parent.glob("sglang-*.dist-info/METADATA")
+    ]
+    sources.append((package.parent / "pyproject.toml", r'(?m)^version\s*=\s*"([^"]+)"'))
+    for path, pattern in sources:
+        if path.is_file():
+            match = re.search(pattern, path.read_text())
+            if match:
+                return match.group(1)
+    return "unknown"
+
+
+def _target_file(package: Path, target: str) -> tuple[Path, list[str]]:
+    """Upstream file defining ``target`` and the attribute path inside it."""
+    parts = target.split(".")
+    if parts[0] != "sglang":
+        raise SeriesError(f"hook target {target} is not in the sglang package")
+    for cut in range(len(parts) - 1, 1, -1):
+        candidate = package.joinpath(*parts[1:cut]).with_suffix(".py")
+        if candidate.is_file():
+            return candidate, parts[cut:]
+    raise SeriesError(f"{target}: no file for it under {package}")
+
+
+def _find_def(tree: ast.Module, attrs: list[str]) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    """The one definition of ``attrs`` (class nesting, then the function), wherever it sits
+    (also under module-level ``if`` / ``try`` blocks)."""
+
+    def children(body: list[ast.stmt]) -> list[ast.stmt]:
+        out: list[ast.stmt] = []
+        for node in body:
+            out.append(node)
+            if isinstance(node, (ast.If, ast.Try)):
+                for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
+                    out.extend(children(block))
+                for handler in getattr(node, "handlers", []):
+                    out.extend(children(handler.body))
+        return out
+
+    scopes: list[list[ast.stmt]] = [tree.body]
+    for i, name in enumerate(attrs):
+        last = i == len(attrs) - 1
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef) if last else (ast.ClassDef,)
+        found = [
+            n for body in scopes for n in children(body) if isinstance(n, kinds) and n.name == name
+        ]
+        if len(found) != 1:
+            raise SeriesError(
+                f"{'.'.join(attrs)}: found {len(found)} definitions of {name!r} (expected one)"
+            )
+        if last:
+            return found[0]  # type: ignore[return-value]
+        scopes = [found[0].body]  # type: ignore[union-attr]
+    raise AssertionError("unreachable")
+
+
+def _import_line_index(tree: ast.Module) -> int:
+    """0-based line index where the decorator import goes: after the module docstring and
+    ``from __future__`` imports."""
+    end = 0
+    for node in tree.body:
+        is_doc = (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        )
+        is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
+        if (is_doc and end == 0) or is_future:
+            end = node.end_lineno or node.lineno
+        else:
+            break
+    return end
+
+
+def decorate_file(path: Path, edits: list[tuple[list[str], Edit]]) -> None:
+    """Add each edit's decorator to its function in ``path`` (and the import, once)."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    inserts: list[tuple[int, str]] = []
+    for attrs, edit in edits:
+        node = _find_def(tree, attrs)
+        names = [d.id for d in node.decorator_list if isinstance(d, ast.Name)]
+        if any(edit.hook in ast.get_source_segment(text, d) or "" for d in node.decorator_list):
+            raise SeriesError(f"{edit.target} already carries {edit.hook}")
+        # As HookRegistry does: wrap the function under @classmethod / @staticmethod, and the
+        # decorated function otherwise.
+        if {"classmethod", "staticmethod"} & set(names) or not node.decorator_list:
+            at = node.lineno - 1
+        else:
+            at = node.decorator_list[0].lineno - 1
+        indent = re.match(r"\s*", lines[node.lineno - 1]).group(0)  # type: ignore[union-attr]
+        inserts.append((at, f"{indent}{edit.line}\n"))
+    if IMPORT_LINE not in text:
+        inserts.append((_import_line_index(tree), f"\n{IMPORT_LINE}\n"))
+    for at, line in sorted(inserts, key=lambda x: x[0], reverse=True):
+        lines.insert(at, line)
+    new_text = "".join(lines)
+    ast.parse(new_text)  # an edit that breaks the file is a bug here, not the user's problem
+    path.write_text(new_text)
+
+
+def carry_file(package: Path, rel: str) -> Path:
+    """Write one of this project's files into the upstream tree, imports renamed."""
+    dest = package / "srt" / "kvalloc" / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src = SOURCE / rel
+    if src.suffix == ".py":
+        text = re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, src.read_text())
+        dest.write_text(text)
+    else:
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def _git_root(package: Path) -> Path | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return Path(out.stdout.strip())
+
+
+def _git(root: Path, *args: str) -> str:
+    identity = ["-c", "user.name=sglang-kvalloc", "-c", "user.email=sglang-kvalloc@localhost"]
+    has_name = subprocess.run(["git", "-C", str(root), "config", "user.name"], capture_output=True)
+    cmd = ["git", *(identity if has_name.returncode != 0 else []), "-C", str(root), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def commit_message(p: PlannedPR) -> str:
+    body = [p.pr.summary, ""]
+    if p.edits:
+        body.append("Upstream functions decorated (each replaces a plugin hook):")
+        body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in p.edits]
+    if p.files:
+        body.append("")
+        body.append("New files under srt/kvalloc/: " + ", ".join(p.files))
+    return f"[kv-alloc-mode {p.pr.number}/{len(SERIES)}] {p.pr.title}\n\n" + "\n".join(body)
+
+
+def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) -> list[str]:
+    """Apply the whole series to the tree at ``path``; returns the commits made (if any)."""
+    package = find_package(path)
+    version = upstream_version(package)
+    if version != UPSTREAM_VERSION and not force:
+        raise SeriesError(
+            f"{package} is SGLang {version}; the series is for {UPSTREAM_VERSION} (--force to try)"
+        )
+    if (package / "srt" / "kvalloc").exists():
+        raise SeriesError(f"{package / 'srt' / 'kvalloc'} exists: the series is already applied")
+    root = _git_root(package) if commit else None
+    if root is not None and _git(root, "status", "--porcelain", "--", str(package)).strip():
+        raise SeriesError(f"{package} has uncommitted changes; commit or stash them first")
+    commits: list[str] = []
+    for p in plan():
+        by_file: dict[Path, list[tuple[list[str], Edit]]] = {}
+        for edit in p.edits:
+            file, attrs = _target_file(package, edit.target)
+            by_file.setdefault(file, []).append((attrs, edit))
+        for rel in p.files:
+            carry_file(package, rel)
+        for file, edits in by_file.items():
+            decorate_file(file, edits)
+        log(f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
+            f"{len(p.edits)} decorated function(s) in {len(by_file)} upstream file(s)")  # fmt: skip
+        if root is not None:
+            _git(root, "add", "-A", "--", str(package))
+            _git(root, "commit", "-q", "-m", commit_message(p))
+            commits.append(_git(root, "rev-parse", "--short", "HEAD").strip())
+    return commits
+
+
+def describe() -> str:
+    """The series as text: per PR, files with their sizes and the functions it decorates."""
+    out = []
+    for p in plan():
+        sizes = [(rel, code_lines((SOURCE / rel).read_text())) for rel in p.files]
+        out.append(f"PR {p.pr.number}/{len(SERIES)} {p.pr.slug}: {p.pr.title}")
+        out.append(f"  {p.pr.summary}")
+        total = sum(n for rel, n in sizes if rel.endswith(".py"))
+        out.append(f"  new files ({total} code lines):")
+        out += [f"    srt/kvalloc/{rel} ({n})" for rel, n in sizes]
+        out.append(f"  upstream functions decorated ({len(p.edits)}):")
+        out += [f"    {e.target}  [{e.hook_type}]" for e in p.edits]
+        if p.forward:
+            out.append("  imports inside functions that a later PR provides:")
+            out += [f"    {rel} -> {dep} (PR {n})" for rel, dep, n in p.forward]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_kvalloc.series",
+        description="Apply the --kv-alloc-mode series to an upstream SGLang 0.5.23 tree.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the series: PRs, new files, decorated functions")
+    apply_p = sub.add_parser("apply", help="apply the series to an upstream tree")
+    apply_p.add_argument("path", type=Path, help="upstream clone, sglang package dir, or parent")
+    apply_p.add_argument("--no-commit", action="store_true", help="edit only, no git commits")
+    apply_p.add_argument("--force", action="store_true", help="apply to another version")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print(describe())
+        return 0
+    try:
+        commits = apply(args.path, commit=not args.no_commit, force=args.force)
+    except SeriesError as exc:
+        parser.exit(1, f"error: {exc}\n")
+    if commits:
+        print(f"[series] {len(commits)} commits: {' '.join(commits)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The proof of the upstream PR series (issue 12): apply it to a copy of the installed upstream
+# package in a scratch environment that has no plugin, then run this project's server tests
+# against that patched upstream.
+#
+#   bash scripts/prove-upstream-series.sh [OUT_DIR] [extra pytest args]
+#
+# The scratch environment is a venv whose site-packages links every package of the project's
+# venv except sglang (a patched copy, a git repository with one commit per PR) and
+# sglang-kvalloc (absent: no entry point, no hooks). Only the test harness travels: the
+# stdlib-only helpers `sglang_kvalloc.serving` / `tiny_model` and the CPU-kernel shim
+# `sglang_kvalloc.kernels` (it makes sgl_kernel importable on a machine without CUDA; static
+# upstream needs it here as much as the series does). The script checks that the plugin is
+# not there before running anything.
+#
+# Tests run: test/e2e except the two files that import the plugin's own modules
+# (test_faults.py reads a constant of core/backing.py, test_planner_matches_upstream.py the
+# planner). Takes about 15 minutes on 2 cores. Not part of CI.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
+out="${1:-$repo/.series-proof}"
+shift || true
+py="$venv/bin/python"
+site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+base_py="$("$py" -c 'import sys; print(sys._base_executable)')"
+
+rm -rf "$out"
+mkdir -p "$out"
+scratch="$out/venv"
+"$base_py" -m venv --without-pip "$scratch"
+ssite="$("$scratch/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
+# 1. Every installed package but sglang and this project, linked.
+for entry in "$site"/*; do
+  name="$(basename "$entry")"
+  case "$name" in
+    sglang | sglang_kvalloc* | _editable_impl_sglang_kvalloc* | __editable__*kvalloc* | __pycache__) ;;
+    *) ln -s "$entry" "$ssite/$name" ;;
+  esac
+done
+
+# 2. A copy of the installed upstream package, as a git repository, and the series on it.
+"$py" - "$site/sglang" "$ssite/sglang" <<'EOF'
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns("__pycache__"))
+EOF
+git -C "$ssite/sglang" init -q
+git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost add -A
+git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost \
+  commit -q -m "sglang 0.5.23 as installed"
+"$py" -m sglang_kvalloc.series apply "$ssite/sglang" | tee "$out/apply.log"
+git -C "$ssite/sglang" log --stat --format='%n%h %s' HEAD~7..HEAD > "$out/series-log.txt"
+
+# 3. The test harness only: helpers and the CPU-kernel shim, no plugin.
+harness="$out/harness/sglang_kvalloc"
+mkdir -p "$harness"
+cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/serving.py" \
+  "$repo/python/sglang_kvalloc/tiny_model.py" "$harness/"
+cp -r "$repo/python/sglang_kvalloc/kernels" "$harness/"
+printf '%s\nimport sglang_kvalloc.kernels.bootstrap\n' "$out/harness" > "$ssite/kvalloc_harness.pth"
+
+# 4. The plugin is not there; the series is.
+"$scratch/bin/python" - <<'EOF'
+import importlib.metadata as md, importlib.util, sglang.srt.kvalloc as k
+ours = [e for e in md.entry_points(group="sglang.srt.plugins") if "kvalloc" in e.value]
+assert not ours, f"the plugin's entry point is installed: {ours}"
+assert importlib.util.find_spec("sglang_kvalloc.upstream") is None, "the plugin is importable"
+from sglang.srt.server_args import ServerArgs
+assert getattr(ServerArgs.add_cli_args, "__wrapped__", None), "add_cli_args not decorated"
+print("[proof] no sglang-kvalloc entry point, no sglang_kvalloc.upstream; series at", k.__file__)
+EOF
+
+# 5. Each PR leaves upstream importable and parsing its command line (static is the default).
+branch="$(git -C "$ssite/sglang" branch --show-current)"
+for n in 7 6 5 4 3 2 1 0; do
+  git -C "$ssite/sglang" checkout -q "HEAD~$n"
+  flag=""
+  [ "$n" -lt 7 ] && flag="--kv-alloc-mode static"
+  "$scratch/bin/python" -c "
+import argparse, sys
+from sglang.srt.server_args import ServerArgs
+import sglang.srt.managers.scheduler, sglang.srt.mem_cache.kv_cache_configurator
+p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p)
+a = p.parse_args(['--model-path', 'm'] + sys.argv[1:])
+print('[proof] upstream + PRs 1..%d: imports, parses %r' % (7 - $n, getattr(a, 'kv_alloc_mode', 'no flag')))
+" $flag 2>&1 | grep '^\[proof\]' | tee -a "$out/per-pr.log"
+  git -C "$ssite/sglang" checkout -q "$branch"
+done
+
+# 6. The server tests against the patched upstream.
+cd "$repo"
+set +e
+"$scratch/bin/python" -m pytest test/e2e -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  --ignore=test/e2e/test_faults.py --ignore=test/e2e/test_planner_matches_upstream.py \
+  --junitxml="$out/series-e2e.xml" "$@" 2>&1 | tee "$out/series-e2e.log"
+status=${PIPESTATUS[0]}
+set -e
+echo "[proof] pytest exit $status; results in $out/series-e2e.xml"
+exit "$status"

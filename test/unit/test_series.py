@@ -1,0 +1,137 @@
+"""The upstream PR series tool (issue 12) on copies of the installed upstream files it edits.
+
+The whole proof (the series applied to a copy of the whole installed package, the server tests
+run against it without the plugin) is `scripts/prove-upstream-series.sh`; it takes about 15
+minutes and is not part of CI. Here: the plan covers every hook once, the edits land where
+HookRegistry would have patched, and the decorator behaves as HookRegistry's wrappers."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import sglang
+
+from sglang_kvalloc import series
+from sglang_kvalloc.upstream import plugin
+
+UPSTREAM = Path(sglang.__file__).resolve().parent
+
+
+def test_every_hook_and_module_lands_in_exactly_one_pr() -> None:
+    planned = series.plan()
+    assert [p.pr.number for p in planned] == list(range(1, len(series.SERIES) + 1))
+    edits = [e.target for p in planned for e in p.edits]
+    assert sorted(edits) == sorted(t for t, _, _ in plugin.hooks())
+    files = [f for p in planned for f in p.files]
+    assert len(files) == len(set(files))
+    assert "upstream/plugin.py" not in files and not any(f.startswith("kernels/") for f in files)
+    assert {
+        "upstream/graph_buffers.py",
+        "core/cuda_backing.py",
+        "configs/llama-3.1-8b.json",
+    } <= set(files)
+    # A module a PR imports at import time is never one a later PR brings.
+    owner = {f: p.pr.number for p in planned for f in p.files}
+    for p in planned:
+        for rel in (f for f in p.files if f.endswith(".py")):
+            assert all(owner[dep] <= p.pr.number for dep in series._imports(rel)), rel
+
+
+def upstream_copy(tmp_path: Path) -> Path:
+    """The installed package's files the series edits (and its version), copied."""
+    package = tmp_path / "sglang"
+    rels = {"_version.py", "srt/server_args.py"}
+    for target, _, _ in plugin.hooks():
+        file, _ = series._target_file(UPSTREAM, target)
+        rels.add(str(file.relative_to(UPSTREAM)))
+    for rel in rels:
+        (package / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(UPSTREAM / rel, package / rel)
+    return package
+
+
+def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path) -> None:
+    package = upstream_copy(tmp_path)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path), "commit",
+         "-qm", "upstream"], check=True,
+    )  # fmt: skip
+    commits = series.apply(tmp_path, log=lambda _: None)
+    assert len(commits) == len(series.SERIES)
+    log = subprocess.run(
+        ["git", "-C", str(tmp_path), "log", "--format=%s"], capture_output=True, text=True
+    ).stdout.splitlines()
+    assert log[0].startswith("[kv-alloc-mode 7/7]") and log[6].startswith("[kv-alloc-mode 1/7]")
+    for target, hook, hook_type in plugin.hooks():
+        file, attrs = series._target_file(package, target)
+        text = file.read_text()
+        node = series._find_def(ast.parse(text), attrs)
+        module = hook.__module__.replace("sglang_kvalloc.", "sglang.srt.kvalloc.")
+        calls = [
+            ast.get_source_segment(text, d)
+            for d in node.decorator_list
+            if f"{module}:{hook.__name__}" in (ast.get_source_segment(text, d) or "")
+        ]
+        assert calls == [f'kvalloc_hook("{hook_type}", "{module}:{hook.__name__}")'], target
+        assert text.count(series.IMPORT_LINE) == 1
+    carried = list((package / "srt" / "kvalloc").rglob("*.py"))
+    assert len(carried) >= 15
+    for path in carried:
+        assert "sglang_kvalloc" not in path.read_text(), path  # imports renamed
+    with pytest.raises(series.SeriesError, match="already applied"):
+        series.apply(tmp_path, log=lambda _: None)
+
+
+def test_apply_refuses_another_version_and_a_tree_without_sglang(tmp_path: Path) -> None:
+    package = upstream_copy(tmp_path)
+    (package / "_version.py").write_text("__version__ = version = '0.5.22'\n")
+    with pytest.raises(series.SeriesError, match="0.5.22"):
+        series.apply(package, commit=False)
+    with pytest.raises(series.SeriesError, match="no upstream SGLang package"):
+        series.apply(tmp_path / "nowhere", commit=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_kvalloc.series", "apply", str(tmp_path / "nowhere")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_the_decorator_behaves_as_hook_registrys_wrappers(monkeypatch) -> None:
+    from sglang_kvalloc.upstream.inline import kvalloc_hook
+
+    calls: list[str] = []
+    hooks = types.ModuleType("series_test_hooks")
+
+    def before(x: int, y: int = 0):
+        calls.append("before")
+        return (x + 1,), {"y": y}
+
+    def after(result: int, x: int, y: int = 0) -> int:
+        return result * 10
+
+    def around(original, x: int, y: int = 0) -> int:
+        return original(x, y=y + 100) + 1
+
+    hooks.before, hooks.after, hooks.around = before, after, around
+    monkeypatch.setitem(sys.modules, "series_test_hooks", hooks)
+
+    def add(x: int, y: int = 0) -> int:
+        """Adds."""
+        return x + y
+
+    assert kvalloc_hook("BEFORE", "series_test_hooks:before")(add)(1, y=2) == 4
+    assert kvalloc_hook("AFTER", "series_test_hooks:after")(add)(1, y=2) == 30
+    wrapped = kvalloc_hook("AROUND", "series_test_hooks:around")(add)
+    assert wrapped(1, y=2) == 104
+    assert wrapped.__name__ == "add" and wrapped.__doc__ == "Adds." and wrapped.__wrapped__ is add
+    assert calls == ["before"]
+    with pytest.raises(ValueError):
+        kvalloc_hook("REPLACE", "series_test_hooks:around")
