@@ -302,3 +302,51 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         return "trivial"
 
     assert graph_buffers.around_build_trivial_verify_input(trivial, worker, small) == "trivial"
+
+
+def test_triton_multi_step_draft_indices_are_reserved_and_committed_per_step(
+    segmented_on_fake_gpu,
+) -> None:
+    from sglang.srt.layers.attention.triton_backend import TritonMultiStepDraftBackend
+    from sglang.srt.speculative.spec_utils import draft_kv_indices_used_len
+
+    steps, topk, context, max_bs = 3, 2, 1_000_000, 8
+    rows_given = []
+    step_backend = types.SimpleNamespace(
+        max_kv_splits=2,
+        init_cuda_graph_state=lambda bs, tokens, kv_indices_buf, **kw: rows_given.append(
+            kv_indices_buf
+        ),
+    )
+    backend = types.SimpleNamespace(
+        speculative_num_steps=steps, topk=topk, max_context_len=context, device="cpu",
+        window_rail=False, attn_backends=[step_backend] * steps,
+    )  # fmt: skip
+    graph_buffers.around_triton_draft_init_cuda_graph_state(
+        TritonMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
+    )
+    layout = planner.triton_draft_kv_indices_layout(steps, max_bs, topk, context)
+    (lazy,) = graph_buffers.BUFFERS
+    assert lazy.layout == layout and layout.rows == steps
+    assert backend.cuda_graph_kv_indices.shape == (steps, max_bs * topk * context)  # 384 MB
+    assert len(rows_given) == steps - 1 and rows_given[1].shape == (max_bs * topk * context,)
+    # The draft runner (its own can_run_graph, inherited capture) commits for its branches.
+    runner = types.SimpleNamespace(
+        draft_attn_backend=backend, topk=topk, speculative_num_steps=steps,
+        capture_bs=[1, 2, 4, 8], seq_len_fill_value=1, max_bs=max_bs, captured_req_width=1,
+    )  # fmt: skip
+    graph_buffers.before_capture(runner)
+    capture = planner.draft_graph_batch(max_bs, max_bs, 1, topk, steps)
+    assert lazy.committed_bytes == layout.commit_bytes(capture, G) == steps * G
+    seq_lens = [100_000, 5, 300_000]
+    batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=torch.tensor(seq_lens))
+    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    padded_sum = sum(seq_lens) + 1  # padded to 4 rows at the fill value
+    expected = planner.draft_graph_batch(4, padded_sum, 300_000, topk, steps)
+    assert graph_buffers.graph_batch(runner, batch) == expected
+    assert lazy.committed_bytes == layout.commit_bytes(expected, G)
+    # Every step's row is backed as far as upstream's own formula says that step reads.
+    for step in range(steps):
+        used = draft_kv_indices_used_len(padded_sum, topk, 4 * topk, step + 1) * 8
+        assert lazy.backing.is_committed(step * layout.row_bytes, used), step
+    assert graph_buffers.release_at_idle() == layout.commit_bytes(expected, G)

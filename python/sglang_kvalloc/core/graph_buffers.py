@@ -10,7 +10,8 @@ rows, the sum of its sequence lengths and the longest one.
 Two layouts cover the index buffers:
 
 - ``flat``: ragged per-request lists laid end to end (triton ``kv_indices``): a replay writes
-  the first ``sum(ceil(seq_len / positions_per_item))`` items;
+  the first ``sum(ceil(seq_len / positions_per_item))`` items; with several rows (a multi-step
+  draft's ``(steps, width)`` buffer) every row is such a list and a replay writes each;
 - ``rows``: a ``rows x items`` table indexed by batch row (fa3 page tables): a replay writes
   rows ``[0, batch rows)`` up to ``ceil(longest / positions_per_item)`` items each.
 
@@ -48,7 +49,7 @@ class GraphBufferLayout:
 
     name: str
     kind: str  # FLAT or ROWS
-    rows: int  # ROWS: table rows (the captured max batch); FLAT: 1
+    rows: int  # ROWS: table rows (the captured max batch); FLAT: lists (1, or draft steps)
     items: int  # items per row (FLAT: the whole buffer)
     item_bytes: int
     positions_per_item: int = 1  # KV positions one item stands for (the page size for tables)
@@ -68,6 +69,16 @@ class GraphBufferLayout:
     @property
     def reserved_bytes(self) -> int:
         return self.rows * self.row_bytes
+
+    @property
+    def single_list(self) -> bool:
+        """One ragged list over the whole buffer (committed as one growing prefix)."""
+        return self.kind == FLAT and self.rows == 1
+
+    def rows_written(self, batch: GraphBatch) -> int:
+        """Rows a replay of ``batch`` writes: every list of a FLAT buffer, the batch's rows of
+        a table."""
+        return self.rows if self.kind == FLAT else min(batch.rows, self.rows)
 
     def items_needed(self, batch: GraphBatch) -> int:
         """FLAT: items written in total; ROWS: items written in each of the batch's rows.
@@ -89,13 +100,13 @@ class GraphBufferLayout:
         if batch.rows <= 0:
             return 0
         g = granularity
-        if self.kind == FLAT:
+        if self.single_list:
             nbytes = self.items_needed(batch) * self.item_bytes
             return min(-(-nbytes // g) * g, -(-self.reserved_bytes // g) * g)
         prefix = self.items_needed(batch) * self.item_bytes
         granules = 0
         last = -1  # highest granule counted so far (rows go up in address)
-        for row in range(min(batch.rows, self.rows)):
+        for row in range(self.rows_written(batch)):
             start = row * self.row_bytes
             lo, hi = start // g, -(-(start + prefix) // g)
             granules += hi - max(lo, last + 1)
@@ -135,9 +146,9 @@ class LazyGraphBuffer:
         layout = self.layout
         if batch.rows <= 0:
             return False
-        if layout.kind == FLAT:
+        if layout.single_list:
             return layout.items_needed(batch) * layout.item_bytes > self._flat_end
-        rows = min(batch.rows, layout.rows)
+        rows = layout.rows_written(batch)
         prefix = layout.items_needed(batch) * layout.item_bytes
         return not (rows <= self._rows_ready and prefix <= self._prefix_ready)
 
@@ -147,7 +158,7 @@ class LazyGraphBuffer:
         if not self.needs_commit(batch):
             return 0
         layout = self.layout
-        if layout.kind == FLAT:
+        if layout.single_list:
             g = self.granularity
             need = -(-(layout.items_needed(batch) * layout.item_bytes) // g) * g
             need = min(need, self.backing.reserved_bytes)
@@ -157,7 +168,7 @@ class LazyGraphBuffer:
             self._flat_end = need
             self.commits += 1
             return grown
-        rows = min(batch.rows, layout.rows)
+        rows = layout.rows_written(batch)
         prefix = layout.items_needed(batch) * layout.item_bytes
         before = self.backing.committed_bytes
         for row in range(rows):
@@ -176,7 +187,7 @@ class LazyGraphBuffer:
         """Give back everything committed; returns the bytes released. Only where no kernel
         can read the buffer (idle); the next replay commits again before its fill."""
         before = self.backing.committed_bytes
-        if self.layout.kind == FLAT:
+        if self.layout.single_list:
             if self._flat_end:
                 self.backing.release(0, self._flat_end)
                 self._flat_end = 0

@@ -662,6 +662,27 @@ def triton_kv_indices_layout(max_num_tokens: int, context_len: int) -> GraphBuff
     )
 
 
+def triton_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors TritonMultiStepDraftBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
+    zeros((speculative_num_steps, max_bs x topk x max_context_len), int64)
+    (speculative/spec_utils.py draft_kv_indices_buffer_width); each step's row holds its
+    ragged lists end to end (``seq_lens_sum x topk + branches x step`` items)."""
+    return GraphBufferLayout(
+        "triton draft cuda_graph_kv_indices", FLAT, steps, max_bs * topk * context_len, 8
+    )
+
+
+def draft_graph_batch(
+    rows: int, seq_lens_sum: int, max_seq_len: int, topk: int, steps: int
+) -> GraphBatch:
+    """What a draft-decode replay of ``rows`` requests fills: ``topk`` branches per request,
+    each growing by one position per step (covers spec_utils.draft_kv_indices_used_len)."""
+    topk = max(1, topk)
+    return GraphBatch(rows * topk, seq_lens_sum * topk, max_seq_len + steps, max(1, steps))
+
+
 def flashinfer_kv_indices_layout(
     max_num_tokens: int, context_len: int, page_size: int
 ) -> GraphBufferLayout:

@@ -16,9 +16,10 @@ custom mask, and the speculative verify mask of triton and fa3 (FULL_MASK). The 
 writes that mask in place before the verify step reaches `can_run_graph`, so it is committed
 where the draft writes it (`build_eagle_verify_input`, `_build_trivial_verify_input`); if it
 cannot be, the draft builds its own mask, as upstream does for a batch past the captured size,
-and the verify step commits again or runs eager. Not covered, allocated at upstream's size:
-Llama-4's local-attention table, multi-step draft buffers passed in by the caller,
-flashinfer-MLA.
+and the verify step commits again or runs eager. The EAGLE draft-decode runner (its own
+`can_run_graph`; `capture` is inherited) commits for its branches and steps: triton's
+multi-step draft `kv_indices` and the per-step backends' tables. Not covered, allocated at
+upstream's size: Llama-4's local-attention table, flashinfer-MLA, the draft-extend runner.
 """
 
 from __future__ import annotations
@@ -184,6 +185,27 @@ def _expected_verify_mask(
     return planner.verify_mask_layout(max_bs, int(draft), context)
 
 
+def around_triton_draft_init_cuda_graph_state(
+    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
+) -> Any:
+    """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps' shared
+    `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved; each step's
+    backend gets its row as its caller's buffer, which the triton hook leaves alone."""
+    backings = _backings()
+    if backings is None:
+        return original(backend, max_bs, max_num_tokens)
+    steps = int(backend.speculative_num_steps)
+    topk = max(1, int(getattr(backend, "topk", 1) or 1))
+    layout = planner.triton_draft_kv_indices_layout(
+        steps, max_bs, topk, int(backend.max_context_len)
+    )
+    expected = {((layout.rows, layout.items), torch.int64): layout}
+    with reserved_zeros(expected, backings) as made:
+        result = original(backend, max_bs, max_num_tokens)
+    _register("triton draft", made, {layout.name})
+    return result
+
+
 def around_fa3_init_cuda_graph_state(
     original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
 ) -> Any:
@@ -256,9 +278,17 @@ def around_flashinfer_init_cuda_graph_state(
     return result
 
 
+def _draft_shape(runner: Any) -> tuple[int, int] | None:
+    """(topk, steps) of an EAGLE draft-decode runner, whose replay fills topk branches per
+    request over its steps; None for the target's decode runner."""
+    if getattr(runner, "draft_attn_backend", None) is None:
+        return None
+    return int(getattr(runner, "topk", 1) or 1), int(getattr(runner, "speculative_num_steps", 1))
+
+
 def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
     """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
-    rows at upstream's seq_len_fill_value."""
+    rows at upstream's seq_len_fill_value (a draft runner: its branches and steps too)."""
     bs = int(forward_batch.batch_size)
     capture_bs = getattr(runner, "capture_bs", None) or [bs]  # upstream keeps it sorted
     at = bisect.bisect_left(capture_bs, bs)
@@ -271,6 +301,11 @@ def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
     else:
         lens = forward_batch.seq_lens[:bs]
         seq_sum, longest = int(lens.sum().item()), int(lens.max().item()) if bs else 0
+    draft = _draft_shape(runner)
+    if draft is not None:
+        topk, steps = draft
+        total = seq_sum + (rows - bs) * fill
+        return planner.draft_graph_batch(rows, total, max(longest, fill), topk, steps)
     tokens_per_row = int(getattr(runner, "captured_req_width", 1) or 1)
     return GraphBatch(
         rows=rows,
@@ -289,8 +324,9 @@ def ensure_for(batch: GraphBatch) -> None:
 def around_can_run_graph(
     original: Callable[..., Any], runner: Any, forward_batch: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """AROUND `DecodeCudaGraphRunner.can_run_graph`: a batch the graphs can run gets its lazy
-    buffers committed first; one that cannot be committed runs eager instead."""
+    """AROUND `DecodeCudaGraphRunner.can_run_graph` (and the EAGLE draft runner's, which
+    overrides it): a batch the graphs can run gets its lazy buffers committed first; one that
+    cannot be committed runs eager instead."""
     ok = original(runner, forward_batch, *args, **kwargs)
     if not ok or not BUFFERS:
         return ok
@@ -334,7 +370,11 @@ def before_capture(runner: Any, *args: Any, **kwargs: Any) -> None:
     max_bs = int(getattr(runner, "max_bs", 0) or 0)
     fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
     width = int(getattr(runner, "captured_req_width", 1) or 1)
-    ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
+    draft = _draft_shape(runner)
+    if draft is not None:
+        ensure_for(planner.draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
+    else:
+        ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
 
 
 def _draft_batch(batch: Any, tokens_per_row: int, context: int) -> GraphBatch:

@@ -18,6 +18,8 @@ TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
 FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
 DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+DRAFT_GRAPHS = "sglang.srt.speculative.eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner"
+TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
 INTERNAL_STATE = (
@@ -79,6 +81,14 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
         (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
+        # The EAGLE draft-decode runner overrides can_run_graph (capture is inherited);
+        # triton's multi-step draft backend allocates the steps' shared index buffer.
+        (f"{DRAFT_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
+        (
+            f"{TRITON_DRAFT}.init_cuda_graph_state",
+            graph_buffers.around_triton_draft_init_cuda_graph_state,
+            "AROUND",
+        ),
         # ... and the speculative verify mask, written by the draft stage before the verify
         # step reaches can_run_graph: committed where the draft writes it.
         (
