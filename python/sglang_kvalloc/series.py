@@ -330,25 +330,16 @@ def _target_file(package: Path, target: str) -> tuple[Path, list[str]]:
 
 def _find_def(tree: ast.Module, attrs: list[str]) -> ast.FunctionDef | ast.AsyncFunctionDef:
     """The one definition of ``attrs`` (class nesting, then the function), wherever it sits
-    (also under module-level ``if`` / ``try`` blocks)."""
-
-    def children(body: list[ast.stmt]) -> list[ast.stmt]:
-        out: list[ast.stmt] = []
-        for node in body:
-            out.append(node)
-            if isinstance(node, (ast.If, ast.Try)):
-                for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
-                    out.extend(children(block))
-                for handler in getattr(node, "handlers", []):
-                    out.extend(children(handler.body))
-        return out
-
+    (also under ``if`` / ``try`` blocks of the module or the class)."""
     scopes: list[list[ast.stmt]] = [tree.body]
     for i, name in enumerate(attrs):
         last = i == len(attrs) - 1
         kinds = (ast.FunctionDef, ast.AsyncFunctionDef) if last else (ast.ClassDef,)
         found = [
-            n for body in scopes for n in children(body) if isinstance(n, kinds) and n.name == name
+            n
+            for body in scopes
+            for n in _module_level(body)
+            if isinstance(n, kinds) and n.name == name
         ]
         if len(found) != 1:
             raise SeriesError(
