@@ -1,7 +1,7 @@
 """The upstream PR series tool (issue 12) on copies of the installed upstream files it edits.
 
 The whole proof (the series applied to a copy of the whole installed package, the server tests
-run against it without the plugin) is `scripts/prove-upstream-series.sh`; it takes about 15
+run against it without the plugin) is `scripts/prove-upstream-series.sh`; it takes about 30
 minutes and is not part of CI. Here: the plan covers every hook once, the edits land where
 HookRegistry would have patched, and the decorator behaves as HookRegistry's wrappers."""
 
