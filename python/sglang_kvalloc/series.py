@@ -378,7 +378,7 @@ def decorate_file(path: Path, edits: list[tuple[list[str], Edit]]) -> None:
     for attrs, edit in edits:
         node = _find_def(tree, attrs)
         names = [d.id for d in node.decorator_list if isinstance(d, ast.Name)]
-        if any(edit.hook in ast.get_source_segment(text, d) or "" for d in node.decorator_list):
+        if any(edit.hook in (ast.get_source_segment(text, d) or "") for d in node.decorator_list):
             raise SeriesError(f"{edit.target} already carries {edit.hook}")
         # As HookRegistry does: wrap the function under @classmethod / @staticmethod, and the
         # decorated function otherwise.

@@ -350,3 +350,32 @@ def test_triton_multi_step_draft_indices_are_reserved_and_committed_per_step(
         used = draft_kv_indices_used_len(padded_sum, topk, 4 * topk, step + 1) * 8
         assert lazy.backing.is_committed(step * layout.row_bytes, used), step
     assert graph_buffers.release_at_idle() == layout.commit_bytes(expected, G)
+
+
+def test_every_speculative_runner_that_overrides_the_gate_is_hooked() -> None:
+    """A DecodeCudaGraphRunner subclass with its own can_run_graph would replay over the lazy
+    buffers without committing them: every one of 0.5.23's CUDA runners must be listed."""
+    import importlib
+    import pkgutil
+
+    import sglang.srt.speculative as speculative
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+    from sglang_kvalloc.upstream import plugin
+
+    for module in pkgutil.iter_modules(speculative.__path__):
+        if "cuda_graph" in module.name:
+            importlib.import_module(f"{speculative.__name__}.{module.name}")
+
+    def subclasses(cls: type) -> list[type]:
+        return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
+
+    overriding = {
+        f"{c.__module__}.{c.__qualname__}"
+        for c in subclasses(DecodeCudaGraphRunner)
+        if "can_run_graph" in c.__dict__ and c.__module__.startswith(speculative.__name__)
+    }
+    assert len(overriding) >= 5
+    assert overriding == set(plugin.SPECULATIVE_GRAPHS)
+    hooked = {t for t, _, _ in plugin.hooks() if t.endswith(".can_run_graph")}
+    assert {f"{r}.can_run_graph" for r in overriding} <= hooked

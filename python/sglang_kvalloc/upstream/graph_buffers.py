@@ -16,10 +16,11 @@ custom mask, and the speculative verify mask of triton and fa3 (FULL_MASK). The 
 writes that mask in place before the verify step reaches `can_run_graph`, so it is committed
 where the draft writes it (`build_eagle_verify_input`, `_build_trivial_verify_input`); if it
 cannot be, the draft builds its own mask, as upstream does for a batch past the captured size,
-and the verify step commits again or runs eager. The EAGLE draft-decode runner (its own
-`can_run_graph`; `capture` is inherited) commits for its branches and steps: triton's
-multi-step draft `kv_indices` and the per-step backends' tables. Not covered, allocated at
-upstream's size: Llama-4's local-attention table, flashinfer-MLA, the draft-extend runner.
+and the verify step commits again or runs eager. The speculative runners that override
+`can_run_graph` (`capture` is inherited) are gated the same way; a draft-decode runner
+commits for its branches and steps (triton's multi-step draft `kv_indices`, the per-step
+backends' tables). Not covered, allocated at
+upstream's size: Llama-4's local-attention table, flashinfer-MLA.
 """
 
 from __future__ import annotations

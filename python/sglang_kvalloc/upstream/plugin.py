@@ -18,7 +18,17 @@ TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
 FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
 DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
-DRAFT_GRAPHS = "sglang.srt.speculative.eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner"
+# DecodeCudaGraphRunner subclasses of 0.5.23 that override can_run_graph.
+SPECULATIVE_GRAPHS = tuple(
+    f"sglang.srt.speculative.{name}"
+    for name in (
+        "eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner",
+        "eagle_draft_extend_cuda_graph_runner.EAGLEDraftExtendCudaGraphRunner",
+        "multi_layer_eagle_draft_extend_cuda_graph_runner.MultiLayerEagleDraftExtendCudaGraphRunner",
+        "frozen_kv_mtp_cuda_graph_runner.FrozenKVMTPCudaGraphRunner",
+        "uno_cuda_graph_runner.UnoDecodeCudaGraphRunner",
+    )
+)
 TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
@@ -81,9 +91,12 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
         (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
-        # The EAGLE draft-decode runner overrides can_run_graph (capture is inherited);
-        # triton's multi-step draft backend allocates the steps' shared index buffer.
-        (f"{DRAFT_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
+        # The speculative runners override can_run_graph (capture is inherited): each is gated
+        # the same way; triton's multi-step draft backend allocates the steps' shared buffer.
+        *[
+            (f"{runner}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND")
+            for runner in SPECULATIVE_GRAPHS
+        ],
         (
             f"{TRITON_DRAFT}.init_cuda_graph_state",
             graph_buffers.around_triton_draft_init_cuda_graph_state,
