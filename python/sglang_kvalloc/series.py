@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import re
 import shutil
 import subprocess
@@ -423,10 +424,17 @@ def _git_root(package: Path) -> Path | None:
     return Path(out.stdout.strip())
 
 
+@functools.cache
+def _identity(root: Path) -> tuple[str, ...]:
+    """A committer for the series' commits where the repository names none."""
+    named = subprocess.run(["git", "-C", str(root), "config", "user.name"], capture_output=True)
+    if named.returncode == 0:
+        return ()
+    return ("-c", "user.name=sglang-kvalloc", "-c", "user.email=sglang-kvalloc@localhost")
+
+
 def _git(root: Path, *args: str) -> str:
-    identity = ["-c", "user.name=sglang-kvalloc", "-c", "user.email=sglang-kvalloc@localhost"]
-    has_name = subprocess.run(["git", "-C", str(root), "config", "user.name"], capture_output=True)
-    cmd = ["git", *(identity if has_name.returncode != 0 else []), "-C", str(root), *args]
+    cmd = ["git", *_identity(root), "-C", str(root), *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 

@@ -302,18 +302,12 @@ def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
     else:
         lens = forward_batch.seq_lens[:bs]
         seq_sum, longest = int(lens.sum().item()), int(lens.max().item()) if bs else 0
+    total, longest = seq_sum + (rows - bs) * fill, max(longest, fill)
     draft = _draft_shape(runner)
     if draft is not None:
-        topk, steps = draft
-        total = seq_sum + (rows - bs) * fill
-        return planner.draft_graph_batch(rows, total, max(longest, fill), topk, steps)
+        return planner.draft_graph_batch(rows, total, longest, *draft)
     tokens_per_row = int(getattr(runner, "captured_req_width", 1) or 1)
-    return GraphBatch(
-        rows=rows,
-        seq_lens_sum=seq_sum + (rows - bs) * fill,
-        max_seq_len=max(longest, fill),
-        tokens_per_row=tokens_per_row,
-    )
+    return GraphBatch(rows, total, longest, tokens_per_row)
 
 
 def ensure_for(batch: GraphBatch) -> None:
