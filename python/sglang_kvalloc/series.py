@@ -96,9 +96,15 @@ SERIES: tuple[PullRequest, ...] = (
     PullRequest(
         4,
         "segmented-kv-pool",
-        "Segment-aware allocators, the segmented MHA pool and the CPU backing",
+        "Segment-aware allocators, the segmented MHA, hybrid SWA and MLA pools, the CPU backing",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
-        ("pools.around_build_mha_kv_pool", "pools.around_build_allocator", "scheduler_loop.*"),
+        (
+            "pools.around_build_mha_kv_pool",
+            "pools.around_build_hybrid_swa_kv_pool",
+            "pools.around_build_mla_kv_pool",
+            "pools.around_build_allocator",
+            "scheduler_loop.*",
+        ),
         ("upstream/idle_eviction.py",),
     ),
     PullRequest(

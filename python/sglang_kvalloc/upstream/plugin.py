@@ -63,6 +63,12 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{CONFIGURATOR}._build_default_req_pool", pools.around_build_default_req_pool, "AROUND"),
         (f"{CONFIGURATOR}._build_mha_kv_pool", pools.around_build_mha_kv_pool, "AROUND"),
         (
+            f"{CONFIGURATOR}._build_hybrid_swa_kv_pool",
+            pools.around_build_hybrid_swa_kv_pool,
+            "AROUND",
+        ),
+        (f"{CONFIGURATOR}._build_mla_kv_pool", pools.around_build_mla_kv_pool, "AROUND"),
+        (
             f"{CONFIGURATOR}._build_token_to_kv_pool_allocator",
             pools.around_build_allocator,
             "AROUND",
@@ -76,6 +82,7 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
         (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
+        (f"{CHECKER}._check_swa_pool", scheduler_loop.around_check_swa_pool, "AROUND"),
         # Segmented on a GPU: the attention backends' context-sized cuda-graph buffers
         # reserved, committed before each replay as far as the batch writes (else eager).
         (

@@ -22,16 +22,75 @@ def _effective_mode() -> str:
     return STATE.mode or modes.STATIC
 
 
-def _mha_cell_bytes(configurator: Any) -> int | None:
-    """KV bytes per token per rank for a plain MHA pool, or None for other pool kinds."""
-    if configurator.use_mla_backend or configurator.is_hybrid_swa:
-        return None
+# Pool kinds whose KV memory segmented mode commits on demand (mechanism b). Every other kind
+# keeps upstream's KV pool; the context-scaled tables are lazy for every kind (mechanism a).
+KV_ON_DEMAND_KINDS = ("mha", "hybrid_swa", "mla")
+
+
+def kv_pool_kind(configurator: Any) -> tuple[str, str | None]:
+    """The KV pool kind upstream builds for this model, and why segmented mode cannot commit
+    its KV memory on demand (None where it can)."""
+    from sglang.srt.configs.model_config import (
+        is_deepseek_dsa,
+        is_deepseek_v4,
+        is_minimax_sparse,
+    )
+
+    hf_config = configurator.model_config.hf_config
+    if is_deepseek_v4(hf_config):
+        kind = "deepseek_v4"
+    elif configurator.mambaish_config is not None:
+        kind = "hybrid_linear"
+    elif configurator.use_mla_backend and is_deepseek_dsa(hf_config):
+        kind = "dsa"
+    elif configurator.use_mla_backend and configurator.is_hybrid_swa:
+        kind = "hybrid_mla_swa"
+    elif configurator.use_mla_backend:
+        kind = "mla"
+    elif configurator.is_hybrid_swa:
+        kind = "hybrid_swa"
+    elif is_minimax_sparse(hf_config):
+        kind = "minimax_sparse"
+    else:
+        kind = "mha"
+    if kind not in KV_ON_DEMAND_KINDS:
+        return kind, f"the {kind} KV pool is not segmented in this build"
+    str_dtype = str(configurator.kv_cache_dtype_str)
+    if str_dtype == "mxfp8" or "fp4" in str_dtype:
+        return kind, f"the block-scaled {str_dtype} KV cache is not segmented in this build"
+    if configurator.kv_shard_rank is not None:
+        return kind, "KV-cache sharding uses its own pool, not segmented in this build"
+    if not str(configurator.device).startswith(("cpu", "cuda")):
+        return kind, f"device {configurator.device} has no segmented KV pool"
+    if getattr(configurator.server_args, "enable_unified_memory", False):
+        return kind, "--enable-unified-memory builds upstream's unified pool"
+    return kind, None
+
+
+def _kv_pool_bytes(configurator: Any, config: Any) -> int | None:
+    """KV bytes of this rank's pool as upstream sized it (None for kinds not modelled here)."""
     from sglang.srt.runtime_context import get_parallel
 
+    kind, _ = kv_pool_kind(configurator)
     mc = configurator.model_config
+    itemsize = configurator.kv_cache_dtype.itemsize
+    if kind == "mla":
+        per_layer = (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
+        return (
+            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+        )
+    if kind not in ("mha", "hybrid_swa"):
+        return None
     heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
-    layers = configurator.layer_info.num_effective_layers
-    return heads * (mc.head_dim + mc.v_head_dim) * layers * configurator.kv_cache_dtype.itemsize
+    per_layer = heads * (mc.head_dim + mc.v_head_dim) * itemsize
+    if kind == "mha":
+        return (
+            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+        )
+    info = configurator.layer_info
+    full = len(info.full_attention_layer_ids) * (config.full_max_total_num_tokens or 0)
+    swa = len(info.swa_attention_layer_ids) * (config.swa_max_total_num_tokens or 0)
+    return per_layer * (full + swa)
 
 
 def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = True) -> int:
@@ -108,18 +167,19 @@ def around_resolve_memory_pool_config(
             _warn_graph_buffers(self)
         STATE.mode = requested
         STATE.reason = "chosen explicitly"
+        _note_mechanisms(self)
         return config
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
     context_len = self.model_config.context_len
-    cell = _mha_cell_bytes(self)
     static_bytes = _context_scaled_static_bytes(self, config, min(context_len, capacity))
+    pool_bytes = _kv_pool_bytes(self, config) or capacity
     decision = planner.decide_auto(
         requested_context=context_len,
         model_max_context=context_len,
         max_context_one_request=capacity,
         context_scaled_bytes_static=static_bytes,
-        budget_bytes=capacity * (cell or 1),
+        budget_bytes=pool_bytes,
     )
     if decision.clamped:
         logger.warning(
@@ -134,9 +194,6 @@ def around_resolve_memory_pool_config(
         config = original(self, *args, **kwargs)
     mode = decision.mode
     reason = decision.reason
-    if mode == modes.SEGMENTED and cell is None:
-        mode = modes.STATIC
-        reason += "; segmented supports MHA pools only, so static"
     if mode == modes.SEGMENTED:
         try:
             _open_backings(self)
@@ -144,10 +201,30 @@ def around_resolve_memory_pool_config(
             mode, reason = _static_if_it_fits(self, config, static_bytes, reason, str(exc))
     STATE.mode = mode
     STATE.reason = reason
+    _note_mechanisms(self)
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
         _warn_graph_buffers(self)
     return config
+
+
+def _note_mechanisms(configurator: Any) -> None:
+    """Record which of segmented mode's two mechanisms is in force: (a) the context-scaled
+    tables lazy (every pool kind), (b) the KV pool committed on demand (supported kinds)."""
+    kind, why_not = kv_pool_kind(configurator)
+    segmented = STATE.mode == modes.SEGMENTED
+    STATE.kv_pool_kind = kind
+    STATE.lazy_tables = segmented
+    STATE.kv_on_demand = segmented and why_not is None
+    STATE.kv_on_demand_note = (
+        "" if not segmented else why_not or f"the {kind} KV pool is committed segment by segment"
+    )
+    if segmented and why_not is not None:
+        logger.warning(
+            "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
+            "allocated whole at start (%s).",
+            why_not,
+        )
 
 
 def _apply_segment_settings(configurator: Any) -> None:
@@ -175,7 +252,7 @@ def _static_if_it_fits(
     """auto wanted segmented but the device cannot do it: static if its context-sized tables
     and the pool fit in free device memory, else a refusal with the numbers."""
     free = _free_device_bytes(configurator)
-    pool = config.max_total_num_tokens * (_mha_cell_bytes(configurator) or 0)
+    pool = _kv_pool_bytes(configurator, config) or 0
     if free is None or static_bytes + pool <= free:
         return modes.STATIC, f"{reason}; but {why_not}: static fits, so static"
     raise modes.KvAllocModeError(
@@ -220,8 +297,24 @@ def make_rank_agreement(group: Any) -> Callable[[int], int]:
 
 
 def _builds_segmented(configurator: Any) -> bool:
-    """Whether this configurator's pools are the segmented ones (the target worker)."""
+    """Whether this configurator's tables are the lazy ones (the target worker)."""
     return _effective_mode() == modes.SEGMENTED and not configurator.is_draft_worker
+
+
+def _builds_kv_on_demand(configurator: Any) -> bool:
+    """Whether this configurator's KV pool is the segment-committed one."""
+    return _builds_segmented(configurator) and STATE.kv_on_demand
+
+
+def _keep_upstream_pool(why: str) -> None:
+    """A pool variant found only while building: its KV stays upstream's, said once."""
+    STATE.kv_on_demand = False
+    STATE.kv_on_demand_note = why
+    logger.warning(
+        "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
+        "allocated whole at start (%s).",
+        why,
+    )
 
 
 def around_build_default_req_pool(
@@ -246,37 +339,92 @@ def around_build_mha_kv_pool(
     original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
 ) -> Any:
     """AROUND `_build_mha_kv_pool`: the segmented MHA pool class in segmented mode."""
-    if not _builds_segmented(self):
+    if not _builds_kv_on_demand(self):
         return original(self, *args, **kwargs)
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
 
-    if (
-        kwargs.get("mha_pool_class") is not MHATokenToKVPool
-        or kwargs.get("quant_method") is not None
-        or self.kv_cache_dtype_str == "mxfp8"
-        or self.kv_shard_rank is not None
-    ):
-        raise modes.KvAllocModeError(
-            "--kv-alloc-mode segmented supports the plain MHA KV pool only "
-            f"(got {getattr(kwargs.get('mha_pool_class'), '__name__', '?')})"
+    pool_class = kwargs.get("mha_pool_class")
+    if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
+        name = getattr(pool_class, "__name__", "?")
+        _keep_upstream_pool(
+            f"the {name} pool"
+            + (" with a KV quantization method" if pool_class else "")
+            + " is not segmented in this build"
         )
+        return original(self, *args, **kwargs)
     kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
+    return original(self, *args, **kwargs)
+
+
+def around_build_hybrid_swa_kv_pool(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `_build_hybrid_swa_kv_pool`: upstream's `SWAKVPool` with both sub-pools (full
+    and sliding-window) segment-committed, in segmented mode."""
+    if not _builds_kv_on_demand(self):
+        return original(self, *args, **kwargs)
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
+
+    if kwargs.get("mha_pool_class") is not MHATokenToKVPool:
+        name = getattr(kwargs.get("mha_pool_class"), "__name__", "?")
+        _keep_upstream_pool(f"the {name} sub-pools are not segmented in this build")
+        return original(self, *args, **kwargs)
+    kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
+    return original(self, *args, **kwargs)
+
+
+def around_build_mla_kv_pool(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `_build_mla_kv_pool`: the segmented MLA (latent cache) pool in segmented mode."""
+    if not _builds_kv_on_demand(self):
+        return original(self, *args, **kwargs)
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+    from sglang_kvalloc.upstream.segmented import SegmentedMLATokenToKVPool
+
+    if kwargs.get("mla_pool_class") is not MLATokenToKVPool:
+        name = getattr(kwargs.get("mla_pool_class"), "__name__", "?")
+        _keep_upstream_pool(f"the {name} pool is not segmented in this build")
+        return original(self, *args, **kwargs)
+    kwargs["mla_pool_class"] = SegmentedMLATokenToKVPool
     return original(self, *args, **kwargs)
 
 
 def around_build_allocator(
     original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
 ) -> Any:
-    """AROUND `_build_token_to_kv_pool_allocator`: segment-aware allocators in segmented mode."""
+    """AROUND `_build_token_to_kv_pool_allocator`: segment-aware allocators over a segmented
+    pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
     allocator = original(self, *args, **kwargs)
     pool = kwargs.get("token_to_kv_pool")
-    if _effective_mode() != modes.SEGMENTED or not hasattr(pool, "segmented_buffers"):
+    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
         return allocator
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
+    from sglang_kvalloc.upstream.segmented import SegmentedSWATokenToKVPoolAllocator
+
+    if type(allocator) is SWATokenToKVPoolAllocator and hasattr(
+        getattr(pool, "full_kv_pool", None), "segmented_buffers"
+    ):
+        return SegmentedSWATokenToKVPoolAllocator(
+            allocator.size_full,
+            allocator.size_swa,
+            allocator.page_size,
+            allocator.dtype,
+            allocator.device,
+            pool,
+            allocator.need_sort,
+            kwargs.get("req_to_token_pool"),
+        )
+    if not hasattr(pool, "segmented_buffers"):
+        return allocator
     from sglang_kvalloc.upstream.segmented import (
         SegmentedPagedTokenToKVPoolAllocator,
         SegmentedTokenToKVPoolAllocator,
@@ -296,8 +444,8 @@ def around_build_allocator(
             allocator.need_sort,
         )
     raise modes.KvAllocModeError(
-        "--kv-alloc-mode segmented supports upstream's token and paged allocators only "
-        f"(got {type(allocator).__name__})"
+        "--kv-alloc-mode segmented supports upstream's token, paged and hybrid SWA "
+        f"allocators only (got {type(allocator).__name__})"
     )
 
 
@@ -314,17 +462,27 @@ def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwar
         STATE.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
     STATE.allocator = result.token_to_kv_pool_allocator
     STATE.req_to_token_pool = result.req_to_token_pool
+    lazy_rows = hasattr(result.req_to_token_pool, "resident_bytes")
+    if STATE.kv_on_demand and not hasattr(STATE.allocator, "segment_stats"):
+        _keep_upstream_pool(f"{type(STATE.allocator).__name__} is not segmented in this build")
     logger.info(
         "KV allocation mode: %s (requested %s; %s). KV capacity %d tokens, context length %d, "
-        "max running requests %d, req_to_token %s %.3f GB.",
+        "max running requests %d, req_to_token %s %.3f GB. (a) context-scaled tables: %s. "
+        "(b) %s KV pool: %s.",
         STATE.mode,
         STATE.requested_mode,
         STATE.reason,
         result.max_total_num_tokens,
         self.model_config.context_len,
         result.max_running_requests,
-        "reserved" if STATE.mode == modes.SEGMENTED else "allocated",
+        "reserved" if lazy_rows else "allocated",
         (STATE.req_to_token_bytes or 0) / 1e9,
+        "lazy" if STATE.lazy_tables else "allocated at start",
+        STATE.kv_pool_kind,
+        "committed on demand"
+        if STATE.kv_on_demand
+        else "allocated whole at start"
+        + (f" ({STATE.kv_on_demand_note})" if STATE.kv_on_demand_note else ""),
     )
     return result
 

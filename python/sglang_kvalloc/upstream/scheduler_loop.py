@@ -127,3 +127,15 @@ def around_check_full_pool(
     if extra:
         ps = dataclasses.replace(ps, full_available_size=ps.full_available_size + extra)
     return original(checker, ps, *args, **kwargs)
+
+
+def around_check_swa_pool(
+    original: Callable[..., Any], checker: Any, ps: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `SchedulerInvariantChecker._check_swa_pool`: the same for the sliding-window
+    sub-pool of a segmented hybrid SWA allocator."""
+    withheld = getattr(checker.token_to_kv_pool_allocator, "swa_withheld_size", None)
+    extra = withheld() if withheld is not None else 0
+    if extra:
+        ps = dataclasses.replace(ps, swa_available_size=ps.swa_available_size + extra)
+    return original(checker, ps, *args, **kwargs)

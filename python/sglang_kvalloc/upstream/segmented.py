@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
 from sglang.srt.utils import get_num_new_pages
 
 from sglang_kvalloc.core.backing import BackingFactory, CpuBackingFactory, CpuMmapBacking
@@ -156,8 +157,34 @@ class _RateLimitedLog:
             self.suppressed += 1
 
 
+def _segment_pool_buffers(
+    pool: Any, row_bytes: list[int], cap_tokens: int, kind: str
+) -> SegmentedBuffers:
+    """Reserve one segment-committed buffer per entry of ``row_bytes`` (bytes per token slot)
+    for a pool of ``cap_tokens`` slots (slot 0's page included), and log what was reserved."""
+    gran = SETTINGS.backings.granularity
+    seg_tokens = _choose_segment_tokens(
+        SETTINGS.segment_tokens, cap_tokens, pool.page_size, row_bytes, gran
+    )
+    geometry = SegmentGeometry(cap_tokens, seg_tokens, pool.page_size)
+    buffers = SegmentedBuffers.create(geometry, row_bytes, backings=SETTINGS.backings)
+    logger.info(
+        "Segmented %s KV pool: %d tokens reserved (%.3f GB address space) in %d segments of %d "
+        "tokens (%.2f MB each); committed now: %.2f MB.",
+        kind,
+        cap_tokens - pool.page_size,
+        sum(b.reserved_bytes for b in buffers.backings) / 1e9,
+        geometry.num_segments,
+        seg_tokens,
+        seg_tokens * sum(row_bytes) / 1e6,
+        buffers.committed_bytes / 1e6,
+    )
+    return buffers
+
+
 class SegmentedMHATokenToKVPool(MHATokenToKVPool):
-    """MHA KV pool whose per-layer K and V buffers sit on reserved, segment-committed memory."""
+    """MHA KV pool whose per-layer K and V buffers sit on reserved, segment-committed memory.
+    Also each sub-pool (full and sliding-window) of upstream's hybrid `SWAKVPool`."""
 
     segmented_buffers: SegmentedBuffers
 
@@ -172,15 +199,10 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
         k_row = int(math.prod(k_shape[1:])) * itemsize
         v_row = int(math.prod(v_shape[1:])) * itemsize
         row_bytes = [k_row] * self.layer_num + [v_row] * self.layer_num
-        cap_tokens = k_shape[0]  # size + page_size rows: slot 0's page is padding
-        gran = SETTINGS.backings.granularity
-        seg_tokens = _choose_segment_tokens(
-            SETTINGS.segment_tokens, cap_tokens, self.page_size, row_bytes, gran
-        )
-        geometry = SegmentGeometry(cap_tokens, seg_tokens, self.page_size)
-        self.segmented_buffers = SegmentedBuffers.create(
-            geometry, row_bytes, backings=SETTINGS.backings
-        )
+        label = getattr(self, "allocation_label", None)
+        kind = f"MHA ({label})" if label and label != "KV" else "MHA"
+        # size + page_size rows: slot 0's page is padding
+        self.segmented_buffers = _segment_pool_buffers(self, row_bytes, k_shape[0], kind)
         backings = self.segmented_buffers.backings
         self.k_buffer = [
             backings[i].tensor(self.store_dtype, tuple(k_shape)) for i in range(self.layer_num)
@@ -189,16 +211,25 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
             backings[self.layer_num + i].tensor(self.store_dtype, tuple(v_shape))
             for i in range(self.layer_num)
         ]
-        logger.info(
-            "Segmented KV pool: %d tokens reserved (%.3f GB address space) in %d segments of %d "
-            "tokens (%.2f MB each); committed now: %.2f MB.",
-            cap_tokens - self.page_size,
-            sum(b.reserved_bytes for b in backings) / 1e9,
-            geometry.num_segments,
-            seg_tokens,
-            seg_tokens * sum(row_bytes) / 1e6,
-            self.segmented_buffers.committed_bytes / 1e6,
-        )
+
+
+class SegmentedMLATokenToKVPool(MLATokenToKVPool):
+    """MLA (DeepSeek) KV pool: each layer's latent buffer (kv_lora_rank + qk_rope_head_dim per
+    token) on reserved, segment-committed memory."""
+
+    segmented_buffers: SegmentedBuffers
+
+    def _create_buffers(self) -> None:
+        if getattr(self, "custom_mem_pool", None) is not None:
+            raise ValueError(
+                "--kv-alloc-mode segmented cannot place the MLA pool in a custom memory pool"
+            )
+        shape = (self.size + self.page_size, 1, self.kv_cache_dim)
+        row_bytes = [self.kv_cache_dim * self.store_dtype.itemsize] * self.layer_num
+        self.segmented_buffers = _segment_pool_buffers(self, row_bytes, shape[0], "MLA")
+        self.kv_buffer = [
+            backing.tensor(self.store_dtype, shape) for backing in self.segmented_buffers.backings
+        ]
 
 
 def _debug_memory_pool() -> bool:
@@ -407,6 +438,12 @@ class _SegmentedAllocatorMixin:
         self._withheld_logged = True
         self._failure_logged_at = now
 
+    def maybe_shrink_now(self) -> int:
+        """Release every trailing empty segment at once (the idle policy's release)."""
+        released = self._segments.maybe_shrink(hold_off_s=0.0)
+        self._sync()
+        return released
+
     def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
         """Release trailing segments empty for the hold-off (every rank the same count)."""
         released = self._segments.maybe_shrink(keep_free_pages=keep_free_tokens // self.page_size)
@@ -544,6 +581,101 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         if ids.numel():
             self._segments.free(ids.to(torch.int64))
             self._sync()
+
+
+def segmented_allocator_for(
+    size: int, page_size: int, dtype: torch.dtype, device: str, kvcache: Any, need_sort: bool
+) -> SegmentedTokenToKVPoolAllocator | SegmentedPagedTokenToKVPoolAllocator:
+    """The segmented counterpart of the token (page 1) or paged allocator upstream builds."""
+    if page_size == 1:
+        return SegmentedTokenToKVPoolAllocator(size, dtype, device, kvcache, need_sort)
+    return SegmentedPagedTokenToKVPoolAllocator(size, page_size, dtype, device, kvcache, need_sort)
+
+
+class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
+    """Upstream's hybrid SWA allocator with both sub-allocators segmented.
+
+    Upstream's own logic is kept whole: the full-to-SWA index translation, the SWA frees of
+    out-of-window KV (`free_swa`), free groups. Only the two sub-allocators it drives are
+    replaced, each over its own sub-pool's segments, so a slot the SWA radix cache evicts goes
+    back to its segment and a trailing SWA segment left empty is given back.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        size_swa: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: str,
+        kvcache: Any,
+        need_sort: bool,
+        req_to_token_pool: Any = None,
+    ) -> None:
+        super().__init__(
+            size, size_swa, page_size, dtype, device, kvcache, need_sort, req_to_token_pool
+        )
+        self.full_attn_allocator = segmented_allocator_for(
+            size, page_size, dtype, device, kvcache.full_kv_pool, need_sort
+        )
+        self.swa_attn_allocator = segmented_allocator_for(
+            size_swa, page_size, dtype, device, kvcache.swa_kv_pool, need_sort
+        )
+        self.clear()
+
+    @property
+    def _parts(self) -> tuple[Any, Any]:
+        return self.full_attn_allocator, self.swa_attn_allocator
+
+    def scheduler_step(self, demand_tokens: int) -> None:
+        # Every new token takes a slot on both sides (the SWA side frees out-of-window ones).
+        for part in self._parts:
+            part.scheduler_step(demand_tokens)
+
+    def note_busy(self) -> None:
+        for part in self._parts:
+            part.note_busy()
+
+    def idle_step(self, tree_cache: Any) -> bool:
+        ran = self.full_attn_allocator.idle_step(tree_cache)
+        if ran:
+            # Whatever the full side's eviction freed on the SWA side goes back too.
+            self.swa_attn_allocator.maybe_shrink_now()
+        return ran
+
+    def withheld_size(self) -> int:
+        return self.full_attn_allocator.withheld_size()
+
+    def swa_withheld_size(self) -> int:
+        return self.swa_attn_allocator.withheld_size()
+
+    def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
+        return sum(part.maybe_shrink(keep_free_tokens) for part in self._parts)
+
+    def verify_byte_accounting(self) -> list[str]:
+        return [
+            f"{name}: {problem}"
+            for name, part in zip(("full", "swa"), self._parts, strict=True)
+            for problem in part.verify_byte_accounting()
+        ]
+
+    @property
+    def mid_batch_commits(self) -> int:
+        return sum(part.mid_batch_commits for part in self._parts)
+
+    def segment_stats(self) -> dict[str, Any]:
+        """The two sub-pools summed (bytes, segments, counters), and each one by name."""
+        full, swa = (part.segment_stats() for part in self._parts)
+        out: dict[str, Any] = {}
+        for key, value in full.items():
+            if key in ("segment_tokens", "hold_off_s"):
+                out[key] = value
+            elif key == "used_tokens" or key == "withheld_tokens":
+                out[key] = value  # tokens of the full pool: what bounds a request
+            else:
+                out[key] = value + swa[key]
+        out["pools"] = {"full": full, "swa": swa}
+        return out
 
 
 class SegmentedReqToTokenPool(ReqToTokenPool):

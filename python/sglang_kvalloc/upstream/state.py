@@ -21,6 +21,12 @@ class KvAllocState:
     token_capacity: int | None = None
     max_running_requests: int | None = None
     req_to_token_bytes: int | None = None
+    # Segmented mode's two mechanisms: (a) context-scaled tables lazy (every pool kind), (b)
+    # the KV pool committed on demand (the kinds segmented supports); why (b) is off if so.
+    kv_pool_kind: str | None = None
+    lazy_tables: bool = False
+    kv_on_demand: bool = False
+    kv_on_demand_note: str = ""
     # Live objects (not reported as such): segmented mode reads its figures from them.
     allocator: Any = dataclasses.field(default=None, repr=False)
     req_to_token_pool: Any = dataclasses.field(default=None, repr=False)
