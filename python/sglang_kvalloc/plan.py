@@ -210,6 +210,30 @@ def render(result: Plan) -> str:
         lines.append(
             "  * allocated at upstream's size in segmented mode too (not lazy in this build)"
         )
+    kv = result.segmented_kv
+    fits = kv.request_fits_pool and kv.headroom_bytes >= 0
+    lines += [
+        "",
+        f"segmented KV pool ({kv.pool_kind}): reserved {kv.reserved_bytes:,} B (upstream's "
+        f"size); committed at start {kv.committed_at_start_bytes:,} B (one segment of "
+        f"{kv.segment_tokens:,} tokens per pool)",
+        f"one request of {kv.request_context:,} tokens commits {kv.request_kv_bytes:,} B of KV "
+        f"({kv.request_full_tokens:,} full-attention"
+        + (f" + {kv.request_swa_tokens:,} sliding-window" if kv.request_swa_tokens else "")
+        + " token slots)",
+        f"  reserved pool holds it: {kv.request_fits_pool}; device headroom after weights, this "
+        f"KV and segmented's committed tables: {kv.headroom_bytes:,} B -> fits: {fits}",
+    ]
+    if not kv.request_fits_pool and kv.headroom_bytes >= 0:
+        hint = []
+        if kv.swa_full_tokens_ratio_for_request is not None:
+            hint.append(f"--swa-full-tokens-ratio {kv.swa_full_tokens_ratio_for_request}")
+        needed = kv.mem_fraction_static_for_request
+        if needed is not None and needed > result.mem_fraction_static:
+            hint.append(f"--mem-fraction-static >= {kv.mem_fraction_static_for_request}")
+        lines.append(
+            "  upstream's sizing holds it (one such request at a time) with " + " and ".join(hint)
+        )
     lines += [
         "",
         f"auto -> {result.auto.mode}, context {result.auto.effective_context:,}"

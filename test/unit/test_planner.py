@@ -420,3 +420,44 @@ def test_cli_table_mentions_both_modes() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "static" in proc.stdout and "segmented" in proc.stdout
     assert "not measured" in proc.stdout
+
+
+# ---------------------------------------------------------------- segmented KV per pool kind
+
+
+def test_segmented_kv_one_request_of_scout_10m() -> None:
+    """A 10,485,760-token request on Scout (FP8 KV, TP 8): every token in the 12 full layers,
+    only window + chunk + page in the 36 chunked-local ones."""
+    common = dict(
+        model="llama-4-scout-17b-16e",
+        tp=8,
+        kv_cache_dtype="fp8_e4m3",
+        context_length=10_485_760,
+        attention_backend="triton",
+    )
+    h100 = plan(PlanInputs(device_memory_bytes=80 * GIB, **common))
+    kv = h100.segmented_kv
+    assert kv.pool_kind == "hybrid_swa"
+    full_per_token = 12 * 1 * 128 * 2  # layers x KV heads per GPU x head_dim x (K, V) x 1 B
+    swa_per_token = 36 * 1 * 128 * 2
+    window = 8192 + 8192 + 1  # attention_chunk_size + default chunked prefill (H100) + page
+    assert kv.request_swa_tokens == window
+    assert kv.request_kv_bytes == 10_485_760 * full_per_token + window * swa_per_token
+    assert not kv.request_fits_pool  # upstream's 0.8 SWA ratio spends the budget on SWA slots
+    assert kv.swa_full_tokens_ratio_for_request == pytest.approx(window / 10_485_760, abs=1e-3)
+    # The start commits one segment per sub-pool, not the pool.
+    assert 0 < kv.committed_at_start_bytes < kv.reserved_bytes // 100
+    # fa3 keeps its local-attention block table at upstream's size: less headroom.
+    fa3 = plan(PlanInputs(device_memory_bytes=80 * GIB, **{**common, "attention_backend": "fa3"}))
+    assert fa3.segmented_kv.headroom_bytes < kv.headroom_bytes
+
+
+def test_segmented_kv_mla_and_mha() -> None:
+    mla = plan(
+        PlanInputs(model=tiny_mla(), device_memory_bytes=8 * GIB, context_length=100_000)
+    ).segmented_kv
+    assert mla.pool_kind == "mla" and mla.request_swa_tokens == 0
+    assert mla.request_kv_bytes == 100_000 * 3 * (512 + 64) * 2
+    mha = plan(PlanInputs(model=tiny_llama(), device_memory_bytes=8 * GIB)).segmented_kv
+    assert mha.pool_kind == "mha" and mha.request_fits_pool and mha.headroom_bytes > 0
+    assert mha.request_kv_bytes == 4096 * 512
