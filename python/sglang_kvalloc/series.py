@@ -104,6 +104,7 @@ SERIES: tuple[PullRequest, ...] = (
             "pools.around_build_mla_kv_pool",
             "pools.around_build_allocator",
             "scheduler_loop.*",
+            "cpu_attention.*",
         ),
         ("upstream/idle_eviction.py",),
     ),

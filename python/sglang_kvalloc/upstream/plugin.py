@@ -32,6 +32,7 @@ SPECULATIVE_GRAPHS = tuple(
 TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
+TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 )
@@ -39,7 +40,15 @@ INTERNAL_STATE = (
 
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
-    from sglang_kvalloc.upstream import cli, graph_buffers, metrics, pools, rope, scheduler_loop
+    from sglang_kvalloc.upstream import (
+        cli,
+        cpu_attention,
+        graph_buffers,
+        metrics,
+        pools,
+        rope,
+        scheduler_loop,
+    )
 
     return [
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
@@ -68,6 +77,18 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (f"{CONFIGURATOR}._build_mla_kv_pool", pools.around_build_mla_kv_pool, "AROUND"),
+        # ... and the CPU engine's attention reading a segmented SWA sub-pool through upstream's
+        # full-to-SWA mapping (0.5.23 reads it with full-pool ids).
+        (
+            f"{TORCH_NATIVE}._run_sdpa_forward_extend",
+            cpu_attention.around_sdpa_forward_extend,
+            "AROUND",
+        ),
+        (
+            f"{TORCH_NATIVE}._run_sdpa_forward_decode",
+            cpu_attention.around_sdpa_forward_decode,
+            "AROUND",
+        ),
         (
             f"{CONFIGURATOR}._build_token_to_kv_pool_allocator",
             pools.around_build_allocator,
