@@ -241,3 +241,26 @@ def test_pool_kind_and_whether_kv_commits_on_demand(
     assert (why_not is None) == on_demand
     if why_not is not None:
         assert "\n" not in why_not and why_not
+
+
+def test_deepseek_rope_cache_grows_lazily_to_upstreams_values() -> None:
+    """DeepSeek's YaRN RoPE (its own forwards and incremental growth) grows with the positions
+    in use, row for row what upstream's own cache of the full length holds."""
+    from sglang.srt.layers.rotary_embedding.rope_variant import DeepseekScalingRotaryEmbedding
+
+    from sglang_kvalloc.upstream import rope
+
+    def make(max_positions: int) -> DeepseekScalingRotaryEmbedding:
+        return DeepseekScalingRotaryEmbedding(
+            16, 16, max_positions, 10000, True, 4.0, torch.float32,
+            beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
+        )  # fmt: skip
+
+    lazy, full = make(256), make(256)
+    full._ensure_cos_sin_cache_length(5000)
+    assert rope._can_grow_lazily(lazy)
+    lazy._kvalloc_lazy_rope = True
+    rope.before_rope_forward(lazy, torch.tensor([10, 3000]))
+    rows = lazy.cos_sin_cache.shape[0]
+    assert 3000 < rows < 5000
+    assert torch.allclose(lazy.cos_sin_cache, full.cos_sin_cache[:rows])

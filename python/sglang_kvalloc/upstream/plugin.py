@@ -10,6 +10,10 @@ SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 ROPE = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding"
+# RoPE subclasses with their own forwards and incremental growth (rope.OWN_GROWTH).
+ROPE_OWN_GROWTH = (
+    "sglang.srt.layers.rotary_embedding.rope_variant.DeepseekScalingRotaryEmbedding",
+)
 RESERVE_ROPE = "sglang.srt.utils.common.reserve_rope_cache_for_long_sequences"
 COLLECTOR = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector"
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
@@ -62,6 +66,11 @@ def hooks() -> list[tuple[str, object, str]]:
         (RESERVE_ROPE, rope.around_reserve_rope_cache, "AROUND"),
         (f"{ROPE}.forward_native", rope.before_rope_forward, "BEFORE"),
         (f"{ROPE}.forward_cpu", rope.before_rope_forward, "BEFORE"),
+        *[
+            (f"{rope_class}.{forward}", rope.before_rope_forward, "BEFORE")
+            for rope_class in ROPE_OWN_GROWTH
+            for forward in ("forward_native", "forward_cpu")
+        ],
         # The mode in force (auto: decided, context clamped) once upstream sized the pool.
         (
             f"{CONFIGURATOR}._resolve_memory_pool_config",

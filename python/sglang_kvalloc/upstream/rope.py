@@ -29,6 +29,9 @@ from sglang_kvalloc.upstream.state import STATE
 logger = logging.getLogger(__name__)
 
 _FORWARDS = ("forward", "forward_native", "forward_cpu")
+# Subclasses with their own incremental growth (upstream's `_ensure_cos_sin_cache_length`) and
+# own forwards, which the plugin hooks too (plugin.ROPE_OWN_GROWTH): they grow lazily as well.
+OWN_GROWTH = ("DeepseekScalingRotaryEmbedding",)
 
 
 def before_scheduler_init(self: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
@@ -45,6 +48,8 @@ def _can_grow_lazily(module: Any) -> bool:
         return False
     for klass in type(module).__mro__:
         if klass is RotaryEmbedding:
+            return True
+        if klass.__name__ in OWN_GROWTH and klass.__module__.startswith("sglang."):
             return True
         if any(name in vars(klass) for name in (*_FORWARDS, "_ensure_cos_sin_cache_length")):
             return False
