@@ -49,6 +49,19 @@ MODEL_DTYPE_BYTES: dict[str, int] = {
 ATTENTION_BACKENDS: tuple[str, ...] = ("triton", "flashinfer", "fa3", "torch_native")
 # models/llama4.py and arg_groups/model_hook.py accept only these backends for Llama-4 on GPU.
 LLAMA4_BACKENDS: frozenset[str] = frozenset({"fa3", "triton"})
+# configs/model_config.py is_hybrid_swa_model: the allowlisted hybrid sliding-window models
+# whose HF config lists each layer's kind in `layer_types` (Llama-4 is handled on its own).
+LAYER_TYPES_SWA_ARCHS = frozenset(
+    {
+        "BeamForCausalLM",
+        "GptOssForCausalLM",
+        "Gemma4ForCausalLM",
+        "LagunaForCausalLM",
+        "MellumForCausalLM",
+        "MuseGlimmerForCausalLM",
+        "Step3p5ForCausalLM",
+    }
+)
 LLAMA4_ARCHS: frozenset[str] = frozenset({"Llama4ForConditionalGeneration", "Llama4ForCausalLM"})
 # configs/model_config.py is_multimodal_model: only the archs this planner ships configs for.
 MULTIMODAL_ARCHS: frozenset[str] = frozenset({"Llama4ForConditionalGeneration"})
@@ -202,7 +215,7 @@ def model_spec_from_config(cfg: Mapping[str, Any], name: str | None = None) -> M
     if arch in LLAMA4_ARCHS:
         swa_ids = tuple(i for i in range(layers) if (i + 1) % 4 != 0)
         window = text.get("attention_chunk_size")
-    elif text.get("is_hybrid_swa") and text.get("layer_types"):
+    elif (arch in LAYER_TYPES_SWA_ARCHS or text.get("is_hybrid_swa")) and text.get("layer_types"):
         swa_ids = tuple(
             i for i, kind in enumerate(text["layer_types"]) if kind == "sliding_attention"
         )
@@ -1391,7 +1404,7 @@ def plan(inputs: PlanInputs) -> Plan:
         model_max_context=spec.model_max_context,
         max_context_one_request=one_request,
         context_scaled_bytes_static=static.context_scaled_reserved_bytes,
-        budget_bytes=budget,
+        budget_bytes=pool.pool_bytes,  # what the pool takes (the server compares the same)
     )
     if inputs.weight_bytes_per_gpu is None:
         notes.append("weight bytes per GPU are estimated from the parameter count (bf16/fp16)")
