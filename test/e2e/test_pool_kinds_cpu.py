@@ -131,3 +131,34 @@ def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
     for prompt, tokens in zip(prompts[:4], static_out[:4], strict=True):
         assert hf_greedy(hf, prompt, 6) == tokens
+
+
+def test_auto_at_10m_starts_and_agrees_with_the_planner(arch_model: tuple[str, Path]) -> None:
+    """auto at a 10M context on each pool kind: the scheduler clamps to the pool and picks the
+    mode the planner picks for the same configuration, and the server serves."""
+    from sglang_kvalloc.core import planner
+
+    arch, model = arch_model
+    kind, _, env = ARCHS[arch]
+    args = ["--kv-alloc-mode", "auto", "--context-length", "10000000", *COMMON]
+    with LocalServer(model, args=args, env={**OVERRIDE, **env}) as server:
+        kv = _kv(server)
+        out = server.generate({"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}})
+    expected = planner.plan(
+        planner.PlanInputs(
+            model=planner.load_model_config(model),
+            device_memory_bytes=64 * planner.GIB,  # the cap decides the pool, as on the server
+            max_total_tokens=POOL,
+            context_length=10_000_000,
+            allow_longer_context=True,
+            attention_backend="torch_native",
+        )
+    )
+    assert expected.segmented_kv.pool_kind == kind
+    assert kv["kv_pool_kind"] == kind
+    assert (kv["mode"], kv["effective_context_length"]) == (
+        expected.auto.mode,
+        expected.auto.effective_context,
+    ), (kv["reason"], expected.auto.reason)
+    assert kv["kv_on_demand"] == (kv["mode"] == "segmented")
+    assert len(out["output_ids"]) == 2
