@@ -264,3 +264,32 @@ def test_deepseek_rope_cache_grows_lazily_to_upstreams_values() -> None:
     rows = lazy.cos_sin_cache.shape[0]
     assert 3000 < rows < 5000
     assert torch.allclose(lazy.cos_sin_cache, full.cos_sin_cache[:rows])
+
+
+def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLA and hybrid SWA build hooks hand upstream's builder the segmented class; a pool
+    class other than upstream's plain one is kept, with (b) reported off and why."""
+    from sglang_kvalloc import modes
+    from sglang_kvalloc.upstream.state import STATE
+
+    monkeypatch.setattr(STATE, "mode", modes.SEGMENTED)
+    monkeypatch.setattr(STATE, "kv_on_demand", True)
+    monkeypatch.setattr(STATE, "kv_on_demand_note", "")
+    configurator = types.SimpleNamespace(is_draft_worker=False)
+
+    def builder(self: object, **kwargs: object) -> object:
+        return kwargs
+
+    got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=MLATokenToKVPool)
+    assert got["mla_pool_class"] is SegmentedMLATokenToKVPool
+    got = pools.around_build_hybrid_swa_kv_pool(
+        builder, configurator, mha_pool_class=MHATokenToKVPool
+    )
+    assert got["mha_pool_class"] is SegmentedMHATokenToKVPool
+
+    class VendorPool(MLATokenToKVPool):
+        pass
+
+    got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
+    assert got["mla_pool_class"] is VendorPool
+    assert STATE.kv_on_demand is False and "VendorPool" in STATE.kv_on_demand_note

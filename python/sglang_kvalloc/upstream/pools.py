@@ -358,6 +358,26 @@ def around_build_mha_kv_pool(
     return original(self, *args, **kwargs)
 
 
+def _with_segmented_class(
+    original: Callable[..., Any],
+    configurator: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str,
+    upstream_class: type,
+    segmented_class: type,
+) -> Any:
+    """Call a `_build_*_kv_pool` with ``kwargs[key]`` (the pool class upstream chose) swapped
+    for its segmented subclass, where it is upstream's plain class; else upstream's pool."""
+    chosen = kwargs.get(key)
+    if chosen is not upstream_class:
+        name = getattr(chosen, "__name__", "?")
+        _keep_upstream_pool(f"the {name} pool is not segmented in this build")
+    else:
+        kwargs[key] = segmented_class
+    return original(configurator, *args, **kwargs)
+
+
 def around_build_hybrid_swa_kv_pool(
     original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
 ) -> Any:
@@ -369,12 +389,9 @@ def around_build_hybrid_swa_kv_pool(
 
     from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
 
-    if kwargs.get("mha_pool_class") is not MHATokenToKVPool:
-        name = getattr(kwargs.get("mha_pool_class"), "__name__", "?")
-        _keep_upstream_pool(f"the {name} sub-pools are not segmented in this build")
-        return original(self, *args, **kwargs)
-    kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
-    return original(self, *args, **kwargs)
+    return _with_segmented_class(
+        original, self, args, kwargs, "mha_pool_class", MHATokenToKVPool, SegmentedMHATokenToKVPool
+    )
 
 
 def around_build_mla_kv_pool(
@@ -387,12 +404,9 @@ def around_build_mla_kv_pool(
 
     from sglang_kvalloc.upstream.segmented import SegmentedMLATokenToKVPool
 
-    if kwargs.get("mla_pool_class") is not MLATokenToKVPool:
-        name = getattr(kwargs.get("mla_pool_class"), "__name__", "?")
-        _keep_upstream_pool(f"the {name} pool is not segmented in this build")
-        return original(self, *args, **kwargs)
-    kwargs["mla_pool_class"] = SegmentedMLATokenToKVPool
-    return original(self, *args, **kwargs)
+    return _with_segmented_class(
+        original, self, args, kwargs, "mla_pool_class", MLATokenToKVPool, SegmentedMLATokenToKVPool
+    )
 
 
 def around_build_allocator(
