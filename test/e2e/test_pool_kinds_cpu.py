@@ -100,7 +100,6 @@ def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
         out = [_greedy(seg, p) for p in prompts]
         peak = _kv(seg)["segments"]
         assert [o["output_ids"] for o in out] == static_out
-        assert out[-2]["meta_info"]["cached_tokens"] >= 0  # whatever the cache may serve
         assert out[-1]["meta_info"]["cached_tokens"] > 2000  # the long prompt, from the cache
         # Nothing queued now: once idle for the hold-off, everything but the first segment of
         # each pool goes back (--kv-idle-cache-tokens 0 evicts the whole prefix cache).

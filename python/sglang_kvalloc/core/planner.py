@@ -1043,11 +1043,6 @@ def lazy_graph_buffer_figures(
     ]
 
 
-# Upstream-free mirror of the plugin's default segment size (upstream/segmented.py).
-DEFAULT_SEGMENT_TOKENS = 8192
-MIN_SEGMENTS_BY_DEFAULT = 16
-
-
 @dataclass(frozen=True)
 class SegmentedKv:
     """Segmented mode's KV pool (mechanism b) per GPU, and one request of the planned context.
@@ -1076,10 +1071,9 @@ class SegmentedKv:
 
 
 def _segment_tokens(cap_tokens: int, page_size: int, row_bytes: list[int]) -> int:
-    from sglang_kvalloc.core.segments import aligned_segment_tokens
+    from sglang_kvalloc.core.segments import aligned_segment_tokens, default_segment_tokens
 
-    size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
-    size = max(page_size, size // page_size * page_size)
+    size = default_segment_tokens(cap_tokens, page_size)
     return min(aligned_segment_tokens(size, page_size, row_bytes, GPU_VMM_GRANULARITY), cap_tokens)
 
 

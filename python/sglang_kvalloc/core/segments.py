@@ -132,6 +132,18 @@ class SegmentGeometry:
             raise IndexError(f"segment {seg} out of range [0, {self.num_segments})")
 
 
+DEFAULT_SEGMENT_TOKENS = 8192
+# Small pools still get several segments, so growth and shrink happen at all.
+MIN_SEGMENTS_BY_DEFAULT = 16
+
+
+def default_segment_tokens(cap_tokens: int, page_size: int) -> int:
+    """The segment size when none is asked for: 8,192 tokens, or a sixteenth of a smaller
+    pool, in whole pages (before granule alignment)."""
+    size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
+    return max(page_size, size // page_size * page_size)
+
+
 def aligned_segment_tokens(
     requested: int, page_size: int, row_bytes_list: Sequence[int], granularity: int
 ) -> int:

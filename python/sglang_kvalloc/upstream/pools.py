@@ -215,16 +215,12 @@ def _note_mechanisms(configurator: Any) -> None:
     segmented = STATE.mode == modes.SEGMENTED
     STATE.kv_pool_kind = kind
     STATE.lazy_tables = segmented
-    STATE.kv_on_demand = segmented and why_not is None
-    STATE.kv_on_demand_note = (
-        "" if not segmented else why_not or f"the {kind} KV pool is committed segment by segment"
-    )
-    if segmented and why_not is not None:
-        logger.warning(
-            "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
-            "allocated whole at start (%s).",
-            why_not,
-        )
+    STATE.kv_on_demand = segmented
+    STATE.kv_on_demand_note = f"the {kind} KV pool is committed segment by segment"
+    if not segmented:
+        STATE.kv_on_demand_note = ""
+    elif why_not is not None:
+        _keep_upstream_pool(why_not)
 
 
 def _apply_segment_settings(configurator: Any) -> None:
@@ -422,7 +418,10 @@ def around_build_allocator(
     from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
-    from sglang_kvalloc.upstream.segmented import SegmentedSWATokenToKVPoolAllocator
+    from sglang_kvalloc.upstream.segmented import (
+        SegmentedSWATokenToKVPoolAllocator,
+        segmented_allocator_for,
+    )
 
     if type(allocator) is SWATokenToKVPoolAllocator and hasattr(
         getattr(pool, "full_kv_pool", None), "segmented_buffers"
@@ -439,17 +438,8 @@ def around_build_allocator(
         )
     if not hasattr(pool, "segmented_buffers"):
         return allocator
-    from sglang_kvalloc.upstream.segmented import (
-        SegmentedPagedTokenToKVPoolAllocator,
-        SegmentedTokenToKVPoolAllocator,
-    )
-
-    if type(allocator) is TokenToKVPoolAllocator:
-        return SegmentedTokenToKVPoolAllocator(
-            allocator.size, allocator.dtype, allocator.device, pool, allocator.need_sort
-        )
-    if type(allocator) is PagedTokenToKVPoolAllocator:
-        return SegmentedPagedTokenToKVPoolAllocator(
+    if type(allocator) in (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator):
+        return segmented_allocator_for(
             allocator.size,
             allocator.page_size,
             allocator.dtype,

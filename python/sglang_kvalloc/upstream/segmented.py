@@ -28,13 +28,11 @@ from sglang_kvalloc.core.segments import (
     SegmentedPageAllocator,
     SegmentGeometry,
     aligned_segment_tokens,
+    default_segment_tokens,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SEGMENT_TOKENS = 8192
-# Small pools still get several segments, so growth and shrink happen at all.
-MIN_SEGMENTS_BY_DEFAULT = 16
 DEFAULT_HOLD_OFF_S = 5.0
 DEFAULT_IDLE_CACHE_TOKENS = 8192
 # Growth/shrink log lines: at most one per this many seconds (the gauges carry every change).
@@ -134,8 +132,7 @@ def _choose_segment_tokens(
                 page_size,
             )
     else:
-        size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
-        size = max(page_size, size // page_size * page_size)
+        size = default_segment_tokens(cap_tokens, page_size)
     aligned = aligned_segment_tokens(size, page_size, row_bytes, gran)
     return min(aligned, math.ceil(cap_tokens / page_size) * page_size)
 
@@ -668,10 +665,9 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
         full, swa = (part.segment_stats() for part in self._parts)
         out: dict[str, Any] = {}
         for key, value in full.items():
-            if key in ("segment_tokens", "hold_off_s"):
+            # Settings, and the full pool's tokens (what bounds a request), are not summed.
+            if key in ("segment_tokens", "hold_off_s", "used_tokens", "withheld_tokens"):
                 out[key] = value
-            elif key == "used_tokens" or key == "withheld_tokens":
-                out[key] = value  # tokens of the full pool: what bounds a request
             else:
                 out[key] = value + swa[key]
         out["pools"] = {"full": full, "swa": swa}
