@@ -105,6 +105,76 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
     assert graph_buffers.release_at_idle() == 2 * layout.commit_bytes(expected, G)
 
 
+def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_rows(
+    segmented_on_fake_gpu,
+) -> None:
+    """Llama-4's chunked local attention under fa3: the three virtual-batch tables are
+    reserved at upstream's shape; before a replay the gate commits the rows upstream's
+    `update_for_replay` then writes, and what it writes equals the same fill of ordinary
+    tables."""
+    from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBackend
+    from sglang.srt.layers.attention.local_attention import LocalAttentionMetadataBuilder
+
+    context, max_bs, page, chunk = 1_000_000, 8, 1, 8192
+
+    def fa3_with_local_attention() -> types.SimpleNamespace:
+        builder = LocalAttentionMetadataBuilder(
+            attention_chunk_size=chunk, page_size=page, max_context_len=context,
+            device=torch.device("cpu"), swa_translate=None,
+        )  # fmt: skip
+        return types.SimpleNamespace(
+            max_context_len=context, page_size=page, device="cpu", _get_scheduler_metadata=None,
+            use_mla=False, local_attn_builder=builder, use_sliding_window_kv_pool=False,
+            topk=1, speculative_num_draft_tokens=None, is_encoder_decoder=False,
+        )  # fmt: skip
+
+    backend = fa3_with_local_attention()
+    graph_buffers.around_fa3_init_cuda_graph_state(
+        FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs
+    )
+    layouts = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
+    by_name = {b.layout.name: b for b in graph_buffers.BUFFERS}
+    assert set(by_name) == {"fa3 page table", *(layout.name for layout in layouts)}
+    local = backend.decode_cuda_graph_local_attn_metadata
+    virtual = max_bs * -(-context // chunk)  # 8 x 123
+    assert local["local_block_table"].shape == (virtual, chunk)  # 32 MB, reserved
+    assert local["local_seqused_k"].shape == (virtual,)
+    assert local["local_query_start_loc"].shape == (virtual + 1,)
+    table = by_name["fa3 local_block_table"]
+    assert table.committed_bytes == G  # the first granule only
+
+    # A decode batch of 3 (padded to 4): one 600K-token request reaches chunk 73.
+    seq_lens = torch.tensor([10, 600_000, 5, 1], dtype=torch.int32)
+    runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8], seq_len_fill_value=1)
+    batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=seq_lens[:3], seq_lens=None)
+    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    expected = graph_buffers.graph_batch(runner, batch)
+    for layout in layouts:
+        assert by_name[layout.name].committed_bytes == max(
+            G, layout.commit_bytes(expected, G)
+        )  # fmt: skip
+    # Upstream's own fill, over the reserved tables and over ordinary ones.
+    page_table = torch.arange(4 * context, dtype=torch.int32).reshape(4, context) % 997 + 1
+    meta = types.SimpleNamespace(
+        cache_seqlens_int32=seq_lens, page_table=page_table, local_attn_metadata=None
+    )
+    backend.local_attn_builder.update_for_replay(meta, 4, buffers=local)
+    STATE.mode = modes.STATIC
+    plain = fa3_with_local_attention().local_attn_builder.alloc_cuda_graph_buffers(max_bs)
+    backend.local_attn_builder.update_for_replay(meta, 4, buffers=plain)
+    written = 4 + 1  # one virtual batch per decode row (its last chunk), and one more
+    assert table.layout.rows_written(expected) == written
+    for name, tensor in local.items():
+        assert torch.equal(tensor, plain[name]), name
+        for row in range(written):
+            buffer = by_name[f"fa3 {name}"]
+            assert buffer._rows.covered_items(row, 4) == buffer.layout.items, (name, row)
+    assert int(plain["local_block_table"][:4].count_nonzero()) > 0
+    assert graph_buffers.release_at_idle() == sum(
+        max(G, layout.commit_bytes(expected, G)) for layout in layouts
+    ) + planner.fa3_page_table_layout(max_bs, context, page).commit_bytes(expected, G)
+
+
 def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_gpu) -> None:
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
@@ -379,3 +449,80 @@ def test_every_speculative_runner_that_overrides_the_gate_is_hooked() -> None:
     assert overriding == set(plugin.SPECULATIVE_GRAPHS)
     hooked = {t for t, _, _ in plugin.hooks() if t.endswith(".can_run_graph")}
     assert {f"{r}.can_run_graph" for r in overriding} <= hooked
+
+
+def _gpu_configurator(model: str = "llama-3.1-8b", **flags) -> types.SimpleNamespace:
+    import json
+    from importlib import resources
+
+    from sglang.srt.server_args import ServerArgs
+
+    config = json.loads(
+        resources.files("sglang_kvalloc.configs").joinpath(f"{model}.json").read_text()
+    )
+    hf_config = types.SimpleNamespace(to_dict=lambda: config)
+    return types.SimpleNamespace(
+        device="cuda",
+        server_args=ServerArgs(model_path="models/tiny-llama", device="cpu", **flags),
+        model_config=types.SimpleNamespace(hf_config=hf_config),
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "model", "uncovered"),
+    [
+        ({"attention_backend": "fa3"}, "llama-3.1-8b", None),
+        ({"attention_backend": "triton"}, "llama-3.1-8b", None),
+        ({"attention_backend": "flashinfer"}, "llama-4-scout-17b-16e", None),
+        ({"attention_backend": "fa3"}, "deepseek-v3", None),  # fa3 serves MLA with page tables
+        ({"attention_backend": "flashinfer"}, "deepseek-v3", "FlashInferMLAAttnBackend"),
+        ({"attention_backend": "flashmla"}, "deepseek-v3", "'flashmla'"),
+        ({"attention_backend": "trtllm_mha"}, "llama-3.1-8b", "'trtllm_mha'"),
+        # The decode backend is what the decode graphs use.
+        (
+            {"prefill_attention_backend": "flashmla", "decode_attention_backend": "triton"},
+            "llama-3.1-8b",
+            None,
+        ),  # fmt: skip
+        (
+            {"prefill_attention_backend": "triton", "decode_attention_backend": "flashmla"},
+            "llama-3.1-8b",
+            "'flashmla'",
+        ),  # fmt: skip
+        # No decode graphs, no graph buffers: any backend.
+        ({"attention_backend": "flashmla", "disable_cuda_graph": True}, "deepseek-v3", None),
+        (
+            {"attention_backend": "flashmla", "cuda_graph_backend_decode": "disabled"},
+            "deepseek-v3",
+            None,
+        ),  # fmt: skip
+    ],
+)
+def test_backends_whose_graph_buffers_are_not_covered_are_named(flags, model, uncovered) -> None:
+    from sglang_kvalloc.upstream import pools
+
+    found = pools.uncovered_graph_backend(_gpu_configurator(model, **flags))
+    if uncovered is None:
+        assert found is None
+    else:
+        assert found is not None and uncovered in found
+
+
+def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None:
+    """Explicit segmented: a one-line KvAllocModeError naming the backend and the flags (the
+    launcher prints it and exits); auto meets the same error where it opens the backings and
+    falls back to static if static fits."""
+    from sglang_kvalloc.upstream import pools, segmented
+
+    monkeypatch.setattr(segmented, "open_backings", lambda device: None)
+    with pytest.raises(modes.KvAllocModeError) as refused:
+        pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="flashmla"))
+    message = str(refused.value)
+    assert "\n" not in message and "'flashmla'" in message
+    assert "--attention-backend fa3 or triton" in message
+    assert "--cuda-graph-backend-decode=disabled" in message
+    pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="fa3"))
+    # Off the GPU there are no graph buffers to cover.
+    cpu = _gpu_configurator("deepseek-v3", attention_backend="flashmla")
+    cpu.device = "cpu"
+    assert pools.uncovered_graph_backend(cpu) is None

@@ -10,6 +10,7 @@ from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
 from sglang_kvalloc.core.graph_buffers import (
+    CHUNK_ROWS,
     FLAT,
     ROWS,
     GraphBatch,
@@ -105,7 +106,29 @@ def test_a_failed_commit_changes_nothing_and_the_next_one_succeeds() -> None:
     assert buffer.committed_bytes == layout.commit_bytes(GraphBatch(8, 1_000_000, 500_000), G)
 
 
+def test_chunk_rows_commit_whole_rows_per_chunk_the_query_tokens_reach() -> None:
+    """Llama-4's local-attention table: a row per (request, chunk holding its query tokens),
+    whatever the sequence lengths; q tokens span up to 1 + ceil((q - 1) / chunk) chunks."""
+    chunk = 8192
+    layout = GraphBufferLayout("local_block_table", CHUNK_ROWS, 64 * 1222, chunk, 4,
+                               chunk_positions=chunk)  # fmt: skip
+    decode = GraphBatch(16, 16 * 9_000_000, 9_000_000)
+    assert layout.rows_written(decode) == 17 and layout.items_needed(decode) == chunk
+    assert layout.rows_written(GraphBatch(16, 16, 1, tokens_per_row=chunk + 2)) == 16 * 3 + 1
+    buffer, device = lazy(layout, capacity=64 * MIB)
+    assert buffer.ensure(decode) == layout.commit_bytes(decode, G) == G  # 17 x 32 KiB rows
+    # A batch of 200 rows reaches past the first granule (64 rows of 32 KiB each).
+    wide = GraphBatch(200, 200, 1)
+    assert buffer.ensure(wide) == layout.commit_bytes(wide, G) - G == 3 * G
+    assert device.physical_bytes == buffer.committed_bytes == 4 * G
+    assert buffer.release() == 4 * G and device.physical_bytes == 0
+
+
 def test_layouts_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="attention chunk"):
+        GraphBufferLayout("x", CHUNK_ROWS, 1, 1, 4)
+    with pytest.raises(ValueError, match="attention chunk"):
+        GraphBufferLayout("x", ROWS, 1, 1, 4, chunk_positions=8192)
     with pytest.raises(ValueError, match="kind"):
         GraphBufferLayout("x", "ragged", 1, 1, 1)
     with pytest.raises(ValueError, match="positive"):

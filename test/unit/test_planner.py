@@ -447,9 +447,17 @@ def test_segmented_kv_one_request_of_scout_10m() -> None:
     assert kv.swa_full_tokens_ratio_for_request == pytest.approx(window / 10_485_760, abs=1e-3)
     # The start commits one segment per sub-pool, not the pool.
     assert 0 < kv.committed_at_start_bytes < kv.reserved_bytes // 100
-    # fa3 keeps its local-attention block table at upstream's size: less headroom.
+    # fa3's local-attention tables (21.5 GB at upstream's size) are reserved and commit what a
+    # replay writes: fa3 then costs only its page tables' capture commit (one granule per
+    # captured row, 2 x 512 x 2 MiB), strided_indices (84 MB) and the local tables' capture
+    # commit (9 granules and one for each vector) more than triton (one granule).
     fa3 = plan(PlanInputs(device_memory_bytes=80 * GIB, **{**common, "attention_backend": "fa3"}))
-    assert fa3.segmented_kv.headroom_bytes < kv.headroom_bytes
+    static = {a.name: a for a in fa3.static.allocations}
+    assert static["fa3 local_block_table"].bytes == 512 * 1280 * 8192 * 4
+    lazy = {f["name"]: f for f in fa3.segmented.lazy_graph_buffers}
+    assert lazy["fa3 local_block_table"]["capture_commit_bytes"] == 9 * 2 * MIB  # 513 x 32 KiB
+    gap = kv.headroom_bytes - fa3.segmented_kv.headroom_bytes
+    assert gap == 2 * 512 * 2 * MIB + 10_485_760 * 8 + (9 + 2) * 2 * MIB - 2 * MIB
 
 
 def test_segmented_kv_mla_and_mha() -> None:

@@ -13,7 +13,13 @@ Two layouts cover the index buffers:
   the first ``sum(ceil(seq_len / positions_per_item))`` items; with several rows (a multi-step
   draft's ``(steps, width)`` buffer) every row is such a list and a replay writes each;
 - ``rows``: a ``rows x items`` table indexed by batch row (fa3 page tables): a replay writes
-  rows ``[0, batch rows)`` up to ``ceil(longest / positions_per_item)`` items each.
+  rows ``[0, batch rows)`` up to ``ceil(longest / positions_per_item)`` items each;
+- ``chunk_rows``: a table with one row per (request, attention chunk holding its query
+  tokens), Llama-4's chunked local attention (fa3's ``local_block_table`` and its two
+  per-row vectors): a replay writes whole rows ``[0, batch rows x chunks a row's query tokens
+  span]`` plus one (the trailing entry of a cumulative vector), and zeros the rest of the
+  table. Those zeros land on the shared scratch granule where nothing is committed, which
+  holds zeros already: harmless, as every reader of uncommitted memory expects zeros.
 
 `GraphBufferLayout.commit_bytes` is what a batch commits from empty; the planner prints it and
 `LazyGraphBuffer` commits exactly that (one shared function). Nothing here imports upstream.
@@ -27,10 +33,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the layouts stay torch-free: the planner imports them
     from sglang_kvalloc.core.backing import Backing
 
-__all__ = ["FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
+__all__ = ["CHUNK_ROWS", "FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
 
 FLAT = "flat"
 ROWS = "rows"
+CHUNK_ROWS = "chunk_rows"
+KINDS = (FLAT, ROWS, CHUNK_ROWS)
 
 
 @dataclass(frozen=True)
@@ -48,19 +56,27 @@ class GraphBufferLayout:
     """Shape and fill pattern of one context-sized cuda-graph buffer."""
 
     name: str
-    kind: str  # FLAT or ROWS
-    rows: int  # ROWS: table rows (the captured max batch); FLAT: lists (1, or draft steps)
+    kind: str  # FLAT, ROWS or CHUNK_ROWS
+    # ROWS: table rows (the captured max batch); FLAT: lists (1, or draft steps); CHUNK_ROWS:
+    # the captured max batch x attention chunks in the context (upstream's virtual batches)
+    rows: int
     items: int  # items per row (FLAT: the whole buffer)
     item_bytes: int
     positions_per_item: int = 1  # KV positions one item stands for (the page size for tables)
     # FLAT: one item per KV position per query token (a verify mask), not per KV position.
     per_query_token: bool = False
+    chunk_positions: int = 0  # CHUNK_ROWS: the attention chunk, in KV positions
 
     def __post_init__(self) -> None:
-        if self.kind not in (FLAT, ROWS):
-            raise ValueError(f"layout kind must be {FLAT!r} or {ROWS!r}, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"layout kind must be one of {KINDS}, got {self.kind!r}")
         if min(self.rows, self.items, self.item_bytes, self.positions_per_item) <= 0:
             raise ValueError(f"graph buffer {self.name}: every dimension must be positive")
+        if (self.kind == CHUNK_ROWS) != (self.chunk_positions > 0):
+            raise ValueError(
+                f"graph buffer {self.name}: an attention chunk is given for {CHUNK_ROWS} "
+                f"layouts only, and they need one (got {self.chunk_positions})"
+            )
 
     @property
     def row_bytes(self) -> int:
@@ -77,8 +93,14 @@ class GraphBufferLayout:
 
     def rows_written(self, batch: GraphBatch) -> int:
         """Rows a replay of ``batch`` writes: every list of a FLAT buffer, the batch's rows of
-        a table."""
-        return self.rows if self.kind == FLAT else min(batch.rows, self.rows)
+        a table, and for CHUNK_ROWS one per chunk the query tokens of each row span (q
+        consecutive positions span at most 1 + ceil((q - 1) / chunk) chunks) plus one."""
+        if self.kind == FLAT:
+            return self.rows
+        if self.kind == CHUNK_ROWS:
+            spans = 1 + -(-(batch.tokens_per_row - 1) // self.chunk_positions)
+            return min(batch.rows * spans + 1, self.rows)
+        return min(batch.rows, self.rows)
 
     def items_needed(self, batch: GraphBatch) -> int:
         """FLAT: items written in total; ROWS: items written in each of the batch's rows.
@@ -86,6 +108,8 @@ class GraphBufferLayout:
         One item more per row than the lengths give covers the per-row rounding up and the
         token the step appends; never more than the buffer holds."""
         ppi = self.positions_per_item
+        if self.kind == CHUNK_ROWS:
+            return self.items  # whole rows: upstream zeroes each written row past its pages
         if self.kind == FLAT:
             per_row_slack = batch.rows * (1 + batch.tokens_per_row)
             need = -(-batch.seq_lens_sum // ppi) + per_row_slack

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sglang_kvalloc.core.graph_buffers import FLAT, ROWS, GraphBatch, GraphBufferLayout
+from sglang_kvalloc.core.graph_buffers import CHUNK_ROWS, FLAT, ROWS, GraphBatch, GraphBufferLayout
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -741,6 +741,29 @@ def fa3_page_table_layout(max_bs: int, context_len: int, page_size: int) -> Grap
     return GraphBufferLayout("fa3 page table", ROWS, max_bs, pages, 4, page_size)
 
 
+def fa3_local_attention_layouts(
+    max_bs: int, context_len: int, chunk: int, page_size: int
+) -> list[GraphBufferLayout]:
+    """Mirrors layers/attention/local_attention.py
+    LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers (Llama-4's chunked local attention
+    under fa3): ``max_bs x ceil(context / chunk)`` virtual batches, each a row of
+    ``local_block_table`` (``ceil(chunk / page)`` int32 page ids) and an entry of
+    ``local_seqused_k`` and ``local_query_start_loc`` (one more). ``update_for_replay`` writes
+    a row per (request, chunk its query tokens reach) and zeroes the rest."""
+    virtual = max_bs * -(-context_len // chunk)
+    per_block = -(-chunk // page_size)
+    return [
+        GraphBufferLayout(
+            "fa3 local_block_table", CHUNK_ROWS, virtual, per_block, 4, page_size,
+            chunk_positions=chunk,
+        ),
+        GraphBufferLayout("fa3 local_seqused_k", CHUNK_ROWS, virtual, 1, 4, chunk_positions=chunk),
+        GraphBufferLayout(
+            "fa3 local_query_start_loc", CHUNK_ROWS, virtual + 1, 1, 4, chunk_positions=chunk
+        ),
+    ]  # fmt: skip
+
+
 def req_to_token_extra(speculative_draft_tokens: int = 0) -> int:
     """Row headroom past context_len; mirrors mem_cache/allocation_sizing.py
     get_req_to_token_extra_context_len (4 + draft tokens; spec v2 with page > 1 may add more).
@@ -878,18 +901,24 @@ def cuda_graph_allocations(
             Allocation("fa3 strided_indices", strided, f"{pages} pages x 8 B (int64) each", up)
         )
         if spec.architecture in LLAMA4_ARCHS and spec.sliding_window:
-            chunk = spec.sliding_window
-            virtual = max_bs * -(-context_len // chunk)
-            per_block = -(-chunk // page_size)
-            out.append(
-                Allocation(
-                    "fa3 local-attention block table",
-                    (virtual * per_block + 2 * virtual + 1) * 4,
-                    f"{virtual} virtual batches x ({per_block} + 2) x 4 B",
-                    "layers/attention/local_attention.py "
-                    "LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers",
-                )
+            where = (
+                "layers/attention/local_attention.py "
+                "LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers"
             )
+            chunk = spec.sliding_window
+            for local in fa3_local_attention_layouts(max_bs, context_len, chunk, page_size):
+                out.append(
+                    Allocation(
+                        local.name,
+                        local.reserved_bytes,
+                        f"{local.rows:,} x {local.items} x 4 B (int32): {max_bs} x "
+                        f"ceil({context_len:,} / {chunk:,}) virtual batches",
+                        where,
+                        # Reserved past one chunk only: within one they have max_bs rows, a
+                        # shape other fa3 buffers share, and are small.
+                        lazy=local if context_len > chunk else None,
+                    )
+                )
     else:
         raise PlanError(f"unknown attention backend {backend!r}")
     return out

@@ -19,8 +19,10 @@ cannot be, the draft builds its own mask, as upstream does for a batch past the 
 and the verify step commits again or runs eager. The speculative runners that override
 `can_run_graph` (`capture` is inherited) are gated the same way; a draft-decode runner
 commits for its branches and steps (triton's multi-step draft `kv_indices`, the per-step
-backends' tables). Not covered, allocated at
-upstream's size: Llama-4's local-attention table, flashinfer-MLA.
+backends' tables), and Llama-4's chunked local-attention tables under fa3 (one row per
+request and chunk its query tokens reach). Not covered, allocated at upstream's size:
+flashinfer-MLA's index buffer, fa3's `strided_indices` (an arange of 8 B per page, by
+context alone, not by batch), the prefill cuda-graph runner's buffers.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ def around_triton_draft_init_cuda_graph_state(
 def around_fa3_init_cuda_graph_state(
     original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
 ) -> Any:
-    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved."""
+    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved, and
+    Llama-4's local-attention tables."""
     backings = _backings()
     if backings is None:
         return original(backend, max_bs, max_num_tokens)
@@ -228,14 +231,20 @@ def around_fa3_init_cuda_graph_state(
     if mask is not None:
         expected[((mask.items,), torch.bool)] = mask
         names.add(mask.name)
+    builder = getattr(backend, "local_attn_builder", None)
+    if builder is not None:
+        # Llama-4's chunked local attention: its virtual-batch tables, past one chunk.
+        chunk = int(builder.attention_chunk_size)
+        if context > chunk:
+            page = int(getattr(builder, "page_size", 0) or 1)
+            table, *vectors = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
+            expected[((table.rows, table.items), torch.int32)] = table
+            for vector in vectors:
+                expected[((vector.rows,), torch.int32)] = vector
+            names |= {table.name, *(vector.name for vector in vectors)}
     with reserved_zeros(expected, backings) as made:
         result = original(backend, max_bs, max_num_tokens)
     _register("fa3", made, names)
-    if getattr(backend, "local_attn_builder", None) is not None:
-        logger.warning(
-            "fa3's local-attention cuda-graph table (Llama-4) is allocated at upstream's size "
-            "in this build."
-        )
     return result
 
 

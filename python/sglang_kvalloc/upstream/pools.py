@@ -235,11 +235,61 @@ def _apply_segment_settings(configurator: Any) -> None:
 
 
 def _open_backings(configurator: Any) -> None:
-    """The device's backing factory; a device that cannot back segmented mode is a one-line
-    KvAllocModeError."""
+    """The device's backing factory; a device that cannot back segmented mode, or an attention
+    backend whose cuda-graph buffers it does not cover, is a one-line KvAllocModeError."""
     from sglang_kvalloc.upstream.segmented import open_backings
 
     open_backings(str(configurator.device))
+    backend = uncovered_graph_backend(configurator)
+    if backend is not None:
+        raise modes.KvAllocModeError(
+            f"--kv-alloc-mode segmented does not cover the cuda-graph buffers of attention "
+            f"backend {backend} (its decode graphs would allocate them at max batch x "
+            f"context); use --attention-backend fa3 or triton (flashinfer too, except for MLA "
+            f"models), or --cuda-graph-backend-decode=disabled"
+        )
+
+
+# Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
+# (upstream/graph_buffers.py); torch_native has none.
+GRAPH_BACKENDS_COVERED = frozenset({"fa3", "triton", "flashinfer"})
+
+
+def uncovered_graph_backend(configurator: Any) -> str | None:
+    """The decode attention backend, named for an operator, when it runs cuda graphs on a GPU
+    and segmented mode does not cover its buffers; None otherwise (also off the GPU)."""
+    if not str(configurator.device).startswith("cuda"):
+        return None
+    from sglang.srt.arg_groups.overrides import attention_backends_of, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    view = resolving_view(configurator.server_args)
+    if _decode_graphs_disabled(view, Backend.DISABLED):
+        return None
+    _, decode = attention_backends_of(view)
+    decode = str(decode or "fa3")  # unset: upstream's Hopper default, as the planner assumes
+    if decode == "torch_native":
+        return None
+    if decode not in GRAPH_BACKENDS_COVERED:
+        return repr(decode)
+    if decode == "flashinfer" and configurator.model_config.hf_config is not None:
+        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
+        if spec.attention == "mla":
+            return "'flashinfer' with an MLA model (FlashInferMLAAttnBackend)"
+    return None
+
+
+def _decode_graphs_disabled(view: Any, disabled: str) -> bool:
+    """Whether decode cuda graphs are off: the resolved config, or before resolution the
+    flags that turn them off (upstream's cuda_graph_hook reads the same)."""
+    decode = getattr(getattr(view, "cuda_graph_config", None), "decode", None)
+    if decode is not None:
+        return decode.backend == disabled
+    return bool(
+        getattr(view, "disable_cuda_graph", False)
+        or getattr(view, "disable_decode_cuda_graph", False)
+        or getattr(view, "cuda_graph_backend_decode", None) == disabled
+    )
 
 
 def _static_if_it_fits(
