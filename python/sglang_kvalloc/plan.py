@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="fa3")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=0)
+    p.add_argument("--speculative-eagle-topk", type=int, default=1)
     p.add_argument("--context-length", type=int, default=None, help="default: the model's")
     p.add_argument(
         "--allow-longer-context",
@@ -114,6 +115,7 @@ def inputs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         disable_cuda_graph=args.disable_cuda_graph,
         attention_backend=args.attention_backend,
         speculative_draft_tokens=args.speculative_num_draft_tokens,
+        speculative_eagle_topk=args.speculative_eagle_topk,
         context_length=args.context_length,
         allow_longer_context=args.allow_longer_context,
         max_total_tokens=args.max_total_tokens,

@@ -6,6 +6,7 @@ commits before a replay and sends a batch it cannot commit to the eager path."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -173,6 +174,71 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
     assert graph_buffers.release_at_idle() == sum(
         max(G, layout.commit_bytes(expected, G)) for layout in layouts
     ) + planner.fa3_page_table_layout(max_bs, context, page).commit_bytes(expected, G)
+
+
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize(("topk", "draft"), [(1, None), (1, 8), (4, 8)])
+@pytest.mark.parametrize("swa", [False, True])
+@pytest.mark.parametrize("local", [False, True])
+def test_fa3_leaves_nothing_at_max_batch_x_context(segmented_on_fake_gpu, page, topk, draft,
+                                                   swa, local) -> None:  # fmt: skip
+    """Every fa3 configuration (page size, speculative top-k, sliding window, Llama-4's local
+    attention): of what upstream's `init_cuda_graph_state` allocates the ordinary way, nothing
+    scales with max batch x context; and every reserved buffer is one the planner prices."""
+    from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBackend
+    from sglang.srt.layers.attention.local_attention import LocalAttentionMetadataBuilder
+
+    context, max_bs, chunk = 1_000_000, 8, 8192
+    builder = None
+    if local:
+        builder = LocalAttentionMetadataBuilder(
+            attention_chunk_size=chunk, page_size=page, max_context_len=context,
+            device=torch.device("cpu"), swa_translate=None,
+        )  # fmt: skip
+    backend = types.SimpleNamespace(
+        max_context_len=context, page_size=page, device="cpu", _get_scheduler_metadata=None,
+        use_mla=False, local_attn_builder=builder, use_sliding_window_kv_pool=swa,
+        has_swa=swa, topk=topk, speculative_num_draft_tokens=draft, speculative_step_id=0,
+        is_encoder_decoder=False, is_draft_runner=False, skip_prefill=False,
+    )  # fmt: skip
+    ordinary: list[tuple[int, ...]] = []
+    real = {name: getattr(torch, name) for name in ("zeros", "empty", "full", "ones")}
+
+    def spy(name: str):
+        def allocate(*args, **kwargs):
+            tensor = real[name](*args, **kwargs)
+            ordinary.append(tuple(tensor.shape))
+            return tensor
+
+        return allocate
+
+    try:
+        for name in real:
+            setattr(torch, name, spy(name))
+        graph_buffers.around_fa3_init_cuda_graph_state(
+            FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs * (draft or 1)
+        )
+    finally:
+        for name, fn in real.items():
+            setattr(torch, name, fn)
+    pages = -(-context // page)
+    assert [s for s in ordinary if math.prod(s) >= max_bs * pages // 4] == []
+    # The planner prices each reserved buffer (names and layouts are one shared function).
+    spec = planner.model_spec_from_config(
+        {"architectures": ["Llama4ForCausalLM" if local else "LlamaForCausalLM"],
+         "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "num_hidden_layers": 4, "vocab_size": 100, "intermediate_size": 128,
+         "max_position_embeddings": context, "attention_chunk_size": chunk}
+    )  # fmt: skip
+    priced = planner.cuda_graph_allocations(
+        spec, backend="fa3", max_bs=max_bs, context_len=context, page_size=page,
+        speculative_draft_tokens=draft or 0, speculative_topk=topk,
+    )  # fmt: skip
+    layouts = {a.lazy for a in priced if a.lazy is not None}
+    for buffer in graph_buffers.BUFFERS:
+        if "swa-spec" in buffer.layout.name and not spec.is_hybrid_swa:
+            continue  # the backend has a sliding window, the planner's stand-in model not
+        assert buffer.layout in layouts, buffer.layout.name
 
 
 def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_gpu) -> None:

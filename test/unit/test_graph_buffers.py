@@ -124,6 +124,20 @@ def test_chunk_rows_commit_whole_rows_per_chunk_the_query_tokens_reach() -> None
     assert buffer.release() == 4 * G and device.physical_bytes == 0
 
 
+def test_rows_per_query_token_commit_a_row_per_draft_token() -> None:
+    """fa3's top-k sliding-window verify table: one row per draft token of each request, each
+    written up to its request's length plus the draft positions."""
+    draft = 8
+    layout = GraphBufferLayout("fa3 swa-spec page table", ROWS, 16 * draft, 1_000_008, 4,
+                               per_query_token=True)  # fmt: skip
+    batch = GraphBatch(4, 4 * 300_000, 300_000, tokens_per_row=draft)
+    assert layout.rows_written(batch) == 32
+    assert layout.items_needed(batch) == 300_000 + draft + 1
+    buffer, device = lazy(layout, capacity=512 * MIB)
+    assert buffer.ensure(batch) == layout.commit_bytes(batch, G) == device.physical_bytes
+    assert buffer.release() == layout.commit_bytes(batch, G)
+
+
 def test_layouts_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="attention chunk"):
         GraphBufferLayout("x", CHUNK_ROWS, 1, 1, 4)

@@ -63,7 +63,8 @@ class GraphBufferLayout:
     items: int  # items per row (FLAT: the whole buffer)
     item_bytes: int
     positions_per_item: int = 1  # KV positions one item stands for (the page size for tables)
-    # FLAT: one item per KV position per query token (a verify mask), not per KV position.
+    # FLAT: one item per KV position per query token (a verify mask), not per KV position;
+    # ROWS: one row per query token (fa3's top-k sliding-window verify table), not per request.
     per_query_token: bool = False
     chunk_positions: int = 0  # CHUNK_ROWS: the attention chunk, in KV positions
 
@@ -100,6 +101,8 @@ class GraphBufferLayout:
         if self.kind == CHUNK_ROWS:
             spans = 1 + -(-(batch.tokens_per_row - 1) // self.chunk_positions)
             return min(batch.rows * spans + 1, self.rows)
+        if self.per_query_token:
+            return min(batch.rows * batch.tokens_per_row, self.rows)
         return min(batch.rows, self.rows)
 
     def items_needed(self, batch: GraphBatch) -> int:

@@ -741,6 +741,17 @@ def fa3_page_table_layout(max_bs: int, context_len: int, page_size: int) -> Grap
     return GraphBufferLayout("fa3 page table", ROWS, max_bs, pages, 4, page_size)
 
 
+def fa3_swa_spec_page_table_layout(max_bs: int, draft: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state with top-k > 1 and a sliding window:
+    ``target_verify_metadata_topk_swa["page_table"]`` = zeros((max_bs x draft, context +
+    draft), int32), one row per draft token, which ``prepare_swa_spec_page_table_triton``
+    fills up to its request's length plus its draft positions (page size 1 only)."""
+    return GraphBufferLayout(
+        "fa3 swa-spec page table", ROWS, max_bs * draft, context_len + draft, 4,
+        per_query_token=True,
+    )  # fmt: skip
+
+
 def fa3_local_attention_layouts(
     max_bs: int, context_len: int, chunk: int, page_size: int
 ) -> list[GraphBufferLayout]:
@@ -815,6 +826,7 @@ def cuda_graph_allocations(
     context_len: int,
     page_size: int,
     speculative_draft_tokens: int = 0,
+    speculative_topk: int = 1,
 ) -> list[Allocation]:
     """Context-sized cuda-graph buffers of the decode runner's attention backend.
 
@@ -896,6 +908,8 @@ def cuda_graph_allocations(
                 copies=tables,
             )
         )
+        if draft and speculative_topk > 1:
+            out += _fa3_topk_tables(spec, max_bs, draft, context_len, up)
         strided = (1 + (2 if draft else 0)) * pages * 8
         out.append(
             Allocation("fa3 strided_indices", strided, f"{pages} pages x 8 B (int64) each", up)
@@ -921,6 +935,38 @@ def cuda_graph_allocations(
                 )
     else:
         raise PlanError(f"unknown attention backend {backend!r}")
+    return out
+
+
+def _fa3_topk_tables(
+    spec: ModelSpec, max_bs: int, draft: int, context_len: int, up: str
+) -> list[Allocation]:
+    """fa3 with EAGLE top-k > 1: the draft-decode and target-verify tables of one column per
+    position, the verify mask (read only with top-k > 1), and with a sliding window the
+    per-draft-token verify table."""
+    by_position = fa3_page_table_layout(max_bs, context_len, 1)
+    out = [
+        Allocation(
+            "fa3 top-k page tables",
+            2 * by_position.reserved_bytes,
+            f"2 table(s) x {max_bs} x {context_len} positions x 4 B (int32)",
+            up,
+            lazy=by_position,
+            copies=2,
+        ),
+        _verify_mask(max_bs, draft, context_len, "flashattention_backend.py"),
+    ]
+    if spec.is_hybrid_swa:  # allocated whatever the page size (used only at page 1)
+        swa_spec = fa3_swa_spec_page_table_layout(max_bs, draft, context_len)
+        out.append(
+            Allocation(
+                swa_spec.name,
+                swa_spec.reserved_bytes,
+                f"{max_bs} x {draft} x ({context_len} + {draft}) x 4 B (int32)",
+                up,
+                lazy=swa_spec,
+            )
+        )
     return out
 
 
@@ -1027,6 +1073,7 @@ class PlanInputs:
     disable_cuda_graph: bool = False
     attention_backend: str = "fa3"
     speculative_draft_tokens: int = 0
+    speculative_eagle_topk: int = 1
     context_length: int | None = None
     allow_longer_context: bool = False
     max_total_tokens: int | None = None
@@ -1226,6 +1273,8 @@ def _validate(inputs: PlanInputs) -> None:
         )
     if inputs.speculative_draft_tokens < 0:
         raise PlanError(f"draft tokens must be >= 0 (got {inputs.speculative_draft_tokens})")
+    if inputs.speculative_eagle_topk < 1:
+        raise PlanError(f"EAGLE top-k must be >= 1 (got {inputs.speculative_eagle_topk})")
     if inputs.max_running_requests is not None and inputs.max_running_requests < 1:
         raise PlanError(f"max running requests must be >= 1 (got {inputs.max_running_requests})")
     if inputs.cuda_graph_max_bs is not None and inputs.cuda_graph_max_bs < 1:
@@ -1377,6 +1426,7 @@ def plan(inputs: PlanInputs) -> Plan:
             context_len=context_len,
             page_size=inputs.page_size,
             speculative_draft_tokens=inputs.speculative_draft_tokens,
+            speculative_topk=inputs.speculative_eagle_topk,
         )
         reserved = sum(a.bytes for a in allocs)
         if mode == "static":

@@ -231,6 +231,11 @@ def around_fa3_init_cuda_graph_state(
     if mask is not None:
         expected[((mask.items,), torch.bool)] = mask
         names.add(mask.name)
+    draft = int(getattr(backend, "speculative_num_draft_tokens", 0) or 0)
+    if topk > 1 and draft and getattr(backend, "has_swa", False):
+        swa_spec = planner.fa3_swa_spec_page_table_layout(max_bs, draft, context)
+        expected[((swa_spec.rows, swa_spec.items), torch.int32)] = swa_spec
+        names.add(swa_spec.name)
     builder = getattr(backend, "local_attn_builder", None)
     if builder is not None:
         # Llama-4's chunked local attention: its virtual-batch tables, past one chunk.

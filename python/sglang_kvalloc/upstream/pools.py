@@ -112,6 +112,8 @@ def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = T
             max_bs=max_bs,
             context_len=context_len,
             page_size=configurator.page_size,
+            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
+            speculative_topk=int(view.speculative_eagle_topk or 1),
         )
     except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
         logger.debug("cuda-graph buffer estimate skipped: %s", exc)
