@@ -440,9 +440,11 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
     assert graph_buffers.around_build_trivial_verify_input(trivial, worker, small) == "trivial"
 
 
-def test_triton_multi_step_draft_indices_are_reserved_and_committed_per_step(
-    segmented_on_fake_gpu,
+@pytest.mark.parametrize("which", ["triton", "flashinfer"])
+def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
+    segmented_on_fake_gpu, which: str
 ) -> None:
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferMultiStepDraftBackend
     from sglang.srt.layers.attention.triton_backend import TritonMultiStepDraftBackend
     from sglang.srt.speculative.spec_utils import draft_kv_indices_used_len
 
@@ -458,13 +460,19 @@ def test_triton_multi_step_draft_indices_are_reserved_and_committed_per_step(
         speculative_num_steps=steps, topk=topk, max_context_len=context, device="cpu",
         window_rail=False, attn_backends=[step_backend] * steps,
     )  # fmt: skip
-    graph_buffers.around_triton_draft_init_cuda_graph_state(
-        TritonMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
-    )
-    layout = planner.triton_draft_kv_indices_layout(steps, max_bs, topk, context)
+    if which == "triton":
+        graph_buffers.around_triton_draft_init_cuda_graph_state(
+            TritonMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
+        )
+        layout = planner.triton_draft_kv_indices_layout(steps, max_bs, topk, context)
+    else:
+        graph_buffers.around_flashinfer_draft_init_cuda_graph_state(
+            FlashInferMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
+        )
+        layout = planner.flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context)
     (lazy,) = graph_buffers.BUFFERS
     assert lazy.layout == layout and layout.rows == steps
-    assert backend.cuda_graph_kv_indices.shape == (steps, max_bs * topk * context)  # 384 MB
+    assert backend.cuda_graph_kv_indices.shape == (steps, max_bs * topk * context)  # reserved
     assert len(rows_given) == steps - 1 and rows_given[1].shape == (max_bs * topk * context,)
     # The draft runner (its own can_run_graph, inherited capture) commits for its branches.
     runner = types.SimpleNamespace(
@@ -483,7 +491,8 @@ def test_triton_multi_step_draft_indices_are_reserved_and_committed_per_step(
     assert lazy.committed_bytes == layout.commit_bytes(expected, G)
     # Every step's row is backed as far as upstream's own formula says that step reads.
     for step in range(steps):
-        used = draft_kv_indices_used_len(padded_sum, topk, 4 * topk, step + 1) * 8
+        used = draft_kv_indices_used_len(padded_sum, topk, 4 * topk, step + 1)
+        used *= layout.item_bytes
         assert lazy.backing.is_committed(step * layout.row_bytes, used), step
     assert graph_buffers.release_at_idle() == layout.commit_bytes(expected, G)
 

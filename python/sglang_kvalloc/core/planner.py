@@ -687,6 +687,17 @@ def triton_draft_kv_indices_layout(
     )
 
 
+def flashinfer_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferMultiStepDraftBackend.init_cuda_graph_state: the same shape as
+    triton's draft buffer in int32, each step's row sliced to
+    ``draft_kv_indices_used_len`` as triton's."""
+    return GraphBufferLayout(
+        "flashinfer draft cuda_graph_kv_indices", FLAT, steps, max_bs * topk * context_len, 4
+    )
+
+
 def draft_graph_batch(
     rows: int, seq_lens_sum: int, max_seq_len: int, topk: int, steps: int
 ) -> GraphBatch:

@@ -34,6 +34,7 @@ SPECULATIVE_GRAPHS = tuple(
     )
 )
 TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
+FLASHINFER_DRAFT = "sglang.srt.layers.attention.flashinfer_backend.FlashInferMultiStepDraftBackend"
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
 TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
@@ -137,6 +138,11 @@ def hooks() -> list[tuple[str, object, str]]:
         (
             f"{TRITON_DRAFT}.init_cuda_graph_state",
             graph_buffers.around_triton_draft_init_cuda_graph_state,
+            "AROUND",
+        ),
+        (
+            f"{FLASHINFER_DRAFT}.init_cuda_graph_state",
+            graph_buffers.around_flashinfer_draft_init_cuda_graph_state,
             "AROUND",
         ),
         # ... and the speculative verify mask, written by the draft stage before the verify
