@@ -370,3 +370,79 @@ def test_decode_kernel_time_over_vmm_kv_equals_ordinary_memory(vmm, results) -> 
     assert mean < 1.10  # a mapping cost this large would be a finding, not noise
     del k_vmm, v_vmm
     buffers.close()
+
+
+# -- Llama-4's local-attention table under fa3: reserved, rows committed per replay ----------
+
+
+def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -> None:
+    """Scout at 10M under fa3: `local_block_table` is 512 x 1,280 virtual batches x 8,192 int32
+    (21.5 GB). Reserved through the hook's interception; the gate commits the rows a decode
+    replay writes; then the three writes of upstream's `LocalAttentionMetadataBuilder.
+    update_for_replay` (written out here: upstream's module does not import on this machine):
+    the batch's rows, zeros past them in those rows, and zeros over every other row of the
+    table, which in segmented mode land on the shared scratch granule. The rows read back
+    right, the scratch still reads zeros, and the whole-table zero fill is timed against the
+    same fill of an ordinary 21.5 GB tensor (what static mode does every decode step)."""
+    import types
+
+    from sglang_kvalloc.core import planner
+    from sglang_kvalloc.upstream import graph_buffers
+
+    api, device = vmm
+    factory = CudaBackingFactory(device)
+    max_bs, context, chunk, page = 512, 10_485_760, 8192, 1
+    table, *vectors = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
+    expected = {((table.rows, table.items), torch.int32): table}
+    before = _free()
+    with graph_buffers.reserved_zeros(expected, factory) as made:
+        local_block = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")
+    assert len(made) == 1 and before - _free() < 8 << 20  # the first granule, not 21.5 GB
+    graph_buffers.BUFFERS[:] = made
+    try:
+        runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
+        fb = types.SimpleNamespace(batch_size=37, seq_lens_cpu=torch.full((37,), 5_000_000))
+        batch = graph_buffers.graph_batch(runner, fb)
+        start = time.perf_counter()
+        graph_buffers.ensure_for(batch)
+        commit_us = (time.perf_counter() - start) * 1e6
+        b0, b1 = batch.rows, 1234  # 40 virtual batches; the last chunk holds 1,234 pages
+        rows = torch.arange(b0 * b1, dtype=torch.int32, device="cuda").reshape(b0, b1) + 1
+        # update_for_replay's writes, in its order.
+        local_block[:b0, :b1].copy_(rows)
+        local_block[b0:, :].fill_(0)
+        local_block[:b0, b1:].fill_(0)
+        torch.cuda.synchronize()
+        assert torch.equal(local_block[:b0, :b1], rows)
+        assert int(local_block[:b0, b1:].count_nonzero()) == 0
+        assert int(local_block[table.rows // 2 :: 65_536].count_nonzero()) == 0  # scratch
+
+        def fill_ms(tensor: torch.Tensor) -> float:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            tensor[b0:, :].fill_(0)
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end)
+
+        reserved_ms = sorted(fill_ms(local_block) for _ in range(7))[3]
+        committed = made[0].committed_bytes
+        released = graph_buffers.release_at_idle()
+    finally:
+        graph_buffers.BUFFERS.clear()
+    ordinary = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")
+    ordinary_ms = sorted(fill_ms(ordinary) for _ in range(7))[3]
+    del ordinary
+    results["local_attention_table_on_gpu"] = {
+        "reserved_bytes": table.reserved_bytes,
+        "batch_rows": batch.rows,
+        "commit_us": round(commit_us, 1),
+        "committed_bytes": committed,
+        "planner_commit_bytes": table.commit_bytes(batch, device.granularity),
+        "released_bytes": released,
+        "zero_fill_past_batch_ms_reserved_median": reserved_ms,
+        "zero_fill_past_batch_ms_ordinary_median": ordinary_ms,
+    }
+    assert committed == max(device.granularity, table.commit_bytes(batch, device.granularity))
+    assert released == committed
+    made[0].backing.close()
