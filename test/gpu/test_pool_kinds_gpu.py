@@ -406,7 +406,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
         start = time.perf_counter()
         graph_buffers.ensure_for(batch)
         commit_us = (time.perf_counter() - start) * 1e6
-        b0, b1 = batch.rows, 1234  # 40 virtual batches; the last chunk holds 1,234 pages
+        b0, b1 = batch.rows, 1234  # one virtual batch per padded row; 1,234 pages in its chunk
         rows = torch.arange(b0 * b1, dtype=torch.int32, device="cuda").reshape(b0, b1) + 1
         # update_for_replay's writes, in its order.
         local_block[:b0, :b1].copy_(rows)
