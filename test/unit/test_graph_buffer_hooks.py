@@ -32,12 +32,14 @@ def segmented_on_fake_gpu():
     STATE.mode, SETTINGS.backings = modes.SEGMENTED, factory
     graph_buffers.BUFFERS.clear()
     graph_buffers.VERIFY_MASKS.clear()
+    graph_buffers.LOCAL_TABLES.clear()
     graph_buffers.STATS.eager_fallbacks = graph_buffers.STATS.draft_mask_fallbacks = 0
     yield driver
     for buffer in graph_buffers.BUFFERS:
         buffer.release()
     graph_buffers.BUFFERS.clear()
     graph_buffers.VERIFY_MASKS.clear()
+    graph_buffers.LOCAL_TABLES.clear()
     STATE.mode, SETTINGS.backings = saved
 
 
@@ -159,7 +161,22 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
     meta = types.SimpleNamespace(
         cache_seqlens_int32=seq_lens, page_table=page_table, local_attn_metadata=None
     )
-    backend.local_attn_builder.update_for_replay(meta, 4, buffers=local)
+    seen_rows: dict[str, int] = {}
+
+    def upstream_fill(builder, meta, bs, *, buffers):
+        seen_rows.update({name: tensor.shape[0] for name, tensor in buffers.items()})
+        return LocalAttentionMetadataBuilder.update_for_replay(builder, meta, bs, buffers=buffers)
+
+    graph_buffers.around_local_attention_update_for_replay(
+        upstream_fill, backend.local_attn_builder, meta, 4, buffers=local
+    )
+    # Upstream zeroes the table past the batch: it is handed the committed rows only (one
+    # granule: 64 rows of 32 KiB; the vectors' granule holds all their 985 entries).
+    assert seen_rows == {
+        "local_block_table": G // (chunk * 4),
+        "local_seqused_k": virtual,
+        "local_query_start_loc": virtual + 1,
+    }
     STATE.mode = modes.STATIC
     plain = fa3_with_local_attention().local_attn_builder.alloc_cuda_graph_buffers(max_bs)
     backend.local_attn_builder.update_for_replay(meta, 4, buffers=plain)

@@ -210,6 +210,18 @@ class LazyGraphBuffer:
             self.commits += 1
         return grown
 
+    def rows_backed(self) -> int:
+        """CHUNK_ROWS: the leading rows in committed memory (the last granule's rows included,
+        the last row possibly in part). Rows past them read the scratch granule's zeros, so a
+        fill of zeros there changes nothing."""
+        if self.layout.kind != CHUNK_ROWS:
+            raise ValueError(f"graph buffer {self.layout.name}: rows_backed is for {CHUNK_ROWS}")
+        if not self._rows_ready:
+            return 0
+        g, row_bytes = self.granularity, self.layout.row_bytes
+        end = -(-(self._rows_ready * row_bytes) // g) * g
+        return min(self.layout.rows, -(-end // row_bytes))
+
     def release(self) -> int:
         """Give back everything committed; returns the bytes released. Only where no kernel
         can read the buffer (idle); the next replay commits again before its fill."""

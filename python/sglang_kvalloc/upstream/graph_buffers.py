@@ -37,7 +37,12 @@ import torch
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.core.graph_buffers import GraphBatch, GraphBufferLayout, LazyGraphBuffer
+from sglang_kvalloc.core.graph_buffers import (
+    CHUNK_ROWS,
+    GraphBatch,
+    GraphBufferLayout,
+    LazyGraphBuffer,
+)
 from sglang_kvalloc.upstream.state import STATE
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,8 @@ logger = logging.getLogger(__name__)
 BUFFERS: list[LazyGraphBuffer] = []
 # The lazy verify masks by the address upstream's `VerifyMask.buffer` holds.
 VERIFY_MASKS: dict[int, LazyGraphBuffer] = {}
+# The lazy local-attention tables (CHUNK_ROWS) by the address of the tensor upstream holds.
+LOCAL_TABLES: dict[int, LazyGraphBuffer] = {}
 
 
 class GraphBufferStats:
@@ -106,6 +113,8 @@ def reserved_zeros(
                 tensor = buffer.backing.tensor(dtype, shape)
                 if layout.name == planner.VERIFY_MASK:
                     VERIFY_MASKS[tensor.data_ptr()] = buffer
+                elif layout.kind == CHUNK_ROWS:
+                    LOCAL_TABLES[tensor.data_ptr()] = buffer
                 return tensor
         return real_zeros(*size, **kwargs)
 
@@ -474,6 +483,27 @@ def around_build_trivial_verify_input(
     backend = worker._target_worker.model_runner.attn_backend
     with _verify_mask_written(backend, batch, 1):
         return original(worker, batch, *args, **kwargs)
+
+
+def around_local_attention_update_for_replay(
+    original: Callable[..., Any], builder: Any, metadata: Any, bs: int, **kwargs: Any
+) -> Any:
+    """AROUND `LocalAttentionMetadataBuilder.update_for_replay`: upstream zeroes the whole
+    local-attention table past the batch before every decode replay (21.5 GB for Scout at 10M
+    under fa3: 6.6 ms per step on an H100, measured). Where the tables are reserved, rows past
+    the committed ones read zeros already (the scratch granule), so upstream gets views of the
+    committed rows: the same values, without the fill over the rest."""
+    buffers = kwargs.get("buffers")
+    if not buffers or not LOCAL_TABLES:
+        return original(builder, metadata, bs, **kwargs)
+    trimmed = {}
+    for name, tensor in buffers.items():
+        lazy = LOCAL_TABLES.get(tensor.data_ptr())
+        rows = lazy.rows_backed() if lazy is not None else tensor.shape[0]
+        if rows <= bs:  # not committed for this batch (no gate ran): upstream's own way
+            return original(builder, metadata, bs, **kwargs)
+        trimmed[name] = tensor[:rows]
+    return original(builder, metadata, bs, **{**kwargs, "buffers": trimmed})
 
 
 def release_at_idle() -> int:

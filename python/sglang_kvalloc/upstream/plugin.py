@@ -34,6 +34,7 @@ SPECULATIVE_GRAPHS = tuple(
     )
 )
 TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
+LOCAL_ATTENTION = "sglang.srt.layers.attention.local_attention.LocalAttentionMetadataBuilder"
 FLASHINFER_DRAFT = "sglang.srt.layers.attention.flashinfer_backend.FlashInferMultiStepDraftBackend"
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
@@ -143,6 +144,13 @@ def hooks() -> list[tuple[str, object, str]]:
         (
             f"{FLASHINFER_DRAFT}.init_cuda_graph_state",
             graph_buffers.around_flashinfer_draft_init_cuda_graph_state,
+            "AROUND",
+        ),
+        # Upstream zeroes the whole (reserved) local-attention table every decode replay; it
+        # is handed the committed rows only, past which the table reads zeros already.
+        (
+            f"{LOCAL_ATTENTION}.update_for_replay",
+            graph_buffers.around_local_attention_update_for_replay,
             "AROUND",
         ),
         # ... and the speculative verify mask, written by the draft stage before the verify
