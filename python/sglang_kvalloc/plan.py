@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="fa3")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=0)
     p.add_argument("--speculative-eagle-topk", type=int, default=1)
+    p.add_argument("--speculative-num-steps", type=int, default=0)
     p.add_argument("--context-length", type=int, default=None, help="default: the model's")
     p.add_argument(
         "--allow-longer-context",
@@ -116,6 +117,7 @@ def inputs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         attention_backend=args.attention_backend,
         speculative_draft_tokens=args.speculative_num_draft_tokens,
         speculative_eagle_topk=args.speculative_eagle_topk,
+        speculative_num_steps=args.speculative_num_steps,
         context_length=args.context_length,
         allow_longer_context=args.allow_longer_context,
         max_total_tokens=args.max_total_tokens,

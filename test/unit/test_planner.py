@@ -20,6 +20,7 @@ from sglang_kvalloc.core.planner import (
     cuda_graph_allocations,
     decide_auto,
     derive_context_length,
+    flashinfer_draft_kv_indices_layout,
     kv_budget_bytes,
     kv_per_token,
     load_model_config,
@@ -28,6 +29,7 @@ from sglang_kvalloc.core.planner import (
     pool_from_budget,
     req_to_token_allocation,
     resolve_max_num_reqs,
+    triton_draft_kv_indices_layout,
 )
 
 
@@ -469,3 +471,30 @@ def test_segmented_kv_mla_and_mha() -> None:
     mha = plan(PlanInputs(model=tiny_llama(), device_memory_bytes=8 * GIB)).segmented_kv
     assert mha.pool_kind == "mha" and mha.request_fits_pool and mha.headroom_bytes > 0
     assert mha.request_kv_bytes == 4096 * 512
+
+
+def test_draft_runner_buffers_are_priced_with_the_hooks_layouts() -> None:
+    """With draft steps, the draft worker's multi-step backend: triton and flashinfer one
+    shared (steps, max_bs x topk x context) index buffer, fa3 steps - 1 copies of the target's
+    tables without the verify mask; lazy with the layouts the hooks reserve."""
+    spec = model_spec_from_config(tiny_llama())
+    common = dict(max_bs=16, context_len=100_000, page_size=1, speculative_draft_tokens=4,
+                  speculative_topk=2, speculative_num_steps=3)  # fmt: skip
+    triton = {a.name: a for a in cuda_graph_allocations(spec, backend="triton", **common)}
+    layout = triton_draft_kv_indices_layout(3, 16, 2, 100_000)
+    assert (
+        triton[layout.name].lazy == layout and triton[layout.name].bytes == 3 * 16 * 2 * 100_000 * 8
+    )
+    flashinfer = {a.name: a for a in cuda_graph_allocations(spec, backend="flashinfer", **common)}
+    layout = flashinfer_draft_kv_indices_layout(3, 16, 2, 100_000)
+    assert flashinfer[layout.name].lazy == layout
+    fa3 = {a.name: a for a in cuda_graph_allocations(spec, backend="fa3", **common)}
+    for name, allocation in list(fa3.items()):
+        if name.startswith("draft "):
+            target = fa3[name.removeprefix("draft ")]
+            assert allocation.bytes == 2 * target.bytes and allocation.lazy == target.lazy
+    assert "draft speculative verify mask" not in fa3 and "speculative verify mask" in fa3
+    no_steps = cuda_graph_allocations(
+        spec, backend="triton", **{**common, "speculative_num_steps": 0}
+    )
+    assert not any("draft" in a.name for a in no_steps)

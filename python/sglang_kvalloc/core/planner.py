@@ -838,8 +838,11 @@ def cuda_graph_allocations(
     page_size: int,
     speculative_draft_tokens: int = 0,
     speculative_topk: int = 1,
+    speculative_num_steps: int = 0,
 ) -> list[Allocation]:
-    """Context-sized cuda-graph buffers of the decode runner's attention backend.
+    """Context-sized cuda-graph buffers of the decode runner's attention backend, and with
+    speculative decoding (``speculative_num_steps`` > 1) those of the draft worker's
+    multi-step backend (the same backend kind; its captured batch is the target's).
 
     max_bs is the captured batch (min of the cuda-graph max_bs and the request slots, as
     model_executor/runner/base_cuda_graph_runner.py get_batch_sizes_to_capture clamps it);
@@ -946,7 +949,41 @@ def cuda_graph_allocations(
                 )
     else:
         raise PlanError(f"unknown attention backend {backend!r}")
+    if draft and speculative_num_steps > 1:
+        out += _draft_allocations(out, backend, max_bs, speculative_topk, speculative_num_steps,
+                                  context_len)  # fmt: skip
     return out
+
+
+def _draft_allocations(
+    target: list[Allocation], backend: str, max_bs: int, topk: int, steps: int, context_len: int
+) -> list[Allocation]:
+    """The draft worker's multi-step backend: triton and flashinfer share one
+    ``(steps, max_bs x topk x context)`` index buffer across their step backends; fa3 builds
+    ``steps - 1`` backends, each allocating what the target's does but the verify mask."""
+    if backend == "triton":
+        layout = triton_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        where = "layers/attention/triton_backend.py TritonMultiStepDraftBackend"
+    elif backend == "flashinfer":
+        layout = flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        where = "layers/attention/flashinfer_backend.py FlashInferMultiStepDraftBackend"
+    elif backend == "fa3":
+        return [
+            Allocation(
+                f"draft {a.name}",
+                (steps - 1) * a.bytes,
+                f"{steps - 1} draft step backend(s) x ({a.formula})",
+                "layers/attention/flashattention_backend.py FlashAttentionMultiStepBackend",
+                lazy=a.lazy,
+                copies=(steps - 1) * a.copies,
+            )
+            for a in target
+            if a.name != VERIFY_MASK
+        ]
+    else:
+        return []
+    shape = f"{steps} x {max_bs} x {topk} x {context_len} x {layout.item_bytes} B"
+    return [Allocation(layout.name, layout.reserved_bytes, shape, where, lazy=layout)]
 
 
 def _fa3_topk_tables(
@@ -1085,6 +1122,7 @@ class PlanInputs:
     attention_backend: str = "fa3"
     speculative_draft_tokens: int = 0
     speculative_eagle_topk: int = 1
+    speculative_num_steps: int = 0
     context_length: int | None = None
     allow_longer_context: bool = False
     max_total_tokens: int | None = None
@@ -1284,6 +1322,8 @@ def _validate(inputs: PlanInputs) -> None:
         )
     if inputs.speculative_draft_tokens < 0:
         raise PlanError(f"draft tokens must be >= 0 (got {inputs.speculative_draft_tokens})")
+    if inputs.speculative_num_steps < 0:
+        raise PlanError(f"draft steps must be >= 0 (got {inputs.speculative_num_steps})")
     if inputs.speculative_eagle_topk < 1:
         raise PlanError(f"EAGLE top-k must be >= 1 (got {inputs.speculative_eagle_topk})")
     if inputs.max_running_requests is not None and inputs.max_running_requests < 1:
@@ -1438,6 +1478,7 @@ def plan(inputs: PlanInputs) -> Plan:
             page_size=inputs.page_size,
             speculative_draft_tokens=inputs.speculative_draft_tokens,
             speculative_topk=inputs.speculative_eagle_topk,
+            speculative_num_steps=inputs.speculative_num_steps,
         )
         reserved = sum(a.bytes for a in allocs)
         if mode == "static":
@@ -1496,7 +1537,14 @@ def plan(inputs: PlanInputs) -> Plan:
         f"pre-load free memory assumed = device memory - {inputs.pre_load_overhead_bytes} B"
     )
     if inputs.speculative_draft_tokens:
-        notes.append("the draft model's own KV pool and cuda-graph buffers are not included")
+        notes.append(
+            "the draft model's own KV pool is not included"
+            + (
+                "; its cuda-graph buffers are (draft steps given)"
+                if inputs.speculative_num_steps > 1
+                else ", nor its cuda-graph buffers (give --speculative-num-steps)"
+            )
+        )
     return Plan(
         model=spec.name,
         architecture=spec.architecture,

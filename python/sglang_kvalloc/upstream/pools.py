@@ -114,6 +114,7 @@ def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = T
             page_size=configurator.page_size,
             speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
             speculative_topk=int(view.speculative_eagle_topk or 1),
+            speculative_num_steps=int(view.speculative_num_steps or 0),
         )
     except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
         logger.debug("cuda-graph buffer estimate skipped: %s", exc)
