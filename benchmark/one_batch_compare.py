@@ -1,0 +1,191 @@
+"""static against segmented in-process, with upstream's `sglang.benchmark.one_batch` (no server,
+no HTTP): per-step cost of one static batch, prefill then decode (not a CI test).
+
+Each run is one `python -m sglang.benchmark.one_batch` process (SGLang's CPU engine, the tiny
+Llama) that loads the model, warms up, and measures the same batch ``--repeats`` times;
+static and segmented runs alternate (order swapped every round). Per round, segmented/static
+of the median over its repeats is taken for the prefill latency and the median decode-step
+latency; the report gives the median ratio and a 95% t-interval of the mean (log ratios).
+
+upstream's synthetic prompts are random ids below 10,000; the tiny model's vocabulary is
+2,048, so the benchmark runs a copy whose embedding and LM head are padded to 10,240 rows
+(`models/tiny-llama-v10k`, made here).
+
+    python benchmark/one_batch_compare.py --out docs/ [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
+
+MODES = ("static", "segmented")
+BENCH_VOCAB = 10_240  # above upstream's synthetic ids (randint(0, 10000))
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+        10: 2.262, 11: 2.228, 12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145, 16: 2.131}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[one_batch {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def padded_vocab_model(base: Path, out: Path) -> Path:
+    """The tiny model with its embedding and LM head padded to BENCH_VOCAB rows."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    marker = out / "PADDED_FROM"
+    if marker.exists() and marker.read_text() == (base / "BUILT_BY_SGLANG_KVALLOC").read_text():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out)
+    weights = load_file(str(base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[name]
+        extra = torch.randn((BENCH_VOCAB - w.shape[0], w.shape[1]), generator=gen) * 0.15
+        weights[name] = torch.cat([w, extra.to(w.dtype)]).contiguous()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["vocab_size"] = BENCH_VOCAB
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    marker.write_text((base / "BUILT_BY_SGLANG_KVALLOC").read_text())
+    return out
+
+
+def run_once(model: Path, mode: str, cell: dict[str, Any], cfg: argparse.Namespace) -> list:
+    """One one_batch process; returns its per-repeat result dicts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.jsonl"
+        argv = [
+            sys.executable, "-m", "sglang.benchmark.one_batch", "--model-path", str(model),
+            "--device", "cpu", "--dtype", "float32", "--kv-alloc-mode", mode,
+            "--context-length", str(cell["context"]),
+            "--batch-size", *[str(cfg.batch_size)] * cfg.repeats,
+            "--input-len", str(cfg.input_len), "--output-len", str(cfg.output_len),
+            "--run-name", mode, "--result-filename", str(result),
+        ] + cell["flags"]  # fmt: skip
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
+               "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}  # fmt: skip
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+            raise RuntimeError(f"one_batch {mode} {cell['label']} failed: {tail}")
+        return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+
+
+def interval(ratios: list[float]) -> tuple[float, float]:
+    logs = [math.log(r) for r in ratios]
+    if len(logs) < 2:
+        return ratios[0], ratios[0]
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    half = T975.get(len(logs), 2.0) * sd / math.sqrt(len(logs))
+    return math.exp(mean - half), math.exp(mean + half)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per process")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 131072, 1048576])
+    parser.add_argument("--default-pool-context", type=int, default=2048,
+                        help="also a row with upstream's own pool size (0: none)")  # fmt: skip
+    cfg = parser.parse_args(argv)
+    base = ensure_tiny_model(ROOT / "models" / "tiny-llama")
+    model = padded_vocab_model(base, ROOT / "models" / "tiny-llama-v10k")
+    cells = [
+        {"label": f"{c:,} (65,536-token pool)", "context": c,
+         "flags": ["--max-total-tokens", "65536"]}
+        for c in cfg.contexts
+    ]  # fmt: skip
+    if cfg.default_pool_context:
+        cells.append({
+            "label": f"{cfg.default_pool_context:,} (default pool, mem fraction 0.25)",
+            "context": cfg.default_pool_context, "flags": ["--mem-fraction-static", "0.25"],
+        })  # fmt: skip
+    started = time.time()
+    raw: dict[str, Any] = {"config": vars(cfg) | {"out": str(cfg.out)}, "cells": []}
+    for cell in cells:
+        rounds = []
+        for r in range(cfg.rounds):
+            order = MODES if r % 2 == 0 else MODES[::-1]
+            got = {}
+            for mode in order:
+                log(f"{cell['label']} round {r + 1}/{cfg.rounds}: {mode}")
+                got[mode] = run_once(model, mode, cell, cfg)
+            rounds.append(got)
+        raw["cells"].append({"cell": cell, "rounds": rounds})
+    raw["minutes"] = (time.time() - started) / 60
+    raw["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "one_batch.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (cfg.out / "one_batch.md").write_text(render(raw))
+    log(f"wrote {cfg.out / 'one_batch.md'}")
+    return 0
+
+
+METRICS = (("prefill_latency", "prefill latency (s)"),
+           ("median_decode_latency", "median decode step (s)"))  # fmt: skip
+
+
+def render(raw: dict[str, Any]) -> str:
+    cfg = raw["config"]
+    lines = [
+        "# static vs segmented in-process, with `sglang.benchmark.one_batch`",
+        "",
+        f"Generated by `python benchmark/one_batch_compare.py --out docs --rounds {cfg['rounds']}"
+        f" --repeats {cfg['repeats']}` ({raw['finished']}, {raw['minutes']:.0f} min). **No GPU**:"
+        " SGLang's CPU engine running the tiny Llama (2 layers, float32, its vocabulary padded"
+        " to 10,240 for upstream's synthetic ids) on a 2-core machine, no server and no HTTP.",
+        "",
+        f"Each run is one `one_batch` process: load, warm up, then {cfg['repeats']} measurements"
+        f" of a batch of {cfg['batch_size']} prompts of {cfg['input_len']} tokens, prefill then"
+        f" {cfg['output_len']} decode steps. Static and segmented runs alternate, order swapped"
+        " every round. Per round: segmented / static of each mode's median over its"
+        " measurements; the table gives the rounds' median ratio, the 95% t-interval of the"
+        " mean (log ratios) and the min-max. Lower latency is better: a ratio below 1 means"
+        " segmented is faster.",
+        "",
+        "| context (pool) | metric | static | segmented | ratio median | 95% CI | min-max |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for entry in raw["cells"]:
+        label = entry["cell"]["label"]
+        for key, name in METRICS:
+            per_mode = {m: [statistics.median(x[key] for x in r[m]) for r in entry["rounds"]]
+                        for m in MODES}  # fmt: skip
+            ratios = [s / b for s, b in zip(per_mode["segmented"], per_mode["static"],
+                                            strict=True)]  # fmt: skip
+            lo, hi = interval(ratios)
+            lines.append(
+                f"| {label} | {name} | {statistics.median(per_mode['static']):.5f} | "
+                f"{statistics.median(per_mode['segmented']):.5f} | "
+                f"**{statistics.median(ratios):.3f}** | [{lo:.3f}, {hi:.3f}] | "
+                f"{min(ratios):.3f}-{max(ratios):.3f} |"
+            )
+    lines += ["", "Raw per-measurement figures: `docs/one_batch.json`.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
