@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 131072, 1048576])
     parser.add_argument("--default-pool-context", type=int, default=2048,
                         help="also a row with upstream's own pool size (0: none)")  # fmt: skip
+    parser.add_argument("--from-json", type=Path, help="only re-render the md from this JSON")
     cfg = parser.parse_args(argv)
+    if cfg.from_json:
+        (cfg.out / "one_batch.md").write_text(render(json.loads(cfg.from_json.read_text())))
+        return 0
     base = ensure_tiny_model(ROOT / "models" / "tiny-llama")
     model = padded_vocab_model(base, ROOT / "models" / "tiny-llama-v10k")
     cells = [
@@ -148,6 +152,22 @@ METRICS = (("prefill_latency", "prefill latency (s)"),
            ("median_decode_latency", "median decode step (s)"))  # fmt: skip
 
 
+def cell_summary(entry: dict[str, Any], key: str) -> dict[str, Any]:
+    """One metric of one cell: each mode's median over rounds (a round: the median of its
+    measurements) and the per-round segmented/static ratios."""
+    per_mode = {m: [statistics.median(x[key] for x in r[m]) for r in entry["rounds"]]
+                for m in MODES}  # fmt: skip
+    ratios = [s / b for s, b in zip(per_mode["segmented"], per_mode["static"], strict=True)]
+    return {
+        "static_median": statistics.median(per_mode["static"]),
+        "segmented_median": statistics.median(per_mode["segmented"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_ci95": list(interval(ratios)),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
+
+
 def render(raw: dict[str, Any]) -> str:
     cfg = raw["config"]
     lines = [
@@ -172,16 +192,12 @@ def render(raw: dict[str, Any]) -> str:
     for entry in raw["cells"]:
         label = entry["cell"]["label"]
         for key, name in METRICS:
-            per_mode = {m: [statistics.median(x[key] for x in r[m]) for r in entry["rounds"]]
-                        for m in MODES}  # fmt: skip
-            ratios = [s / b for s, b in zip(per_mode["segmented"], per_mode["static"],
-                                            strict=True)]  # fmt: skip
-            lo, hi = interval(ratios)
+            row = cell_summary(entry, key)
+            lo, hi = row["ratio_ci95"]
             lines.append(
-                f"| {label} | {name} | {statistics.median(per_mode['static']):.5f} | "
-                f"{statistics.median(per_mode['segmented']):.5f} | "
-                f"**{statistics.median(ratios):.3f}** | [{lo:.3f}, {hi:.3f}] | "
-                f"{min(ratios):.3f}-{max(ratios):.3f} |"
+                f"| {label} | {name} | {row['static_median']:.5f} | "
+                f"{row['segmented_median']:.5f} | **{row['ratio_median']:.3f}** | "
+                f"[{lo:.3f}, {hi:.3f}] | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} |"
             )
     lines += ["", "Raw per-measurement figures: `docs/one_batch.json`.", ""]
     return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The performance goals (issue 11) against what the benchmarks measured: regenerates the
+section between the markers in docs/benchmark.md from the benchmarks' JSON files (not a CI
+test; nothing is measured here).
+
+    python benchmark/summary.py [--docs docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from one_batch_compare import cell_summary  # noqa: E402
+
+BEGIN = "<!-- goals:begin (benchmark/summary.py writes this section) -->"
+END = "<!-- goals:end -->"
+THROUGHPUT = ("request_throughput", "input_throughput", "output_throughput")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def serving_rows(data: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    return [
+        (ctx["label"], rate, metric, figures)
+        for ctx in data["contexts"]
+        for rate, metrics in ctx["summary"].items()
+        for metric, figures in metrics.items()
+    ]
+
+
+def serving_goal(data: dict[str, Any]) -> list[str]:
+    rows = [r for r in serving_rows(data) if r[2] == "output_throughput"]
+    met = [r for r in rows if r[3]["ratio_median"] >= 0.99 and r[3]["ratio_ci95"][0] >= 0.99]
+    halves = [(f["ratio_ci95"][1] - f["ratio_ci95"][0]) / 2 for *_, f in rows]
+    worst = min(rows, key=lambda r: r[3]["ratio_ci95"][0])
+    return [
+        f"| `bench_serving` output throughput, segmented / static, every context and rate "
+        f"(>= 0.99, interval above 0.99, interval narrower than 1%) | medians "
+        f"{min(f['ratio_median'] for *_, f in rows):.3f} to "
+        f"{max(f['ratio_median'] for *_, f in rows):.3f}; {len(met)} of {len(rows)} rows have "
+        f"the whole interval above 0.99; intervals +-{statistics.median(halves) * 100:.1f}% "
+        f"(median half-width); lowest interval end {worst[3]['ratio_ci95'][0]:.3f} "
+        f"({worst[0]}, rate {worst[1]}) | **not met**: no row is below 0.99 at its median, "
+        f"but 8 rounds of HTTP serving on a shared 2-core machine cannot resolve 1% "
+        f"([bench_serving.md](bench_serving.md)) |"
+    ]
+
+
+def one_batch_goal(data: dict[str, Any]) -> list[str]:
+    out = []
+    for entry in data["cells"]:
+        for key, name in (("median_decode_latency", "decode step"),
+                          ("prefill_latency", "prefill")):  # fmt: skip
+            row = cell_summary(entry, key)
+            lo, hi = row["ratio_ci95"]
+            # Latency: segmented / static <= 1.01 (1% slower at most) with the interval.
+            met = hi <= 1.01 and (hi - lo) / 2 <= 0.01
+            out.append(
+                f"| in-process {name} latency, {entry['cell']['label']} (<= 1.01 with the "
+                f"interval narrower than 1%) | {row['ratio_median']:.3f} "
+                f"[{lo:.3f}, {hi:.3f}] | {'met' if met else '**not met**'} |"
+            )
+    return out
+
+
+def allocator_goal(data: dict[str, Any]) -> list[str]:
+    out = []
+    rows = data["rows"]
+    met = 0
+    worst = None
+    for row in rows:
+        ratio = row["ratio_segmented_over_upstream"]["median"]
+        met += ratio <= 1.1
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, row)
+    ratio, row = worst
+    out.append(
+        f"| allocator per scheduler step, segmented / upstream (<= 1.1 on every row) | "
+        f"{met} of {len(rows)} rows; worst {ratio:.2f}x ({row['pool_tokens']:,}-token pool, "
+        f"page {row['page_size']}, {row['trace']} trace); segmented is faster on the 1M and "
+        f"8M page-1 rows (upstream's free concatenates the whole free list) | **not met** "
+        f"on {len(rows) - met} rows: up to {_gap_us(rows):.0f} us more per scheduler step on "
+        f"them (a decode step of this engine takes about 14 ms), from the shrink "
+        f"check every 8 iterations (merge of staged frees, segment census), keeping the free "
+        f"list sorted (lowest segments first, so high ones drain) and Python call overhead "
+        f"([allocator_micro.md](allocator_micro.md)) |"
+    )
+    return out
+
+
+def _gap_us(rows: list[dict[str, Any]]) -> float:
+    return max(
+        (r["segmented"]["ns_per_step"]["median"] - r["upstream"]["ns_per_step"]["median"]) / 1e3
+        for r in rows
+        if r["ratio_segmented_over_upstream"]["median"] > 1.1
+    )
+
+
+def growth_goal(data: dict[str, Any]) -> list[str]:
+    out = []
+    for ctx in data["contexts"]:
+        for rate, metrics in ctx["summary"].items():
+            f = metrics.get("p99_itl_ms")
+            if not f:
+                continue
+            lo, hi = f["ratio_ci95"]
+            met = hi <= 1.05
+            out.append(
+                f"| growth: p99 inter-token latency, releasing at once / never, "
+                f"{ctx['label']}, rate {rate} (within 5%) | {f['ratio_median']:.3f} "
+                f"[{lo:.3f}, {hi:.3f}] | "
+                + (
+                    "met: the interval's upper end is within 5%"
+                    if met
+                    else "**not resolved**: the interval reaches past 5%"
+                )
+                + " ([bench_serving_growth.md](bench_serving_growth.md)) |"
+            )
+    return out
+
+
+def gpu_goal(docs: Path) -> list[str]:
+    runs = sorted((docs / "gpu-runs").glob("2026-11-23-h100-suite-*.json"))
+    figures = []
+    for path in runs:
+        d = json.loads(path.read_text()).get("decode_time_vmm_vs_ordinary")
+        if d:
+            figures.append((path.name, d))
+    if not figures:
+        return []
+    text = "; ".join(
+        f"{d['ratio_mean']:.4f} [{d['ratio_ci95'][0]:.4f}, {d['ratio_ci95'][1]:.4f}]"
+        for _, d in figures
+    )
+    return [
+        f"| on a GPU (H100): upstream's triton decode kernel over VMM-mapped K/V / over "
+        f"ordinary memory, 1M cached tokens, {len(figures)} machines | {text} | "
+        f"at parity within 1% ([gpu.md](gpu.md), runs 7-9) |"
+    ]
+
+
+def render(docs: Path) -> str:
+    lines = [
+        BEGIN,
+        "## Performance goals (issue 11) and where they stand",
+        "",
+        "Regenerated from the JSON files by `python benchmark/summary.py`. CPU engine figures"
+        " unless the row says GPU. Ratios: median [95% interval].",
+        "",
+        "| goal | measured | status |",
+        "|---|---|---|",
+    ]
+    sources = {
+        "one_batch.json": one_batch_goal,
+        "bench_serving.json": serving_goal,
+        "allocator_micro.json": allocator_goal,
+        "bench_serving_growth.json": growth_goal,
+    }
+    for name, goal in sources.items():
+        data = _load(docs / name)
+        if data is not None:
+            lines += goal(data)
+    lines += gpu_goal(docs)
+    lines += [
+        "| plots with matplotlib | `benchmark/plot.py` (extra `benchmark`), "
+        "[benchmark.png](benchmark.png), [allocator_micro.png](allocator_micro.png) | met |",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    path = args.docs / "benchmark.md"
+    text = path.read_text()
+    section = render(args.docs)
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        first, _, rest = text.partition("\n## ")
+        text = first + section + "\n\n## " + rest
+    path.write_text(text)
+    print(f"wrote the goals section of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
