@@ -452,3 +452,45 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     assert committed == max(device.granularity, table.commit_bytes(batch, device.granularity))
     assert released == committed
     made[0].backing.close()
+
+
+def test_what_the_shrink_check_waits_for(vmm, results) -> None:
+    """The scheduler's periodic shrink check (every 8 iterations) reads the per-segment free
+    census to the host. With a long kernel queued (as under upstream's overlap scheduler), is
+    it a device synchronize? Measured, not asserted: the figure says whether the check stalls
+    the pipeline. Alloc and free themselves do not wait (the sync-debug test above)."""
+    api, device = vmm
+    buffers, alloc = _segmented_pool(device, 16 * 8192, [4096])
+    live = [alloc.alloc(3000) for _ in range(8)]
+    for x in live[::2]:
+        alloc.free(x)
+    a = torch.randn((8192, 8192), device="cuda")
+
+    def queued_work() -> None:
+        for _ in range(20):
+            a @ a  # noqa: B018 - only the queue matters
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    queued_work()
+    torch.cuda.synchronize()
+    work_ms = (time.perf_counter() - start) * 1e3
+    queued_work()
+    start = time.perf_counter()
+    alloc.maybe_shrink()
+    check_ms = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    queued_work()
+    start = time.perf_counter()
+    x = alloc.alloc(1000)
+    alloc.free(x)
+    alloc_free_ms = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    results["shrink_check_with_work_queued"] = {
+        "queued_work_ms": round(work_ms, 2),
+        "shrink_check_ms": round(check_ms, 2),
+        "alloc_and_free_ms": round(alloc_free_ms, 3),
+        "waits_for_the_device": check_ms > work_ms / 2,
+    }
+    assert alloc.accounting_problems() == []
+    buffers.close()
