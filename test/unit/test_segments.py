@@ -306,6 +306,32 @@ def test_shrink_only_trailing_and_not_while_in_use() -> None:
     a.check_invariants()
 
 
+def test_delayed_census_never_releases_a_segment_in_use() -> None:
+    """The periodic check while serving (fresh=False; on a GPU the census would wait for the
+    running batch) reads the census launched at the previous check: nothing is released on
+    the first, a segment seen free then is released on the next, and one taken again in
+    between is checked exactly and kept."""
+    a, events, clock = make_alloc(cap=1024, seg=256, ps=16, hold_off_s=0.0)
+    a.delayed_census = True
+    x = a.alloc(47)  # segments 0, 1 and 2
+    assert x is not None and a.committed_segments == 3
+    a.free(x[31:])  # segment 2 entirely free
+    assert a.maybe_shrink(fresh=False) == 0  # no census landed yet
+    taken = a.alloc(1)  # the lowest free page: segment 2 is in use again
+    assert taken is not None and taken.tolist() == [32]
+    assert a.maybe_shrink(fresh=False) == 0  # the census said free; the exact check says not
+    assert a.committed_segments == 3 and not any(e[0] == "release" for e in events)
+    a.free(taken)
+    assert a.maybe_shrink(fresh=False) == 0  # the last census saw page 32 taken
+    assert a.maybe_shrink(fresh=False) == 1  # ... this one saw segment 2 free
+    assert a.committed_segments == 2
+    # A census of another committed count is not used; a fresh check (idle) is exact at once.
+    a.free(x[15:31])
+    assert a.maybe_shrink(fresh=False) == 0
+    assert a.maybe_shrink() == 1 and a.committed_segments == 1
+    a.check_invariants()
+
+
 def test_reuse_resets_hold_off() -> None:
     a, _, clock = make_alloc(hold_off_s=1.0)
     x = a.alloc(64)

@@ -17,6 +17,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -380,6 +381,9 @@ class SegmentedPageAllocator:
         self._pages_below: list[int] = [0] * (geometry.num_segments + 1)
         for seg in range(geometry.num_segments):
             self._pages_below[seg + 1] = self._pages_below[seg] + self._usable_count(seg)
+        # The periodic census is delayed on a GPU, where reading it at once would wait for the
+        # queued work (tests turn it on for the CPU to exercise the same protocol).
+        self.delayed_census: bool = self.device.type == "cuda"
         self._init_state()
         self.grow_to(min_committed_segments)
         if self.committed_segments < min_committed_segments:
@@ -404,6 +408,9 @@ class SegmentedPageAllocator:
         self._allocated: torch.Tensor | None = (
             torch.zeros(g.cap_pages, dtype=torch.bool, device=self.device) if self.debug else None
         )
+        # A census launched at the previous periodic check (see `free_per_segment`).
+        self._census: tuple[int, torch.Tensor, Any] | None = None
+        self._landing: dict[int, list[torch.Tensor]] = {}
 
     def _usable_range(self, seg: int) -> tuple[int, int]:
         """Pages of ``seg`` this allocator hands out (segment 0 loses the padding pages)."""
@@ -620,9 +627,16 @@ class SegmentedPageAllocator:
         """Page id where segment ``seg`` starts (``cap_pages`` past the last segment)."""
         return min(seg * self.geometry.segment_pages, self.geometry.cap_pages)
 
-    def free_per_segment(self) -> list[int]:
+    def free_per_segment(self, fresh: bool = True) -> list[int] | None:
         """Free pages in each committed segment (staged frees included), from the sorted free
-        list: one batched search, no per-page work."""
+        list: one batched search, no per-page work.
+
+        ``fresh=False`` (the periodic check while serving) does not wait for the device: the
+        search is launched into host memory and the census launched at the previous call is
+        returned if it has landed and the committed count is unchanged, else None. On a GPU
+        reading the counts at once would wait for all queued work (measured: 426 ms behind
+        540 ms of queued kernels). A stale census only nominates segments; `maybe_shrink`
+        checks a segment exactly before releasing it."""
         self.merge_and_sort_free()
         k = self.committed_segments
         bounds = self._bounds.get(k)
@@ -633,17 +647,47 @@ class SegmentedPageAllocator:
                 device=self.device,
             )
             self._bounds[k] = bounds
-        positions = torch.searchsorted(self.free_pages, bounds).tolist()
-        return [positions[i + 1] - positions[i] for i in range(k)]
+        positions = torch.searchsorted(self.free_pages, bounds)
+        if fresh or not self.delayed_census:
+            self._census = None
+            counts = positions.tolist()
+            return [counts[i + 1] - counts[i] for i in range(k)]
+        event = None
+        landing = positions
+        if self.device.type == "cuda":
+            # Two pinned buffers per committed count, used in turn: allocating pinned memory
+            # can itself synchronize, and the previous census is read from the other one.
+            pair = self._landing.get(k)
+            if pair is None:
+                pair = [torch.empty(k + 1, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                self._landing[k] = pair
+            pair.reverse()
+            landing = pair[0]
+            landing.copy_(positions, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._census = self._census, (k, landing, event)
+        if previous is None or previous[0] != k:
+            return None
+        if previous[2] is not None and not previous[2].query():
+            return None
+        counts = previous[1].tolist()
+        return [counts[i + 1] - counts[i] for i in range(k)]
 
     def segments_to_keep(
-        self, keep_free_pages: int = 0, now: float | None = None, hold_off_s: float | None = None
+        self,
+        keep_free_pages: int = 0,
+        now: float | None = None,
+        hold_off_s: float | None = None,
+        fresh: bool = True,
     ) -> int:
         """How many committed segments this rank needs: trailing segments seen entirely free
         for the hold-off can go, as long as ``keep_free_pages`` free pages stay backed."""
         now = self.clock() if now is None else now
         hold_off_s = self.hold_off_s if hold_off_s is None else hold_off_s
-        free_counts = self.free_per_segment()
+        free_counts = self.free_per_segment(fresh)
+        if free_counts is None:  # no census has landed yet: nothing is known to be free
+            return self.committed_segments
         for seg, free_count in enumerate(free_counts):
             if free_count == self._usable_count(seg):
                 if self._empty_since[seg] is None:
@@ -665,7 +709,11 @@ class SegmentedPageAllocator:
         return keep
 
     def maybe_shrink(
-        self, now: float | None = None, keep_free_pages: int = 0, hold_off_s: float | None = None
+        self,
+        now: float | None = None,
+        keep_free_pages: int = 0,
+        hold_off_s: float | None = None,
+        fresh: bool = True,
     ) -> int:
         """Release trailing committed segments that have been entirely free for ``hold_off_s``
         (default: the allocator's), keeping ``keep_free_pages`` free pages backed (the headroom
@@ -677,12 +725,23 @@ class SegmentedPageAllocator:
         keeps taking the unmerged (higher) pages and high segments never drain.
         """
         self.merge_and_sort_free()
-        keep = -self.agree(-self.segments_to_keep(keep_free_pages, now, hold_off_s))
+        keep = -self.agree(-self.segments_to_keep(keep_free_pages, now, hold_off_s, fresh))
         released = 0
         while self.committed_segments > keep:
+            # A census from an earlier check (fresh=False) may be out of date: check exactly
+            # (every rank holds the same allocations, so all of them agree).
+            if not fresh and not self._top_entirely_free():
+                self._empty_since[self.committed_segments - 1] = None
+                break
             self._release_top(self.committed_segments - 1)
             released += 1
         return released
+
+    def _top_entirely_free(self) -> bool:
+        seg = self.committed_segments - 1
+        start, _ = self._usable_range(seg)
+        cut = int(torch.searchsorted(self.free_pages, start))
+        return self.free_pages.shape[0] - cut == self._usable_count(seg)
 
     def _release_top(self, seg: int) -> None:
         # Its pages are all free, hence in the free list; being the top segment they are its tail.

@@ -357,7 +357,8 @@ class _SegmentedAllocatorMixin:
                 self._committing_ahead = False
         if self._iteration % SYNC_EVERY_ITERATIONS == 0:
             changed = True
-            seg.maybe_shrink(keep_free_pages=pages)
+            # Not fresh: on a GPU the census would wait for the running batch.
+            seg.maybe_shrink(keep_free_pages=pages, fresh=False)
         if changed:
             self._sync()
             self._log_commit_failure()
