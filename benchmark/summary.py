@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     section = render(args.docs)
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        first, _, rest = text.partition("\n## ")
-        text = first + section + "\n\n## " + rest
+        text = head.rstrip("\n") + "\n" + rest.split(END, 1)[1].lstrip("\n")
+    # Right under the title: the CPU benchmark's own "no GPU" header follows it.
+    title, _, rest = text.partition("\n")
+    text = title + "\n\n" + section + "\n\n" + rest.lstrip("\n")
     path.write_text(text)
     print(f"wrote the goals section of {path}")
     return 0

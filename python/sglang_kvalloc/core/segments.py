@@ -728,9 +728,9 @@ class SegmentedPageAllocator:
         keep = -self.agree(-self.segments_to_keep(keep_free_pages, now, hold_off_s, fresh))
         released = 0
         while self.committed_segments > keep:
-            # A census from an earlier check (fresh=False) may be out of date: check exactly
+            # A delayed census (from an earlier check) may be out of date: check exactly
             # (every rank holds the same allocations, so all of them agree).
-            if not fresh and not self._top_entirely_free():
+            if not fresh and self.delayed_census and not self._top_entirely_free():
                 self._empty_since[self.committed_segments - 1] = None
                 break
             self._release_top(self.committed_segments - 1)

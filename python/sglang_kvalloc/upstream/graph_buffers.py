@@ -203,37 +203,37 @@ def around_triton_draft_init_cuda_graph_state(
     """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps' shared
     `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved; each step's
     backend gets its row as its caller's buffer, which the triton hook leaves alone."""
-    return _draft_init(original, backend, max_bs, max_num_tokens, "triton draft")
+    return _draft_init(
+        original, backend, max_bs, max_num_tokens, planner.triton_draft_kv_indices_layout
+    )
 
 
 def around_flashinfer_draft_init_cuda_graph_state(
     original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
 ) -> Any:
     """AROUND `FlashInferMultiStepDraftBackend.init_cuda_graph_state`: as triton's, int32."""
-    return _draft_init(original, backend, max_bs, max_num_tokens, "flashinfer draft")
+    return _draft_init(
+        original, backend, max_bs, max_num_tokens, planner.flashinfer_draft_kv_indices_layout
+    )
 
 
 def _draft_init(
-    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int, which: str
+    original: Callable[..., Any],
+    backend: Any,
+    max_bs: int,
+    max_num_tokens: int,
+    layout_of: Callable[[int, int, int, int], GraphBufferLayout],
 ) -> Any:
     backings = _backings()
     if backings is None:
         return original(backend, max_bs, max_num_tokens)
     steps = int(backend.speculative_num_steps)
     topk = max(1, int(getattr(backend, "topk", 1) or 1))
-    context = int(backend.max_context_len)
-    if which == "triton draft":
-        layout, dtype = (
-            planner.triton_draft_kv_indices_layout(steps, max_bs, topk, context),
-            torch.int64,
-        )
-    else:
-        layout = planner.flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context)
-        dtype = torch.int32
-    expected = {((layout.rows, layout.items), dtype): layout}
-    with reserved_zeros(expected, backings) as made:
+    layout = layout_of(steps, max_bs, topk, int(backend.max_context_len))
+    dtype = {8: torch.int64, 4: torch.int32}[layout.item_bytes]
+    with reserved_zeros({((layout.rows, layout.items), dtype): layout}, backings) as made:
         result = original(backend, max_bs, max_num_tokens)
-    _register(which, made, {layout.name})
+    _register(layout.name.removesuffix(" cuda_graph_kv_indices"), made, {layout.name})
     return result
 
 
