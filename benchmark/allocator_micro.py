@@ -100,8 +100,17 @@ def build(impl: str, pool_tokens: int, page_size: int):
     )
 
 
-def replay(impl: str, trace: Trace, pool_tokens: int, page_size: int) -> Timings:
+def replay(impl: str, trace: Trace, pool_tokens: int, page_size: int) -> tuple[Timings, Timings]:
+    """The trace twice on one allocator: cold (a fresh pool: segmented commits as it grows)
+    and steady (the same trace again after every request of the first pass has finished,
+    so the allocators' state is that of a server already running; segmented keeps its
+    segments through the hold-off)."""
     alloc = build(impl, pool_tokens, page_size)
+    return run_trace(alloc, trace, page_size), run_trace(alloc, trace, page_size)
+
+
+def run_trace(alloc, trace: Trace, page_size: int) -> Timings:
+    """Replay ``trace`` timing every allocator call; free what is still live at the end."""
     step_hook = getattr(alloc, "scheduler_step", None)
     t = Timings()
     clock = time.perf_counter_ns
@@ -165,6 +174,8 @@ def replay(impl: str, trace: Trace, pool_tokens: int, page_size: int) -> Timings
                 del lens[r], left[r]
             alloc.free_group_end()
             t.add("free", clock() - t0)
+    for chunks in slots.values():
+        alloc.free(torch.cat(chunks))
     return t
 
 
@@ -190,10 +201,23 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("decode", "prefill"):
                 trace = make_trace(name, pool, args.steps, seed=pool + page_size)
                 per: dict[str, list[Timings]] = {"upstream": [], "segmented": []}
+                cold: dict[str, list[Timings]] = {"upstream": [], "segmented": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits both alike
                     for impl in ("upstream", "segmented"):
-                        per[impl].append(replay(impl, trace, pool, page_size))
+                        first, second = replay(impl, trace, pool, page_size)
+                        cold[impl].append(first)
+                        per[impl].append(second)
                 row = {"pool_tokens": pool, "page_size": page_size, "trace": name}
+                row["cold"] = {
+                    impl: _spread([sum(r.ns.values()) / args.steps for r in runs])
+                    for impl, runs in cold.items()
+                }
+                row["cold"]["ratio_segmented_over_upstream"] = _spread(
+                    [
+                        sum(s.ns.values()) / sum(u.ns.values())
+                        for u, s in zip(cold["upstream"], cold["segmented"], strict=True)
+                    ]
+                )
                 for impl, runs in per.items():
                     kinds = sorted(runs[0].ns)
                     row[impl] = {
@@ -203,28 +227,23 @@ def main(argv: list[str] | None = None) -> int:
                         }
                         for k in kinds
                     }
-                    totals = [sum(r.ns.values()) / args.steps for r in runs]
-                    row[impl]["ns_per_step"] = {
-                        "median": statistics.median(totals),
-                        "min": min(totals),
-                        "max": max(totals),
-                    }
-                ratios = [
-                    sum(s.ns.values()) / sum(u.ns.values())
-                    for u, s in zip(per["upstream"], per["segmented"], strict=True)
-                ]
-                row["ratio_segmented_over_upstream"] = {
-                    "median": statistics.median(ratios),
-                    "min": min(ratios),
-                    "max": max(ratios),
-                }
+                    row[impl]["ns_per_step"] = _spread(
+                        [sum(r.ns.values()) / args.steps for r in runs]
+                    )
+                row["ratio_segmented_over_upstream"] = _spread(
+                    [
+                        sum(s.ns.values()) / sum(u.ns.values())
+                        for u, s in zip(per["upstream"], per["segmented"], strict=True)
+                    ]
+                )
                 rows.append(row)
                 r = row["ratio_segmented_over_upstream"]
+                c = row["cold"]["ratio_segmented_over_upstream"]
                 print(
                     f"pool {pool:>9} page {page_size:>2} {name:<7} upstream "
                     f"{row['upstream']['ns_per_step']['median'] / 1e3:8.1f} us/step, segmented "
                     f"{row['segmented']['ns_per_step']['median'] / 1e3:8.1f} us/step, ratio "
-                    f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]",
+                    f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] (cold {c['median']:.3f})",
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "allocator_micro.json").write_text(json.dumps(result, indent=1))
     write_outputs(result, args.out)
     return 0
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def write_outputs(result: dict, out: Path) -> None:

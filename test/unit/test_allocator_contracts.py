@@ -190,6 +190,27 @@ def test_paged_extend_and_decode_match_upstream() -> None:
     assert all(len(set(o)) == len(o) for o in got[:-1])
 
 
+def test_paged_fast_path_runs_upstream_kernels_once_on_the_core_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Segments committed ahead (as the scheduler's step does): extend and decode run
+    upstream's kernels straight on the core's free list, without counting the new pages a
+    second time, give upstream's slots, and the core adopts what the kernels left."""
+    a = paged_allocator("segmented", size=256)
+    a.scheduler_step(256)  # commits every segment ahead of the iteration
+    counted: list[int] = []
+    real = segmented.get_num_new_pages
+    monkeypatch.setattr(
+        segmented, "get_num_new_pages", lambda **kw: counted.append(1) or real(**kw)
+    )
+    got = _extend_decode_trace(a)
+    assert counted == []  # the slow path (an exact count first) never ran
+    assert got == _extend_decode_trace(paged_allocator("upstream", size=256))
+    assert a.free_pages is a._segments.free_pages
+    assert a._segments.accounting_problems() == []
+    assert a._segments.used_count() == len({s // 4 for o in got[:-1] for s in o})
+
+
 def test_extend_refused_like_upstream_when_the_pool_is_full() -> None:
     for impl in IMPLS:
         a = paged_allocator(impl, size=16)

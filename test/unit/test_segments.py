@@ -319,16 +319,59 @@ def test_delayed_census_never_releases_a_segment_in_use() -> None:
     assert a.maybe_shrink(fresh=False) == 0  # no census landed yet
     taken = a.alloc(1)  # the lowest free page: segment 2 is in use again
     assert taken is not None and taken.tolist() == [32]
+    a.free(x[:1])  # ... and a page below it is free, so the count alone cannot tell
     assert a.maybe_shrink(fresh=False) == 0  # the census said free; the exact check says not
     assert a.committed_segments == 3 and not any(e[0] == "release" for e in events)
+    x = x[1:]
     a.free(taken)
     assert a.maybe_shrink(fresh=False) == 0  # the last census saw page 32 taken
     assert a.maybe_shrink(fresh=False) == 1  # ... this one saw segment 2 free
     assert a.committed_segments == 2
     # A census of another committed count is not used; a fresh check (idle) is exact at once.
-    a.free(x[15:31])
+    a.free(x[14:30])
     assert a.maybe_shrink(fresh=False) == 0
     assert a.maybe_shrink() == 1 and a.committed_segments == 1
+    a.check_invariants()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_release_only_after_seen_free_for_the_hold_off(seed: int) -> None:
+    """Whatever the checks skip (a top segment the used count proves busy, segments below the
+    first one in use), a segment is released only when it was seen entirely free at every
+    check of a whole hold-off, and never while a page of it is handed out."""
+    rng = random.Random(seed)
+    hold_off = 1.0
+    a, events, clock = make_alloc(cap=512, seg=32, ps=1, hold_off_s=hold_off, lazy_merge=True)
+    held: list[torch.Tensor] = []
+    checks: list[tuple[float, set[int]]] = []  # (time, segments entirely free then)
+    released = 0
+    for _ in range(600):
+        clock.now += rng.choice([0.05, 0.1, 0.3])
+        if held and rng.random() < 0.45:
+            a.free(held.pop(rng.randrange(len(held))))
+        elif rng.random() < 0.9:
+            got = a.alloc(rng.randint(1, 40 if rng.random() < 0.8 else 160))
+            if got is not None:
+                held.append(got)
+        in_use = {int(p) // 32 for chunk in held for p in chunk}
+        free_now = set(range(a.committed_segments)) - in_use
+        checks.append((clock.now, free_now))
+        a.maybe_shrink(keep_free_pages=0, fresh=False)
+        new = [e for e in events if e[0] == "release"][released:]
+        for _, seg in new:
+            assert seg not in in_use
+            run_start = clock.now
+            for when, free in reversed(checks):
+                if seg not in free:
+                    break
+                run_start = when
+            assert clock.now - run_start >= hold_off - 1e-9, (seg, clock.now, run_start)
+        released += len(new)
+        if rng.random() < 0.02:  # load falls away now and then, so segments do go
+            for chunk in held:
+                a.free(chunk)
+            held.clear()
+    assert released > 3
     a.check_invariants()
 
 

@@ -64,7 +64,7 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         seen["slots"] = None if y is None else y.tolist()
         a.free(x)
         a.free(y)
-        for _ in range(8):  # shrink checks run every few iterations on every rank
+        for _ in range(segmented.SHRINK_CHECK_EVERY_ITERATIONS):  # on every rank alike
             a.scheduler_step(0)
         seen["committed_after_shrink"] = seg.committed_segments
         seen["problems"] = seg.accounting_problems()

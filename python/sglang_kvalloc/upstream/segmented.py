@@ -40,6 +40,9 @@ LOG_INTERVAL_S = 10.0
 # Shrink checks (and, with several ranks, their agreement) every this many scheduler
 # iterations: counted, not timed, so every rank checks in the same iteration.
 SYNC_EVERY_ITERATIONS = 8
+# While busy the shrink check (a census of the free list, 40-60 us on the CPU) runs every this
+# many iterations: a fraction of a second at serving step times, against a 5 s hold-off.
+SHRINK_CHECK_EVERY_ITERATIONS = 32
 
 
 def _agree_alone(value: int) -> int:
@@ -343,24 +346,26 @@ class _SegmentedAllocatorMixin:
         """Top of every scheduler iteration (every rank together): commit ahead so the
         iteration's allocations find backed pages, and every few iterations give back
         trailing segments empty for the hold-off (keeping that headroom)."""
+        # Runs every scheduler iteration: the common path is two integer tests.
         self._iteration += 1
         pages = -(-demand_tokens // self.page_size)
         self._last_demand_tokens = demand_tokens
         seg = self._segments
-        changed = False
-        if not seg.backed_for(pages):  # most iterations: backed already, nothing to call
-            changed = True
+        prepared = not seg.backed_for(pages)
+        if prepared:
             self._committing_ahead = True
             try:
                 seg.prepare(pages)
             finally:
                 self._committing_ahead = False
-        if self._iteration % SYNC_EVERY_ITERATIONS == 0:
-            changed = True
+        released = 0
+        checked = self._iteration % SHRINK_CHECK_EVERY_ITERATIONS == 0
+        if checked:
             # Not fresh: on a GPU the census would wait for the running batch.
-            seg.maybe_shrink(keep_free_pages=pages, fresh=False)
-        if changed:
+            released = seg.maybe_shrink(keep_free_pages=pages, fresh=False)
+        if prepared or checked:  # the free list may have grown, shrunk or been merged
             self._sync()
+        if prepared or released:
             self._log_commit_failure()
 
     def note_busy(self) -> None:
@@ -534,6 +539,24 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         self._sync()
         return out
 
+    def _upstream_kernels_fit(self, max_new_pages: int) -> bool:
+        """The pages upstream's kernels may take are merged and backed already (nothing
+        withheld): they run on the core's free list as they are and it adopts what they
+        leave, without counting the new pages a second time (a CPU sum over the batch)."""
+        seg = self._segments
+        free = self.free_pages = seg.free_pages
+        return (
+            max_new_pages <= free.shape[0]
+            and seg.committed_segments <= seg.ceiling
+            and not seg.debug
+        )
+
+    def _adopt_upstream_take(self, out: torch.Tensor | None) -> torch.Tensor | None:
+        seg = self._segments
+        rest = self.free_pages
+        seg.handed_out(seg.free_pages.shape[0] - rest.shape[0], rest)
+        return out
+
     def alloc_extend(
         self,
         prefix_lens: torch.Tensor,
@@ -544,6 +567,19 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         extend_num_tokens: int,
         num_new_pages: int | None = None,
     ) -> torch.Tensor | None:
+        # Upstream's own bound on the new pages (each request grows by under extend/page + 1).
+        bound = extend_num_tokens // self.page_size + prefix_lens.shape[0] + 1
+        if self._upstream_kernels_fit(bound):
+            out = super().alloc_extend(
+                prefix_lens,
+                prefix_lens_cpu,
+                seq_lens,
+                seq_lens_cpu,
+                last_loc,
+                extend_num_tokens,
+                num_new_pages=num_new_pages,
+            )
+            return self._adopt_upstream_take(out)
         if num_new_pages is None:
             num_new_pages = get_num_new_pages(
                 seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
@@ -565,6 +601,9 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
     def alloc_decode(
         self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
     ) -> torch.Tensor | None:
+        if self._upstream_kernels_fit(seq_lens.shape[0]):  # at most one new page per request
+            out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)
+            return self._adopt_upstream_take(out)
         num_new_pages = get_num_new_pages(
             seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True
         )
