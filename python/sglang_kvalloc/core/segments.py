@@ -792,28 +792,29 @@ class SegmentedPageAllocator:
             released += 1
         return released
 
+    def _sorted_free_in_top(self) -> int:
+        """Free pages of the top segment in the sorted list (staged ones not counted); reads
+        the search's result, so on a GPU it waits for the device."""
+        start, _ = self._usable_range(self.committed_segments - 1)
+        return self.free_pages.shape[0] - int(torch.searchsorted(self.free_pages, start))
+
     def _top_busy_whatever_is_staged(self) -> bool:
         """The top segment would be in use even if every staged free lay in it: one search of
         the sorted list, where the full census also counts the staged frees by segment (a
-        quarter of its cost). Reads the value at once, so not where the census is delayed."""
-        start, _ = self._usable_range(self.committed_segments - 1)
-        sorted_in_top = self.free_pages.shape[0] - int(torch.searchsorted(self.free_pages, start))
-        return sorted_in_top + self._num_staged < self._usable_pages_in[self.committed_segments - 1]
+        quarter of its cost). Not where the census is delayed."""
+        top = self.committed_segments - 1
+        return self._sorted_free_in_top() + self._num_staged < self._usable_pages_in[top]
 
     def _top_entirely_free(self) -> bool:
         self.merge_and_sort_free()
-        seg = self.committed_segments - 1
-        start, _ = self._usable_range(seg)
-        cut = int(torch.searchsorted(self.free_pages, start))
-        return self.free_pages.shape[0] - cut == self._usable_count(seg)
+        return self._sorted_free_in_top() == self._usable_pages_in[self.committed_segments - 1]
 
     def _release_top(self, seg: int) -> None:
         # Its pages are all free, hence in the free list; being the top segment they are its tail.
         self.merge_and_sort_free()
-        start, _ = self._usable_range(seg)
-        cut = int(torch.searchsorted(self.free_pages, start))
-        if len(self.free_pages) - cut != self._usable_count(seg):
+        if self._sorted_free_in_top() != self._usable_pages_in[seg]:
             raise PageAccountingError(f"segment {seg} is not entirely free")
+        cut = self.free_pages.shape[0] - self._usable_pages_in[seg]
         kept, dropped = self.free_pages[:cut], self.free_pages[cut:]
         # Pages leave the free list before the memory goes, so none can point at released memory.
         self.free_pages = kept

@@ -532,17 +532,10 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
             pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)
         ).reshape(-1)
 
-    def _take_pages_after(self, num_new_pages: int, out: torch.Tensor | None) -> Any:
-        if out is not None and num_new_pages:
-            taken = self._segments.alloc(num_new_pages)
-            assert taken is not None, "ensure_free promised these pages"
-        self._sync()
-        return out
-
     def _upstream_kernels_fit(self, max_new_pages: int) -> bool:
         """The pages upstream's kernels may take are merged and backed already (nothing
-        withheld): they run on the core's free list as they are and it adopts what they
-        leave, without counting the new pages a second time (a CPU sum over the batch)."""
+        withheld): they run on the core's free list as it is, without counting the new pages
+        first (a CPU sum over the batch that upstream's call does anyway)."""
         seg = self._segments
         free = self.free_pages = seg.free_pages
         return (
@@ -552,6 +545,8 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
         )
 
     def _adopt_upstream_take(self, out: torch.Tensor | None) -> torch.Tensor | None:
+        """Upstream's kernels took the lowest free pages by slicing `free_pages`: the core
+        adopts what they left."""
         seg = self._segments
         rest = self.free_pages
         seg.handed_out(seg.free_pages.shape[0] - rest.shape[0], rest)
@@ -569,24 +564,15 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
     ) -> torch.Tensor | None:
         # Upstream's own bound on the new pages (each request grows by under extend/page + 1).
         bound = extend_num_tokens // self.page_size + prefix_lens.shape[0] + 1
-        if self._upstream_kernels_fit(bound):
-            out = super().alloc_extend(
-                prefix_lens,
-                prefix_lens_cpu,
-                seq_lens,
-                seq_lens_cpu,
-                last_loc,
-                extend_num_tokens,
-                num_new_pages=num_new_pages,
-            )
-            return self._adopt_upstream_take(out)
-        if num_new_pages is None:
-            num_new_pages = get_num_new_pages(
-                seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
-            )
-        if not self._segments.ensure_free(num_new_pages):
-            return None
-        self._sync()
+        if not self._upstream_kernels_fit(bound):
+            # Not known to be backed: count the new pages exactly and commit them first.
+            if num_new_pages is None:
+                num_new_pages = get_num_new_pages(
+                    seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
+                )
+            if not self._segments.ensure_free(num_new_pages):
+                return None
+            self._sync()
         out = super().alloc_extend(
             prefix_lens,
             prefix_lens_cpu,
@@ -596,22 +582,20 @@ class SegmentedPagedTokenToKVPoolAllocator(_SegmentedAllocatorMixin, PagedTokenT
             extend_num_tokens,
             num_new_pages=num_new_pages,
         )
-        return self._take_pages_after(num_new_pages, out)
+        return self._adopt_upstream_take(out)
 
     def alloc_decode(
         self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
     ) -> torch.Tensor | None:
-        if self._upstream_kernels_fit(seq_lens.shape[0]):  # at most one new page per request
-            out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)
-            return self._adopt_upstream_take(out)
-        num_new_pages = get_num_new_pages(
-            seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True
-        )
-        if not self._segments.ensure_free(num_new_pages):
-            return None
-        self._sync()
+        if not self._upstream_kernels_fit(seq_lens.shape[0]):  # one new page per request
+            num_new_pages = get_num_new_pages(
+                seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True
+            )
+            if not self._segments.ensure_free(num_new_pages):
+                return None
+            self._sync()
         out = super().alloc_decode(seq_lens, seq_lens_cpu, last_loc)
-        return self._take_pages_after(num_new_pages, out)
+        return self._adopt_upstream_take(out)
 
     def _release_page_ids(self, *page_ids: torch.Tensor) -> None:
         ids = torch.cat(page_ids) if len(page_ids) > 1 else page_ids[0]
