@@ -1,0 +1,34 @@
+"""The GPU kit's stand-in for ``sgl_kernel`` (sglang-kernel's 1.1 GB CUDA build cannot travel).
+
+Every name resolves: the two CPU ops sglang-kvalloc implements are real, any other is a
+``MissingKernel`` that raises, naming itself, when called (never a silent wrong result). The
+kit's servers keep off these ops (``SGLANG_FORCE_FUSED_OP_BACKEND=torch``, triton attention,
+pytorch sampling, prefill graphs off); a call that still reaches one fails loudly. Unlike
+sglang-kvalloc's CPU fallback, this is a package: the submodules upstream imports unguarded
+on CUDA exist (``quantization``, ``kvcacheio``, ``utils`` with a real
+``is_arch_support_pdl``); any other submodule is missing, as upstream's guards expect.
+"""
+
+from __future__ import annotations
+
+
+def _become_stand_in() -> None:
+    """Fill this module; populate() clears the module's names, so everything here is local."""
+    import sys
+    from pathlib import Path
+
+    from sglang_kvalloc.kernels import sgl_kernel_cpu
+
+    module = sys.modules[__name__]
+    here = str(Path(__file__).resolve().parent)
+    sgl_kernel_cpu.populate(
+        module, "sglang-kvalloc GPU kit stand-in: sglang-kernel's CUDA build cannot travel"
+    )
+    # populate() empties __path__ (a fallback with no submodules); this one has three.
+    module.__path__ = [here]
+    module.__package__ = module.__name__
+    module.__version__ = "0.0.0+sglang-kvalloc-gpu-kit-stand-in"
+    module.SGLANG_KVALLOC_STAND_IN = True
+
+
+_become_stand_in()
