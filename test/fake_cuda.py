@@ -318,6 +318,10 @@ class FakeVmmApi:
         self.driver = driver or FakeDriver()
         self.syncs = 0
         self.bound_threads = 0
+        self.reclaims = 0
+        self.fences: list[FakeFence] = []
+        # Called at each reclaim (a test frees "torch's cached memory" there).
+        self.on_reclaim: list[Any] = []
 
     def check(self, result: Any, label: str) -> Any:
         if not isinstance(result, tuple):
@@ -361,3 +365,28 @@ class FakeVmmApi:
 
     def bind_thread(self) -> None:
         self.bound_threads += 1
+
+    def record_fence(self, streams: tuple[Any, ...] = ()) -> FakeFence:
+        """A fence that is done once `work_done` is called (the host runs nothing queued)."""
+        fence = FakeFence()
+        self.fences.append(fence)
+        return fence
+
+    def work_done(self) -> None:
+        """Every fence recorded so far is passed (the "device" finished its queue)."""
+        for fence in self.fences:
+            fence.passed = True
+        self.fences.clear()
+
+    def reclaim(self) -> None:
+        self.reclaims += 1
+        for callback in self.on_reclaim:
+            callback()
+
+
+class FakeFence:
+    def __init__(self) -> None:
+        self.passed = False
+
+    def done(self) -> bool:
+        return self.passed

@@ -44,6 +44,7 @@ NOT_IN_SERIES = (
     "demo.py",
     "serving.py",
     "tiny_model.py",
+    "real_model.py",
     "kernels/",
 )
 INLINE_MODULE = "upstream/inline.py"
@@ -89,9 +90,13 @@ SERIES: tuple[PullRequest, ...] = (
         "lazy-context-tables",
         "Lazy req_to_token and RoPE cache in segmented mode",
         "The tables sized by the context are reserved and committed as used.",
-        ("pools.around_build_default_req_pool", "rope.*"),
-        # segmented.py holds the lazy req_to_token pool and (used from PR 4) the allocators.
-        ("core/rows.py", "core/segments.py", "upstream/segmented.py"),
+        (
+            "pools.around_build_default_req_pool",
+            "pools.around_profile_available_bytes",
+            "rope.*",
+        ),
+        # segmented.py holds the backing choice and (used from PR 4) the allocators.
+        ("core/rows.py", "core/segments.py", "upstream/segmented.py", "upstream/row_pool.py"),
     ),
     PullRequest(
         4,

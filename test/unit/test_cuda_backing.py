@@ -152,18 +152,21 @@ def test_a_commit_failing_halfway_leaks_nothing_and_hands_out_nothing() -> None:
     b = CudaVmmBacking(8 * MIB, device)
     t = b.tensor(torch.uint8, (8 * MIB,))
     handles = drv.live_handles
-    drv.fail_next("cuMemCreate", OUT_OF_MEMORY)
+    # Out of memory: torch's cache is given back once (reclaim), then the failure is final.
+    drv.fail_next("cuMemCreate", OUT_OF_MEMORY, times=2)
     with pytest.raises(MemoryError):
         b.commit(0, G)
+    assert api.reclaims == 1
     assert b.committed_bytes == 0 and drv.live_handles == handles
-    # After the scratch unmap: the map fails; the scratch mappings come back.
+    # After the scratch unmap: the map fails; the scratch mappings come back and it is a
+    # failed commit (MemoryError: the allocator's withhold logic handles it), not a crash.
     drv.fail_next("cuMemMap", INVALID_VALUE)
-    with pytest.raises(RuntimeError, match="cuMemMap"):
+    with pytest.raises(MemoryError, match="INVALID_VALUE"):
         b.commit(0, G)
     assert b.committed_bytes == 0 and drv.live_handles == handles
     assert int(t[: 2 * G].count_nonzero()) == 0  # mapped and readable: scratch again
     drv.fail_next("cuMemSetAccess", INVALID_VALUE)
-    with pytest.raises(RuntimeError, match="cuMemSetAccess"):
+    with pytest.raises(MemoryError, match="INVALID_VALUE"):
         b.commit(0, G)
     assert b.committed_bytes == 0 and drv.live_handles == handles
     b.release(0, G)  # releasing what a failed commit left: nothing to do

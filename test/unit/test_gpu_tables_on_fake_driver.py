@@ -16,7 +16,7 @@ from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking, VmmDevice
 from sglang_kvalloc.core.rows import RowCommits
-from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream import row_pool, segmented
 
 G = 64 * 1024  # small granules keep the fake's memfds small
 
@@ -70,7 +70,7 @@ def fake_cuda_settings(monkeypatch: pytest.MonkeyPatch):
 def test_req_to_token_rows_are_committed_before_they_are_written(fake_cuda_settings) -> None:
     factory, driver = fake_cuda_settings
     context = 100_000  # 400 KB rows: several granules each
-    pool = segmented.SegmentedReqToTokenPool(8, context, "cpu", False)
+    pool = row_pool.SegmentedReqToTokenPool(8, context, "cpu", False)
     assert pool.commits_rows
     assert pool.committed_bytes() == G  # only row 0 (cuda-graph padding)
     assert int(pool.req_to_token[0, :16].count_nonzero()) == 0
@@ -88,11 +88,20 @@ def test_req_to_token_rows_are_committed_before_they_are_written(fake_cuda_setti
     pool.write((rows[0], slice(69_990, 70_000)), torch.full((10,), 7))
     assert int(pool.req_to_token[rows[0], 69_999]) == 7
     assert pool.committed_bytes() > committed
-    # Freed rows go at the next sync point, not while kernels may still read them.
+    # Freed rows retire behind a fence at the next sync point and go at a later one once the
+    # kernels queued before it have finished, with no device synchronize on the way.
+    api = factory.device.api
+    syncs = api.syncs
     pool.free_rows(rows)
     assert pool.committed_bytes() > G
     pool.sync_point()
+    assert pool.committed_bytes() > G  # the fence has not passed: a kernel may still read
+    pool.sync_point()
+    assert pool.committed_bytes() > G
+    api.work_done()
+    pool.sync_point()
     assert pool.committed_bytes() == G
+    assert api.syncs == syncs
     assert int(pool.req_to_token[rows[0], 69_999]) == 0  # the scratch page again
     # Scratch, row 0's granule, and the spare handles kept for the next rows.
     assert factory.device.spare_bytes == 2 * G

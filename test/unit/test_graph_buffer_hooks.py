@@ -267,7 +267,7 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
         TritonAttnBackend.init_cuda_graph_state, backend, 8, 8
     )
     runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
-    graph_buffers.before_capture(runner)  # capture's fill is committed before it writes
+    graph_buffers.around_capture(lambda r: None, runner)  # capture's fill is committed before it writes
     assert graph_buffers.BUFFERS[0].committed_bytes == G
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
@@ -496,7 +496,7 @@ def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
         draft_attn_backend=backend, topk=topk, speculative_num_steps=steps,
         capture_bs=[1, 2, 4, 8], seq_len_fill_value=1, max_bs=max_bs, captured_req_width=1,
     )  # fmt: skip
-    graph_buffers.before_capture(runner)
+    graph_buffers.around_capture(lambda r: None, runner)
     capture = planner.draft_graph_batch(max_bs, max_bs, 1, topk, steps)
     assert lazy.committed_bytes == layout.commit_bytes(capture, G) == steps * G
     seq_lens = [100_000, 5, 300_000]

@@ -33,8 +33,8 @@ class Device:
     def physical_bytes(self) -> int:
         return self.driver.physical_bytes - self.scratch
 
-    def fail_next(self, name: str) -> None:
-        self.driver.fail_next(name)
+    def fail_next(self, name: str, times: int = 1) -> None:
+        self.driver.fail_next(name, times=times)
 
 
 def lazy(layout: GraphBufferLayout, capacity: int = 256 * MIB) -> tuple[LazyGraphBuffer, Device]:
@@ -98,7 +98,7 @@ def test_a_failed_commit_changes_nothing_and_the_next_one_succeeds() -> None:
     buffer, driver = lazy(layout)
     buffer.ensure(GraphBatch(8, 8, 1))
     before = buffer.committed_bytes
-    driver.fail_next("cuMemCreate")
+    driver.fail_next("cuMemCreate", times=2)  # once more after the reclaim
     with pytest.raises(MemoryError):
         buffer.ensure(GraphBatch(8, 1_000_000, 500_000))
     assert buffer.committed_bytes == before == driver.physical_bytes

@@ -16,7 +16,7 @@ import errno
 import math
 import mmap
 import platform
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -25,6 +25,7 @@ __all__ = [
     "BackingFactory",
     "BackingUnavailableError",
     "CpuBackingFactory",
+    "Fence",
     "CpuMmapBacking",
     "RangeSet",
     "make_backing",
@@ -37,6 +38,14 @@ _MAP_NORESERVE: int = getattr(
 )
 _MADV_POPULATE_WRITE: int = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _MADV_NOHUGEPAGE: int | None = getattr(mmap, "MADV_NOHUGEPAGE", None)
+
+
+class Fence(Protocol):
+    """Marks the device work queued when it was made."""
+
+    def done(self) -> bool:
+        """Whether that work has finished (a query: never waits)."""
+        ...
 
 
 class BackingUnavailableError(RuntimeError):
@@ -127,12 +136,15 @@ class Backing(Protocol):
         """A contiguous tensor view starting at offset 0 of the reservation."""
         ...
 
-    def commit(self, offset: int, nbytes: int) -> None:
-        """Back ``[offset, offset + nbytes)`` with physical memory; idempotent."""
+    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        """Back ``[offset, offset + nbytes)`` with physical memory; idempotent. ``unused``:
+        the caller knows no queued device work touches the range, so its mapping may change
+        without waiting for the device."""
         ...
 
-    def release(self, offset: int, nbytes: int) -> None:
-        """Return ``[offset, offset + nbytes)`` to the system; idempotent."""
+    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        """Return ``[offset, offset + nbytes)`` to the system; idempotent (``unused``: as
+        for `commit`)."""
         ...
 
     def close(self) -> None:
@@ -311,7 +323,7 @@ class CpuMmapBacking:
         nbytes = tensor_bytes(dtype, shape, self._reserved)
         return base[:nbytes].view(dtype).view(shape)
 
-    def commit(self, offset: int, nbytes: int) -> None:
+    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
         self._check_range(offset, nbytes)
         already = self._committed.overlap(offset, offset + nbytes)
         if nbytes == 0 or already == nbytes:
@@ -333,7 +345,7 @@ class CpuMmapBacking:
                 f"{COMMIT_RESERVE_BYTES} kept in reserve"
             )
 
-    def release(self, offset: int, nbytes: int) -> None:
+    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
         self._check_range(offset, nbytes)
         if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == 0:
             return
@@ -419,6 +431,9 @@ class BackingFactory(Protocol):
     """Makes the backings of one device: ``factory(nbytes)``, all with ``granularity``."""
 
     granularity: int
+    faults_in: bool
+    """True where a first write commits memory (the CPU); False where nothing may be written
+    before it is committed (a GPU): tables are then committed explicitly ahead of use."""
 
     def __call__(self, nbytes: int) -> Backing: ...
 
@@ -430,10 +445,22 @@ class BackingFactory(Protocol):
         """Give back whatever `keep_spares` holds; returns how many spares were dropped."""
         ...
 
+    def ready_handles(self, nbytes: int, count: int) -> int:
+        """Have memory for ``count`` commits of ``nbytes`` ready now where the device can;
+        returns for how many it is (where commits need nothing ready: ``count``)."""
+        ...
+
+    def fence(self, streams: tuple[Any, ...] = ()) -> Fence:
+        """A fence behind the device work queued so far (on the current stream and
+        ``streams``): a range freed now may be unmapped without a wait once it is done."""
+        ...
+
 
 class CpuBackingFactory:
     """`CpuMmapBacking` at OS-page granularity; nothing to keep ready (a commit is a
     populate of private pages)."""
+
+    faults_in = True
 
     def __init__(self, granularity: int | None = None) -> None:
         self.granularity: int = granularity or mmap.PAGESIZE
@@ -446,6 +473,20 @@ class CpuBackingFactory:
 
     def trim_spares(self) -> int:
         return 0
+
+    def ready_handles(self, nbytes: int, count: int) -> int:
+        return count
+
+    def fence(self, streams: tuple[Any, ...] = ()) -> Fence:
+        return PASSED  # the CPU runs nothing behind the host's back
+
+
+class _PassedFence:
+    def done(self) -> bool:
+        return True
+
+
+PASSED = _PassedFence()
 
 
 def make_backing(device: str | torch.device, nbytes: int, granularity: int | None) -> Backing:

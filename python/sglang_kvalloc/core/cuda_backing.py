@@ -8,9 +8,13 @@
   CUDA context. Commit swaps the scratch mappings of a range for one real handle; release
   swaps them back. ``cuMemUnmap`` cannot unmap part of a mapping, so each committed range is
   its own mapping with its own handle, and releases are of whole committed ranges.
-- Mappings change only after the device is synchronized (no kernel in flight can touch the
-  range while its mapping changes: kvcached's PR #465 saw illegal accesses otherwise).
-  Callers commit and release at scheduler sync points, never inside a kernel launch.
+- A mapping changes only where no queued kernel can touch the range (kvcached's PR #465 saw
+  illegal accesses otherwise): after a device synchronize, or where the caller knows the
+  range is unused (``unused=True``: rows past every reader's reach, granules whose readers
+  finished behind a fence). Callers commit and release at scheduler sync points.
+- A failed map is rolled back whole (the range goes back to scratch) and reported as a
+  failed commit (MemoryError); a range that cannot be given its scratch mappings back would
+  be an illegal address, so that is `VmmMappingLostError` and the backing refuses all use.
 - ``cuMemCreate`` is the slow call (~190 us per 2 MB measured on A100 by kvcached): a small
   pool of pre-created handles per size is kept, refilled by a background thread, so a
   commit usually only maps.
@@ -22,22 +26,38 @@ over host memory in CI. This module imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 
 from sglang_kvalloc.core.backing import (
     BackingUnavailableError,
+    Fence,
     RangeSet,
     check_range,
     tensor_bytes,
 )
 
-__all__ = ["CudaBackingFactory", "CudaVmmBacking", "VmmApi", "VmmDevice"]
+__all__ = [
+    "CudaBackingFactory",
+    "CudaVmmBacking",
+    "Fence",
+    "VmmApi",
+    "VmmDevice",
+    "VmmMappingLostError",
+]
+
 
 logger = logging.getLogger(__name__)
+
+
+class VmmMappingLostError(RuntimeError):
+    """Part of a reservation is left without any mapping (a device access there would kill
+    the CUDA context): the process cannot go on serving safely."""
 
 
 class VmmApi(Protocol):
@@ -77,6 +97,19 @@ class VmmApi(Protocol):
         """Make the device current on the calling thread (for the refill thread)."""
         ...
 
+    def record_fence(self, streams: tuple[Any, ...] = ()) -> Fence:
+        """A fence behind the work queued so far on the current stream and on ``streams``."""
+        ...
+
+    def reclaim(self) -> None:
+        """Give cached-but-free device memory back to the driver (torch's caching
+        allocator), before a failed allocation is taken as final."""
+        ...
+
+
+def _SUCCESS(drv: Any) -> Any:  # noqa: N802 - the driver's constant
+    return drv.CUresult.CUDA_SUCCESS
+
 
 def _align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
@@ -112,6 +145,10 @@ class VmmDevice:
         self.handles_released = 0
         self.spare_hits = 0
         self.spare_misses = 0
+        self.reclaims = 0
+        # Held by the refill thread while it creates a handle, and by `refill_paused` for a
+        # whole CUDA graph capture: no other thread's driver work runs during a capture.
+        self._refill_gate = threading.Lock()
         self._refill_wanted = threading.Event()
         self._closed = False
         self.scratch = self._create_handle(self.granularity)
@@ -175,7 +212,13 @@ class VmmDevice:
             self.spare_hits += 1
         else:
             self.spare_misses += 1
-            handle = self._create_handle(nbytes)
+            try:
+                handle = self._create_handle(nbytes)
+            except MemoryError:
+                # Free memory torch's cache holds may be what is missing: give it back once.
+                self.api.reclaim()
+                self.reclaims += 1
+                handle = self._create_handle(nbytes)
         self._refill_wanted.set()
         return handle
 
@@ -193,6 +236,28 @@ class VmmDevice:
         with self._spare_lock:
             self._spare_target[nbytes] = max(self._spare_target.get(nbytes, 0), count)
         self._refill_wanted.set()
+
+    def ready_handles(self, nbytes: int, count: int) -> int:
+        """Create spare handles of ``nbytes`` on this thread until ``count`` are held (or the
+        device is full, after one reclaim); returns how many are held. They serve the next
+        commits; what is left over goes at the next `trim_spares`."""
+        with self._spare_lock:
+            held = len(self._spares.get(nbytes, []))
+        reclaimed = False
+        while held < count:
+            try:
+                handle = self._create_handle(nbytes)
+            except MemoryError:
+                if reclaimed:
+                    break
+                self.api.reclaim()
+                self.reclaims += 1
+                reclaimed = True
+                continue
+            with self._spare_lock:
+                self._spares.setdefault(nbytes, []).append(handle)
+            held += 1
+        return held
 
     def trim_spares(self) -> int:
         """Release every spare handle (at idle, so the memory really goes back)."""
@@ -241,9 +306,18 @@ class VmmDevice:
             if self._closed:
                 return
             try:
-                self.refill()
+                with self._refill_gate:
+                    self.refill()
             except Exception:  # noqa: BLE001 - a refill failure must not kill the server
                 logger.exception("KV VMM spare-handle refill failed")
+
+    @contextlib.contextmanager
+    def refill_paused(self) -> Iterator[None]:
+        """While active the refill thread creates no handle (it waits): torch captures CUDA
+        graphs in the global capture mode, where another thread's driver calls can invalidate
+        the capture. Waits for a creation in progress to end first."""
+        with self._refill_gate:
+            yield
 
     # -- scratch --------------------------------------------------------------------------
 
@@ -310,19 +384,31 @@ class _Reservation:
             raise
 
     def map_scratch(self, offset: int, nbytes: int) -> None:
+        """Map the scratch handle over ``[offset, offset + nbytes)`` (unmapped now), granule
+        by granule, retrying a failed map once; a range left with any hole is
+        `VmmMappingLostError` (an access there would kill the CUDA context)."""
         api = self.device.api
         drv = api.driver
         g = self.device.granularity
         for start in range(offset, offset + nbytes, g):
-            api.check(
-                drv.cuMemMap(self.address + start, g, 0, self.device.scratch, 0),
-                "cuMemMap(scratch)",
-            )
-        api.check(
-            drv.cuMemSetAccess(
+            address = self.address + start
+            if drv.cuMemMap(address, g, 0, self.device.scratch, 0)[0] == _SUCCESS(drv):
+                continue
+            result = drv.cuMemMap(address, g, 0, self.device.scratch, 0)
+            if result[0] != _SUCCESS(drv):
+                raise VmmMappingLostError(
+                    f"cuMemMap(scratch) failed twice ({result[0]}) at offset {start} of a "
+                    f"{self.size}-byte reservation: part of it is unmapped"
+                )
+        for _attempt in range(2):
+            result = drv.cuMemSetAccess(
                 self.address + offset, nbytes, self.device.access, len(self.device.access)
-            ),
-            "cuMemSetAccess",
+            )
+            if result[0] == _SUCCESS(drv):
+                return
+        raise VmmMappingLostError(
+            f"cuMemSetAccess(scratch) failed twice ({result[0]}) over [{offset}, "
+            f"{offset + nbytes}) of a reservation: that range is not accessible"
         )
 
     def __del__(self) -> None:
@@ -354,6 +440,7 @@ class CudaVmmBacking:
         self._mappings: dict[int, tuple[int, Any]] = {}
         self._committed = RangeSet()
         self.syncs = 0
+        self._broken = ""
 
     @property
     def reserved_bytes(self) -> int:
@@ -380,9 +467,11 @@ class CudaVmmBacking:
             reservation.address, nbytes, dtype, tuple(shape), owner=reservation
         )
 
-    def commit(self, offset: int, nbytes: int) -> None:
+    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
         """Back ``[offset, offset + nbytes)`` with one new mapping; a no-op if exactly that is
-        committed; MemoryError (nothing changed) if the device cannot back it."""
+        committed. MemoryError (nothing changed) if the device cannot back it or the driver
+        refuses the mapping (rolled back whole). ``unused``: no queued kernel touches the
+        range, so no device synchronize first."""
         reservation = self._live()
         self._check_range(offset, nbytes)
         if nbytes == 0:
@@ -399,28 +488,29 @@ class CudaVmmBacking:
         drv = api.driver
         address = reservation.address + offset
         handle = self.device.take_handle(nbytes)  # MemoryError here changes nothing
-        self._sync()
-        api.check(drv.cuMemUnmap(address, nbytes), "cuMemUnmap(scratch)")
-        try:
-            api.check(drv.cuMemMap(address, nbytes, 0, handle, 0), "cuMemMap")
-            try:
-                api.check(
-                    drv.cuMemSetAccess(address, nbytes, self.device.access, 1), "cuMemSetAccess"
-                )
-            except BaseException:
-                drv.cuMemUnmap(address, nbytes)
-                raise
-        except BaseException:
-            # Put the scratch mappings back: the range must never be left unmapped.
-            reservation.map_scratch(offset, nbytes)
+        if not unused:
+            self._sync()
+        result = drv.cuMemUnmap(address, nbytes)
+        if result[0] != _SUCCESS(drv):
             self.device.give_back(handle, nbytes)
-            raise
+            raise MemoryError(f"cuMemUnmap(scratch) failed: {result[0]}")
+        failure = drv.cuMemMap(address, nbytes, 0, handle, 0)[0]
+        if failure == _SUCCESS(drv):
+            failure = drv.cuMemSetAccess(address, nbytes, self.device.access, 1)[0]
+            if failure != _SUCCESS(drv):
+                self._unmap_or_lose(address, nbytes)
+        if failure != _SUCCESS(drv):
+            # The range must never stay unmapped: scratch back over all of it, or stop.
+            self._guarded_map_scratch(reservation, offset, nbytes)
+            self.device.give_back(handle, nbytes)
+            raise MemoryError(f"mapping {nbytes} bytes failed: {failure}")
         self._mappings[offset] = (nbytes, handle)
         self._committed.add(offset, offset + nbytes)
 
-    def release(self, offset: int, nbytes: int) -> None:
+    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
         """Unmap the committed ranges inside ``[offset, offset + nbytes)`` (whole mappings
-        only) and map the scratch handle there again; a no-op where nothing is committed."""
+        only) and map the scratch handle there again; a no-op where nothing is committed.
+        ``unused``: no queued kernel touches the range, so no device synchronize first."""
         reservation = self._live()
         self._check_range(offset, nbytes)
         if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == 0:
@@ -439,14 +529,31 @@ class CudaVmmBacking:
             raise ValueError(
                 f"release [{offset}, {offset + nbytes}) starts inside a committed range"
             )
-        api = self.device.api
-        self._sync()
+        if not unused:
+            self._sync()
         for start in inside:
-            size, handle = self._mappings.pop(start)
-            api.check(api.driver.cuMemUnmap(reservation.address + start, size), "cuMemUnmap")
-            reservation.map_scratch(start, size)
+            size, handle = self._mappings[start]
+            result = self.device.api.driver.cuMemUnmap(reservation.address + start, size)
+            if result[0] != _SUCCESS(self.device.api.driver):
+                # Still mapped to its handle: committed as before, nothing lost.
+                raise RuntimeError(f"cuMemUnmap failed: {result[0]}")
+            del self._mappings[start]
             self._committed.remove(start, start + size)
+            self._guarded_map_scratch(reservation, start, size)
             self.device.give_back(handle, size)
+
+    def _unmap_or_lose(self, address: int, nbytes: int) -> None:
+        drv = self.device.api.driver
+        if drv.cuMemUnmap(address, nbytes)[0] != _SUCCESS(drv):
+            self._broken = f"a mapping at {address:#x} could not be undone"
+            raise VmmMappingLostError(self._broken)
+
+    def _guarded_map_scratch(self, reservation: _Reservation, offset: int, nbytes: int) -> None:
+        try:
+            reservation.map_scratch(offset, nbytes)
+        except VmmMappingLostError as exc:
+            self._broken = str(exc)
+            raise
 
     def close(self) -> None:
         """Release every committed range; the reservation goes with the last tensor view."""
@@ -462,6 +569,8 @@ class CudaVmmBacking:
     def _live(self) -> _Reservation:
         if self._reservation is None:
             raise RuntimeError("backing is closed")
+        if self._broken:
+            raise VmmMappingLostError(f"backing unusable: {self._broken}")
         return self._reservation
 
     def _check_range(self, offset: int, nbytes: int) -> None:
@@ -470,6 +579,8 @@ class CudaVmmBacking:
 
 class CudaBackingFactory:
     """`CudaVmmBacking` on one device; spares are pre-created handles of the device."""
+
+    faults_in = False
 
     def __init__(self, device: VmmDevice) -> None:
         self.device = device
@@ -483,3 +594,12 @@ class CudaBackingFactory:
 
     def trim_spares(self) -> int:
         return self.device.trim_spares()
+
+    def fence(self, streams: tuple[Any, ...] = ()) -> Fence:
+        return self.device.api.record_fence(streams)
+
+    def ready_handles(self, nbytes: int, count: int) -> int:
+        return self.device.ready_handles(nbytes, count)
+
+    def refill_paused(self) -> contextlib.AbstractContextManager[None]:
+        return self.device.refill_paused()

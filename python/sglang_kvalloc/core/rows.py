@@ -3,13 +3,21 @@
 On the CPU the first write to a page commits it; a GPU does not fault memory in, so every
 row's used prefix is committed before anything is written there. Rows are not aligned to the
 backing's granularity (a row is ``context_len`` int32), so neighbouring rows can share a
-granule: each granule is reference counted by the rows that reach into it. Releases wait for
-`flush`, called where no kernel can be reading the table (a scheduler sync point).
+granule: each granule is reference counted by the rows that reach into it.
+
+No device synchronize on the way (the scheduler's overlap keeps a batch in flight):
+
+- With ``commits_unused``, a commit maps memory where no queued kernel reads (rows past
+  every reader's reach: the caller commits ahead of the positions kernels will use).
+- A granule no row holds any more stays mapped until `flush`, where it retires behind a
+  fence of the work queued so far; a later `flush` releases it once that fence has passed
+  (the kernels that could read it are done). A row that reaches into a retiring granule
+  takes it back, with nothing remapped.
 """
 
 from __future__ import annotations
 
-from sglang_kvalloc.core.backing import Backing
+from sglang_kvalloc.core.backing import Backing, Fence
 
 __all__ = ["RowCommits"]
 
@@ -17,15 +25,19 @@ __all__ = ["RowCommits"]
 class RowCommits:
     """Granule-level commits of a ``rows x row_bytes`` table over one backing."""
 
-    def __init__(self, backing: Backing, rows: int, row_bytes: int) -> None:
+    def __init__(
+        self, backing: Backing, rows: int, row_bytes: int, *, commits_unused: bool = False
+    ) -> None:
         self.backing = backing
         self.rows = rows
         self.row_bytes = row_bytes
         self.granularity = backing.granularity
+        self.commits_unused = commits_unused
         # Per row: granules [lo, hi) it holds a reference to (hi == lo: none).
         self._held: list[tuple[int, int]] = [(0, 0)] * rows
         self._refs: dict[int, int] = {}
         self._pending: set[int] = set()
+        self._retiring: dict[int, Fence] = {}
         self.commits = 0
         self.releases = 0
 
@@ -38,7 +50,8 @@ class RowCommits:
         return (end - row * self.row_bytes) // item_bytes
 
     def ensure(self, row: int, nbytes: int) -> None:
-        """Commit the first ``nbytes`` of ``row`` (MemoryError if the device cannot)."""
+        """Commit the first ``nbytes`` of ``row`` (MemoryError, nothing changed, if the
+        device cannot)."""
         if nbytes <= 0:
             return
         nbytes = min(nbytes, self.row_bytes)
@@ -54,11 +67,7 @@ class RowCommits:
         try:
             for granule in range(first_new, hi):
                 if self._refs.get(granule, 0) == 0:
-                    if granule in self._pending:
-                        self._pending.discard(granule)  # still mapped: reuse it
-                    else:
-                        self.backing.commit(granule * g, g)
-                        self.commits += 1
+                    self._map(granule)
                 self._refs[granule] = self._refs.get(granule, 0) + 1
                 taken.append(granule)
         except BaseException:
@@ -67,8 +76,16 @@ class RowCommits:
             raise
         self._held[row] = (lo, hi)
 
+    def _map(self, granule: int) -> None:
+        if granule in self._pending:
+            self._pending.discard(granule)  # still mapped: reuse it
+        elif self._retiring.pop(granule, None) is None:
+            self.backing.commit(granule * self.granularity, self.granularity,
+                                unused=self.commits_unused)  # fmt: skip
+            self.commits += 1
+
     def drop(self, row: int) -> None:
-        """The row is free: its granules go once no row reaches into them (at `flush`)."""
+        """The row is free: its granules go once no row reaches into them (see `flush`)."""
         lo, hi = self._held[row]
         for granule in range(lo, hi):
             self._unref(granule)
@@ -82,20 +99,33 @@ class RowCommits:
             del self._refs[granule]
             self._pending.add(granule)
 
-    def flush(self) -> int:
-        """Release granules no row holds any more; returns how many."""
-        released = 0
+    def flush(self, fence: Fence | None = None) -> int:
+        """Release granules no row holds: with a ``fence`` (of the work queued now), those
+        retired behind an earlier fence that has passed, and this call's free ones retire
+        behind ``fence``; without one (nothing can be reading), all of them now. Returns how
+        many were released."""
         g = self.granularity
-        for granule in sorted(self._pending):
-            self.backing.release(granule * g, g)
-            released += 1
-        self.releases += released
+        if fence is None:
+            free = sorted({*self._pending, *self._retiring})
+            self._pending.clear()
+            self._retiring.clear()
+            for i, granule in enumerate(free):  # one device wait, before the first
+                self.backing.release(granule * g, g, unused=i > 0)
+            self.releases += len(free)
+            return len(free)
+        passed = sorted(granule for granule, f in self._retiring.items() if f.done())
+        for granule in passed:
+            del self._retiring[granule]
+            self.backing.release(granule * g, g, unused=True)
+        for granule in self._pending:
+            self._retiring[granule] = fence
         self._pending.clear()
-        return released
+        self.releases += len(passed)
+        return len(passed)
 
     @property
     def committed_granules(self) -> int:
-        return len(self._refs) + len(self._pending)
+        return len(self._refs) + len(self._pending) + len(self._retiring)
 
     @property
     def committed_bytes(self) -> int:

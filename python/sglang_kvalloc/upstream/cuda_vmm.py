@@ -94,3 +94,26 @@ class UpstreamVmmApi:
 
     def bind_thread(self) -> None:
         torch.cuda.set_device(self.device_id)
+
+    def record_fence(self, streams: tuple[Any, ...] = ()) -> _EventFence:
+        return _EventFence(streams)
+
+    def reclaim(self) -> None:
+        torch.cuda.empty_cache()
+
+
+class _EventFence:
+    """CUDA events on the current stream and on ``streams``: done when all have passed."""
+
+    def __init__(self, streams: tuple[Any, ...]) -> None:
+        self._events = []
+        for stream in (torch.cuda.current_stream(), *streams):
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._events.append(event)
+
+    def done(self) -> bool:
+        if all(event.query() for event in self._events):
+            self._events = []
+            return True
+        return False

@@ -398,20 +398,25 @@ def around_can_run_graph(
     return ok
 
 
-def before_capture(runner: Any, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `DecodeCudaGraphRunner.capture`: capture fills every captured row at the fill
-    value; commit that first (a write to an uncommitted range would land on the shared
-    scratch granule)."""
-    if not BUFFERS:
-        return
-    max_bs = int(getattr(runner, "max_bs", 0) or 0)
-    fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
-    width = int(getattr(runner, "captured_req_width", 1) or 1)
-    draft = _draft_shape(runner)
-    if draft is not None:
-        ensure_for(planner.draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
-    else:
-        ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
+def around_capture(original: Callable[..., Any], runner: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND `DecodeCudaGraphRunner.capture`: capture fills every captured row at the fill
+    value, so that is committed first (a write to an uncommitted range would land on the
+    shared scratch granule); and torch captures in its global mode, where driver calls from
+    another thread can invalidate the capture, so the spare-handle refill thread waits."""
+    from sglang_kvalloc.upstream.segmented import SETTINGS
+
+    if BUFFERS:
+        max_bs = int(getattr(runner, "max_bs", 0) or 0)
+        fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
+        width = int(getattr(runner, "captured_req_width", 1) or 1)
+        draft = _draft_shape(runner)
+        if draft is not None:
+            ensure_for(planner.draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
+        else:
+            ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
+    paused = getattr(SETTINGS.backings, "refill_paused", None)
+    with paused() if paused is not None else contextlib.nullcontext():
+        return original(runner, *args, **kwargs)
 
 
 def _draft_batch(batch: Any, tokens_per_row: int, context: int) -> GraphBatch:

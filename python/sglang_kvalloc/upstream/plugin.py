@@ -9,6 +9,7 @@ from __future__ import annotations
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 ROPE = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding"
 # RoPE subclasses with their own forwards and incremental growth (rope.OWN_GROWTH).
 ROPE_OWN_GROWTH = (
@@ -80,6 +81,11 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         # Segmented mode: reserved, segment-committed pools and segment-aware allocators.
+        (
+            f"{CONFIGURATOR}._profile_available_bytes",
+            pools.around_profile_available_bytes,
+            "AROUND",
+        ),
         (f"{CONFIGURATOR}._build_default_req_pool", pools.around_build_default_req_pool, "AROUND"),
         (f"{CONFIGURATOR}._build_mha_kv_pool", pools.around_build_mha_kv_pool, "AROUND"),
         (
@@ -113,6 +119,9 @@ def hooks() -> list[tuple[str, object, str]]:
             "BEFORE",
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
+        # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
+        # inside upstream's own decode-memory check, so a row that cannot grow retracts.
+        (f"{SCHEDULE_BATCH}.check_decode_mem", scheduler_loop.around_check_decode_mem, "AROUND"),
         (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
         (f"{CHECKER}._check_swa_pool", scheduler_loop.around_check_swa_pool, "AROUND"),
         # Segmented on a GPU: the attention backends' context-sized cuda-graph buffers
@@ -129,7 +138,7 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
-        (f"{DECODE_GRAPHS}.capture", graph_buffers.before_capture, "BEFORE"),
+        (f"{DECODE_GRAPHS}.capture", graph_buffers.around_capture, "AROUND"),
         # The speculative runners override can_run_graph (capture is inherited): each is gated
         # the same way; triton's multi-step draft backend allocates the steps' shared buffer.
         *[

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream.state import STATE
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ def around_resolve_memory_pool_config(
         STATE.mode = requested
         STATE.reason = "chosen explicitly"
         _note_mechanisms(self)
-        return config
+        return _settle_run_time_memory(original, self, config, args, kwargs)
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
     context_len = self.model_config.context_len
@@ -208,7 +212,59 @@ def around_resolve_memory_pool_config(
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
         _warn_graph_buffers(self)
-    return config
+    return _settle_run_time_memory(original, self, config, args, kwargs)
+
+
+def _settle_run_time_memory(
+    original: Callable[..., Any],
+    configurator: KVCacheConfigurator,
+    config: MemoryPoolConfig,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> MemoryPoolConfig:
+    """Where memory is committed explicitly (a GPU), what the tables commit outside the KV
+    pool is settled before the pool is sized: fixed RoPE caches committed as far as any
+    position can reach (the pool's capacity; whole where auto settled on static), and room
+    kept free for req_to_token rows (one granule per running request plus 4 B per token of
+    the pool). Upstream then measures the budget again, so the KV pool leaves them room."""
+    from sglang_kvalloc.upstream import rope
+    from sglang_kvalloc.upstream.segmented import SETTINGS
+
+    segmented = STATE.mode == modes.SEGMENTED
+    explicit = segmented and not SETTINGS.backings.faults_in
+    if not rope.has_fixed_caches() and not explicit:
+        return config
+    if segmented:
+        rope.commit_fixed_caches(config.max_total_num_tokens)
+    else:
+        rope.complete_fixed_caches()
+    if explicit:
+        granule = SETTINGS.backings.granularity
+        STATE.run_time_room_bytes = (
+            config.max_running_requests * granule + 4 * config.max_total_num_tokens
+        )
+    STATE.rope_committed_bytes = rope.fixed_cache_bytes()
+    settled = original(configurator, *args, **kwargs)
+    logger.info(
+        "Memory committed outside the KV pool at run time: RoPE caches %.3f GB (committed "
+        "now), req_to_token rows up to %.3f GB (kept free); KV capacity %d -> %d tokens.",
+        STATE.rope_committed_bytes / 1e9,
+        STATE.run_time_room_bytes / 1e9,
+        config.max_total_num_tokens,
+        settled.max_total_num_tokens,
+    )
+    return settled
+
+
+def around_profile_available_bytes(
+    original: Callable[..., Any], configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> int:
+    """AROUND `KVCacheConfigurator._profile_available_bytes`: the KV budget leaves the room
+    segmented mode keeps free for req_to_token rows (0 in every other case)."""
+    available = original(configurator, *args, **kwargs)
+    if configurator.is_draft_worker or not STATE.run_time_room_bytes:
+        return available
+    return int(available) - STATE.run_time_room_bytes
 
 
 def _note_mechanisms(configurator: Any) -> None:
@@ -374,13 +430,15 @@ def around_build_default_req_pool(
         return original(self, *args, **kwargs)
     from sglang.srt.runtime_context import get_exec
 
-    from sglang_kvalloc.upstream.segmented import SegmentedReqToTokenPool
+    from sglang_kvalloc.upstream.row_pool import SegmentedReqToTokenPool
+    from sglang_kvalloc.upstream.segmented import SETTINGS
 
     return SegmentedReqToTokenPool(
         size=kwargs["max_num_reqs"],
         max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
         device=self.device,
         enable_memory_saver=get_exec().features.enable_memory_saver,
+        agree=SETTINGS.agree,
     )
 
 

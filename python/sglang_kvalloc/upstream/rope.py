@@ -1,30 +1,44 @@
 """Segmented mode: the rotary cos/sin cache grows with the positions in use.
 
 Upstream pre-expands every RoPE cache to the context length at model load
-(`reserve_rope_cache_for_long_sequences`, so CUDA graphs see a fixed tensor): 10M positions x
-rotary_dim x 4 B, 640 MB for the tiny model and ~5 GB for head_dim 128, resident from the
-start.
+(`reserve_rope_cache_for_long_sequences`, so CUDA graphs see a fixed tensor): positions x
+rotary_dim x 4 B, about 5 GB for head_dim 128 at a 10M context, resident from the start.
 
-- On the CPU the cache keeps the size the model itself asks for and grows (doubling, through
-  upstream's own `_ensure_cos_sin_cache_length`) when a forward pass reaches past it.
-- On a GPU a captured CUDA graph holds the cache's address, so the cache cannot be
-  reallocated: it becomes one fixed-address tensor of the full length over a reserved range
-  (the CUDA VMM backing), committed (doubling) ahead of the positions the next scheduler
-  step can reach, and filled with upstream's own formula for those rows. Rows not committed
-  read the scratch page's zeros; no position reaches them.
+- Where a first write commits memory (the CPU backing), the cache keeps the size the model
+  itself asks for and grows (doubling, through upstream's own `_ensure_cos_sin_cache_length`)
+  when a forward pass reaches past it.
+- Where memory must be committed before use (a GPU), a captured CUDA graph holds the cache's
+  address, so the cache cannot be reallocated: it becomes one fixed-address tensor of the full
+  length over a reserved range, committed at start as far as a position can reach (the KV
+  pool's capacity: `commit_fixed_caches`, so nothing grows while serving), in the dtype
+  upstream's forward reads it in (float32 on CUDA, which the JIT rope kernel requires), and
+  filled with upstream's own formula. Rows past it read the scratch page's zeros; no position
+  reaches them.
 
-Modules whose class computes its cache differently (or overrides the forward methods, on the
-CPU) keep upstream's reservation.
+Only where the mode may need it: segmented, or auto past the model's own positions (the only
+place auto can end in segmented because of RoPE). At an ordinary context auto leaves every
+cache exactly as upstream builds it. When auto then settles on static, fixed caches are
+committed whole (`complete_fixed_caches`), as upstream would have them. Modules whose class
+computes its cache differently (or overrides the forward methods, on the CPU) keep upstream's
+reservation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.state import STATE
+
+if TYPE_CHECKING:
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    from sglang_kvalloc.core.backing import BackingFactory
 
 logger = logging.getLogger(__name__)
 
@@ -56,31 +70,39 @@ def _can_grow_lazily(module: Any) -> bool:
     return False
 
 
-def _grows_lazily_here(model_config: Any) -> bool:
-    """Segmented on the CPU always; auto on the CPU only past the model's own positions (where
-    upstream would expand the caches), so ordinary contexts keep upstream's behaviour."""
-    if not STATE.device.startswith("cpu"):
-        return False
-    if STATE.requested_mode == modes.SEGMENTED:
-        return True
-    if STATE.requested_mode != modes.AUTO or model_config is None:
-        return False
+def _past_model_positions(model_config: ModelConfig | None) -> bool:
+    """The context reaches past the model's own positions (upstream's override is set)."""
     hf_text = getattr(model_config, "hf_text_config", None)
     positions = getattr(hf_text, "max_position_embeddings", None)
     context = getattr(model_config, "context_len", None)
     return bool(positions and context and context > positions)
 
 
+def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
+    """Segmented always; auto only past the model's own positions, so that at an ordinary
+    context auto keeps upstream's caches exactly (auto decides only after the model loads)."""
+    if STATE.requested_mode == modes.SEGMENTED:
+        return True
+    return STATE.requested_mode == modes.AUTO and _past_model_positions(model_config)
+
+
 def around_reserve_rope_cache(
-    original: Callable[..., Any], model: Any, *args: Any, **kwargs: Any
+    original: Callable[..., Any], model: torch.nn.Module, *args: Any, **kwargs: Any
 ) -> Any:
     """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run, caches
     grow with the positions in use instead of being expanded to the context (see above)."""
     model_config = args[0] if args else kwargs.get("model_config")
-    if STATE.device.startswith("cuda") and STATE.requested_mode in (modes.SEGMENTED, modes.AUTO):
-        return _reserve_fixed_address(original, model, model_config, *args, **kwargs)
-    if not _grows_lazily_here(model_config):
+    if not STATE.device or not _mode_may_need_lazy_rope(model_config):
         return original(model, *args, **kwargs)
+    from sglang_kvalloc.upstream.segmented import open_backings
+
+    try:
+        backings = open_backings(STATE.device)
+    except modes.KvAllocModeError as exc:
+        logger.info("RoPE caches keep upstream's reservation: %s", exc)
+        return original(model, *args, **kwargs)
+    if not backings.faults_in:
+        return _reserve_fixed_address(original, model, model_config, backings, *args, **kwargs)
     lazy = eager = 0
     for module in model.modules():
         if hasattr(module, "_ensure_cos_sin_cache_length") and hasattr(module, "cos_sin_cache"):
@@ -121,49 +143,65 @@ def before_rope_forward(self: Any, positions: Any, *args: Any, **kwargs: Any) ->
 _FIXED: list[FixedAddressRope] = []
 
 
+def fixed_cache_dtype(module: RotaryEmbedding, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype upstream's forward reads this module's cache in: the one it was built in
+    (float32 on CUDA: the JIT rope kernel for head sizes 64/128/256/512 requires it), except
+    where the forward casts it to the activation dtype (upstream's fallback kernel for other
+    head sizes), which would reallocate a fixed cache: there the activation dtype already."""
+    if getattr(module, "use_fallback_kernel", False):
+        return model_dtype
+    return module.cos_sin_cache.dtype
+
+
 class FixedAddressRope:
     """A module's cos/sin cache over a reservation of ``total`` rows: its address never
     changes; rows are committed (and computed) as positions reach them."""
 
-    def __init__(self, module: Any, total: int, dtype: Any, backings: Any) -> None:
-        import torch
-
+    def __init__(
+        self,
+        module: RotaryEmbedding,
+        total: int,
+        dtype: torch.dtype,
+        backings: BackingFactory,
+        margin: int = 0,
+    ) -> None:
         from sglang_kvalloc.core.rows import RowCommits
 
         cache = module.cos_sin_cache
         rows, width = int(cache.shape[0]), int(cache.shape[1])
         self.module = module
         self.total = total
+        self.margin = margin  # rows past the context that upstream's reservation adds
         self.dtype = dtype
         self.row_bytes = width * torch.empty((), dtype=dtype).element_size()
         self.backing = backings(total * self.row_bytes)
         # One "row" of the RowCommits bookkeeping: the whole table, committed as a prefix.
-        self._commits = RowCommits(self.backing, 1, total * self.row_bytes)
+        # No queued kernel reads rows past the committed ones (positions stay below them).
+        self._commits = RowCommits(self.backing, 1, total * self.row_bytes, commits_unused=True)
         self.view = self.backing.tensor(dtype, (total, width))
         self.rows = 0
         self._commits.ensure(0, rows * self.row_bytes)
         self.view[:rows].copy_(cache.to(device=self.view.device, dtype=dtype))
         self.rows = rows
-        # The activation dtype already: upstream's first forward would otherwise cast (and
-        # so reallocate) the cache.
         module.cos_sin_cache = self.view
 
     def grow(self, positions: int) -> None:
-        """Make rows ``[0, positions)`` valid (doubling, at most the reservation)."""
-        import torch
-
+        """Make rows ``[0, positions)`` valid (at most the reservation); MemoryError (nothing
+        changed) if the device cannot back them."""
         if positions <= self.rows:
             return
-        new_rows = min(self.total, max(positions, 2 * self.rows))
+        new_rows = min(self.total, positions)
         self._commits.ensure(0, new_rows * self.row_bytes)
         module = self.module
-        # Upstream's incremental formula (`_ensure_cos_sin_cache_length`) for the new rows.
+        # Upstream's incremental formula (`_ensure_cos_sin_cache_length`) for the new rows,
+        # computed in float32 and stored in the cache's dtype, as upstream does.
         inv_freq = module._compute_inv_freq(module.base).to(device=self.view.device)
         start = module.position_start + self.rows
         t = torch.arange(start, module.position_start + new_rows, dtype=inv_freq.dtype,
                          device=self.view.device)  # fmt: skip
         freqs = torch.einsum("i,j->ij", t, inv_freq)
-        self.view[self.rows : new_rows].copy_(torch.cat((freqs.cos(), freqs.sin()), dim=-1))
+        rows = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=self.dtype)
+        self.view[self.rows : new_rows].copy_(rows)
         self.rows = new_rows
 
     @property
@@ -171,7 +209,7 @@ class FixedAddressRope:
         return self._commits.committed_bytes
 
 
-def _computes_cache_like_upstream_base(module: Any) -> bool:
+def _computes_cache_like_upstream_base(module: torch.nn.Module) -> bool:
     """The cache is upstream's base formula over ``_compute_inv_freq`` (Llama-3 scaling and
     the plain rotary embedding qualify; YaRN-style mscale variants do not)."""
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
@@ -189,31 +227,38 @@ def _computes_cache_like_upstream_base(module: Any) -> bool:
     return False
 
 
-def upstream_reserve_length(model_config: Any) -> int:
-    """The length upstream's `reserve_rope_cache_for_long_sequences` expands caches to."""
-    from sglang.srt.environ import envs
-    from sglang.srt.runtime_context import get_model, get_spec
+class _ReserveProbe(torch.nn.Module):
+    """Stands in for a RoPE module: records the length upstream's reservation asks for."""
 
-    base = (
-        get_model().context_length
-        or getattr(model_config, "context_len", None)
-        or getattr(model_config.hf_text_config, "max_position_embeddings", None)
-        or 2048
-    )
-    steps = int(get_spec().speculative_num_steps or 0)
-    draft = int(get_spec().speculative_num_draft_tokens or 0)
-    reserve = base + steps * draft * envs.SGLANG_SPEC_EXPANSION_SAFETY_FACTOR.get()
-    reserve += envs.SGLANG_ROPE_CACHE_SAFETY_MARGIN.get()
-    align = envs.SGLANG_ROPE_CACHE_ALIGN.get()
-    return int((reserve + align - 1) // align * align)
+    def __init__(self) -> None:
+        super().__init__()
+        self.cos_sin_cache = torch.empty(0)
+        self.asked: int | None = None
+
+    def _ensure_cos_sin_cache_length(self, needed_max_pos: int) -> None:
+        self.asked = int(needed_max_pos)
+
+
+def upstream_reserve_length(reserve: Callable[..., Any], model_config: ModelConfig) -> int:
+    """The length upstream's ``reserve`` (`reserve_rope_cache_for_long_sequences`) expands
+    caches to, asked of upstream's own function (its formula, fallbacks and settings)."""
+    root = torch.nn.Module()
+    root.probe = _ReserveProbe()
+    reserve(root, model_config)
+    if root.probe.asked is None:
+        raise RuntimeError("upstream's RoPE reservation asked for no length")
+    return root.probe.asked + 1
 
 
 def _reserve_fixed_address(
-    original: Callable[..., Any], model: Any, model_config: Any, *args: Any, **kwargs: Any
+    original: Callable[..., Any],
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    backings: BackingFactory,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
-    from sglang_kvalloc.upstream.segmented import open_backings
-
-    total = upstream_reserve_length(model_config)
+    total = upstream_reserve_length(original, model_config)
     candidates = [
         m
         for m in model.modules()
@@ -223,15 +268,12 @@ def _reserve_fixed_address(
     ]
     if not candidates:
         return original(model, *args, **kwargs)
-    try:
-        backings = open_backings(STATE.device)
-    except modes.KvAllocModeError as exc:
-        logger.info("RoPE caches keep upstream's reservation: %s", exc)
-        return original(model, *args, **kwargs)
     fixed = 0
     for module in candidates:
         if _computes_cache_like_upstream_base(module):
-            _FIXED.append(FixedAddressRope(module, total, model_config.dtype, backings))
+            dtype = fixed_cache_dtype(module, model_config.dtype)
+            margin = max(0, total - int(model_config.context_len))
+            _FIXED.append(FixedAddressRope(module, total, dtype, backings, margin))
             fixed += 1
     # The rest (other formulas) get upstream's reservation; fixed ones are long enough.
     original(model, *args, **kwargs)
@@ -251,10 +293,20 @@ def has_fixed_caches() -> bool:
     return bool(_FIXED)
 
 
-def grow_fixed_caches(positions: int) -> None:
-    """Before a scheduler step: every fixed cache covers ``positions`` rows."""
+def commit_fixed_caches(capacity_tokens: int) -> None:
+    """Segmented: commit every fixed cache as far as a position can reach, the KV pool's
+    capacity plus upstream's margin (speculative tokens, safety), so nothing grows while
+    serving. Past that the reservation stays uncommitted (a 10M context over a 1M pool)."""
     for cache in _FIXED:
-        cache.grow(positions)
+        cache.grow(capacity_tokens + cache.margin)
+
+
+def complete_fixed_caches() -> int:
+    """auto settled on static: commit every fixed cache whole, as upstream would hold it (no
+    scheduler hook grows it later). Returns the bytes committed."""
+    for cache in _FIXED:
+        cache.grow(cache.total)
+    return fixed_cache_bytes()
 
 
 def fixed_cache_bytes() -> int:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler
 
 
 def iteration_demand_tokens(scheduler: Any, draft_tokens: int = 0) -> int:
@@ -56,47 +60,69 @@ def _has_work(scheduler: Any) -> bool:
     )
 
 
-def before_get_next_batch_to_run(scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in segmented mode."""
+def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in segmented mode;
+    where req_to_token rows are committed explicitly (a GPU), whatever the KV allocator:
+    release what freed rows held and ready the rows admission may take."""
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     step = getattr(allocator, "scheduler_step", None)
-    if step is None:
-        return None
-    draft = _draft_tokens()
-    if _has_work(scheduler):
-        allocator.note_busy()
-    step(iteration_demand_tokens(scheduler, draft))
-    _grow_tables(scheduler, draft)
+    draft = _draft_tokens() if step is not None or _commits_rows(scheduler) else 0
+    if step is not None:
+        if _has_work(scheduler):
+            allocator.note_busy()
+        step(iteration_demand_tokens(scheduler, draft))
+    if _commits_rows(scheduler):
+        _prepare_rows(scheduler, draft)
     return None
 
 
-def _grow_tables(scheduler: Any, draft: int) -> None:
-    """GPU: commit the req_to_token rows and RoPE rows the next step can write or read (a
-    GPU does not fault memory in), and release what freed rows left, at this sync point."""
-    from sglang_kvalloc.upstream import rope
+def _commits_rows(scheduler: Scheduler) -> bool:
+    return bool(getattr(scheduler.req_to_token_pool, "commits_rows", False))
 
+
+def _streams(scheduler: Scheduler) -> tuple[Any, ...]:
+    """The streams the scheduler queues device work on (a fence covers each)."""
+    names = ("forward_stream", "schedule_stream", "copy_stream")
+    return tuple(s for s in (getattr(scheduler, n, None) for n in names) if s is not None)
+
+
+def _prepare_rows(scheduler: Scheduler, draft: int) -> None:
+    """Rows freed earlier whose readers finished go back (no device wait); handles are made
+    ready for the rows the queued requests would take (admission waits where they cannot)."""
     pool = scheduler.req_to_token_pool
-    rows_known = getattr(pool, "ensure_rows", None) is not None and pool.commits_rows
-    if not rows_known and not rope.has_fixed_caches():
-        return
-    # Two steps ahead: with overlap scheduling the batch formed next may run one step on.
-    step = 2 * (1 + draft)
-    rows: list[tuple[int, int]] = []
-    furthest = 0
-    running = getattr(scheduler, "running_batch", None)
-    for req in running.reqs if running is not None else ():
-        length = len(req.origin_input_ids) + len(req.output_ids) + step
-        furthest = max(furthest, length)
-        if req.kv.req_pool_idx is not None:
-            rows.append((req.kv.req_pool_idx, length))
+    pool.sync_point(_streams(scheduler))
     chunked = scheduler.chunked_req
     queued = [chunked] if chunked is not None else []
-    for req in (*queued, *scheduler.waiting_queue):
-        furthest = max(furthest, len(req.origin_input_ids) + len(req.output_ids) + step)
-    if rows_known:
-        pool.ensure_rows(rows)
-        pool.sync_point()
-    rope.grow_fixed_caches(furthest)
+    queued.extend(scheduler.waiting_queue)
+    pool.prepare_admission(
+        [len(req.origin_input_ids) + len(req.output_ids) + 2 * (1 + draft) for req in queued]
+    )
+
+
+def around_check_decode_mem(
+    original: Callable[..., Any],
+    batch: ScheduleBatch,
+    selected_indices: list[int] | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> bool:
+    """AROUND `ScheduleBatch.check_decode_mem`: besides upstream's KV check, every request's
+    req_to_token row covers the positions the next decode steps write (two, for the overlap
+    scheduler), committed here where it does not. A row that cannot grow fails the check, so
+    upstream retracts requests (and aborts the last one) as it does when its KV pool is full,
+    instead of a write landing on the scratch page every uncommitted row reads."""
+    ok = original(batch, selected_indices, *args, **kwargs)
+    pool = batch.req_to_token_pool
+    if not ok or not getattr(pool, "commits_rows", False):
+        return ok
+    reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
+    step = 2 * (1 + _draft_tokens())
+    rows = [
+        (req.kv.req_pool_idx, len(req.origin_input_ids) + len(req.output_ids) + step)
+        for req in reqs
+        if req.kv.req_pool_idx is not None
+    ]
+    return pool.check_decode_rows(rows)
 
 
 def _draft_tokens() -> int:
@@ -105,11 +131,16 @@ def _draft_tokens() -> int:
     return int(getattr(get_spec(), "speculative_num_draft_tokens", 0) or 0)
 
 
-def after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments)."""
+def after_on_idle(result: Any, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
+    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments);
+    freed req_to_token rows go back at once (nothing runs: waiting costs nothing)."""
+    if not scheduler.is_fully_idle():
+        return None
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     idle_step = getattr(allocator, "idle_step", None)
-    if idle_step is not None and scheduler.is_fully_idle() and idle_step(scheduler.tree_cache):
+    if _commits_rows(scheduler):
+        scheduler.req_to_token_pool.release_free_rows_now()
+    if idle_step is not None and idle_step(scheduler.tree_cache):
         from sglang_kvalloc.upstream import graph_buffers
 
         graph_buffers.release_at_idle()

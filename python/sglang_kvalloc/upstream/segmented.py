@@ -1,9 +1,11 @@
-"""Segmented mode on upstream's pools: subclasses of upstream's MHA KV pool, token and paged
-allocators, and ReqToTokenPool whose memory is reserved up front and committed on demand.
+"""Segmented mode on upstream's pools: subclasses of upstream's MHA and MLA KV pools and of
+its token, paged and hybrid SWA allocators, whose memory is reserved up front and committed
+segment by segment (`req_to_token` is `row_pool.SegmentedReqToTokenPool`).
 
 Slot ids never move: buffers are one contiguous tensor each over a reservation, so the radix
-cache, req_to_token and every attention kernel work unchanged. Only the CPU backing exists in
-this build (`core.backing.CpuMmapBacking`); the CUDA VMM backing is a separate piece of work.
+cache, req_to_token and every attention kernel work unchanged. The reservation is made by the
+device's backing factory (`open_backings`): an anonymous mmap on the CPU, the CUDA driver's
+virtual memory API on a GPU.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.utils import get_num_new_pages
 
-from sglang_kvalloc.core.backing import BackingFactory, CpuBackingFactory, CpuMmapBacking
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.backing import BackingFactory, CpuBackingFactory
 from sglang_kvalloc.core.segments import (
     SegmentedBuffers,
     SegmentedPageAllocator,
@@ -696,132 +697,3 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
                 out[key] = value + swa[key]
         out["pools"] = {"full": full, "swa": swa}
         return out
-
-
-class SegmentedReqToTokenPool(ReqToTokenPool):
-    """req_to_token over reserved memory: only the rows and pages requests write are committed.
-
-    Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at
-    10M context. Here it is a view of a reservation. On the CPU untouched pages read as zero
-    without being committed and the first write commits a page; a freed row's pages are given
-    back. A GPU does not fault memory in, so there each row's used prefix is committed before
-    it is written (`ensure_rows`: when a request gets its row and ahead of each decode step),
-    row 0 (cuda-graph padding) always, and a freed row's granules go at the next sync point.
-    """
-
-    def __init__(
-        self, size: int, max_context_len: int, device: str, enable_memory_saver: bool
-    ) -> None:
-        # Upstream's bookkeeping (free slots, generations) with a one-column table, then the
-        # table itself from the reservation.
-        super().__init__(size, 1, device, enable_memory_saver)
-        rows = self._alloc_size
-        self._row_bytes = max_context_len * 4
-        self._backing = SETTINGS.backings(rows * self._row_bytes)
-        self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
-        self.max_context_len = max_context_len
-        # CPU pages commit on first write; every other backing commits rows explicitly.
-        self._row_commits: RowCommits | None = None
-        worst = ""
-        if not isinstance(self._backing, CpuMmapBacking):
-            self._row_commits = RowCommits(self._backing, rows, self._row_bytes)
-            self._row_commits.ensure(0, 4)  # the padding row cuda-graph batches point at
-            SETTINGS.backings.keep_spares(self._backing.granularity, 2)
-            worst = (
-                f"; at most one {self._backing.granularity >> 20} MiB granule per running "
-                f"request ({size * self._backing.granularity / 1e9:.3f} GB for {size}) while "
-                f"requests stay under {self._backing.granularity // 4} tokens"
-            )
-        logger.info(
-            "Segmented req_to_token: %d x %d int32 reserved (%.3f GB address space), "
-            "committed as rows are used%s.",
-            rows,
-            max_context_len,
-            self._backing.reserved_bytes / 1e9,
-            worst,
-        )
-
-    def alloc(self, reqs: list[Any]) -> list[int] | None:
-        rows = super().alloc(reqs)
-        if rows is not None and self._row_commits is not None:
-            # The extend about to be written: positions [0, extend_end) of each row.
-            self.ensure_rows([(row, _target_len(req)) for row, req in zip(rows, reqs, strict=True)])
-        return rows
-
-    @property
-    def commits_rows(self) -> bool:
-        """Rows are committed explicitly (every backing but the CPU's)."""
-        return self._row_commits is not None
-
-    def ensure_rows(self, rows_and_lengths: list[tuple[int, int]]) -> None:
-        """Commit rows up to the given token counts (GPU; a no-op on the CPU)."""
-        commits = self._row_commits
-        if commits is None:
-            return
-        for row, length in rows_and_lengths:
-            commits.ensure(row, min(length, self.max_context_len) * 4)
-
-    def sync_point(self) -> None:
-        """Release what freed rows no longer hold (no kernel can be reading it now)."""
-        if self._row_commits is not None:
-            self._row_commits.flush()
-
-    def _release_rows(self, indices: list[int]) -> None:
-        if self._row_commits is not None:
-            for row in indices:
-                self._row_commits.drop(row)
-            return
-        gran = self._backing.granularity
-        for row in indices:
-            lo = -(-(row * self._row_bytes) // gran) * gran
-            hi = ((row + 1) * self._row_bytes) // gran * gran
-            if hi > lo:
-                self._backing.discard(lo, hi - lo)
-
-    def free_rows(self, indices: list[int]) -> None:
-        super().free_rows(indices)
-        self._release_rows(list(indices))
-
-    def clear(self) -> None:
-        super().clear()
-        if self._row_commits is not None:
-            for row in range(1, self._alloc_size):
-                self._row_commits.drop(row)
-
-    def committed_bytes(self) -> int | None:
-        """Committed explicitly (GPU); None where the kernel commits on write (CPU)."""
-        return None if self._row_commits is None else self._row_commits.committed_bytes
-
-    def resident_bytes(self) -> int:
-        """Bytes of this table resident (pages written since their last release on the CPU,
-        committed granules on a GPU)."""
-        if self._row_commits is not None:
-            return self._row_commits.committed_bytes
-        import mmap as _mmap
-
-        base = self.req_to_token.data_ptr()
-        n = self._backing.reserved_bytes
-        return _resident_bytes(base, n, _mmap.PAGESIZE)
-
-
-def _target_len(req: Any) -> int:
-    """Positions of the request's row written by its next extend (and one decode step)."""
-    extend_end = getattr(req, "extend_end", None)
-    length = len(req.origin_input_ids) + len(req.output_ids)
-    if isinstance(extend_end, int):
-        length = max(length, extend_end)
-    return length + 1
-
-
-def _resident_bytes(addr: int, nbytes: int, page: int) -> int:
-    """mincore(2) over a range: how much of it is resident."""
-    import ctypes
-
-    import numpy as np
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    npages = (nbytes + page - 1) // page
-    vec = (ctypes.c_ubyte * npages)()
-    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), vec) != 0:
-        return -1
-    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page

@@ -27,6 +27,9 @@ class KvAllocState:
     lazy_tables: bool = False
     kv_on_demand: bool = False
     kv_on_demand_note: str = ""
+    # Explicit commits (a GPU): memory the tables take outside the KV pool, settled at start.
+    rope_committed_bytes: int = 0
+    run_time_room_bytes: int = 0
     # Live objects (not reported as such): segmented mode reads its figures from them.
     allocator: Any = dataclasses.field(default=None, repr=False)
     req_to_token_pool: Any = dataclasses.field(default=None, repr=False)

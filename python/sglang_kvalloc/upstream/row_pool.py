@@ -1,0 +1,275 @@
+"""Segmented `req_to_token`: upstream's `ReqToTokenPool` over a reservation, rows committed
+as far as requests use them.
+
+Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at 10M
+context. Here it is a view of a reservation.
+
+- Where a first write commits memory (the CPU), untouched pages read zero without being
+  committed; a freed row's pages are given back.
+- Where nothing may be written before it is committed (a GPU), each row's used prefix is
+  committed before it is written: at admission (the prompt), and before every decode step
+  (`check_decode_rows`, from upstream's own decode-memory check, so a row that cannot grow
+  is retracted, or aborted when it is the last, exactly as upstream treats a full KV pool).
+  Admission is held back (`prepare_admission`) while the device could not back the rows
+  the next requests would take. Row 0, which padded cuda-graph batches read, is committed
+  and zeroed as upstream's `torch.zeros` table is. Freed rows' granules retire behind a
+  fence and go at a later sync point, so no step waits for the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+from sglang_kvalloc.core.rows import RowCommits
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from sglang.srt.managers.schedule_batch import Req
+
+logger = logging.getLogger(__name__)
+
+
+def _agree_alone(value: int) -> int:
+    return value
+
+
+class SegmentedReqToTokenPool(ReqToTokenPool):
+    """req_to_token over reserved memory: only the rows and pages requests write are
+    committed (see the module docstring)."""
+
+    def __init__(
+        self,
+        size: int,
+        max_context_len: int,
+        device: str,
+        enable_memory_saver: bool,
+        *,
+        agree: Callable[[int], int] = _agree_alone,
+    ) -> None:
+        from sglang_kvalloc.upstream.segmented import SETTINGS
+
+        # Upstream's bookkeeping (free slots, generations) with a one-column table, then the
+        # table itself from the reservation.
+        super().__init__(size, 1, device, enable_memory_saver)
+        rows = self._alloc_size
+        self._factory = SETTINGS.backings
+        self._row_bytes = max_context_len * 4
+        self._backing = self._factory(rows * self._row_bytes)
+        self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
+        self.max_context_len = max_context_len
+        self._agree = agree
+        # Rows admission may take now (every rank the same); None: no limit of ours.
+        self._admission_rows: int | None = None
+        self.row_commit_failures = 0
+        self._row_commits: RowCommits | None = None
+        worst = ""
+        if not self._factory.faults_in:
+            self._row_commits = RowCommits(self._backing, rows, self._row_bytes,
+                                           commits_unused=True)  # fmt: skip
+            granule = self._backing.granularity
+            self._row_commits.ensure(0, 4)  # the padding row cuda-graph batches point at
+            self.req_to_token[0, : min(max_context_len, granule // 4)].zero_()
+            self._factory.keep_spares(granule, 2)
+            worst = (
+                f"; at most one {granule >> 20} MiB granule per running request "
+                f"({size * granule / 1e9:.3f} GB for {size}) while requests stay under "
+                f"{granule // 4} tokens"
+            )
+        logger.info(
+            "Segmented req_to_token: %d x %d int32 reserved (%.3f GB address space), "
+            "committed as rows are used%s.",
+            rows,
+            max_context_len,
+            self._backing.reserved_bytes / 1e9,
+            worst,
+        )
+
+    @property
+    def commits_rows(self) -> bool:
+        """Rows are committed explicitly (every backing but the CPU's)."""
+        return self._row_commits is not None
+
+    def available_size(self) -> int:
+        free = super().available_size()
+        return free if self._admission_rows is None else min(free, self._admission_rows)
+
+    def alloc(self, reqs: list[Req]) -> list[int] | None:
+        new = [not req.kv.holds_kv for req in reqs]
+        rows = super().alloc(reqs)
+        if rows is None or self._row_commits is None:
+            return rows
+        if self._try_ensure([(row, _target_len(req)) for row, req in zip(rows, reqs, strict=True)]):
+            return rows
+        # Admission was prepared for (`prepare_admission`); the device still could not back
+        # the rows. Nothing is kept: the new rows go back and upstream reports the pool
+        # exhausted, as it does when its own pool is.
+        self.row_commit_failures += 1
+        taken = [row for row, fresh in zip(rows, new, strict=True) if fresh]
+        for req, fresh in zip(reqs, new, strict=True):
+            if fresh:
+                req.kv.req_pool_idx = None
+        self.free_rows(taken)
+        return None
+
+    def _try_ensure(self, rows_and_lengths: Sequence[tuple[int, int]]) -> bool:
+        """Commit rows up to the given token counts; on a failure give back what freed rows
+        hold (one device synchronize: a failure path) and try once more."""
+        try:
+            self.ensure_rows(rows_and_lengths)
+            return True
+        except MemoryError:
+            self.release_free_rows_now()
+        try:
+            self.ensure_rows(rows_and_lengths)
+            return True
+        except MemoryError as exc:
+            logger.warning("req_to_token rows could not be committed: %s", exc)
+            return False
+
+    def ensure_rows(self, rows_and_lengths: Sequence[tuple[int, int]]) -> None:
+        """Commit rows up to the given token counts (a no-op on the CPU); MemoryError if the
+        device cannot (rows committed so far stay)."""
+        commits = self._row_commits
+        if commits is None:
+            return
+        for row, length in rows_and_lengths:
+            commits.ensure(row, min(length, self.max_context_len) * 4)
+
+    def rows_cover(self, rows_and_lengths: Sequence[tuple[int, int]]) -> bool:
+        """Whether every row is committed up to its token count (host arithmetic only)."""
+        commits = self._row_commits
+        if commits is None:
+            return True
+        return all(
+            commits.covered_items(row, 4) >= min(length, self.max_context_len)
+            for row, length in rows_and_lengths
+        )
+
+    def check_decode_rows(self, rows_and_lengths: Sequence[tuple[int, int]]) -> bool:
+        """Before a decode step: every row covers the positions the step writes. Commits
+        what is missing; the outcome is agreed by every rank sharing these rows (they attempt
+        the same commits, so only the outcome can differ)."""
+        if self.rows_cover(rows_and_lengths):
+            return True
+        ok = self._try_ensure(rows_and_lengths)
+        if not ok:
+            self.row_commit_failures += 1
+        return bool(self._agree(int(ok)))
+
+    def prepare_admission(self, lengths: Sequence[int]) -> None:
+        """Before admission (every rank together): have handles ready for the rows the next
+        requests (``lengths``: their target token counts) would commit; where the device
+        cannot back them all, admission takes only as many requests as are covered, the
+        largest assumed first (the policy may reorder the queue)."""
+        if self._row_commits is None:
+            return
+        granule = self._backing.granularity
+        needs = sorted(
+            (-(-(min(n, self.max_context_len) * 4) // granule) + 1 for n in lengths[:1024]),
+            reverse=True,
+        )[: super().available_size()]
+        if not needs:  # the same on every rank: nothing to admit
+            self._admission_rows = None
+            return
+        wanted = sum(needs)
+        ready = self._factory.ready_handles(granule, wanted) if wanted else 0
+        covered, total = 0, 0
+        for need in needs:
+            if total + need > ready:
+                break
+            total += need
+            covered += 1
+        limit = None if covered == len(needs) else covered
+        agreed = self._agree(-1 if limit is None else limit)
+        if agreed < 0:
+            if self._admission_rows is not None:
+                logger.info("req_to_token rows can be committed again: admission resumes.")
+            self._admission_rows = None
+            return
+        if self._admission_rows is None:
+            logger.warning(
+                "req_to_token rows for the queued requests cannot all be committed (%d of %d "
+                "granules ready): admission takes %d request(s) until memory comes back.",
+                ready,
+                wanted,
+                agreed,
+            )
+        self._admission_rows = agreed
+
+    def sync_point(self, streams: tuple[object, ...] = ()) -> None:
+        """At the top of a scheduler iteration: release the granules of rows freed earlier
+        whose readers have finished; this iteration's free ones retire behind a fence."""
+        if self._row_commits is not None:
+            self._row_commits.flush(self._factory.fence(streams))
+
+    def release_free_rows_now(self) -> int:
+        """Release every granule no row holds, waiting for the device first (idle, or a
+        failed commit)."""
+        if self._row_commits is None:
+            return 0
+        return self._row_commits.flush()
+
+    def _release_rows(self, indices: list[int]) -> None:
+        if self._row_commits is not None:
+            for row in indices:
+                self._row_commits.drop(row)
+            return
+        gran = self._backing.granularity
+        for row in indices:
+            lo = -(-(row * self._row_bytes) // gran) * gran
+            hi = ((row + 1) * self._row_bytes) // gran * gran
+            if hi > lo:
+                self._backing.discard(lo, hi - lo)
+
+    def free_rows(self, indices: list[int]) -> None:
+        super().free_rows(indices)
+        self._release_rows(list(indices))
+
+    def clear(self) -> None:
+        super().clear()
+        if self._row_commits is not None:
+            for row in range(1, self._alloc_size):
+                self._row_commits.drop(row)
+
+    def committed_bytes(self) -> int | None:
+        """Committed explicitly (GPU); None where the kernel commits on write (CPU)."""
+        return None if self._row_commits is None else self._row_commits.committed_bytes
+
+    def resident_bytes(self) -> int:
+        """Bytes of this table resident (pages written since their last release on the CPU,
+        committed granules on a GPU)."""
+        if self._row_commits is not None:
+            return self._row_commits.committed_bytes
+        import mmap as _mmap
+
+        base = self.req_to_token.data_ptr()
+        n = self._backing.reserved_bytes
+        return _resident_bytes(base, n, _mmap.PAGESIZE)
+
+
+def _target_len(req: Req) -> int:
+    """Positions of the request's row written by its next extend (and one decode step)."""
+    extend_end = getattr(req, "extend_end", None)
+    length = len(req.origin_input_ids) + len(req.output_ids)
+    if isinstance(extend_end, int):
+        length = max(length, extend_end)
+    return length + 1
+
+
+def _resident_bytes(addr: int, nbytes: int, page: int) -> int:
+    """mincore(2) over a range: how much of it is resident."""
+    import ctypes
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    npages = (nbytes + page - 1) // page
+    vec = (ctypes.c_ubyte * npages)()
+    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), vec) != 0:
+        return -1
+    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
