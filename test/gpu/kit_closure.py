@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     finder = None if args.no_hide else install_hiding()
     if args.fake_cuda:
         fake_cuda()
+    # Upstream's benchmarks import HF datasets, which the GPU machine lacks: stubbed.
+    datasets_stub = kit_spec.ensure_datasets_importable()
     results = check_imports(args.modules)
     import sgl_kernel
 
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "ok": all(r["ok"] for r in results.values()),
         "refused": finder.refused if finder else {},
         "sgl_kernel": getattr(sgl_kernel, "__file__", None),
+        "datasets_stub": datasets_stub,
+        "sgl_kernel_submodules": sorted(m for m in sys.modules if m.startswith("sgl_kernel.")),
+        "sgl_kernel_missing_ops_bound": stand_in_missing_ops(),
         "distributions_used": sorted(_used_distributions(finder)) if finder else [],
         "python": sys.version.split()[0],
     }
@@ -182,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     if finder and finder.refused:
         print("refused:", json.dumps(finder.refused, indent=1))
     return 0 if report["ok"] else 1
+
+
+def stand_in_missing_ops() -> list[str]:
+    """The stand-in's MissingKernel names upstream bound so far (none if not the stand-in)."""
+    names = list(getattr(sys.modules.get("sgl_kernel"), "KIT_MISSING_RESOLVED", []))
+    helper = sys.modules.get("sgl_kernel._missing")
+    names += getattr(helper, "RESOLVED", [])
+    return sorted(set(names))
 
 
 def _used_distributions(finder: HideFinder) -> set[str]:

@@ -132,6 +132,8 @@ SERVER_ENV = {
     "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python",
     # No sglang-kernel distribution is installed: upstream's start-up version check would stop.
     "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
+    # One JIT cache for every kit process (upstream compiles its store_cache kernel once).
+    "SGLANG_JIT_CACHE_DIR": "/tmp/sglang-kvalloc-kit-jit",
     "PYTHONUNBUFFERED": "1",
 }
 # Flags every GPU kit server gets: triton attention, decode graphs on, prefill graphs off
@@ -145,7 +147,12 @@ GPU_SERVER_ARGS = [
     "none",
     "--cuda-graph-backend-prefill",
     "disabled",
+    "--cuda-graph-max-bs-decode",
+    "32",
 ]
+# Tried in order when a server does not start with GPU_SERVER_ARGS alone; the kit keeps the
+# first set that starts and says so (decode graphs off is a finding, not a pass).
+GPU_FALLBACK_ARGS: list[list[str]] = [[], ["--cuda-graph-backend-decode", "disabled"]]
 
 
 def normalize(name: str) -> str:
@@ -171,3 +178,28 @@ def kit_distributions() -> set[str]:
 def is_pruned(rel: str) -> bool:
     """Whether ``rel`` (a path inside the ``sglang`` package, '/'-separated) stays behind."""
     return any(fnmatch.fnmatch(rel, pattern) for pattern in PRUNED)
+
+
+def ensure_datasets_importable() -> str | None:
+    """Upstream's benchmark package imports HF ``datasets`` (its MMMU loader) at import time;
+    the GPU machine has none and random-ids never loads a dataset. Where it does not import,
+    a stub whose ``load_dataset`` raises takes its place. Returns why, or None."""
+    import sys
+    import types
+
+    if "datasets" in sys.modules:
+        return getattr(sys.modules["datasets"], "KIT_STUB_REASON", None)
+    try:
+        import datasets  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure: the stub
+        reason = f"{type(exc).__name__}: {exc}"
+        stub = types.ModuleType("datasets")
+
+        def load_dataset(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"the GPU kit has no HF datasets ({reason})")
+
+        stub.load_dataset = load_dataset  # type: ignore[attr-defined]
+        stub.KIT_STUB_REASON = reason  # type: ignore[attr-defined]
+        sys.modules["datasets"] = stub
+        return reason
+    return None

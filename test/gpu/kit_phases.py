@@ -1,0 +1,284 @@
+"""The kit's server phases: static, then segmented (both stay up), the benchmark between
+them, their stops, then auto at a 10M context. Each returns its JSON-ready record and adds
+checks; ``kit_run`` writes the results after every phase."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kit_bench
+import kit_work
+from kit_server import KitServer, Memory
+from kit_work import Checks, Workload
+
+STRICT_IDLE = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+LONG_CONTEXT = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+
+
+@dataclass
+class Profile:
+    """Everything that differs between the GPU run and its CPU proof."""
+
+    name: str
+    device: str
+    common_args: list[str]
+    fallback_args: list[list[str]]
+    segment_tokens: int
+    idle_cache_tokens: int
+    hold_off_s: float
+    auto_args: list[str]
+    work: Workload
+    start_timeout: float
+    idle_timeout: float
+    bench_loads: dict[str, dict[str, int]]
+    bench_rounds: int
+    pause_others: bool
+    kv_bytes_per_token: int = 0
+
+    def segmented_args(self) -> list[str]:
+        return [
+            "--kv-alloc-mode", "segmented", "--kv-segment-tokens", str(self.segment_tokens),
+            "--kv-segment-hold-off", str(self.hold_off_s),
+            "--kv-idle-cache-tokens", str(self.idle_cache_tokens),
+        ]  # fmt: skip
+
+
+@dataclass
+class Stage:
+    """What the phases share: the model, the servers up, the outputs to compare."""
+
+    profile: Profile
+    model: Path
+    out: Path
+    memory: Memory
+    checks: Checks
+    extra_args: list[str] | None = None
+    servers: dict[str, KitServer] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+
+def launch(
+    stage: Stage, name: str, mode_args: list[str], env: dict[str, str], timeout: float
+) -> tuple[KitServer, dict[str, Any]]:
+    """Start a server; the first time, try the fallback argument sets in order and keep the
+    first that starts. Returns the server and what its start cost."""
+    p = stage.profile
+    tries = [stage.extra_args] if stage.extra_args is not None else p.fallback_args
+    failures = []
+    for extra in tries:
+        server = KitServer(
+            name,
+            stage.model,
+            [*p.common_args, *extra, *mode_args],
+            p.device,
+            stage.out / f"server-{name}.log",
+            env=env,
+        )
+        before = stage.memory.reading()
+        try:
+            seconds = server.start(timeout=timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            server.stop()
+            failures.append({"extra_args": extra, "error": str(exc)[-4000:]})
+            continue
+        stage.extra_args = extra
+        stage.servers[name] = server
+        record = {
+            "args": server.args,
+            "start_seconds": round(seconds, 1),
+            "failed_tries": failures,
+            "memory_before": before,
+            "memory_start": stage.memory.reading([server]),
+            "kv_start": server.kv(),
+        }
+        return server, record
+    raise RuntimeError(f"{name} server did not start: {failures}")
+
+
+def _footprint(stage: Stage, name: str, record: dict[str, Any], key: str) -> int | None:
+    """Device memory the server holds in a reading: per process (nvidia-smi), else the drop
+    in the device's free memory since before its launch."""
+    reading = record[key]
+    own = reading.get(f"{name}_process_bytes")
+    if own:
+        return int(own)
+    before = stage.memory.free_bytes(record["memory_before"])
+    now = stage.memory.free_bytes(reading)
+    return None if before is None or now is None else before - now
+
+
+def static_phase(stage: Stage, timeout: float) -> dict[str, Any]:
+    p = stage.profile
+    server, record = launch(stage, "static", ["--kv-alloc-mode", "static"], {}, timeout)
+    record["work"] = kit_work.run(server, p.work, stage.memory)
+    record["memory_after_work"] = stage.memory.reading([server])
+    kit_work.standard_checks(stage.checks, "static", record["work"], p.work)
+    stage.checks.add("static: mode is static", record["kv_start"].get("mode") == "static")
+    stage.outputs["static"] = record["work"]
+    record["footprint_start_bytes"] = _footprint(stage, "static", record, "memory_start")
+    if p.pause_others:
+        server.pause()
+    return record
+
+
+def segmented_phase(stage: Stage, timeout: float) -> dict[str, Any]:
+    p, checks = stage.profile, stage.checks
+    server, record = launch(stage, "segmented", p.segmented_args(), STRICT_IDLE, timeout)
+    kv0 = record["kv_start"]
+    seg0 = kv0.get("segments") or {}
+    record["work"] = work = kit_work.run(server, p.work, stage.memory)
+    kit_work.standard_checks(checks, "segmented", work, p.work)
+    record["tokens_vs_static"] = cmp = kit_work.compare(stage.outputs.get("static", {}), work)
+    checks.add("segmented: sequential tokens equal static's", cmp["sequential"]["all_equal"], cmp)
+    checks.add("segmented: prefix-hit tokens equal static's", cmp["prefix"]["all_equal"])
+    # Concurrent batches may differ in composition between runs: reported, not required.
+    checks.add("segmented: burst tokens equal static's", cmp["burst"]["all_equal"], strict=False)
+    checks.add("segmented: mode is segmented", kv0.get("mode") == "segmented", kv0.get("reason"))
+
+    # What the log said it committed at start is what /server_info says.
+    log_mb = kit_work.log_committed_mb(server.log())
+    seg_bytes = p.segment_tokens * p.kv_bytes_per_token
+    committed0 = seg0.get("committed_bytes")
+    record["start_commit"] = {"log_mb": log_mb, "server_info_bytes": committed0}
+    checks.add(
+        "segmented: committed at start is what the log says",
+        log_mb is not None and committed0 is not None and abs(log_mb * 1e6 - committed0) < 1e4,
+        record["start_commit"],
+    )
+    peak = max((kit_work._committed(s["kv"]) or 0 for s in work["busy_samples"]), default=0)
+    longest = max(p.work.sequential + p.work.burst)
+    record["peak_committed_bytes"] = peak
+    checks.add(
+        "segmented: requests spanned many segments",
+        (kv := server.kv()).get("segments", {}).get("peak_committed_segments", 0)
+        >= longest // p.segment_tokens,
+        kv.get("segments"),
+    )
+    static_rec = stage.baseline.get("static", {})
+    pool = (static_rec.get("kv_start") or {}).get("token_capacity", 0) * p.kv_bytes_per_token
+    own = _footprint(stage, "segmented", record, "memory_start")
+    record["footprint_start_bytes"] = own
+    if (
+        stage.profile.device == "cuda"
+        and own is not None
+        and static_rec.get("footprint_start_bytes")
+    ):
+        saving = static_rec["footprint_start_bytes"] - own
+        record["start_saving_vs_static_bytes"] = saving
+        checks.add(
+            "segmented: holds less device memory at start than static (by most of the pool)",
+            saving >= 0.8 * (pool - (committed0 or 0)),
+            {"saving": saving, "static_pool_bytes": pool, "committed_at_start": committed0},
+        )
+
+    # Idle: the hold-off passes, the idle policy evicts and trailing segments go back.
+    busy = stage.memory.reading([server])
+    limit = (committed0 or 0) + seg_bytes + p.idle_cache_tokens * p.kv_bytes_per_token
+    record["idle"] = idle = kit_work.wait_idle(server, limit, p.idle_timeout)
+    idle["memory"] = stage.memory.reading([server])
+    idle["memory_busy"] = busy
+    committed_idle = kit_work._committed(idle["kv"]) or 0
+    checks.add(
+        "segmented: committed memory given back when idle",
+        committed_idle <= limit and peak > committed_idle,
+        {"peak": peak, "idle": committed_idle, "limit": limit, "seconds": idle["seconds"]},
+    )
+    if p.device == "cuda":
+        free_busy = stage.memory.free_bytes(busy)
+        free_idle = stage.memory.free_bytes(idle["memory"])
+        released = peak - committed_idle
+        if free_busy is not None and free_idle is not None:
+            idle["device_free_gain_bytes"] = free_idle - free_busy
+            checks.add(
+                "segmented: the device's free memory rises when idle",
+                free_idle - free_busy >= 0.5 * released - seg_bytes,
+                {"free_gain": free_idle - free_busy, "released_by_server_info": released},
+            )
+    log = server.log()
+    checks.add(
+        "segmented: no leak found by upstream's strict idle check",
+        "memory leak detected" not in log,
+    )
+    checks.add("segmented: server alive after idle", server.alive())
+    record["log_lines"] = [
+        line for line in log.splitlines() if "egment" in line and "server_args" not in line
+    ][:16]
+    stage.outputs["segmented"] = work
+    if p.pause_others:
+        server.pause()
+    return record
+
+
+def bench_phase(stage: Stage, budget_s: float) -> dict[str, Any]:
+    p = stage.profile
+    servers = {m: stage.servers[m] for m in ("static", "segmented")}
+
+    def partial(data: dict[str, Any]) -> None:
+        stage.baseline["bench_partial"] = data
+
+    return kit_bench.compare(
+        servers, stage.model, p.bench_loads, budget_s, p.bench_rounds, p.pause_others, partial
+    )
+
+
+def stop_phase(stage: Stage) -> dict[str, Any]:
+    """Stop segmented, then static; the device's free memory after each."""
+    record: dict[str, Any] = {}
+    for name in ("segmented", "static"):
+        server = stage.servers.pop(name, None)
+        if server is None:
+            continue
+        server.stop()
+        time.sleep(2 if stage.profile.device == "cuda" else 0)
+        record[name] = stage.memory.reading()
+    if stage.profile.device == "cuda" and "static" in record:
+        first = stage.baseline.get("static", {}).get("memory_before", {})
+        before, after = stage.memory.free_bytes(first), stage.memory.free_bytes(record["static"])
+        if before is not None and after is not None:
+            record["free_vs_before_static_bytes"] = after - before
+            stage.checks.add(
+                "all servers stopped: the device's free memory is back",
+                after - before >= -512 * (1 << 20),
+                after - before,
+            )
+    return record
+
+
+def auto_phase(stage: Stage, timeout: float) -> dict[str, Any]:
+    """``--kv-alloc-mode auto --context-length 10000000`` with upstream's override, as a user
+    types it (upstream's default pool); sequential and prefix requests against static's."""
+    p = stage.profile
+    args = ["--kv-alloc-mode", "auto", "--context-length", "10000000", *p.auto_args]
+    server, record = launch(stage, "auto", args, LONG_CONTEXT, timeout)
+    try:
+        kv = record["kv_start"]
+        prompts = p.work.prompts()
+        outs = [kit_work.greedy(server, ids, p.work.new_tokens) for ids in prompts["sequential"]]
+        record["sequential"] = [o.get("output_ids") for o in outs]
+        ref = [r["output_ids"] for r in stage.outputs.get("static", {}).get("sequential", [])]
+        record["kv_after"] = server.kv()
+        record["log_lines"] = [
+            line
+            for line in server.log().splitlines()
+            if ("auto" in line or "KV allocation" in line or "egment" in line)
+            and "server_args" not in line
+        ][:16]
+        stage.checks.add(
+            "auto: chose a mode and an effective context",
+            kv.get("mode") in ("static", "segmented") and kv.get("effective_context_length"),
+            {
+                k: kv.get(k)
+                for k in ("mode", "reason", "effective_context_length", "token_capacity")
+            },
+        )
+        stage.checks.add("auto: tokens equal static's", record["sequential"] == ref)
+    finally:
+        server.stop()
+        stage.servers.pop("auto", None)
+        time.sleep(2 if p.device == "cuda" else 0)
+        record["memory_after_stop"] = stage.memory.reading()
+    return record
