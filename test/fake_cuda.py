@@ -18,7 +18,9 @@ are cuda-python's own ``CUresult`` members):
   releasing an unknown (or already released) handle is a test failure, as it is undefined
   behaviour on the real driver;
 - ``cuMemAddressFree`` takes exactly a reservation with no mapping left in it;
-- device memory is finite (``capacity``), and any call can be made to fail (``fail_next``).
+- device memory is finite (``capacity``), and any call can be made to fail (``fail_next``);
+- new memory can be made dirty (``dirty_new_memory``), as a GPU's is: nothing reads zeros
+  that it did not write, except through the scratch granule the backing zeroes itself.
 """
 
 from __future__ import annotations
@@ -95,11 +97,14 @@ class FakeDriver:
         min_granularity: int = 64 * 1024,
         recommended_granularity: int = 2 * MIB,
         vmm_supported: bool = True,
+        dirty_new_memory: bool = False,
     ) -> None:
         self.capacity = capacity
         self.min_granularity = min_granularity
         self.recommended_granularity = recommended_granularity
         self.vmm_supported = vmm_supported
+        # A GPU's fresh memory is not zeroed: with this, new handles hold a 0xAB pattern.
+        self.dirty_new_memory = dirty_new_memory
         self.handles: dict[int, _Handle] = {}
         self.reservations: list[_Reservation] = []  # sorted by start
         self._next_handle = 1
@@ -200,6 +205,10 @@ class FakeDriver:
             return (OUT_OF_MEMORY, None)
         fd = os.memfd_create("fake-cuda-handle")
         os.ftruncate(fd, size)
+        if self.dirty_new_memory:
+            chunk = b"\xab" * min(size, MIB)
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk[: size - offset], offset)
         handle = self._next_handle
         self._next_handle += 1
         self.handles[handle] = _Handle(size=size, fd=fd)
@@ -390,3 +399,70 @@ class FakeFence:
 
     def done(self) -> bool:
         return self.passed
+
+
+# -- the fake as a server's driver (test/e2e: SGLANG_KVALLOC_TEST_VMM_API=fake_cuda:server_api)
+
+SERVER_REPORT_ENV = "SGLANG_KVALLOC_FAKE_CUDA_REPORT"
+SERVER_GRANULARITY_ENV = "SGLANG_KVALLOC_FAKE_CUDA_GRANULARITY"
+SERVER_CAPACITY_ENV = "SGLANG_KVALLOC_FAKE_CUDA_CAPACITY"
+
+
+class ServerFakeVmmApi(FakeVmmApi):
+    """The fake driver in a CPU-engine server: the engine runs each step to its end before
+    the scheduler goes on, so fences have passed by the time anyone asks. Fresh memory is
+    dirty, as a GPU's. Every half second it writes what the tests check to a JSON file:
+    device synchronizes, memory held and whether the shared scratch granule (the first handle
+    the backing creates) still holds only zeros."""
+
+    def __init__(self, driver: FakeDriver, report: str | None) -> None:
+        super().__init__(driver)
+        self._report = report
+        if report:
+            import threading
+
+            threading.Thread(target=self._report_loop, daemon=True).start()
+
+    def record_fence(self, streams: tuple[Any, ...] = ()) -> FakeFence:
+        fence = FakeFence()
+        fence.passed = True
+        return fence
+
+    def report(self) -> dict[str, Any]:
+        drv = self.driver
+        scratch = drv.handles.get(1)
+        nonzero = -1
+        if scratch is not None:
+            data = os.pread(scratch.fd, scratch.size, 0)
+            nonzero = scratch.size - data.count(0)
+        return {
+            "device_synchronizes": self.syncs,
+            "physical_bytes": drv.physical_bytes,
+            "live_handles": drv.live_handles,
+            "scratch_mappings": scratch.refs - 1 if scratch is not None else 0,
+            "scratch_nonzero_bytes": nonzero,
+            "calls": dict(drv.calls),
+        }
+
+    def _report_loop(self) -> None:
+        import json
+        import time
+
+        while True:
+            time.sleep(0.5)
+            tmp = f"{self._report}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.report(), f)
+            os.replace(tmp, self._report)
+
+
+def server_api() -> ServerFakeVmmApi:
+    """The `VmmApi` a CPU-engine server builds from the environment (see the constants)."""
+    granularity = int(os.environ.get(SERVER_GRANULARITY_ENV, 64 * 1024))
+    driver = FakeDriver(
+        capacity=int(os.environ.get(SERVER_CAPACITY_ENV, 2048 * MIB)),
+        min_granularity=granularity,
+        recommended_granularity=granularity,
+        dirty_new_memory=True,
+    )
+    return ServerFakeVmmApi(driver, os.environ.get(SERVER_REPORT_ENV))

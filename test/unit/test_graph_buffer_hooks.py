@@ -267,7 +267,7 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
         TritonAttnBackend.init_cuda_graph_state, backend, 8, 8
     )
     runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
-    graph_buffers.around_capture(lambda r: None, runner)  # capture's fill is committed before it writes
+    graph_buffers.around_capture(lambda r: None, runner)  # the fill is committed first
     assert graph_buffers.BUFFERS[0].committed_bytes == G
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
@@ -618,3 +618,39 @@ def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None
     cpu = _gpu_configurator("deepseek-v3", attention_backend="flashmla")
     cpu.device = "cpu"
     assert pools.uncovered_graph_backend(cpu) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        ({"enable_dp_attention": True, "tp_size": 2, "dp_size": 2}, "--enable-dp-attention"),
+        (
+            {
+                "enable_dp_attention": True,
+                "tp_size": 2,
+                "dp_size": 2,
+                "cuda_graph_backend_decode": "disabled",
+            },
+            None,
+        ),  # fmt: skip
+        ({"pp_size": 2}, "--pp-size"),
+        ({}, None),
+    ],
+)
+def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
+    monkeypatch, flags, refused
+) -> None:
+    """DP attention ranks choose graph or eager together before each forward, pipeline stages
+    schedule apart; segmented agrees within attention TP only, so it refuses (auto then keeps
+    static where static fits, as for any refusal from `_open_backings`)."""
+    from sglang_kvalloc.upstream import pools, segmented
+
+    monkeypatch.setattr(segmented, "open_backings", lambda device: None)
+    configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton", **flags)
+    if refused is None:
+        pools._open_backings(configurator)
+        return
+    with pytest.raises(modes.KvAllocModeError) as error:
+        pools._open_backings(configurator)
+    assert "\n" not in str(error.value) and refused in str(error.value)
+    assert "--kv-alloc-mode static" in str(error.value)

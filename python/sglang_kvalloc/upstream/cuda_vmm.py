@@ -53,6 +53,7 @@ class UpstreamVmmApi:
         self._utils = cuda_vmm_utils
         self.device_id = int(device_id)
         self._local = threading.local()
+        self.syncs = 0  # device synchronizes the backing asked for (reported in stats)
         try:
             err, version = driver.cuDriverGetVersion()
         except RuntimeError as exc:  # no libcuda: cuda.pathfinder's DynamicLibNotFoundError
@@ -91,6 +92,7 @@ class UpstreamVmmApi:
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device_id)
+        self.syncs += 1
 
     def bind_thread(self) -> None:
         torch.cuda.set_device(self.device_id)

@@ -299,6 +299,9 @@ def _open_backings(configurator: Any) -> None:
     from sglang_kvalloc.upstream.segmented import open_backings
 
     open_backings(str(configurator.device))
+    problem = unsupported_parallelism(configurator)
+    if problem is not None:
+        raise modes.KvAllocModeError(problem)
     backend = uncovered_graph_backend(configurator)
     if backend is not None:
         raise modes.KvAllocModeError(
@@ -307,6 +310,32 @@ def _open_backings(configurator: Any) -> None:
             f"context); use --attention-backend fa3 or triton (flashinfer too, except for MLA "
             f"models), or --cuda-graph-backend-decode=disabled"
         )
+
+
+def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
+    """Why segmented mode cannot run with the parallelism asked for, as one line (None if it
+    can). Its commits and graph-or-eager choices are agreed within attention TP only: with
+    pipeline stages, or with DP attention ranks that decide graph or eager together before
+    each forward (`can_run_decode_cuda_graph`), ranks could go different ways."""
+    server_args = configurator.server_args
+    if int(getattr(server_args, "pp_size", 1) or 1) > 1:
+        return (
+            "--kv-alloc-mode segmented does not agree its commits across pipeline stages: "
+            "use --kv-alloc-mode static with --pp-size > 1"
+        )
+    if not getattr(server_args, "enable_dp_attention", False):
+        return None
+    if not str(configurator.device).startswith("cuda"):
+        return None
+    from sglang.srt.arg_groups.overrides import resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    if _decode_graphs_disabled(resolving_view(server_args), Backend.DISABLED):
+        return None
+    return (
+        "--kv-alloc-mode segmented does not agree graph-or-eager across --enable-dp-attention "
+        "ranks: use --kv-alloc-mode static, or --cuda-graph-backend-decode=disabled"
+    )
 
 
 # Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,11 @@ class SegmentSettings:
 SETTINGS = SegmentSettings()
 
 
+# CI only: "module:callable" returning a `VmmApi` (the fake driver), so the CPU engine serves
+# over the CUDA VMM backing and every GPU code path of the plugin (test/e2e).
+TEST_VMM_API_ENV = "SGLANG_KVALLOC_TEST_VMM_API"
+
+
 def open_backings(device: str) -> BackingFactory:
     """Make (once) and install the backing factory of ``device``: the CPU mmap one, or the
     CUDA VMM one, which checks the device, the driver and the environment first. A device
@@ -73,6 +79,8 @@ def open_backings(device: str) -> BackingFactory:
     from sglang_kvalloc import modes
     from sglang_kvalloc.core.backing import BackingUnavailableError
 
+    if os.environ.get(TEST_VMM_API_ENV) and device.startswith("cpu"):
+        return _test_vmm_backings(os.environ[TEST_VMM_API_ENV])
     if device.startswith("cpu"):
         if not isinstance(SETTINGS.backings, CpuBackingFactory):
             SETTINGS.backings = CpuBackingFactory()
@@ -108,6 +116,22 @@ def open_backings(device: str) -> BackingFactory:
         device,
         SETTINGS.backings.granularity >> 20,
     )
+    return SETTINGS.backings
+
+
+def _test_vmm_backings(spec: str) -> BackingFactory:
+    """The CUDA VMM backing over the `VmmApi` that ``spec`` ("module:callable") makes: the
+    CPU engine then runs the plugin's GPU paths (explicit commits, fixed RoPE, fences)."""
+    import importlib
+
+    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
+
+    if isinstance(SETTINGS.backings, CudaBackingFactory):
+        return SETTINGS.backings
+    module, _, name = spec.partition(":")
+    api = getattr(importlib.import_module(module), name)()
+    SETTINGS.backings = CudaBackingFactory(VmmDevice.get(api, 0))
+    logger.warning("%s=%s: the CUDA VMM backing runs over a test driver.", TEST_VMM_API_ENV, spec)
     return SETTINGS.backings
 
 

@@ -46,6 +46,22 @@ class KvAllocState:
 
         if graph_buffers.BUFFERS:
             out.update(graph_buffers.stats())
+        from sglang_kvalloc.upstream.segmented import SETTINGS
+
+        device = getattr(SETTINGS.backings, "device", None)
+        if device is not None:  # the CUDA VMM backing: how much driver work serving took
+            out["vmm"] = {
+                "device_synchronizes": int(getattr(device.api, "syncs", 0)),
+                "handles_created": device.handles_created,
+                "spare_hits": device.spare_hits,
+                "spare_misses": device.spare_misses,
+                "reclaims": device.reclaims,
+            }
+        rows = getattr(self.req_to_token_pool, "row_commit_failures", None)
+        if rows is not None:
+            out["req_to_token_row_commit_failures"] = rows
+        out["rope_committed_bytes"] = self.rope_committed_bytes
+        out["run_time_room_bytes"] = self.run_time_room_bytes
         resident = getattr(self.req_to_token_pool, "resident_bytes", None)
         if include_resident and resident is not None:
             out["req_to_token_resident_bytes"] = resident()
