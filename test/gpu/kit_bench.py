@@ -49,6 +49,12 @@ def interval(ratios: list[float]) -> list[float] | None:
     return [round(math.exp(mean - half), 4), round(math.exp(mean + half), 4)]
 
 
+def prefetch() -> None:
+    """Import upstream's benchmark ahead (seconds of imports), e.g. while a server starts."""
+    kit_spec.ensure_datasets_importable()
+    import sglang.benchmark.serving  # noqa: F401
+
+
 def bench_once(url: str, model: Path, load: dict[str, int], seed: int) -> dict[str, Any]:
     """One ``sglang.bench_serving`` run (random-ids, all requests at once); its figures."""
     kit_spec.ensure_datasets_importable()
@@ -84,6 +90,7 @@ def compare(
     max_rounds: int,
     pause_others: bool,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    warmup: bool = True,
 ) -> dict[str, Any]:
     """Rounds of every load on ``servers['static']`` and ``servers['segmented']`` until
     ``max_rounds`` or the budget (a round is not started unless the last one would fit)."""
@@ -99,7 +106,7 @@ def compare(
                 (other.resume if other is server else other.pause)()
         return bench_once(server.url, model, loads[name], seed)
 
-    for mode in order:  # warm-up: first requests compile kernels and fault memory in
+    for mode in order if warmup else []:  # first requests compile kernels, fault memory in
         for name in loads:
             run(mode, name, seed=1)
     warm = time.monotonic() - started

@@ -102,6 +102,9 @@ class HideFinder(importlib.abc.MetaPathFinder):
 
 def install_hiding() -> HideFinder:
     """Put the hiding finder in the PathFinder's place and the stand-in first on sys.path."""
+    for existing in sys.meta_path:
+        if type(existing).__name__ == "HideFinder":  # sitecustomize put one there already
+            return existing  # type: ignore[return-value]
     allowed = kit_spec.gpu_machine_packages() | kit_spec.kit_distributions()
     stand_in = str(kit_spec.STAND_IN)
     if stand_in not in sys.path:

@@ -36,6 +36,7 @@ class Profile:
     bench_loads: dict[str, dict[str, int]]
     bench_rounds: int
     pause_others: bool
+    bench_warmup: bool = True
     kv_bytes_per_token: int = 0
 
     def segmented_args(self) -> list[str]:
@@ -221,7 +222,14 @@ def bench_phase(stage: Stage, budget_s: float) -> dict[str, Any]:
         stage.baseline["bench_partial"] = data
 
     return kit_bench.compare(
-        servers, stage.model, p.bench_loads, budget_s, p.bench_rounds, p.pause_others, partial
+        servers,
+        stage.model,
+        p.bench_loads,
+        budget_s,
+        p.bench_rounds,
+        p.pause_others,
+        partial,
+        warmup=p.bench_warmup,
     )
 
 

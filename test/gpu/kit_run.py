@@ -85,6 +85,7 @@ def profiles(name: str) -> Any:
         bench_loads={"decode": {"input_len": 16, "output_len": 8, "prompts": 4}},
         bench_rounds=2,
         pause_others=True,
+        bench_warmup=False,
     )  # fmt: skip
 
 
@@ -242,6 +243,8 @@ def imports_phase(kit: Kit, record: dict[str, Any], hide: bool) -> None:
     # On the GPU the machine is the truth; on the CPU everything it lacks is hidden and torch
     # reports an H100, so upstream's CUDA import branches run (imports only).
     cmd += ["--fake-cuda"] if hide else ["--no-hide"]
+    if not hide and os.environ.get("KIT_FAKE_CUDA") == "1":  # a rehearsal without a GPU
+        cmd.append("--fake-cuda")
     try:
         run(cmd, 300, env)
     finally:
@@ -373,6 +376,13 @@ def _server_phases(kit: Kit, stage: Any) -> None:
 
     def timeout() -> float:
         return max(30.0, min(stage.profile.start_timeout, kit.remaining() - 20))
+
+    if "bench" in kit.phases:  # upstream's benchmark imports while the first server starts
+        import threading
+
+        import kit_bench
+
+        threading.Thread(target=kit_bench.prefetch, daemon=True).start()
 
     with kit.phase("static") as rec:
         if rec is not None:

@@ -84,6 +84,7 @@ KIT_WHEELS = [
     # the build backend of this repository's package (installed editable, as setup.sh does)
     "hatchling",
     "editables",
+    "tomlkit",
     "trove-classifiers",
 ]
 

@@ -29,6 +29,17 @@ def _become_stand_in() -> None:
     module.__package__ = module.__name__
     module.__version__ = "0.0.0+sglang-kvalloc-gpu-kit-stand-in"
     module.SGLANG_KVALLOC_STAND_IN = True
+    # Which missing ops upstream bound (``from sgl_kernel import x``): the kit reports them.
+    resolved: list[str] = []
+    fallback = module.__getattr__
+
+    def __getattr__(name: str) -> object:  # noqa: N807 - module-level __getattr__
+        value = fallback(name)
+        resolved.append(name)
+        return value
+
+    module.__getattr__ = __getattr__
+    module.KIT_MISSING_RESOLVED = resolved
 
 
 _become_stand_in()

@@ -8,6 +8,7 @@ from typing import Any
 from sglang_kvalloc.kernels.sgl_kernel_cpu import MissingKernel
 
 REASON = "sglang-kvalloc GPU kit stand-in: sglang-kernel's CUDA build cannot travel"
+RESOLVED: list[str] = []  # "submodule.name" of every missing op upstream bound
 
 
 def missing_getattr(module_name: str) -> Callable[[str], Any]:
@@ -16,6 +17,7 @@ def missing_getattr(module_name: str) -> Callable[[str], Any]:
     def __getattr__(name: str) -> Any:  # noqa: N807 - module-level __getattr__
         if name.startswith("__"):
             raise AttributeError(name)
+        RESOLVED.append(f"{module_name}.{name}")
         return MissingKernel(f"{module_name}.{name}", REASON)
 
     return __getattr__
