@@ -25,9 +25,10 @@ from conftest import hf_greedy
 from sglang_kvalloc.serving import LocalServer, http_json
 
 TEST_DIR = Path(__file__).resolve().parents[1]
-GRANULE = 16 * 1024  # 4,096 req_to_token entries: long prompts span several row granules
+GRANULE = 4096  # 1,024 req_to_token entries: prompts span several row granules
 CONTEXT = 100_000
-PROMPTS = (17, 900, 4090, 12_000)  # 4090 + decode crosses a row granule; 12K: 12 segments
+PROMPTS = (17, 900, 4090, 12_000)  # 12K: 12 KV segments of 1,024 tokens
+LONG_DECODE = 1100  # more positions than a row granule holds: decode must grow the row
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,15 @@ def test_tokens_equal_hf_across_segments_rows_and_prefix_hits(
     assert seg["req_to_token_row_commit_failures"] == 0
 
 
+def test_a_long_decode_grows_its_row_and_equals_hf(
+    fake_gpu_server: LocalServer, prompts: list[list[int]], hf_model
+) -> None:
+    """Decode positions past the granules committed at admission: committed inside upstream's
+    decode-memory check before they are written (else they land on the scratch granule)."""
+    out = _greedy(fake_gpu_server, prompts[0], LONG_DECODE)["output_ids"]
+    assert out == hf_greedy(hf_model, prompts[0], LONG_DECODE)
+
+
 def test_a_burst_with_an_abort_then_idle_gives_memory_back(
     fake_gpu_server: LocalServer, prompts: list[list[int]], hf_model
 ) -> None:
@@ -162,7 +172,8 @@ def test_steady_serving_waits_for_no_device(
         grown = (kv_after["commits"] - kv_before["commits"]) + (
             kv_after["releases"] - kv_before["releases"]
         )
-        assert after["device_synchronizes"] - before["device_synchronizes"] <= 2 * grown
+        # One device wait per segment committed or released (whatever the layer count).
+        assert after["device_synchronizes"] - before["device_synchronizes"] <= grown
 
 
 def test_the_scratch_granule_is_still_all_zeros(fake_gpu_server: LocalServer) -> None:

@@ -260,13 +260,15 @@ class SegmentedBuffers:
             return
         done: list[int] = []
         try:
+            # One device wait before the first buffer covers them all: nothing is queued
+            # in between (the mappings change on this thread only).
             for b, backing in enumerate(self.backings):
-                backing.commit(*self.byte_range(b, seg))
+                backing.commit(*self.byte_range(b, seg), unused=bool(done))
                 done.append(b)
         except BaseException:
             # All-or-nothing: a half-committed segment would leak memory nobody tracks.
             for b in done:
-                self.backings[b].release(*self.byte_range(b, seg))
+                self.backings[b].release(*self.byte_range(b, seg), unused=True)
             raise
         self._committed[seg] = True
 
@@ -276,8 +278,8 @@ class SegmentedBuffers:
             raise ValueError("segment 0 holds the padding slot and must stay committed")
         if not self._committed[seg]:
             return
-        for b, backing in enumerate(self.backings):
-            backing.release(*self.byte_range(b, seg))
+        for b, backing in enumerate(self.backings):  # one device wait, before the first
+            backing.release(*self.byte_range(b, seg), unused=b > 0)
         self._committed[seg] = False
 
     def is_committed(self, seg: int) -> bool:

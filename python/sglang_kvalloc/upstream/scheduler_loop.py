@@ -132,14 +132,13 @@ def _draft_tokens() -> int:
 
 
 def after_on_idle(result: Any, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
-    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments);
-    freed req_to_token rows go back at once (nothing runs: waiting costs nothing)."""
+    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments).
+    Freed req_to_token rows need nothing here: the idle loop still passes the sync point at
+    the top of each iteration, where their fences have passed."""
     if not scheduler.is_fully_idle():
         return None
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     idle_step = getattr(allocator, "idle_step", None)
-    if _commits_rows(scheduler):
-        scheduler.req_to_token_pool.release_free_rows_now()
     if idle_step is not None and idle_step(scheduler.tree_cache):
         from sglang_kvalloc.upstream import graph_buffers
 
