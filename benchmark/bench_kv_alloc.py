@@ -667,7 +667,7 @@ def render_md(data: dict[str, Any]) -> str:
         "the allocation mode changes in memory and start-up, and whether segmented mode costs "
         "serving speed on this engine; they say nothing about GPU speed, where segments are "
         "committed with the CUDA VMM driver calls instead of `madvise` (that backing's own "
-        "suite ran on one H100 on 2026-11-22, but no server has run on a GPU: see gpu.md)."
+        "suite ran on lent H100s, each run listed in gpu.md with what it covered)."
     )
     add("")
     add("## Findings in this run")

@@ -59,7 +59,7 @@ def test_10m_context_costs_what_2k_static_costs(tiny_model: Path) -> None:
     )
     code = failing.wait_exit(timeout=300)
     assert code != 0
-    assert "81960032784 bytes" in failing.log() or "memory" in failing.log().lower()
+    assert "81960032784 bytes" in failing.log()  # upstream's 2049 x 10M int32 table
 
 
 LONG = 12_000  # 12 segments of 1,024 tokens

@@ -306,7 +306,7 @@ def test_allocator_alloc_and_free_never_wait_for_the_device(vmm, results) -> Non
 # -- Speed: the same kernel over VMM-mapped K/V and over torch's own allocation -------------
 
 
-def test_decode_kernel_time_over_vmm_kv_equals_ordinary_memory(vmm, results) -> None:
+def test_decode_kernel_time_over_vmm_kv_within_5pct_of_ordinary_memory(vmm, results) -> None:
     """Upstream's triton decode over 1M cached tokens (4 requests x 250K, 8 KV heads x 128,
     bf16: 2 x 2 GB), K/V in 2 MiB VMM granules committed segment by segment against one
     cudaMalloc'ed buffer each; 30 interleaved rounds of 20 launches, timed with CUDA events.
@@ -367,7 +367,9 @@ def test_decode_kernel_time_over_vmm_kv_equals_ordinary_memory(vmm, results) -> 
         "ratio_ci95": [mean - half, mean + half],
         "rounds": len(ratios),
     }
-    assert mean < 1.10  # a mapping cost this large would be a finding, not noise
+    # Runs 7-11 measured a mean of 0.999-1.008 with intervals inside 0.98-1.02: a mapping
+    # cost would show as an interval above 1.05.
+    assert mean + half < 1.05
     del k_vmm, v_vmm
     buffers.close()
 

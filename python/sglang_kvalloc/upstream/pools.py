@@ -121,7 +121,12 @@ def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = T
             speculative_num_steps=int(view.speculative_num_steps or 0),
         )
     except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
-        logger.debug("cuda-graph buffer estimate skipped: %s", exc)
+        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
+        logger.warning(
+            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
+            "they are left out of auto's decision and the start-up figures.",
+            exc,
+        )
         return 0
     return sum(a.bytes for a in allocations if lazy_too or a.lazy is None)
 
