@@ -1,0 +1,27 @@
+"""Docs that are generated stay generated: the hook table of docs/design.md is the one
+`scripts/hook_table.py` renders from `upstream/plugin.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hook_table():
+    spec = importlib.util.spec_from_file_location("hook_table", ROOT / "scripts" / "hook_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_design_hook_table_is_generated_from_plugin() -> None:
+    table = _hook_table()
+    from sglang_kvalloc.upstream import plugin
+
+    assert table.current(), "docs/design.md lost its hook-table markers"
+    assert table.current() == table.render(), (
+        "docs/design.md's hook table is stale: run `python scripts/hook_table.py --write`"
+    )
+    assert f"{len(plugin.hooks())} hooks" in table.current()
