@@ -150,7 +150,7 @@ def segmented_phase(stage: Stage, timeout: float) -> dict[str, Any]:
         log_mb is not None and committed0 is not None and abs(log_mb * 1e6 - committed0) < 1e4,
         record["start_commit"],
     )
-    peak = max((kit_work._committed(s["kv"]) or 0 for s in work["busy_samples"]), default=0)
+    peak = max((kit_work.committed(s["kv"]) or 0 for s in work["busy_samples"]), default=0)
     longest = max(p.work.sequential + p.work.burst)
     record["peak_committed_bytes"] = peak
     checks.add(
@@ -178,11 +178,13 @@ def segmented_phase(stage: Stage, timeout: float) -> dict[str, Any]:
 
     # Idle: the hold-off passes, the idle policy evicts and trailing segments go back.
     busy = stage.memory.reading([server])
+    committed_busy = kit_work.committed(server.kv()) or 0
     limit = (committed0 or 0) + seg_bytes + p.idle_cache_tokens * p.kv_bytes_per_token
     record["idle"] = idle = kit_work.wait_idle(server, limit, p.idle_timeout)
     idle["memory"] = stage.memory.reading([server])
     idle["memory_busy"] = busy
-    committed_idle = kit_work._committed(idle["kv"]) or 0
+    idle["committed_busy_bytes"] = committed_busy
+    committed_idle = kit_work.committed(idle["kv"]) or 0
     checks.add(
         "segmented: committed memory given back when idle",
         committed_idle <= limit and peak > committed_idle,
@@ -191,7 +193,7 @@ def segmented_phase(stage: Stage, timeout: float) -> dict[str, Any]:
     if p.device == "cuda":
         free_busy = stage.memory.free_bytes(busy)
         free_idle = stage.memory.free_bytes(idle["memory"])
-        released = peak - committed_idle
+        released = committed_busy - committed_idle
         if free_busy is not None and free_idle is not None:
             idle["device_free_gain_bytes"] = free_idle - free_busy
             checks.add(

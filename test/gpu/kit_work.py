@@ -87,7 +87,7 @@ def _summary(resp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _committed(kv: dict[str, Any]) -> int | None:
+def committed(kv: dict[str, Any]) -> int | None:
     seg = kv.get("segments") or {}
     return seg.get("committed_bytes")
 
@@ -170,7 +170,7 @@ def wait_idle(
     """Poll /server_info until the KV committed bytes are at most ``limit_bytes``."""
     started = time.monotonic()
     kv = server.kv()
-    while time.monotonic() - started < timeout and (_committed(kv) or 0) > limit_bytes:
+    while time.monotonic() - started < timeout and (committed(kv) or 0) > limit_bytes:
         time.sleep(poll)
         kv = server.kv()
     return {"kv": kv, "seconds": round(time.monotonic() - started, 2)}
