@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
 # Set everything up, then run the test suite. `.ci/run` calls exactly this.
+# Two lanes, fail fast: the unit tests (seconds to minutes, no server), then the end-to-end
+# tests (real servers on 127.0.0.1; marked `e2e`). Arguments go to pytest as one run instead,
+# e.g. `bash scripts/test.sh test/unit/test_segments.py -x` or `bash scripts/test.sh -m e2e`.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
-set +e
-"$venv/bin/python" -m pytest test -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  --durations=15 "$@"
-status=$?
-set -e
-# pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
-if [ "$status" -eq 5 ]; then
-  echo "[test] pytest collected no tests" >&2
-  exit 1
+
+run_pytest() {
+  set +e
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    --durations=15 "$@"
+  local status=$?
+  set -e
+  # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
+  if [ "$status" -eq 5 ]; then
+    echo "[test] pytest collected no tests: $*" >&2
+    return 1
+  fi
+  return "$status"
+}
+
+if [ "$#" -gt 0 ]; then
+  run_pytest "$@"
+  exit $?
 fi
-exit "$status"
+start=$SECONDS
+echo "[test] lane 1/2: unit tests (test/unit, test/gpu: skipped without CUDA)"
+run_pytest test/unit test/gpu
+echo "[test] lane 1 passed in $((SECONDS - start)) s; lane 2/2: end-to-end tests (test/e2e)"
+run_pytest test/e2e
+echo "[test] both lanes passed in $((SECONDS - start)) s"

@@ -54,3 +54,14 @@ def parity_prompts(vocab_size: int, seed: int = 7) -> list[list[int]]:
     lengths = [5, 37, 300, 2300]
     # ids 3.. avoid the special tokens (bos=0, eos=1, pad=2).
     return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: starts real servers on 127.0.0.1 (test/e2e)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under test/e2e is `e2e` (`-m "not e2e"` keeps the fast lane)."""
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.e2e)
