@@ -43,6 +43,20 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:,.1f} MB"
 
 
+def _scheduler_rss(server: LocalServer) -> int | None:
+    """Resident memory of the scheduler process, the one that holds the KV pool."""
+    import psutil
+
+    for pid in server.pids():
+        try:
+            process = psutil.Process(pid)
+            if "scheduler" in process.name():
+                return process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
 def _kv(server: LocalServer) -> dict:
     return server.server_info()["internal_states"][0]["kv_alloc"]
 
@@ -153,7 +167,10 @@ def _print_figures(server: LocalServer, kv: dict, after_burst: int | None) -> No
             f"KV pool allocated whole at start; req_to_token allocated "
             f"{_mb(kv['req_to_token_bytes'])}"
         )
-    print(f"[demo] memory: server RSS {_mb(server.rss_bytes())}; {kv_text}")
+    print(
+        f"[demo] memory: server RSS {_mb(server.rss_bytes())} in all (the "
+        f"scheduler, which holds the KV pool, {_mb(_scheduler_rss(server))}); {kv_text}"
+    )
 
 
 def _model(args: argparse.Namespace) -> Path:
