@@ -162,3 +162,20 @@ def test_manifest_matches_the_spec_where_a_kit_was_made() -> None:
     wheels = {kit_spec.normalize(w["name"]): w["version"] for w in manifest["wheels"]}
     assert wheels == {kit_spec.normalize(n): version(n) for n in kit_spec.KIT_WHEELS}
     assert manifest["sizes"]["tree_plus_kit_mib"] <= 40
+
+
+def test_model_builder_writes_a_gqa_llama_with_head_dim_128(tmp_path: Path) -> None:
+    """The GPU model's builder, at a small size on the CPU: config, weights, tokenizer."""
+    import kit_model
+
+    small = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
+             "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+    built = kit_model.build(tmp_path / "m", device="cpu", dtype="bfloat16", shape=small)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["head_dim"] == 128 and config["dtype"] == "bfloat16"
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    assert (tmp_path / "m" / "tokenizer.json").exists() and built["weights_bytes"] > 0
+    assert built["kv_bytes_per_token"] == 2 * 2 * 1 * 128 * 2
+    full = kit_model.SHAPE
+    assert full["head_dim"] == 128 and full["num_key_value_heads"] < full["num_attention_heads"]
+    assert kit_model.kv_bytes_per_token() == 64 * 1024
