@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sglang_kvalloc.upstream import plugin
+
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
@@ -95,8 +97,7 @@ SERIES: tuple[PullRequest, ...] = (
             "pools.around_profile_available_bytes",
             "rope.*",
         ),
-        # segmented.py holds the backing choice and (used from PR 4) the allocators.
-        ("core/rows.py", "core/segments.py", "upstream/segmented.py", "upstream/row_pool.py"),
+        ("core/rows.py", "upstream/row_pool.py"),
     ),
     PullRequest(
         4,
@@ -111,7 +112,7 @@ SERIES: tuple[PullRequest, ...] = (
             "scheduler_loop.*",
             "cpu_attention.*",
         ),
-        ("upstream/idle_eviction.py",),
+        ("upstream/segmented/__init__.py", "upstream/idle_eviction.py"),
     ),
     PullRequest(
         5,
@@ -186,7 +187,7 @@ def _imports(rel: str, *, lazy: bool = False) -> set[str]:
     also those imported inside functions)."""
     tree = ast.parse((SOURCE / rel).read_text())
     found: set[str] = set()
-    nodes = ast.walk(tree) if lazy else _module_level(tree.body)
+    nodes = _run_time_nodes(tree) if lazy else _module_level(tree.body)
     for node in nodes:
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -201,10 +202,35 @@ def _imports(rel: str, *, lazy: bool = False) -> set[str]:
     return found
 
 
+def _is_type_checking(node: ast.stmt) -> bool:
+    """An ``if TYPE_CHECKING:`` block: imports for type checkers only, never run."""
+    test = getattr(node, "test", None)
+    name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+    return isinstance(node, ast.If) and name == "TYPE_CHECKING"
+
+
+def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those of ``if TYPE_CHECKING:`` blocks."""
+    out: list[ast.AST] = []
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(
+            child
+            for child in ast.iter_child_nodes(node)
+            if not (isinstance(child, ast.stmt) and _is_type_checking(child))
+        )
+    return out
+
+
 def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
-    """Statements run at import: the module body and its if/try blocks, not function bodies."""
+    """Statements run at import: the module body and its if/try blocks, not function bodies
+    (nor ``if TYPE_CHECKING:`` blocks)."""
     out: list[ast.stmt] = []
     for node in body:
+        if _is_type_checking(node):
+            continue
         out.append(node)
         if isinstance(node, (ast.If, ast.Try)):
             for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
@@ -249,8 +275,6 @@ def _hook_matches(pattern: str, hook: object) -> bool:
 def plan() -> list[PlannedPR]:
     """Every PR's new files and edits, in merge order. Every hook of upstream/plugin.py lands
     in exactly one PR (SeriesError otherwise)."""
-    from sglang_kvalloc.upstream import plugin
-
     hooks = plugin.hooks()
     planned = [PlannedPR(pr) for pr in SERIES]
     for target, hook, hook_type in hooks:

@@ -20,11 +20,12 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
-from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
     SegmentedPagedTokenToKVPoolAllocator,
     SegmentedTokenToKVPoolAllocator,
+    allocators,
 )
 
 IMPLS = ["upstream", "segmented"]
@@ -53,7 +54,7 @@ def paged_allocator(impl: str, size: int = 64, page_size: int = 4, need_sort: bo
 
 @pytest.fixture(autouse=True)
 def _no_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
 
 
 # -- page size 1 ---------------------------------------------------------------------------
@@ -199,9 +200,9 @@ def test_paged_fast_path_runs_upstream_kernels_once_on_the_core_list(
     a = paged_allocator("segmented", size=256)
     a.scheduler_step(256)  # commits every segment ahead of the iteration
     counted: list[int] = []
-    real = segmented.get_num_new_pages
+    real = allocators.get_num_new_pages
     monkeypatch.setattr(
-        segmented, "get_num_new_pages", lambda **kw: counted.append(1) or real(**kw)
+        allocators, "get_num_new_pages", lambda **kw: counted.append(1) or real(**kw)
     )
     got = _extend_decode_trace(a)
     assert counted == []  # the slow path (an exact count first) never ran

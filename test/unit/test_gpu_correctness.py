@@ -23,8 +23,8 @@ from sglang_kvalloc.core.cuda_backing import (
     VmmDevice,
     VmmMappingLostError,
 )
-from sglang_kvalloc.upstream import pools, rope, row_pool, scheduler_loop, segmented
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream import backings, pools, rope, row_pool, scheduler_loop, segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
 
@@ -34,10 +34,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> CudaBackingFactory:
     """Segmented settings on a fake GPU: the CUDA backing factory over the fake driver."""
     driver = FakeDriver(capacity=1536 * MIB, min_granularity=G, dirty_new_memory=True)
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
-    monkeypatch.setattr(segmented.SETTINGS, "backings", factory)
-    monkeypatch.setattr(segmented, "open_backings", lambda device: factory)
-    monkeypatch.setattr(STATE, "device", "cuda:0")
-    monkeypatch.setattr(rope, "_FIXED", [])
+    monkeypatch.setattr(RUNTIME, "backings", factory)
+    monkeypatch.setattr(backings, "open_backings", lambda device: factory)
+    monkeypatch.setattr(RUNTIME.state, "device", "cuda:0")
     return factory
 
 
@@ -85,7 +84,7 @@ def _wrap(module: torch.nn.Module) -> torch.nn.Module:
 def test_segmented_rope_cache_stays_float32_and_equals_upstream_to_2m_positions(
     monkeypatch: pytest.MonkeyPatch, fake_gpu, upstream_reserve, llama3: bool
 ) -> None:
-    monkeypatch.setattr(STATE, "requested_mode", modes.SEGMENTED)
+    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.SEGMENTED)
     context = 2_000_000
     module, reference = _cuda_rope(monkeypatch, 64, llama3), _cuda_rope(monkeypatch, 64, llama3)
     assert module.cos_sin_cache.dtype == torch.float32 and not module.use_fallback_kernel
@@ -94,8 +93,8 @@ def test_segmented_rope_cache_stays_float32_and_equals_upstream_to_2m_positions(
     assert module.cos_sin_cache.dtype == torch.float32  # upstream's JIT kernel requires it
     assert module.cos_sin_cache.shape == reference.cos_sin_cache.shape  # the reservation
     address = module.cos_sin_cache.data_ptr()
-    rope.commit_fixed_caches(context)  # what the pool hook commits: up to the capacity
-    (fixed,) = rope._FIXED
+    RUNTIME.rope.commit_up_to(context)  # what the pool hook commits: up to the capacity
+    (fixed,) = RUNTIME.rope.caches
     assert fixed.rows == min(reference.cos_sin_cache.shape[0], context + fixed.margin)
     assert torch.equal(module.cos_sin_cache[:context], reference.cos_sin_cache[:context])
     assert module.cos_sin_cache.data_ptr() == address
@@ -106,7 +105,7 @@ def test_rope_under_upstreams_fallback_kernel_is_stored_as_its_forward_casts_it(
 ) -> None:
     """Head size 96 on CUDA: upstream's forward casts the cache to the activation dtype
     (a reallocation), so the fixed cache is stored in that dtype already."""
-    monkeypatch.setattr(STATE, "requested_mode", modes.SEGMENTED)
+    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.SEGMENTED)
     module = _cuda_rope(monkeypatch, 96)
     assert module.use_fallback_kernel
     rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(100_000))
@@ -116,12 +115,12 @@ def test_rope_under_upstreams_fallback_kernel_is_stored_as_its_forward_casts_it(
 def test_auto_at_the_models_own_context_leaves_rope_exactly_as_upstream(
     monkeypatch: pytest.MonkeyPatch, fake_gpu, upstream_reserve
 ) -> None:
-    monkeypatch.setattr(STATE, "requested_mode", modes.AUTO)
+    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.AUTO)
 
     def no_backing(device: str) -> None:
         raise AssertionError("auto at an ordinary context must not open a backing")
 
-    monkeypatch.setattr(segmented, "open_backings", no_backing)
+    monkeypatch.setattr(backings, "open_backings", no_backing)
     module, reference = _cuda_rope(monkeypatch, 128), _cuda_rope(monkeypatch, 128)
     model, twin = _wrap(module), _wrap(reference)
     rope.around_reserve_rope_cache(upstream_reserve, model, _model_config(8192))
@@ -131,7 +130,7 @@ def test_auto_at_the_models_own_context_leaves_rope_exactly_as_upstream(
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name])
-    assert not rope.has_fixed_caches()
+    assert not RUNTIME.rope
 
 
 def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
@@ -139,17 +138,17 @@ def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
 ) -> None:
     """auto reserved a fixed cache (context past the model); settling on static commits it
     whole, so positions past the model's own read upstream's values, not zeros."""
-    monkeypatch.setattr(STATE, "requested_mode", modes.AUTO)
-    monkeypatch.setattr(STATE, "mode", modes.STATIC)
+    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.AUTO)
+    monkeypatch.setattr(RUNTIME.state, "mode", modes.STATIC)
     module, reference = _cuda_rope(monkeypatch, 64), _cuda_rope(monkeypatch, 64)
     rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(40_000))
     upstream_reserve(_wrap(reference), _model_config(40_000))
-    assert rope.has_fixed_caches()
+    assert RUNTIME.rope
     calls = []
     config = types.SimpleNamespace(max_total_num_tokens=50_000, max_running_requests=8)
 
     def resolve(configurator, *args, **kwargs):
-        calls.append(rope.fixed_cache_bytes())
+        calls.append(RUNTIME.rope.committed_bytes)
         return config
 
     settled = pools._settle_run_time_memory(resolve, object(), config, (), {})
@@ -260,8 +259,8 @@ def test_admission_waits_while_the_rows_cannot_be_backed(fake_gpu, no_spec) -> N
 def test_run_time_room_is_kept_out_of_the_kv_budget(
     monkeypatch: pytest.MonkeyPatch, fake_gpu
 ) -> None:
-    monkeypatch.setattr(STATE, "mode", modes.SEGMENTED)
-    monkeypatch.setattr(STATE, "run_time_room_bytes", 0)
+    monkeypatch.setattr(RUNTIME.state, "mode", modes.SEGMENTED)
+    monkeypatch.setattr(RUNTIME.state, "run_time_room_bytes", 0)
     config = types.SimpleNamespace(max_total_num_tokens=1_000_000, max_running_requests=64)
     configurator = types.SimpleNamespace(is_draft_worker=False)
     measured = []
@@ -272,7 +271,7 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
 
     pools._settle_run_time_memory(resolve, configurator, config, (), {})
     room = 64 * G + 4 * 1_000_000
-    assert STATE.run_time_room_bytes == room and measured == [80_000_000_000 - room]
+    assert RUNTIME.state.run_time_room_bytes == room and measured == [80_000_000_000 - room]
 
 
 def test_a_failed_map_rolls_back_whole_or_refuses_to_go_on(fake_gpu) -> None:
@@ -297,8 +296,7 @@ def test_the_refill_thread_waits_while_a_graph_is_captured(
 
     driver = FakeDriver(capacity=256 * MIB, min_granularity=G)
     device = VmmDevice(FakeVmmApi(driver), 0, background_refill=True)
-    monkeypatch.setattr(segmented.SETTINGS, "backings", CudaBackingFactory(device))
-    monkeypatch.setattr(graph_buffers, "BUFFERS", [])
+    monkeypatch.setattr(RUNTIME, "backings", CudaBackingFactory(device))
     seen: list[int] = []
 
     def capture(runner: object) -> None:
@@ -324,7 +322,7 @@ def test_steady_serving_makes_no_device_synchronize(
     iteration but those that commit a new KV segment (growth). Idle release is counted."""
     import random
 
-    monkeypatch.setattr(segmented.SETTINGS, "segment_tokens", 4096)
+    monkeypatch.setattr(RUNTIME.settings, "segment_tokens", 4096)
     api = fake_gpu.device.api
     kv = segmented.SegmentedMHATokenToKVPool(60_000, 1, torch.float32, 1, 512, 1, "cpu", False)
     allocator = segmented.SegmentedTokenToKVPoolAllocator(60_000, torch.float32, "cpu", kv, False)

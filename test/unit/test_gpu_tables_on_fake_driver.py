@@ -17,6 +17,7 @@ from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking, VmmDevice
 from sglang_kvalloc.core.rows import RowCommits
 from sglang_kvalloc.upstream import row_pool, segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 64 * 1024  # small granules keep the fake's memfds small
 
@@ -63,7 +64,7 @@ class _Req:
 @pytest.fixture
 def fake_cuda_settings(monkeypatch: pytest.MonkeyPatch):
     factory, driver = fake_factory()
-    monkeypatch.setattr(segmented.SETTINGS, "backings", factory)
+    monkeypatch.setattr(RUNTIME, "backings", factory)
     return factory, driver
 
 

@@ -18,8 +18,7 @@ from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import GraphBatch
 from sglang_kvalloc.upstream import graph_buffers
-from sglang_kvalloc.upstream.segmented import SETTINGS
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
 
@@ -28,19 +27,9 @@ G = 2 * MIB
 def segmented_on_fake_gpu():
     driver = FakeDriver(capacity=512 * MIB)
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
-    saved = STATE.mode, SETTINGS.backings
-    STATE.mode, SETTINGS.backings = modes.SEGMENTED, factory
-    graph_buffers.BUFFERS.clear()
-    graph_buffers.VERIFY_MASKS.clear()
-    graph_buffers.LOCAL_TABLES.clear()
-    graph_buffers.STATS.eager_fallbacks = graph_buffers.STATS.draft_mask_fallbacks = 0
+    RUNTIME.state.mode, RUNTIME.backings = modes.SEGMENTED, factory
     yield driver
-    for buffer in graph_buffers.BUFFERS:
-        buffer.release()
-    graph_buffers.BUFFERS.clear()
-    graph_buffers.VERIFY_MASKS.clear()
-    graph_buffers.LOCAL_TABLES.clear()
-    STATE.mode, SETTINGS.backings = saved
+    RUNTIME.graph.release_all()
 
 
 def triton_stub(context: int) -> types.SimpleNamespace:
@@ -60,7 +49,7 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
     graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
-    (buffer,) = graph_buffers.BUFFERS
+    (buffer,) = RUNTIME.graph.buffers
     assert buffer.layout == planner.triton_kv_indices_layout(max_bs, context)
     kv = backend.cuda_graph_kv_indices
     assert kv.shape == (max_bs * context,) and kv.dtype == torch.int64  # 1.28 GB, reserved
@@ -70,12 +59,12 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
     assert backend.cuda_graph_attn_logits.shape == (max_bs, 4, 2, 16)
     assert backend.cuda_graph_num_kv_splits.shape == (max_bs,)
     # Static mode (or a caller's buffer) leaves upstream alone.
-    STATE.mode = modes.STATIC
+    RUNTIME.state.mode = modes.STATIC
     other = triton_stub(1000)
     graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, other, 4, 4
     )
-    assert len(graph_buffers.BUFFERS) == 1 and other.cuda_graph_kv_indices.numel() == 4000
+    assert len(RUNTIME.graph.buffers) == 1 and other.cuda_graph_kv_indices.numel() == 4000
 
 
 def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
@@ -91,7 +80,7 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
         FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     layout = planner.fa3_page_table_layout(max_bs, context, page)
-    assert [b.layout for b in graph_buffers.BUFFERS] == [layout, layout]  # page + SWA tables
+    assert [b.layout for b in RUNTIME.graph.buffers] == [layout, layout]  # page + SWA tables
     meta = backend.decode_cuda_graph_metadata
     assert meta["page_table"].shape == meta["swa_page_table"].shape == (max_bs, 62_500)
     assert meta["cache_seqlens"].shape == (max_bs,)  # upstream's own
@@ -103,7 +92,7 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     expected = graph_buffers.graph_batch(runner, batch)
     assert expected == GraphBatch(rows=4, seq_lens_sum=600_016, max_seq_len=600_000)
-    for buffer in graph_buffers.BUFFERS:
+    for buffer in RUNTIME.graph.buffers:
         assert buffer.committed_bytes == layout.commit_bytes(expected, G)
     assert graph_buffers.release_at_idle() == 2 * layout.commit_bytes(expected, G)
 
@@ -136,7 +125,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     layouts = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
-    by_name = {b.layout.name: b for b in graph_buffers.BUFFERS}
+    by_name = {b.layout.name: b for b in RUNTIME.graph.buffers}
     assert set(by_name) == {"fa3 page table", *(layout.name for layout in layouts)}
     local = backend.decode_cuda_graph_local_attn_metadata
     virtual = max_bs * -(-context // chunk)  # 8 x 123
@@ -177,7 +166,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         "local_seqused_k": virtual,
         "local_query_start_loc": virtual + 1,
     }
-    STATE.mode = modes.STATIC
+    RUNTIME.state.mode = modes.STATIC
     plain = fa3_with_local_attention().local_attn_builder.alloc_cuda_graph_buffers(max_bs)
     backend.local_attn_builder.update_for_replay(meta, 4, buffers=plain)
     written = 4 + 1  # one virtual batch per decode row (its last chunk), and one more
@@ -252,7 +241,7 @@ def test_fa3_leaves_nothing_at_max_batch_x_context(segmented_on_fake_gpu, page, 
         speculative_draft_tokens=draft or 0, speculative_topk=topk,
     )  # fmt: skip
     layouts = {a.lazy for a in priced if a.lazy is not None}
-    for buffer in graph_buffers.BUFFERS:
+    for buffer in RUNTIME.graph.buffers:
         if "swa-spec" in buffer.layout.name and not spec.is_hybrid_swa:
             continue  # the backend has a sliding window, the planner's stand-in model not
         assert buffer.layout in layouts, buffer.layout.name
@@ -268,17 +257,17 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
     )
     runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
     graph_buffers.around_capture(lambda r: None, runner)  # the fill is committed first
-    assert graph_buffers.BUFFERS[0].committed_bytes == G
+    assert RUNTIME.graph.buffers[0].committed_bytes == G
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
-    assert graph_buffers.STATS.eager_fallbacks == 1  # 1.2 GB of indices: over the 512 MiB
-    assert graph_buffers.BUFFERS[0].committed_bytes == 0  # back to nothing, as on every rank
+    assert RUNTIME.graph.eager_fallbacks == 1  # 1.2 GB of indices: over the 512 MiB
+    assert RUNTIME.graph.buffers[0].committed_bytes == 0  # back to nothing, as on every rank
     small = types.SimpleNamespace(batch_size=5, seq_lens_cpu=torch.full((5,), 100_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, small) is True
     assert graph_buffers.around_can_run_graph(lambda r, b: False, runner, huge) is False
-    assert graph_buffers.STATS.eager_fallbacks == 1  # upstream said no: not our fallback
+    assert RUNTIME.graph.eager_fallbacks == 1  # upstream said no: not our fallback
     assert driver.physical_bytes > G
-    assert graph_buffers.stats()["cuda_graph_eager_fallbacks"] == 1
+    assert RUNTIME.graph.stats()["cuda_graph_eager_fallbacks"] == 1
 
 
 def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
@@ -298,7 +287,7 @@ def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
     assert backend.num_wrappers == 2
     indices = planner.flashinfer_kv_indices_layout(max_bs, context, 1)
     mask = planner.flashinfer_custom_mask_layout(max_bs, context)
-    assert sorted(b.layout.name for b in graph_buffers.BUFFERS) == sorted(
+    assert sorted(b.layout.name for b in RUNTIME.graph.buffers) == sorted(
         [indices.name, indices.name, mask.name]
     )
     assert [x.shape for x in backend.cuda_graph_kv_indices] == [(max_bs * context,)] * 2
@@ -308,7 +297,7 @@ def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
     # A verify batch: the mask commits per query token, the indices per position.
     batch = GraphBatch(rows=8, seq_lens_sum=800_000, max_seq_len=100_000, tokens_per_row=4)
     graph_buffers.ensure_for(batch)
-    by_name = {b.layout.name: b for b in graph_buffers.BUFFERS}
+    by_name = {b.layout.name: b for b in RUNTIME.graph.buffers}
     assert by_name[mask.name].committed_bytes == mask.commit_bytes(batch, G)
     assert mask.items_needed(batch) == (800_000 + 8 * 5) * 4
 
@@ -327,16 +316,16 @@ def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, 
         votes.append(value)
         return 0
 
-    monkeypatch.setattr(SETTINGS, "agree", another_rank_failed)
+    monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
     batch = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 100_000))
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is False
     assert votes == [1]  # this rank could commit; another could not
-    assert graph_buffers.BUFFERS[0].committed_bytes == 0
+    assert RUNTIME.graph.buffers[0].committed_bytes == 0
     # A batch that needs nothing new does not call the agreement at all.
-    monkeypatch.setattr(SETTINGS, "agree", lambda value: value)
+    monkeypatch.setattr(RUNTIME.settings, "agree", lambda value: value)
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     votes.clear()
-    monkeypatch.setattr(SETTINGS, "agree", another_rank_failed)
+    monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
     assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     assert votes == []
 
@@ -375,7 +364,7 @@ def test_verify_mask_is_reserved_and_committed_where_the_draft_writes_it(
     mask = backend._verify_mask
     assert mask.mode == TreeMaskMode.FULL_MASK and mask.buffer.dtype == torch.uint8
     assert mask.buffer.shape == (layout.items,) == (8 * 4 * 1_000_004,)  # 32 MB, reserved
-    (lazy,) = [b for b in graph_buffers.BUFFERS if b.layout == layout]
+    (lazy,) = [b for b in RUNTIME.graph.buffers if b.layout == layout]
     assert lazy.committed_bytes == G
     # The draft stage's tail commits what it is about to write, before it writes.
     target = types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backend))
@@ -441,8 +430,8 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
     )
     assert seen == [False]  # the draft allocated its own mask, wrote nothing uncommitted
     assert backend._verify_mask is mask  # and the backend's is back for the verify step
-    assert graph_buffers.STATS.draft_mask_fallbacks == 1
-    assert graph_buffers.stats()["cuda_graph_draft_mask_fallbacks"] == 1
+    assert RUNTIME.graph.draft_mask_fallbacks == 1
+    assert RUNTIME.graph.stats()["cuda_graph_draft_mask_fallbacks"] == 1
     # Zero draft steps: one token per request, filled with True by upstream.
     small = types.SimpleNamespace(seq_lens=torch.tensor([1000, 2000]), seq_lens_cpu=None)
     small.seq_lens_sum = 3000
@@ -450,7 +439,7 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
 
     def trivial(worker, batch):
         assert worker._target_worker.model_runner.attn_backend._verify_mask.fits(2)
-        (lazy,) = [b for b in graph_buffers.BUFFERS if b.layout.name == planner.VERIFY_MASK]
+        (lazy,) = [b for b in RUNTIME.graph.buffers if b.layout.name == planner.VERIFY_MASK]
         assert lazy.backing.is_committed(0, 1000 + 1 + 2000 + 1)
         return "trivial"
 
@@ -487,7 +476,7 @@ def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
             FlashInferMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
         )
         layout = planner.flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context)
-    (lazy,) = graph_buffers.BUFFERS
+    (lazy,) = RUNTIME.graph.buffers
     assert lazy.layout == layout and layout.rows == steps
     assert backend.cuda_graph_kv_indices.shape == (steps, max_bs * topk * context)  # reserved
     assert len(rows_given) == steps - 1 and rows_given[1].shape == (max_bs * topk * context,)
@@ -604,9 +593,9 @@ def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None
     """Explicit segmented: a one-line KvAllocModeError naming the backend and the flags (the
     launcher prints it and exits); auto meets the same error where it opens the backings and
     falls back to static if static fits."""
-    from sglang_kvalloc.upstream import pools, segmented
+    from sglang_kvalloc.upstream import backings, pools
 
-    monkeypatch.setattr(segmented, "open_backings", lambda device: None)
+    monkeypatch.setattr(backings, "open_backings", lambda device: None)
     with pytest.raises(modes.KvAllocModeError) as refused:
         pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="flashmla"))
     message = str(refused.value)
@@ -643,9 +632,9 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     """DP attention ranks choose graph or eager together before each forward, pipeline stages
     schedule apart; segmented agrees within attention TP only, so it refuses (auto then keeps
     static where static fits, as for any refusal from `_open_backings`)."""
-    from sglang_kvalloc.upstream import pools, segmented
+    from sglang_kvalloc.upstream import backings, pools
 
-    monkeypatch.setattr(segmented, "open_backings", lambda device: None)
+    monkeypatch.setattr(backings, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton", **flags)
     if refused is None:
         pools._open_backings(configurator)

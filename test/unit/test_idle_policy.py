@@ -20,6 +20,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
 from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 SIZE = 4096
 SEGMENT = 256
@@ -109,8 +110,8 @@ def _cached_slots(cache) -> torch.Tensor:
 def test_idle_policy_evicts_trailing_segments_and_releases_them(
     kind: str, page_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
-    monkeypatch.setattr(segmented.SETTINGS, "idle_cache_tokens", RETAIN)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
+    monkeypatch.setattr(RUNTIME.settings, "idle_cache_tokens", RETAIN)
     allocator = _allocator(page_size)
     cache = _cache(kind, allocator, page_size)
     keys, _ = _fill(cache, allocator)
@@ -146,8 +147,8 @@ def test_idle_policy_evicts_trailing_segments_and_releases_them(
 
 
 def test_referenced_cache_is_never_evicted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
-    monkeypatch.setattr(segmented.SETTINGS, "idle_cache_tokens", 0)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
+    monkeypatch.setattr(RUNTIME.settings, "idle_cache_tokens", 0)
     allocator = _allocator(1)
     cache = _cache("rust", allocator, 1)
     keys, locked = _fill(cache, allocator, locked_at=58)
@@ -168,7 +169,7 @@ def test_referenced_cache_is_never_evicted(monkeypatch: pytest.MonkeyPatch) -> N
 def test_idle_policy_waits_for_the_hold_off_and_inf_disables_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 3600.0)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 3600.0)
     allocator = _allocator(1)
     cache = _cache("rust", allocator, 1)
     _fill(cache, allocator)

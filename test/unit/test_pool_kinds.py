@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATo
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from sglang_kvalloc.upstream import pools, segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
     SegmentedMLATokenToKVPool,
@@ -30,8 +31,8 @@ SEGMENT_TOKENS = 256
 
 @pytest.fixture(autouse=True)
 def _small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(segmented.SETTINGS, "segment_tokens", SEGMENT_TOKENS)
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
+    monkeypatch.setattr(RUNTIME.settings, "segment_tokens", SEGMENT_TOKENS)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
 
 
 def swa_pool(pool_class: type, page_size: int) -> SWAKVPool:
@@ -270,11 +271,10 @@ def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.M
     """The MLA and hybrid SWA build hooks hand upstream's builder the segmented class; a pool
     class other than upstream's plain one is kept, with (b) reported off and why."""
     from sglang_kvalloc import modes
-    from sglang_kvalloc.upstream.state import STATE
 
-    monkeypatch.setattr(STATE, "mode", modes.SEGMENTED)
-    monkeypatch.setattr(STATE, "kv_on_demand", True)
-    monkeypatch.setattr(STATE, "kv_on_demand_note", "")
+    monkeypatch.setattr(RUNTIME.state, "mode", modes.SEGMENTED)
+    monkeypatch.setattr(RUNTIME.state, "kv_on_demand", True)
+    monkeypatch.setattr(RUNTIME.state, "kv_on_demand_note", "")
     configurator = types.SimpleNamespace(is_draft_worker=False)
 
     def builder(self: object, **kwargs: object) -> object:
@@ -292,4 +292,4 @@ def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.M
 
     got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     assert got["mla_pool_class"] is VendorPool
-    assert STATE.kv_on_demand is False and "VendorPool" in STATE.kv_on_demand_note
+    assert RUNTIME.state.kv_on_demand is False and "VendorPool" in RUNTIME.state.kv_on_demand_note

@@ -16,13 +16,14 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
 from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 SIZE = 4096
 SEGMENT = 256
 
 
 def _segmented_allocator(page_size: int, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(segmented.SETTINGS, "hold_off_s", 0.0)
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
     geometry = SegmentGeometry(SIZE + page_size, SEGMENT, page_size)
     buffers = SegmentedBuffers.create(geometry, [64, 64])
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)

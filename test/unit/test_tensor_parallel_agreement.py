@@ -33,9 +33,10 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
 
         from sglang_kvalloc.upstream import segmented
         from sglang_kvalloc.upstream.pools import make_rank_agreement
+        from sglang_kvalloc.upstream.runtime import RUNTIME
 
-        segmented.SETTINGS.agree = make_rank_agreement(dist.group.WORLD)
-        segmented.SETTINGS.hold_off_s = 0.0
+        RUNTIME.settings.agree = make_rank_agreement(dist.group.WORLD)
+        RUNTIME.settings.hold_off_s = 0.0
         kv = _buffers(64, 1, 4)  # 16 segments of 4 slots
         a = segmented.SegmentedTokenToKVPoolAllocator(64, torch.int64, "cpu", kv, False)
         seg = a._segments

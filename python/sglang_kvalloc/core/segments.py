@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from sglang_kvalloc.core.backing import Backing, BackingFactory, make_backing
@@ -51,8 +52,6 @@ def _merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tens
     if new_ids.numel() == 0:
         return sorted_ids
     if sorted_ids.device.type == "cpu" and new_ids.device.type == "cpu":
-        import numpy as np
-
         merged = np.concatenate((sorted_ids.numpy(), new_ids.numpy()))
         merged.sort(kind="stable")
         return torch.from_numpy(merged)

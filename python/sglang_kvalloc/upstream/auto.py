@@ -13,6 +13,8 @@ import json
 import logging
 from typing import Any
 
+import psutil
+
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 
@@ -45,8 +47,6 @@ def model_config_and_max_context(server_args: Any) -> tuple[dict[str, Any], int]
 
 def _device_memory_bytes(device: str | None) -> int:
     if device and device.startswith("cpu"):
-        import psutil
-
         return int(psutil.virtual_memory().available)
     # Upstream's own query (nvidia-smi): no CUDA context in the launcher. Not run on a GPU here.
     from sglang.srt.utils.common import get_device_memory_capacity

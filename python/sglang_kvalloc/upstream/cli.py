@@ -180,7 +180,7 @@ def attach_values(server_args: Any, values: dict[str, Any]) -> None:
 
 def around_from_cli_args(original: Callable[..., Any], cls: type, args: argparse.Namespace) -> Any:
     """AROUND `ServerArgs.from_cli_args`: carry the parsed flags onto the record."""
-    from sglang_kvalloc.upstream import auto
+    from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
 
     server_args = original(cls, args)
     try:
@@ -222,7 +222,7 @@ def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
     if getattr(self, "_resolution_finished", False):
         return None
     values = _ENGINE_VALUES.get()
-    from sglang_kvalloc.upstream import auto
+    from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
 
     if values:
         attach_values(

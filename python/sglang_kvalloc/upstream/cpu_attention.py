@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from sglang_kvalloc import modes
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 
 def _reads_swa_sub_pool(backend: Any, k_cache: torch.Tensor) -> bool:
     if not getattr(backend, "use_sliding_window_kv_pool", False):
         return False
-    if STATE.mode != modes.SEGMENTED or not STATE.kv_on_demand:
+    state = RUNTIME.state
+    if state.mode != modes.SEGMENTED or not state.kv_on_demand:
         return False
     pool = backend.token_to_kv_pool
     ptrs = getattr(backend, "_kvalloc_swa_ptrs", None)

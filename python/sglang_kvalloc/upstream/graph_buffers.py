@@ -31,47 +31,53 @@ import bisect
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import torch
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
+from sglang_kvalloc.core.backing import BackingFactory
+from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 from sglang_kvalloc.core.graph_buffers import (
     CHUNK_ROWS,
     GraphBatch,
     GraphBufferLayout,
     LazyGraphBuffer,
 )
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream.runtime import RUNTIME
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglang.srt.layers.attention.flashattention_backend import (
+        FlashAttentionBackend,
+        FlashAttentionMetadata,
+    )
+    from sglang.srt.layers.attention.flashinfer_backend import (
+        FlashInferAttnBackend,
+        FlashInferMultiStepDraftBackend,
+    )
+    from sglang.srt.layers.attention.local_attention import LocalAttentionMetadataBuilder
+    from sglang.srt.layers.attention.triton_backend import (
+        TritonAttnBackend,
+        TritonMultiStepDraftBackend,
+    )
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+    from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 
 logger = logging.getLogger(__name__)
 
-# Every lazy buffer of this process (each rank has its own): the decode runner, draft runners.
-BUFFERS: list[LazyGraphBuffer] = []
-# The lazy verify masks by the address upstream's `VerifyMask.buffer` holds.
-VERIFY_MASKS: dict[int, LazyGraphBuffer] = {}
-# The lazy local-attention tables (CHUNK_ROWS) by the address of the tensor upstream holds.
-LOCAL_TABLES: dict[int, LazyGraphBuffer] = {}
 
-
-class GraphBufferStats:
-    def __init__(self) -> None:
-        self.eager_fallbacks = 0
-        self.draft_mask_fallbacks = 0
-
-
-STATS = GraphBufferStats()
-
-
-def _backings() -> Any | None:
+def _backings() -> CudaBackingFactory | None:
     """The CUDA backing factory when segmented mode runs on a GPU, else None."""
-    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
-    from sglang_kvalloc.upstream.segmented import SETTINGS
-
-    if STATE.mode != modes.SEGMENTED or not isinstance(SETTINGS.backings, CudaBackingFactory):
+    backings = RUNTIME.backings
+    if RUNTIME.state.mode != modes.SEGMENTED or not isinstance(backings, CudaBackingFactory):
         return None
-    return SETTINGS.backings
+    return backings
 
 
 def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:
@@ -80,7 +86,7 @@ def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:
     return tuple(int(s) for s in size)
 
 
-def new_buffer(layout: GraphBufferLayout, backings: Callable[[int], Any]) -> LazyGraphBuffer:
+def new_buffer(layout: GraphBufferLayout, backings: BackingFactory) -> LazyGraphBuffer:
     """A reserved buffer with its first item committed: upstream pokes element 0 of some of
     them at set-up (flashinfer), and a write to an uncommitted range would reach the shared
     scratch granule."""
@@ -92,7 +98,7 @@ def new_buffer(layout: GraphBufferLayout, backings: Callable[[int], Any]) -> Laz
 @contextlib.contextmanager
 def reserved_zeros(
     expected: dict[tuple[tuple[int, ...], torch.dtype], GraphBufferLayout],
-    backings: Callable[[int], Any],
+    backings: BackingFactory,
 ) -> Iterator[list[LazyGraphBuffer]]:
     """While active, `torch.zeros` of exactly an expected (shape, dtype) returns a reserved,
     uncommitted tensor of a new `LazyGraphBuffer` (listed in the yielded list)."""
@@ -112,9 +118,9 @@ def reserved_zeros(
                 made.append(buffer)
                 tensor = buffer.backing.tensor(dtype, shape)
                 if layout.name == planner.VERIFY_MASK:
-                    VERIFY_MASKS[tensor.data_ptr()] = buffer
+                    RUNTIME.graph.verify_masks[tensor.data_ptr()] = buffer
                 elif layout.kind == CHUNK_ROWS:
-                    LOCAL_TABLES[tensor.data_ptr()] = buffer
+                    RUNTIME.graph.local_tables[tensor.data_ptr()] = buffer
                 return tensor
         return real_zeros(*size, **kwargs)
 
@@ -126,7 +132,7 @@ def reserved_zeros(
 
 
 def _register(backend: str, made: list[LazyGraphBuffer], expected_names: set[str]) -> None:
-    BUFFERS.extend(made)
+    RUNTIME.graph.buffers.extend(made)
     missing = expected_names - {b.layout.name for b in made}
     if missing:
         # Upstream allocated it another way (a newer version?): it is at upstream's size.
@@ -151,14 +157,14 @@ def _register(backend: str, made: list[LazyGraphBuffer], expected_names: set[str
 
 
 def around_triton_init_cuda_graph_state(
-    original: Callable[..., Any],
-    backend: Any,
+    original: Callable[..., None],
+    backend: TritonAttnBackend,
     max_bs: int,
     max_num_tokens: int,
-    kv_indices_buf: Any = None,
+    kv_indices_buf: torch.Tensor | None = None,
     *args: Any,
     **kwargs: Any,
-) -> Any:
+) -> None:
     """AROUND `TritonAttnBackend.init_cuda_graph_state`: `cuda_graph_kv_indices` reserved."""
     backings = _backings()
     if backings is None or kv_indices_buf is not None:  # a caller's buffer stays the caller's
@@ -178,7 +184,7 @@ def around_triton_init_cuda_graph_state(
 
 
 def _expected_verify_mask(
-    backend: Any, max_bs: int, context: int, *, is_read: bool
+    backend: AttentionBackend, max_bs: int, context: int, *, is_read: bool
 ) -> GraphBufferLayout | None:
     """The verify mask's layout where upstream's `maybe_create_verify_mask` will allocate a
     context-sized one (a target runner, speculative, FULL_MASK); None where it allocates
@@ -198,8 +204,11 @@ def _expected_verify_mask(
 
 
 def around_triton_draft_init_cuda_graph_state(
-    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
-) -> Any:
+    original: Callable[..., None],
+    backend: TritonMultiStepDraftBackend,
+    max_bs: int,
+    max_num_tokens: int,
+) -> None:
     """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps' shared
     `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved; each step's
     backend gets its row as its caller's buffer, which the triton hook leaves alone."""
@@ -209,8 +218,11 @@ def around_triton_draft_init_cuda_graph_state(
 
 
 def around_flashinfer_draft_init_cuda_graph_state(
-    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
-) -> Any:
+    original: Callable[..., None],
+    backend: FlashInferMultiStepDraftBackend,
+    max_bs: int,
+    max_num_tokens: int,
+) -> None:
     """AROUND `FlashInferMultiStepDraftBackend.init_cuda_graph_state`: as triton's, int32."""
     return _draft_init(
         original, backend, max_bs, max_num_tokens, planner.flashinfer_draft_kv_indices_layout
@@ -218,12 +230,12 @@ def around_flashinfer_draft_init_cuda_graph_state(
 
 
 def _draft_init(
-    original: Callable[..., Any],
-    backend: Any,
+    original: Callable[..., None],
+    backend: TritonMultiStepDraftBackend | FlashInferMultiStepDraftBackend,
     max_bs: int,
     max_num_tokens: int,
     layout_of: Callable[[int, int, int, int], GraphBufferLayout],
-) -> Any:
+) -> None:
     backings = _backings()
     if backings is None:
         return original(backend, max_bs, max_num_tokens)
@@ -238,8 +250,8 @@ def _draft_init(
 
 
 def around_fa3_init_cuda_graph_state(
-    original: Callable[..., Any], backend: Any, max_bs: int, max_num_tokens: int
-) -> Any:
+    original: Callable[..., None], backend: FlashAttentionBackend, max_bs: int, max_num_tokens: int
+) -> None:
     """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved, and
     Llama-4's local-attention tables."""
     backings = _backings()
@@ -282,14 +294,14 @@ def around_fa3_init_cuda_graph_state(
 
 
 def around_flashinfer_init_cuda_graph_state(
-    original: Callable[..., Any],
-    backend: Any,
+    original: Callable[..., None],
+    backend: FlashInferAttnBackend,
     max_bs: int,
     max_num_tokens: int,
-    kv_indices_buf: Any = None,
+    kv_indices_buf: torch.Tensor | None = None,
     *args: Any,
     **kwargs: Any,
-) -> Any:
+) -> None:
     """AROUND `FlashInferAttnBackend.init_cuda_graph_state`: each wrapper's
     `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the first index
     buffer for the other wrappers (a sliding window has two); a clone would allocate the whole
@@ -321,7 +333,7 @@ def around_flashinfer_init_cuda_graph_state(
     return result
 
 
-def _draft_shape(runner: Any) -> tuple[int, int] | None:
+def _draft_shape(runner: DecodeCudaGraphRunner) -> tuple[int, int] | None:
     """(topk, steps) of an EAGLE draft-decode runner, whose replay fills topk branches per
     request over its steps; None for the target's decode runner."""
     if getattr(runner, "draft_attn_backend", None) is None:
@@ -329,7 +341,7 @@ def _draft_shape(runner: Any) -> tuple[int, int] | None:
     return int(getattr(runner, "topk", 1) or 1), int(getattr(runner, "speculative_num_steps", 1))
 
 
-def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
+def graph_batch(runner: DecodeCudaGraphRunner, forward_batch: ForwardBatch) -> GraphBatch:
     """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
     rows at upstream's seq_len_fill_value (a draft runner: its branches and steps too)."""
     bs = int(forward_batch.batch_size)
@@ -354,58 +366,59 @@ def graph_batch(runner: Any, forward_batch: Any) -> GraphBatch:
 
 def ensure_for(batch: GraphBatch) -> None:
     """Commit every lazy buffer for ``batch`` (MemoryError if the device cannot)."""
-    for buffer in BUFFERS:
-        buffer.ensure(batch)
+    RUNTIME.graph.ensure_for(batch)
 
 
 def around_can_run_graph(
-    original: Callable[..., Any], runner: Any, forward_batch: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., bool],
+    runner: DecodeCudaGraphRunner,
+    forward_batch: ForwardBatch,
+    *args: Any,
+    **kwargs: Any,
+) -> bool:
     """AROUND `DecodeCudaGraphRunner.can_run_graph` (and the EAGLE draft runner's, which
     overrides it): a batch the graphs can run gets its lazy buffers committed first; one that
     cannot be committed runs eager instead."""
     ok = original(runner, forward_batch, *args, **kwargs)
-    if not ok or not BUFFERS:
+    graph = RUNTIME.graph
+    if not ok or not graph.buffers:
         return ok
     batch = graph_batch(runner, forward_batch)
-    if not any(buffer.needs_commit(batch) for buffer in BUFFERS):
+    if not graph.needs_commit(batch):
         return ok
     # Every attention-TP rank holds the same buffers and sees the same batch, so all of them
     # reach this point in the same step; they agree on graph or eager (a graph on one rank
     # and eager on another would diverge in their collectives).
-    from sglang_kvalloc.upstream.segmented import SETTINGS
-
     reason = ""
     try:
-        ensure_for(batch)
+        graph.ensure_for(batch)
     except MemoryError as exc:
         reason = str(exc) or "out of device memory"
-    if SETTINGS.agree(int(not reason)) == 0:
+    if RUNTIME.settings.agree(int(not reason)) == 0:
         # Every rank goes back to nothing committed, so all of them stay in the same state
         # and keep reaching the agreement together (release synchronizes the device first).
-        for buffer in BUFFERS:
-            buffer.release()
-        STATS.eager_fallbacks += 1
-        if STATS.eager_fallbacks in (1, 10, 100) or STATS.eager_fallbacks % 1000 == 0:
+        graph.release_all()
+        graph.eager_fallbacks += 1
+        if graph.eager_fallbacks in (1, 10, 100) or graph.eager_fallbacks % 1000 == 0:
             logger.warning(
                 "Segmented cuda-graph buffers could not be committed for a batch of %d (%s); "
                 "it runs without the graph (%d such batches so far).",
                 int(forward_batch.batch_size),
                 reason or "another rank could not commit",
-                STATS.eager_fallbacks,
+                graph.eager_fallbacks,
             )
         return False
     return ok
 
 
-def around_capture(original: Callable[..., Any], runner: Any, *args: Any, **kwargs: Any) -> Any:
+def around_capture(
+    original: Callable[..., None], runner: DecodeCudaGraphRunner, *args: Any, **kwargs: Any
+) -> None:
     """AROUND `DecodeCudaGraphRunner.capture`: capture fills every captured row at the fill
     value, so that is committed first (a write to an uncommitted range would land on the
     shared scratch granule); and torch captures in its global mode, where driver calls from
     another thread can invalidate the capture, so the spare-handle refill thread waits."""
-    from sglang_kvalloc.upstream.segmented import SETTINGS
-
-    if BUFFERS:
+    if RUNTIME.graph.buffers:
         max_bs = int(getattr(runner, "max_bs", 0) or 0)
         fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
         width = int(getattr(runner, "captured_req_width", 1) or 1)
@@ -414,12 +427,12 @@ def around_capture(original: Callable[..., Any], runner: Any, *args: Any, **kwar
             ensure_for(planner.draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
         else:
             ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
-    paused = getattr(SETTINGS.backings, "refill_paused", None)
+    paused = getattr(RUNTIME.backings, "refill_paused", None)
     with paused() if paused is not None else contextlib.nullcontext():
         return original(runner, *args, **kwargs)
 
 
-def _draft_batch(batch: Any, tokens_per_row: int, context: int) -> GraphBatch:
+def _draft_batch(batch: ScheduleBatch, tokens_per_row: int, context: int) -> GraphBatch:
     """What the draft stage writes into the verify mask for ``batch`` (its own rows, not the
     padded ones): the host's sequence lengths where the batch has them, else its sum, else
     the context per row (more than needed, never less)."""
@@ -436,31 +449,32 @@ def _draft_batch(batch: Any, tokens_per_row: int, context: int) -> GraphBatch:
 
 
 @contextlib.contextmanager
-def _verify_mask_written(backend: Any, batch: Any, tokens_per_row: int) -> Iterator[None]:
+def _verify_mask_written(
+    backend: AttentionBackend, batch: ScheduleBatch, tokens_per_row: int
+) -> Iterator[None]:
     """While the draft stage writes the verify mask in place: commit what it writes first.
     If that cannot be committed, the backend shows a mask that fits no batch for the while,
     so the draft builds its own (upstream's path past the captured size) and writes nothing
     into uncommitted memory."""
     mask = getattr(backend, "_verify_mask", None)
     rows = int(batch.seq_lens.shape[0]) if getattr(batch, "seq_lens", None) is not None else 0
-    lazy = VERIFY_MASKS.get(mask.buffer.data_ptr()) if mask is not None else None
+    graph = RUNTIME.graph
+    lazy = graph.verify_masks.get(mask.buffer.data_ptr()) if mask is not None else None
     if lazy is None or rows == 0 or not mask.fits(rows):
         yield
         return
     try:
         lazy.ensure(_draft_batch(batch, tokens_per_row, int(backend.max_context_len)))
     except MemoryError as exc:
-        STATS.draft_mask_fallbacks += 1
-        if STATS.draft_mask_fallbacks in (1, 10, 100) or STATS.draft_mask_fallbacks % 1000 == 0:
+        graph.draft_mask_fallbacks += 1
+        if graph.draft_mask_fallbacks in (1, 10, 100) or graph.draft_mask_fallbacks % 1000 == 0:
             logger.warning(
                 "The speculative verify mask could not be committed for a batch of %d (%s); "
                 "the draft builds its own mask (%d such batches so far).",
                 rows,
                 str(exc) or "out of device memory",
-                STATS.draft_mask_fallbacks,
+                graph.draft_mask_fallbacks,
             )
-        import msgspec
-
         backend._verify_mask = msgspec.structs.replace(mask, max_bs=0)
         try:
             yield
@@ -471,8 +485,11 @@ def _verify_mask_written(backend: Any, batch: Any, tokens_per_row: int) -> Itera
 
 
 def around_build_eagle_verify_input(
-    original: Callable[..., Any], batch: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., EagleVerifyInput],
+    batch: ScheduleBatch,
+    *args: Any,
+    **kwargs: Any,
+) -> EagleVerifyInput:
     """AROUND `eagle_worker_common.build_eagle_verify_input` (the draft stage's tail, which
     writes the verify mask into the target backend's buffer)."""
     backend = kwargs["target_worker"].model_runner.attn_backend
@@ -481,8 +498,12 @@ def around_build_eagle_verify_input(
 
 
 def around_build_trivial_verify_input(
-    original: Callable[..., Any], worker: Any, batch: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., EagleVerifyInput],
+    worker: EAGLEWorkerV2,
+    batch: ScheduleBatch,
+    *args: Any,
+    **kwargs: Any,
+) -> EagleVerifyInput:
     """AROUND `EAGLEWorkerV2._build_trivial_verify_input` (zero draft steps: the mask is
     filled with True, one token per request)."""
     backend = worker._target_worker.model_runner.attn_backend
@@ -491,19 +512,24 @@ def around_build_trivial_verify_input(
 
 
 def around_local_attention_update_for_replay(
-    original: Callable[..., Any], builder: Any, metadata: Any, bs: int, **kwargs: Any
-) -> Any:
+    original: Callable[..., None],
+    builder: LocalAttentionMetadataBuilder,
+    metadata: FlashAttentionMetadata,
+    bs: int,
+    **kwargs: Any,
+) -> None:
     """AROUND `LocalAttentionMetadataBuilder.update_for_replay`: upstream zeroes the whole
     local-attention table past the batch before every decode replay (21.5 GB for Scout at 10M
     under fa3: 6.6 ms per step on an H100, measured). Where the tables are reserved, rows past
     the committed ones read zeros already (the scratch granule), so upstream gets views of the
     committed rows: the same values, without the fill over the rest."""
     buffers = kwargs.get("buffers")
-    if not buffers or not LOCAL_TABLES:
+    local_tables = RUNTIME.graph.local_tables
+    if not buffers or not local_tables:
         return original(builder, metadata, bs, **kwargs)
     trimmed = {}
     for name, tensor in buffers.items():
-        lazy = LOCAL_TABLES.get(tensor.data_ptr())
+        lazy = local_tables.get(tensor.data_ptr())
         rows = lazy.rows_backed() if lazy is not None else tensor.shape[0]
         if rows <= bs:  # not committed for this batch (no gate ran): upstream's own way
             return original(builder, metadata, bs, **kwargs)
@@ -513,16 +539,4 @@ def around_local_attention_update_for_replay(
 
 def release_at_idle() -> int:
     """Give back every lazy buffer's committed memory (idle: no graph is running)."""
-    released = sum(buffer.release() for buffer in BUFFERS)
-    if released:
-        logger.info("Idle: released %.2f MB of cuda-graph buffers.", released / 1e6)
-    return released
-
-
-def stats() -> dict[str, Any]:
-    return {
-        "cuda_graph_buffers_reserved_bytes": sum(b.layout.reserved_bytes for b in BUFFERS),
-        "cuda_graph_buffers_committed_bytes": sum(b.committed_bytes for b in BUFFERS),
-        "cuda_graph_eager_fallbacks": STATS.eager_fallbacks,
-        "cuda_graph_draft_mask_fallbacks": STATS.draft_mask_fallbacks,
-    }
+    return RUNTIME.graph.release_at_idle()

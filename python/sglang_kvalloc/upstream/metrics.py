@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
-# name suffix -> (documentation, how to read it from STATE / the segment stats)
+# name suffix -> (documentation, how to read it from the runtime's record / the segment stats)
 _GAUGES: dict[str, str] = {
     "token_capacity": "KV tokens the pool can hold (static: allocated; segmented: the cap).",
     "effective_context_length": "Context length in force after auto's clamp.",
@@ -62,21 +62,22 @@ def after_collector_init(result: Any, self: Any, *args: Any, **kwargs: Any) -> N
 def after_log_stats(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER `SchedulerMetricsCollector.log_stats`: refresh the gauges from the live state."""
     gauges = getattr(self, "_kvalloc_gauges", None)
-    if gauges is None or STATE.mode is None:
+    state = RUNTIME.state
+    if gauges is None or state.mode is None:
         return None
     labels = self._kvalloc_labels
     values: dict[str, Any] = {
-        "token_capacity": STATE.token_capacity,
-        "effective_context_length": STATE.effective_context_length,
-        "req_to_token_bytes": STATE.req_to_token_bytes,
+        "token_capacity": state.token_capacity,
+        "effective_context_length": state.effective_context_length,
+        "req_to_token_bytes": state.req_to_token_bytes,
     }
-    segments = STATE.segment_stats() or {}
+    segments = RUNTIME.segment_stats() or {}
     for name, key in _FROM_SEGMENTS.items():
         values[name] = segments.get(key)
     for name, value in values.items():
         if value is not None:
             gauges[name].labels(**labels).set(value)
     self._kvalloc_mode_gauge.labels(
-        **labels, mode=STATE.mode, requested_mode=STATE.requested_mode or STATE.mode
+        **labels, mode=state.mode, requested_mode=state.requested_mode or state.mode
     ).set(1)
     return None

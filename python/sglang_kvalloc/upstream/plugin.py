@@ -6,6 +6,16 @@ records targets; `HookRegistry.apply_hooks()` (run by upstream's `load_plugins()
 
 from __future__ import annotations
 
+from sglang_kvalloc.upstream import (
+    cli,
+    cpu_attention,
+    graph_buffers,
+    metrics,
+    pools,
+    rope,
+    scheduler_loop,
+)
+
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
@@ -47,16 +57,6 @@ INTERNAL_STATE = (
 
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
-    from sglang_kvalloc.upstream import (
-        cli,
-        cpu_attention,
-        graph_buffers,
-        metrics,
-        pools,
-        rope,
-        scheduler_loop,
-    )
-
     return [
         # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
         (f"{SERVER_ARGS}.add_cli_args", cli.after_add_cli_args, "AFTER"),

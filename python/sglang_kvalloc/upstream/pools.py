@@ -11,9 +11,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.upstream import backings as backing_choice
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -23,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def _effective_mode() -> str:
-    return STATE.mode or modes.STATIC
+    return RUNTIME.state.mode or modes.STATIC
 
 
 # Pool kinds whose KV memory segmented mode commits on demand (mechanism b). Every other kind
@@ -169,16 +173,17 @@ def around_resolve_memory_pool_config(
     requested = modes.requested_mode(self.server_args)
     modes.validate_mode(requested)
     _apply_segment_settings(self)
-    STATE.requested_mode = requested
-    STATE.requested_context_length = getattr(
+    state = RUNTIME.state
+    state.requested_mode = requested
+    state.requested_context_length = getattr(
         self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
     )
     if requested != modes.AUTO:
         if requested == modes.SEGMENTED:
             _open_backings(self)  # a device that cannot do it says so now, in one line
             _warn_graph_buffers(self)
-        STATE.mode = requested
-        STATE.reason = "chosen explicitly"
+        state.mode = requested
+        state.reason = "chosen explicitly"
         _note_mechanisms(self)
         return _settle_run_time_memory(original, self, config, args, kwargs)
 
@@ -211,8 +216,8 @@ def around_resolve_memory_pool_config(
             _open_backings(self)
         except modes.KvAllocModeError as exc:
             mode, reason = _static_if_it_fits(self, config, static_bytes, reason, str(exc))
-    STATE.mode = mode
-    STATE.reason = reason
+    state.mode = mode
+    state.reason = reason
     _note_mechanisms(self)
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
@@ -232,29 +237,27 @@ def _settle_run_time_memory(
     position can reach (the pool's capacity; whole where auto settled on static), and room
     kept free for req_to_token rows (one granule per running request plus 4 B per token of
     the pool). Upstream then measures the budget again, so the KV pool leaves them room."""
-    from sglang_kvalloc.upstream import rope
-    from sglang_kvalloc.upstream.segmented import SETTINGS
-
-    segmented = STATE.mode == modes.SEGMENTED
-    explicit = segmented and not SETTINGS.backings.faults_in
-    if not rope.has_fixed_caches() and not explicit:
+    state, rope = RUNTIME.state, RUNTIME.rope
+    segmented = state.mode == modes.SEGMENTED
+    explicit = segmented and not RUNTIME.backings.faults_in
+    if not rope and not explicit:
         return config
     if segmented:
-        rope.commit_fixed_caches(config.max_total_num_tokens)
+        rope.commit_up_to(config.max_total_num_tokens)
     else:
-        rope.complete_fixed_caches()
+        rope.complete()
     if explicit:
-        granule = SETTINGS.backings.granularity
-        STATE.run_time_room_bytes = (
+        granule = RUNTIME.backings.granularity
+        state.run_time_room_bytes = (
             config.max_running_requests * granule + 4 * config.max_total_num_tokens
         )
-    STATE.rope_committed_bytes = rope.fixed_cache_bytes()
+    state.rope_committed_bytes = rope.committed_bytes
     settled = original(configurator, *args, **kwargs)
     logger.info(
         "Memory committed outside the KV pool at run time: RoPE caches %.3f GB (committed "
         "now), req_to_token rows up to %.3f GB (kept free); KV capacity %d -> %d tokens.",
-        STATE.rope_committed_bytes / 1e9,
-        STATE.run_time_room_bytes / 1e9,
+        state.rope_committed_bytes / 1e9,
+        state.run_time_room_bytes / 1e9,
         config.max_total_num_tokens,
         settled.max_total_num_tokens,
     )
@@ -267,43 +270,42 @@ def around_profile_available_bytes(
     """AROUND `KVCacheConfigurator._profile_available_bytes`: the KV budget leaves the room
     segmented mode keeps free for req_to_token rows (0 in every other case)."""
     available = original(configurator, *args, **kwargs)
-    if configurator.is_draft_worker or not STATE.run_time_room_bytes:
+    room = RUNTIME.state.run_time_room_bytes
+    if configurator.is_draft_worker or not room:
         return available
-    return int(available) - STATE.run_time_room_bytes
+    return int(available) - room
 
 
 def _note_mechanisms(configurator: Any) -> None:
     """Record which of segmented mode's two mechanisms is in force: (a) the context-scaled
     tables lazy (every pool kind), (b) the KV pool committed on demand (supported kinds)."""
     kind, why_not = kv_pool_kind(configurator)
-    segmented = STATE.mode == modes.SEGMENTED
-    STATE.kv_pool_kind = kind
-    STATE.lazy_tables = segmented
-    STATE.kv_on_demand = segmented
-    STATE.kv_on_demand_note = f"the {kind} KV pool is committed segment by segment"
+    state = RUNTIME.state
+    segmented = state.mode == modes.SEGMENTED
+    state.kv_pool_kind = kind
+    state.lazy_tables = segmented
+    state.kv_on_demand = segmented
+    state.kv_on_demand_note = f"the {kind} KV pool is committed segment by segment"
     if not segmented:
-        STATE.kv_on_demand_note = ""
+        state.kv_on_demand_note = ""
     elif why_not is not None:
         _keep_upstream_pool(why_not)
 
 
 def _apply_segment_settings(configurator: Any) -> None:
-    from sglang_kvalloc.upstream.segmented import SETTINGS
-
     server_args = configurator.server_args
-    SETTINGS.segment_tokens = modes.segment_tokens(server_args)
-    SETTINGS.hold_off_s = modes.segment_hold_off_s(server_args)
-    SETTINGS.idle_cache_tokens = modes.idle_cache_tokens(server_args)
-    SETTINGS.device = str(configurator.device)
-    SETTINGS.agree = _rank_agreement()
+    settings = RUNTIME.settings
+    settings.segment_tokens = modes.segment_tokens(server_args)
+    settings.hold_off_s = modes.segment_hold_off_s(server_args)
+    settings.idle_cache_tokens = modes.idle_cache_tokens(server_args)
+    settings.device = str(configurator.device)
+    settings.agree = _rank_agreement()
 
 
 def _open_backings(configurator: Any) -> None:
     """The device's backing factory; a device that cannot back segmented mode, or an attention
     backend whose cuda-graph buffers it does not cover, is a one-line KvAllocModeError."""
-    from sglang_kvalloc.upstream.segmented import open_backings
-
-    open_backings(str(configurator.device))
+    backing_choice.open_backings(str(configurator.device))
     problem = unsupported_parallelism(configurator)
     if problem is not None:
         raise modes.KvAllocModeError(problem)
@@ -405,8 +407,6 @@ def _free_device_bytes(configurator: Any) -> int | None:
     device = str(configurator.device)
     if not device.startswith("cuda"):
         return None
-    import torch
-
     free, _ = torch.cuda.mem_get_info()
     return int(free)
 
@@ -424,8 +424,6 @@ def _rank_agreement() -> Callable[[int], int]:
 
 def make_rank_agreement(group: Any) -> Callable[[int], int]:
     """An all-reduce MIN of one int over ``group`` (upstream's gloo CPU group)."""
-    import torch
-    import torch.distributed as dist
 
     def agree(value: int) -> int:
         flag = torch.tensor([value], dtype=torch.int64)
@@ -442,13 +440,13 @@ def _builds_segmented(configurator: Any) -> bool:
 
 def _builds_kv_on_demand(configurator: Any) -> bool:
     """Whether this configurator's KV pool is the segment-committed one."""
-    return _builds_segmented(configurator) and STATE.kv_on_demand
+    return _builds_segmented(configurator) and RUNTIME.state.kv_on_demand
 
 
 def _keep_upstream_pool(why: str) -> None:
     """A pool variant found only while building: its KV stays upstream's, said once."""
-    STATE.kv_on_demand = False
-    STATE.kv_on_demand_note = why
+    RUNTIME.state.kv_on_demand = False
+    RUNTIME.state.kv_on_demand_note = why
     logger.warning(
         "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
         "allocated whole at start (%s).",
@@ -465,14 +463,13 @@ def around_build_default_req_pool(
     from sglang.srt.runtime_context import get_exec
 
     from sglang_kvalloc.upstream.row_pool import SegmentedReqToTokenPool
-    from sglang_kvalloc.upstream.segmented import SETTINGS
 
     return SegmentedReqToTokenPool(
         size=kwargs["max_num_reqs"],
         max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
         device=self.device,
         enable_memory_saver=get_exec().features.enable_memory_saver,
-        agree=SETTINGS.agree,
+        agree=RUNTIME.settings.agree,
     )
 
 
@@ -484,7 +481,7 @@ def around_build_mha_kv_pool(
         return original(self, *args, **kwargs)
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
+    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
 
     pool_class = kwargs.get("mha_pool_class")
     if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
@@ -528,7 +525,7 @@ def around_build_hybrid_swa_kv_pool(
         return original(self, *args, **kwargs)
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from sglang_kvalloc.upstream.segmented import SegmentedMHATokenToKVPool
+    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
 
     return _with_segmented_class(
         original, self, args, kwargs, "mha_pool_class", MHATokenToKVPool, SegmentedMHATokenToKVPool
@@ -543,7 +540,7 @@ def around_build_mla_kv_pool(
         return original(self, *args, **kwargs)
     from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
 
-    from sglang_kvalloc.upstream.segmented import SegmentedMLATokenToKVPool
+    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMLATokenToKVPool
 
     return _with_segmented_class(
         original, self, args, kwargs, "mla_pool_class", MLATokenToKVPool, SegmentedMLATokenToKVPool
@@ -563,9 +560,9 @@ def around_build_allocator(
     from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
-    from sglang_kvalloc.upstream.segmented import (
+    from sglang_kvalloc.upstream.segmented.allocators import segmented_allocator_for
+    from sglang_kvalloc.upstream.segmented.swa_allocator import (
         SegmentedSWATokenToKVPoolAllocator,
-        segmented_allocator_for,
     )
 
     if type(allocator) is SWATokenToKVPoolAllocator and hasattr(
@@ -604,34 +601,35 @@ def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwar
     if self.is_draft_worker:
         return result
     req_to_token = getattr(result.req_to_token_pool, "req_to_token", None)
-    STATE.effective_context_length = self.model_config.context_len
-    STATE.token_capacity = result.max_total_num_tokens
-    STATE.max_running_requests = result.max_running_requests
+    state = RUNTIME.state
+    state.effective_context_length = self.model_config.context_len
+    state.token_capacity = result.max_total_num_tokens
+    state.max_running_requests = result.max_running_requests
     if req_to_token is not None:
-        STATE.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
-    STATE.allocator = result.token_to_kv_pool_allocator
-    STATE.req_to_token_pool = result.req_to_token_pool
+        state.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
+    state.allocator = result.token_to_kv_pool_allocator
+    state.req_to_token_pool = result.req_to_token_pool
     lazy_rows = hasattr(result.req_to_token_pool, "resident_bytes")
-    if STATE.kv_on_demand and not hasattr(STATE.allocator, "segment_stats"):
-        _keep_upstream_pool(f"{type(STATE.allocator).__name__} is not segmented in this build")
+    if state.kv_on_demand and not hasattr(state.allocator, "segment_stats"):
+        _keep_upstream_pool(f"{type(state.allocator).__name__} is not segmented in this build")
     logger.info(
         "KV allocation mode: %s (requested %s; %s). KV capacity %d tokens, context length %d, "
         "max running requests %d, req_to_token %s %.3f GB. (a) context-scaled tables: %s. "
         "(b) %s KV pool: %s.",
-        STATE.mode,
-        STATE.requested_mode,
-        STATE.reason,
+        state.mode,
+        state.requested_mode,
+        state.reason,
         result.max_total_num_tokens,
         self.model_config.context_len,
         result.max_running_requests,
         "reserved" if lazy_rows else "allocated",
-        (STATE.req_to_token_bytes or 0) / 1e9,
-        "lazy" if STATE.lazy_tables else "allocated at start",
-        STATE.kv_pool_kind,
+        (state.req_to_token_bytes or 0) / 1e9,
+        "lazy" if state.lazy_tables else "allocated at start",
+        state.kv_pool_kind,
         "committed on demand"
-        if STATE.kv_on_demand
+        if state.kv_on_demand
         else "allocated whole at start"
-        + (f" ({STATE.kv_on_demand_note})" if STATE.kv_on_demand_note else ""),
+        + (f" ({state.kv_on_demand_note})" if state.kv_on_demand_note else ""),
     )
     return result
 
@@ -640,5 +638,5 @@ def after_get_internal_state(result: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER `SchedulerInternalStateController.get_internal_state`: add `kv_alloc`."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
-        state["kv_alloc"] = STATE.as_dict()
+        state["kv_alloc"] = RUNTIME.as_dict()
     return None

@@ -10,7 +10,7 @@ rotary_dim x 4 B, about 5 GB for head_dim 128 at a 10M context, resident from th
 - Where memory must be committed before use (a GPU), a captured CUDA graph holds the cache's
   address, so the cache cannot be reallocated: it becomes one fixed-address tensor of the full
   length over a reserved range, committed at start as far as a position can reach (the KV
-  pool's capacity: `commit_fixed_caches`, so nothing grows while serving), in the dtype
+  pool's capacity: `RopeCaches.commit_up_to`, so nothing grows while serving), in the dtype
   upstream's forward reads it in (float32 on CUDA, which the JIT rope kernel requires), and
   filled with upstream's own formula. Rows past it read the scratch page's zeros; no position
   reaches them.
@@ -18,7 +18,7 @@ rotary_dim x 4 B, about 5 GB for head_dim 128 at a 10M context, resident from th
 Only where the mode may need it: segmented, or auto past the model's own positions (the only
 place auto can end in segmented because of RoPE). At an ordinary context auto leaves every
 cache exactly as upstream builds it. When auto then settles on static, fixed caches are
-committed whole (`complete_fixed_caches`), as upstream would have them. Modules whose class
+committed whole (`RopeCaches.complete`), as upstream would have them. Modules whose class
 computes its cache differently (or overrides the forward methods, on the CPU) keep upstream's
 reservation.
 """
@@ -32,13 +32,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sglang_kvalloc import modes
-from sglang_kvalloc.upstream.state import STATE
+from sglang_kvalloc.core.backing import BackingFactory
+from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.upstream import backings as backing_choice
+from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
-
-    from sglang_kvalloc.core.backing import BackingFactory
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +51,17 @@ _FORWARDS = ("forward", "forward_native", "forward_cpu")
 OWN_GROWTH = ("DeepseekScalingRotaryEmbedding",)
 
 
-def before_scheduler_init(self: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
+def before_scheduler_init(
+    self: Scheduler, server_args: ServerArgs, *args: Any, **kwargs: Any
+) -> None:
     """BEFORE `Scheduler.__init__`: the model loads before the pools, so note the mode now."""
-    STATE.requested_mode = modes.requested_mode(server_args)
-    STATE.device = str(getattr(server_args, "device", "") or "")
+    state = RUNTIME.state
+    state.requested_mode = modes.requested_mode(server_args)
+    state.device = str(getattr(server_args, "device", "") or "")
     return None
 
 
-def _can_grow_lazily(module: Any) -> bool:
+def _can_grow_lazily(module: torch.nn.Module) -> bool:
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
     if not isinstance(module, RotaryEmbedding):
@@ -81,9 +87,10 @@ def _past_model_positions(model_config: ModelConfig | None) -> bool:
 def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
     """Segmented always; auto only past the model's own positions, so that at an ordinary
     context auto keeps upstream's caches exactly (auto decides only after the model loads)."""
-    if STATE.requested_mode == modes.SEGMENTED:
+    requested = RUNTIME.state.requested_mode
+    if requested == modes.SEGMENTED:
         return True
-    return STATE.requested_mode == modes.AUTO and _past_model_positions(model_config)
+    return requested == modes.AUTO and _past_model_positions(model_config)
 
 
 def around_reserve_rope_cache(
@@ -92,12 +99,11 @@ def around_reserve_rope_cache(
     """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run, caches
     grow with the positions in use instead of being expanded to the context (see above)."""
     model_config = args[0] if args else kwargs.get("model_config")
-    if not STATE.device or not _mode_may_need_lazy_rope(model_config):
+    state = RUNTIME.state
+    if not state.device or not _mode_may_need_lazy_rope(model_config):
         return original(model, *args, **kwargs)
-    from sglang_kvalloc.upstream.segmented import open_backings
-
     try:
-        backings = open_backings(STATE.device)
+        backings = backing_choice.open_backings(state.device)
     except modes.KvAllocModeError as exc:
         logger.info("RoPE caches keep upstream's reservation: %s", exc)
         return original(model, *args, **kwargs)
@@ -116,14 +122,16 @@ def around_reserve_rope_cache(
     logger.info(
         "KV alloc mode %s: %d RoPE cache(s) grow with the positions in use instead of being "
         "sized to the context at start-up%s.",
-        STATE.requested_mode,
+        state.requested_mode,
         lazy,
         f"; {eager} keep upstream's reservation" if eager else "",
     )
     return None
 
 
-def before_rope_forward(self: Any, positions: Any, *args: Any, **kwargs: Any) -> None:
+def before_rope_forward(
+    self: RotaryEmbedding, positions: torch.Tensor, *args: Any, **kwargs: Any
+) -> None:
     """BEFORE the RoPE forward methods: make the cache cover the positions about to be used."""
     if not getattr(self, "_kvalloc_lazy_rope", False) or positions.numel() == 0:
         return None
@@ -139,8 +147,6 @@ def before_rope_forward(self: Any, positions: Any, *args: Any, **kwargs: Any) ->
 
 
 # -- GPU: one fixed-address cache per module, committed ahead of the positions in use ----------
-
-_FIXED: list[FixedAddressRope] = []
 
 
 def fixed_cache_dtype(module: RotaryEmbedding, model_dtype: torch.dtype) -> torch.dtype:
@@ -165,8 +171,6 @@ class FixedAddressRope:
         backings: BackingFactory,
         margin: int = 0,
     ) -> None:
-        from sglang_kvalloc.core.rows import RowCommits
-
         cache = module.cos_sin_cache
         rows, width = int(cache.shape[0]), int(cache.shape[1])
         self.module = module
@@ -273,41 +277,17 @@ def _reserve_fixed_address(
         if _computes_cache_like_upstream_base(module):
             dtype = fixed_cache_dtype(module, model_config.dtype)
             margin = max(0, total - int(model_config.context_len))
-            _FIXED.append(FixedAddressRope(module, total, dtype, backings, margin))
+            RUNTIME.rope.add(FixedAddressRope(module, total, dtype, backings, margin))
             fixed += 1
     # The rest (other formulas) get upstream's reservation; fixed ones are long enough.
     original(model, *args, **kwargs)
     logger.info(
         "KV alloc mode %s on %s: %d RoPE cache(s) of %d positions reserved at a fixed address "
         "and committed as positions are reached (%d kept upstream's reservation).",
-        STATE.requested_mode,
-        STATE.device,
+        RUNTIME.state.requested_mode,
+        RUNTIME.state.device,
         fixed,
         total,
         len(candidates) - fixed,
     )
     return None
-
-
-def has_fixed_caches() -> bool:
-    return bool(_FIXED)
-
-
-def commit_fixed_caches(capacity_tokens: int) -> None:
-    """Segmented: commit every fixed cache as far as a position can reach, the KV pool's
-    capacity plus upstream's margin (speculative tokens, safety), so nothing grows while
-    serving. Past that the reservation stays uncommitted (a 10M context over a 1M pool)."""
-    for cache in _FIXED:
-        cache.grow(capacity_tokens + cache.margin)
-
-
-def complete_fixed_caches() -> int:
-    """auto settled on static: commit every fixed cache whole, as upstream would hold it (no
-    scheduler hook grows it later). Returns the bytes committed."""
-    for cache in _FIXED:
-        cache.grow(cache.total)
-    return fixed_cache_bytes()
-
-
-def fixed_cache_bytes() -> int:
-    return sum(cache.committed_bytes for cache in _FIXED)

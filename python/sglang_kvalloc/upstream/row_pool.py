@@ -18,13 +18,17 @@ context. Here it is a view of a reservation.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.upstream.runtime import RUNTIME, agree_alone
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -32,10 +36,6 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
 
 logger = logging.getLogger(__name__)
-
-
-def _agree_alone(value: int) -> int:
-    return value
 
 
 class SegmentedReqToTokenPool(ReqToTokenPool):
@@ -49,15 +49,13 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         device: str,
         enable_memory_saver: bool,
         *,
-        agree: Callable[[int], int] = _agree_alone,
+        agree: Callable[[int], int] = agree_alone,
     ) -> None:
-        from sglang_kvalloc.upstream.segmented import SETTINGS
-
         # Upstream's bookkeeping (free slots, generations) with a one-column table, then the
         # table itself from the reservation.
         super().__init__(size, 1, device, enable_memory_saver)
         rows = self._alloc_size
-        self._factory = SETTINGS.backings
+        self._factory = RUNTIME.backings
         self._row_bytes = max_context_len * 4
         self._backing = self._factory(rows * self._row_bytes)
         self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
@@ -245,11 +243,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         committed granules on a GPU)."""
         if self._row_commits is not None:
             return self._row_commits.committed_bytes
-        import mmap as _mmap
-
         base = self.req_to_token.data_ptr()
         n = self._backing.reserved_bytes
-        return _resident_bytes(base, n, _mmap.PAGESIZE)
+        return _resident_bytes(base, n, mmap.PAGESIZE)
 
 
 def _target_len(req: Req) -> int:
@@ -263,10 +259,6 @@ def _target_len(req: Req) -> int:
 
 def _resident_bytes(addr: int, nbytes: int, page: int) -> int:
     """mincore(2) over a range: how much of it is resident."""
-    import ctypes
-
-    import numpy as np
-
     libc = ctypes.CDLL(None, use_errno=True)
     npages = (nbytes + page - 1) // page
     vec = (ctypes.c_ubyte * npages)()

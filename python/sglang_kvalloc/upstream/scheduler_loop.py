@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sglang_kvalloc.upstream.runtime import RUNTIME
+
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.managers.scheduler import Scheduler
@@ -140,9 +142,7 @@ def after_on_idle(result: Any, scheduler: Scheduler, *args: Any, **kwargs: Any) 
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     idle_step = getattr(allocator, "idle_step", None)
     if idle_step is not None and idle_step(scheduler.tree_cache):
-        from sglang_kvalloc.upstream import graph_buffers
-
-        graph_buffers.release_at_idle()
+        RUNTIME.graph.release_at_idle()
     return None
 
 
