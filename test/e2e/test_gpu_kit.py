@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_DIR = REPO / "test" / "gpu"
-sys.path.insert(0, str(GPU_DIR))
+sys.path.append(str(GPU_DIR))  # after test/ (its conftest.py must not be shadowed)
 
 import kit_spec  # noqa: E402
 
