@@ -214,6 +214,9 @@ def install(kit_dir: Path, record: dict[str, Any]) -> None:
     run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
          "--disable-pip-version-check", *editable], timeout=240)  # fmt: skip
     record["seconds_total"] = round(time.monotonic() - t0, 1)
+    # This process started before the editable install: its .pth is not read here.
+    if str(kit_spec.REPO / "python") not in sys.path:
+        sys.path.append(str(kit_spec.REPO / "python"))
 
 
 VERSIONS = """
