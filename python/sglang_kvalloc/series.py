@@ -260,7 +260,7 @@ def _closure(roots: set[str]) -> set[str]:
 
 def _data_files(rel: str) -> list[str]:
     """Non-Python files a module reads from the package (the planner's model configs)."""
-    if rel == "core/planner.py":
+    if rel == "core/planner/model.py":
         return sorted(str(p.relative_to(SOURCE)) for p in (SOURCE / "configs").glob("*.json"))
     return []
 

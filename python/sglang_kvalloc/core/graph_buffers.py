@@ -30,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the layouts stay torch-free: the planner imports them
+from sglang_kvalloc.core.rows import RowCommits
+
+if TYPE_CHECKING:  # stays torch-free: the planner imports the layouts
     from sglang_kvalloc.core.backing import Backing
 
 __all__ = ["CHUNK_ROWS", "FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
@@ -146,8 +148,6 @@ class LazyGraphBuffer:
     writes, and given back at idle (a sync point: no graph is reading it)."""
 
     def __init__(self, layout: GraphBufferLayout, backing: Backing) -> None:
-        from sglang_kvalloc.core.rows import RowCommits
-
         if backing.reserved_bytes < layout.reserved_bytes:
             raise ValueError(
                 f"graph buffer {layout.name}: backing holds {backing.reserved_bytes} B, the "

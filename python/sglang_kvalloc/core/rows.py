@@ -17,7 +17,10 @@ No device synchronize on the way (the scheduler's overlap keeps a batch in fligh
 
 from __future__ import annotations
 
-from sglang_kvalloc.core.backing import Backing, Fence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # stays torch-free: the planner's layouts import it
+    from sglang_kvalloc.core.backing import Backing, Fence
 
 __all__ = ["RowCommits"]
 

@@ -23,6 +23,13 @@ import numpy as np
 import torch
 
 from sglang_kvalloc.core.backing import Backing, BackingFactory, make_backing
+from sglang_kvalloc.core.geometry import (
+    SegmentGeometry,
+    align_down,
+    align_up,
+    aligned_segment_tokens,
+    default_segment_tokens,
+)
 
 __all__ = [
     "PageAccountingError",
@@ -30,15 +37,8 @@ __all__ = [
     "SegmentedBuffers",
     "SegmentedPageAllocator",
     "aligned_segment_tokens",
+    "default_segment_tokens",
 ]
-
-
-def _align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
-
-
-def _align_down(value: int, alignment: int) -> int:
-    return value // alignment * alignment
 
 
 def _merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
@@ -74,97 +74,10 @@ def _merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tens
     return out
 
 
-class SegmentGeometry:
-    """How ``cap_tokens`` rows split into segments of ``segment_tokens`` rows."""
-
-    def __init__(self, cap_tokens: int, segment_tokens: int, page_size: int) -> None:
-        if page_size <= 0:
-            raise ValueError(f"page_size must be positive, got {page_size}")
-        if cap_tokens <= 0:
-            raise ValueError(f"KV cap must be positive, got {cap_tokens} tokens")
-        if cap_tokens % page_size:
-            raise ValueError(
-                f"KV cap of {cap_tokens} tokens is not a multiple of page_size {page_size}; "
-                f"round it down to {_align_down(cap_tokens, page_size)}"
-            )
-        if segment_tokens == 0:
-            raise ValueError("segment size must be positive, got 0 tokens")
-        if segment_tokens < 0:
-            raise ValueError(f"segment size must be positive, got {segment_tokens} tokens")
-        if segment_tokens % page_size:
-            raise ValueError(
-                f"segment size of {segment_tokens} tokens is not a multiple of page_size "
-                f"{page_size}"
-            )
-        if segment_tokens > cap_tokens:
-            raise ValueError(
-                f"segment size of {segment_tokens} tokens is larger than the KV cap of "
-                f"{cap_tokens} tokens"
-            )
-        self.cap_tokens: int = cap_tokens
-        self.segment_tokens: int = segment_tokens
-        self.page_size: int = page_size
-        self.cap_pages: int = cap_tokens // page_size
-        self.segment_pages: int = segment_tokens // page_size
-        self.num_segments: int = -(-cap_tokens // segment_tokens)
-
-    def __repr__(self) -> str:
-        return (
-            f"SegmentGeometry(cap_tokens={self.cap_tokens}, segment_tokens={self.segment_tokens}, "
-            f"page_size={self.page_size}, num_segments={self.num_segments})"
-        )
-
-    def segment_pages_range(self, seg: int) -> tuple[int, int]:
-        """Page ids ``[start, end)`` of segment ``seg``."""
-        self._check_segment(seg)
-        start = seg * self.segment_pages
-        return start, min(start + self.segment_pages, self.cap_pages)
-
-    def segment_rows(self, seg: int) -> tuple[int, int]:
-        """Rows (slots) ``[start, end)`` of segment ``seg``."""
-        start, end = self.segment_pages_range(seg)
-        return start * self.page_size, end * self.page_size
-
-    def segment_of_page(self, page: int) -> int:
-        return page // self.segment_pages
-
-    def _check_segment(self, seg: int) -> None:
-        if not 0 <= seg < self.num_segments:
-            raise IndexError(f"segment {seg} out of range [0, {self.num_segments})")
-
-
-DEFAULT_SEGMENT_TOKENS = 8192
 # While serving, staged frees are merged into the sorted free list at a shrink check once they
 # number 1/this of it: merging is O(free pages) (150 us at 40k on the CPU), and between merges
 # allocation reaches at most that many pages further up than with the list kept sorted.
 MERGE_STAGED_FRACTION = 8
-# Small pools still get several segments, so growth and shrink happen at all.
-MIN_SEGMENTS_BY_DEFAULT = 16
-
-
-def default_segment_tokens(cap_tokens: int, page_size: int) -> int:
-    """The segment size when none is asked for: 8,192 tokens, or a sixteenth of a smaller
-    pool, in whole pages (before granule alignment)."""
-    size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
-    return max(page_size, size // page_size * page_size)
-
-
-def aligned_segment_tokens(
-    requested: int, page_size: int, row_bytes_list: Sequence[int], granularity: int
-) -> int:
-    """Round ``requested`` up to the smallest multiple of ``page_size`` whose byte size is a
-    multiple of ``granularity`` in every buffer, so segment commit/release ranges are exact."""
-    if requested <= 0:
-        raise ValueError(f"segment size must be positive, got {requested} tokens")
-    if page_size <= 0 or granularity <= 0:
-        raise ValueError(f"page_size {page_size} and granularity {granularity} must be positive")
-    step = page_size
-    for row_bytes in row_bytes_list:
-        if row_bytes <= 0:
-            raise ValueError(f"row size must be positive, got {row_bytes} bytes")
-        # tokens * row_bytes % granularity == 0  <=>  tokens % (granularity / gcd) == 0
-        step = math.lcm(step, granularity // math.gcd(row_bytes, granularity))
-    return _align_up(requested, step)
 
 
 class SegmentedBuffers:
@@ -212,11 +125,11 @@ class SegmentedBuffers:
             if extra_rows:
                 # The extra rows may share a granule with the last segment; that granule is
                 # pinned with them and left out of the segment's range.
-                pin_lo = _align_down(geometry.cap_tokens * rb, g)
-                backing.commit(pin_lo, _align_up(self.rows * rb, g) - pin_lo)
+                pin_lo = align_down(geometry.cap_tokens * rb, g)
+                backing.commit(pin_lo, align_up(self.rows * rb, g) - pin_lo)
                 self._limit.append(pin_lo)
             else:
-                self._limit.append(_align_up(self.rows * rb, g))
+                self._limit.append(align_up(self.rows * rb, g))
         self._committed: list[bool] = [False] * geometry.num_segments
         self.commit_segment(0)
 
@@ -250,7 +163,7 @@ class SegmentedBuffers:
         g = self.backings[buffer].granularity
         lo_row, hi_row = self.geometry.segment_rows(seg)
         lo = lo_row * rb  # granule-aligned: segment byte size is a granularity multiple
-        hi = min(_align_up(hi_row * rb, g), self._limit[buffer])
+        hi = min(align_up(hi_row * rb, g), self._limit[buffer])
         return lo, max(0, hi - lo)
 
     def commit_segment(self, seg: int) -> None:

@@ -1,0 +1,433 @@
+"""Buffer layouts: every start-up allocation that grows with the context (req_to_token, the
+attention backends' cuda-graph buffers), its layout where segmented mode reserves it, and what
+segmented mode commits of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sglang_kvalloc.core.graph_buffers import CHUNK_ROWS, FLAT, ROWS, GraphBatch, GraphBufferLayout
+from sglang_kvalloc.core.planner.common import MIB, PlanError
+from sglang_kvalloc.core.planner.model import LLAMA4_ARCHS, ModelSpec
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("triton", "flashinfer", "fa3", "torch_native")
+# The CUDA VMM granularity segmented mode commits req_to_token rows in: the RECOMMENDED
+# granularity of pinned device memory, 2 MiB on H100/H200 (expected; the GPU suite records it).
+GPU_VMM_GRANULARITY = 2 * MIB
+VERIFY_MASK = "speculative verify mask"
+
+
+def segmented_committed_bytes(
+    allocations: list[Allocation],
+    max_reqs: int,
+    *,
+    on_gpu: bool,
+    captured_bs: int = 0,
+    tokens_per_row: int = 1,
+) -> int:
+    """What segmented mode commits at start-up of the context-sized allocations, counting each
+    running request's first req_to_token granule (the worst case for requests shorter than one
+    granule of positions, 524,288 on a GPU; on the CPU pages commit as they are written).
+
+    Lazy cuda-graph buffers count what capturing the largest batch commits (rows of length
+    one, upstream's fill value); the others count in full.
+    """
+    capture = capture_batch(captured_bs, tokens_per_row)
+    committed = 0
+    for allocation in allocations:
+        if allocation.name == "req_to_token":
+            if on_gpu:
+                committed += min(allocation.bytes, (max_reqs + 1) * GPU_VMM_GRANULARITY)
+        elif on_gpu:
+            committed += allocation.segmented_commit_bytes(capture)
+        else:
+            committed += allocation.bytes
+    return committed
+
+
+def capture_batch(captured_bs: int, tokens_per_row: int = 1) -> GraphBatch:
+    """The batch graph capture fills: every captured row at upstream's seq_len_fill_value (1)."""
+    return GraphBatch(captured_bs, captured_bs, 1, max(1, tokens_per_row))
+
+
+def triton_kv_indices_layout(max_num_tokens: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors TritonAttnBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
+    zeros((max_num_tokens * max_context_len,), int64), ragged indices end to end."""
+    return GraphBufferLayout(
+        "triton cuda_graph_kv_indices", FLAT, 1, max_num_tokens * context_len, 8
+    )
+
+
+def triton_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors TritonMultiStepDraftBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
+    zeros((speculative_num_steps, max_bs x topk x max_context_len), int64)
+    (speculative/spec_utils.py draft_kv_indices_buffer_width); each step's row holds its
+    ragged lists end to end (``seq_lens_sum x topk + branches x step`` items)."""
+    return GraphBufferLayout(
+        "triton draft cuda_graph_kv_indices", FLAT, steps, max_bs * topk * context_len, 8
+    )
+
+
+def flashinfer_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferMultiStepDraftBackend.init_cuda_graph_state: the same shape as
+    triton's draft buffer in int32, each step's row sliced to
+    ``draft_kv_indices_used_len`` as triton's."""
+    return GraphBufferLayout(
+        "flashinfer draft cuda_graph_kv_indices", FLAT, steps, max_bs * topk * context_len, 4
+    )
+
+
+def draft_graph_batch(
+    rows: int, seq_lens_sum: int, max_seq_len: int, topk: int, steps: int
+) -> GraphBatch:
+    """What a draft-decode replay of ``rows`` requests fills: ``topk`` branches per request,
+    each growing by one position per step (covers spec_utils.draft_kv_indices_used_len)."""
+    topk = max(1, topk)
+    return GraphBatch(rows * topk, seq_lens_sum * topk, max_seq_len + steps, max(1, steps))
+
+
+def flashinfer_kv_indices_layout(
+    max_num_tokens: int, context_len: int, page_size: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: each wrapper's
+    ``cuda_graph_kv_indices`` = zeros((max_num_tokens * max_context_len,), int32), filled with
+    page ids end to end."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_kv_indices",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        4,
+        page_size,
+    )
+
+
+def flashinfer_custom_mask_layout(max_num_tokens: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: ``cuda_graph_custom_mask`` =
+    zeros((max_num_tokens * max_context_len,), uint8), one byte per (query token, position)."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_custom_mask",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        1,
+        per_query_token=True,
+    )
+
+
+def verify_mask_layout(max_bs: int, draft: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors layers/attention/verify_mask.py maybe_create_verify_mask (FULL_MASK, the GPU
+    layout): ``tree_mask_numel`` = max_bs x draft x (max_context_len + draft) bytes; the draft
+    stage writes ``draft x (seq_len + draft)`` per request, end to end."""
+    return GraphBufferLayout(
+        VERIFY_MASK, FLAT, 1, max_bs * draft * (context_len + draft), 1, per_query_token=True
+    )
+
+
+def fa3_page_table_layout(max_bs: int, context_len: int, page_size: int) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state: each page table is
+    zeros((max_bs, ceil(max_context_len / page_size)), int32), one row per batch row."""
+    pages = -(-context_len // page_size)
+    return GraphBufferLayout("fa3 page table", ROWS, max_bs, pages, 4, page_size)
+
+
+def fa3_swa_spec_page_table_layout(max_bs: int, draft: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state with top-k > 1 and a sliding window:
+    ``target_verify_metadata_topk_swa["page_table"]`` = zeros((max_bs x draft, context +
+    draft), int32), one row per draft token, which ``prepare_swa_spec_page_table_triton``
+    fills up to its request's length plus its draft positions (page size 1 only)."""
+    return GraphBufferLayout(
+        "fa3 swa-spec page table", ROWS, max_bs * draft, context_len + draft, 4,
+        per_query_token=True,
+    )  # fmt: skip
+
+
+def fa3_local_attention_layouts(
+    max_bs: int, context_len: int, chunk: int, page_size: int
+) -> list[GraphBufferLayout]:
+    """Mirrors layers/attention/local_attention.py
+    LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers (Llama-4's chunked local attention
+    under fa3): ``max_bs x ceil(context / chunk)`` virtual batches, each a row of
+    ``local_block_table`` (``ceil(chunk / page)`` int32 page ids) and an entry of
+    ``local_seqused_k`` and ``local_query_start_loc`` (one more). ``update_for_replay`` writes
+    a row per (request, chunk its query tokens reach) and zeroes the rest."""
+    virtual = max_bs * -(-context_len // chunk)
+    per_block = -(-chunk // page_size)
+    return [
+        GraphBufferLayout(
+            "fa3 local_block_table", CHUNK_ROWS, virtual, per_block, 4, page_size,
+            chunk_positions=chunk,
+        ),
+        GraphBufferLayout("fa3 local_seqused_k", CHUNK_ROWS, virtual, 1, 4, chunk_positions=chunk),
+        GraphBufferLayout(
+            "fa3 local_query_start_loc", CHUNK_ROWS, virtual + 1, 1, 4, chunk_positions=chunk
+        ),
+    ]  # fmt: skip
+
+
+def req_to_token_extra(speculative_draft_tokens: int = 0) -> int:
+    """Row headroom past context_len; mirrors mem_cache/allocation_sizing.py
+    get_req_to_token_extra_context_len (4 + draft tokens; spec v2 with page > 1 may add more).
+    """
+    return 4 + speculative_draft_tokens
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One start-up allocation whose size grows with the context length."""
+
+    name: str
+    bytes: int
+    formula: str
+    upstream: str
+    # Segmented mode on a GPU reserves this buffer and commits it per replay (issue 9): its
+    # layout (one table of ``copies`` identical ones), else None (allocated at upstream's size).
+    lazy: GraphBufferLayout | None = None
+    copies: int = 1
+
+    def segmented_commit_bytes(self, batch: GraphBatch) -> int:
+        """What segmented mode on a GPU commits of this buffer for ``batch``: the lazy
+        layout's arithmetic, or all of it where the buffer is not lazy."""
+        if self.lazy is None:
+            return self.bytes
+        return self.copies * self.lazy.commit_bytes(batch, GPU_VMM_GRANULARITY)
+
+
+def req_to_token_allocation(max_reqs: int, context_len: int, extra: int) -> Allocation:
+    """Mirrors mem_cache/memory_pool.py ReqToTokenPool.__init__:
+    torch.zeros((size + 1, max_context_len), int32), max_context_len = context_len + extra
+    (kv_cache_configurator.py _build_req_to_token_pool / _build_default_req_pool).
+    """
+    rows = max_reqs + 1
+    cols = context_len + extra
+    return Allocation(
+        name="req_to_token",
+        bytes=rows * cols * 4,
+        formula=f"({max_reqs} + 1) x ({context_len} + {extra}) x 4 B",
+        upstream="mem_cache/memory_pool.py ReqToTokenPool.__init__",
+    )
+
+
+def cuda_graph_allocations(
+    spec: ModelSpec,
+    *,
+    backend: str,
+    max_bs: int,
+    context_len: int,
+    page_size: int,
+    speculative_draft_tokens: int = 0,
+    speculative_topk: int = 1,
+    speculative_num_steps: int = 0,
+) -> list[Allocation]:
+    """Context-sized cuda-graph buffers of the decode runner's attention backend, and with
+    speculative decoding (``speculative_num_steps`` > 1) those of the draft worker's
+    multi-step backend (the same backend kind; its captured batch is the target's).
+
+    max_bs is the captured batch (min of the cuda-graph max_bs and the request slots, as
+    model_executor/runner/base_cuda_graph_runner.py get_batch_sizes_to_capture clamps it);
+    tokens per batch row = draft tokens under speculative decoding (decode_cuda_graph_runner
+    max_num_token). Each entry names the backend method it mirrors.
+    """
+    if max_bs <= 0 or backend == "torch_native":
+        return []
+    draft = speculative_draft_tokens
+    tokens = max_bs * max(1, draft)
+    out: list[Allocation] = []
+    if backend == "triton":
+        layout = triton_kv_indices_layout(tokens, context_len)
+        out.append(
+            Allocation(
+                layout.name,
+                layout.reserved_bytes,
+                f"{tokens} x {context_len} x 8 B (int64)",
+                "layers/attention/triton_backend.py TritonAttnBackend.init_cuda_graph_state",
+                lazy=layout,
+            )
+        )
+        if draft:
+            out.append(_verify_mask(max_bs, draft, context_len, "triton_backend.py"))
+    elif backend == "flashinfer" and spec.attention == "mla":
+        out.append(
+            Allocation(
+                "flashinfer_mla cuda_graph_kv_indices",
+                max_bs * context_len * 4,
+                f"{max_bs} x {context_len} x 4 B (int32)",
+                "layers/attention/flashinfer_mla_backend.py "
+                "FlashInferMLAAttnBackend.init_cuda_graph_state",
+            )
+        )
+    elif backend == "flashinfer":
+        up = "layers/attention/flashinfer_backend.py FlashInferAttnBackend.init_cuda_graph_state"
+        # Two wrappers (and two index buffers) when the model has a sliding window.
+        wrappers = 2 if spec.sliding_window else 1
+        indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
+        out.append(
+            Allocation(
+                indices.name,
+                wrappers * indices.reserved_bytes,
+                f"{wrappers} wrapper(s) x {tokens} x {context_len} x 4 B (int32)",
+                up,
+                lazy=indices,
+                copies=wrappers,
+            )
+        )
+        mask = flashinfer_custom_mask_layout(tokens, context_len)
+        out.append(
+            Allocation(
+                mask.name,
+                mask.reserved_bytes,
+                f"{tokens} x {context_len} x 1 B (uint8)",
+                up,
+                lazy=mask,
+            )
+        )
+    elif backend == "fa3":
+        pages = -(-context_len // page_size)
+        tables = 1 + (1 if spec.is_hybrid_swa else 0)
+        if draft:
+            # page_table_draft_decode, target_verify and draft_extend tables (+ their SWA twins).
+            tables += 3 + (2 if spec.is_hybrid_swa else 0)
+        up = (
+            "layers/attention/flashattention_backend.py FlashAttentionBackend.init_cuda_graph_state"
+        )
+        layout = fa3_page_table_layout(max_bs, context_len, page_size)
+        out.append(
+            Allocation(
+                "fa3 page tables",
+                tables * layout.reserved_bytes,
+                f"{tables} table(s) x {max_bs} x {pages} pages x 4 B (int32)",
+                up,
+                lazy=layout,
+                copies=tables,
+            )
+        )
+        if draft and speculative_topk > 1:
+            out += _fa3_topk_tables(spec, max_bs, draft, context_len, up)
+        strided = (1 + (2 if draft else 0)) * pages * 8
+        out.append(
+            Allocation("fa3 strided_indices", strided, f"{pages} pages x 8 B (int64) each", up)
+        )
+        if spec.architecture in LLAMA4_ARCHS and spec.sliding_window:
+            where = (
+                "layers/attention/local_attention.py "
+                "LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers"
+            )
+            chunk = spec.sliding_window
+            for local in fa3_local_attention_layouts(max_bs, context_len, chunk, page_size):
+                out.append(
+                    Allocation(
+                        local.name,
+                        local.reserved_bytes,
+                        f"{local.rows:,} x {local.items} x 4 B (int32): {max_bs} x "
+                        f"ceil({context_len:,} / {chunk:,}) virtual batches",
+                        where,
+                        # Reserved past one chunk only: within one they have max_bs rows, a
+                        # shape other fa3 buffers share, and are small.
+                        lazy=local if context_len > chunk else None,
+                    )
+                )
+    else:
+        raise PlanError(f"unknown attention backend {backend!r}")
+    if draft and speculative_num_steps > 1:
+        out += _draft_allocations(out, backend, max_bs, speculative_topk, speculative_num_steps,
+                                  context_len)  # fmt: skip
+    return out
+
+
+def _draft_allocations(
+    target: list[Allocation], backend: str, max_bs: int, topk: int, steps: int, context_len: int
+) -> list[Allocation]:
+    """The draft worker's multi-step backend: triton and flashinfer share one
+    ``(steps, max_bs x topk x context)`` index buffer across their step backends; fa3 builds
+    ``steps - 1`` backends, each allocating what the target's does but the verify mask."""
+    if backend == "triton":
+        layout = triton_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        where = "layers/attention/triton_backend.py TritonMultiStepDraftBackend"
+    elif backend == "flashinfer":
+        layout = flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        where = "layers/attention/flashinfer_backend.py FlashInferMultiStepDraftBackend"
+    elif backend == "fa3":
+        return [
+            Allocation(
+                f"draft {a.name}",
+                (steps - 1) * a.bytes,
+                f"{steps - 1} draft step backend(s) x ({a.formula})",
+                "layers/attention/flashattention_backend.py FlashAttentionMultiStepBackend",
+                lazy=a.lazy,
+                copies=(steps - 1) * a.copies,
+            )
+            for a in target
+            if a.name != VERIFY_MASK
+        ]
+    else:
+        return []
+    shape = f"{steps} x {max_bs} x {topk} x {context_len} x {layout.item_bytes} B"
+    return [Allocation(layout.name, layout.reserved_bytes, shape, where, lazy=layout)]
+
+
+def _fa3_topk_tables(
+    spec: ModelSpec, max_bs: int, draft: int, context_len: int, up: str
+) -> list[Allocation]:
+    """fa3 with EAGLE top-k > 1: the draft-decode and target-verify tables of one column per
+    position, the verify mask (read only with top-k > 1), and with a sliding window the
+    per-draft-token verify table."""
+    by_position = fa3_page_table_layout(max_bs, context_len, 1)
+    out = [
+        Allocation(
+            "fa3 top-k page tables",
+            2 * by_position.reserved_bytes,
+            f"2 table(s) x {max_bs} x {context_len} positions x 4 B (int32)",
+            up,
+            lazy=by_position,
+            copies=2,
+        ),
+        _verify_mask(max_bs, draft, context_len, "flashattention_backend.py"),
+    ]
+    if spec.is_hybrid_swa:  # allocated whatever the page size (used only at page 1)
+        swa_spec = fa3_swa_spec_page_table_layout(max_bs, draft, context_len)
+        out.append(
+            Allocation(
+                swa_spec.name,
+                swa_spec.reserved_bytes,
+                f"{max_bs} x {draft} x ({context_len} + {draft}) x 4 B (int32)",
+                up,
+                lazy=swa_spec,
+            )
+        )
+    return out
+
+
+def _verify_mask(max_bs: int, draft: int, context_len: int, where: str) -> Allocation:
+    """FULL_MASK verify buffer; mirrors layers/attention/verify_mask.py tree_mask_numel."""
+    layout = verify_mask_layout(max_bs, draft, context_len)
+    return Allocation(
+        VERIFY_MASK,
+        layout.reserved_bytes,
+        f"{max_bs} x {draft} x ({context_len} + {draft}) x 1 B",
+        f"layers/attention/verify_mask.py maybe_create_verify_mask (via {where})",
+        lazy=layout,
+    )
+
+
+def lazy_graph_buffer_figures(
+    allocations: list[Allocation], captured_bs: int, context_len: int, tokens_per_row: int = 1
+) -> list[dict[str, Any]]:
+    """Reserved bytes of each lazy cuda-graph buffer, and what it commits at capture and for
+    one request of ``context_len`` tokens: the same arithmetic the hooks commit by."""
+    whole_context = GraphBatch(1, context_len, context_len, max(1, tokens_per_row))
+    capture = capture_batch(captured_bs, tokens_per_row)
+    return [
+        {
+            "name": a.name,
+            "reserved_bytes": a.bytes,
+            "capture_commit_bytes": a.segmented_commit_bytes(capture),
+            "one_full_context_request_commit_bytes": a.segmented_commit_bytes(whole_context),
+        }
+        for a in allocations
+        if a.lazy is not None
+    ]
