@@ -22,6 +22,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import provenance  # benchmark/, the script's own folder
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
+        "provenance": provenance.record("benchmark/allocator_micro.py"),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": "CPU only, torch threads 1",
         "torch": torch.__version__,

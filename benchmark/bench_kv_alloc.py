@@ -23,7 +23,6 @@ import atexit
 import concurrent.futures
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -36,6 +35,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+
+import provenance  # noqa: E402
 
 from sglang_kvalloc.serving import LocalServer  # noqa: E402
 from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
@@ -538,50 +539,7 @@ def segment_costs(model: Path, seg_info: dict[str, Any] | None, reps: int) -> li
 # -- machine ----------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    import psutil
-    import sglang
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        overcommit = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-    except OSError:
-        overcommit = None
-    return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "memory_total_bytes": psutil.virtual_memory().total,
-        "memory_available_at_start_bytes": psutil.virtual_memory().available,
-        "swap_total_bytes": psutil.swap_memory().total,
-        "gpu": f"none (torch.cuda.is_available() == {torch.cuda.is_available()})",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "sglang": getattr(sglang, "__version__", "unknown"),
-        "vm_overcommit_memory": overcommit,
-    }
-
-
-def git_state() -> dict[str, Any]:
-    import subprocess
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"head": git("rev-parse", "HEAD"), "status": git("status", "--short").splitlines()}
+# machine_info and git_state: benchmark/provenance.py (one record for every benchmark).
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -966,10 +924,10 @@ def run(cfg: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "command": command,
         "started_at": started_at,
-        "machine": machine_info(),
+        "machine": provenance.machine_info(),
         "model": {"path": str(model), "config": json.loads((model / "config.json").read_text())},
         "settings": {k: v for k, v in vars(cfg).items() if k not in ("out", "model", "from_json")},
-        "git": git_state(),
+        "git": provenance.git_state(),
     }
     # Part 1: one launch per (context, mode); the first mode alternates between contexts so
     # neither mode always gets the colder first launch.

@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+import provenance  # noqa: E402
+
 from sglang_kvalloc.serving import LocalServer  # noqa: E402
 from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         model = ensure_tiny_model(cfg.model, dtype="float32")
         began = time.time()
         data = {
+            "provenance": provenance.record("benchmark/bench_serving_compare.py", argv),
             "command": "python benchmark/bench_serving_compare.py "
             + " ".join(argv or sys.argv[1:]),
             "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(began)),

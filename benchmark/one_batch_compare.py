@@ -32,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
+import provenance  # noqa: E402
+
 from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
 MODES = ("static", "segmented")
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             "context": cfg.default_pool_context, "flags": ["--mem-fraction-static", "0.25"],
         })  # fmt: skip
     started = time.time()
-    raw: dict[str, Any] = {"config": vars(cfg) | {"out": str(cfg.out)}, "cells": []}
+    raw: dict[str, Any] = {
+        "provenance": provenance.record("benchmark/one_batch_compare.py"),
+        "config": vars(cfg) | {"out": str(cfg.out)},
+        "cells": [],
+    }
     for cell in cells:
         rounds = []
         for r in range(cfg.rounds):

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import provenance  # benchmark/, the script's own folder
 import requests
 
 from sglang_kvalloc.serving import LocalServer
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "tracebacks": log.count("Traceback"),
             "samples": samples,
         }
+    result["provenance"] = provenance.record("benchmark/soak.py")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
