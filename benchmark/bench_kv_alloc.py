@@ -12,8 +12,9 @@ One run measures, side by side:
 
 It writes DIR/benchmark.json (every raw number), DIR/benchmark.md and DIR/benchmark.png.
 
-    python benchmark/bench_kv_alloc.py --out docs/
-    python benchmark/bench_kv_alloc.py --out docs/ --from-json docs/benchmark.json  # re-render
+    python benchmark/bench_kv_alloc.py --out docs/runs/
+    # re-render only:
+    python benchmark/bench_kv_alloc.py --out docs/runs/ --from-json docs/runs/benchmark.json
 """
 
 from __future__ import annotations
@@ -831,10 +832,10 @@ def render_md(data: dict[str, Any]) -> str:
     add("## Files")
     add("")
     add(
-        "- `docs/benchmark.json`: every raw number (per-round throughput, RSS samples and per-"
+        "- `docs/runs/benchmark.json`: every raw number (per-round throughput, RSS samples and per-"
         "process RSS, server info, log lines, every commit/release timing)."
     )
-    add("- `docs/benchmark.png`: RSS per context and mode, start-up time, throughput ratios.")
+    add("- `docs/runs/benchmark.png`: RSS per context and mode, start-up time, throughput ratios.")
     add("- `benchmark/bench_kv_alloc.py`: the benchmark; `--from-json` re-renders these files.")
     add("")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ busy-polls. Per round and rate the
 segmented/static ratio of each metric is taken; the report gives the median ratio and a 95%
 confidence interval of the mean ratio (t-interval on log ratios over the rounds).
 
-    python benchmark/bench_serving_compare.py --out docs/ [--rounds 8]
+    python benchmark/bench_serving_compare.py --out docs/runs/ [--rounds 8]
 
 One row uses the default pool (no --max-total-tokens; upstream sizes the pool from memory,
 with --mem-fraction-static lowered so both servers fit on this machine): there the KV pool
@@ -285,7 +285,7 @@ def render(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--out", type=Path, default=Path("docs/runs"))
     p.add_argument(
         "--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
     )

@@ -5,7 +5,7 @@ Random prompts of 1 to 16K tokens (a share of them on shared prefixes), random
 upstream's strict idle leak check on. Reports requests served, errors, peak and final
 committed bytes and RSS, and whether memory came back once the idle policy ran.
 
-    python benchmark/soak.py --out docs/ [--minutes 10] [--clients 8]
+    python benchmark/soak.py --out docs/runs/ [--minutes 10] [--clients 8]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _segments(server: LocalServer) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=Path("docs/runs"))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cap-tokens", type=int, default=65_536)

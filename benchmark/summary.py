@@ -1,5 +1,5 @@
 """The performance goals (issue 11) against what the benchmarks measured: regenerates the
-section between the markers in docs/benchmark.md from the benchmarks' JSON files (not a CI
+section between the markers in docs/runs/benchmark.md from the benchmarks' JSON files (not a CI
 test; nothing is measured here).
 
     python benchmark/summary.py [--docs docs]
@@ -160,7 +160,7 @@ def growth_goal(data: dict[str, Any]) -> list[str]:
 
 def gpu_goal(docs: Path) -> list[str]:
     figures = []
-    paths = (docs / "gpu-runs").glob("*-h100-suite-*.json")
+    paths = (docs.parent / "gpu-runs").glob("*-h100-suite-*.json")
     for path in sorted(paths, key=lambda p: (len(p.stem), p.stem)):
         data = json.loads(path.read_text())
         d = data.get("decode_time_vmm_vs_ordinary")
@@ -183,7 +183,8 @@ def gpu_goal(docs: Path) -> list[str]:
     )
     return [
         f"| on a GPU (H100): upstream's triton decode kernel over VMM-mapped K/V / over "
-        f"ordinary memory, 1M cached tokens | {text} | {status} ([gpu.md](gpu.md)) | "
+        f"ordinary memory, 1M cached tokens | {text} | {status} "
+        "([gpu-runs/runs.md](../gpu-runs/runs.md)) | "
         f"{figures[-1][2]} |"
     ]
 
@@ -230,7 +231,7 @@ def render(docs: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--docs", type=Path, default=Path("docs/runs"))
     args = parser.parse_args(argv)
     path = args.docs / "benchmark.md"
     text = path.read_text()
