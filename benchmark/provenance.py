@@ -94,7 +94,8 @@ def measured_commit(data: dict[str, Any], json_path: Path) -> tuple[str, str]:
         dirty = " (with uncommitted changes)" if block.get("status") else ""
         return head, f"recorded{dirty}"
     rel = json_path.resolve().relative_to(REPO) if json_path.is_absolute() else json_path
-    added = git("log", "-1", "--format=%H", "--", str(rel))
+    # The last commit that changed its content (moves of the file do not count).
+    added = git("log", "--follow", "--diff-filter=AM", "-1", "--format=%H", "--", str(rel))
     return added, "not recorded: the commit that wrote the JSON"
 
 

@@ -229,6 +229,63 @@ def render(docs: Path) -> str:
     return "\n".join(lines)
 
 
+EVIDENCE_BEGIN = "<!-- measured:begin (benchmark/summary.py writes this section) -->"
+EVIDENCE_END = "<!-- measured:end -->"
+# What each JSON measures, and the command that wrote it where the JSON does not record one.
+MEASURED = {
+    "benchmark.json": ("memory at start-up, start-up time, throughput; 2K to 10M contexts", ""),
+    "bench_serving.json": ("serving throughput and latency with upstream's bench_serving", ""),
+    "bench_serving_growth.json": ("the cost of committing and releasing while serving", ""),
+    "bench_serving_growth_cache_kept.json": ("the same, the prefix cache kept", ""),
+    "allocator_micro.json": (
+        "allocator cost per scheduler step, segmented / upstream",
+        "python benchmark/allocator_micro.py --out docs/runs/",
+    ),
+    "one_batch.json": (
+        "decode and prefill latency in-process (upstream's one_batch)",
+        "python benchmark/one_batch_compare.py --out docs/runs --rounds 6 --repeats 3",
+    ),
+    "soak.json": (
+        "10 minutes of 8 clients: no leak, memory returned",
+        "python benchmark/soak.py --out docs/runs/",
+    ),
+}
+
+
+def evidence_section(docs: Path) -> str:
+    """The measured figures' sources for docs/evidence.md: JSON, command, commit."""
+    lines = [
+        EVIDENCE_BEGIN,
+        "| measures | JSON | command | measured on |",
+        "|---|---|---|---|",
+    ]
+    for name, (what, default_command) in MEASURED.items():
+        data = _load(docs / name)
+        if data is None:
+            continue
+        command = (
+            data.get("provenance", {}).get("command") or data.get("command") or default_command
+        )
+        lines.append(
+            f"| {what} | [runs/{name}](runs/{name}) | `{command}` | "
+            f"{provenance.staleness(data, docs / name)} |"
+        )
+    for path in sorted((docs.parent / "gpu-runs").glob("*.json")):
+        data = json.loads(path.read_text())
+        lines.append(
+            f"| the GPU suite on an H100 (`bash test/gpu/run.sh`) | "
+            f"[gpu-runs/{path.name}](gpu-runs/{path.name}) | `bash test/gpu/run.sh` | "
+            f"{provenance.staleness(data, path)} |"
+        )
+    return "\n".join([*lines, EVIDENCE_END])
+
+
+def _replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    text = path.read_text()
+    head, rest = text.split(begin, 1)
+    path.write_text(head + section + rest.split(end, 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=Path, default=Path("docs/runs"))
@@ -244,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     text = title + "\n\n" + section + "\n\n" + rest.lstrip("\n")
     path.write_text(text)
     print(f"wrote the goals section of {path}")
+    evidence = args.docs.parent / "evidence.md"
+    if evidence.exists() and EVIDENCE_BEGIN in evidence.read_text():
+        _replace_section(evidence, EVIDENCE_BEGIN, EVIDENCE_END, evidence_section(args.docs))
+        print(f"wrote the measured section of {evidence}")
     return 0
 
 
