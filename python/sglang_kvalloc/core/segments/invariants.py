@@ -1,0 +1,56 @@
+"""The page accounting a healthy allocator keeps, as a list of what is wrong (O(capacity)).
+
+Checked by the tests after every step and by upstream's idle diagnostic under its debug switch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglang_kvalloc.core.segments.allocator import SegmentedPageAllocator
+
+__all__ = ["accounting_problems"]
+
+
+def accounting_problems(alloc: SegmentedPageAllocator) -> list[str]:
+    """Everything inconsistent in ``alloc``'s page accounting; empty when healthy."""
+    g = alloc.geometry
+    k = alloc.committed_segments
+    problems: list[str] = []
+    if not 1 <= alloc.min_committed_segments <= k <= g.num_segments:
+        problems.append(f"{k} committed segments outside [{alloc.min_committed_segments}, ...]")
+    if alloc.peak_committed_segments < k:
+        problems.append("peak below committed")
+    free = alloc.free_pages
+    if free.dtype != torch.int64:
+        problems.append(f"free_pages dtype {free.dtype}")
+    if len(free) > 1 and not bool((free[1:] > free[:-1]).all()):
+        problems.append("free_pages not sorted/unique")
+    every_free = alloc.all_free_pages()
+    if len(every_free) != len(free) + alloc.free_list.num_staged:
+        problems.append("staged count mismatch")
+    duplicates = len(every_free) - len(torch.unique(every_free))
+    if duplicates:
+        problems.append(f"{duplicates} page(s) free twice")
+    limit = alloc.first_page_of(k)
+    if len(every_free):
+        if int(every_free.min()) < alloc.first_page:
+            problems.append("padding page in the free list")
+        if int(every_free.max()) >= limit:
+            problems.append("free page in an uncommitted segment")
+    if not duplicates:
+        usable = alloc.pages.count
+        for seg, free_count in enumerate(alloc.free_per_segment() or []):
+            if free_count > usable[seg]:
+                problems.append(f"segment {seg}: {free_count} free of {usable[seg]}")
+    if alloc.used_count() < 0:
+        problems.append(f"{-alloc.used_count()} more pages free than committed")
+    if alloc.ledger is not None:
+        if alloc.ledger.any_of(every_free):
+            problems.append("free page is also allocated")
+        if alloc.ledger.used() != alloc.used_count():
+            problems.append("allocated bitmap disagrees with the free list")
+    return problems
