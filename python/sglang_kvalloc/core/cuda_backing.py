@@ -15,31 +15,23 @@
 - A failed map is rolled back whole (the range goes back to scratch) and reported as a
   failed commit (MemoryError); a range that cannot be given its scratch mappings back would
   be an illegal address, so that is `VmmMappingLostError` and the backing refuses all use.
-- ``cuMemCreate`` is the slow call (~190 us per 2 MB measured on A100 by kvcached): a small
-  pool of pre-created handles per size is kept, refilled by a background thread, so a
+- Handles come from the device's pool of pre-created ones (`vmm_device.VmmDevice`), so a
   commit usually only maps.
-
-The driver calls go through a `VmmApi`: cuda-python's ``cuda.bindings.driver`` with upstream's
-helpers in the server (`sglang_kvalloc.upstream.cuda_vmm`), a fake with the driver's rules
-over host memory in CI. This module imports neither.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from sglang_kvalloc.core.backing import (
-    BackingUnavailableError,
-    Fence,
-    RangeSet,
-    check_range,
-    tensor_bytes,
+from sglang_kvalloc.core.backing import Fence, RangeSet, check_range, tensor_bytes
+from sglang_kvalloc.core.vmm_device import (
+    VmmApi,
+    VmmDevice,
+    VmmMappingLostError,
+    driver_success,
 )
 
 __all__ = [
@@ -52,304 +44,8 @@ __all__ = [
 ]
 
 
-logger = logging.getLogger(__name__)
-
-
-class VmmMappingLostError(RuntimeError):
-    """Part of a reservation is left without any mapping (a device access there would kill
-    the CUDA context): the process cannot go on serving safely."""
-
-
-class VmmApi(Protocol):
-    """The CUDA driver subset the backing uses, and the helpers around it."""
-
-    driver: Any
-    """``cuda.bindings.driver`` (or a fake): every call returns ``(CUresult, *outputs)``."""
-
-    def check(self, result: Any, label: str) -> Any:
-        """Raise on an error result; return the first output (or None)."""
-        ...
-
-    def allocation_prop(self, device_id: int) -> Any:
-        """A pinned, device-local ``CUmemAllocationProp`` (no exportable handle type)."""
-        ...
-
-    def granularity(self, prop: Any, *, minimum: bool) -> int:
-        """``cuMemGetAllocationGranularity`` with the MINIMUM or the RECOMMENDED flag."""
-        ...
-
-    def access_desc(self, device_id: int) -> Any:
-        """A read-write ``CUmemAccessDesc`` for the device."""
-        ...
-
-    def tensor_over(
-        self, address: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], owner: Any
-    ) -> torch.Tensor:
-        """A tensor over ``[address, address + nbytes)`` that keeps ``owner`` alive for as
-        long as it or any view of it lives."""
-        ...
-
-    def synchronize(self) -> None:
-        """Wait until no kernel is in flight on the device."""
-        ...
-
-    def bind_thread(self) -> None:
-        """Make the device current on the calling thread (for the refill thread)."""
-        ...
-
-    def record_fence(self, streams: tuple[Any, ...] = ()) -> Fence:
-        """A fence behind the work queued so far on the current stream and on ``streams``."""
-        ...
-
-    def reclaim(self) -> None:
-        """Give cached-but-free device memory back to the driver (torch's caching
-        allocator), before a failed allocation is taken as final."""
-        ...
-
-
-def _SUCCESS(drv: Any) -> Any:  # noqa: N802 - the driver's constant
-    return drv.CUresult.CUDA_SUCCESS
-
-
 def _align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
-
-
-class VmmDevice:
-    """Per-device state shared by every backing on it: the allocation properties, the
-    granularity, the zero-filled scratch handle, and the pool of spare handles."""
-
-    _instances: dict[tuple[int, int], VmmDevice] = {}
-    _lock = threading.Lock()
-
-    def __init__(self, api: VmmApi, device_id: int, *, background_refill: bool = True) -> None:
-        self.api = api
-        self.device_id = int(device_id)
-        drv = api.driver
-        self._check_supported()
-        self.prop = api.allocation_prop(self.device_id)
-        self.min_granularity = api.granularity(self.prop, minimum=True)
-        # Upstream's choice: the RECOMMENDED granularity (a multiple of the minimum).
-        self.granularity = api.granularity(self.prop, minimum=False)
-        if self.granularity % self.min_granularity:
-            raise BackingUnavailableError(
-                f"CUDA device {self.device_id}: recommended granularity {self.granularity} is "
-                f"not a multiple of the minimum {self.min_granularity}"
-            )
-        self.access = [api.access_desc(self.device_id)]
-        self._oom = drv.CUresult.CUDA_ERROR_OUT_OF_MEMORY
-        self._spares: dict[int, list[Any]] = {}
-        self._spare_target: dict[int, int] = {}
-        self._spare_lock = threading.Lock()
-        self.handles_created = 0
-        self.handles_released = 0
-        self.spare_hits = 0
-        self.spare_misses = 0
-        self.reclaims = 0
-        # Held by the refill thread while it creates a handle, and by `refill_paused` for a
-        # whole CUDA graph capture: no other thread's driver work runs during a capture.
-        self._refill_gate = threading.Lock()
-        self._refill_wanted = threading.Event()
-        self._closed = False
-        self.scratch = self._create_handle(self.granularity)
-        self._zero_scratch()
-        self._thread: threading.Thread | None = None
-        if background_refill:
-            self._thread = threading.Thread(
-                target=self._refill_loop, name="kv-vmm-refill", daemon=True
-            )
-            self._thread.start()
-
-    @classmethod
-    def get(cls, api: VmmApi, device_id: int, **kwargs: Any) -> VmmDevice:
-        """The shared instance for (api, device)."""
-        key = (id(api), int(device_id))
-        with cls._lock:
-            device = cls._instances.get(key)
-            if device is None or device._closed:
-                device = cls(api, device_id, **kwargs)
-                cls._instances[key] = device
-            return device
-
-    # -- support --------------------------------------------------------------------------
-
-    def _check_supported(self) -> None:
-        drv = self.api.driver
-        attribute = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
-        err, supported = drv.cuDeviceGetAttribute(attribute, self.device_id)[:2]
-        if err != drv.CUresult.CUDA_SUCCESS:
-            raise BackingUnavailableError(
-                f"CUDA device {self.device_id}: cannot query virtual memory support ({err})"
-            )
-        if not supported:
-            raise BackingUnavailableError(
-                f"CUDA device {self.device_id} does not support virtual memory management "
-                "(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0)"
-            )
-
-    # -- handles --------------------------------------------------------------------------
-
-    def _create_handle(self, nbytes: int) -> Any:
-        drv = self.api.driver
-        result = drv.cuMemCreate(nbytes, self.prop, 0)
-        if result[0] == self._oom:
-            raise MemoryError(f"cuMemCreate of {nbytes} bytes: out of device memory")
-        handle = self.api.check(result, "cuMemCreate")
-        self.handles_created += 1
-        return handle
-
-    def _release_handle(self, handle: Any) -> None:
-        self.api.check(self.api.driver.cuMemRelease(handle), "cuMemRelease")
-        self.handles_released += 1
-
-    def take_handle(self, nbytes: int) -> Any:
-        """A physical handle of ``nbytes``: a pre-created one if there is one (then the pool
-        is refilled off this path), else created now (MemoryError when the device is full)."""
-        with self._spare_lock:
-            spares = self._spares.get(nbytes)
-            handle = spares.pop() if spares else None
-        if handle is not None:
-            self.spare_hits += 1
-        else:
-            self.spare_misses += 1
-            try:
-                handle = self._create_handle(nbytes)
-            except MemoryError:
-                # Free memory torch's cache holds may be what is missing: give it back once.
-                self.api.reclaim()
-                self.reclaims += 1
-                handle = self._create_handle(nbytes)
-        self._refill_wanted.set()
-        return handle
-
-    def give_back(self, handle: Any, nbytes: int) -> None:
-        """A handle no longer mapped: kept as a spare up to the target, else released."""
-        with self._spare_lock:
-            spares = self._spares.setdefault(nbytes, [])
-            if len(spares) < self._spare_target.get(nbytes, 0):
-                spares.append(handle)
-                return
-        self._release_handle(handle)
-
-    def keep_spares(self, nbytes: int, count: int) -> None:
-        """Keep ``count`` pre-created handles of ``nbytes`` (the next commit's worth)."""
-        with self._spare_lock:
-            self._spare_target[nbytes] = max(self._spare_target.get(nbytes, 0), count)
-        self._refill_wanted.set()
-
-    def ready_handles(self, nbytes: int, count: int) -> int:
-        """Create spare handles of ``nbytes`` on this thread until ``count`` are held (or the
-        device is full, after one reclaim); returns how many are held. They serve the next
-        commits; what is left over goes at the next `trim_spares`."""
-        with self._spare_lock:
-            held = len(self._spares.get(nbytes, []))
-        reclaimed = False
-        while held < count:
-            try:
-                handle = self._create_handle(nbytes)
-            except MemoryError:
-                if reclaimed:
-                    break
-                self.api.reclaim()
-                self.reclaims += 1
-                reclaimed = True
-                continue
-            with self._spare_lock:
-                self._spares.setdefault(nbytes, []).append(handle)
-            held += 1
-        return held
-
-    def trim_spares(self) -> int:
-        """Release every spare handle (at idle, so the memory really goes back)."""
-        with self._spare_lock:
-            spares = [h for handles in self._spares.values() for h in handles]
-            self._spares = {}
-            self._spare_target = {}
-        for handle in spares:
-            self._release_handle(handle)
-        return len(spares)
-
-    @property
-    def spare_bytes(self) -> int:
-        with self._spare_lock:
-            return sum(size * len(handles) for size, handles in self._spares.items())
-
-    def refill(self) -> None:
-        """Create spare handles up to their targets (the refill thread's work)."""
-        while not self._closed:
-            with self._spare_lock:
-                need = [
-                    size
-                    for size, target in self._spare_target.items()
-                    if len(self._spares.get(size, [])) < target
-                ]
-            if not need:
-                return
-            size = need[0]
-            try:
-                handle = self._create_handle(size)
-            except MemoryError:
-                return  # the device is full: commits will say so when they need memory
-            with self._spare_lock:
-                spares = self._spares.setdefault(size, [])
-                if len(spares) < self._spare_target.get(size, 0):
-                    spares.append(handle)
-                    handle = None
-            if handle is not None:
-                self._release_handle(handle)
-
-    def _refill_loop(self) -> None:
-        self.api.bind_thread()
-        while not self._closed:
-            self._refill_wanted.wait()
-            self._refill_wanted.clear()
-            if self._closed:
-                return
-            try:
-                with self._refill_gate:
-                    self.refill()
-            except Exception:  # noqa: BLE001 - a refill failure must not kill the server
-                logger.exception("KV VMM spare-handle refill failed")
-
-    @contextlib.contextmanager
-    def refill_paused(self) -> Iterator[None]:
-        """While active the refill thread creates no handle (it waits): torch captures CUDA
-        graphs in the global capture mode, where another thread's driver calls can invalidate
-        the capture. Waits for a creation in progress to end first."""
-        with self._refill_gate:
-            yield
-
-    # -- scratch --------------------------------------------------------------------------
-
-    def _zero_scratch(self) -> None:
-        """Map the scratch handle once and fill it with zeros (fresh memory is not)."""
-        drv = self.api.driver
-        g = self.granularity
-        va = int(self.api.check(drv.cuMemAddressReserve(g, g, 0, 0), "cuMemAddressReserve"))
-        try:
-            self.api.check(drv.cuMemMap(va, g, 0, self.scratch, 0), "cuMemMap(scratch)")
-            try:
-                self.api.check(
-                    drv.cuMemSetAccess(va, g, self.access, len(self.access)), "cuMemSetAccess"
-                )
-                self.api.tensor_over(va, g, torch.uint8, (g,), owner=None).zero_()
-                self.api.synchronize()
-            finally:
-                self.api.check(drv.cuMemUnmap(va, g), "cuMemUnmap(scratch)")
-        finally:
-            self.api.check(drv.cuMemAddressFree(va, g), "cuMemAddressFree")
-
-    def close(self) -> None:
-        """Stop the refill thread and release the spares (reservations still alive keep the
-        scratch handle mapped; the driver frees it with their last mapping)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._refill_wanted.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self.trim_spares()
-        self._release_handle(self.scratch)
 
 
 class _Reservation:
@@ -392,10 +88,10 @@ class _Reservation:
         g = self.device.granularity
         for start in range(offset, offset + nbytes, g):
             address = self.address + start
-            if drv.cuMemMap(address, g, 0, self.device.scratch, 0)[0] == _SUCCESS(drv):
+            if drv.cuMemMap(address, g, 0, self.device.scratch, 0)[0] == driver_success(drv):
                 continue
             result = drv.cuMemMap(address, g, 0, self.device.scratch, 0)
-            if result[0] != _SUCCESS(drv):
+            if result[0] != driver_success(drv):
                 raise VmmMappingLostError(
                     f"cuMemMap(scratch) failed twice ({result[0]}) at offset {start} of a "
                     f"{self.size}-byte reservation: part of it is unmapped"
@@ -404,7 +100,7 @@ class _Reservation:
             result = drv.cuMemSetAccess(
                 self.address + offset, nbytes, self.device.access, len(self.device.access)
             )
-            if result[0] == _SUCCESS(drv):
+            if result[0] == driver_success(drv):
                 return
         raise VmmMappingLostError(
             f"cuMemSetAccess(scratch) failed twice ({result[0]}) over [{offset}, "
@@ -491,15 +187,15 @@ class CudaVmmBacking:
         if not unused:
             self._sync()
         result = drv.cuMemUnmap(address, nbytes)
-        if result[0] != _SUCCESS(drv):
+        if result[0] != driver_success(drv):
             self.device.give_back(handle, nbytes)
             raise MemoryError(f"cuMemUnmap(scratch) failed: {result[0]}")
         failure = drv.cuMemMap(address, nbytes, 0, handle, 0)[0]
-        if failure == _SUCCESS(drv):
+        if failure == driver_success(drv):
             failure = drv.cuMemSetAccess(address, nbytes, self.device.access, 1)[0]
-            if failure != _SUCCESS(drv):
+            if failure != driver_success(drv):
                 self._unmap_or_lose(address, nbytes)
-        if failure != _SUCCESS(drv):
+        if failure != driver_success(drv):
             # The range must never stay unmapped: scratch back over all of it, or stop.
             self._guarded_map_scratch(reservation, offset, nbytes)
             self.device.give_back(handle, nbytes)
@@ -534,7 +230,7 @@ class CudaVmmBacking:
         for start in inside:
             size, handle = self._mappings[start]
             result = self.device.api.driver.cuMemUnmap(reservation.address + start, size)
-            if result[0] != _SUCCESS(self.device.api.driver):
+            if result[0] != driver_success(self.device.api.driver):
                 # Still mapped to its handle: committed as before, nothing lost.
                 raise RuntimeError(f"cuMemUnmap failed: {result[0]}")
             del self._mappings[start]
@@ -544,7 +240,7 @@ class CudaVmmBacking:
 
     def _unmap_or_lose(self, address: int, nbytes: int) -> None:
         drv = self.device.api.driver
-        if drv.cuMemUnmap(address, nbytes)[0] != _SUCCESS(drv):
+        if drv.cuMemUnmap(address, nbytes)[0] != driver_success(drv):
             self._broken = f"a mapping at {address:#x} could not be undone"
             raise VmmMappingLostError(self._broken)
 

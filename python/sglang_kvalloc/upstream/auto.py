@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
+
+if TYPE_CHECKING:
+    from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def _override_allowed() -> bool:
     return bool(envs.SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN.get() or envs.SGLANG_IS_IN_CI.get())
 
 
-def model_config_and_max_context(server_args: Any) -> tuple[dict[str, Any], int]:
+def model_config_and_max_context(server_args: ServerArgs) -> tuple[dict[str, Any], int]:
     """The HF config as upstream loads it (overrides applied) and the context length upstream
     derives from it. Upstream's own loader, so hub ids and `--json-model-override-args` work."""
     from sglang.srt.utils.hf_transformers.common import get_context_length, get_hf_text_config
@@ -57,7 +60,7 @@ def _device_memory_bytes(device: str | None) -> int:
     return int(mib * (1 << 20))
 
 
-def launcher_plan(server_args: Any, cfg: dict[str, Any]) -> planner.Plan | None:
+def launcher_plan(server_args: ServerArgs, cfg: dict[str, Any]) -> planner.Plan | None:
     """The planner's view of one rank's pool, from the launcher (None if it cannot tell)."""
     device = str(server_args.device or "")
     try:
@@ -79,7 +82,7 @@ def launcher_plan(server_args: Any, cfg: dict[str, Any]) -> planner.Plan | None:
         return None
 
 
-def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | None:
+def estimate_capacity_tokens(server_args: ServerArgs, cfg: dict[str, Any]) -> int | None:
     """KV tokens one rank's pool will hold, as far as the launcher can tell."""
     page = int(server_args.page_size or 1)
     if server_args.max_total_tokens:
@@ -92,7 +95,7 @@ def estimate_capacity_tokens(server_args: Any, cfg: dict[str, Any]) -> int | Non
 MAX_POOL_TOKENS = 2**31 - 1
 
 
-def segment_size_problem(server_args: Any, *, load_model: bool = True) -> str | None:
+def segment_size_problem(server_args: ServerArgs, *, load_model: bool = True) -> str | None:
     """Why `--kv-segment-tokens` cannot work with the rest of the command, as one line (None
     if it can, or if that is only known once the scheduler sized the pool)."""
     tokens = modes.segment_tokens(server_args)
@@ -130,7 +133,7 @@ def segment_size_problem(server_args: Any, *, load_model: bool = True) -> str | 
     return None
 
 
-def clamp_context_in_launcher(server_args: Any) -> None:
+def clamp_context_in_launcher(server_args: ServerArgs) -> None:
     """auto: clamp `--context-length` to the model maximum (unless upstream's override is set)
     and to the estimated pool, with a WARNING naming both numbers each time."""
     if modes.requested_mode(server_args) != modes.AUTO:

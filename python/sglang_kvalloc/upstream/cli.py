@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import contextvars
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc import modes
+
+if TYPE_CHECKING:
+    from sglang.srt.entrypoints.engine import Engine
+    from sglang.srt.server_args import ServerArgs
 
 FLAG = "--kv-alloc-mode"
 DEST = "kv_alloc_mode"
@@ -145,7 +149,7 @@ def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def after_add_cli_args(result: Any, *args: Any, **kwargs: Any) -> None:
+def after_add_cli_args(result: None, *args: Any, **kwargs: Any) -> None:
     """AFTER `ServerArgs.add_cli_args(parser)`."""
     for candidate in (*args, *kwargs.values()):
         if isinstance(candidate, argparse.ArgumentParser):
@@ -154,7 +158,7 @@ def after_add_cli_args(result: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
-def attach_mode(server_args: Any, mode: str | None) -> None:
+def attach_mode(server_args: ServerArgs, mode: str | None) -> None:
     """Record the requested mode on the ServerArgs record (None leaves env/default)."""
     if mode is None:
         return
@@ -162,7 +166,7 @@ def attach_mode(server_args: Any, mode: str | None) -> None:
     setattr(server_args, modes.SERVER_ARGS_ATTR, mode)
 
 
-def attach_values(server_args: Any, values: dict[str, Any]) -> None:
+def attach_values(server_args: ServerArgs, values: dict[str, Any]) -> None:
     """Record this plugin's values (by CLI dest / keyword name) on the ServerArgs record."""
     for dest, attr in CARRIED.items():
         value = values.get(dest)
@@ -178,7 +182,9 @@ def attach_values(server_args: Any, values: dict[str, Any]) -> None:
     modes.idle_cache_tokens(server_args)
 
 
-def around_from_cli_args(original: Callable[..., Any], cls: type, args: argparse.Namespace) -> Any:
+def around_from_cli_args(
+    original: Callable[..., ServerArgs], cls: type[ServerArgs], args: argparse.Namespace
+) -> ServerArgs:
     """AROUND `ServerArgs.from_cli_args`: carry the parsed flags onto the record."""
     from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
 
@@ -201,7 +207,9 @@ _ENGINE_VALUES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Cont
 )
 
 
-def around_engine_init(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+def around_engine_init(
+    original: Callable[..., None], self: Engine, *args: Any, **kwargs: Any
+) -> None:
     """AROUND `Engine.__init__`: accept `kv_alloc_mode=`, `kv_segment_tokens=`,
     `kv_segment_hold_off=`, `kv_idle_cache_tokens=`."""
     values = {dest: kwargs.pop(dest) for dest in list(CARRIED) if dest in kwargs}
@@ -216,7 +224,7 @@ def around_engine_init(original: Callable[..., Any], self: Any, *args: Any, **kw
         _ENGINE_VALUES.reset(token)
 
 
-def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
+def before_resolve_once(self: ServerArgs, *args: Any, **kwargs: Any) -> None:
     """BEFORE `ServerArgs.resolve_once`: Engine keywords land on the record it built, then
     `auto` clamps the context in the launcher (see `auto.clamp_context_in_launcher`)."""
     if getattr(self, "_resolution_finished", False):
@@ -235,7 +243,9 @@ def before_resolve_once(self: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
-def after_resolved_dict(result: dict[str, Any], self: Any, *args: Any, **kwargs: Any) -> None:
+def after_resolved_dict(
+    result: dict[str, Any], self: ServerArgs, *args: Any, **kwargs: Any
+) -> None:
     """AFTER `ServerArgs.resolved_dict`: `/server_info` shows the mode with the other args."""
     result[DEST] = modes.requested_mode(self)
     return None

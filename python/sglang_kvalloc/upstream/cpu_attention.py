@@ -16,15 +16,18 @@ of `req_to_token`. Static keeps upstream's behaviour.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
+if TYPE_CHECKING:
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-def _reads_swa_sub_pool(backend: Any, k_cache: torch.Tensor) -> bool:
+
+def _reads_swa_sub_pool(backend: TorchNativeAttnBackend, k_cache: torch.Tensor) -> bool:
     if not getattr(backend, "use_sliding_window_kv_pool", False):
         return False
     state = RUNTIME.state
@@ -39,7 +42,10 @@ def _reads_swa_sub_pool(backend: Any, k_cache: torch.Tensor) -> bool:
 
 
 def _translated_rows(
-    backend: Any, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor
+    backend: TorchNativeAttnBackend,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's rows of req_to_token as SWA sub-pool slot ids, and their new row indices."""
     longest = int(seq_lens.max()) if seq_lens.numel() else 0
@@ -49,8 +55,8 @@ def _translated_rows(
 
 
 def _around_sdpa(
-    original: Callable[..., Any],
-    backend: Any,
+    original: Callable[..., torch.Tensor],
+    backend: TorchNativeAttnBackend,
     query: torch.Tensor,
     output: torch.Tensor,
     k_cache: torch.Tensor,
@@ -60,7 +66,7 @@ def _around_sdpa(
     seq_lens: torch.Tensor,
     *args: Any,
     **kwargs: Any,
-) -> Any:
+) -> torch.Tensor:
     if _reads_swa_sub_pool(backend, k_cache):
         req_to_token, req_pool_indices = _translated_rows(
             backend, req_to_token, req_pool_indices, seq_lens
@@ -80,14 +86,20 @@ def _around_sdpa(
 
 
 def around_sdpa_forward_extend(
-    original: Callable[..., Any], backend: Any, *a: Any, **k: Any
-) -> Any:
+    original: Callable[..., torch.Tensor],
+    backend: TorchNativeAttnBackend,
+    *a: Any,
+    **k: Any,
+) -> torch.Tensor:
     """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend`: SWA reads translated."""
     return _around_sdpa(original, backend, *a, **k)
 
 
 def around_sdpa_forward_decode(
-    original: Callable[..., Any], backend: Any, *a: Any, **k: Any
-) -> Any:
+    original: Callable[..., torch.Tensor],
+    backend: TorchNativeAttnBackend,
+    *a: Any,
+    **k: Any,
+) -> torch.Tensor:
     """AROUND `TorchNativeAttnBackend._run_sdpa_forward_decode`: SWA reads translated."""
     return _around_sdpa(original, backend, *a, **k)

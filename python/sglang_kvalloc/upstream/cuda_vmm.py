@@ -97,7 +97,7 @@ class UpstreamVmmApi:
     def bind_thread(self) -> None:
         torch.cuda.set_device(self.device_id)
 
-    def record_fence(self, streams: tuple[Any, ...] = ()) -> _EventFence:
+    def record_fence(self, streams: tuple[torch.cuda.Stream, ...] = ()) -> _EventFence:
         return _EventFence(streams)
 
     def reclaim(self) -> None:
@@ -107,7 +107,7 @@ class UpstreamVmmApi:
 class _EventFence:
     """CUDA events on the current stream and on ``streams``: done when all have passed."""
 
-    def __init__(self, streams: tuple[Any, ...]) -> None:
+    def __init__(self, streams: tuple[torch.cuda.Stream, ...]) -> None:
         self._events = []
         for stream in (torch.cuda.current_stream(), *streams):
             event = torch.cuda.Event()

@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+    from sglang.srt.mem_cache.evict_policy import EvictionStrategy
+    from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 logger = logging.getLogger(__name__)
 
 
-def evict_at_or_above(cache: Any, boundary_slot: int) -> int:
+def evict_at_or_above(cache: BasePrefixCache, boundary_slot: int) -> int:
     """Evict every unreferenced cached node whose path holds a KV slot >= ``boundary_slot``
     (whole unreferenced subtrees under it, since only leaves can go). Returns tokens freed."""
     from sglang.srt.mem_cache.radix_cache import RadixCache
@@ -41,7 +47,7 @@ def evict_at_or_above(cache: Any, boundary_slot: int) -> int:
     return 0
 
 
-def evict_lru_down_to(cache: Any, keep_tokens: int) -> int:
+def evict_lru_down_to(cache: BasePrefixCache, keep_tokens: int) -> int:
     """Upstream's own eviction (LRU by default) until at most ``keep_tokens`` stay evictable."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
@@ -51,7 +57,7 @@ def evict_lru_down_to(cache: Any, keep_tokens: int) -> int:
     return int(cache.evict(EvictParams(num_tokens=excess)).num_tokens_evicted)
 
 
-def _unified_evict_at_or_above(cache: Any, boundary_slot: int) -> int:
+def _unified_evict_at_or_above(cache: UnifiedRadixCache, boundary_slot: int) -> int:
     from sglang.srt.mem_cache.unified_cache.components import ComponentType
 
     full = ComponentType.FULL
@@ -99,22 +105,22 @@ class _AtOrAboveFirst:
     """Eviction strategy: leaves under an unreferenced node holding a high slot come first,
     then upstream's own order."""
 
-    def __init__(self, base: Any, boundary_slot: int) -> None:
+    def __init__(self, base: EvictionStrategy, boundary_slot: int) -> None:
         self.base = base
         self.boundary_slot = boundary_slot
 
-    def qualifies(self, node: Any) -> bool:
+    def qualifies(self, node: TreeNode) -> bool:
         while node is not None and node.lock_ref == 0 and node.value is not None:
             if node.value.numel() and int(node.value.max()) >= self.boundary_slot:
                 return True
             node = node.parent
         return False
 
-    def get_priority(self, node: Any) -> tuple[int, Any]:
+    def get_priority(self, node: TreeNode) -> tuple[int, object]:
         return (0 if self.qualifies(node) else 1, self.base.get_priority(node))
 
 
-def _radix_evict_at_or_above(cache: Any, boundary_slot: int) -> int:
+def _radix_evict_at_or_above(cache: RadixCache, boundary_slot: int) -> int:
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     strategy = _AtOrAboveFirst(cache.eviction_strategy, boundary_slot)

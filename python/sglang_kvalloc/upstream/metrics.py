@@ -6,9 +6,12 @@ labels and multiprocess mode) and refreshed whenever it logs its own stats.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc.upstream.runtime import RUNTIME
+
+if TYPE_CHECKING:
+    from sglang.srt.observability.metrics_collector import SchedulerMetricsCollector
 
 # name suffix -> (documentation, how to read it from the runtime's record / the segment stats)
 _GAUGES: dict[str, str] = {
@@ -34,7 +37,9 @@ _FROM_SEGMENTS = {
 }
 
 
-def after_collector_init(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+def after_collector_init(
+    result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
+) -> None:
     """AFTER `SchedulerMetricsCollector.__init__`: register the gauges."""
     from prometheus_client import Gauge
 
@@ -59,14 +64,16 @@ def after_collector_init(result: Any, self: Any, *args: Any, **kwargs: Any) -> N
     return None
 
 
-def after_log_stats(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+def after_log_stats(
+    result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
+) -> None:
     """AFTER `SchedulerMetricsCollector.log_stats`: refresh the gauges from the live state."""
     gauges = getattr(self, "_kvalloc_gauges", None)
     state = RUNTIME.state
     if gauges is None or state.mode is None:
         return None
     labels = self._kvalloc_labels
-    values: dict[str, Any] = {
+    values: dict[str, int | None] = {
         "token_capacity": state.token_capacity,
         "effective_context_length": state.effective_context_length,
         "req_to_token_bytes": state.req_to_token_bytes,

@@ -17,10 +17,27 @@ import torch.distributed as dist
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backings as backing_choice
+from sglang_kvalloc.upstream.pool_kind import (
+    context_scaled_static_bytes,
+    cuda_graph_bytes,
+    kv_pool_bytes,
+    kv_pool_kind,
+)
+from sglang_kvalloc.upstream.refusals import (
+    static_if_it_fits,
+    uncovered_graph_backend,
+    unsupported_parallelism,
+)
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
-    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.managers.io_struct import GetInternalStateReqOutput
+    from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.kv_cache_configurator import (
+        KVCacheConfigResult,
+        KVCacheConfigurator,
+    )
+    from sglang.srt.mem_cache.memory_pool import KVCache, ReqToTokenPool
     from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 logger = logging.getLogger(__name__)
@@ -30,124 +47,10 @@ def _effective_mode() -> str:
     return RUNTIME.state.mode or modes.STATIC
 
 
-# Pool kinds whose KV memory segmented mode commits on demand (mechanism b). Every other kind
-# keeps upstream's KV pool; the context-scaled tables are lazy for every kind (mechanism a).
-KV_ON_DEMAND_KINDS = ("mha", "hybrid_swa", "mla")
-
-
-def kv_pool_kind(configurator: Any) -> tuple[str, str | None]:
-    """The KV pool kind upstream builds for this model, and why segmented mode cannot commit
-    its KV memory on demand (None where it can)."""
-    from sglang.srt.configs.model_config import (
-        is_deepseek_dsa,
-        is_deepseek_v4,
-        is_minimax_sparse,
-    )
-
-    hf_config = configurator.model_config.hf_config
-    if is_deepseek_v4(hf_config):
-        kind = "deepseek_v4"
-    elif configurator.mambaish_config is not None:
-        kind = "hybrid_linear"
-    elif configurator.use_mla_backend and is_deepseek_dsa(hf_config):
-        kind = "dsa"
-    elif configurator.use_mla_backend and configurator.is_hybrid_swa:
-        kind = "hybrid_mla_swa"
-    elif configurator.use_mla_backend:
-        kind = "mla"
-    elif configurator.is_hybrid_swa:
-        kind = "hybrid_swa"
-    elif is_minimax_sparse(hf_config):
-        kind = "minimax_sparse"
-    else:
-        kind = "mha"
-    if kind not in KV_ON_DEMAND_KINDS:
-        return kind, f"the {kind} KV pool is not segmented in this build"
-    str_dtype = str(configurator.kv_cache_dtype_str)
-    if str_dtype == "mxfp8" or "fp4" in str_dtype:
-        return kind, f"the block-scaled {str_dtype} KV cache is not segmented in this build"
-    if configurator.kv_shard_rank is not None:
-        return kind, "KV-cache sharding uses its own pool, not segmented in this build"
-    if not str(configurator.device).startswith(("cpu", "cuda")):
-        return kind, f"device {configurator.device} has no segmented KV pool"
-    if getattr(configurator.server_args, "enable_unified_memory", False):
-        return kind, "--enable-unified-memory builds upstream's unified pool"
-    return kind, None
-
-
-def _kv_pool_bytes(configurator: Any, config: Any) -> int | None:
-    """KV bytes of this rank's pool as upstream sized it (None for kinds not modelled here)."""
-    from sglang.srt.runtime_context import get_parallel
-
-    kind, _ = kv_pool_kind(configurator)
-    mc = configurator.model_config
-    itemsize = configurator.kv_cache_dtype.itemsize
-    if kind == "mla":
-        per_layer = (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
-        return (
-            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
-        )
-    if kind not in ("mha", "hybrid_swa"):
-        return None
-    heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
-    per_layer = heads * (mc.head_dim + mc.v_head_dim) * itemsize
-    if kind == "mha":
-        return (
-            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
-        )
-    info = configurator.layer_info
-    full = len(info.full_attention_layer_ids) * (config.full_max_total_num_tokens or 0)
-    swa = len(info.swa_attention_layer_ids) * (config.swa_max_total_num_tokens or 0)
-    return per_layer * (full + swa)
-
-
-def _cuda_graph_bytes(configurator: Any, context_len: int, *, lazy_too: bool = True) -> int:
-    """The attention backend's context-sized cuda-graph buffers, by the planner's formulas (0
-    off CUDA); without ``lazy_too``, only those segmented mode still allocates in full.
-    Computed, not measured."""
-    if not str(configurator.device).startswith("cuda"):
-        return 0
-    try:
-        from sglang.srt.arg_groups.overrides import resolving_view
-
-        view = resolving_view(configurator.server_args)
-        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
-        backend = str(view.attention_backend or "fa3")
-        allocations = planner.cuda_graph_allocations(
-            spec,
-            backend=backend,
-            max_bs=max_bs,
-            context_len=context_len,
-            page_size=configurator.page_size,
-            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
-            speculative_topk=int(view.speculative_eagle_topk or 1),
-            speculative_num_steps=int(view.speculative_num_steps or 0),
-        )
-    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
-        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
-        logger.warning(
-            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
-            "they are left out of auto's decision and the start-up figures.",
-            exc,
-        )
-        return 0
-    return sum(a.bytes for a in allocations if lazy_too or a.lazy is None)
-
-
-def _context_scaled_static_bytes(configurator: Any, config: Any, context_len: int) -> int:
-    """What static mode allocates at start in proportion to the context (this process)."""
-    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
-
-    extra = get_req_to_token_extra_context_len()
-    total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
-    return total + _cuda_graph_bytes(configurator, context_len)
-
-
-def _warn_graph_buffers(configurator: Any) -> None:
+def _warn_graph_buffers(configurator: KVCacheConfigurator) -> None:
     """Segmented on a GPU: say what is still sized by the context (until the attention
     backends' buffers are lazy too), so an operator can act before capture runs short."""
-    graph_bytes = _cuda_graph_bytes(
+    graph_bytes = cuda_graph_bytes(
         configurator, configurator.model_config.context_len, lazy_too=False
     )
     if graph_bytes > 1e9:
@@ -163,8 +66,11 @@ def _warn_graph_buffers(configurator: Any) -> None:
 
 
 def around_resolve_memory_pool_config(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., MemoryPoolConfig],
+    self: KVCacheConfigurator,
+    *args: Any,
+    **kwargs: Any,
+) -> MemoryPoolConfig:
     """AROUND `KVCacheConfigurator._resolve_memory_pool_config`: decide the mode (and, for
     auto, the context) once upstream has sized the pool."""
     config = original(self, *args, **kwargs)
@@ -189,8 +95,8 @@ def around_resolve_memory_pool_config(
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
     context_len = self.model_config.context_len
-    static_bytes = _context_scaled_static_bytes(self, config, min(context_len, capacity))
-    pool_bytes = _kv_pool_bytes(self, config) or capacity
+    static_bytes = context_scaled_static_bytes(self, config, min(context_len, capacity))
+    pool_bytes = kv_pool_bytes(self, config) or capacity
     decision = planner.decide_auto(
         requested_context=context_len,
         model_max_context=context_len,
@@ -215,7 +121,7 @@ def around_resolve_memory_pool_config(
         try:
             _open_backings(self)
         except modes.KvAllocModeError as exc:
-            mode, reason = _static_if_it_fits(self, config, static_bytes, reason, str(exc))
+            mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
     state.mode = mode
     state.reason = reason
     _note_mechanisms(self)
@@ -226,7 +132,7 @@ def around_resolve_memory_pool_config(
 
 
 def _settle_run_time_memory(
-    original: Callable[..., Any],
+    original: Callable[..., MemoryPoolConfig],
     configurator: KVCacheConfigurator,
     config: MemoryPoolConfig,
     args: tuple[Any, ...],
@@ -265,7 +171,7 @@ def _settle_run_time_memory(
 
 
 def around_profile_available_bytes(
-    original: Callable[..., Any], configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
+    original: Callable[..., int], configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> int:
     """AROUND `KVCacheConfigurator._profile_available_bytes`: the KV budget leaves the room
     segmented mode keeps free for req_to_token rows (0 in every other case)."""
@@ -276,7 +182,7 @@ def around_profile_available_bytes(
     return int(available) - room
 
 
-def _note_mechanisms(configurator: Any) -> None:
+def _note_mechanisms(configurator: KVCacheConfigurator) -> None:
     """Record which of segmented mode's two mechanisms is in force: (a) the context-scaled
     tables lazy (every pool kind), (b) the KV pool committed on demand (supported kinds)."""
     kind, why_not = kv_pool_kind(configurator)
@@ -292,7 +198,7 @@ def _note_mechanisms(configurator: Any) -> None:
         _keep_upstream_pool(why_not)
 
 
-def _apply_segment_settings(configurator: Any) -> None:
+def _apply_segment_settings(configurator: KVCacheConfigurator) -> None:
     server_args = configurator.server_args
     settings = RUNTIME.settings
     settings.segment_tokens = modes.segment_tokens(server_args)
@@ -302,7 +208,7 @@ def _apply_segment_settings(configurator: Any) -> None:
     settings.agree = _rank_agreement()
 
 
-def _open_backings(configurator: Any) -> None:
+def _open_backings(configurator: KVCacheConfigurator) -> None:
     """The device's backing factory; a device that cannot back segmented mode, or an attention
     backend whose cuda-graph buffers it does not cover, is a one-line KvAllocModeError."""
     backing_choice.open_backings(str(configurator.device))
@@ -319,98 +225,6 @@ def _open_backings(configurator: Any) -> None:
         )
 
 
-def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
-    """Why segmented mode cannot run with the parallelism asked for, as one line (None if it
-    can). Its commits and graph-or-eager choices are agreed within attention TP only: with
-    pipeline stages, or with DP attention ranks that decide graph or eager together before
-    each forward (`can_run_decode_cuda_graph`), ranks could go different ways."""
-    server_args = configurator.server_args
-    if int(getattr(server_args, "pp_size", 1) or 1) > 1:
-        return (
-            "--kv-alloc-mode segmented does not agree its commits across pipeline stages: "
-            "use --kv-alloc-mode static with --pp-size > 1"
-        )
-    if not getattr(server_args, "enable_dp_attention", False):
-        return None
-    if not str(configurator.device).startswith("cuda"):
-        return None
-    from sglang.srt.arg_groups.overrides import resolving_view
-    from sglang.srt.model_executor.cuda_graph_config import Backend
-
-    if _decode_graphs_disabled(resolving_view(server_args), Backend.DISABLED):
-        return None
-    return (
-        "--kv-alloc-mode segmented does not agree graph-or-eager across --enable-dp-attention "
-        "ranks: use --kv-alloc-mode static, or --cuda-graph-backend-decode=disabled"
-    )
-
-
-# Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
-# (upstream/graph_buffers.py); torch_native has none.
-GRAPH_BACKENDS_COVERED = frozenset({"fa3", "triton", "flashinfer"})
-
-
-def uncovered_graph_backend(configurator: Any) -> str | None:
-    """The decode attention backend, named for an operator, when it runs cuda graphs on a GPU
-    and segmented mode does not cover its buffers; None otherwise (also off the GPU)."""
-    if not str(configurator.device).startswith("cuda"):
-        return None
-    from sglang.srt.arg_groups.overrides import attention_backends_of, resolving_view
-    from sglang.srt.model_executor.cuda_graph_config import Backend
-
-    view = resolving_view(configurator.server_args)
-    if _decode_graphs_disabled(view, Backend.DISABLED):
-        return None
-    _, decode = attention_backends_of(view)
-    decode = str(decode or "fa3")  # unset: upstream's Hopper default, as the planner assumes
-    if decode == "torch_native":
-        return None
-    if decode not in GRAPH_BACKENDS_COVERED:
-        return repr(decode)
-    if decode == "flashinfer" and configurator.model_config.hf_config is not None:
-        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-        if spec.attention == "mla":
-            return "'flashinfer' with an MLA model (FlashInferMLAAttnBackend)"
-    return None
-
-
-def _decode_graphs_disabled(view: Any, disabled: str) -> bool:
-    """Whether decode cuda graphs are off: the resolved config, or before resolution the
-    flags that turn them off (upstream's cuda_graph_hook reads the same)."""
-    decode = getattr(getattr(view, "cuda_graph_config", None), "decode", None)
-    if decode is not None:
-        return decode.backend == disabled
-    return bool(
-        getattr(view, "disable_cuda_graph", False)
-        or getattr(view, "disable_decode_cuda_graph", False)
-        or getattr(view, "cuda_graph_backend_decode", None) == disabled
-    )
-
-
-def _static_if_it_fits(
-    configurator: Any, config: Any, static_bytes: int, reason: str, why_not: str
-) -> tuple[str, str]:
-    """auto wanted segmented but the device cannot do it: static if its context-sized tables
-    and the pool fit in free device memory, else a refusal with the numbers."""
-    free = _free_device_bytes(configurator)
-    pool = _kv_pool_bytes(configurator, config) or 0
-    if free is None or static_bytes + pool <= free:
-        return modes.STATIC, f"{reason}; but {why_not}: static fits, so static"
-    raise modes.KvAllocModeError(
-        f"--kv-alloc-mode auto: {why_not}, and static mode does not fit: its context-sized "
-        f"tables take {static_bytes / 1e9:.2f} GB besides the {pool / 1e9:.2f} GB KV pool, with "
-        f"{free / 1e9:.2f} GB free; lower --context-length or --max-running-requests"
-    )
-
-
-def _free_device_bytes(configurator: Any) -> int | None:
-    device = str(configurator.device)
-    if not device.startswith("cuda"):
-        return None
-    free, _ = torch.cuda.mem_get_info()
-    return int(free)
-
-
 def _rank_agreement() -> Callable[[int], int]:
     """MIN of an int over the attention-TP ranks, which hold identical KV pools and make the
     same allocations: each commit's outcome and each shrink are agreed so they stay so."""
@@ -422,7 +236,7 @@ def _rank_agreement() -> Callable[[int], int]:
     return make_rank_agreement(parallel.attn_tp_group.cpu_group)
 
 
-def make_rank_agreement(group: Any) -> Callable[[int], int]:
+def make_rank_agreement(group: dist.ProcessGroup) -> Callable[[int], int]:
     """An all-reduce MIN of one int over ``group`` (upstream's gloo CPU group)."""
 
     def agree(value: int) -> int:
@@ -433,12 +247,12 @@ def make_rank_agreement(group: Any) -> Callable[[int], int]:
     return agree
 
 
-def _builds_segmented(configurator: Any) -> bool:
+def _builds_segmented(configurator: KVCacheConfigurator) -> bool:
     """Whether this configurator's tables are the lazy ones (the target worker)."""
     return _effective_mode() == modes.SEGMENTED and not configurator.is_draft_worker
 
 
-def _builds_kv_on_demand(configurator: Any) -> bool:
+def _builds_kv_on_demand(configurator: KVCacheConfigurator) -> bool:
     """Whether this configurator's KV pool is the segment-committed one."""
     return _builds_segmented(configurator) and RUNTIME.state.kv_on_demand
 
@@ -455,8 +269,8 @@ def _keep_upstream_pool(why: str) -> None:
 
 
 def around_build_default_req_pool(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., ReqToTokenPool], self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool:
     """AROUND `_build_default_req_pool`: segmented req_to_token in segmented mode."""
     if not _builds_segmented(self):
         return original(self, *args, **kwargs)
@@ -474,8 +288,8 @@ def around_build_default_req_pool(
 
 
 def around_build_mha_kv_pool(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> KVCache:
     """AROUND `_build_mha_kv_pool`: the segmented MHA pool class in segmented mode."""
     if not _builds_kv_on_demand(self):
         return original(self, *args, **kwargs)
@@ -497,14 +311,14 @@ def around_build_mha_kv_pool(
 
 
 def _with_segmented_class(
-    original: Callable[..., Any],
-    configurator: Any,
+    original: Callable[..., KVCache],
+    configurator: KVCacheConfigurator,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     key: str,
-    upstream_class: type,
-    segmented_class: type,
-) -> Any:
+    upstream_class: type[KVCache],
+    segmented_class: type[KVCache],
+) -> KVCache:
     """Call a `_build_*_kv_pool` with ``kwargs[key]`` (the pool class upstream chose) swapped
     for its segmented subclass, where it is upstream's plain class; else upstream's pool."""
     chosen = kwargs.get(key)
@@ -517,8 +331,8 @@ def _with_segmented_class(
 
 
 def around_build_hybrid_swa_kv_pool(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> KVCache:
     """AROUND `_build_hybrid_swa_kv_pool`: upstream's `SWAKVPool` with both sub-pools (full
     and sliding-window) segment-committed, in segmented mode."""
     if not _builds_kv_on_demand(self):
@@ -533,8 +347,8 @@ def around_build_hybrid_swa_kv_pool(
 
 
 def around_build_mla_kv_pool(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> KVCache:
     """AROUND `_build_mla_kv_pool`: the segmented MLA (latent cache) pool in segmented mode."""
     if not _builds_kv_on_demand(self):
         return original(self, *args, **kwargs)
@@ -548,8 +362,11 @@ def around_build_mla_kv_pool(
 
 
 def around_build_allocator(
-    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., BaseTokenToKVPoolAllocator],
+    self: KVCacheConfigurator,
+    *args: Any,
+    **kwargs: Any,
+) -> BaseTokenToKVPoolAllocator:
     """AROUND `_build_token_to_kv_pool_allocator`: segment-aware allocators over a segmented
     pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
     allocator = original(self, *args, **kwargs)
@@ -595,7 +412,12 @@ def around_build_allocator(
     )
 
 
-def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+def around_configure(
+    original: Callable[..., KVCacheConfigResult],
+    self: KVCacheConfigurator,
+    *args: Any,
+    **kwargs: Any,
+) -> KVCacheConfigResult:
     """AROUND `KVCacheConfigurator.configure`: record and log what was built."""
     result = original(self, *args, **kwargs)
     if self.is_draft_worker:
@@ -634,7 +456,7 @@ def around_configure(original: Callable[..., Any], self: Any, *args: Any, **kwar
     return result
 
 
-def after_get_internal_state(result: Any, *args: Any, **kwargs: Any) -> None:
+def after_get_internal_state(result: GetInternalStateReqOutput, *args: Any, **kwargs: Any) -> None:
     """AFTER `SchedulerInternalStateController.get_internal_state`: add `kv_alloc`."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):

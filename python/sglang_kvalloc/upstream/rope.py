@@ -94,8 +94,8 @@ def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
 
 
 def around_reserve_rope_cache(
-    original: Callable[..., Any], model: torch.nn.Module, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., None], model: torch.nn.Module, *args: Any, **kwargs: Any
+) -> None:
     """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run, caches
     grow with the positions in use instead of being expanded to the context (see above)."""
     model_config = args[0] if args else kwargs.get("model_config")
@@ -243,7 +243,7 @@ class _ReserveProbe(torch.nn.Module):
         self.asked = int(needed_max_pos)
 
 
-def upstream_reserve_length(reserve: Callable[..., Any], model_config: ModelConfig) -> int:
+def upstream_reserve_length(reserve: Callable[..., None], model_config: ModelConfig) -> int:
     """The length upstream's ``reserve`` (`reserve_rope_cache_for_long_sequences`) expands
     caches to, asked of upstream's own function (its formula, fallbacks and settings)."""
     root = torch.nn.Module()
@@ -255,13 +255,13 @@ def upstream_reserve_length(reserve: Callable[..., Any], model_config: ModelConf
 
 
 def _reserve_fixed_address(
-    original: Callable[..., Any],
+    original: Callable[..., None],
     model: torch.nn.Module,
     model_config: ModelConfig,
     backings: BackingFactory,
     *args: Any,
     **kwargs: Any,
-) -> Any:
+) -> None:
     total = upstream_reserve_length(original, model_config)
     candidates = [
         m

@@ -16,11 +16,16 @@ from typing import TYPE_CHECKING, Any
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
+    import torch
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.scheduler_components.invariant_checker import (
+        SchedulerInvariantChecker,
+    )
+    from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
 
 
-def iteration_demand_tokens(scheduler: Any, draft_tokens: int = 0) -> int:
+def iteration_demand_tokens(scheduler: Scheduler, draft_tokens: int = 0) -> int:
     """An upper bound of the KV slots one iteration allocates, and of what upstream's admission
     takes as reserved from then on: the chunked request's whole remaining input, the waiting
     queue's requests up to one chunk with the request that crosses the chunk boundary counted
@@ -53,7 +58,7 @@ def iteration_demand_tokens(scheduler: Any, draft_tokens: int = 0) -> int:
     return continuation + queue + decode
 
 
-def _has_work(scheduler: Any) -> bool:
+def _has_work(scheduler: Scheduler) -> bool:
     running = getattr(scheduler, "running_batch", None)
     return bool(
         scheduler.waiting_queue
@@ -82,7 +87,7 @@ def _commits_rows(scheduler: Scheduler) -> bool:
     return bool(getattr(scheduler.req_to_token_pool, "commits_rows", False))
 
 
-def _streams(scheduler: Scheduler) -> tuple[Any, ...]:
+def _streams(scheduler: Scheduler) -> tuple[torch.cuda.Stream, ...]:
     """The streams the scheduler queues device work on (a fence covers each)."""
     names = ("forward_stream", "schedule_stream", "copy_stream")
     return tuple(s for s in (getattr(scheduler, n, None) for n in names) if s is not None)
@@ -102,7 +107,7 @@ def _prepare_rows(scheduler: Scheduler, draft: int) -> None:
 
 
 def around_check_decode_mem(
-    original: Callable[..., Any],
+    original: Callable[..., bool],
     batch: ScheduleBatch,
     selected_indices: list[int] | None = None,
     *args: Any,
@@ -133,7 +138,7 @@ def _draft_tokens() -> int:
     return int(getattr(get_spec(), "speculative_num_draft_tokens", 0) or 0)
 
 
-def after_on_idle(result: Any, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
+def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
     """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments).
     Freed req_to_token rows need nothing here: the idle loop still passes the sync point at
     the top of each iteration, where their fences have passed."""
@@ -147,8 +152,12 @@ def after_on_idle(result: Any, scheduler: Scheduler, *args: Any, **kwargs: Any) 
 
 
 def around_check_full_pool(
-    original: Callable[..., Any], checker: Any, ps: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., tuple[bool, str]],
+    checker: SchedulerInvariantChecker,
+    ps: PoolStats,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[bool, str]:
     """AROUND `SchedulerInvariantChecker._check_full_pool`: tokens withheld after a failed
     commit are neither free nor used; the leak identity counts them as available, so it still
     catches real leaks while the pool is smaller."""
@@ -160,8 +169,12 @@ def around_check_full_pool(
 
 
 def around_check_swa_pool(
-    original: Callable[..., Any], checker: Any, ps: Any, *args: Any, **kwargs: Any
-) -> Any:
+    original: Callable[..., tuple[bool, str]],
+    checker: SchedulerInvariantChecker,
+    ps: PoolStats,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[bool, str]:
     """AROUND `SchedulerInvariantChecker._check_swa_pool`: the same for the sliding-window
     sub-pool of a segmented hybrid SWA allocator."""
     withheld = getattr(checker.token_to_kv_pool_allocator, "swa_withheld_size", None)

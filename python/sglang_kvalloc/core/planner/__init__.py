@@ -1,10 +1,10 @@
 """Capacity planner: KV pool size, context-scaled start-up allocations, and the auto decision.
 
-Stdlib only: no torch, no sglang, no GPU (`test_planner.py` runs it with torch blocked). Every
-formula mirrors a function of upstream SGLang 0.5.23; the docstrings name the file (under
-``sglang/srt/``) and function, and `test_planner_upstream.py` compares the defaults with
-upstream's own functions. Where upstream measures something at run time (free GPU memory,
-weight bytes), the planner estimates it and says so.
+Stdlib only: no torch, no sglang, no GPU. Every formula mirrors a function of upstream SGLang
+0.5.23; the docstrings name the file (under ``sglang/srt/``) and function. Where upstream
+measures something at run time (free GPU memory, weight bytes), the planner estimates it and
+says so. `test_planner_upstream.py` runs the planner with torch blocked and compares its
+defaults with upstream's own functions.
 
 One module per question: `model` (the model's shapes and KV bytes per token), `budget` (the
 memory budget, the pool, the request slots), `layouts` (the context-sized buffers and what

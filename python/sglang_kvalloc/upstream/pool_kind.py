@@ -1,0 +1,133 @@
+"""What upstream builds for this model: the KV pool kind (and whether segmented mode commits
+its KV on demand), the pool's bytes, and the context-sized allocations static mode would make.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from sglang_kvalloc.core import planner
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+logger = logging.getLogger(__name__)
+
+# Pool kinds whose KV memory segmented mode commits on demand (mechanism b). Every other kind
+# keeps upstream's KV pool; the context-scaled tables are lazy for every kind (mechanism a).
+KV_ON_DEMAND_KINDS = ("mha", "hybrid_swa", "mla")
+
+
+def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
+    """The KV pool kind upstream builds for this model, and why segmented mode cannot commit
+    its KV memory on demand (None where it can)."""
+    from sglang.srt.configs.model_config import (
+        is_deepseek_dsa,
+        is_deepseek_v4,
+        is_minimax_sparse,
+    )
+
+    hf_config = configurator.model_config.hf_config
+    if is_deepseek_v4(hf_config):
+        kind = "deepseek_v4"
+    elif configurator.mambaish_config is not None:
+        kind = "hybrid_linear"
+    elif configurator.use_mla_backend and is_deepseek_dsa(hf_config):
+        kind = "dsa"
+    elif configurator.use_mla_backend and configurator.is_hybrid_swa:
+        kind = "hybrid_mla_swa"
+    elif configurator.use_mla_backend:
+        kind = "mla"
+    elif configurator.is_hybrid_swa:
+        kind = "hybrid_swa"
+    elif is_minimax_sparse(hf_config):
+        kind = "minimax_sparse"
+    else:
+        kind = "mha"
+    if kind not in KV_ON_DEMAND_KINDS:
+        return kind, f"the {kind} KV pool is not segmented in this build"
+    str_dtype = str(configurator.kv_cache_dtype_str)
+    if str_dtype == "mxfp8" or "fp4" in str_dtype:
+        return kind, f"the block-scaled {str_dtype} KV cache is not segmented in this build"
+    if configurator.kv_shard_rank is not None:
+        return kind, "KV-cache sharding uses its own pool, not segmented in this build"
+    if not str(configurator.device).startswith(("cpu", "cuda")):
+        return kind, f"device {configurator.device} has no segmented KV pool"
+    if getattr(configurator.server_args, "enable_unified_memory", False):
+        return kind, "--enable-unified-memory builds upstream's unified pool"
+    return kind, None
+
+
+def kv_pool_bytes(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> int | None:
+    """KV bytes of this rank's pool as upstream sized it (None for kinds not modelled here)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    kind, _ = kv_pool_kind(configurator)
+    mc = configurator.model_config
+    itemsize = configurator.kv_cache_dtype.itemsize
+    if kind == "mla":
+        per_layer = (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
+        return (
+            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+        )
+    if kind not in ("mha", "hybrid_swa"):
+        return None
+    heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
+    per_layer = heads * (mc.head_dim + mc.v_head_dim) * itemsize
+    if kind == "mha":
+        return (
+            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+        )
+    info = configurator.layer_info
+    full = len(info.full_attention_layer_ids) * (config.full_max_total_num_tokens or 0)
+    swa = len(info.swa_attention_layer_ids) * (config.swa_max_total_num_tokens or 0)
+    return per_layer * (full + swa)
+
+
+def cuda_graph_bytes(
+    configurator: KVCacheConfigurator, context_len: int, *, lazy_too: bool = True
+) -> int:
+    """The attention backend's context-sized cuda-graph buffers, by the planner's formulas (0
+    off CUDA); without ``lazy_too``, only those segmented mode still allocates in full.
+    Computed, not measured."""
+    if not str(configurator.device).startswith("cuda"):
+        return 0
+    try:
+        from sglang.srt.arg_groups.overrides import resolving_view
+
+        view = resolving_view(configurator.server_args)
+        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
+        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+        backend = str(view.attention_backend or "fa3")
+        allocations = planner.cuda_graph_allocations(
+            spec,
+            backend=backend,
+            max_bs=max_bs,
+            context_len=context_len,
+            page_size=configurator.page_size,
+            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
+            speculative_topk=int(view.speculative_eagle_topk or 1),
+            speculative_num_steps=int(view.speculative_num_steps or 0),
+        )
+    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
+        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
+        logger.warning(
+            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
+            "they are left out of auto's decision and the start-up figures.",
+            exc,
+        )
+        return 0
+    return sum(a.bytes for a in allocations if lazy_too or a.lazy is None)
+
+
+def context_scaled_static_bytes(
+    configurator: KVCacheConfigurator, config: MemoryPoolConfig, context_len: int
+) -> int:
+    """What static mode allocates at start in proportion to the context (this process)."""
+    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
+
+    extra = get_req_to_token_extra_context_len()
+    total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
+    return total + cuda_graph_bytes(configurator, context_len)
