@@ -1,5 +1,6 @@
-"""The package's import graph: no cycle among its modules, `core/` free of upstream, and every
-import inside a function (in `core/` and `upstream/`) there for a stated reason.
+"""The package's shape: no cycle among its modules, `core/` free of upstream, every import
+inside a function (in `core/` and `upstream/`) there for a stated reason, no module over
+600 lines.
 
 Imports are read from the source (ast), at module level and inside functions; those under
 ``if TYPE_CHECKING:`` are for type checkers only and never run, so they are left out.
@@ -205,3 +206,12 @@ def test_every_import_inside_a_function_has_a_reason(capsys: pytest.CaptureFixtu
         for module, target, line, why in rows:
             print(f"  {module}:{line} -> {target} ({why or 'NO REASON'})")
     assert [row for row in rows if not row[3]] == []
+
+
+def test_no_module_is_over_600_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in MODULES.values()
+        if (n := len(path.read_text().splitlines())) > 600
+    }
+    assert long == {}

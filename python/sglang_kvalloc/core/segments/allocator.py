@@ -9,7 +9,6 @@ hold-off (`shrink.HoldOffClocks`, judged on a `census.Census`). The free list is
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -87,12 +86,9 @@ class SegmentedPageAllocator:
                 f"min_committed_segments {min_committed_segments} must lie in "
                 f"[1, {geometry.num_segments}]"
             )
-        if math.isnan(hold_off_s) or hold_off_s < 0:
-            raise ValueError(f"hold_off_s must be >= 0 (inf: never release), got {hold_off_s}")
         self.geometry = geometry
         self.first_page = first_page
         self.min_committed_segments = min_committed_segments
-        self.clock = clock
         self.on_commit = on_commit
         self.on_release = on_release
         self.agree: Agree = agree or _agree_alone
@@ -100,8 +96,8 @@ class SegmentedPageAllocator:
         self.debug = debug
         self.device = torch.device(device)
         self.pages = SegmentPages(geometry, first_page, self.device)
-        self.growth = GrowthCeiling(geometry.num_segments, retry_s, clock)
         self.clocks = HoldOffClocks(geometry.num_segments, hold_off_s)
+        self.growth = GrowthCeiling(geometry.num_segments, retry_s, clock)
         self.census = Census(self.pages)
         self.committed_segments = 0
         self.peak_committed_segments = 0
@@ -127,6 +123,14 @@ class SegmentedPageAllocator:
     def free_pages(self) -> torch.Tensor:
         """Free committed pages, sorted (staged frees not included)."""
         return self.free_list.pages
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.growth.clock
+
+    @clock.setter
+    def clock(self, value: Callable[[], float]) -> None:
+        self.growth.clock = value
 
     @property
     def ceiling(self) -> int:
