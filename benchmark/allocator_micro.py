@@ -28,7 +28,7 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
-from sglang_kvalloc.upstream import segmented
+from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedPagedTokenToKVPoolAllocator,
     SegmentedTokenToKVPoolAllocator,
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(json.loads(args.from_json.read_text()), args.out)
         return 0
     torch.set_num_threads(1)
-    segmented.SETTINGS.hold_off_s = 5.0
+    RUNTIME.settings.hold_off_s = 5.0
 
     rows = []
     for pool in args.pool_tokens:

@@ -390,6 +390,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
 
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -400,7 +401,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     with graph_buffers.reserved_zeros(expected, factory) as made:
         local_block = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")
     assert len(made) == 1 and before - _free() < 8 << 20  # the first granule, not 21.5 GB
-    graph_buffers.BUFFERS[:] = made
+    RUNTIME.graph.buffers[:] = made
     try:
         runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
         fb = types.SimpleNamespace(batch_size=37, seq_lens_cpu=torch.full((37,), 5_000_000))
@@ -435,7 +436,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
         committed = made[0].committed_bytes
         released = graph_buffers.release_at_idle()
     finally:
-        graph_buffers.BUFFERS.clear()
+        RUNTIME.graph.buffers.clear()
     ordinary = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")
     ordinary_ms = sorted(fill_ms(ordinary) for _ in range(7))[3]
     del ordinary

@@ -511,6 +511,7 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
 
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -527,7 +528,7 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     after_init = _free()
     assert len(made) == 1 and backend.cuda_graph_kv_indices.numel() == tokens * context
     assert backend.cuda_graph_attn_logits.is_contiguous()
-    graph_buffers.BUFFERS[:] = made
+    RUNTIME.graph.buffers[:] = made
     try:
         runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
         fb = types.SimpleNamespace(batch_size=40, seq_lens_cpu=torch.full((40,), 250_000))
@@ -540,7 +541,7 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
         released = graph_buffers.release_at_idle()
         after_release = _free()
     finally:
-        graph_buffers.BUFFERS.clear()
+        RUNTIME.graph.buffers.clear()
     logits_bytes = tokens * 32 * 8 * 128 * 4
     results["graph_buffer_hook_on_gpu"] = {
         "reserved_bytes": layout.reserved_bytes,
@@ -602,6 +603,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.core.graph_buffers import GraphBatch
     from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -635,7 +637,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     plain_mask = torch.cat(rows)
     lens = torch.tensor(seq_lens)
     batch = types.SimpleNamespace(seq_lens=lens.cuda(), seq_lens_cpu=lens, seq_lens_sum=None)
-    graph_buffers.BUFFERS[:] = made
+    RUNTIME.graph.buffers[:] = made
     timings = {}
     try:
 
@@ -688,8 +690,8 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
             assert bool(torch.isfinite(o_plain.float()).all())
         released = graph_buffers.release_at_idle()
     finally:
-        graph_buffers.BUFFERS.clear()
-        graph_buffers.VERIFY_MASKS.clear()
+        RUNTIME.graph.buffers.clear()
+        RUNTIME.graph.verify_masks.clear()
     expected = layout.commit_bytes(
         GraphBatch(bs, sum(seq_lens), max(seq_lens), draft), device.granularity
     )
