@@ -519,10 +519,10 @@ def around_local_attention_update_for_replay(
     **kwargs: Any,
 ) -> None:
     """AROUND `LocalAttentionMetadataBuilder.update_for_replay`: upstream zeroes the whole
-    local-attention table past the batch before every decode replay (21.5 GB for Scout at 10M
-    under fa3: 6.6 ms per step on an H100, measured). Where the tables are reserved, rows past
-    the committed ones read zeros already (the scratch granule), so upstream gets views of the
-    committed rows: the same values, without the fill over the rest."""
+    local-attention table past the batch before every decode replay (its cost: gpu.md). Where
+    the tables are reserved, rows past the committed ones read zeros already (the scratch
+    granule), so upstream gets views of the committed rows: the same values, without the fill
+    over the rest."""
     buffers = kwargs.get("buffers")
     local_tables = RUNTIME.graph.local_tables
     if not buffers or not local_tables:
