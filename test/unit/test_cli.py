@@ -116,3 +116,24 @@ def test_nan_hold_off_exits_2_as_typed() -> None:
     assert result.returncode == 2
     assert "--kv-segment-hold-off must be >= 0 seconds" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_mode_in_the_environment_is_an_argparse_error() -> None:
+    """One line, exit 2, no traceback, before anything loads (it used to end in a traceback
+    from the scheduler process)."""
+    import os
+
+    env = {**os.environ, modes.MODE_ENV: "bogus"}
+    result = subprocess.run(
+        [*LAUNCH, "--model-path", "unused"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "SGLANG_KV_ALLOC_MODE='bogus' is not a --kv-alloc-mode" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_context_length_that_is_not_positive_is_an_argparse_error() -> None:
+    result = _run(["--model-path", "unused", "--kv-alloc-mode", "auto", "--context-length", "-5"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--context-length must be a positive number of tokens, got -5" in result.stderr
+    assert "Traceback" not in result.stderr

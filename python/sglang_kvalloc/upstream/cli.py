@@ -191,12 +191,27 @@ def around_from_cli_args(
     server_args = original(cls, args)
     try:
         attach_values(server_args, {dest: getattr(args, dest, None) for dest in CARRIED})
-        problem = auto.segment_size_problem(server_args)
+        problem = input_problem(server_args) or auto.segment_size_problem(server_args)
     except modes.KvAllocModeError as exc:  # a bad value from the environment
         problem = str(exc)
     if problem is not None:
         (_PARSER or argparse.ArgumentParser()).error(problem)
     return server_args
+
+
+def input_problem(server_args: ServerArgs) -> str | None:
+    """What argparse cannot see, as one line: a mode named in the environment that does not
+    exist, and (where this package's modes act) a context length that is not positive."""
+    mode = modes.requested_mode(server_args)
+    if mode not in modes.MODES:
+        return (
+            f"{modes.MODE_ENV}={mode!r} is not a --kv-alloc-mode; choose from "
+            f"{', '.join(modes.MODES)}"
+        )
+    context = getattr(server_args, "context_length", None)
+    if mode != modes.STATIC and context is not None and int(context) <= 0:
+        return f"--context-length must be a positive number of tokens, got {context}"
+    return None
 
 
 # The `sglang.Engine(kv_alloc_mode=...)` keyword, between Engine.__init__ and the record it
@@ -236,9 +251,9 @@ def before_resolve_once(self: ServerArgs, *args: Any, **kwargs: Any) -> None:
         attach_values(
             self, {d: v for d, v in values.items() if getattr(self, CARRIED[d], None) is None}
         )
-        problem = auto.segment_size_problem(self)
-        if problem is not None:
-            raise modes.KvAllocModeError(problem)
+    problem = input_problem(self) or (auto.segment_size_problem(self) if values else None)
+    if problem is not None:
+        raise modes.KvAllocModeError(problem)
     auto.clamp_context_in_launcher(self)
     return None
 
