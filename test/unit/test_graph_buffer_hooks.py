@@ -643,3 +643,33 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
         pools._open_backings(configurator)
     assert "\n" not in str(error.value) and refused in str(error.value)
     assert "--kv-alloc-mode static" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "refused"),
+    [
+        ({"disaggregation_mode": "prefill"}, {}, "--disaggregation-mode prefill"),
+        ({"disaggregation_mode": "decode"}, {}, "--disaggregation-mode decode"),
+        ({"enable_memory_saver": True}, {}, "--enable-memory-saver"),
+        ({"enable_hierarchical_cache": True}, {}, "--enable-hierarchical-cache"),
+        ({}, {"SGLANG_MOONCAKE_CUSTOM_MEM_POOL": "NVLINK"}, "SGLANG_MOONCAKE_CUSTOM_MEM_POOL"),
+    ],
+)
+def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
+    monkeypatch, flags, env, refused
+) -> None:
+    """Each of these would go wrong without a word (see refusals.unsupported_feature); auto
+    then keeps static where static fits, as for every refusal from `_open_backings`."""
+    from sglang_kvalloc.upstream import backings, pools, refusals
+
+    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
+    assert refusals.unsupported_feature(configurator) is None  # nothing asked: nothing refused
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name, value in flags.items():
+        setattr(configurator.server_args, name, value)
+    with pytest.raises(modes.KvAllocModeError) as error:
+        pools._open_backings(configurator)
+    message = str(error.value)
+    assert "\n" not in message and refused in message and "--kv-alloc-mode static" in message

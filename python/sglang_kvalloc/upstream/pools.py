@@ -26,6 +26,7 @@ from sglang_kvalloc.upstream.pool_kind import (
 from sglang_kvalloc.upstream.refusals import (
     static_if_it_fits,
     uncovered_graph_backend,
+    unsupported_feature,
     unsupported_parallelism,
 )
 from sglang_kvalloc.upstream.runtime import RUNTIME
@@ -212,7 +213,7 @@ def _open_backings(configurator: KVCacheConfigurator) -> None:
     """The device's backing factory; a device that cannot back segmented mode, or an attention
     backend whose cuda-graph buffers it does not cover, is a one-line KvAllocModeError."""
     backing_choice.open_backings(str(configurator.device))
-    problem = unsupported_parallelism(configurator)
+    problem = unsupported_parallelism(configurator) or unsupported_feature(configurator)
     if problem is not None:
         raise modes.KvAllocModeError(problem)
     backend = uncovered_graph_backend(configurator)

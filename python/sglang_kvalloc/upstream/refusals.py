@@ -1,6 +1,7 @@
 """Where segmented mode cannot run, said in one line before anything is built: parallelism
-whose ranks could decide apart, decode attention backends whose cuda-graph buffers it does not
-cover; and auto's fallback to static where the device cannot back segmented mode.
+whose ranks could decide apart, serving features it does not serve yet, decode attention
+backends whose cuda-graph buffers it does not cover; and auto's fallback to static where the
+device cannot back segmented mode.
 """
 
 from __future__ import annotations
@@ -43,6 +44,41 @@ def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
         "--kv-alloc-mode segmented does not agree graph-or-eager across --enable-dp-attention "
         "ranks: use --kv-alloc-mode static, or --cuda-graph-backend-decode=disabled"
     )
+
+
+def unsupported_feature(configurator: KVCacheConfigurator) -> str | None:
+    """Why segmented mode cannot serve a feature asked for, as one line naming the flag (None
+    if it can). Each would otherwise go wrong without a word: PD disaggregation runs its own
+    event loops (none of segmented mode's scheduler hooks) and transfer backends register KV
+    buffers by pointer; the memory saver pauses torch_memory_saver regions, and segmented
+    memory is created outside them; HiCache's host pool sits beside an idle policy that would
+    evict the device cache whole; a custom memory pool (Mooncake) is ignored by the pools."""
+    from sglang.srt.environ import envs
+
+    server_args = configurator.server_args
+    static = "use --kv-alloc-mode static"
+    if str(getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
+        return (
+            f"--kv-alloc-mode segmented does not run under --disaggregation-mode "
+            f"{server_args.disaggregation_mode} (its event loops bypass the segmented scheduler "
+            f"hooks; transfer backends register KV by pointer): {static}"
+        )
+    if getattr(server_args, "enable_memory_saver", False):
+        return (
+            "--kv-alloc-mode segmented does not release its memory through "
+            f"--enable-memory-saver (it lies outside torch_memory_saver's regions): {static}"
+        )
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        return (
+            "--kv-alloc-mode segmented does not keep --enable-hierarchical-cache's device "
+            f"cache across idle periods yet: {static}"
+        )
+    if envs.SGLANG_MOONCAKE_CUSTOM_MEM_POOL.get():
+        return (
+            "--kv-alloc-mode segmented cannot place the KV pool in a custom memory pool "
+            f"(SGLANG_MOONCAKE_CUSTOM_MEM_POOL): {static}"
+        )
+    return None
 
 
 # Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
