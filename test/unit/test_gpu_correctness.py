@@ -375,3 +375,14 @@ def test_steady_serving_makes_no_device_synchronize(
         api.work_done()
     assert pool.committed_bytes() == G  # row 0's granule only
     assert api.syncs == before
+
+
+def test_the_padding_slot_reads_zeros_like_upstreams_pool(fake_gpu) -> None:
+    """Padded cuda-graph batches read KV slot 0; upstream's pools are `torch.zeros`, and a
+    GPU's freshly committed memory is not (the fake's is dirty)."""
+    pool = segmented.SegmentedMHATokenToKVPool(8192, 16, torch.float32, 2, 64, 2, "cpu", False)
+    segmented.SegmentedPagedTokenToKVPoolAllocator(8192, 16, torch.float32, "cpu", pool, False)
+    assert pool.segmented_buffers.committed_segments >= 1  # segment 0, by the allocator
+    for buffer in (*pool.k_buffer, *pool.v_buffer):
+        assert int(buffer[:16].count_nonzero()) == 0
+        assert int(buffer[16:32].count_nonzero()) > 0  # the rest of the page: dirty, unread

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from sglang_kvalloc.core.backing import Backing, BackingFactory, make_backing
 from sglang_kvalloc.core.geometry import SegmentGeometry, align_down, align_up
 
@@ -115,6 +117,15 @@ class SegmentedBuffers:
                 self.backings[b].release(*self.byte_range(b, seg), unused=True)
             raise
         self._committed[seg] = True
+        if seg == 0:
+            self._zero_padding_page()
+
+    def _zero_padding_page(self) -> None:
+        """Slot 0's page, which padded cuda-graph batches read, holds zeros as in upstream's
+        `torch.zeros` pools: a GPU's freshly committed memory is not zeroed."""
+        page_rows = self.geometry.page_size
+        for backing, rb in zip(self.backings, self.row_bytes, strict=True):
+            backing.tensor(torch.uint8, (page_rows * rb,)).zero_()
 
     def release_segment(self, seg: int) -> None:
         """Release segment ``seg`` in every buffer; no-op if not committed."""
