@@ -5,10 +5,8 @@ psutil where they are asked for (both are on the GPU machine)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,20 +17,7 @@ from typing import Any
 
 import kit_spec
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 600) -> Any:
-    """GET (payload None) or POST JSON; the decoded body. Raises on 4xx/5xx."""
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body = resp.read()
-    return json.loads(body) if body else None
+from sglang_kvalloc.serving import free_port, http_json  # the kit installs this package
 
 
 class KitServer:

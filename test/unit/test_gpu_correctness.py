@@ -8,7 +8,6 @@ as their CUDA branch builds them.
 
 from __future__ import annotations
 
-import threading
 import time
 import types
 
@@ -311,7 +310,6 @@ def test_the_refill_thread_waits_while_a_graph_is_captured(
         time.sleep(0.01)
     assert seen == [0] and device.spare_bytes == 4 * G  # created once the capture ended
     device.close()
-    assert threading.active_count() >= 1
 
 
 def test_steady_serving_makes_no_device_synchronize(

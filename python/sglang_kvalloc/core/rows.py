@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # stays torch-free: the planner's layouts import it
+    from collections.abc import Callable
+
     from sglang_kvalloc.core.backing import Backing, Fence
 
 __all__ = ["RowCommits"]
@@ -102,11 +104,12 @@ class RowCommits:
             del self._refs[granule]
             self._pending.add(granule)
 
-    def flush(self, fence: Fence | None = None) -> int:
-        """Release granules no row holds: with a ``fence`` (of the work queued now), those
-        retired behind an earlier fence that has passed, and this call's free ones retire
-        behind ``fence``; without one (nothing can be reading), all of them now. Returns how
-        many were released."""
+    def flush(self, fence: Callable[[], Fence] | None = None) -> int:
+        """Release granules no row holds: with ``fence`` (it makes a fence of the work queued
+        now, asked for only when a granule was freed since the last flush), those retired
+        behind an earlier fence that has passed, and this call's free ones retire behind a
+        new fence; without one (nothing can be reading), all of them now. Returns how many
+        were released."""
         g = self.granularity
         if fence is None:
             free = sorted({*self._pending, *self._retiring})
@@ -120,9 +123,11 @@ class RowCommits:
         for granule in passed:
             del self._retiring[granule]
             self.backing.release(granule * g, g, unused=True)
-        for granule in self._pending:
-            self._retiring[granule] = fence
-        self._pending.clear()
+        if self._pending:
+            behind = fence()
+            for granule in self._pending:
+                self._retiring[granule] = behind
+            self._pending.clear()
         self.releases += len(passed)
         return len(passed)
 

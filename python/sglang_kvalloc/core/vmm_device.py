@@ -181,12 +181,16 @@ class VmmDevice:
             try:
                 handle = self._create_handle(nbytes)
             except MemoryError:
-                # Free memory torch's cache holds may be what is missing: give it back once.
-                self.api.reclaim()
-                self.reclaims += 1
+                self._reclaim()
                 handle = self._create_handle(nbytes)
         self._refill_wanted.set()
         return handle
+
+    def _reclaim(self) -> None:
+        """Free memory torch's cache holds may be what is missing: give it back (once per
+        failed allocation; the caller's next failure is final)."""
+        self.api.reclaim()
+        self.reclaims += 1
 
     def give_back(self, handle: Any, nbytes: int) -> None:
         """A handle no longer mapped: kept as a spare up to the target, else released."""
@@ -216,8 +220,7 @@ class VmmDevice:
             except MemoryError:
                 if reclaimed:
                     break
-                self.api.reclaim()
-                self.reclaims += 1
+                self._reclaim()
                 reclaimed = True
                 continue
             with self._spare_lock:

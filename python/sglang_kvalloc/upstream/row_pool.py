@@ -203,7 +203,7 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         """At the top of a scheduler iteration: release the granules of rows freed earlier
         whose readers have finished; this iteration's free ones retire behind a fence."""
         if self._row_commits is not None:
-            self._row_commits.flush(self._factory.fence(streams))
+            self._row_commits.flush(lambda: self._factory.fence(streams))
 
     def release_free_rows_now(self) -> int:
         """Release every granule no row holds, waiting for the device first (idle, or a

@@ -17,7 +17,7 @@ from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     import torch
-    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.scheduler_components.invariant_checker import (
         SchedulerInvariantChecker,
@@ -43,19 +43,32 @@ def iteration_demand_tokens(scheduler: Scheduler, draft_tokens: int = 0) -> int:
         n_running += len(last.reqs)
     decode = n_running * (-(-(1 + draft_tokens) // page) + 1) * page if n_running else 0
 
-    chunk = scheduler.chunked_prefill_size
-    cap = None if chunk is None or chunk <= 0 else int(chunk)
     chunked = scheduler.chunked_req
     continuation = 0
     if chunked is not None:
         done = int(getattr(chunked, "prefix_len", 0) or 0)
         continuation = max(0, len(chunked.origin_input_ids) - done) + page
-    queue = 0
-    for req in scheduler.waiting_queue:
-        queue += len(req.origin_input_ids) + len(req.output_ids) + page
-        if cap is not None and queue >= cap:
-            break
+    queue = sum(
+        len(req.origin_input_ids) + len(req.output_ids) + page
+        for req in admission_candidates(scheduler)
+    )
     return continuation + queue + decode
+
+
+def admission_candidates(scheduler: Scheduler) -> list[Req]:
+    """The waiting requests one iteration can admit: up to one chunk of prefill, the request
+    that crosses the chunk boundary included (upstream admits it as a chunked request)."""
+    chunk = getattr(scheduler, "chunked_prefill_size", None)
+    cap = None if chunk is None or chunk <= 0 else int(chunk)
+    page = int(getattr(scheduler, "page_size", 1) or 1)
+    out: list[Req] = []
+    tokens = 0
+    for req in scheduler.waiting_queue:
+        out.append(req)
+        tokens += len(req.origin_input_ids) + len(req.output_ids) + page
+        if cap is not None and tokens >= cap:
+            break
+    return out
 
 
 def _has_work(scheduler: Scheduler) -> bool:
@@ -100,7 +113,7 @@ def _prepare_rows(scheduler: Scheduler, draft: int) -> None:
     pool.sync_point(_streams(scheduler))
     chunked = scheduler.chunked_req
     queued = [chunked] if chunked is not None else []
-    queued.extend(scheduler.waiting_queue)
+    queued.extend(admission_candidates(scheduler))  # not the whole queue: its spares held
     pool.prepare_admission(
         [len(req.origin_input_ids) + len(req.output_ids) + 2 * (1 + draft) for req in queued]
     )
