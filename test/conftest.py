@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from sglang_kvalloc.serving import LocalServer
 
 # Upstream decides at import time which kernels its layers use: the CPU engine's, here.
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
@@ -29,6 +36,44 @@ def hf_model(tiny_model: Path):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), torch_dtype=torch.float32)
     model.eval()
     return model
+
+
+# The static server that several e2e tests compare with: float32, a 4,096-token context, four
+# request slots (so auto at these flags is static too), a 65,536-token pool.
+REFERENCE_STATIC_ARGS = ["--kv-alloc-mode", "static", "--context-length", "4096"]
+REFERENCE_STATIC_ARGS += ["--max-running-requests", "4", "--max-total-tokens", "65536"]
+REFERENCE_STATIC_ARGS += ["--dtype", "float32"]
+
+
+@dataclass
+class ReferenceStatic:
+    """The shared static server and its resident memory 3 s after start, before any request."""
+
+    server: LocalServer
+    start_rss_bytes: int
+
+
+@pytest.fixture(scope="session")
+def _reference_static_session(tiny_model: Path) -> Iterator[ReferenceStatic]:
+    """Started once per session and paused (SIGSTOP) between the tests that use it: an idle
+    CPU-engine scheduler busy-polls a core."""
+    from sglang_kvalloc.serving import LocalServer
+
+    with LocalServer(tiny_model, args=REFERENCE_STATIC_ARGS) as server:
+        time.sleep(3)
+        reference = ReferenceStatic(server=server, start_rss_bytes=server.rss_bytes())
+        server.pause()
+        yield reference
+
+
+@pytest.fixture
+def reference_static(_reference_static_session: ReferenceStatic) -> Iterator[ReferenceStatic]:
+    """The shared static server, running for the test that asks for it."""
+    _reference_static_session.server.resume()
+    try:
+        yield _reference_static_session
+    finally:
+        _reference_static_session.server.pause()
 
 
 def hf_greedy(model, input_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -12,6 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,19 +162,21 @@ class LocalServer:
             except ProcessLookupError:
                 pass
 
+    @contextmanager
+    def awake(self) -> Iterator[LocalServer]:
+        """Running for the requests inside, paused again afterwards."""
+        self.resume()
+        try:
+            yield self
+        finally:
+            self.pause()
+
     def stop(self) -> None:
-        """Kill the whole process group (scheduler and detokenizer included) by pid."""
+        """Kill the whole process group (scheduler and detokenizer included) by pid, with
+        SIGKILL at once: upstream's SIGTERM path polls for it every 5 s before it drains and
+        then SIGKILLs the children itself, and a local server has nothing to drain."""
         if self.proc is None:
             return
-        self.resume()  # a paused group would hold SIGTERM until the SIGKILL
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -183,3 +188,21 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def side_by_side(servers: Iterable[LocalServer], timeout: float = 600) -> Iterator[None]:
+    """Start servers concurrently, pause them all (wake one with `LocalServer.awake`), stop
+    them all at the end. A launch is mostly one process at a time importing upstream, so two
+    launches side by side fill two cores where one leaves one idle."""
+    servers = list(servers)
+    try:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            for future in [pool.submit(s.start, timeout) for s in servers]:
+                future.result()
+        for server in servers:
+            server.pause()
+        yield
+    finally:
+        for server in servers:
+            server.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import parity_prompts
+from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, parity_prompts
 from sglang_kvalloc.serving import LocalServer
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
@@ -65,18 +65,22 @@ def _served(server: LocalServer, prompts: list[list[int]]) -> list[list[int]]:
     return outs
 
 
-def test_auto_is_upstream_static_where_static_costs_nothing(tiny_model: Path) -> None:
-    """Few request slots and a short context: context-scaled tables are tiny, auto = static."""
-    common = ["--context-length", "2048", "--max-running-requests", "4"]
-    common += ["--max-total-tokens", "65536", "--dtype", "float32"]
+def test_auto_is_upstream_static_where_static_costs_nothing(
+    tiny_model: Path, reference_static: ReferenceStatic
+) -> None:
+    """Few request slots and a short context: context-scaled tables are tiny, auto = static
+    (the shared static server has the same flags but the mode)."""
+    assert REFERENCE_STATIC_ARGS[:2] == ["--kv-alloc-mode", "static"]
     prompts = parity_prompts(2048)[:3]
-    with LocalServer(tiny_model, args=["--kv-alloc-mode", "auto", *common]) as auto_server:
+    static_server = reference_static.server
+    static_kv = static_server.server_info()["internal_states"][0]["kv_alloc"]
+    static_out = _served(static_server, prompts)
+    static_server.pause()  # not to busy-poll a core while the auto server starts
+    auto_args = ["--kv-alloc-mode", "auto", *REFERENCE_STATIC_ARGS[2:]]
+    with LocalServer(tiny_model, args=auto_args) as auto_server:
         auto_kv = auto_server.server_info()["internal_states"][0]["kv_alloc"]
         auto_out = _served(auto_server, prompts)
         assert "clamped" not in auto_server.log()
-    with LocalServer(tiny_model, args=["--kv-alloc-mode", "static", *common]) as static_server:
-        static_kv = static_server.server_info()["internal_states"][0]["kv_alloc"]
-        static_out = _served(static_server, prompts)
     assert auto_kv["mode"] == "static"
     assert "segments" not in auto_kv
     for key in ("token_capacity", "max_running_requests", "req_to_token_bytes"):
@@ -95,3 +99,25 @@ def test_explicit_mode_above_model_max_gets_upstreams_error(tiny_model: Path) ->
     code = server.wait_exit(timeout=300)
     assert code != 0
     assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" in server.log()
+
+
+def test_auto_stays_static_where_a_feature_refuses_segmented(tiny_model: Path) -> None:
+    """auto at 10M with a feature segmented mode refuses (here --enable-hierarchical-cache):
+    its one decision line says static, and why. Upstream's HiCache then pins its host pool
+    through CUDA, so on this CPU machine the server stops there, after the decision (upstream's
+    own limit; on a GPU it serves)."""
+    server = LocalServer(
+        tiny_model,
+        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+        + ["--max-total-tokens", "8192", "--enable-hierarchical-cache"],
+        env=OVERRIDE,
+    )
+    code = server.wait_exit(timeout=300)
+    log = server.log()
+    decisions = [line for line in log.splitlines() if "--kv-alloc-mode auto chose" in line]
+    assert len(decisions) == 1, log[-3000:]
+    assert "chose static" in decisions[0]
+    assert "--enable-hierarchical-cache" in decisions[0]
+    assert decisions[0].endswith("static fits, so static")
+    assert "KV allocation mode: static (requested auto" in log
+    assert code != 0 and "NVIDIA driver" in log  # upstream's HiCache host pool, on the CPU

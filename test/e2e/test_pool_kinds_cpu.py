@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer
+from sglang_kvalloc.serving import LocalServer, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
@@ -78,17 +78,18 @@ def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
     arch, model = arch_model
     kind, start_segments, env = ARCHS[arch]
     static_args = ["--kv-alloc-mode", "static", "--context-length", "4096", *COMMON]
-    with LocalServer(model, args=static_args, env=env) as static:
-        time.sleep(3)
-        static_rss = static.rss_bytes()
-        static_out = [_greedy(static, p)["output_ids"] for p in prompts]
-
     seg_args = ["--kv-alloc-mode", "segmented", "--context-length", "10000000", *COMMON]
     seg_args += ["--kv-segment-tokens", str(SEGMENT), "--kv-segment-hold-off", "1"]
     seg_args += ["--kv-idle-cache-tokens", "0"]
-    with LocalServer(model, args=seg_args, env={**OVERRIDE, **STRICT, **env}) as seg:
-        time.sleep(3)
-        seg_rss = seg.rss_bytes()
+    static = LocalServer(model, args=static_args, env=env)
+    seg = LocalServer(model, args=seg_args, env={**OVERRIDE, **STRICT, **env})
+    with side_by_side([static, seg]):
+        # Both paused since they answered /health: what each holds once started.
+        static_rss, seg_rss = static.rss_bytes(), seg.rss_bytes()
+        with static.awake():
+            static_out = [_greedy(static, p)["output_ids"] for p in prompts]
+        static.stop()
+        seg.resume()
         start = _kv(seg)
         # A 10M-context start: the context-scaled tables reserved, one segment per pool.
         assert start["kv_pool_kind"] == kind

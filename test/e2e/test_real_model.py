@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sglang_kvalloc.serving import LocalServer
+from sglang_kvalloc.serving import LocalServer, side_by_side
 
 SEGMENT_TOKENS = 128
 MAX_TOKENS = 32
@@ -79,16 +77,8 @@ def servers(real_model: Path) -> Iterator[dict[str, LocalServer]]:
     running = {
         m: LocalServer(real_model, args=COMMON + a, env=STRICT) for m, a in mode_args.items()
     }
-    try:
-        with ThreadPoolExecutor(len(running)) as pool:
-            for future in [pool.submit(s.start, 600) for s in running.values()]:
-                future.result()
-        for server in running.values():
-            server.pause()
+    with side_by_side(running.values()):
         yield running
-    finally:
-        for server in running.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +110,9 @@ def hf_chat(hf: tuple[Any, Any], question: str, max_tokens: int) -> tuple[str, i
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True), len(ids)
 
 
-@contextmanager
-def awake(server: LocalServer) -> Iterator[LocalServer]:
-    """The server running for the requests inside, paused again afterwards."""
-    server.resume()
-    try:
-        yield server
-    finally:
-        server.pause()
-
-
 def ask(server: LocalServer, question: str, max_tokens: int, stream: bool) -> tuple[str, Any]:
     """One greedy chat turn through the official client: the answer's text and the usage."""
-    with awake(server):
+    with server.awake():
         return _ask(server, question, max_tokens, stream)
 
 
@@ -188,7 +168,7 @@ def test_chat_text_equal_in_both_modes_and_hf(
 
 
 def _kv(server: LocalServer) -> dict[str, Any]:
-    with awake(server):
+    with server.awake():
         return server.server_info()["internal_states"][0]["kv_alloc"]
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, http_text
+from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, hf_greedy
+from sglang_kvalloc.core import planner
+from sglang_kvalloc.serving import LocalServer, http_text, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 # A leak found by upstream's idle check raises instead of warning.
@@ -24,13 +25,15 @@ def _kv(server: LocalServer) -> dict:
     return server.server_info()["internal_states"][0]["kv_alloc"]
 
 
-def test_10m_context_costs_what_2k_static_costs(tiny_model: Path) -> None:
+def test_10m_context_costs_what_4k_static_costs(
+    tiny_model: Path, reference_static: ReferenceStatic
+) -> None:
+    """A segmented server at a 10M context starts at the resident memory of the shared static
+    server at 4K (same pool, same dtype); static at 10M cannot start at all."""
+    reference_static.server.pause()  # its RSS was taken at its start; now it would busy-poll
+    static_rss = reference_static.start_rss_bytes
     common = ["--max-total-tokens", "65536", "--dtype", "float32"]
-    with LocalServer(
-        tiny_model, args=["--kv-alloc-mode", "static", "--context-length", "2048", *common]
-    ) as static_2k:
-        time.sleep(3)
-        static_rss = static_2k.rss_bytes()
+    assert all(flag in REFERENCE_STATIC_ARGS for flag in common)
     seg = LocalServer(
         tiny_model,
         args=["--kv-alloc-mode", "segmented", "--context-length", "10000000", *common],
@@ -45,21 +48,28 @@ def test_10m_context_costs_what_2k_static_costs(tiny_model: Path) -> None:
         assert kv["req_to_token_bytes"] > 80e9  # reserved, not committed
         assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
         assert kv["segments"]["committed_segments"] == 1
-    print(f"RSS static@2K {static_rss / MB:.1f} MB, segmented@10M {seg_rss / MB:.1f} MB")
+        assert _greedy(seg, [5, 6, 7], n=2)["meta_info"]["completion_tokens"] == 2
+    print(f"RSS static@4K {static_rss / MB:.1f} MB, segmented@10M {seg_rss / MB:.1f} MB")
     # Upstream would also pre-expand the RoPE cache to 10M positions (640 MB here); segmented
     # mode grows it with the positions in use instead.
     assert "RoPE cache(s) grow with the positions in use" in seg.log()
     assert abs(seg_rss - static_rss) < 100 * MB
 
-    # Static at 10M dies at start-up on the req_to_token table; record how.
-    failing = LocalServer(
-        tiny_model,
-        args=["--kv-alloc-mode", "static", "--context-length", "10000000", *common],
-        env=OVERRIDE,
-    )
-    code = failing.wait_exit(timeout=300)
-    assert code != 0
-    assert "81960032784 bytes" in failing.log()  # upstream's 2049 x 10M int32 table
+    # Static at 10M dies at start-up on its req_to_token table: the table as upstream's own
+    # ReqToTokenPool builds it for the request slots upstream resolves at this pool (on the
+    # meta device: its shape and bytes, nothing allocated) is 82 GB, more than this machine
+    # has, and the planner says the same.
+    import psutil
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    reqs = planner.resolve_max_num_reqs(65536, 10_000_000, max_running_requests=None)
+    extra = planner.req_to_token_extra()
+    table = ReqToTokenPool(
+        size=reqs, max_context_len=10_000_000 + extra, device="meta", enable_memory_saver=False
+    ).req_to_token
+    assert table.nbytes == planner.req_to_token_allocation(reqs, 10_000_000, extra).bytes
+    assert table.nbytes == 81_960_032_784 == kv["req_to_token_bytes"]  # 2,049 x 10M int32
+    assert table.nbytes > psutil.virtual_memory().total
 
 
 LONG = 12_000  # 12 segments of 1,024 tokens
@@ -202,47 +212,46 @@ def test_positions_past_the_model_maximum_grow_the_rope_cache(
     assert out == hf_greedy(hf_model, prompt, 4)
 
 
-def test_gauges_on_metrics(tiny_model: Path) -> None:
-    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "16384", "--dtype", "float32"]
-    args += ["--enable-metrics", "--kv-segment-tokens", "1024"]
-    with LocalServer(tiny_model, args=args) as server:
-        _greedy(server, [5] * 3000, n=8)
-        deadline = time.monotonic() + 30
-        text = ""
-        while time.monotonic() < deadline:
-            text = http_text(server.url + "/metrics")
-            if "sglang:kv_alloc_committed_bytes" in text:
-                break
-            time.sleep(1)
-        values = {
-            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("sglang:kv_alloc_")
-        }
-        assert values["sglang:kv_alloc_committed_bytes"] > 0
-        assert values["sglang:kv_alloc_committed_segments"] >= 3  # 3000 tokens / 1024
-        assert values["sglang:kv_alloc_token_capacity"] == 16384
-        assert 'mode="segmented"' in text
+def _kv_gauges(server: LocalServer) -> tuple[dict[str, float], str]:
+    """The plugin's gauges on upstream's /metrics (exported once the scheduler logs stats)."""
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = http_text(server.url + "/metrics")
+        if "sglang:kv_alloc_committed_bytes" in text:
+            break
+        time.sleep(1)
+    values = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sglang:kv_alloc_")
+    }
+    return values, text
 
 
 def test_bfloat16_tokens_equal_static(tiny_model: Path) -> None:
     rng = random.Random(31)
     prompts = [[rng.randrange(3, 2048) for _ in range(n)] for n in (40, 2500)]
     common = ["--max-total-tokens", "16384", "--dtype", "bfloat16", "--page-size", "16"]
+    mode_args = {"static": [], "segmented": ["--kv-segment-tokens", "512"]}
+    servers = {
+        mode: LocalServer(tiny_model, args=["--kv-alloc-mode", mode, *common, *extra], env=STRICT)
+        for mode, extra in mode_args.items()
+    }
     outs = {}
-    for mode in ("static", "segmented"):
-        args = ["--kv-alloc-mode", mode, *common]
-        if mode == "segmented":
-            args += ["--kv-segment-tokens", "512"]
-        with LocalServer(tiny_model, args=args, env=STRICT) as server:
-            outs[mode] = [_greedy(server, p, n=8)["output_ids"] for p in prompts]
+    with side_by_side(servers.values()):
+        for mode, server in servers.items():
+            with server.awake():
+                outs[mode] = [_greedy(server, p, n=8)["output_ids"] for p in prompts]
     assert outs["segmented"] == outs["static"]
 
 
 def test_cap_reached_queues_requests_and_stays_up(tiny_model: Path) -> None:
-    """More concurrent work than the cap holds: upstream queues or retracts; all finish."""
+    """More concurrent work than the cap holds: upstream queues or retracts; all finish. The
+    gauges on /metrics say what was committed (the idle policy keeps up to 8,192 tokens of
+    prefix cache, the whole pool, so the finished requests' segments stay)."""
     args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "8192", "--dtype", "float32"]
-    args += ["--kv-segment-tokens", "512"]
+    args += ["--kv-segment-tokens", "512", "--enable-metrics"]
     with LocalServer(tiny_model, args=args, env=STRICT) as server:
         rng = random.Random(9)
         prompts = [[rng.randrange(3, 2048) for _ in range(3000)] for _ in range(6)]
@@ -269,6 +278,11 @@ def test_cap_reached_queues_requests_and_stays_up(tiny_model: Path) -> None:
         assert seg["committed_bytes"] <= seg["reserved_bytes"]
         assert server.generate({"text": "still up", "sampling_params": {"max_new_tokens": 2}})
         assert "memory leak detected" not in server.log()
+        gauges, text = _kv_gauges(server)
+    assert gauges["sglang:kv_alloc_committed_bytes"] > 0
+    assert gauges["sglang:kv_alloc_committed_segments"] >= 3  # the finished requests stay cached
+    assert gauges["sglang:kv_alloc_token_capacity"] == 8192
+    assert 'mode="segmented"' in text
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

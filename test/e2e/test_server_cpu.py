@@ -1,26 +1,19 @@
-"""The CPU server on the tiny model: answers, matches HF greedy tokens, reports the mode."""
+"""The CPU server on the tiny model (the session's shared static server): answers, matches HF
+greedy tokens, reports the mode."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from conftest import hf_greedy, parity_prompts
+from conftest import ReferenceStatic, hf_greedy, parity_prompts
 from sglang_kvalloc.serving import LocalServer, http_json
 
 MAX_NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def static_server(tiny_model: Path) -> Iterator[LocalServer]:
-    server = LocalServer(
-        tiny_model,
-        args=["--dtype", "float32", "--max-total-tokens", "8192", "--kv-alloc-mode", "static"],
-    )
-    with server:
-        yield server
+@pytest.fixture
+def static_server(reference_static: ReferenceStatic) -> LocalServer:
+    return reference_static.server
 
 
 def test_generate_and_completions_answer(static_server: LocalServer) -> None:
@@ -60,5 +53,6 @@ def test_mode_reaches_the_scheduler(static_server: LocalServer) -> None:
     scheduler_view = info["internal_states"][0]["kv_alloc"]
     assert scheduler_view["requested_mode"] == "static"
     assert scheduler_view["mode"] == "static"
-    assert scheduler_view["token_capacity"] == 8192
+    assert scheduler_view["token_capacity"] == 65536
+    assert scheduler_view["max_running_requests"] == 4
     assert "KV allocation mode: static" in static_server.log()

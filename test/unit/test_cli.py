@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -11,22 +12,58 @@ import pytest
 from sglang_kvalloc import modes
 
 LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
+TypedRuns = dict[str, subprocess.CompletedProcess[str]]
+# The commands as a user types them, each in a fresh interpreter (the bootstrap, the plugin
+# loading and upstream's argparse all take part). Each one spends ~12 s importing upstream,
+# so they run side by side, once per module.
+TYPED: dict[str, tuple[list[str], dict[str, str]]] = {
+    "help": (["--help"], {}),
+    "bogus_mode": (["--model-path", "unused", "--kv-alloc-mode", "bogus"], {}),
+    "nan_hold_off": (["--model-path", "unused", "--kv-segment-hold-off", "nan"], {}),
+    "bogus_env": (["--model-path", "unused"], {modes.MODE_ENV: "bogus"}),
+    "negative_context": (
+        ["--model-path", "unused", "--kv-alloc-mode", "auto", "--context-length", "-5"],
+        {},
+    ),
+}
+ENGINE_HOOK = (
+    "from sglang.srt.entrypoints.engine import Engine\n"
+    "print(getattr(Engine.__init__, '__wrapped__', None) is not None)\n"
+)
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def typed() -> TypedRuns:
+    """Every command of TYPED (and the engine import check) run concurrently."""
+    commands = {name: (LAUNCH + argv, env) for name, (argv, env) in TYPED.items()}
+    commands["engine_hook"] = ([sys.executable, "-c", ENGINE_HOOK], {})
+    procs = {
+        name: subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+        for name, (cmd, env) in commands.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
 
 
-def test_help_lists_every_mode_on_its_own_line() -> None:
-    result = _run(["--help"])
+def test_help_lists_every_mode_on_its_own_line(typed: TypedRuns) -> None:
+    result = typed["help"]
     assert result.returncode == 0, result.stderr
     assert "--kv-alloc-mode {static,segmented,auto}" in result.stdout
     for mode in modes.MODES:
         assert any(line.strip().startswith(f"{mode}: ") for line in result.stdout.splitlines())
 
 
-def test_unknown_mode_is_an_argparse_error() -> None:
-    result = _run(["--model-path", "unused", "--kv-alloc-mode", "bogus"])
+def test_unknown_mode_is_an_argparse_error(typed: TypedRuns) -> None:
+    result = typed["bogus_mode"]
     assert result.returncode == 2
     assert "invalid choice: 'bogus'" in result.stderr
     assert "static" in result.stderr and "segmented" in result.stderr and "auto" in result.stderr
@@ -57,13 +94,9 @@ def test_parsed_flag_lands_on_the_record_and_survives_pickling() -> None:
     assert modes.requested_mode(clone) == "static"
 
 
-def test_engine_hook_is_in_place_before_the_first_engine() -> None:
+def test_engine_hook_is_in_place_before_the_first_engine(typed: TypedRuns) -> None:
     """Engine.__init__ loads plugins only once running; the bootstrap loads them at import."""
-    code = (
-        "from sglang.srt.entrypoints.engine import Engine\n"
-        "print(getattr(Engine.__init__, '__wrapped__', None) is not None)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = typed["engine_hook"]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("True")
 
@@ -111,29 +144,24 @@ def test_inf_hold_off_is_accepted_and_means_never() -> None:
         modes.parse_hold_off("nan")
 
 
-def test_nan_hold_off_exits_2_as_typed() -> None:
-    result = _run(["--model-path", "unused", "--kv-segment-hold-off", "nan"])
+def test_nan_hold_off_exits_2_as_typed(typed: TypedRuns) -> None:
+    result = typed["nan_hold_off"]
     assert result.returncode == 2
     assert "--kv-segment-hold-off must be >= 0 seconds" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_bad_mode_in_the_environment_is_an_argparse_error() -> None:
+def test_a_bad_mode_in_the_environment_is_an_argparse_error(typed: TypedRuns) -> None:
     """One line, exit 2, no traceback, before anything loads (it used to end in a traceback
     from the scheduler process)."""
-    import os
-
-    env = {**os.environ, modes.MODE_ENV: "bogus"}
-    result = subprocess.run(
-        [*LAUNCH, "--model-path", "unused"], capture_output=True, text=True, timeout=300, env=env
-    )
+    result = typed["bogus_env"]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "SGLANG_KV_ALLOC_MODE='bogus' is not a --kv-alloc-mode" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_context_length_that_is_not_positive_is_an_argparse_error() -> None:
-    result = _run(["--model-path", "unused", "--kv-alloc-mode", "auto", "--context-length", "-5"])
+def test_a_context_length_that_is_not_positive_is_an_argparse_error(typed: TypedRuns) -> None:
+    result = typed["negative_context"]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--context-length must be a positive number of tokens, got -5" in result.stderr
     assert "Traceback" not in result.stderr

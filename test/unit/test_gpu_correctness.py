@@ -187,7 +187,7 @@ def _scheduler(pool: row_pool.SegmentedReqToTokenPool, running: list, waiting: l
 
 @pytest.fixture
 def no_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_loop, "_draft_tokens", lambda: 0)
+    monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
 
 
 def test_rows_grow_before_decode_whatever_the_kv_allocator(fake_gpu, no_spec) -> None:

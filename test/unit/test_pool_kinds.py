@@ -293,3 +293,42 @@ def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.M
     got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     assert got["mla_pool_class"] is VendorPool
     assert RUNTIME.state.kv_on_demand is False and "VendorPool" in RUNTIME.state.kv_on_demand_note
+
+
+def test_fp8_kv_pool_stores_what_upstreams_stores() -> None:
+    """`--kv-cache-dtype fp8_e4m3` (GPUs; upstream's CPU engine refuses it without Intel AMX):
+    the segmented MHA pool has upstream's storage dtype and shapes, and what upstream's own
+    `set_kv_buffer` writes into committed segments equals, byte for byte, what it writes into
+    upstream's pool, and reads back through upstream's getters alike."""
+    kwargs = dict(
+        page_size=1,
+        dtype=torch.float8_e4m3fn,
+        head_num=2,
+        head_dim=32,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+    ours = SegmentedMHATokenToKVPool(FULL_SIZE, **kwargs)
+    theirs = MHATokenToKVPool(FULL_SIZE, **kwargs)
+    assert ours.store_dtype == theirs.store_dtype == torch.uint8
+    assert [(b.shape, b.dtype) for b in ours.k_buffer] == [
+        (b.shape, b.dtype) for b in theirs.k_buffer
+    ]
+    assert ours.get_kv_size_bytes() == theirs.get_kv_size_bytes()
+    a = segmented.segmented_allocator_for(FULL_SIZE, 1, torch.float8_e4m3fn, "cpu", ours, False)
+    start = ours.segmented_buffers.committed_bytes
+    a.scheduler_step(700)
+    loc = a.alloc(700)
+    assert loc is not None and ours.segmented_buffers.committed_bytes > start
+    k = torch.randn(700, 2, 32, dtype=torch.bfloat16)
+    v = torch.randn(700, 2, 32, dtype=torch.bfloat16)
+    layer = types.SimpleNamespace(layer_id=1, k_scale=None, v_scale=None)
+    for pool in (ours, theirs):
+        pool.set_kv_buffer(layer, loc, k.clone(), v.clone())
+    assert torch.equal(ours.k_buffer[1][loc], theirs.k_buffer[1][loc])
+    assert torch.equal(ours.v_buffer[1][loc], theirs.v_buffer[1][loc])
+    assert ours.get_key_buffer(1).dtype == theirs.get_key_buffer(1).dtype
+    read = ours.get_value_buffer(1)[loc].to(torch.float32)
+    assert torch.equal(read, theirs.get_value_buffer(1)[loc].to(torch.float32))
+    assert torch.allclose(read, v.to(torch.float32), rtol=0.13, atol=0.02)  # e4m3: 3 bits

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import types
 
+import pytest
+
+from sglang_kvalloc.upstream import scheduler_loop
 from sglang_kvalloc.upstream.scheduler_loop import around_check_full_pool, iteration_demand_tokens
 
 
@@ -39,7 +42,7 @@ def test_demand_covers_one_chunk_of_prefill_and_one_decode_step() -> None:
     assert iteration_demand_tokens(_scheduler(many[:3], chunk=-1)) == 3 * 3001
     # Decode: a new page per running request (two with speculative draft tokens past a page).
     assert iteration_demand_tokens(_scheduler([], running=5, page=16)) == 5 * 2 * 16
-    assert iteration_demand_tokens(_scheduler([], running=5), draft_tokens=4) == 5 * 6
+    assert iteration_demand_tokens(_scheduler([], running=5), decode_slots=5) == 5 * 6
     # The last prefill batch's requests join the running batch before its decode step.
     with_last = _scheduler([], running=5)
     extend = types.SimpleNamespace(is_extend=lambda: True)
@@ -47,6 +50,48 @@ def test_demand_covers_one_chunk_of_prefill_and_one_decode_step() -> None:
     assert iteration_demand_tokens(with_last) == (5 + 3) * 2
     with_last.last_batch.forward_mode = types.SimpleNamespace(is_extend=lambda: False)
     assert iteration_demand_tokens(with_last) == 5 * 2
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "topk", "steps", "draft", "page", "expected"),
+    [
+        (None, None, None, None, 1, (1, 2)),
+        ("EAGLE", 4, 3, 4, 1, (24, 24)),  # twice max(4 x 3, 4)
+        ("EAGLE", 1, 3, 4, 1, (8, 8)),  # twice max(1 x 3, 4)
+        ("EAGLE", 4, 3, 8, 16, (256, 256)),  # spec v2 tree: 2 pages x 4 branches, doubled
+    ],
+)
+def test_decode_slots_are_upstreams_speculative_reserve(
+    monkeypatch: pytest.MonkeyPatch, algorithm, topk, steps, draft, page, expected
+) -> None:
+    """With speculative decoding a decode step allocates upstream's own reserve per request
+    (top-k x steps draft tokens, not only the verify tokens): the commit ahead of every
+    iteration and the rows' reach count it, so the step's allocation finds its slots
+    committed."""
+    from sglang.srt import runtime_context
+    from sglang.srt.mem_cache import allocation_sizing
+
+    spec = types.SimpleNamespace(
+        speculative_algorithm=algorithm,
+        speculative_eagle_topk=topk,
+        speculative_num_steps=steps,
+        speculative_num_draft_tokens=draft,
+    )
+    monkeypatch.setattr(runtime_context, "get_spec", lambda: spec)
+    monkeypatch.setattr(allocation_sizing, "get_spec", lambda: spec)
+    monkeypatch.setattr(allocation_sizing, "max_speculative_num_draft_tokens", lambda: draft)
+    monkeypatch.setattr(allocation_sizing, "get_alloc_page_size", lambda: page)
+    assert scheduler_loop.decode_slots() == expected
+    if algorithm is not None:
+        assert expected[0] == allocation_sizing.get_alloc_reserve_per_decode()
+
+    demands: list[int] = []
+    allocator = types.SimpleNamespace(scheduler_step=demands.append, note_busy=lambda: None)
+    scheduler = _scheduler([], running=3, page=page)
+    scheduler.token_to_kv_pool_allocator = allocator
+    scheduler.req_to_token_pool = types.SimpleNamespace()
+    scheduler_loop.before_get_next_batch_to_run(scheduler)
+    assert demands == [3 * (-(-expected[0] // page) + 1) * page]
 
 
 def test_commit_ahead_serves_the_iteration_without_committing_in_alloc() -> None:
@@ -96,3 +141,27 @@ def test_leak_identity_counts_withheld_tokens() -> None:
     a._segments.retry_s = 0.0
     a.scheduler_step(12)
     assert a.withheld_size() == 0 and a.available_size() == 16
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_a_flushed_cache_gives_its_segments_back_at_once(
+    monkeypatch: pytest.MonkeyPatch, flushed: bool
+) -> None:
+    """`/flush_cache` empties the pool: with a hold-off that never passes (`inf`), the
+    segments still go back at the flush, down to the first; a flush upstream refused (work
+    pending) releases nothing."""
+    from test_allocator_contracts import token_allocator
+
+    from sglang_kvalloc.upstream.runtime import RUNTIME
+
+    monkeypatch.setattr(RUNTIME.settings, "hold_off_s", float("inf"))
+    a = token_allocator("segmented", size=16)  # segments of 4 slots
+    taken = a.alloc(14)
+    assert taken is not None and a._segments.committed_segments == 4
+    a.free(taken)
+    assert a.maybe_shrink() == 0  # the hold-off never passes
+    a.clear()  # what upstream's Scheduler.flush_cache does to the allocator
+    scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=a)
+    assert scheduler_loop.after_flush_cache(flushed, scheduler) is None  # upstream's result
+    assert a._segments.committed_segments == (1 if flushed else 4)
+    assert a.available_size() == 16 and a.alloc(16) is not None  # all still allocatable

@@ -119,6 +119,7 @@ def hooks() -> list[tuple[str, object, str]]:
             "BEFORE",
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
+        (f"{SCHEDULER}.flush_cache", scheduler_loop.after_flush_cache, "AFTER"),
         # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
         # inside upstream's own decode-memory check, so a row that cannot grow retracts.
         (f"{SCHEDULE_BATCH}.check_decode_mem", scheduler_loop.around_check_decode_mem, "AROUND"),

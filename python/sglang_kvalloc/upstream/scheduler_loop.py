@@ -10,6 +10,7 @@ idle policy evicts cached KV in trailing segments and releases them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +25,16 @@ if TYPE_CHECKING:
     )
     from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
 
+logger = logging.getLogger(__name__)
 
-def iteration_demand_tokens(scheduler: Scheduler, draft_tokens: int = 0) -> int:
+
+def iteration_demand_tokens(scheduler: Scheduler, decode_slots: int = 1) -> int:
     """An upper bound of the KV slots one iteration allocates, and of what upstream's admission
     takes as reserved from then on: the chunked request's whole remaining input, the waiting
     queue's requests up to one chunk with the request that crosses the chunk boundary counted
     whole (upstream admits it as a chunked request and, to make progress, continues it later
-    whatever the pool holds then), one page of rounding per request, plus one decode step
-    (``draft_tokens`` speculative tokens included) of the running requests."""
+    whatever the pool holds then), one page of rounding per request, plus one decode step of
+    the running requests (``decode_slots`` each: see `decode_slots`)."""
     page = int(scheduler.page_size)
     running = getattr(scheduler, "running_batch", None)
     n_running = len(running.reqs) if running is not None else 0
@@ -41,7 +44,7 @@ def iteration_demand_tokens(scheduler: Scheduler, draft_tokens: int = 0) -> int:
     mode = getattr(last, "forward_mode", None)
     if last is not None and last is not running and mode is not None and mode.is_extend():
         n_running += len(last.reqs)
-    decode = n_running * (-(-(1 + draft_tokens) // page) + 1) * page if n_running else 0
+    decode = n_running * (-(-decode_slots // page) + 1) * page if n_running else 0
 
     chunked = scheduler.chunked_req
     continuation = 0
@@ -86,13 +89,15 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
     release what freed rows held and ready the rows admission may take."""
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     step = getattr(allocator, "scheduler_step", None)
-    draft = _draft_tokens() if step is not None or _commits_rows(scheduler) else 0
+    if step is None and not _commits_rows(scheduler):
+        return None
+    slots, row_ahead = decode_slots()
     if step is not None:
         if _has_work(scheduler):
             allocator.note_busy()
-        step(iteration_demand_tokens(scheduler, draft))
+        step(iteration_demand_tokens(scheduler, slots))
     if _commits_rows(scheduler):
-        _prepare_rows(scheduler, draft)
+        _prepare_rows(scheduler, row_ahead)
     return None
 
 
@@ -106,7 +111,7 @@ def _streams(scheduler: Scheduler) -> tuple[torch.cuda.Stream, ...]:
     return tuple(s for s in (getattr(scheduler, n, None) for n in names) if s is not None)
 
 
-def _prepare_rows(scheduler: Scheduler, draft: int) -> None:
+def _prepare_rows(scheduler: Scheduler, row_ahead: int) -> None:
     """Rows freed earlier whose readers finished go back (no device wait); handles are made
     ready for the rows the queued requests would take (admission waits where they cannot)."""
     pool = scheduler.req_to_token_pool
@@ -115,7 +120,7 @@ def _prepare_rows(scheduler: Scheduler, draft: int) -> None:
     queued = [chunked] if chunked is not None else []
     queued.extend(admission_candidates(scheduler))  # not the whole queue: its spares held
     pool.prepare_admission(
-        [len(req.origin_input_ids) + len(req.output_ids) + 2 * (1 + draft) for req in queued]
+        [len(req.origin_input_ids) + len(req.output_ids) + row_ahead for req in queued]
     )
 
 
@@ -136,19 +141,29 @@ def around_check_decode_mem(
     if not ok or not getattr(pool, "commits_rows", False):
         return ok
     reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
-    step = 2 * (1 + _draft_tokens())
+    _, row_ahead = decode_slots()
     rows = [
-        (req.kv.req_pool_idx, len(req.origin_input_ids) + len(req.output_ids) + step)
+        (req.kv.req_pool_idx, len(req.origin_input_ids) + len(req.output_ids) + row_ahead)
         for req in reqs
         if req.kv.req_pool_idx is not None
     ]
     return pool.check_decode_rows(rows)
 
 
-def _draft_tokens() -> int:
+def decode_slots() -> tuple[int, int]:
+    """(KV slots one decode step may allocate per request, positions past a request's length
+    its req_to_token row must cover): 1 and 2 (two steps ahead under the overlap scheduler)
+    without speculative decoding; with it, upstream's own per-decode reserve for both
+    (`get_alloc_reserve_per_decode`: twice max(top-k x steps, draft tokens), page-aligned
+    branches for spec v2 trees), which already counts the overlap scheduler's lag."""
     from sglang.srt.runtime_context import get_spec
 
-    return int(getattr(get_spec(), "speculative_num_draft_tokens", 0) or 0)
+    if get_spec().speculative_algorithm is None:
+        return 1, 2
+    from sglang.srt.mem_cache.allocation_sizing import get_alloc_reserve_per_decode
+
+    reserve = int(get_alloc_reserve_per_decode())
+    return reserve, reserve
 
 
 def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
@@ -161,6 +176,28 @@ def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any)
     idle_step = getattr(allocator, "idle_step", None)
     if idle_step is not None and idle_step(scheduler.tree_cache):
         RUNTIME.graph.release_at_idle()
+    return None
+
+
+def after_flush_cache(flushed: bool, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
+    """AFTER `Scheduler.flush_cache`: a flushed cache holds nothing, so in segmented mode every
+    KV segment but each pool's first goes back now (graph-buffer granules and spare handles
+    too), not after the idle hold-off (never, with an `inf` hold-off). Every rank flushes
+    together; the release is agreed as the idle policy's is."""
+    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
+    shrink = getattr(allocator, "maybe_shrink_now", None)
+    if not flushed or shrink is None:
+        return None
+    released = shrink()
+    RUNTIME.graph.release_at_idle()
+    RUNTIME.backings.trim_spares()
+    stats = allocator.segment_stats()
+    logger.info(
+        "Cache flushed: released %d KV segments; %d committed, %.2f MB.",
+        released,
+        stats["committed_segments"],
+        stats["committed_bytes"] / 1e6,
+    )
     return None
 
 

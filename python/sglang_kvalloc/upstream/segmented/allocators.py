@@ -10,6 +10,7 @@ is never released inside a free.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +197,8 @@ class SegmentedAllocatorMixin:
             "releases": seg.releases,
             "commit_failures": seg.commit_failures,
             "mid_batch_commits": self.mid_batch_commits,
-            "hold_off_s": seg.hold_off_s,
+            # JSON has no infinity (upstream's /server_info answered 500): null means never.
+            "hold_off_s": seg.hold_off_s if math.isfinite(seg.hold_off_s) else None,
         }
 
 

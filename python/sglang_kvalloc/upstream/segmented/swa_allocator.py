@@ -81,6 +81,9 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
     def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
         return sum(part.maybe_shrink(keep_free_tokens) for part in self._parts)
 
+    def maybe_shrink_now(self) -> int:
+        return sum(part.maybe_shrink_now() for part in self._parts)
+
     def verify_byte_accounting(self) -> list[str]:
         return [
             f"{name}: {problem}"
