@@ -9,11 +9,12 @@ maximum (65,536 positions for the tiny model), with and without upstream's overr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc.serving import CPU_ENV, LocalServer
+from sglang_kvalloc.serving import CPU_ENV, LocalServer, side_by_side
 
 MODEL_MAX = 65_536
 OVERRIDE = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
@@ -34,55 +35,61 @@ def _answers(server: LocalServer) -> None:
     assert server.generate(long_prompt)["meta_info"]["completion_tokens"] == 2
 
 
-def test_headline_command_as_typed(tiny_model: Path) -> None:
-    """Above the model maximum, no override: auto clamps to the model maximum, says so, and
-    serves; the default pool is far larger than one request, so segmented is chosen for the
-    context-sized tables (4,097 request slots x 65,540 int32)."""
-    server = LocalServer(
-        tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
-    )
-    with server:
-        log = server.log()
-        clamp = [line for line in log.splitlines() if "clamped to 65536" in line]
-        assert clamp and "10000000" in clamp[0] and OVERRIDE in clamp[0], log[-3000:]
-        info = server.server_info()
-        assert info["context_length"] == MODEL_MAX
-        kv = info["internal_states"][0]["kv_alloc"]
-        assert kv["requested_context_length"] == 10_000_000
-        assert kv["effective_context_length"] == MODEL_MAX
-        assert kv["mode"] == "segmented", kv["reason"]
-        # Upstream's default pool: tens of millions of tokens on this machine, reserved.
-        assert kv["token_capacity"] > 10 * MODEL_MAX
-        assert kv["segments"]["reserved_bytes"] > 1 * GB
-        assert kv["segments"]["committed_segments"] <= 2
-        _answers(server)
-        # Committed memory follows use, not the default pool's size.
-        assert (
-            server.server_info()["internal_states"][0]["kv_alloc"]["segments"]["committed_bytes"]
-            < 0.05 * kv["segments"]["reserved_bytes"]
-        )
+@pytest.fixture(scope="class")
+def headline_servers(tiny_model: Path) -> Iterator[dict[str, LocalServer]]:
+    """The headline command as typed, and with upstream's override, started side by side (both
+    reserve their default pools as address space, so neither sizes the other's) and paused
+    until asked; stopped before the other tests of this file size their pools."""
+    args = ["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+    servers = {
+        "as_typed": LocalServer(tiny_model, args=args),
+        "override": LocalServer(tiny_model, args=args, env={OVERRIDE: "1"}),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(OVERRIDE, raising=False)  # as _no_override, which runs after this
+        with side_by_side(servers.values()):
+            yield servers
 
 
-def test_headline_command_with_upstreams_override(tiny_model: Path) -> None:
-    """With the override the 10M context stands (the default pool holds more than one 10M
-    request here) and the 82 GB-class req_to_token table is only reserved."""
-    server = LocalServer(
-        tiny_model,
-        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"],
-        env={OVERRIDE: "1"},
-    )
-    with server:
-        kv = server.server_info()["internal_states"][0]["kv_alloc"]
-        assert kv["mode"] == "segmented"
-        if kv["token_capacity"] >= 10_000_000:
-            assert kv["effective_context_length"] == 10_000_000
-            assert "clamped" not in server.log()
-        else:  # a machine with less free memory: clamped to the pool, with a warning
-            assert kv["effective_context_length"] == kv["token_capacity"]
-            assert "clamped to" in server.log()
-        assert kv["req_to_token_bytes"] > 10 * GB
-        assert kv["segments"]["req_to_token_resident_bytes"] < 0.01 * GB
-        _answers(server)
+class TestHeadlineCommand:
+    def test_as_typed(self, headline_servers: dict[str, LocalServer]) -> None:
+        """Above the model maximum, no override: auto clamps to the model maximum, says so,
+        and serves; the default pool is far larger than one request, so segmented is chosen
+        for the context-sized tables (4,097 request slots x 65,540 int32)."""
+        with headline_servers["as_typed"].awake() as server:
+            log = server.log()
+            clamp = [line for line in log.splitlines() if "clamped to 65536" in line]
+            assert clamp and "10000000" in clamp[0] and OVERRIDE in clamp[0], log[-3000:]
+            info = server.server_info()
+            assert info["context_length"] == MODEL_MAX
+            kv = info["internal_states"][0]["kv_alloc"]
+            assert kv["requested_context_length"] == 10_000_000
+            assert kv["effective_context_length"] == MODEL_MAX
+            assert kv["mode"] == "segmented", kv["reason"]
+            # Upstream's default pool: tens of millions of tokens on this machine, reserved.
+            assert kv["token_capacity"] > 10 * MODEL_MAX
+            assert kv["segments"]["reserved_bytes"] > 1 * GB
+            assert kv["segments"]["committed_segments"] <= 2
+            _answers(server)
+            # Committed memory follows use, not the default pool's size.
+            now = server.server_info()["internal_states"][0]["kv_alloc"]["segments"]
+            assert now["committed_bytes"] < 0.05 * kv["segments"]["reserved_bytes"]
+
+    def test_with_upstreams_override(self, headline_servers: dict[str, LocalServer]) -> None:
+        """With the override the 10M context stands (the default pool holds more than one 10M
+        request here) and the 82 GB-class req_to_token table is only reserved."""
+        with headline_servers["override"].awake() as server:
+            kv = server.server_info()["internal_states"][0]["kv_alloc"]
+            assert kv["mode"] == "segmented"
+            if kv["token_capacity"] >= 10_000_000:
+                assert kv["effective_context_length"] == 10_000_000
+                assert "clamped" not in server.log()
+            else:  # a machine with less free memory: clamped to the pool, with a warning
+                assert kv["effective_context_length"] == kv["token_capacity"]
+                assert "clamped to" in server.log()
+            assert kv["req_to_token_bytes"] > 10 * GB
+            assert kv["segments"]["req_to_token_resident_bytes"] < 0.01 * GB
+            _answers(server)
 
 
 def test_context_below_the_model_maximum_is_upstream_static(tiny_model: Path) -> None:

@@ -65,3 +65,26 @@ def test_no_hook_touches_lora_prefill_graphs_or_torch_compile(untouched: str) ->
     targets = [target for target, _, _ in plugin.hooks()]
     assert len(targets) > 40
     assert not [t for t in targets if t.startswith(untouched)]
+
+
+def test_devices_segmented_cannot_back_are_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device without a backing, upstream's post-capture KV sizing, ROCm: one line each."""
+    import torch
+
+    from sglang_kvalloc import modes
+    from sglang_kvalloc.core.backing import BackingUnavailableError
+    from sglang_kvalloc.upstream import backings
+    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
+
+    with pytest.raises(modes.KvAllocModeError, match="no backing for device 'npu'") as npu:
+        backings.open_backings("npu")
+    monkeypatch.setenv("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "1")
+    with pytest.raises(modes.KvAllocModeError, match="unset SGLANG_ENABLE_POST_CAPTURE") as post:
+        backings.open_backings("cuda:0")
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    with pytest.raises(BackingUnavailableError, match="no ROCm backing") as rocm:
+        UpstreamVmmApi(0)
+    for refused in (npu, post, rocm):
+        assert "\n" not in str(refused.value)
