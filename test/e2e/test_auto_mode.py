@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, parity_prompts
 from sglang_kvalloc.serving import LocalServer
@@ -88,32 +91,46 @@ def test_auto_is_upstream_static_where_static_costs_nothing(
     assert auto_out == static_out
 
 
-def test_explicit_mode_above_model_max_gets_upstreams_error(tiny_model: Path) -> None:
+@pytest.fixture(scope="module")
+def stopped_at_start(tiny_model: Path) -> dict[str, tuple[int, str]]:
+    """Servers that stop during start-up, run side by side: the exit code and log of each."""
+    servers = {
+        "static_above_max": LocalServer(
+            tiny_model,
+            args=["--kv-alloc-mode", "static", "--context-length", "10000000"]
+            + ["--max-total-tokens", "8192"],
+        ),
+        "auto_with_hicache": LocalServer(
+            tiny_model,
+            args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+            + ["--max-total-tokens", "8192", "--enable-hierarchical-cache"],
+            env=OVERRIDE,
+        ),
+    }
+    with ThreadPoolExecutor(len(servers)) as pool:
+        exits = pool.map(lambda server: server.wait_exit(timeout=300), servers.values())
+        codes = dict(zip(servers, exits, strict=True))
+    return {name: (codes[name], server.log()) for name, server in servers.items()}
+
+
+def test_explicit_mode_above_model_max_gets_upstreams_error(
+    stopped_at_start: dict[str, tuple[int, str]],
+) -> None:
     """Only auto clamps; an explicit mode keeps upstream's refusal (auto's clamp is tested with
     the newcomer's commands)."""
-    server = LocalServer(
-        tiny_model,
-        args=["--kv-alloc-mode", "static", "--context-length", "10000000"]
-        + ["--max-total-tokens", "8192"],
-    )
-    code = server.wait_exit(timeout=300)
+    code, log = stopped_at_start["static_above_max"]
     assert code != 0
-    assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" in server.log()
+    assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" in log
 
 
-def test_auto_stays_static_where_a_feature_refuses_segmented(tiny_model: Path) -> None:
+def test_auto_stays_static_where_a_feature_refuses_segmented(
+    stopped_at_start: dict[str, tuple[int, str]],
+) -> None:
     """auto at 10M with a feature segmented mode refuses (here --enable-hierarchical-cache):
     its one decision line says static, and why. Upstream's HiCache then pins its host pool
     through CUDA, so on this CPU machine the server stops there, after the decision (upstream's
     own limit; on a GPU it serves)."""
-    server = LocalServer(
-        tiny_model,
-        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
-        + ["--max-total-tokens", "8192", "--enable-hierarchical-cache"],
-        env=OVERRIDE,
-    )
-    code = server.wait_exit(timeout=300)
-    log = server.log()
+    code, log = stopped_at_start["auto_with_hicache"]
     decisions = [line for line in log.splitlines() if "--kv-alloc-mode auto chose" in line]
     assert len(decisions) == 1, log[-3000:]
     assert "chose static" in decisions[0]

@@ -6,7 +6,8 @@ update from disk. Greedy tokens equal HF transformers (float32) throughout.
 Two servers, started side by side and paused while the other one is asked:
 - "mixed": `--enable-mixed-chunk --chunked-prefill-size 512 --disable-overlap-schedule
   --page-size 64`, and a hold-off that never passes (`inf`), so only a flush gives back;
-- "no_radix": `--disable-radix-cache --chunked-prefill-size -1` (the overlap scheduler on).
+- "no_radix": `--disable-radix-cache --chunked-prefill-size -1` (the overlap scheduler on); the
+  three prompts fit one prefill batch.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ SERVERS = {
         *("--enable-mixed-chunk", "--chunked-prefill-size", "512", "--disable-overlap-schedule"),
         *("--page-size", "64", "--kv-segment-tokens", "1024", "--kv-segment-hold-off", "inf"),
     ],
+    # Without chunked prefill upstream reserves activation memory for --max-prefill-tokens
+    # (16,384 by default: more than this machine's memory, a negative memory fraction).
     "no_radix": [
-        *("--disable-radix-cache", "--chunked-prefill-size", "-1"),
+        *("--disable-radix-cache", "--chunked-prefill-size", "-1", "--max-prefill-tokens", "4096"),
         *("--kv-segment-tokens", "512", "--kv-segment-hold-off", "1"),
     ],
 }

@@ -8,7 +8,10 @@ maximum (65,536 positions for the tiny model), with and without upstream's overr
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,13 +40,17 @@ def _answers(server: LocalServer) -> None:
 
 @pytest.fixture(scope="class")
 def headline_servers(tiny_model: Path) -> Iterator[dict[str, LocalServer]]:
-    """The headline command as typed, and with upstream's override, started side by side (both
-    reserve their default pools as address space, so neither sizes the other's) and paused
-    until asked; stopped before the other tests of this file size their pools."""
+    """The headline command as typed and with upstream's override (both reserve their default
+    pools as address space), and an ordinary context (upstream's static pool, allocated whole),
+    started side by side and paused until asked; stopped before the Engine test sizes its pool.
+    Each sizes its default pool from the memory free as it starts."""
     args = ["--kv-alloc-mode", "auto", "--context-length", "10000000"]
     servers = {
         "as_typed": LocalServer(tiny_model, args=args),
         "override": LocalServer(tiny_model, args=args, env={OVERRIDE: "1"}),
+        "ordinary": LocalServer(
+            tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "2048"]
+        ),
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(OVERRIDE, raising=False)  # as _no_override, which runs after this
@@ -91,38 +98,58 @@ class TestHeadlineCommand:
             assert kv["segments"]["req_to_token_resident_bytes"] < 0.01 * GB
             _answers(server)
 
+    def test_context_below_the_model_maximum_is_upstream_static(
+        self, headline_servers: dict[str, LocalServer]
+    ) -> None:
+        """An ordinary context with the default pool: auto is upstream's static mode (the whole
+        pool allocated at start, as upstream does)."""
+        with headline_servers["ordinary"].awake() as server:
+            kv = server.server_info()["internal_states"][0]["kv_alloc"]
+            assert kv["mode"] == "static", kv["reason"]
+            assert "segments" not in kv
+            assert kv["effective_context_length"] == 2048
+            assert "clamped" not in server.log()
+            _answers(server)
 
-def test_context_below_the_model_maximum_is_upstream_static(tiny_model: Path) -> None:
-    """An ordinary context with the default pool: auto is upstream's static mode (the whole
-    pool allocated at start, as upstream does)."""
-    server = LocalServer(tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "2048"])
-    with server:
-        kv = server.server_info()["internal_states"][0]["kv_alloc"]
-        assert kv["mode"] == "static", kv["reason"]
-        assert "segments" not in kv
-        assert kv["effective_context_length"] == 2048
-        assert "clamped" not in server.log()
-        _answers(server)
+
+ENGINE_AS_TYPED = """
+import json, sys
+import sglang
+
+engine = sglang.Engine(
+    model_path=sys.argv[1], device="cpu", kv_alloc_mode="auto", context_length=10_000_000
+)
+try:
+    info = engine.get_server_info()
+    out = engine.generate("Hello world", {"max_new_tokens": 5, "temperature": 0})
+    print("RESULT " + json.dumps({"info": info, "completion_tokens":
+                                  out["meta_info"]["completion_tokens"]}, default=str))
+finally:
+    engine.shutdown()
+"""
 
 
 def test_engine_as_typed_above_the_maximum(tiny_model: Path) -> None:
     """`sglang.Engine` as typed, with the `kv_alloc_mode` keyword: a 10M context clamps to the
-    model maximum like the server."""
-    os.environ.update(CPU_ENV)
-    import sglang
-
-    engine = sglang.Engine(
-        model_path=str(tiny_model), device="cpu", kv_alloc_mode="auto", context_length=10_000_000
+    model maximum like the server. In its own interpreter, as a user's script: the engine's
+    shutdown kills every child process of the one that made it (upstream's
+    kill_process_tree), which in pytest would include the session's other servers."""
+    env = {key: value for key, value in os.environ.items() if key != OVERRIDE}
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_AS_TYPED, str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, **CPU_ENV},
     )
-    try:
-        info = engine.get_server_info()
-        kv = info["internal_states"][0]["kv_alloc"]
-        assert info["kv_alloc_mode"] == "auto"  # the keyword reached the scheduler
-        assert kv["requested_mode"] == "auto"
-        assert info["context_length"] == MODEL_MAX
-        assert kv["requested_context_length"] == 10_000_000
-        assert kv["mode"] == "segmented"
-        out = engine.generate("Hello world", {"max_new_tokens": 5, "temperature": 0})
-        assert out["meta_info"]["completion_tokens"] == 5
-    finally:
-        engine.shutdown()
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    info = result["info"]
+    kv = info["internal_states"][0]["kv_alloc"]
+    assert info["kv_alloc_mode"] == "auto"  # the keyword reached the scheduler
+    assert kv["requested_mode"] == "auto"
+    assert info["context_length"] == MODEL_MAX
+    assert kv["requested_context_length"] == 10_000_000
+    assert kv["mode"] == "segmented"
+    assert result["completion_tokens"] == 5

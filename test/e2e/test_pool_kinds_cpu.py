@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,24 +73,41 @@ def _kv(server: LocalServer) -> dict:
     return server.server_info()["internal_states"][0]["kv_alloc"]
 
 
-def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
-    arch_model: tuple[str, Path], prompts: list[list[int]]
-) -> None:
+@pytest.fixture(scope="module")
+def arch_servers(arch_model: tuple[str, Path]) -> Iterator[dict[str, LocalServer]]:
+    """Static at 4K, segmented at 10M and auto at 10M on the arch's model, started side by side
+    and paused (each holds what it took at start until asked)."""
     arch, model = arch_model
-    kind, start_segments, env = ARCHS[arch]
-    static_args = ["--kv-alloc-mode", "static", "--context-length", "4096", *COMMON]
+    env = ARCHS[arch][2]
     seg_args = ["--kv-alloc-mode", "segmented", "--context-length", "10000000", *COMMON]
     seg_args += ["--kv-segment-tokens", str(SEGMENT), "--kv-segment-hold-off", "1"]
     seg_args += ["--kv-idle-cache-tokens", "0"]
-    static = LocalServer(model, args=static_args, env=env)
-    seg = LocalServer(model, args=seg_args, env={**OVERRIDE, **STRICT, **env})
-    with side_by_side([static, seg]):
-        # Both paused since they answered /health: what each holds once started.
-        static_rss, seg_rss = static.rss_bytes(), seg.rss_bytes()
-        with static.awake():
-            static_out = [_greedy(static, p)["output_ids"] for p in prompts]
-        static.stop()
-        seg.resume()
+    servers = {
+        "static": LocalServer(
+            model, args=["--kv-alloc-mode", "static", "--context-length", "4096", *COMMON], env=env
+        ),
+        "segmented": LocalServer(model, args=seg_args, env={**OVERRIDE, **STRICT, **env}),
+        "auto": LocalServer(
+            model,
+            args=["--kv-alloc-mode", "auto", "--context-length", "10000000", *COMMON],
+            env={**OVERRIDE, **env},
+        ),
+    }
+    with side_by_side(servers.values()):
+        yield servers
+
+
+def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
+    arch_model: tuple[str, Path], arch_servers: dict[str, LocalServer], prompts: list[list[int]]
+) -> None:
+    arch, model = arch_model
+    kind, start_segments, _ = ARCHS[arch]
+    static, seg = arch_servers["static"], arch_servers["segmented"]
+    # Both paused since they answered /health: what each holds once started.
+    static_rss, seg_rss = static.rss_bytes(), seg.rss_bytes()
+    with static.awake():
+        static_out = [_greedy(static, p)["output_ids"] for p in prompts]
+    with seg.awake():
         start = _kv(seg)
         # A 10M-context start: the context-scaled tables reserved, one segment per pool.
         assert start["kv_pool_kind"] == kind
@@ -133,7 +151,9 @@ def test_segmented_serves_like_static_and_hf_and_gives_memory_back(
         assert hf_greedy(hf, prompt, 6) == tokens
 
 
-def test_auto_at_10m_starts_and_agrees_with_the_planner(arch_model: tuple[str, Path]) -> None:
+def test_auto_at_10m_starts_and_agrees_with_the_planner(
+    arch_model: tuple[str, Path], arch_servers: dict[str, LocalServer]
+) -> None:
     """auto at a 10M context on each pool kind: the scheduler clamps to the pool and picks the
     mode the planner picks for the same configuration, and the server serves."""
     try:
@@ -142,9 +162,8 @@ def test_auto_at_10m_starts_and_agrees_with_the_planner(arch_model: tuple[str, P
         from sglang.srt.kvalloc.core import planner
 
     arch, model = arch_model
-    kind, _, env = ARCHS[arch]
-    args = ["--kv-alloc-mode", "auto", "--context-length", "10000000", *COMMON]
-    with LocalServer(model, args=args, env={**OVERRIDE, **env}) as server:
+    kind = ARCHS[arch][0]
+    with arch_servers["auto"].awake() as server:
         kv = _kv(server)
         out = server.generate({"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}})
     expected = planner.plan(

@@ -7,12 +7,12 @@ import random
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, hf_greedy
-from sglang_kvalloc.core import planner
 from sglang_kvalloc.serving import LocalServer, http_text, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
@@ -62,6 +62,11 @@ def test_10m_context_costs_what_4k_static_costs(
     import psutil
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
+    try:
+        from sglang_kvalloc.core import planner
+    except ImportError:  # the upstream-series proof: the modules live inside sglang there
+        from sglang.srt.kvalloc.core import planner
+
     reqs = planner.resolve_max_num_reqs(65536, 10_000_000, max_running_requests=None)
     extra = planner.req_to_token_extra()
     table = ReqToTokenPool(
@@ -98,17 +103,31 @@ def static_outputs(hf_model, long_prompts: list[list[int]]) -> list[list[int]]:
     return [hf_greedy(hf_model, p, 6) for p in long_prompts]
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
+PAGE_SIZES = [1, 16]
+
+
+@pytest.fixture(scope="module")
+def servers_by_page(tiny_model: Path) -> Iterator[dict[int, LocalServer]]:
+    """Segmented servers with segments of 1,024 tokens at page sizes 1 and 16, started side by
+    side and paused until asked."""
+    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "40960", "--dtype", "float32"]
+    args += ["--kv-segment-tokens", "1024"]
+    servers = {
+        page: LocalServer(tiny_model, args=[*args, "--page-size", str(page)], env=STRICT)
+        for page in PAGE_SIZES
+    }
+    with side_by_side(servers.values()):
+        yield servers
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_tokens_equal_static_and_hf_across_segments(
-    tiny_model: Path,
-    long_prompts: list[list[int]],
     static_outputs: list[list[int]],
-    hf_model,
+    long_prompts: list[list[int]],
+    servers_by_page: dict[int, LocalServer],
     page_size: int,
 ) -> None:
-    args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "40960", "--dtype", "float32"]
-    args += ["--kv-segment-tokens", "1024", "--page-size", str(page_size)]
-    with LocalServer(tiny_model, args=args, env=STRICT) as server:
+    with servers_by_page[page_size].awake() as server:
         first = [_greedy(server, p) for p in long_prompts]
         assert [o["output_ids"] for o in first] == static_outputs
         kv = _kv(server)
@@ -285,11 +304,10 @@ def test_cap_reached_queues_requests_and_stays_up(tiny_model: Path) -> None:
     assert 'mode="segmented"' in text
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_upstreams_own_checks_hold_under_shared_prefix_load(tiny_model: Path, page_size: int):
-    """Upstream's busy-loop leak identity, its KV page census (double free, use-after-free)
-    and its allocator debug checks, all on, while concurrent requests share prefixes, grow
-    and shrink the pool."""
+@pytest.fixture(scope="module")
+def checked_servers(tiny_model: Path) -> Iterator[dict[int, LocalServer]]:
+    """Upstream's own checks all on (its busy-loop leak identity, its KV page census, its
+    allocator debug checks), at page sizes 1 and 16; started side by side, paused until asked."""
     env = {
         **STRICT,
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
@@ -298,10 +316,25 @@ def test_upstreams_own_checks_hold_under_shared_prefix_load(tiny_model: Path, pa
     }
     args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "16384", "--dtype", "float32"]
     args += ["--kv-segment-tokens", "512", "--kv-segment-hold-off", "0.5"]
-    args += ["--kv-idle-cache-tokens", "1024", "--page-size", str(page_size)]
+    args += ["--kv-idle-cache-tokens", "1024"]
+    servers = {
+        page: LocalServer(tiny_model, args=[*args, "--page-size", str(page)], env=env)
+        for page in PAGE_SIZES
+    }
+    with side_by_side(servers.values()):
+        yield servers
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_upstreams_own_checks_hold_under_shared_prefix_load(
+    checked_servers: dict[int, LocalServer], page_size: int
+) -> None:
+    """Upstream's busy-loop leak identity, its KV page census (double free, use-after-free)
+    and its allocator debug checks, all on, while concurrent requests share prefixes, grow
+    and shrink the pool."""
     rng = random.Random(17)
     prefixes = [[rng.randrange(3, 2048) for _ in range(600)] for _ in range(4)]
-    with LocalServer(tiny_model, args=args, env=env) as server:
+    with checked_servers[page_size].awake() as server:
         for round_ in range(2):
             prompts = [
                 prefixes[i % 4] + [rng.randrange(3, 2048) for _ in range(rng.randrange(100, 400))]
