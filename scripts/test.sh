@@ -8,6 +8,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
+# The real model the e2e tests serve is built once next to the venv (23 s from the wheel's
+# GGUF) and rebuilt whenever that file changes, as the venv is set up once.
+export SGLANG_KVALLOC_REAL_MODEL="${SGLANG_KVALLOC_REAL_MODEL:-$(dirname "$venv")/models/smollm2-135m-instruct}"
 
 run_pytest() {
   set +e

@@ -99,7 +99,7 @@ class LocalServer:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
-            time.sleep(1.0)
+            time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
 

@@ -40,17 +40,14 @@ def _answers(server: LocalServer) -> None:
 
 @pytest.fixture(scope="class")
 def headline_servers(tiny_model: Path) -> Iterator[dict[str, LocalServer]]:
-    """The headline command as typed and with upstream's override (both reserve their default
-    pools as address space), and an ordinary context (upstream's static pool, allocated whole),
-    started side by side and paused until asked; stopped before the Engine test sizes its pool.
-    Each sizes its default pool from the memory free as it starts."""
+    """The headline command as typed and with upstream's override, started side by side (both
+    reserve their default pools as address space, so neither sizes the other's) and paused
+    until asked; stopped before the other tests of this file size their pools (a static
+    default pool started beside them was OOM-killed on a 24 GB machine)."""
     args = ["--kv-alloc-mode", "auto", "--context-length", "10000000"]
     servers = {
         "as_typed": LocalServer(tiny_model, args=args),
         "override": LocalServer(tiny_model, args=args, env={OVERRIDE: "1"}),
-        "ordinary": LocalServer(
-            tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "2048"]
-        ),
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(OVERRIDE, raising=False)  # as _no_override, which runs after this
@@ -98,18 +95,18 @@ class TestHeadlineCommand:
             assert kv["segments"]["req_to_token_resident_bytes"] < 0.01 * GB
             _answers(server)
 
-    def test_context_below_the_model_maximum_is_upstream_static(
-        self, headline_servers: dict[str, LocalServer]
-    ) -> None:
-        """An ordinary context with the default pool: auto is upstream's static mode (the whole
-        pool allocated at start, as upstream does)."""
-        with headline_servers["ordinary"].awake() as server:
-            kv = server.server_info()["internal_states"][0]["kv_alloc"]
-            assert kv["mode"] == "static", kv["reason"]
-            assert "segments" not in kv
-            assert kv["effective_context_length"] == 2048
-            assert "clamped" not in server.log()
-            _answers(server)
+
+def test_context_below_the_model_maximum_is_upstream_static(tiny_model: Path) -> None:
+    """An ordinary context with the default pool: auto is upstream's static mode (the whole
+    pool allocated at start, as upstream does)."""
+    server = LocalServer(tiny_model, args=["--kv-alloc-mode", "auto", "--context-length", "2048"])
+    with server:
+        kv = server.server_info()["internal_states"][0]["kv_alloc"]
+        assert kv["mode"] == "static", kv["reason"]
+        assert "segments" not in kv
+        assert kv["effective_context_length"] == 2048
+        assert "clamped" not in server.log()
+        _answers(server)
 
 
 ENGINE_AS_TYPED = """
