@@ -2,25 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, parity_prompts
-from sglang_kvalloc.serving import LocalServer
+from sglang_kvalloc.serving import LocalServer, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 
 
-def test_auto_clamps_10m_context_and_serves(tiny_model: Path) -> None:
-    server = LocalServer(
-        tiny_model,
-        args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
-        + ["--max-total-tokens", "8192", "--dtype", "float32"],
-        env=OVERRIDE,
-    )
-    with server:
+@pytest.fixture(scope="module")
+def auto_servers(tiny_model: Path) -> Iterator[dict[str, Any]]:
+    """This file's servers, launched at once: two that serve (paused until asked) and two that
+    stop during start-up (their exit codes and logs)."""
+    serving = {
+        "clamped": LocalServer(
+            tiny_model,
+            args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+            + ["--max-total-tokens", "8192", "--dtype", "float32"],
+            env=OVERRIDE,
+        ),
+        # The shared static server's flags, but the mode.
+        "like_reference": LocalServer(
+            tiny_model, args=["--kv-alloc-mode", "auto", *REFERENCE_STATIC_ARGS[2:]]
+        ),
+    }
+    stopping = {
+        "static_above_max": LocalServer(
+            tiny_model,
+            args=["--kv-alloc-mode", "static", "--context-length", "10000000"]
+            + ["--max-total-tokens", "8192"],
+        ),
+        "auto_with_hicache": LocalServer(
+            tiny_model,
+            args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
+            + ["--max-total-tokens", "8192", "--enable-hierarchical-cache"],
+            env=OVERRIDE,
+        ),
+    }
+    with ThreadPoolExecutor(len(stopping)) as pool:
+        exits = [pool.submit(server.wait_exit, 300) for server in stopping.values()]
+        with side_by_side(serving.values()):
+            codes = [future.result() for future in exits]
+            stopped = {
+                name: (code, server.log())
+                for (name, server), code in zip(stopping.items(), codes, strict=True)
+            }
+            yield {**serving, "stopped": stopped}
+
+
+def test_auto_clamps_10m_context_and_serves(auto_servers: dict[str, Any]) -> None:
+    with auto_servers["clamped"].awake() as server:
         log = server.log()
         assert "WARNING" in log or "clamped" in log
         clamp_lines = [line for line in log.splitlines() if "clamped to 8192" in line]
@@ -69,7 +105,7 @@ def _served(server: LocalServer, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_auto_is_upstream_static_where_static_costs_nothing(
-    tiny_model: Path, reference_static: ReferenceStatic
+    auto_servers: dict[str, Any], reference_static: ReferenceStatic
 ) -> None:
     """Few request slots and a short context: context-scaled tables are tiny, auto = static
     (the shared static server has the same flags but the mode)."""
@@ -78,9 +114,8 @@ def test_auto_is_upstream_static_where_static_costs_nothing(
     static_server = reference_static.server
     static_kv = static_server.server_info()["internal_states"][0]["kv_alloc"]
     static_out = _served(static_server, prompts)
-    static_server.pause()  # not to busy-poll a core while the auto server starts
-    auto_args = ["--kv-alloc-mode", "auto", *REFERENCE_STATIC_ARGS[2:]]
-    with LocalServer(tiny_model, args=auto_args) as auto_server:
+    static_server.pause()  # not to busy-poll a core while the auto server serves
+    with auto_servers["like_reference"].awake() as auto_server:
         auto_kv = auto_server.server_info()["internal_states"][0]["kv_alloc"]
         auto_out = _served(auto_server, prompts)
         assert "clamped" not in auto_server.log()
@@ -91,46 +126,20 @@ def test_auto_is_upstream_static_where_static_costs_nothing(
     assert auto_out == static_out
 
 
-@pytest.fixture(scope="module")
-def stopped_at_start(tiny_model: Path) -> dict[str, tuple[int, str]]:
-    """Servers that stop during start-up, run side by side: the exit code and log of each."""
-    servers = {
-        "static_above_max": LocalServer(
-            tiny_model,
-            args=["--kv-alloc-mode", "static", "--context-length", "10000000"]
-            + ["--max-total-tokens", "8192"],
-        ),
-        "auto_with_hicache": LocalServer(
-            tiny_model,
-            args=["--kv-alloc-mode", "auto", "--context-length", "10000000"]
-            + ["--max-total-tokens", "8192", "--enable-hierarchical-cache"],
-            env=OVERRIDE,
-        ),
-    }
-    with ThreadPoolExecutor(len(servers)) as pool:
-        exits = pool.map(lambda server: server.wait_exit(timeout=300), servers.values())
-        codes = dict(zip(servers, exits, strict=True))
-    return {name: (codes[name], server.log()) for name, server in servers.items()}
-
-
-def test_explicit_mode_above_model_max_gets_upstreams_error(
-    stopped_at_start: dict[str, tuple[int, str]],
-) -> None:
+def test_explicit_mode_above_model_max_gets_upstreams_error(auto_servers: dict[str, Any]) -> None:
     """Only auto clamps; an explicit mode keeps upstream's refusal (auto's clamp is tested with
     the newcomer's commands)."""
-    code, log = stopped_at_start["static_above_max"]
+    code, log = auto_servers["stopped"]["static_above_max"]
     assert code != 0
     assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" in log
 
 
-def test_auto_stays_static_where_a_feature_refuses_segmented(
-    stopped_at_start: dict[str, tuple[int, str]],
-) -> None:
+def test_auto_stays_static_where_a_feature_refuses_segmented(auto_servers: dict[str, Any]) -> None:
     """auto at 10M with a feature segmented mode refuses (here --enable-hierarchical-cache):
     its one decision line says static, and why. Upstream's HiCache then pins its host pool
     through CUDA, so on this CPU machine the server stops there, after the decision (upstream's
     own limit; on a GPU it serves)."""
-    code, log = stopped_at_start["auto_with_hicache"]
+    code, log = auto_servers["stopped"]["auto_with_hicache"]
     decisions = [line for line in log.splitlines() if "--kv-alloc-mode auto chose" in line]
     assert len(decisions) == 1, log[-3000:]
     assert "chose static" in decisions[0]

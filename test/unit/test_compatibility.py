@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = REPO / "docs" / "compatibility.md"
-NAMED_TEST = re.compile(r"`(test/[\w/]+\.py)::(test_\w+)`")
+NAMED_TEST = re.compile(r"`(test/[\w/]+\.py)::(?:Test\w+::)?(test_\w+)`")
 
 
 def _rows() -> list[str]:
