@@ -190,6 +190,27 @@ class LocalServer:
         self.stop()
 
 
+def generate_concurrently(
+    server: LocalServer, payloads: list[dict[str, Any]], timeout: float = 900
+) -> tuple[list[Any], list[BaseException]]:
+    """Every payload posted to `/generate` at once, each from its own thread, so the server
+    batches them together: the responses in payload order (None where one failed) and the
+    errors, for the caller to assert on."""
+    results: list[Any] = [None] * len(payloads)
+    errors: list[BaseException] = []
+
+    def post(index: int) -> None:
+        try:
+            results[index] = server.generate(payloads[index], timeout=timeout)
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+
+    if payloads:
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            list(pool.map(post, range(len(payloads))))
+    return results, errors
+
+
 @contextmanager
 def side_by_side(servers: Iterable[LocalServer], timeout: float = 600) -> Iterator[None]:
     """Start servers concurrently, pause them all (wake one with `LocalServer.awake`), stop

@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, http_json, http_text, side_by_side
+from sglang_kvalloc.serving import (
+    LocalServer,
+    generate_concurrently,
+    http_json,
+    http_text,
+    side_by_side,
+)
 
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 COMMON = ["--kv-alloc-mode", "segmented", "--dtype", "float32", "--max-total-tokens", "16384"]
@@ -63,33 +69,23 @@ def expected(hf_model, prompts: list[list[int]]) -> list[list[int]]:
     return [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
 
 
-def _greedy(server: LocalServer, prompt: list[int], n: int = NEW_TOKENS, **extra: Any) -> dict:
-    payload = {
+def _payload(prompt: list[int], n: int = NEW_TOKENS, **extra: Any) -> dict:
+    return {
         "input_ids": prompt,
         "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
         **extra,
     }
-    return server.generate(payload, timeout=600)
+
+
+def _greedy(server: LocalServer, prompt: list[int], n: int = NEW_TOKENS, **extra: Any) -> dict:
+    return server.generate(_payload(prompt, n, **extra), timeout=600)
 
 
 def _concurrently(server: LocalServer, prompts: list[list[int]]) -> list[list[int]]:
     """All prompts at once, so prefill chunks and decode steps share batches."""
-    outs: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            outs[i] = _greedy(server, prompts[i])["output_ids"]
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = generate_concurrently(server, [_payload(p) for p in prompts])
     assert not errors, errors
-    return [outs[i] for i in range(len(prompts))]
+    return [r["output_ids"] for r in results]
 
 
 def _segments(server: LocalServer) -> dict:

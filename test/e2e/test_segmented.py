@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, hf_greedy
-from sglang_kvalloc.serving import LocalServer, http_text, side_by_side
+from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_text, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 # A leak found by upstream's idle check raises instead of warning.
@@ -75,14 +75,15 @@ def long_prompts() -> list[list[int]]:
     return [[rng.randrange(3, 2048) for _ in range(n)] for n in (17, 900, LONG)]
 
 
+def _payload(prompt: list[int], n: int = 6) -> dict:
+    return {
+        "input_ids": prompt,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+    }
+
+
 def _greedy(server: LocalServer, prompt: list[int], n: int = 6) -> dict:
-    return server.generate(
-        {
-            "input_ids": prompt,
-            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
-        },
-        timeout=900,
-    )
+    return server.generate(_payload(prompt, n), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -310,20 +311,7 @@ class TestOneServerEach:
         with solo_servers["cap"].awake() as server:
             rng = random.Random(9)
             prompts = [[rng.randrange(3, 2048) for _ in range(3000)] for _ in range(6)]
-            results: list[dict] = []
-            errors: list[Exception] = []
-
-            def run(prompt: list[int]) -> None:
-                try:
-                    results.append(_greedy(server, prompt, n=64))
-                except Exception as exc:  # surfaced below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            results, errors = generate_concurrently(server, [_payload(p, 64) for p in prompts])
             assert not errors, errors
             assert [r["meta_info"]["completion_tokens"] for r in results] == [64] * 6
             seg = _kv(server)["segments"]
@@ -385,20 +373,7 @@ class TestUpstreamChecks:
                     + [rng.randrange(3, 2048) for _ in range(rng.randrange(100, 400))]
                     for i in range(12)
                 ]
-                results: list[dict] = []
-                errors: list[Exception] = []
-
-                def run(prompt: list[int], results=results, errors=errors) -> None:
-                    try:
-                        results.append(_greedy(server, prompt, n=16))
-                    except Exception as exc:  # surfaced below
-                        errors.append(exc)
-
-                threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                results, errors = generate_concurrently(server, [_payload(p, 16) for p in prompts])
                 assert not errors, errors
                 assert len(results) == 12
                 if round_ == 1:
