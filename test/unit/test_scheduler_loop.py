@@ -58,7 +58,7 @@ def test_demand_covers_one_chunk_of_prefill_and_one_decode_step() -> None:
         (None, None, None, None, 1, (1, 2)),
         ("EAGLE", 4, 3, 4, 1, (24, 24)),  # twice max(4 x 3, 4)
         ("EAGLE", 1, 3, 4, 1, (8, 8)),  # twice max(1 x 3, 4)
-        ("EAGLE", 4, 3, 8, 16, (256, 256)),  # spec v2 tree: 2 pages x 4 branches, doubled
+        ("EAGLE", 4, 3, 8, 16, (256, 271)),  # spec v2 tree: 2 pages x 4 branches, doubled
     ],
 )
 def test_decode_slots_are_upstreams_speculative_reserve(
@@ -83,7 +83,16 @@ def test_decode_slots_are_upstreams_speculative_reserve(
     monkeypatch.setattr(allocation_sizing, "get_alloc_page_size", lambda: page)
     assert scheduler_loop.decode_slots() == expected
     if algorithm is not None:
-        assert expected[0] == allocation_sizing.get_alloc_reserve_per_decode()
+        reserve = allocation_sizing.get_alloc_reserve_per_decode()
+        assert expected[0] == reserve
+        # The row covers every position upstream's decode writes, wherever in a page the
+        # request's committed length (here its length) stands.
+        for length in range(1000, 1000 + page):
+            kv = types.SimpleNamespace(kv_committed_len=length, kv_allocated_len=length)
+            _, (written_up_to,), _ = allocation_sizing.page_aligned_decode_alloc_lens(
+                [types.SimpleNamespace(kv=kv)], reserve=reserve, page_size=page
+            )
+            assert written_up_to <= length + expected[1]
 
     demands: list[int] = []
     allocator = types.SimpleNamespace(scheduler_step=demands.append, note_busy=lambda: None)

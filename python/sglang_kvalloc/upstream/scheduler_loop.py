@@ -153,17 +153,22 @@ def around_check_decode_mem(
 def decode_slots() -> tuple[int, int]:
     """(KV slots one decode step may allocate per request, positions past a request's length
     its req_to_token row must cover): 1 and 2 (two steps ahead under the overlap scheduler)
-    without speculative decoding; with it, upstream's own per-decode reserve for both
+    without speculative decoding; with it, upstream's own per-decode reserve
     (`get_alloc_reserve_per_decode`: twice max(top-k x steps, draft tokens), page-aligned
-    branches for spec v2 trees), which already counts the overlap scheduler's lag."""
+    branches for spec v2 trees, the overlap scheduler's lag included), and for the row that
+    reserve rounded up to a page past the committed length, as upstream writes it
+    (`page_aligned_decode_alloc_lens`)."""
     from sglang.srt.runtime_context import get_spec
 
     if get_spec().speculative_algorithm is None:
         return 1, 2
-    from sglang.srt.mem_cache.allocation_sizing import get_alloc_reserve_per_decode
+    from sglang.srt.mem_cache.allocation_sizing import (
+        get_alloc_page_size,
+        get_alloc_reserve_per_decode,
+    )
 
     reserve = int(get_alloc_reserve_per_decode())
-    return reserve, reserve
+    return reserve, reserve + int(get_alloc_page_size()) - 1
 
 
 def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
