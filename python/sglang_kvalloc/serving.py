@@ -3,6 +3,7 @@ the tests and the benchmarks, so all three measure servers the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,12 +21,37 @@ from pathlib import Path
 from typing import Any
 
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+# Every server process writes its threads' Python stacks to its log on SIGABRT (faulthandler),
+# so a start that hangs says where before it is stopped (``dump_stacks``).
+STACKS_ON_ABORT_ENV = {"PYTHONFAULTHANDLER": "1"}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def dump_stacks(pid: int, gap_s: float = 0.5) -> None:
+    """Under ``STACKS_ON_ABORT_ENV``, have ``pid`` and its descendants write where every thread
+    stands to their stderr (the server's log), one process at a time: all are paused first, so
+    none reacts to another's death (upstream's children die with their parent), then each gets
+    SIGABRT and runs, children first."""
+    import psutil
+
+    try:
+        leader = psutil.Process(pid)
+        processes = [*reversed(leader.children(recursive=True)), leader]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGSTOP)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGABRT)  # pending until it runs again
+            process.send_signal(signal.SIGCONT)
+            time.sleep(gap_s)
 
 
 def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 300) -> Any:
@@ -76,7 +102,7 @@ class LocalServer:
     def start(self, timeout: float = 300) -> LocalServer:
         """Launch and wait until /health answers; raises with the log tail if it dies."""
         self.port = self.port or free_port()
-        env = {**os.environ, **CPU_ENV, **self.env}
+        env = {**os.environ, **CPU_ENV, **STACKS_ON_ABORT_ENV, **self.env}
         if self.log_path is None:
             self.log_path = Path(f"/tmp/sglang-kvalloc-server-{self.port}.log")
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
@@ -100,8 +126,12 @@ class LocalServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.25)
+        dump_stacks(self.proc.pid)
         self.stop()
-        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"server not healthy after {timeout}s; its log's end, stacks included:\n"
+            + self.log_tail(150)
+        )
 
     def wait_exit(self, timeout: float = 300) -> int:
         """For servers expected to fail at start-up: wait for the exit code."""

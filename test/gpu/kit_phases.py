@@ -37,6 +37,7 @@ class Profile:
     bench_rounds: int
     pause_others: bool
     bench_warmup: bool = True
+    hung_start_retries: int = 0
     kv_bytes_per_token: int = 0
 
     def segmented_args(self) -> list[str]:
@@ -66,38 +67,47 @@ def launch(
     stage: Stage, name: str, mode_args: list[str], env: dict[str, str], timeout: float
 ) -> tuple[KitServer, dict[str, Any]]:
     """Start a server; the first time, try the fallback argument sets in order and keep the
-    first that starts. Returns the server and what its start cost."""
+    first that starts. A start that hangs (its stacks are in the failure) is tried again up to
+    ``hung_start_retries`` times; one that exits is not. Returns the server and its start's
+    cost, failed tries included."""
     p = stage.profile
     tries = [stage.extra_args] if stage.extra_args is not None else p.fallback_args
-    failures = []
+    failures: list[dict[str, Any]] = []
     for extra in tries:
-        server = KitServer(
-            name,
-            stage.model,
-            [*p.common_args, *extra, *mode_args],
-            p.device,
-            stage.out / f"server-{name}.log",
-            env=env,
-        )
-        before = stage.memory.reading()
-        try:
-            seconds = server.start(timeout=timeout)
-        except (RuntimeError, TimeoutError) as exc:
-            server.stop()
-            failures.append({"extra_args": extra, "error": str(exc)[-4000:]})
-            continue
-        stage.extra_args = extra
-        stage.servers[name] = server
-        record = {
-            "args": server.args,
-            "start_seconds": round(seconds, 1),
-            "failed_tries": failures,
-            "memory_before": before,
-            "memory_start": stage.memory.reading([server]),
-            "kv_start": server.kv(),
-        }
-        return server, record
-    raise RuntimeError(f"{name} server did not start: {failures}")
+        for _attempt in range(1 + p.hung_start_retries):
+            server = KitServer(
+                name,
+                stage.model,
+                [*p.common_args, *extra, *mode_args],
+                p.device,
+                stage.out / f"server-{name}.log",
+                env=env,
+            )
+            before = stage.memory.reading()
+            try:
+                seconds = server.start(timeout=timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                server.stop()
+                hung = isinstance(exc, TimeoutError)
+                failures.append({"extra_args": extra, "hung": hung, "error": str(exc)[-12000:]})
+                if hung:
+                    continue
+                break
+            stage.extra_args = extra
+            stage.servers[name] = server
+            record = {
+                "args": server.args,
+                "start_seconds": round(seconds, 1),
+                "failed_tries": failures,
+                "memory_before": before,
+                "memory_start": stage.memory.reading([server]),
+                "kv_start": server.kv(),
+            }
+            return server, record
+    raise RuntimeError(
+        f"{name} server did not start:\n"
+        + "\n".join(f"-- with {f['extra_args']}:\n{f['error']}" for f in failures)
+    )
 
 
 def _footprint(stage: Stage, name: str, record: dict[str, Any], key: str) -> int | None:

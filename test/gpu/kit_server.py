@@ -17,7 +17,12 @@ from typing import Any
 
 import kit_spec
 
-from sglang_kvalloc.serving import free_port, http_json  # the kit installs this package
+from sglang_kvalloc.serving import (  # the kit installs this package
+    STACKS_ON_ABORT_ENV,
+    dump_stacks,
+    free_port,
+    http_json,
+)
 
 
 class KitServer:
@@ -34,7 +39,7 @@ class KitServer:
     ) -> None:
         self.name, self.model, self.args, self.device = name, model, args, device
         self.log_path = log_path
-        self.env = {**kit_spec.SERVER_ENV, **(env or {})}
+        self.env = {**kit_spec.SERVER_ENV, **STACKS_ON_ABORT_ENV, **(env or {})}
         if device == "cpu":
             self.env["SGLANG_USE_CPU_ENGINE"] = "1"
         self.port = free_port()
@@ -78,9 +83,11 @@ class KitServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.5)
+        dump_stacks(self.proc.pid)
         self.stop()
         raise TimeoutError(
-            f"{self.name} server not healthy after {timeout:.0f} s:\n" + self.log_tail()
+            f"{self.name} server not healthy after {timeout:.0f} s; its log's end, stacks "
+            "included:\n" + self.log_tail(150)
         )
 
     def alive(self) -> bool:
