@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-full-tokens-ratio", type=float, default=DEFAULT_SWA_FULL_TOKENS_RATIO)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument(
+        "--enable-multimodal", action="store_const", const=True, default=None,
+        help="as upstream's flag: serve the vision side of a model upstream serves text-only "
+        "by default (Llama-4), with its memory reductions",
+    )  # fmt: skip
+    p.add_argument(
         "--weights-gb", type=float, default=None,
         help="weight GiB per GPU (default: estimated from the parameter count)",
     )  # fmt: skip
@@ -123,6 +128,7 @@ def inputs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         weight_bytes_per_gpu=None if args.weights_gb is None else int(args.weights_gb * GIB),
         pre_load_overhead_bytes=int(args.pre_load_overhead_gb * GIB),
         chunked_prefill_size=args.chunked_prefill_size,
+        enable_multimodal=args.enable_multimodal,
     )
 
 

@@ -1,6 +1,7 @@
 """Docs that are generated stay generated: the hook table of docs/design.md is the one
 `scripts/hook_table.py` renders from `upstream/plugin.py`, the PR listing of
-docs/upstream-prs.md the one `scripts/series_listing.py` renders from `series.py`."""
+docs/upstream-prs.md the one `scripts/series_listing.py` renders from `series.py`, the tables
+of docs/planner.md the ones `scripts/planner_tables.py` computes with the planner."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ def test_upstream_prs_listing_is_generated_from_the_series() -> None:
     assert listing.current() == listing.render(), (
         "docs/upstream-prs.md's PR listing is stale: run `python scripts/series_listing.py --write`"
     )
+
+
+def test_planner_tables_are_generated_from_the_planner() -> None:
+    tables = _script("planner_tables")
+    for name in tables.TABLES:
+        assert tables.current(name), f"docs/planner.md lost the markers of table {name}"
+        assert tables.current(name) == tables.render(name), (
+            f"docs/planner.md's {name} table is stale: run `python scripts/planner_tables.py "
+            "--write`"
+        )

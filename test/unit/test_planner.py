@@ -417,6 +417,19 @@ def test_cli_json_parses() -> None:
     assert 0 < committed < data["static"]["context_scaled_committed_bytes"] // 3
 
 
+def test_scout_is_planned_text_only_unless_enable_multimodal() -> None:
+    """Upstream serves Llama-4 text-only by default: no vision reduction of
+    --mem-fraction-static and no embedding cache out of the KV budget; --enable-multimodal
+    brings both back (the fractions themselves are checked against upstream's function in
+    test_planner_upstream.py)."""
+    common = ["--model-config", "llama-4-scout-17b-16e", "--gpu", "h100", "--tp", "8", "--json"]
+    text_only = json.loads(run_cli(*common).stdout)
+    vision = json.loads(run_cli(*common, "--enable-multimodal").stdout)
+    assert vision["mem_fraction_static"] < text_only["mem_fraction_static"]
+    assert text_only["budget_bytes"] - vision["budget_bytes"] > 10 * 2**30
+    assert vision["max_total_num_tokens"] < text_only["max_total_num_tokens"]
+
+
 def test_cli_table_mentions_both_modes() -> None:
     proc = run_cli("--model-config", "llama-3.1-70b", "--gpu", "h200", "--tp", "8")
     assert proc.returncode == 0, proc.stderr

@@ -75,6 +75,7 @@ def launcher_plan(server_args: ServerArgs, cfg: dict[str, Any]) -> planner.Plan 
             max_total_tokens=server_args.max_total_tokens or None,
             allow_longer_context=True,
             attention_backend="torch_native" if device.startswith("cpu") else "fa3",
+            enable_multimodal=server_args.enable_multimodal,
         )
         return planner.plan(inputs)
     except (planner.PlanError, ValueError, KeyError, RuntimeError, AssertionError) as exc:

@@ -82,6 +82,7 @@ def auto_mem_fraction_static(
     cuda_graph: bool = True,
     vision_layers: int = 0,
     vision_hidden: int = 0,
+    prefill_cuda_graph: bool = True,
 ) -> float:
     """Upstream's mem_fraction_static when it is unset.
 
@@ -90,6 +91,9 @@ def auto_mem_fraction_static(
     no disaggregation, no DeepEP and post-capture KV sizing off (its default):
     reserved_mb = 512 + 1.5 x max(chunked_prefill, 2048) + tp x pp / 8 x 1024 + graph reserve,
     at least 10 GiB above 60 GiB devices; fraction = round((mem - reserved) / mem, 3).
+    ``prefill_cuda_graph`` False: upstream disabled prefill graphs
+    (cuda_graph_hook.py disable_breakable_cudagraph_if_incompatible, e.g. a served vision
+    model), so their reserve is not counted.
     """
     cps = chunked_prefill_size or default_chunked_prefill_size(gpu_mem_mib)
     max_bs = cuda_graph_max_bs or default_cuda_graph_max_bs(gpu_mem_mib, tp)
@@ -101,7 +105,9 @@ def auto_mem_fraction_static(
             if max_bs > 300:
                 reserved += max_bs * attn_dp * 1.5
         # Prefill graphs default to the breakable backend on CUDA.
-        if use_mla:
+        if not prefill_cuda_graph:
+            pass
+        elif use_mla:
             reserved += 1.5 * 1024
         else:
             reserved += len(prefill_cuda_graph_sizes(cps)) * 8

@@ -46,6 +46,16 @@ LAYER_TYPES_SWA_ARCHS = frozenset(
 LLAMA4_ARCHS: frozenset[str] = frozenset({"Llama4ForConditionalGeneration", "Llama4ForCausalLM"})
 # configs/model_config.py is_multimodal_model: only the archs this planner ships configs for.
 MULTIMODAL_ARCHS: frozenset[str] = frozenset({"Llama4ForConditionalGeneration"})
+# configs/model_config.py ModelConfig.__init__ mm_disabled_models: served text-only unless
+# --enable-multimodal.
+MM_DISABLED_ARCHS: frozenset[str] = frozenset(
+    {
+        "Gemma3ForConditionalGeneration",
+        "Llama4ForConditionalGeneration",
+        "Step3VLForConditionalGeneration",
+        "InklingForConditionalGeneration",
+    }
+)
 # utils/hf_transformers/common.py CONTEXT_LENGTH_KEYS (order matters).
 CONTEXT_LENGTH_KEYS: tuple[str, ...] = (
     "max_sequence_length",
@@ -78,7 +88,7 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     swa_layer_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
-    is_multimodal: bool = False
+    is_multimodal: bool = False  # has a vision tower; whether it is served: serves_multimodal
     vision_layers: int = 0
     vision_hidden: int = 0
     attention_params: int = 0  # all layers
@@ -240,6 +250,23 @@ def model_spec_from_config(cfg: Mapping[str, Any], name: str | None = None) -> M
         embed_params=embed,
         vision_params=vision_params,
     )
+
+
+def serves_multimodal(spec: ModelSpec, enable_multimodal: bool | None) -> bool:
+    """Whether upstream serves the model's vision side, as ``ModelConfig.is_multimodal`` says:
+    ``--enable-multimodal`` unset means on, except for the archs upstream serves text-only by
+    default (Llama-4 among them). Only then does it reduce ``--mem-fraction-static`` for the
+    vision model and reserve its embedding cache out of the KV budget."""
+    if enable_multimodal is None:
+        enable_multimodal = spec.architecture not in MM_DISABLED_ARCHS
+    return enable_multimodal and spec.is_multimodal
+
+
+def keeps_prefill_cuda_graphs(spec: ModelSpec, enable_multimodal: bool | None) -> bool:
+    """Upstream disables prefill (breakable) CUDA graphs for a served vision model unless its
+    arch is on its allowlist (configs/model_config.py
+    multimodal_breakable_cuda_graph_supported_model_archs), which has none of this planner's."""
+    return not serves_multimodal(spec, enable_multimodal)
 
 
 def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:

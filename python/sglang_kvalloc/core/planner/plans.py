@@ -40,11 +40,13 @@ from sglang_kvalloc.core.planner.model import (
     ModelSpec,
     check_parallel,
     estimate_weight_bytes_per_gpu,
+    keeps_prefill_cuda_graphs,
     kv_dtype_bytes,
     kv_per_token,
     load_model_config,
     model_spec_from_config,
     pp_layer_range,
+    serves_multimodal,
 )
 
 # models/llama4.py and arg_groups/model_hook.py accept only these backends for Llama-4 on GPU.
@@ -77,6 +79,7 @@ class PlanInputs:
     weight_bytes_per_gpu: int | None = None
     pre_load_overhead_bytes: int = DEFAULT_PRE_LOAD_OVERHEAD_BYTES
     chunked_prefill_size: int | None = None
+    enable_multimodal: bool | None = None  # --enable-multimodal; None: upstream's default
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,8 @@ def plan(inputs: PlanInputs) -> Plan:
             f"device memory {inputs.device_memory_bytes} B does not exceed the pre-load "
             f"overhead {inputs.pre_load_overhead_bytes} B"
         )
-    mm_reservation = VLM_CACHE_SIZE_MB * MIB if spec.is_multimodal else 0
+    multimodal = serves_multimodal(spec, inputs.enable_multimodal)
+    mm_reservation = VLM_CACHE_SIZE_MB * MIB if multimodal else 0
     pool = _smallest_stage_pool(inputs, spec, attn_tp, kv_bytes, pre_load, mfs, mm_reservation)
     one_request = pool.size.max_total_num_tokens // inputs.page_size * inputs.page_size
     if not inputs.allow_longer_context:
@@ -393,6 +397,7 @@ def _mem_fraction_static(
     """The one given, else upstream's automatic one."""
     if inputs.mem_fraction_static is not None:
         return float(inputs.mem_fraction_static)
+    multimodal = serves_multimodal(spec, inputs.enable_multimodal)
     return auto_mem_fraction_static(
         gpu_mem_mib=gpu_mem_mib,
         tp=inputs.tp,
@@ -402,8 +407,9 @@ def _mem_fraction_static(
         chunked_prefill_size=inputs.chunked_prefill_size,
         use_mla=spec.attention == "mla",
         cuda_graph=not inputs.disable_cuda_graph,
-        vision_layers=spec.vision_layers if spec.is_multimodal else 0,
+        vision_layers=spec.vision_layers if multimodal else 0,
         vision_hidden=spec.vision_hidden,
+        prefill_cuda_graph=keeps_prefill_cuda_graphs(spec, inputs.enable_multimodal),
     )
 
 
