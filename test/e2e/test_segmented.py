@@ -96,18 +96,25 @@ def static_outputs(hf_model, long_prompts: list[list[int]]) -> list[list[int]]:
 PAGE_SIZES = [1, 16]
 
 
+def _one_server_per_page(
+    model: Path, args: list[str], env: dict[str, str]
+) -> Iterator[dict[int, LocalServer]]:
+    """A server per page size with ``args``, started side by side and paused until asked."""
+    servers = {
+        page: LocalServer(model, args=[*args, "--page-size", str(page)], env=env)
+        for page in PAGE_SIZES
+    }
+    with side_by_side(servers.values()):
+        yield servers
+
+
 @pytest.fixture(scope="class")
 def servers_by_page(tiny_model: Path) -> Iterator[dict[int, LocalServer]]:
     """Segmented servers with segments of 1,024 tokens at page sizes 1 and 16, started side by
     side and paused until asked."""
     args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "40960", "--dtype", "float32"]
     args += ["--kv-segment-tokens", "1024"]
-    servers = {
-        page: LocalServer(tiny_model, args=[*args, "--page-size", str(page)], env=STRICT)
-        for page in PAGE_SIZES
-    }
-    with side_by_side(servers.values()):
-        yield servers
+    yield from _one_server_per_page(tiny_model, args, STRICT)
 
 
 SHORT_MAX_POSITIONS = 4096
@@ -175,12 +182,7 @@ def checked_servers(tiny_model: Path) -> Iterator[dict[int, LocalServer]]:
     args = ["--kv-alloc-mode", "segmented", "--max-total-tokens", "16384", "--dtype", "float32"]
     args += ["--kv-segment-tokens", "512", "--kv-segment-hold-off", "0.5"]
     args += ["--kv-idle-cache-tokens", "1024"]
-    servers = {
-        page: LocalServer(tiny_model, args=[*args, "--page-size", str(page)], env=env)
-        for page in PAGE_SIZES
-    }
-    with side_by_side(servers.values()):
-        yield servers
+    yield from _one_server_per_page(tiny_model, args, env)
 
 
 class TestOneServerEach:
