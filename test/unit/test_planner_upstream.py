@@ -220,3 +220,17 @@ def test_the_planner_runs_with_torch_blocked() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"] == "llama-3.1-8b"
+
+
+def test_text_only_architectures_are_upstreams_list() -> None:
+    """`MM_DISABLED_ARCHS` restates the list `ModelConfig.__init__` keeps inline (no name to
+    import), read here from upstream's own source."""
+    import inspect
+    import re
+
+    from sglang.srt.configs.model_config import ModelConfig
+
+    source = inspect.getsource(ModelConfig.__init__)
+    listed = re.search(r"mm_disabled_models = \[(.*?)\]", source, re.S)
+    assert listed, "upstream's mm_disabled_models list moved"
+    assert set(re.findall(r'"(\w+)"', listed.group(1))) == planner.MM_DISABLED_ARCHS
