@@ -258,10 +258,16 @@ def test_admission_waits_while_the_rows_cannot_be_backed(fake_gpu, no_spec) -> N
 def test_run_time_room_is_kept_out_of_the_kv_budget(
     monkeypatch: pytest.MonkeyPatch, fake_gpu
 ) -> None:
+    from sglang.srt.mem_cache import kv_cache_configurator
+
+    monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
+    monkeypatch.setattr(pools, "kv_pool_bytes", lambda c, config: 20_000_000_000)
     monkeypatch.setattr(RUNTIME.state, "mode", modes.SEGMENTED)
     monkeypatch.setattr(RUNTIME.state, "run_time_room_bytes", 0)
-    config = types.SimpleNamespace(max_total_num_tokens=1_000_000, max_running_requests=64)
-    configurator = types.SimpleNamespace(is_draft_worker=False)
+    config = types.SimpleNamespace(max_total_num_tokens=1_000_000, max_running_requests=1024)
+    configurator = types.SimpleNamespace(
+        is_draft_worker=False, model_config=types.SimpleNamespace(context_len=10_000_000)
+    )
     measured = []
 
     def resolve(c, *args, **kwargs):
@@ -269,7 +275,8 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
         return config
 
     pools._settle_run_time_memory(resolve, configurator, config, (), {})
-    room = 64 * G + 4 * 1_000_000
+    # A 10M-context table is far past auto's 5% share: the room beyond it is kept free.
+    room = 1024 * G + 4 * 1_000_000 - 1_000_000_000
     assert RUNTIME.state.run_time_room_bytes == room and measured == [80_000_000_000 - room]
 
 

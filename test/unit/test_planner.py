@@ -332,7 +332,12 @@ def test_plan_llama31_8b_brief_numbers() -> None:
     )
     assert not result.static.fits_in_slack
     assert result.auto.mode == "segmented" and result.auto.clamped
-    assert result.auto.effective_context == result.max_context_one_request
+    # The pool once req_to_token's run-time room is kept free (past auto's 5% share), which
+    # the clamp follows, as the server's does (test_row_room.py).
+    room = result.segmented_kv.row_room
+    assert room is not None and room.in_kv_budget > 0
+    assert result.auto.effective_context == result.segmented_kv.max_total_num_tokens
+    assert result.segmented_kv.max_total_num_tokens < result.max_context_one_request
     assert result.max_context_one_request <= result.max_total_num_tokens
 
 

@@ -129,7 +129,9 @@ def around_resolve_memory_pool_config(
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
         _warn_graph_buffers(self)
-    return _settle_run_time_memory(original, self, config, args, kwargs)
+    config = _settle_run_time_memory(original, self, config, args, kwargs)
+    _context_within_pool(self, config)
+    return config
 
 
 def _settle_run_time_memory(
@@ -141,9 +143,10 @@ def _settle_run_time_memory(
 ) -> MemoryPoolConfig:
     """Where memory is committed explicitly (a GPU), what the tables commit outside the KV
     pool is settled before the pool is sized: fixed RoPE caches committed as far as any
-    position can reach (the pool's capacity; whole where auto settled on static), and room
-    kept free for req_to_token rows (one granule per running request plus 4 B per token of
-    the pool). Upstream then measures the budget again, so the KV pool leaves them room."""
+    position can reach (the pool's capacity; whole where auto settled on static), and the
+    part of req_to_token's run-time room that static would not have taken from the slack
+    (`planner.req_to_token_room`) kept free. Upstream then measures the budget again, so the
+    KV pool leaves them room; auto's context stays within the pool it ends with."""
     state, rope = RUNTIME.state, RUNTIME.rope
     segmented = state.mode == modes.SEGMENTED
     explicit = segmented and not RUNTIME.backings.faults_in
@@ -153,22 +156,57 @@ def _settle_run_time_memory(
         rope.commit_up_to(config.max_total_num_tokens)
     else:
         rope.complete()
+    row_room = 0
     if explicit:
-        granule = RUNTIME.backings.granularity
-        state.run_time_room_bytes = (
-            config.max_running_requests * granule + 4 * config.max_total_num_tokens
+        from sglang.srt.mem_cache.kv_cache_configurator import (
+            get_req_to_token_extra_context_len,
         )
+
+        table = planner.req_to_token_allocation(
+            config.max_running_requests,
+            configurator.model_config.context_len,
+            get_req_to_token_extra_context_len(),
+        )
+        room = planner.req_to_token_room(
+            max_running_requests=config.max_running_requests,
+            token_capacity=config.max_total_num_tokens,
+            table_bytes=table.bytes,
+            granularity=RUNTIME.backings.granularity,
+            kv_pool_bytes=kv_pool_bytes(configurator, config) or 0,
+        )
+        row_room = room.committed_at_most
+        state.run_time_room_bytes = room.in_kv_budget
     state.rope_committed_bytes = rope.committed_bytes
     settled = original(configurator, *args, **kwargs)
     logger.info(
         "Memory committed outside the KV pool at run time: RoPE caches %.3f GB (committed "
-        "now), req_to_token rows up to %.3f GB (kept free); KV capacity %d -> %d tokens.",
+        "now); req_to_token rows up to %.3f GB, of which %.3f GB kept free in the KV budget "
+        "(the rest from the slack, as static's table). KV capacity %d -> %d tokens.",
         state.rope_committed_bytes / 1e9,
+        row_room / 1e9,
         state.run_time_room_bytes / 1e9,
         config.max_total_num_tokens,
         settled.max_total_num_tokens,
     )
     return settled
+
+
+def _context_within_pool(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> None:
+    """auto: the room settled after the clamp may leave the pool holding fewer tokens than
+    the clamped context; one request must still fit, so the context follows the pool."""
+    page = configurator.page_size
+    capacity = config.max_total_num_tokens // page * page
+    context = configurator.model_config.context_len
+    if capacity >= context:
+        return
+    logger.warning(
+        "--kv-alloc-mode auto: context length %d clamped to %d: the KV pool holds %d tokens "
+        "once req_to_token's run-time room is kept free.",
+        context,
+        capacity,
+        config.max_total_num_tokens,
+    )
+    configurator.model_config.context_len = capacity
 
 
 def around_profile_available_bytes(

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sglang_kvalloc.core.geometry import aligned_segment_tokens, default_segment_tokens
 from sglang_kvalloc.core.planner.budget import (
     DEFAULT_PRE_LOAD_OVERHEAD_BYTES,
     VLM_CACHE_SIZE_MB,
     PoolSize,
+    RowRoom,
     auto_mem_fraction_static,
     default_chunked_prefill_size,
     default_cuda_graph_max_bs,
     kv_budget_bytes,
     pool_from_budget,
+    req_to_token_room,
     resolve_max_num_reqs,
 )
 from sglang_kvalloc.core.planner.common import MIB, PlanError
@@ -48,6 +49,7 @@ from sglang_kvalloc.core.planner.model import (
     pp_layer_range,
     serves_multimodal,
 )
+from sglang_kvalloc.core.planner.segmented_kv import SegmentedKv, segmented_kv
 
 # models/llama4.py and arg_groups/model_hook.py accept only these backends for Llama-4 on GPU.
 LLAMA4_BACKENDS: frozenset[str] = frozenset({"fa3", "triton"})
@@ -97,101 +99,6 @@ class ModePlan:
     # Segmented on a GPU: per lazy cuda-graph buffer, reserved bytes and what capture and one
     # request of the whole context commit (`lazy_graph_buffer_figures`).
     lazy_graph_buffers: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SegmentedKv:
-    """Segmented mode's KV pool (mechanism b) per GPU, and one request of the planned context.
-
-    The pool is reserved at upstream's size; at start one segment of each (sub-)pool is
-    committed. One request commits its KV: every token in full-attention (or MLA) layers, and
-    in sliding-window layers only the window plus one prefill chunk (the SWA radix cache frees
-    older slots). ``headroom_bytes`` is what the device has left, after weights, for the
-    request's KV and segmented mode's committed context-scaled allocations: negative means
-    it cannot fit at any --mem-fraction-static (activations are not modelled)."""
-
-    pool_kind: str  # "mha", "hybrid_swa" or "mla"
-    segment_tokens: int
-    committed_at_start_bytes: int
-    reserved_bytes: int
-    request_context: int
-    request_full_tokens: int
-    request_swa_tokens: int
-    request_kv_bytes: int
-    request_fits_pool: bool  # the reserved pool (upstream's sizing) holds it
-    headroom_bytes: int
-    # What would make upstream's sizing hold it: the largest --swa-full-tokens-ratio (hybrid
-    # only) and the smallest --mem-fraction-static; None where no setting can.
-    swa_full_tokens_ratio_for_request: float | None
-    mem_fraction_static_for_request: float | None
-
-
-def _segment_tokens(cap_tokens: int, page_size: int, row_bytes: list[int]) -> int:
-    """The default segment size on a GPU (`kv_pools.choose_segment_tokens` without a request)."""
-    size = default_segment_tokens(cap_tokens, page_size)
-    return min(aligned_segment_tokens(size, page_size, row_bytes, GPU_VMM_GRANULARITY), cap_tokens)
-
-
-def segmented_kv(
-    spec: ModelSpec,
-    cell: KVPerToken,
-    pool: PoolSize,
-    *,
-    context_len: int,
-    page_size: int,
-    chunked_prefill_size: int,
-    pre_load_bytes: int,
-    weight_bytes: int,
-    mm_reservation_bytes: int,
-    segmented_committed_bytes: int,
-) -> SegmentedKv:
-    """The `SegmentedKv` figures (see there) for one configuration."""
-    full_cell = cell.full_attention + cell.mla
-    hybrid = bool(cell.swa_layers and cell.full_layers)
-    kind = "mla" if spec.attention == "mla" else "hybrid_swa" if hybrid else "mha"
-    cap_full = pool.max_total_num_tokens + page_size
-    start = 0
-    seg_full = 0
-    for tokens, per_layer, layers in (
-        (cap_full, cell.per_layer_full, cell.full_layers),
-        (pool.swa_tokens + page_size, cell.per_layer_swa, cell.swa_layers if hybrid else 0),
-    ):
-        if not layers or tokens <= page_size:
-            continue
-        # K and V per layer for MHA (half the per-layer bytes each); one latent row for MLA.
-        rows = [per_layer] * layers if kind == "mla" else [per_layer // 2] * (2 * layers)
-        seg = _segment_tokens(tokens, page_size, rows)
-        seg_full = seg_full or seg
-        start += seg * sum(rows)
-    swa_need = 0
-    if hybrid:
-        window = spec.sliding_window or context_len
-        swa_need = min(context_len, window + chunked_prefill_size + page_size)
-    kv = context_len * full_cell + swa_need * cell.sliding_window
-    fits_pool = context_len <= pool.max_total_num_tokens and (
-        not hybrid or swa_need <= pool.swa_tokens
-    )
-    headroom = pre_load_bytes - weight_bytes - mm_reservation_bytes - kv - segmented_committed_bytes
-    ratio = None
-    if hybrid:
-        ratio = math.ceil(swa_need / context_len * 1000) / 1000
-    # budget = pre_load - weights - pre_load x (1 - mfs) - mm >= kv  (kv_budget_bytes)
-    mfs = 1 - (pre_load_bytes - weight_bytes - mm_reservation_bytes - kv) / pre_load_bytes
-    mfs_needed = math.ceil(mfs * 1000) / 1000 if mfs <= 1 else None
-    return SegmentedKv(
-        pool_kind=kind,
-        segment_tokens=seg_full,
-        committed_at_start_bytes=start,
-        reserved_bytes=pool.pool_bytes,
-        request_context=context_len,
-        request_full_tokens=context_len,
-        request_swa_tokens=swa_need,
-        request_kv_bytes=kv,
-        request_fits_pool=fits_pool,
-        headroom_bytes=headroom,
-        swa_full_tokens_ratio_for_request=ratio,
-        mem_fraction_static_for_request=mfs_needed,
-    )
 
 
 @dataclass(frozen=True)
@@ -333,6 +240,12 @@ def plan(inputs: PlanInputs) -> Plan:
         mm_reservation_bytes=mm_reservation,
         segmented_committed_bytes=segmented.context_scaled_committed_bytes,
     )
+    row_room = None
+    if inputs.attention_backend != "torch_native":
+        row_room, seg_tokens = _segmented_pool(inputs, pool, planned)
+        kv_plan = replace(kv_plan, row_room=row_room, max_total_num_tokens=seg_tokens)
+    else:
+        kv_plan = replace(kv_plan, max_total_num_tokens=pool.size.max_total_num_tokens)
     decision = decide_auto(
         requested_context=requested,
         model_max_context=spec.model_max_context,
@@ -340,6 +253,8 @@ def plan(inputs: PlanInputs) -> Plan:
         context_scaled_bytes_static=static.context_scaled_reserved_bytes,
         budget_bytes=pool.size.pool_bytes,  # what the pool takes (the server compares the same)
     )
+    if decision.mode == "segmented" and row_room is not None:
+        decision = _context_within_segmented_pool(inputs, pool, decision)
     return Plan(
         model=spec.name,
         architecture=spec.architecture,
@@ -373,6 +288,51 @@ def plan(inputs: PlanInputs) -> Plan:
         segmented_kv=kv_plan,
         auto=decision,
         notes=_notes(inputs),
+    )
+
+
+def _segmented_pool(inputs: PlanInputs, pool: _Pool, context_len: int) -> tuple[RowRoom, int]:
+    """Segmented on a GPU at ``context_len``: req_to_token's run-time room and the tokens the
+    pool holds once the KV budget keeps its share free (`pools._settle_run_time_memory`)."""
+    reqs = resolve_max_num_reqs(
+        pool.size.max_total_num_tokens,
+        context_len,
+        max_running_requests=inputs.max_running_requests,
+        attn_dp=inputs.attn_dp,
+    )
+    extra = req_to_token_extra(inputs.speculative_draft_tokens)
+    room = req_to_token_room(
+        max_running_requests=reqs,
+        token_capacity=pool.size.max_total_num_tokens,
+        table_bytes=req_to_token_allocation(reqs, context_len, extra).bytes,
+        granularity=GPU_VMM_GRANULARITY,
+        kv_pool_bytes=pool.size.pool_bytes,
+    )
+    settled = pool_from_budget(
+        pool.budget_bytes - room.in_kv_budget,
+        pool.cell,
+        page_size=inputs.page_size,
+        swa_full_tokens_ratio=inputs.swa_full_tokens_ratio,
+        max_total_tokens=inputs.max_total_tokens,
+    )
+    return room, settled.max_total_num_tokens
+
+
+def _context_within_segmented_pool(
+    inputs: PlanInputs, pool: _Pool, decision: AutoDecision
+) -> AutoDecision:
+    """auto chose segmented: the server keeps the room after the clamp, then the context
+    follows the pool it ends with (`pools._context_within_pool`)."""
+    _, tokens = _segmented_pool(inputs, pool, decision.effective_context)
+    capacity = tokens // inputs.page_size * inputs.page_size
+    if capacity >= decision.effective_context:
+        return decision
+    return replace(
+        decision,
+        effective_context=capacity,
+        clamped=True,
+        reason=f"{decision.reason}; context then clamped to {capacity}: the pool once "
+        "req_to_token's run-time room is kept free",
     )
 
 

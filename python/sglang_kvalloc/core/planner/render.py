@@ -44,16 +44,14 @@ def render(result: Plan) -> str:
     lines.append("")
     header = f"{'context-scaled start-up allocation':<40} {'static':>18} {'segmented':>18}"
     lines += [f"at context {result.planned_context:,}", header, "-" * len(header)]
-    on_gpu = result.attention_backend != "torch_native"
     lazy = {f["name"]: f for f in result.segmented.lazy_graph_buffers}
     for a in result.static.allocations:
         if a.name in lazy:
             segmented = f"{lazy[a.name]['capture_commit_bytes']:,}"
         elif a.name != "req_to_token":
             segmented = f"{a.bytes:,} *"  # not lazy yet: allocated at upstream's size
-        elif on_gpu:
-            worst = min(a.bytes, (result.segmented.max_num_reqs + 1) * GPU_VMM_GRANULARITY)
-            segmented = f"<= {worst:,}"
+        elif result.segmented_kv.row_room is not None:
+            segmented = f"<= {result.segmented_kv.row_room.committed_at_most:,}"
         else:
             segmented = "as written"
         lines.append(f"{a.name:<40} {a.bytes:>18,} {segmented:>18}")
@@ -77,11 +75,15 @@ def render(result: Plan) -> str:
     )
     for a in result.static.allocations:
         lines.append(f"  {a.name}: {a.formula}  [{a.upstream}]")
-    if on_gpu:
+    room = result.segmented_kv.row_room
+    if room is not None:
         lines.append(
             f"  segmented req_to_token: reserved; rows committed as used, in "
-            f"{GPU_VMM_GRANULARITY >> 20} MiB granules: worst case one per request slot for "
-            f"requests under {GPU_VMM_GRANULARITY // 4:,} tokens"
+            f"{GPU_VMM_GRANULARITY >> 20} MiB granules: at most one per request slot plus "
+            f"4 B a token, never more than the table; the KV budget keeps "
+            f"{room.in_kv_budget:,} B of it free (the rest from the slack, as static's table): "
+            f"segmented pool {result.segmented_kv.max_total_num_tokens:,} tokens, static "
+            f"{result.max_total_num_tokens:,}"
         )
     for f in result.segmented.lazy_graph_buffers:
         lines.append(
