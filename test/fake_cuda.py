@@ -20,7 +20,11 @@ are cuda-python's own ``CUresult`` members):
 - ``cuMemAddressFree`` takes exactly a reservation with no mapping left in it;
 - device memory is finite (``capacity``), and any call can be made to fail (``fail_next``);
 - new memory can be made dirty (``dirty_new_memory``), as a GPU's is: nothing reads zeros
-  that it did not write, except through the scratch granule the backing zeroes itself.
+  that it did not write, except through the scratch granule the backing zeroes itself;
+- one stream: a queued kernel's accesses (`queue_accesses`, or every op run under
+  `fake_cuda_kernels.QueuedKernels`) stay in flight until the device finishes it (`finish`,
+  a synchronize, a passed fence); ``cuMemUnmap`` over an address in flight is an illegal
+  address (`FakeIllegalAddress`), as a remap under a running kernel is on a GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ SUCCESS = CUresult.CUDA_SUCCESS
 INVALID_VALUE = CUresult.CUDA_ERROR_INVALID_VALUE
 OUT_OF_MEMORY = CUresult.CUDA_ERROR_OUT_OF_MEMORY
 MIB = 1 << 20
+
+
+class FakeIllegalAddress(AssertionError):
+    """A mapping changed under a kernel still in flight: the real driver's illegal address,
+    which kills the CUDA context (a test failure, never a code to handle)."""
 
 
 def _mmap(addr: int | None, size: int, prot: int, flags: int, fd: int = -1) -> int:
@@ -111,6 +120,11 @@ class FakeDriver:
         self._failures: dict[str, list[CUresult]] = {}
         self.calls: dict[str, int] = {}
         self.log: list[tuple[str, int, int]] = []
+        # The stream: (start, end, launch) of each queued kernel's accesses not yet finished.
+        self.in_flight: list[tuple[int, int, int]] = []
+        self.launched = 0
+        self.finished = 0
+        self.faults: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(real_driver, name)
@@ -142,6 +156,30 @@ class FakeDriver:
             if m.start <= address < m.start + m.size:
                 return m
         return None
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def queue_accesses(self, ranges: list[tuple[int, int]]) -> int:
+        """A kernel is queued that reads or writes these ``[start, end)`` address ranges; they
+        stay in flight until the device finishes it. Returns its launch number."""
+        self.launched += 1
+        self.in_flight.extend((start, end, self.launched) for start, end in ranges)
+        return self.launched
+
+    def finish(self, launch: int | None = None) -> None:
+        """The device finished every kernel up to ``launch`` (all of them: None)."""
+        self.finished = self.launched if launch is None else max(self.finished, launch)
+        self.in_flight = [a for a in self.in_flight if a[2] > self.finished]
+
+    def _check_not_in_flight(self, ptr: int, size: int, call: str) -> None:
+        for start, end, launch in self.in_flight:
+            if start < ptr + size and ptr < end:
+                fault = (
+                    f"{call} of [{ptr:#x}, {ptr + size:#x}) while kernel {launch} (of "
+                    f"{self.launched}; finished: {self.finished}) accesses [{start:#x}, {end:#x})"
+                )
+                self.faults.append(fault)
+                raise FakeIllegalAddress(fault)
 
     # -- driver calls ----------------------------------------------------------------------
 
@@ -262,6 +300,7 @@ class FakeDriver:
         covered = self._whole_mappings(res, ptr, size)
         if covered is None:
             return (INVALID_VALUE,)  # part of a mapping, or a hole in the range
+        self._check_not_in_flight(ptr, size, "cuMemUnmap")
         _mmap(ptr, size, _PROT_NONE, _private_noreserve() | _MAP_FIXED)
         for m in covered:
             res.mappings.remove(m)
@@ -371,18 +410,21 @@ class FakeVmmApi:
 
     def synchronize(self) -> None:
         self.syncs += 1
+        self.driver.finish()
 
     def bind_thread(self) -> None:
         self.bound_threads += 1
 
     def record_fence(self, streams: tuple[Any, ...] = ()) -> FakeFence:
-        """A fence that is done once `work_done` is called (the host runs nothing queued)."""
-        fence = FakeFence()
+        """A fence behind every kernel queued so far: done once the device finished them
+        (`FakeDriver.finish`, `work_done`, a synchronize)."""
+        fence = FakeFence(self.driver, self.driver.queue_accesses([]))  # a marker, as an event
         self.fences.append(fence)
         return fence
 
     def work_done(self) -> None:
-        """Every fence recorded so far is passed (the "device" finished its queue)."""
+        """The device finished its queue: every fence recorded so far is passed."""
+        self.driver.finish()
         for fence in self.fences:
             fence.passed = True
         self.fences.clear()
@@ -394,10 +436,14 @@ class FakeVmmApi:
 
 
 class FakeFence:
-    def __init__(self) -> None:
+    def __init__(self, driver: FakeDriver | None = None, launch: int = 0) -> None:
         self.passed = False
+        self._driver = driver
+        self._launch = launch
 
     def done(self) -> bool:
+        if not self.passed and self._driver is not None:
+            self.passed = self._driver.finished >= self._launch
         return self.passed
 
 
@@ -406,6 +452,9 @@ class FakeFence:
 SERVER_REPORT_ENV = "SGLANG_KVALLOC_FAKE_CUDA_REPORT"
 SERVER_GRANULARITY_ENV = "SGLANG_KVALLOC_FAKE_CUDA_GRANULARITY"
 SERVER_CAPACITY_ENV = "SGLANG_KVALLOC_FAKE_CUDA_CAPACITY"
+# A file next to the report: a test writes a byte count there to change the device's memory
+# while the server runs (a device that fills up, or gets memory back).
+CAPACITY_FILE_SUFFIX = ".capacity"
 
 
 class ServerFakeVmmApi(FakeVmmApi):
@@ -448,8 +497,14 @@ class ServerFakeVmmApi(FakeVmmApi):
         import json
         import time
 
+        control = f"{self._report}{CAPACITY_FILE_SUFFIX}"
         while True:
             time.sleep(0.5)
+            try:
+                with open(control) as f:
+                    self.driver.capacity = int(f.read())
+            except (OSError, ValueError):
+                pass
             tmp = f"{self._report}.tmp"
             with open(tmp, "w") as f:
                 json.dump(self.report(), f)

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_cuda import CAPACITY_FILE_SUFFIX, MIB
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, http_json
+from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_json
 
 TEST_DIR = Path(__file__).resolve().parents[1]
 GRANULE = 4096  # 1,024 req_to_token entries: prompts span several row granules
@@ -87,7 +88,10 @@ def test_the_gpu_paths_are_in_force(fake_gpu_server: LocalServer) -> None:
     seg = kv["segments"]
     assert "vmm" in seg and seg["vmm"]["handles_created"] > 0
     assert seg["rope_committed_bytes"] > 0  # fixed-address RoPE, committed at start
-    assert seg["run_time_room_bytes"] > 0
+    # req_to_token's room: 17 rows of 400 KB at most, well within static's share of the KV
+    # pool, so the pool keeps none of it back (static pays its whole table from the slack).
+    assert 0 < seg["row_room_bytes"] <= -(-17 * 400_016 // GRANULE) * GRANULE
+    assert seg["run_time_room_bytes"] == 0
     log = fake_gpu_server.log()
     assert "reserved at a fixed address" in log
     assert _driver(fake_gpu_server)["scratch_mappings"] > 100  # one granule under many
@@ -174,6 +178,36 @@ def test_steady_serving_waits_for_no_device(
         )
         # One device wait per segment committed or released (whatever the layer count).
         assert after["device_synchronizes"] - before["device_synchronizes"] <= grown
+
+
+def test_a_full_device_queues_a_prefix_sharing_burst_and_never_raises(
+    fake_gpu_server: LocalServer, prompts: list[list[int]], hf_model
+) -> None:
+    """50 requests sharing a 3,000-token prefix on a device with a few rows' memory to spare:
+    prefix hits let upstream admit far more requests than their full lengths suggest, and
+    upstream raises when a row cannot be allocated (it did: "alloc_req_slots runs out of
+    memory", 48 of 50 failed). Admission now takes only the rows the device can back; the
+    rest wait in the queue and every request completes."""
+    server = fake_gpu_server
+    control = Path(f"{server.driver_report}{CAPACITY_FILE_SUFFIX}")  # type: ignore[attr-defined]
+    control.write_text(str(_driver(server)["physical_bytes"] + 2800 * 1024))
+    try:
+        time.sleep(1)  # the fake reads the file every half second
+        rng = random.Random(50)
+        shared = prompts[-1][:3000]
+        burst = [shared + [rng.randrange(3, 2048) for _ in range(10)] for _ in range(50)]
+        params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+        results, errors = generate_concurrently(
+            server, [{"input_ids": p, "sampling_params": params} for p in burst]
+        )
+        assert errors == [] and all(r is not None for r in results)
+        for i in (0, 25, 49):
+            assert results[i]["output_ids"] == hf_greedy(hf_model, burst[i], 8)
+        assert "req_to_token rows for the queued requests cannot all be committed" in server.log()
+        assert _kv(server)["segments"]["req_to_token_row_commit_failures"] == 0
+    finally:
+        control.write_text(str(2048 * MIB))
+    assert _greedy(server, prompts[0])["output_ids"]  # still serving
 
 
 def test_the_scratch_granule_is_still_all_zeros(fake_gpu_server: LocalServer) -> None:

@@ -240,19 +240,33 @@ def test_a_row_that_cannot_be_committed_is_a_full_pool_not_a_leak(fake_gpu, no_s
     assert agreed == [0, 1]  # nothing to commit: no agreement (no collective) at all
 
 
-def test_admission_waits_while_the_rows_cannot_be_backed(fake_gpu, no_spec) -> None:
+def test_admission_takes_no_row_the_device_cannot_back(fake_gpu, no_spec) -> None:
+    """Upstream raises when a row cannot be allocated: admission promises each new row the
+    granules it commits, within what every rank has ready, and a request past that waits."""
     driver = fake_gpu.device.api.driver
     pool = row_pool.SegmentedReqToTokenPool(8, 2_000_000, "cpu", False)
-    waiting = [_req(1_500_000), _req(100)]
-    scheduler = _scheduler(pool, [], waiting)
-    driver.capacity = driver.physical_bytes + 5 * G  # room for the small one only
+    big, small = _req(1_500_000), _req(100)  # 6 MB of row (4 granules), 400 B (1)
+    scheduler = _scheduler(pool, [], [big, small])
+    driver.capacity = driver.physical_bytes + 2 * G
     scheduler_loop.before_get_next_batch_to_run(scheduler)
-    assert pool.available_size() == 1
+    assert not pool.admit_row(1_500_002)  # waits: 4 granules, 2 ready
+    assert pool.admit_row(102)
+    (row,) = pool.alloc([small])
+    assert pool.rows_cover([(row, 102)])
     driver.capacity = 1536 * MIB
+    scheduler.waiting_queue[:] = [big]
     scheduler_loop.before_get_next_batch_to_run(scheduler)
-    assert pool.available_size() == 8
-    rows = pool.alloc(waiting)
-    assert rows is not None and pool.rows_cover([(r, 1) for r in rows])
+    assert pool.admit_row(1_500_002)
+    pool.unadmit_row()  # upstream did not add it after all: the promise goes back
+    assert pool.admit_row(1_500_002)
+    (row,) = pool.alloc([big])
+    assert pool.rows_cover([(row, 1_500_001)])
+
+
+def test_rows_are_handed_out_in_the_order_admission_counted_them(fake_gpu) -> None:
+    pool = row_pool.SegmentedReqToTokenPool(8, 100_000, "cpu", False)
+    expected = [pool.free_slots[-1], pool.free_slots[-2], pool.free_slots[-3]]
+    assert pool.alloc([_req(10), _req(10), _req(10)]) == expected
 
 
 def test_run_time_room_is_kept_out_of_the_kv_budget(

@@ -59,10 +59,10 @@ def _configurator(context: int, budget: int) -> tuple[types.SimpleNamespace, Cal
     """A configurator whose upstream sizing is budget // cell over the (hooked) budget, and
     whose request slots follow upstream's `resolve_max_num_reqs` at the current context."""
     model_config = types.SimpleNamespace(context_len=context)
+    server_args = types.SimpleNamespace(context_length=None, **{modes.SERVER_ARGS_ATTR: modes.AUTO})
     configurator = types.SimpleNamespace(
-        is_draft_worker=False, page_size=1, model_config=model_config,
-        server_args=types.SimpleNamespace(context_length=None, **{modes.SERVER_ARGS_ATTR: modes.AUTO}),
-    )  # fmt: skip
+        is_draft_worker=False, page_size=1, model_config=model_config, server_args=server_args
+    )
 
     def resolve(c: types.SimpleNamespace, *args: object, **kwargs: object) -> types.SimpleNamespace:
         available = pools.around_profile_available_bytes(lambda c: budget, c)
@@ -81,7 +81,9 @@ def explicit_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
     factory = types.SimpleNamespace(faults_in=False, granularity=G)
     monkeypatch.setattr(RUNTIME, "backings", factory)
-    monkeypatch.setattr(pools, "kv_pool_bytes", lambda c, config: config.max_total_num_tokens * CELL)
+    monkeypatch.setattr(
+        pools, "kv_pool_bytes", lambda c, config: config.max_total_num_tokens * CELL
+    )
 
 
 def _capacity(mode: str, context: int, budget: int) -> int:

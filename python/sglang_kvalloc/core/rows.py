@@ -7,8 +7,13 @@ granule: each granule is reference counted by the rows that reach into it.
 
 No device synchronize on the way (the scheduler's overlap keeps a batch in flight):
 
-- With ``commits_unused``, a commit maps memory where no queued kernel reads (rows past
-  every reader's reach: the caller commits ahead of the positions kernels will use).
+- With ``commits_unused``, a commit maps memory no queued kernel reads. Kernels read rows
+  past their own length: fa3's metadata gathers ``req_to_token[rows, :longest]``, so a short
+  row is read to the batch's longest. Before a batch is queued the caller says how far it
+  reads each row (`note_reads`); granules that reach covers and no row holds (they could be
+  remapped while the batch runs) are *exposed* until a fence made after the batch passes. A
+  commit of an exposed granule waits for the device first (rare: a row growing into the
+  reach of a longer neighbour), and an exposed granule is not released before its fence.
 - A granule no row holds any more stays mapped until `flush`, where it retires behind a
   fence of the work queued so far; a later `flush` releases it once that fence has passed
   (the kernels that could read it are done). A row that reaches into a retiring granule
@@ -43,8 +48,12 @@ class RowCommits:
         self._refs: dict[int, int] = {}
         self._pending: set[int] = set()
         self._retiring: dict[int, Fence] = {}
+        # Granules a queued kernel may read that no row holds: the fence after that kernel
+        # (None: not made yet; the next `flush` makes one).
+        self._exposed: dict[int, Fence | None] = {}
         self.commits = 0
         self.releases = 0
+        self.reach_waits = 0  # commits that waited for the device: a kernel could read there
 
     def covered_items(self, row: int, item_bytes: int) -> int:
         """How many leading items of ``row`` are committed."""
@@ -81,13 +90,52 @@ class RowCommits:
             raise
         self._held[row] = (lo, hi)
 
+    def unmapped(self, row: int, nbytes: int) -> list[int]:
+        """Granules the first ``nbytes`` of ``row`` would commit now (none mapped there)."""
+        g = self.granularity
+        start = row * self.row_bytes
+        end = start + min(nbytes, self.row_bytes)
+        return [
+            granule
+            for granule in range(start // g, -(-end // g))
+            if granule not in self._refs
+            and granule not in self._pending
+            and granule not in self._retiring
+        ]
+
     def _map(self, granule: int) -> None:
         if granule in self._pending:
             self._pending.discard(granule)  # still mapped: reuse it
         elif self._retiring.pop(granule, None) is None:
+            read = self._read_in_flight(granule)
             self.backing.commit(granule * self.granularity, self.granularity,
-                                unused=self.commits_unused)  # fmt: skip
+                                unused=self.commits_unused and not read)  # fmt: skip
             self.commits += 1
+            if read:  # the backing waited for the device: nothing queued reads any more
+                self._exposed.clear()
+                self.reach_waits += 1
+
+    def note_reads(self, rows_and_bytes: list[tuple[int, int]]) -> None:
+        """A kernel about to be queued reads the first ``nbytes`` of each row: the granules
+        there that no row holds are exposed until a fence made after it has passed."""
+        g = self.granularity
+        for row, nbytes in rows_and_bytes:
+            start = row * self.row_bytes
+            end = start + min(nbytes, self.row_bytes)
+            lo, hi = self._held[row]
+            first = hi if hi > lo else start // g  # the row's own prefix is held
+            for granule in range(first, -(-end // g)):
+                if granule not in self._refs:
+                    self._exposed[granule] = None
+
+    def _read_in_flight(self, granule: int) -> bool:
+        if granule not in self._exposed:
+            return False
+        fence = self._exposed[granule]
+        if fence is not None and fence.done():
+            del self._exposed[granule]
+            return False
+        return True
 
     def drop(self, row: int) -> None:
         """The row is free: its granules go once no row reaches into them (see `flush`)."""
@@ -106,10 +154,10 @@ class RowCommits:
 
     def flush(self, fence: Callable[[], Fence] | None = None) -> int:
         """Release granules no row holds: with ``fence`` (it makes a fence of the work queued
-        now, asked for only when a granule was freed since the last flush), those retired
-        behind an earlier fence that has passed, and this call's free ones retire behind a
-        new fence; without one (nothing can be reading), all of them now. Returns how many
-        were released."""
+        now, asked for only when a granule was freed or exposed since the last flush), those
+        retired behind an earlier fence that has passed and read by no kernel in flight, and
+        this call's free ones retire (and newly exposed ones wait) behind a new fence; without
+        one (nothing can be reading), all of them now. Returns how many were released."""
         g = self.granularity
         if fence is None:
             free = sorted({*self._pending, *self._retiring})
@@ -117,17 +165,26 @@ class RowCommits:
             self._retiring.clear()
             for i, granule in enumerate(free):  # one device wait, before the first
                 self.backing.release(granule * g, g, unused=i > 0)
+            if free:
+                self._exposed.clear()
             self.releases += len(free)
             return len(free)
-        passed = sorted(granule for granule, f in self._retiring.items() if f.done())
+        passed = sorted(
+            granule
+            for granule, f in self._retiring.items()
+            if f.done() and not self._read_in_flight(granule)
+        )
         for granule in passed:
             del self._retiring[granule]
             self.backing.release(granule * g, g, unused=True)
-        if self._pending:
+        unfenced = [granule for granule, f in self._exposed.items() if f is None]
+        if self._pending or unfenced:
             behind = fence()
             for granule in self._pending:
                 self._retiring[granule] = behind
             self._pending.clear()
+            for granule in unfenced:
+                self._exposed[granule] = behind
         self.releases += len(passed)
         return len(passed)
 

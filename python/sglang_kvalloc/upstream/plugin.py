@@ -123,6 +123,15 @@ def hooks() -> list[tuple[str, object, str]]:
         # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
         # inside upstream's own decode-memory check, so a row that cannot grow retracts.
         (f"{SCHEDULE_BATCH}.check_decode_mem", scheduler_loop.around_check_decode_mem, "AROUND"),
+        # ... and how far each batch's kernels read the rows, noted before it is queued, so
+        # no remap lands under a read the overlap scheduler still has in flight.
+        (f"{SCHEDULER}.run_batch", scheduler_loop.before_run_batch, "BEFORE"),
+        # ... and admission takes no new row the device could not back (upstream raises).
+        (
+            "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
+            scheduler_loop.around_add_one_req,
+            "AROUND",
+        ),
         (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
         (f"{CHECKER}._check_swa_pool", scheduler_loop.around_check_swa_pool, "AROUND"),
         # Segmented on a GPU: the attention backends' context-sized cuda-graph buffers

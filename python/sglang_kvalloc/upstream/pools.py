@@ -174,7 +174,7 @@ def _settle_run_time_memory(
             granularity=RUNTIME.backings.granularity,
             kv_pool_bytes=kv_pool_bytes(configurator, config) or 0,
         )
-        row_room = room.committed_at_most
+        row_room = state.row_room_bytes = room.committed_at_most
         state.run_time_room_bytes = room.in_kv_budget
     state.rope_committed_bytes = rope.committed_bytes
     settled = original(configurator, *args, **kwargs)

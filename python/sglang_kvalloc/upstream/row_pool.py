@@ -10,8 +10,11 @@ context. Here it is a view of a reservation.
   committed before it is written: at admission (the prompt), and before every decode step
   (`check_decode_rows`, from upstream's own decode-memory check, so a row that cannot grow
   is retracted, or aborted when it is the last, exactly as upstream treats a full KV pool).
-  Admission is held back (`prepare_admission`) while the device could not back the rows
-  the next requests would take. Row 0, which padded cuda-graph batches read, is committed
+  Upstream raises when a row cannot be allocated, so admission never takes a row the device
+  could not back: each iteration every rank agrees on the granules ready to be committed
+  (`prepare_admission`), and each request admitted promises the granules its row needs
+  (`admit_row`, exact: rows are handed out in the order admission counted them); a request
+  past the budget waits in the queue. Row 0, which padded cuda-graph batches read, is committed
   and zeroed as upstream's `torch.zeros` table is. Freed rows' granules retire behind a
   fence and go at a later sync point, so no step waits for the device.
 """
@@ -19,6 +22,7 @@ context. Here it is a view of a reservation.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import mmap
 from typing import TYPE_CHECKING
@@ -36,6 +40,17 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _AdmissionBudget:
+    """This iteration's admission: the granules every rank has ready (agreed), those promised
+    so far (the continuing chunk's, then each admitted request's), and the rows handed out."""
+
+    budget: int
+    promised: set[int]
+    new_rows: int = 0
+    last: list[int] = dataclasses.field(default_factory=list)
 
 
 class SegmentedReqToTokenPool(ReqToTokenPool):
@@ -61,8 +76,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
         self.max_context_len = max_context_len
         self._agree = agree
-        # Rows admission may take now (every rank the same); None: no limit of ours.
-        self._admission_rows: int | None = None
+        # What this iteration's admission may commit (None: no limit of ours).
+        self._admission: _AdmissionBudget | None = None
+        self._short_of_rows = False
         self.row_commit_failures = 0
         self._row_commits: RowCommits | None = None
         worst = ""
@@ -92,9 +108,16 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         """Rows are committed explicitly (every backing but the CPU's)."""
         return self._row_commits is not None
 
-    def available_size(self) -> int:
-        free = super().available_size()
-        return free if self._admission_rows is None else min(free, self._admission_rows)
+    @property
+    def reach_waits(self) -> int:
+        """Row commits that waited for the device: a queued kernel could read there."""
+        return 0 if self._row_commits is None else self._row_commits.reach_waits
+
+    def alloc_rows(self, need_size: int) -> list[int] | None:
+        """Upstream's rows from the tail of the free list, handed out last first: the i-th new
+        request gets ``free_slots[-(i + 1)]``, the row `admit_row` counted for it."""
+        rows = super().alloc_rows(need_size)
+        return rows[::-1] if rows else rows
 
     def alloc(self, reqs: list[Req]) -> list[int] | None:
         new = [not req.kv.holds_kv for req in reqs]
@@ -159,45 +182,76 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             self.row_commit_failures += 1
         return bool(self._agree(int(ok)))
 
-    def prepare_admission(self, lengths: Sequence[int]) -> None:
-        """Before admission (every rank together): have handles ready for the rows the next
-        requests (``lengths``: their target token counts) would commit; where the device
-        cannot back them all, admission takes only as many requests as are covered, the
-        largest assumed first (the policy may reorder the queue)."""
-        if self._row_commits is None:
+    def prepare_admission(self, held: Sequence[tuple[int, int]], lengths: Sequence[int]) -> None:
+        """Top of an iteration (every rank together): ``held`` are rows that grow in this
+        iteration's admission (a continuing chunk: row and target length), ``lengths`` the
+        target lengths of the requests it may admit, in queue order. Handles are made ready
+        for the granules they would commit, and every rank agrees on how many are ready: the
+        budget `admit_row` holds admission to."""
+        commits = self._row_commits
+        if commits is None:
             return
-        granule = self._backing.granularity
-        needs = sorted(
-            (-(-(min(n, self.max_context_len) * 4) // granule) + 1 for n in lengths[:1024]),
-            reverse=True,
-        )[: super().available_size()]
-        if not needs:  # the same on every rank: nothing to admit
-            self._admission_rows = None
+        promised: set[int] = set()
+        for row, n in held:
+            promised.update(commits.unmapped(row, self._bytes(n)))
+        if not held and not lengths:  # the same on every rank: nothing to admit
+            self._admission = _AdmissionBudget(0, promised)
             return
-        wanted = sum(needs)
-        ready = self._factory.ready_handles(granule, wanted) if wanted else 0
-        covered, total = 0, 0
-        for need in needs:
-            if total + need > ready:
-                break
-            total += need
-            covered += 1
-        limit = None if covered == len(needs) else covered
-        agreed = self._agree(-1 if limit is None else limit)
-        if agreed < 0:
-            if self._admission_rows is not None:
-                logger.info("req_to_token rows can be committed again: admission resumes.")
-            self._admission_rows = None
-            return
-        if self._admission_rows is None:
+        wanted = set(promised)
+        free = self.free_slots
+        for i, n in enumerate(lengths[: min(len(free), 1024)]):
+            wanted.update(commits.unmapped(free[-(i + 1)], self._bytes(n)))
+        ready = self._factory.ready_handles(self._backing.granularity, len(wanted))
+        budget = self._agree(ready)
+        self._admission = _AdmissionBudget(budget, promised)
+        short = budget < len(wanted)
+        if short and not self._short_of_rows:
             logger.warning(
                 "req_to_token rows for the queued requests cannot all be committed (%d of %d "
-                "granules ready): admission takes %d request(s) until memory comes back.",
-                ready,
-                wanted,
-                agreed,
+                "granules ready): admission takes what the ready ones back until memory comes "
+                "back.",
+                budget,
+                len(wanted),
             )
-        self._admission_rows = agreed
+        elif self._short_of_rows and not short:
+            logger.info("req_to_token rows can be committed again: admission resumes.")
+        self._short_of_rows = short
+
+    def admit_row(self, length: int) -> bool:
+        """Admission is about to take a new row for a request of ``length`` positions: promise
+        the granules that row would commit, or say no (the request waits in the queue) when
+        the iteration's budget cannot back them."""
+        budget = self._admission
+        commits = self._row_commits
+        if budget is None or commits is None or budget.new_rows >= len(self.free_slots):
+            return True
+        row = self.free_slots[-(budget.new_rows + 1)]
+        need = [g for g in commits.unmapped(row, self._bytes(length)) if g not in budget.promised]
+        if len(budget.promised) + len(need) > budget.budget:
+            return False
+        budget.promised.update(need)
+        budget.new_rows += 1
+        budget.last = need
+        return True
+
+    def unadmit_row(self) -> None:
+        """The request `admit_row` last said yes to was not admitted after all."""
+        budget = self._admission
+        if budget is not None and budget.new_rows:
+            budget.promised.difference_update(budget.last)
+            budget.new_rows -= 1
+            budget.last = []
+
+    def _bytes(self, length: int) -> int:
+        return min(length, self.max_context_len) * 4
+
+    def note_reads(self, rows_and_lengths: Sequence[tuple[int, int]]) -> None:
+        """Before a batch is queued: how many positions of each row its kernels may read
+        (a GPU; see `RowCommits.note_reads`)."""
+        if self._row_commits is not None:
+            self._row_commits.note_reads(
+                [(row, min(n, self.max_context_len) * 4) for row, n in rows_and_lengths]
+            )
 
     def sync_point(self, streams: tuple[object, ...] = ()) -> None:
         """At the top of a scheduler iteration: release the granules of rows freed earlier

@@ -66,6 +66,9 @@ class KvAllocState:
     kv_on_demand_note: str = ""
     # Explicit commits (a GPU): memory the tables take outside the KV pool, settled at start.
     rope_committed_bytes: int = 0
+    # req_to_token rows may commit up to row_room_bytes at run time; the KV budget keeps
+    # run_time_room_bytes of it free (the rest comes from the slack, as static's table).
+    row_room_bytes: int = 0
     run_time_room_bytes: int = 0
     # Live objects (not reported as such): segmented mode reads its figures from them.
     allocator: BaseTokenToKVPoolAllocator | None = dataclasses.field(default=None, repr=False)
@@ -190,8 +193,10 @@ class Runtime:
         rows = getattr(state.req_to_token_pool, "row_commit_failures", None)
         if rows is not None:
             out["req_to_token_row_commit_failures"] = rows
+            out["req_to_token_reach_waits"] = state.req_to_token_pool.reach_waits
         out["rope_committed_bytes"] = state.rope_committed_bytes
         out["run_time_room_bytes"] = state.run_time_room_bytes
+        out["row_room_bytes"] = state.row_room_bytes
         resident = getattr(state.req_to_token_pool, "resident_bytes", None)
         if include_resident and resident is not None:
             out["req_to_token_resident_bytes"] = resident()

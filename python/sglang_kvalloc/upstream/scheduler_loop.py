@@ -19,6 +19,7 @@ from sglang_kvalloc.upstream.runtime import RUNTIME
 if TYPE_CHECKING:
     import torch
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.scheduler_components.invariant_checker import (
         SchedulerInvariantChecker,
@@ -51,16 +52,20 @@ def iteration_demand_tokens(scheduler: Scheduler, decode_slots: int = 1) -> int:
     if chunked is not None:
         done = int(getattr(chunked, "prefix_len", 0) or 0)
         continuation = max(0, len(chunked.origin_input_ids) - done) + page
-    queue = sum(
-        len(req.origin_input_ids) + len(req.output_ids) + page
-        for req in admission_candidates(scheduler)
-    )
+    queue = sum(extend_estimate(req) + page for req in admission_candidates(scheduler))
     return continuation + queue + decode
 
 
+def extend_estimate(req: Req) -> int:
+    """The tokens admission extends a waiting request by: upstream admits by them, after the
+    prefix match (the last one known; 0 before a request's first)."""
+    return len(req.origin_input_ids) + len(req.output_ids) - int(getattr(req, "prefix_len", 0) or 0)
+
+
 def admission_candidates(scheduler: Scheduler) -> list[Req]:
-    """The waiting requests one iteration can admit: up to one chunk of prefill, the request
-    that crosses the chunk boundary included (upstream admits it as a chunked request)."""
+    """The waiting requests one iteration can admit: up to one chunk of extended tokens, the
+    request that crosses the chunk boundary included (upstream admits it as a chunked
+    request)."""
     chunk = getattr(scheduler, "chunked_prefill_size", None)
     cap = None if chunk is None or chunk <= 0 else int(chunk)
     page = int(getattr(scheduler, "page_size", 1) or 1)
@@ -68,7 +73,7 @@ def admission_candidates(scheduler: Scheduler) -> list[Req]:
     tokens = 0
     for req in scheduler.waiting_queue:
         out.append(req)
-        tokens += len(req.origin_input_ids) + len(req.output_ids) + page
+        tokens += extend_estimate(req) + page
         if cap is not None and tokens >= cap:
             break
     return out
@@ -113,15 +118,43 @@ def _streams(scheduler: Scheduler) -> tuple[torch.cuda.Stream, ...]:
 
 def _prepare_rows(scheduler: Scheduler, row_ahead: int) -> None:
     """Rows freed earlier whose readers finished go back (no device wait); handles are made
-    ready for the rows the queued requests would take (admission waits where they cannot)."""
+    ready for the rows the continuing chunk and the queued requests would take, and admission
+    takes no row the ready ones cannot back (`around_add_one_req`)."""
     pool = scheduler.req_to_token_pool
     pool.sync_point(_streams(scheduler))
     chunked = scheduler.chunked_req
-    queued = [chunked] if chunked is not None else []
-    queued.extend(admission_candidates(scheduler))  # not the whole queue: its spares held
-    pool.prepare_admission(
-        [len(req.origin_input_ids) + len(req.output_ids) + row_ahead for req in queued]
+    held = []
+    if chunked is not None and chunked.kv.req_pool_idx is not None:
+        held.append((chunked.kv.req_pool_idx, _row_length(chunked) + row_ahead))
+    pool.prepare_admission(  # not the whole queue: its spares would be held while it waits
+        held, [_row_length(req) + row_ahead for req in admission_candidates(scheduler)]
     )
+
+
+def _row_length(req: Req) -> int:
+    """Positions of a request's req_to_token row its next extend writes (prefix included)."""
+    return len(req.origin_input_ids) + len(req.output_ids)
+
+
+def around_add_one_req(
+    original: Callable[..., AddReqResult], adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any
+) -> AddReqResult:
+    """AROUND `PrefillAdder.add_one_req`: where req_to_token rows are committed explicitly (a
+    GPU), a request that needs a new row is admitted only if the granules it would commit are
+    ready (`SegmentedReqToTokenPool.admit_row`); otherwise it waits, as upstream stops adding
+    for other reasons (upstream raises when a row cannot be allocated)."""
+    pool = RUNTIME.state.req_to_token_pool
+    if req.kv.holds_kv or not getattr(pool, "commits_rows", False):
+        return original(adder, req, *args, **kwargs)
+    _, row_ahead = decode_slots()
+    if not pool.admit_row(_row_length(req) + row_ahead):
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.OTHER
+    result = original(adder, req, *args, **kwargs)
+    if not (adder.can_run_list and adder.can_run_list[-1] is req):
+        pool.unadmit_row()
+    return result
 
 
 def around_check_decode_mem(
@@ -148,6 +181,35 @@ def around_check_decode_mem(
         if req.kv.req_pool_idx is not None
     ]
     return pool.check_decode_rows(rows)
+
+
+def before_run_batch(scheduler: Scheduler, batch: ScheduleBatch, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `Scheduler.run_batch`: where req_to_token rows are committed explicitly (a GPU),
+    tell the rows how far this batch's kernels read them before it is queued. fa3's metadata
+    gathers every row of the batch to the longest (`req_to_token[rows, :max_seq_len_k]`, in
+    extend, eager decode and the prefill-graph replay), padded graph rows read row 0, and a
+    top-k > 1 verify reads whole rows; with the overlap scheduler the next iteration's commits
+    happen while these reads are in flight, so the granules they cover stay mapped until then."""
+    pool = scheduler.req_to_token_pool
+    if batch is None or not getattr(pool, "commits_rows", False) or not batch.reqs:
+        return None
+    rows = [req.kv.req_pool_idx for req in batch.reqs if req.kv.req_pool_idx is not None]
+    _, row_ahead = decode_slots()
+    longest = max(len(req.origin_input_ids) + len(req.output_ids) for req in batch.reqs)
+    reach = longest + row_ahead
+    if _reads_whole_rows():
+        reach = pool.max_context_len
+    pool.note_reads([(row, reach) for row in (0, *rows)])
+    return None
+
+
+def _reads_whole_rows() -> bool:
+    """Speculative verify with top-k > 1: fa3 gathers ``req_to_token[rows, :]``."""
+    from sglang.srt.runtime_context import get_spec
+
+    spec = get_spec()
+    topk = getattr(spec, "speculative_eagle_topk", None) or 1
+    return spec.speculative_algorithm is not None and topk > 1
 
 
 def decode_slots() -> tuple[int, int]:
