@@ -150,3 +150,30 @@ def test_layouts_refuse_nonsense() -> None:
     layout = GraphBufferLayout("x", FLAT, 1, 100, 8)
     assert layout.items_needed(GraphBatch(8, 10**9, 10**8)) == 100  # never past the buffer
     assert layout.commit_bytes(GraphBatch(0, 0, 0), G) == 0
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        GraphBufferLayout("fa3 page_table", ROWS, 512, 10_000_000, 4),
+        GraphBufferLayout("kv_indices", FLAT, 1, 64 * 1_000_000, 8),
+    ],
+    ids=["rows", "flat"],
+)
+def test_serving_commits_wait_for_no_device(layout: GraphBufferLayout) -> None:
+    """Capture (512 rows of a 10M-context page table: 512 granules) and every replay after
+    an idle release commit where no replay in flight writes or reads: no device wait on the
+    scheduler's path (each used to wait, one per granule); the idle release waits once."""
+    buffer, device = lazy(layout, capacity=2048 * MIB)
+    api = device.vmm.api
+    start = api.syncs  # the scratch granule was zeroed
+    rows = layout.rows
+    buffer.ensure(GraphBatch(rows, rows, 1))  # capture
+    assert buffer.committed_bytes >= (rows * G if rows > 1 else G)
+    assert api.syncs == start
+    for length in (1000, 200_000, 600_000):  # replays that grow
+        buffer.ensure(GraphBatch(8, 8 * length, length))
+    assert api.syncs == start
+    assert buffer.release() > 0 and api.syncs == start + 1  # idle: nothing is running
+    buffer.ensure(GraphBatch(8, 8 * 600_000, 600_000))
+    assert api.syncs == start + 1

@@ -157,7 +157,12 @@ class LazyGraphBuffer:
         self.backing = backing
         self.granularity = backing.granularity
         self._flat_end = 0  # FLAT: committed prefix, in bytes (granule multiple)
-        self._rows = RowCommits(backing, layout.rows, layout.row_bytes)
+        # A replay writes and reads what it committed for itself, so committing more for the
+        # next one touches nothing a replay in flight uses: no device wait (Llama-4's chunked
+        # tables excepted: upstream may zero them whole, scratch included).
+        self._rows = RowCommits(
+            backing, layout.rows, layout.row_bytes, commits_unused=layout.kind != CHUNK_ROWS
+        )
         # ROWS fast path: rows [0, _rows_ready) hold at least _prefix_ready bytes each.
         self._rows_ready = 0
         self._prefix_ready = 0
@@ -189,8 +194,9 @@ class LazyGraphBuffer:
             g = self.granularity
             need = -(-(layout.items_needed(batch) * layout.item_bytes) // g) * g
             need = min(need, self.backing.reserved_bytes)
-            # One new mapping past the committed prefix: ranges are committed whole.
-            self.backing.commit(self._flat_end, need - self._flat_end)
+            # One new mapping past the committed prefix (ranges are committed whole), where no
+            # replay in flight writes or reads: no device wait.
+            self.backing.commit(self._flat_end, need - self._flat_end, unused=True)
             grown = need - self._flat_end
             self._flat_end = need
             self.commits += 1

@@ -114,7 +114,8 @@ class VmmDevice:
         self.reclaims = 0
         # Held by the refill thread while it creates a handle, and by `refill_paused` for a
         # whole CUDA graph capture: no other thread's driver work runs during a capture.
-        self._refill_gate = threading.Lock()
+        # Reentrant: a capture inside `graph_capture` inside the decode runner's capture.
+        self._refill_gate = threading.RLock()
         self._refill_wanted = threading.Event()
         self._closed = False
         self.scratch = self._create_handle(self.granularity)

@@ -10,12 +10,15 @@ Nothing here was run on a GPU in this repository's CI; `test/gpu/` runs it on on
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import torch
 
 from sglang_kvalloc.core.backing import BackingUnavailableError
+
+logger = logging.getLogger(__name__)
 
 
 class _ArrayOwner:
@@ -95,7 +98,20 @@ class UpstreamVmmApi:
         self.syncs += 1
 
     def bind_thread(self) -> None:
+        """The refill thread: the device current, and its capture mode relaxed. upstream
+        captures some graphs lazily while serving in torch's global mode (vision encoders,
+        Nemotron-H's shared expert, torch.compile's piecewise graphs), which prohibits other
+        threads' handle creation; the refill thread's handles are never part of captured
+        work (they are mapped later, on the scheduler's thread), so it may create them."""
         torch.cuda.set_device(self.device_id)
+        relaxed = self.driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+        result = self.driver.cuThreadExchangeStreamCaptureMode(relaxed)
+        if result[0] != self.driver.CUresult.CUDA_SUCCESS:
+            logger.warning(
+                "KV VMM refill thread: cuThreadExchangeStreamCaptureMode failed (%s); a graph "
+                "captured lazily while serving may be invalidated by its handle creation.",
+                result[0],
+            )
 
     def record_fence(self, streams: tuple[torch.cuda.Stream, ...] = ()) -> _EventFence:
         return _EventFence(streams)

@@ -432,6 +432,25 @@ def around_capture(
         return original(runner, *args, **kwargs)
 
 
+def around_graph_capture(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """AROUND `parallel_state.graph_capture`, the context every upstream graph capture runs in
+    (decode, breakable and full prefill, speculative draft runners, row buckets): torch
+    captures in its global mode, where another thread's driver calls invalidate the capture,
+    so the spare-handle refill thread waits until the capture is over."""
+    paused = getattr(RUNTIME.backings, "refill_paused", None)
+    if paused is None:
+        return original(*args, **kwargs)
+    return _refill_paused_through(paused(), original(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def _refill_paused_through(
+    paused: contextlib.AbstractContextManager[None], capture: contextlib.AbstractContextManager[Any]
+) -> Iterator[Any]:
+    with paused, capture as context:
+        yield context
+
+
 def _draft_batch(batch: ScheduleBatch, tokens_per_row: int, context: int) -> GraphBatch:
     """What the draft stage writes into the verify mask for ``batch`` (its own rows, not the
     padded ones): the host's sequence lengths where the batch has them, else its sum, else

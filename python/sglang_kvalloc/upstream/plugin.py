@@ -141,6 +141,11 @@ def hooks() -> list[tuple[str, object, str]]:
             graph_buffers.around_triton_init_cuda_graph_state,
             "AROUND",
         ),
+        (
+            "sglang.srt.distributed.parallel_state.graph_capture",
+            graph_buffers.around_graph_capture,
+            "AROUND",
+        ),
         (f"{FA3}.init_cuda_graph_state", graph_buffers.around_fa3_init_cuda_graph_state, "AROUND"),
         (
             f"{FLASHINFER}.init_cuda_graph_state",
