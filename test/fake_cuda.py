@@ -479,16 +479,18 @@ class ServerFakeVmmApi(FakeVmmApi):
 
     def report(self) -> dict[str, Any]:
         drv = self.driver
-        scratch = drv.handles.get(1)
-        nonzero = -1
-        if scratch is not None:
-            data = os.pread(scratch.fd, scratch.size, 0)
-            nonzero = scratch.size - data.count(0)
+        # The scratch handles: the first one created, and any mapped at several addresses
+        # (the scratch chunk; a committed handle is mapped once).
+        scratch = [h for n, h in drv.handles.items() if n == 1 or h.refs > 2]
+        nonzero = -1 if not scratch else 0
+        for handle in scratch:
+            data = os.pread(handle.fd, handle.size, 0)
+            nonzero += handle.size - data.count(0)
         return {
             "device_synchronizes": self.syncs,
             "physical_bytes": drv.physical_bytes,
             "live_handles": drv.live_handles,
-            "scratch_mappings": scratch.refs - 1 if scratch is not None else 0,
+            "scratch_mappings": sum(handle.refs - 1 for handle in scratch),
             "scratch_nonzero_bytes": nonzero,
             "calls": dict(drv.calls),
         }

@@ -292,8 +292,10 @@ def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
     )
     assert [x.shape for x in backend.cuda_graph_kv_indices] == [(max_bs * context,)] * 2
     assert backend.cuda_graph_custom_mask.shape == (max_bs * context,)
-    # 640 MB of indices per wrapper and 80 MB of mask reserved; one granule each committed.
-    assert driver.physical_bytes <= 4 * G
+    # 640 MB of indices per wrapper and 80 MB of mask reserved; one granule each committed
+    # (besides the device's scratch handles).
+    scratch = RUNTIME.backings.device.scratch_bytes
+    assert driver.physical_bytes - scratch <= 3 * G
     # A verify batch: the mask commits per query token, the indices per position.
     batch = GraphBatch(rows=8, seq_lens_sum=800_000, max_seq_len=100_000, tokens_per_row=4)
     graph_buffers.ensure_for(batch)

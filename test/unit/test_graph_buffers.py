@@ -27,11 +27,10 @@ class Device:
     def __init__(self, capacity: int) -> None:
         self.driver = FakeDriver(capacity=capacity)
         self.vmm = VmmDevice(FakeVmmApi(self.driver), 0, background_refill=False)
-        self.scratch = self.driver.physical_bytes
 
     @property
     def physical_bytes(self) -> int:
-        return self.driver.physical_bytes - self.scratch
+        return self.driver.physical_bytes - self.vmm.scratch_bytes
 
     def fail_next(self, name: str, times: int = 1) -> None:
         self.driver.fail_next(name, times=times)

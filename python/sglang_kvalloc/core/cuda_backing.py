@@ -28,6 +28,7 @@ import torch
 
 from sglang_kvalloc.core.backing import Fence, RangeSet, check_range, tensor_bytes
 from sglang_kvalloc.core.vmm_device import (
+    CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,
     VmmDevice,
     VmmMappingLostError,
@@ -50,7 +51,11 @@ def _align_up(value: int, alignment: int) -> int:
 
 class _Reservation:
     """The reserved range; unmapped and freed when the backing is closed and the last tensor
-    view over it is gone (a view over a freed range would read another allocation)."""
+    view over it is gone (a view over a freed range would read another allocation).
+
+    A large range maps the device's scratch chunk handle chunk by chunk (one mapping for
+    several granules: see `SCRATCH_CHUNK_GRANULES`); the first commit in a chunk breaks it
+    into granule mappings (`split`), so the chunk's other granules still read scratch."""
 
     def __init__(self, device: VmmDevice, size: int) -> None:
         self.device = device
@@ -59,10 +64,22 @@ class _Reservation:
         api = device.api
         drv = api.driver
         g = device.granularity
+        chunk = device.scratch_chunk_bytes
+        self.chunk = chunk if size >= CHUNKED_RESERVATION_MIN_CHUNKS * chunk else 0
+        # Chunks still mapped whole to the scratch chunk handle.
+        self.intact: set[int] = set()
         self.address = int(api.check(drv.cuMemAddressReserve(size, g, 0, 0), "cuMemAddressReserve"))
         mapped = 0
         try:
-            for offset in range(0, size, g):
+            whole = size // self.chunk * self.chunk if self.chunk else 0
+            for offset in range(0, whole, self.chunk or 1):
+                api.check(
+                    drv.cuMemMap(self.address + offset, chunk, 0, device.scratch_chunk(), 0),
+                    "cuMemMap(scratch chunk)",
+                )
+                self.intact.add(offset // chunk)
+                mapped = offset + chunk
+            for offset in range(whole, size, g):
                 api.check(
                     drv.cuMemMap(self.address + offset, g, 0, device.scratch, 0),
                     "cuMemMap(scratch)",
@@ -78,6 +95,34 @@ class _Reservation:
             drv.cuMemAddressFree(self.address, size)
             self.address = 0
             raise
+
+    def remap_span(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """The range a commit of ``[offset, offset + nbytes)`` unmaps: the whole scratch
+        chunks it touches that are still mapped whole."""
+        if not self.chunk or nbytes <= 0:
+            return offset, offset + nbytes
+        lo, hi = offset, offset + nbytes
+        if lo // self.chunk in self.intact:
+            lo = lo // self.chunk * self.chunk
+        if (hi - 1) // self.chunk in self.intact:
+            hi = ((hi - 1) // self.chunk + 1) * self.chunk
+        return lo, hi
+
+    def split(self, offset: int, nbytes: int) -> None:
+        """Break the intact scratch chunks ``[offset, offset + nbytes)`` touches into granule
+        mappings of the scratch handle. MemoryError (nothing changed) if the driver refuses to
+        unmap one; `VmmMappingLostError` if a chunk cannot be mapped again."""
+        if not self.chunk or nbytes <= 0:
+            return
+        drv = self.device.api.driver
+        for index in range(offset // self.chunk, (offset + nbytes - 1) // self.chunk + 1):
+            if index not in self.intact:
+                continue
+            result = drv.cuMemUnmap(self.address + index * self.chunk, self.chunk)
+            if result[0] != driver_success(drv):
+                raise MemoryError(f"cuMemUnmap(scratch chunk) failed: {result[0]}")
+            self.intact.discard(index)
+            self.map_scratch(index * self.chunk, self.chunk)
 
     def map_scratch(self, offset: int, nbytes: int) -> None:
         """Map the scratch handle over ``[offset, offset + nbytes)`` (unmapped now), granule
@@ -153,6 +198,11 @@ class CudaVmmBacking:
     def committed_ranges(self) -> list[tuple[int, int]]:
         return self._committed.intervals()
 
+    def remap_span(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """The range a commit of ``[offset, offset + nbytes)`` would unmap (it may be wider:
+        a scratch chunk still mapped whole)."""
+        return self._live().remap_span(offset, nbytes)
+
     def is_committed(self, offset: int, nbytes: int) -> bool:
         return self._committed.overlap(offset, offset + nbytes) == nbytes
 
@@ -186,6 +236,14 @@ class CudaVmmBacking:
         handle = self.device.take_handle(nbytes)  # MemoryError here changes nothing
         if not unused:
             self._sync()
+        try:
+            reservation.split(offset, nbytes)
+        except MemoryError:
+            self.device.give_back(handle, nbytes)
+            raise
+        except VmmMappingLostError as exc:
+            self._broken = str(exc)
+            raise
         result = drv.cuMemUnmap(address, nbytes)
         if result[0] != driver_success(drv):
             self.device.give_back(handle, nbytes)

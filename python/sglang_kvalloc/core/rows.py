@@ -107,7 +107,10 @@ class RowCommits:
         if granule in self._pending:
             self._pending.discard(granule)  # still mapped: reuse it
         elif self._retiring.pop(granule, None) is None:
-            read = self._read_in_flight(granule)
+            g = self.granularity
+            span = getattr(self.backing, "remap_span", None)
+            lo, hi = span(granule * g, g) if span is not None else (granule * g, (granule + 1) * g)
+            read = any(self._read_in_flight(x) for x in range(lo // g, hi // g))
             self.backing.commit(granule * self.granularity, self.granularity,
                                 unused=self.commits_unused and not read)  # fmt: skip
             self.commits += 1
