@@ -156,9 +156,45 @@ def test_pruning_and_stand_in_rules() -> None:
         "    assert 'quantization.ggml_dequantize' in str(e)\nelse:\n    raise SystemExit(1)\n"
         "try:\n    import sgl_kernel.flash_attn\nexcept ModuleNotFoundError:\n    pass\n"
         "else:\n    raise SystemExit('flash_attn should be missing')\n"
+        "import torch\nx = torch.ones(3)\n"
+        "assert sgl_kernel.weak_ref_tensor(x).data_ptr() == x.data_ptr()  # prefill graphs\n"
     )
     env = {**os.environ, "PYTHONPATH": str(kit_spec.STAND_IN)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_default_path_is_upstreams_minus_what_did_not_run() -> None:
+    """Issue 31, item 5: the kit's servers run upstream's default GPU path where its probe ran
+    (fa3, JIT rope, breakable prefill graphs, CUDA fused ops), a named substitute where not."""
+    import kit_kernels
+
+    ran = {name: {"ok": True} for name in kit_kernels.PROBES}
+    upstream = kit_kernels.default_path(ran)
+    assert upstream.args == kit_kernels.GPU_BASE_ARGS and upstream.env == {}
+    assert "--attention-backend" not in upstream.args  # fa3: upstream's own choice on Hopper
+    missing = "MissingKernel: sgl_kernel.fwd (sglang-kvalloc GPU kit stand-in: ...)"
+    stand_in = {
+        **ran,
+        "fa3": {"ok": False, "error": missing},
+        "rmsnorm": {"ok": False, "error": "MissingKernel: sgl_kernel.rmsnorm"},
+        "silu_and_mul": {"ok": False, "error": "MissingKernel: sgl_kernel.silu_and_mul"},
+    }
+    chosen = kit_kernels.default_path(stand_in)
+    assert chosen.args[-2:] == ["--attention-backend", "triton"]
+    assert "--cuda-graph-backend-prefill" not in chosen.args  # weak_ref_tensor ran
+    assert chosen.path["attention"] == f"triton: fa3 did not run ({missing})"
+    assert chosen.env["KIT_NATIVE_OPS"] == "RMSNorm,SiluAndMul"  # rope stays on its JIT kernel
+    code = (
+        "from sglang.srt.layers.layernorm import RMSNorm\n"
+        "from sglang.srt.layers.activation import SiluAndMul\n"
+        "from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding as R\n"
+        "assert RMSNorm.forward_cuda is RMSNorm.forward_native\n"
+        "assert SiluAndMul.forward_cuda is SiluAndMul.forward_native\n"
+        "assert R.forward_cuda is not R.forward_native\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **chosen.env},
+                          capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

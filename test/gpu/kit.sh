@@ -3,9 +3,10 @@
 # SGLang (the device tool's nvidia-h100-x1 / nvidia-h200):
 #   bash test/gpu/kit.sh OUT [kit_run.py options]
 # It needs .gpu-kit/ beside the working tree (made here with: python test/gpu/make_kit.py).
-# Installs the kit into this machine's python3, checks the imports, builds a random-weight
-# 1B-class Llama on the GPU, then runs real servers (static, segmented, a benchmark between
-# them, auto at 10M); everything lands in OUT: results.json (rewritten after every phase),
+# Installs the kit into this machine's python3, checks the imports, probes upstream's default
+# GPU path (fa3, JIT rope, breakable prefill graphs, CUDA fused ops), builds a random-weight
+# 1B-class Llama on the GPU, then runs real servers on that path (static, segmented, a
+# benchmark between them, auto at 10M); everything lands in OUT: results.json (rewritten after every phase),
 # kit.log and one log per server. Stops itself after KIT_TIMEOUT_S (default 500 s).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

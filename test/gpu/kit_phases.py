@@ -39,6 +39,7 @@ class Profile:
     bench_warmup: bool = True
     hung_start_retries: int = 0
     kv_bytes_per_token: int = 0
+    server_env: dict[str, str] = field(default_factory=dict)  # every server's, besides its own
 
     def segmented_args(self) -> list[str]:
         return [
@@ -81,7 +82,7 @@ def launch(
                 [*p.common_args, *extra, *mode_args],
                 p.device,
                 stage.out / f"server-{name}.log",
-                env=env,
+                env={**p.server_env, **env},
             )
             before = stage.memory.reading()
             try:

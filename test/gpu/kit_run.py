@@ -1,6 +1,7 @@
 """The GPU kit's driver (``kit.sh`` runs it): install the kit into this Python, check the
-imports, build the model, then real servers (static, segmented, the benchmark between them,
-auto at 10M). Every phase writes ``results.json`` in the output folder as it ends, so a
+imports, probe upstream's default-path kernels (the servers run that path minus what did not
+run: ``kit_kernels.py``), build the model, then real servers (static, segmented, the benchmark
+between them, auto at 10M). Every phase writes ``results.json`` in the output folder as it ends, so a
 timeout still returns what ran; servers' logs sit beside it (at most 8 files in all).
 
     python3 test/gpu/kit_run.py OUT [--profile gpu|cpu] [--phases a,b] [--deadline-s N]
@@ -33,11 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kit_spec  # noqa: E402
 from kit_work import Checks, Workload  # noqa: E402
 
-PHASES = ["install", "imports", "jit", "model", "static", "segmented", "bench", "stop", "auto"]
+PHASES = ["install", "imports", "jit", "kernels", "model", "static", "segmented", "bench",
+          "stop", "auto"]  # fmt: skip
 # Seconds a phase needs at least; it is skipped when less is left before the deadline.
-NEEDS = {"install": 30, "imports": 20, "jit": 60, "model": 40, "static": 90,
+NEEDS = {"install": 30, "imports": 20, "jit": 60, "kernels": 45, "model": 40, "static": 90,
          "segmented": 90, "bench": 45, "stop": 5, "auto": 90}  # fmt: skip
 AUTO_RESERVE_S = 100  # what the bench leaves for auto
+GPU_POOL_ARGS = ["--context-length", "65536", "--max-total-tokens", "262144",
+                 "--mem-fraction-static", "0.45"]  # fmt: skip
 HIDE_DIR = kit_spec.HERE / "hide"
 
 
@@ -49,13 +53,13 @@ def profiles(name: str) -> Any:
         return Profile(
             name="gpu",
             device="cuda",
-            common_args=[*kit_spec.GPU_SERVER_ARGS, "--context-length", "65536",
-                         "--max-total-tokens", "262144", "--mem-fraction-static", "0.45"],
+            common_args=[*kit_spec.GPU_PROVEN_ARGS, *GPU_POOL_ARGS],
+            server_env=dict(kit_spec.GPU_PROVEN_ENV),
             fallback_args=kit_spec.GPU_FALLBACK_ARGS,
             segment_tokens=4096,
             idle_cache_tokens=8192,
             hold_off_s=2.0,
-            auto_args=[*kit_spec.GPU_SERVER_ARGS],
+            auto_args=[*kit_spec.GPU_PROVEN_ARGS],
             work=Workload(vocab=0, sequential=[17, 1000, 9000, 40000], new_tokens=48,
                           prefix_extra=200, burst=[3000 + 160 * i for i in range(32)],
                           burst_new_tokens=64, abort_prompt=20000, abort_new_tokens=4000,
@@ -285,6 +289,29 @@ print(json.dumps({"store_cache_jit": ok, "seconds": round(time.time() - t, 1)}))
 """
 
 
+def kernels_phase(kit: Kit, record: dict[str, Any], profile: Any) -> None:
+    """Probe upstream's default-path kernels on the GPU; the servers run that path minus what
+    did not run (`kit_kernels.default_path`, each substitute named with its error)."""
+    import kit_kernels
+
+    env = {key: value for key, value in kit_spec.SERVER_ENV.items()}
+    output = run([sys.executable, str(kit_spec.HERE / "kit_kernels.py")], 240, env)
+    report = json.loads(output.strip().splitlines()[-1])
+    record["probes"] = report
+    chosen = kit_kernels.default_path(report)
+    pythonpath = os.environ.get("PYTHONPATH")
+    if "PYTHONPATH" in chosen.env and pythonpath:
+        chosen.env["PYTHONPATH"] += os.pathsep + pythonpath
+    profile.common_args = [*chosen.args, *GPU_POOL_ARGS]
+    profile.auto_args = list(chosen.args)
+    profile.server_env = chosen.env
+    record["default_path"] = chosen.path
+    kit.results["kit"]["default_path"] = chosen.path
+    kit.checks.add("kernels: fa3 runs (upstream's default attention)", report["fa3"]["ok"],
+                   strict=False)  # fmt: skip
+    kit.checks.add("kernels: the JIT rope kernel runs", report["rope_jit"]["ok"], strict=False)
+
+
 def _hide_env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
     return {"KIT_HIDE": "1", "PYTHONPATH": str(HIDE_DIR) + (os.pathsep + path if path else "")}
@@ -349,6 +376,13 @@ def _main(kit: Kit, args: argparse.Namespace, phases: list[str], gpu: bool) -> i
                 rec.update(json.loads(run([sys.executable, "-c", code], 120).splitlines()[-1]))
             else:
                 rec["status"] = "skipped"
+    with kit.phase("kernels") as rec:
+        if rec is not None:
+            if gpu:
+                kernels_phase(kit, rec, profile)
+            else:
+                rec["status"] = "skipped"
+                rec["why"] = "CPU proof: upstream's CUDA kernels do not run here (imports: yes)"
     if not set(phases) & {"model", "static", "segmented", "bench", "stop", "auto"}:
         return 0 if kit.checks.ok else 1
     model = args.model

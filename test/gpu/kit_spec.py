@@ -117,6 +117,15 @@ IMPORT_MODULES = [
     "sglang.bench_serving",
     "sglang.benchmark.one_batch",
     "sglang_kvalloc.upstream.plugin",
+    # upstream's default GPU path, probed first (kit_kernels.py)
+    "sglang.srt.layers.attention.flashattention_backend",
+    "sglang.kernels.ops.attention.flash_attention",
+    "sglang.kernels.ops.attention.rope",
+    "sglang.srt.layers.layernorm",
+    "sglang.srt.layers.activation",
+    "sglang.srt.model_executor.runner.prefill_cuda_graph_runner",
+    "sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend",
+    "sglang.srt.model_executor.runner_backend_utils.weak_ref_tensor",
     "sgl_kernel.quantization",
     "sgl_kernel.kvcacheio",
     "sgl_kernel.utils",
@@ -124,9 +133,6 @@ IMPORT_MODULES = [
 
 # Environment of every kit server (and of the import check).
 SERVER_ENV = {
-    # RMSNorm, fused add-RMSNorm, SiluAndMul and friends in pure torch (kernels/fused_op.py):
-    # sgl_kernel's CUDA build cannot travel.
-    "SGLANG_FORCE_FUSED_OP_BACKEND": "torch",
     # apache-tvm-ffi would compile a torch add-on at import.
     "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1",
     # The Rust TreeCore is pruned; say so rather than rely on the fallback's probe.
@@ -137,9 +143,11 @@ SERVER_ENV = {
     "SGLANG_JIT_CACHE_DIR": "/tmp/sglang-kvalloc-kit-jit",
     "PYTHONUNBUFFERED": "1",
 }
-# Flags every GPU kit server gets: triton attention, decode graphs on, prefill graphs off
-# (their default backend calls sgl_kernel.weak_ref_tensor), no grammar backend.
-GPU_SERVER_ARGS = [
+# The path the kit proved before it probed upstream's default one (``kit_kernels.py``), kept
+# for a run whose probe did not run: triton attention, decode graphs on, prefill graphs off,
+# every fused op in pure torch (kernels/fused_op.py), no grammar backend.
+GPU_PROVEN_ENV = {"SGLANG_FORCE_FUSED_OP_BACKEND": "torch"}
+GPU_PROVEN_ARGS = [
     "--attention-backend",
     "triton",
     "--sampling-backend",
@@ -151,7 +159,7 @@ GPU_SERVER_ARGS = [
     "--cuda-graph-max-bs-decode",
     "32",
 ]
-# Tried in order when a server does not start with GPU_SERVER_ARGS alone; the kit keeps the
+# Tried in order when a server does not start with its flags alone; the kit keeps the
 # first set that starts and says so (decode graphs off is a finding, not a pass).
 GPU_FALLBACK_ARGS: list[list[str]] = [[], ["--cuda-graph-backend-decode", "disabled"]]
 

@@ -1,9 +1,9 @@
 """The GPU kit's stand-in for ``sgl_kernel`` (sglang-kernel's 1.1 GB CUDA build cannot travel).
 
-Every name resolves: the two CPU ops sglang-kvalloc implements are real, any other is a
-``MissingKernel`` that raises, naming itself, when called (never a silent wrong result). The
-kit's servers keep off these ops (``SGLANG_FORCE_FUSED_OP_BACKEND=torch``, triton attention,
-pytorch sampling, prefill graphs off); a call that still reaches one fails loudly. Unlike
+Every name resolves: the two CPU ops sglang-kvalloc implements and ``weak_ref_tensor`` are
+real, any other is a ``MissingKernel`` that raises, naming itself, when called (never a silent
+wrong result). The kit probes upstream's default-path kernels first (``kit_kernels.py``) and
+its servers keep off the ones that did not run; a call that still reaches one fails loudly. Unlike
 sglang-kvalloc's CPU fallback, this is a package: the submodules upstream imports unguarded
 on CUDA exist (``quantization``, ``kvcacheio``, ``utils`` with a real
 ``is_arch_support_pdl``); any other submodule is missing, as upstream's guards expect.
@@ -40,6 +40,17 @@ def _become_stand_in() -> None:
 
     module.__getattr__ = __getattr__
     module.KIT_MISSING_RESOLVED = resolved
+
+    def weak_ref_tensor(value: object) -> object:
+        """sglang-kernel's ``weak_ref_tensor`` (breakable prefill graphs hand their outputs on
+        with it) as an alias of the same storage. The real one holds no reference, so the
+        graph's pool can reuse the memory; this one keeps it alive a little longer: the
+        values are the same."""
+        import torch
+
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    module.weak_ref_tensor = weak_ref_tensor
 
 
 _become_stand_in()
