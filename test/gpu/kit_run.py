@@ -1,8 +1,8 @@
 """The GPU kit's driver (``kit.sh`` runs it): install the kit into this Python, check the
 imports, probe upstream's default-path kernels (the servers run that path minus what did not
 run: ``kit_kernels.py``), build the model, then real servers (static, segmented, the benchmark
-between them, auto at 10M). Every phase writes ``results.json`` in the output folder as it ends, so a
-timeout still returns what ran; servers' logs sit beside it (at most 8 files in all).
+between them, auto at 10M). Every phase writes ``results.json`` in the output folder as it
+ends, so a timeout still returns what ran; servers' logs sit beside it (at most 8 files).
 
     python3 test/gpu/kit_run.py OUT [--profile gpu|cpu] [--phases a,b] [--deadline-s N]
 
