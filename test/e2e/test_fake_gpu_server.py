@@ -23,7 +23,7 @@ import pytest
 from fake_cuda import CAPACITY_FILE_SUFFIX, MIB
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_json
+from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_json, http_text
 
 TEST_DIR = Path(__file__).resolve().parents[1]
 GRANULE = 4096  # 1,024 req_to_token entries: prompts span several row granules
@@ -189,6 +189,10 @@ def test_a_full_device_queues_a_prefix_sharing_burst_and_never_raises(
     memory", 48 of 50 failed). Admission now takes only the rows the device can back; the
     rest wait in the queue and every request completes."""
     server = fake_gpu_server
+    # A flushed cache holds nothing, and the flush gives back segments and spare handles: the
+    # device then holds what a fresh server does, whatever the tests before this one left.
+    assert "Cache flushed" in http_text(server.url + "/flush_cache")
+    time.sleep(1)
     control = Path(f"{server.driver_report}{CAPACITY_FILE_SUFFIX}")  # type: ignore[attr-defined]
     control.write_text(str(_driver(server)["physical_bytes"] + 2800 * 1024))
     try:

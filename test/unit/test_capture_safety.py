@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import re
 import threading
 import types
 from pathlib import Path
@@ -55,6 +56,7 @@ CAPTURE_SITES: dict[tuple[str, str], str] = {
     ("compilation/xpu_piecewise_backend.py", "XPUPiecewiseBackend.__call__"): NOT_CUDA,
 }  # fmt: skip
 _CAPTURE_CALLS = {"graph_capture", "capture_begin", "CUDAGraph", "BreakableCUDAGraph"}
+_CAPTURE_TEXT = re.compile(r"(graph_capture|capture_begin|CUDAGraph|\.graph)\s*\(")
 
 
 def _capture_sites() -> set[tuple[str, str]]:
@@ -67,6 +69,9 @@ def _capture_sites() -> set[tuple[str, str]]:
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if rel.startswith("hardware_backend/") or "/test" in f"/{rel}":
+            continue
+        text = path.read_text()
+        if not _CAPTURE_TEXT.search(text):  # no call below can be there (the scan is slow)
             continue
         stack: list[str] = []
 
@@ -84,7 +89,7 @@ def _capture_sites() -> set[tuple[str, str]]:
             if named:
                 stack.pop()
 
-        visit(ast.parse(path.read_text()))
+        visit(ast.parse(text))
     return sites
 
 
