@@ -28,6 +28,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct, built offline (float32); kept beside the venv by scripts/test.sh."""
+    from sglang_kvalloc.real_model import MODEL_NAME, ensure
+
+    override = os.environ.get("SGLANG_KVALLOC_REAL_MODEL")
+    out = Path(override) if override else tmp_path_factory.mktemp("models") / MODEL_NAME
+    return ensure(out)
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_model: Path):
     import torch
     from transformers import AutoModelForCausalLM

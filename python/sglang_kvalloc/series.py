@@ -136,6 +136,13 @@ SERIES: tuple[PullRequest, ...] = (
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
         ("graph_buffers.*",),
     ),
+    PullRequest(
+        8,
+        "rl-memory-release",
+        "Release and resume of memory occupation in segmented mode (RL)",
+        "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
+        ("memory_release.*",),
+    ),
 )
 
 

@@ -214,6 +214,27 @@ def test_a_full_device_queues_a_prefix_sharing_burst_and_never_raises(
     assert _greedy(server, prompts[0])["output_ids"]  # still serving
 
 
+def test_rl_release_gives_the_device_back_and_resume_serves_again(
+    fake_gpu_server: LocalServer, prompts: list[list[int]], hf_model
+) -> None:
+    """RL's /release_memory_occupation over the CUDA backing (issue 35): every KV segment,
+    req_to_token granule (the padding row's too), RoPE granule and spare handle goes back:
+    the device holds its scratch handles alone; resume commits nothing until a request, which
+    is served as HF serves it (RoPE and the padding row restored first)."""
+    server = fake_gpu_server
+    _greedy(server, prompts[2])  # something committed
+    http_json(server.url + "/release_memory_occupation", {"tags": ["kv_cache"]})
+    time.sleep(0.6)  # the fake reports every half second
+    released = _driver(server)["physical_bytes"]
+    assert released <= 5 * GRANULE, released  # the granule scratch and the 4-granule chunk
+    assert _kv(server)["segments"]["committed_bytes"] == 0
+    http_json(server.url + "/resume_memory_occupation", {"tags": ["kv_cache"]})
+    assert _driver(server)["physical_bytes"] == released  # nothing until asked
+    assert _greedy(server, prompts[0])["output_ids"] == hf_greedy(hf_model, prompts[0], 8)
+    assert _greedy(server, prompts[-1])["output_ids"] == hf_greedy(hf_model, prompts[-1], 8)
+    assert _driver(server)["physical_bytes"] > released
+
+
 def test_the_scratch_granule_is_still_all_zeros(fake_gpu_server: LocalServer) -> None:
     """Runs last in this module: after everything above, nothing was ever written where
     nothing was committed."""

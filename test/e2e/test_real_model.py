@@ -11,7 +11,6 @@ asked anything: on two cores the one answering and HF `generate` then have the m
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,15 +54,6 @@ DOC_QUESTIONS = [
     "In the travel log above, where did Alice go on day 10?",
     "In the travel log above, how did Chen travel on day 12?",
 ]
-
-
-@pytest.fixture(scope="module")
-def real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sglang_kvalloc.real_model import MODEL_NAME, ensure
-
-    override = os.environ.get("SGLANG_KVALLOC_REAL_MODEL")
-    out = Path(override) if override else tmp_path_factory.mktemp("models") / MODEL_NAME
-    return ensure(out)
 
 
 @pytest.fixture(scope="module")

@@ -652,11 +652,22 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     [
         ({"disaggregation_mode": "prefill"}, {}, "--disaggregation-mode prefill"),
         ({"disaggregation_mode": "decode"}, {}, "--disaggregation-mode decode"),
-        ({"enable_memory_saver": True}, {}, "--enable-memory-saver"),
         ({"enable_hierarchical_cache": True}, {}, "--enable-hierarchical-cache"),
         ({}, {"SGLANG_MOONCAKE_CUSTOM_MEM_POOL": "NVLINK"}, "SGLANG_MOONCAKE_CUSTOM_MEM_POOL"),
     ],
 )
+def test_the_memory_saver_is_served(monkeypatch) -> None:
+    """Segmented mode releases its own memory with /release_memory_occupation (issue 35);
+    torch_memory_saver keeps the weights and graphs."""
+    from sglang_kvalloc.upstream import backings, pools, refusals
+
+    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
+    configurator.server_args.enable_memory_saver = True
+    assert refusals.unsupported_feature(configurator) is None
+    pools._open_backings(configurator)
+
+
 def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     monkeypatch, flags, env, refused
 ) -> None:

@@ -10,6 +10,7 @@ from sglang_kvalloc.upstream import (
     cli,
     cpu_attention,
     graph_buffers,
+    memory_release,
     metrics,
     pools,
     rope,
@@ -20,6 +21,9 @@ SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
+WEIGHT_UPDATER = (
+    "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+)
 ROPE = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding"
 # RoPE subclasses with their own forwards and incremental growth (rope.OWN_GROWTH).
 ROPE_OWN_GROWTH = (
@@ -120,6 +124,17 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
         (f"{SCHEDULER}.flush_cache", scheduler_loop.after_flush_cache, "AFTER"),
+        # ... and RL's release of memory occupation gives back everything, resume reopens.
+        (
+            f"{WEIGHT_UPDATER}.release_memory_occupation",
+            memory_release.around_release_memory_occupation,
+            "AROUND",
+        ),
+        (
+            f"{WEIGHT_UPDATER}.resume_memory_occupation",
+            memory_release.around_resume_memory_occupation,
+            "AROUND",
+        ),
         # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
         # inside upstream's own decode-memory check, so a row that cannot grow retracts.
         (f"{SCHEDULE_BATCH}.check_decode_mem", scheduler_loop.around_check_decode_mem, "AROUND"),

@@ -50,8 +50,7 @@ def unsupported_feature(configurator: KVCacheConfigurator) -> str | None:
     """Why segmented mode cannot serve a feature asked for, as one line naming the flag (None
     if it can). Each would otherwise go wrong without a word: PD disaggregation runs its own
     event loops (none of segmented mode's scheduler hooks) and transfer backends register KV
-    buffers by pointer; the memory saver pauses torch_memory_saver regions, and segmented
-    memory is created outside them; HiCache's host pool sits beside an idle policy that would
+    buffers by pointer; HiCache's host pool sits beside an idle policy that would
     evict the device cache whole; a custom memory pool (Mooncake) is ignored by the pools."""
     from sglang.srt.environ import envs
 
@@ -62,11 +61,6 @@ def unsupported_feature(configurator: KVCacheConfigurator) -> str | None:
             f"--kv-alloc-mode segmented does not run under --disaggregation-mode "
             f"{server_args.disaggregation_mode} (its event loops bypass the segmented scheduler "
             f"hooks; transfer backends register KV by pointer): {static}"
-        )
-    if getattr(server_args, "enable_memory_saver", False):
-        return (
-            "--kv-alloc-mode segmented does not release its memory through "
-            f"--enable-memory-saver (it lies outside torch_memory_saver's regions): {static}"
         )
     if getattr(server_args, "enable_hierarchical_cache", False):
         return (

@@ -186,7 +186,7 @@ class FixedAddressRope:
         self.rows = 0
         self._commits.ensure(0, rows * self.row_bytes)
         self.view[:rows].copy_(cache.to(device=self.view.device, dtype=dtype))
-        self.rows = rows
+        self.rows = self._initial_rows = rows
         module.cos_sin_cache = self.view
 
     def grow(self, positions: int) -> None:
@@ -211,6 +211,30 @@ class FixedAddressRope:
     @property
     def committed_bytes(self) -> int:
         return self._commits.committed_bytes
+
+    def release(self) -> int:
+        """RL's memory release: the cache's memory goes back (no forward runs until
+        `restore`); its first rows, upstream's own, are kept on the host. Returns the bytes."""
+        released = self.committed_bytes
+        if self.rows:
+            self._released_rows = self.rows
+            self._host_rows = self.view[: self._initial_rows].to("cpu", copy=True)
+        self._commits.drop(0)
+        self._commits.flush()
+        self.rows = 0
+        return released
+
+    def restore(self) -> None:
+        """Before the first forward after a release: the rows it had, upstream's first ones
+        copied back and the rest computed with upstream's formula."""
+        host = getattr(self, "_host_rows", None)
+        if host is None or self.rows:
+            return
+        self._commits.ensure(0, self._initial_rows * self.row_bytes)
+        self.view[: self._initial_rows].copy_(host.to(self.view.device))
+        self.rows = self._initial_rows
+        self._host_rows = None
+        self.grow(self._released_rows)
 
 
 def _computes_cache_like_upstream_base(module: torch.nn.Module) -> bool:

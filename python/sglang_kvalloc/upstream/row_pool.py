@@ -79,6 +79,7 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         # What this iteration's admission may commit (None: no limit of ours).
         self._admission: _AdmissionBudget | None = None
         self._short_of_rows = False
+        self._padding_released = False
         self.row_commit_failures = 0
         self._row_commits: RowCommits | None = None
         worst = ""
@@ -86,8 +87,7 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             self._row_commits = RowCommits(self._backing, rows, self._row_bytes,
                                            commits_unused=True)  # fmt: skip
             granule = self._backing.granularity
-            self._row_commits.ensure(0, 4)  # the padding row cuda-graph batches point at
-            self.req_to_token[0, : min(max_context_len, granule // 4)].zero_()
+            self._commit_padding_row()  # the padding row cuda-graph batches point at
             self._factory.keep_spares(granule, 2)
             worst = (
                 f"; at most one {granule >> 20} MiB granule per running request "
@@ -258,6 +258,29 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         whose readers have finished; this iteration's free ones retire behind a fence."""
         if self._row_commits is not None:
             self._row_commits.flush(lambda: self._factory.fence(streams))
+
+    def release_all(self) -> int:
+        """RL's memory release (no row is in use): every granule goes back, the padding row's
+        too (`restore_padding_row` brings it back before the next batch). Returns the bytes."""
+        before = self.resident_bytes()
+        if self._row_commits is not None:
+            self._row_commits.drop(0)
+            self._row_commits.flush()  # one device wait, before the first release
+            self._padding_released = True
+        else:
+            self._backing.discard(0, self._backing.reserved_bytes)
+        return before - self.resident_bytes()
+
+    def restore_padding_row(self) -> None:
+        """Row 0, which padded cuda-graph batches read, committed and zeroed again."""
+        if self._row_commits is not None and self._padding_released:
+            self._commit_padding_row()
+            self._padding_released = False
+
+    def _commit_padding_row(self) -> None:
+        assert self._row_commits is not None
+        self._row_commits.ensure(0, 4)
+        self.req_to_token[0, : min(self.max_context_len, self._backing.granularity // 4)].zero_()
 
     def release_free_rows_now(self) -> int:
         """Release every granule no row holds, waiting for the device first (idle, or a

@@ -66,6 +66,10 @@ class KvAllocState:
     kv_on_demand_note: str = ""
     # Explicit commits (a GPU): memory the tables take outside the KV pool, settled at start.
     rope_committed_bytes: int = 0
+    # RL's memory release: everything given back until resumed; after a resume the padding
+    # row and RoPE caches come back before the first batch.
+    kv_released: bool = False
+    restore_pending: bool = False
     # req_to_token rows may commit up to row_room_bytes at run time; the KV budget keeps
     # run_time_room_bytes of it free (the rest comes from the slack, as static's table).
     row_room_bytes: int = 0
@@ -147,6 +151,15 @@ class RopeCaches:
     @property
     def committed_bytes(self) -> int:
         return sum(cache.committed_bytes for cache in self.caches)
+
+    def release(self) -> int:
+        """RL's memory release: every cache's memory goes back. Returns the bytes."""
+        return sum(cache.release() for cache in self.caches)
+
+    def restore(self) -> None:
+        """Before the first forward after a release: every cache as it was."""
+        for cache in self.caches:
+            cache.restore()
 
 
 class Runtime:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sglang_kvalloc.upstream import memory_release
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
     step = getattr(allocator, "scheduler_step", None)
     if step is None and not _commits_rows(scheduler):
         return None
+    if RUNTIME.state.restore_pending and _has_work(scheduler):
+        memory_release.restore_before_first_batch(scheduler)
     slots, row_ahead = decode_slots()
     if step is not None:
         if _has_work(scheduler):

@@ -49,7 +49,8 @@ class SegmentedPageAllocator:
 
     ``on_commit(seg)`` backs a segment's memory before any of its pages is handed out (a
     MemoryError is a failed commit: the ceiling drops); ``on_release(seg)`` gives it back once
-    its pages left the free list.
+    its pages left the free list. `suspend` gives back every segment, the first too, through
+    ``on_suspend()``, and nothing is committed until `resume` (RL's memory release).
 
     Several ranks (tensor parallelism) must commit and release the same segments. Every
     decision that could differ between them (a commit's outcome, how far to shrink, whether
@@ -72,6 +73,7 @@ class SegmentedPageAllocator:
         clock: Callable[[], float] = time.monotonic,
         on_commit: Callable[[int], None] | None = None,
         on_release: Callable[[int], None] | None = None,
+        on_suspend: Callable[[], None] | None = None,
         agree: Agree | None = None,
         lazy_merge: bool = False,
         debug: bool = False,
@@ -91,6 +93,7 @@ class SegmentedPageAllocator:
         self.min_committed_segments = min_committed_segments
         self.on_commit = on_commit
         self.on_release = on_release
+        self.on_suspend = on_suspend
         self.agree: Agree = agree or _agree_alone
         self.lazy_merge = lazy_merge
         self.debug = debug
@@ -347,7 +350,9 @@ class SegmentedPageAllocator:
         """Forget all allocations; committed segments stay until `maybe_shrink` drops them."""
         committed = self.committed_segments
         self._reset_pages()
-        self.free_list.reset(torch.cat([self.pages.ids(s) for s in range(committed)]))
+        ids = [self.pages.ids(s) for s in range(committed)]
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.free_list.reset(torch.cat(ids) if ids else empty)
 
     # -- shrink -----------------------------------------------------------------------------
 
@@ -474,6 +479,37 @@ class SegmentedPageAllocator:
                 raise
         self.clocks.in_use(seg)
         self.releases += 1
+
+    # -- suspend (RL's release of memory occupation) ------------------------------------------
+
+    @property
+    def suspended(self) -> bool:
+        return self.growth.suspended
+
+    def suspend(self) -> int:
+        """Give back every committed segment, the first (the padding page's) too: nothing may
+        be allocated (the caller flushed the cache). Until `resume` every page is withheld,
+        so the caller queues work as for a full pool, and nothing is committed. Every rank
+        suspends together (the same state everywhere: no agreement). Returns the segments
+        given back."""
+        self.free_list.merge()
+        if self.used_count():
+            raise PageAccountingError(
+                f"{self.used_count()} pages are in use: flush the cache before suspending"
+            )
+        released = self.committed_segments
+        self._reset_pages()
+        self.committed_segments = 0
+        self.growth.suspend()
+        if released and self.on_suspend is not None:
+            self.on_suspend()
+        self.releases += released
+        return released
+
+    def resume(self) -> None:
+        """Open the pool again; segments are committed as pages are asked for (the first one
+        with its padding page zeroed, by ``on_commit``)."""
+        self.growth.resume()
 
     # -- checks -----------------------------------------------------------------------------
 

@@ -137,6 +137,20 @@ class SegmentedBuffers:
             backing.release(*self.byte_range(b, seg), unused=b > 0)
         self._committed[seg] = False
 
+    def release_all(self) -> int:
+        """Give back every committed segment, the first too (RL's memory release: nothing is
+        allocated); the first commit after it zeroes the padding page again. Returns the
+        segments released."""
+        released = 0
+        for seg in range(len(self._committed)):
+            if not self._committed[seg]:
+                continue
+            for b, backing in enumerate(self.backings):  # one device wait, before the first
+                backing.release(*self.byte_range(b, seg), unused=released > 0 or b > 0)
+            self._committed[seg] = False
+            released += 1
+        return released
+
     def is_committed(self, seg: int) -> bool:
         return self._committed[seg]
 

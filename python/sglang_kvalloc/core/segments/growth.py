@@ -28,6 +28,8 @@ class GrowthCeiling:
         self.failures = 0
         self.last_error: str | None = None
         self._failed_at = 0.0
+        # Memory occupation released (RL): everything withheld, no retry, until `resume`.
+        self.suspended = False
 
     @property
     def standing(self) -> bool:
@@ -41,7 +43,16 @@ class GrowthCeiling:
         self.failures += 1
 
     def retry_due(self) -> bool:
-        return self.clock() - self._failed_at >= self.retry_s
+        return not self.suspended and self.clock() - self._failed_at >= self.retry_s
+
+    def suspend(self) -> None:
+        """Every segment withheld, with no retry, until `resume`."""
+        self.suspended = True
+        self.ceiling = 0
+
+    def resume(self) -> None:
+        self.suspended = False
+        self.lift()
 
     def lift(self) -> None:
         self.ceiling = self.num_segments

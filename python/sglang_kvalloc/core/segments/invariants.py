@@ -20,7 +20,8 @@ def accounting_problems(alloc: SegmentedPageAllocator) -> list[str]:
     g = alloc.geometry
     k = alloc.committed_segments
     problems: list[str] = []
-    if not 1 <= alloc.min_committed_segments <= k <= g.num_segments:
+    resting = k == 0 and alloc.releases > 0  # suspended (RL), or resumed with nothing asked
+    if not resting and not 1 <= alloc.min_committed_segments <= k <= g.num_segments:
         problems.append(f"{k} committed segments outside [{alloc.min_committed_segments}, ...]")
     if alloc.peak_committed_segments < k:
         problems.append("peak below committed")

@@ -55,6 +55,7 @@ class SegmentedAllocatorMixin:
             hold_off_s=RUNTIME.settings.hold_off_s,
             on_commit=events.on_commit,
             on_release=events.on_release,
+            on_suspend=events.on_suspend,
             agree=RUNTIME.settings.agree,
             # Like upstream's need_sort: frees are staged in O(1) and merged when an
             # allocation runs short or at a shrink check, not on every free.
@@ -108,10 +109,12 @@ class SegmentedAllocatorMixin:
         trailing segments empty for the hold-off (keeping that headroom)."""
         # Runs every scheduler iteration: the common path is two integer tests.
         self._iteration += 1
+        seg = self._segments
+        if seg.suspended:  # memory occupation released: nothing is committed until resumed
+            return
         pages = -(-demand_tokens // self.page_size)
         events = self._events
         events.last_demand_tokens = demand_tokens
-        seg = self._segments
         prepared = not seg.backed_for(pages)
         if prepared:
             events.committing_ahead = True
@@ -139,7 +142,7 @@ class SegmentedAllocatorMixin:
         in trailing segments, then LRU down to the retained budget, and give the emptied
         segments back at once. Runs once per idle period; True when it ran."""
         seg = self._segments
-        if self._iteration % SYNC_EVERY_ITERATIONS:
+        if self._iteration % SYNC_EVERY_ITERATIONS or seg.suspended:
             return False
         due = not self._idle_policy_done and time.monotonic() - self._busy_at >= seg.hold_off_s
         if not seg.agree(int(due)):
@@ -168,6 +171,18 @@ class SegmentedAllocatorMixin:
                 self._buffers.committed_bytes / 1e6,
             )
         return True
+
+    def suspend(self) -> int:
+        """RL's memory release: every segment given back, the first too; every page withheld
+        (requests queue) until `resume`. Returns the segments given back."""
+        released = self._segments.suspend()
+        self._sync()
+        return released
+
+    def resume(self) -> None:
+        """Open again: segments are committed as requests need them."""
+        self._segments.resume()
+        self._sync()
 
     def maybe_shrink_now(self) -> int:
         """Release every trailing empty segment at once (the idle policy's release)."""

@@ -88,6 +88,15 @@ class SegmentEvents:
             buffers.committed_bytes / 1e6,
         )
 
+    def on_suspend(self) -> None:
+        released = self.buffers.release_all()
+        logger.info(
+            "KV segments released with the memory occupation: %d segments, the first too; "
+            "%.2f MB committed.",
+            released,
+            self.buffers.committed_bytes / 1e6,
+        )
+
     def log_commit_failure(self, seg: SegmentedPageAllocator) -> None:
         """WARNING when commits start failing (then at most every LOG_INTERVAL_S while they
         keep failing), INFO when the capacity is back."""

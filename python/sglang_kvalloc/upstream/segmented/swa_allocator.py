@@ -84,6 +84,13 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
     def maybe_shrink_now(self) -> int:
         return sum(part.maybe_shrink_now() for part in self._parts)
 
+    def suspend(self) -> int:
+        return sum(part.suspend() for part in self._parts)
+
+    def resume(self) -> None:
+        for part in self._parts:
+            part.resume()
+
     def verify_byte_accounting(self) -> list[str]:
         return [
             f"{name}: {problem}"
