@@ -84,8 +84,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--model-dir", type=Path,
-                        default=Path.home() / ".cache/sglang-kvalloc/models" / MODEL_NAME)  # fmt: skip
+    models = Path.home() / ".cache/sglang-kvalloc/models"
+    parser.add_argument("--model-dir", type=Path, default=models / MODEL_NAME)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     model = ensure(args.model_dir)
@@ -102,8 +102,13 @@ def main() -> None:
                     results[name].append(one_round(server, prompt))
     out = {
         "provenance": provenance.record("benchmark/rl_release.py"),
-        "setup": {"model": MODEL_NAME, "args": CONTEXT_ARGS, "prompt_tokens": PROMPT_TOKENS,
-                  "new_tokens": NEW_TOKENS, "rounds": args.rounds},  # fmt: skip
+        "setup": {
+            "model": MODEL_NAME,
+            "args": CONTEXT_ARGS,
+            "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS,
+            "rounds": args.rounds,
+        },  # fmt: skip
         "summary": {name: summarize(rounds) for name, rounds in results.items()},
         "rounds": results,
     }

@@ -42,7 +42,7 @@ def test_every_refusal_quoted_is_the_line_the_code_says() -> None:
     words = set(re.findall(r"[\w\-']+", source))
     segmented_cells = [row.split(" | ")[1] for row in _rows()]
     quoted = [m.group(1) for c in segmented_cells if (m := re.match(r'refused[^"]*: "(.+)"$', c))]
-    assert len(quoted) >= 6
+    assert len(quoted) >= 5  # PD, HiCache, PP, DP attention with graphs, Mooncake pools
     for line in quoted:
         unknown = [w for w in re.findall(r"[\w\-']+", line) if w not in words]
         # The flag's value is filled in at run time (prefill, decode).
