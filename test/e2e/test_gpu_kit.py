@@ -27,7 +27,7 @@ sys.path.append(str(GPU_DIR))  # after test/ (its conftest.py must not be shadow
 
 import kit_spec  # noqa: E402
 
-PHASES = "install,imports,static,segmented,bench,stop"
+PHASES = "install,imports,static,segmented,rl,bench,stop"
 
 
 @pytest.fixture(scope="module")

@@ -303,3 +303,49 @@ def auto_phase(stage: Stage, timeout: float) -> dict[str, Any]:
         time.sleep(2 if p.device == "cuda" else 0)
         record["memory_after_stop"] = stage.memory.reading()
     return record
+
+
+def rl_phase(stage: Stage) -> dict[str, Any]:
+    """RL's release and resume of memory occupation on the segmented server (issue 35):
+    committed bytes 0 and the device's free memory back after release, nothing committed by
+    resume, and the first request after it equal to static's."""
+    server, checks = stage.servers["segmented"], stage.checks
+    server.resume()  # paused between phases on the CPU proof
+    try:
+        return _release_and_resume(stage, server, checks)
+    finally:
+        if stage.profile.pause_others:
+            server.pause()
+
+
+def _release_and_resume(stage: Stage, server: KitServer, checks: Checks) -> dict[str, Any]:
+    from sglang_kvalloc.serving import http_json
+
+    tags = {"tags": ["kv_cache"]}
+    before = stage.memory.reading([server])
+    committed = kit_work.committed(server.kv()) or 0
+    started = time.monotonic()
+    http_json(server.url + "/release_memory_occupation", tags, timeout=120)
+    record: dict[str, Any] = {"release_s": round(time.monotonic() - started, 3)}
+    released = stage.memory.reading([server])
+    record.update(committed_before=committed, memory_before=before, memory_released=released,
+                  committed_released=kit_work.committed(server.kv()))  # fmt: skip
+    checks.add("rl: release leaves nothing committed", record["committed_released"] == 0)
+    freed = None
+    if stage.memory.free_bytes(before) is not None:
+        freed = stage.memory.free_bytes(released) - stage.memory.free_bytes(before)
+        record["device_free_gain_bytes"] = freed
+        checks.add("rl: the device's free memory grows by what was committed",
+                   freed >= 0.9 * committed, {"freed": freed, "committed": committed})  # fmt: skip
+    started = time.monotonic()
+    http_json(server.url + "/resume_memory_occupation", tags, timeout=120)
+    record["resume_s"] = round(time.monotonic() - started, 3)
+    checks.add("rl: resume commits nothing", kit_work.committed(server.kv()) == 0)
+    first = stage.profile.work.prompts()["sequential"][0]
+    started = time.monotonic()
+    out = kit_work.greedy(server, first, stage.profile.work.new_tokens)
+    record["first_request_s"] = round(time.monotonic() - started, 3)
+    static = stage.outputs.get("static", {}).get("sequential", [{}])[0].get("output_ids")
+    checks.add("rl: the first request after resume equals static's",
+               static is not None and out.get("output_ids") == static)  # fmt: skip
+    return record

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kit_spec  # noqa: E402
 from kit_work import Checks, Workload  # noqa: E402
 
-PHASES = ["install", "imports", "jit", "kernels", "model", "static", "segmented", "bench",
-          "stop", "auto"]  # fmt: skip
+PHASES = ["install", "imports", "jit", "kernels", "model", "static", "segmented", "rl",
+          "bench", "stop", "auto"]  # fmt: skip
 # Seconds a phase needs at least; it is skipped when less is left before the deadline.
 NEEDS = {"install": 30, "imports": 20, "jit": 60, "kernels": 45, "model": 40, "static": 90,
-         "segmented": 90, "bench": 45, "stop": 5, "auto": 90}  # fmt: skip
+         "segmented": 90, "rl": 20, "bench": 45, "stop": 5, "auto": 90}  # fmt: skip
 AUTO_RESERVE_S = 100  # what the bench leaves for auto
 GPU_POOL_ARGS = ["--context-length", "65536", "--max-total-tokens", "262144",
                  "--mem-fraction-static", "0.45"]  # fmt: skip
@@ -449,6 +449,12 @@ def _server_phases(kit: Kit, stage: Any) -> None:
     with kit.phase("segmented") as rec:
         if rec is not None:
             rec.update(kit_phases.segmented_phase(stage, timeout()))
+    with kit.phase("rl") as rec:
+        if rec is not None:
+            if "segmented" in stage.servers:
+                rec.update(kit_phases.rl_phase(stage))
+            else:
+                rec.update(status="skipped", why="the segmented server is not up")
     with kit.phase("bench") as rec:
         if rec is not None:
             if {"static", "segmented"} <= set(stage.servers):
