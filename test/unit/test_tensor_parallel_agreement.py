@@ -68,6 +68,16 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         for _ in range(segmented.SHRINK_CHECK_EVERY_ITERATIONS):  # on every rank alike
             a.scheduler_step(0)
         seen["committed_after_shrink"] = seg.committed_segments
+        # RL's release and resume (issue 35), on every rank as upstream calls them: nothing
+        # is agreed while released (no collective: a rank waiting on one would hang).
+        seen["suspended_segments"] = a.suspend()
+        for _ in range(segmented.SHRINK_CHECK_EVERY_ITERATIONS):
+            a.scheduler_step(20)
+        seen["available_released"] = a.available_size()
+        a.resume()
+        a.scheduler_step(20)  # commit ahead again, agreed
+        z = a.alloc(20)
+        seen["slots_after_resume"] = None if z is None else z.tolist()
         seen["problems"] = seg.accounting_problems()
         queue.put((rank, seen))
         dist.destroy_process_group()
@@ -94,4 +104,6 @@ def test_two_ranks_commit_release_and_fail_alike() -> None:
     assert r0["withheld_after_retry"] == 0
     assert r0["slots"] is not None and len(r0["slots"]) == 30
     assert r0["committed_after_shrink"] == 1
+    assert r0["suspended_segments"] == 1 and r0["available_released"] == 0
+    assert r0["slots_after_resume"] == list(range(1, 21))
     assert r0["problems"] == []
