@@ -647,15 +647,6 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     assert "--kv-alloc-mode static" in str(error.value)
 
 
-@pytest.mark.parametrize(
-    ("flags", "env", "refused"),
-    [
-        ({"disaggregation_mode": "prefill"}, {}, "--disaggregation-mode prefill"),
-        ({"disaggregation_mode": "decode"}, {}, "--disaggregation-mode decode"),
-        ({"enable_hierarchical_cache": True}, {}, "--enable-hierarchical-cache"),
-        ({}, {"SGLANG_MOONCAKE_CUSTOM_MEM_POOL": "NVLINK"}, "SGLANG_MOONCAKE_CUSTOM_MEM_POOL"),
-    ],
-)
 def test_the_memory_saver_is_served(monkeypatch) -> None:
     """Segmented mode releases its own memory with /release_memory_occupation (issue 35);
     torch_memory_saver keeps the weights and graphs."""
@@ -668,6 +659,15 @@ def test_the_memory_saver_is_served(monkeypatch) -> None:
     pools._open_backings(configurator)
 
 
+@pytest.mark.parametrize(
+    ("flags", "env", "refused"),
+    [
+        ({"disaggregation_mode": "prefill"}, {}, "--disaggregation-mode prefill"),
+        ({"disaggregation_mode": "decode"}, {}, "--disaggregation-mode decode"),
+        ({"enable_hierarchical_cache": True}, {}, "--enable-hierarchical-cache"),
+        ({}, {"SGLANG_MOONCAKE_CUSTOM_MEM_POOL": "NVLINK"}, "SGLANG_MOONCAKE_CUSTOM_MEM_POOL"),
+    ],
+)
 def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     monkeypatch, flags, env, refused
 ) -> None:
