@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 STATIC = "static"
 SEGMENTED = "segmented"
@@ -30,6 +31,12 @@ DEFAULT_HOLD_OFF_S = 5.0
 IDLE_CACHE_ATTR = "_kv_idle_cache_tokens"
 IDLE_CACHE_ENV = "SGLANG_KV_IDLE_CACHE_TOKENS"
 DEFAULT_IDLE_CACHE_TOKENS = 8192
+
+# A KV budget shared by the segmented servers of a device (--kv-budget and friends).
+BUDGET_ATTR = "_kv_budget"
+BUDGET_BYTES_ATTR = "_kv_budget_bytes"
+BUDGET_FLOOR_ATTR = "_kv_budget_floor"
+BUDGET_LIMIT_ATTR = "_kv_budget_limit"
 
 MODE_HELP = {
     STATIC: "upstream behaviour: pools and tables sized at start-up (max requests x context).",
@@ -113,3 +120,27 @@ def idle_cache_tokens(server_args: object | None) -> int:
     if value < 0:
         raise KvAllocModeError(f"--kv-idle-cache-tokens must be >= 0, got {value}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """The KV budget a server joins: its name, its size where this server creates it (0: the
+    ledger's), and this server's floor and limit (0: none, the total)."""
+
+    name: str
+    total_bytes: int
+    floor_bytes: int
+    limit_bytes: int
+
+
+def budget_settings(server_args: object | None) -> BudgetSettings | None:
+    """The shared KV budget asked for, None without one."""
+    name = getattr(server_args, BUDGET_ATTR, None) if server_args is not None else None
+    if not name:
+        return None
+    return BudgetSettings(
+        name=str(name),
+        total_bytes=int(getattr(server_args, BUDGET_BYTES_ATTR, 0) or 0),
+        floor_bytes=int(getattr(server_args, BUDGET_FLOOR_ATTR, 0) or 0),
+        limit_bytes=int(getattr(server_args, BUDGET_LIMIT_ATTR, 0) or 0),
+    )

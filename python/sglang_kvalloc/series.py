@@ -43,6 +43,7 @@ NOT_IN_SERIES = (
     "upstream/plugin.py",
     "series.py",
     "plan.py",
+    "budget.py",
     "demo.py",
     "serving.py",
     "tiny_model.py",

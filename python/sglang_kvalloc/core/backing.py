@@ -16,9 +16,12 @@ import errno
 import math
 import mmap
 import platform
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from sglang_kvalloc.core.shared_budget import SharedBudget
 
 __all__ = [
     "Backing",
@@ -458,15 +461,16 @@ class BackingFactory(Protocol):
 
 class CpuBackingFactory:
     """`CpuMmapBacking` at OS-page granularity; nothing to keep ready (a commit is a
-    populate of private pages)."""
+    populate of private pages). With a shared budget set, its backings reserve in it."""
 
     faults_in = True
 
     def __init__(self, granularity: int | None = None) -> None:
         self.granularity: int = granularity or mmap.PAGESIZE
+        self.budget: SharedBudget | None = None
 
     def __call__(self, nbytes: int) -> Backing:
-        return CpuMmapBacking(nbytes, self.granularity)
+        return ledgered(CpuMmapBacking(nbytes, self.granularity), self.budget)
 
     def keep_spares(self, nbytes: int, count: int) -> None:
         return None
@@ -479,6 +483,65 @@ class CpuBackingFactory:
 
     def fence(self, streams: tuple[Any, ...] = ()) -> Fence:
         return PASSED  # the CPU runs nothing behind the host's back
+
+
+class LedgeredBacking:
+    """A backing whose commits are reserved in a `SharedBudget` before the memory is taken
+    (a refusal is a failed commit: MemoryError, nothing changed) and given back to it after the
+    memory went, so the ledger never counts less than the server holds."""
+
+    def __init__(self, inner: Backing, budget: SharedBudget) -> None:
+        self._inner = inner
+        self._budget = budget
+        self.granularity = inner.granularity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._inner.reserved_bytes
+
+    @property
+    def committed_bytes(self) -> int:
+        return self._inner.committed_bytes
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._inner.tensor(dtype, shape)
+
+    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        inner = self._inner
+        if nbytes <= 0 or inner.is_committed(offset, nbytes):
+            return
+        if not self._budget.reserve(nbytes):
+            raise MemoryError(
+                f"the KV budget {self._budget.path.name} has no {nbytes} bytes left for this "
+                "server (the others hold them and are asked to give way)"
+            )
+        before = inner.committed_bytes
+        try:
+            inner.commit(offset, nbytes, unused=unused)
+        except BaseException:
+            self._budget.release(nbytes)
+            raise
+        unused_part = nbytes - (inner.committed_bytes - before)
+        if unused_part > 0:
+            self._budget.release(unused_part)
+
+    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        before = self._inner.committed_bytes
+        self._inner.release(offset, nbytes, unused=unused)
+        self._budget.release(before - self._inner.committed_bytes)
+
+    def close(self) -> None:
+        before = self._inner.committed_bytes
+        self._inner.close()
+        self._budget.release(before)
+
+
+def ledgered(backing: Backing, budget: SharedBudget | None) -> Backing:
+    """``backing`` reserving in ``budget`` (itself where there is none)."""
+    return backing if budget is None else LedgeredBacking(backing, budget)
 
 
 class _PassedFence:

@@ -22,11 +22,18 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglang_kvalloc.core.backing import Fence, RangeSet, check_range, tensor_bytes
+from sglang_kvalloc.core.backing import (
+    Backing,
+    Fence,
+    RangeSet,
+    check_range,
+    ledgered,
+    tensor_bytes,
+)
 from sglang_kvalloc.core.vmm_device import (
     CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,
@@ -34,6 +41,9 @@ from sglang_kvalloc.core.vmm_device import (
     VmmMappingLostError,
     driver_success,
 )
+
+if TYPE_CHECKING:
+    from sglang_kvalloc.core.shared_budget import SharedBudget
 
 __all__ = [
     "CudaBackingFactory",
@@ -339,9 +349,10 @@ class CudaBackingFactory:
     def __init__(self, device: VmmDevice) -> None:
         self.device = device
         self.granularity: int = device.granularity
+        self.budget: SharedBudget | None = None  # set: its backings reserve in it
 
-    def __call__(self, nbytes: int) -> CudaVmmBacking:
-        return CudaVmmBacking(nbytes, self.device)
+    def __call__(self, nbytes: int) -> Backing:
+        return ledgered(CudaVmmBacking(nbytes, self.device), self.budget)
 
     def keep_spares(self, nbytes: int, count: int) -> None:
         self.device.keep_spares(nbytes, count)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc import modes
+from sglang_kvalloc.core.shared_budget import parse_bytes
 
 if TYPE_CHECKING:
     from sglang.srt.entrypoints.engine import Engine
@@ -25,12 +26,20 @@ DEST = "kv_alloc_mode"
 SEGMENT_TOKENS_DEST = "kv_segment_tokens"
 HOLD_OFF_DEST = "kv_segment_hold_off"
 IDLE_CACHE_DEST = "kv_idle_cache_tokens"
+BUDGET_DEST = "kv_budget"
+BUDGET_BYTES_DEST = "kv_budget_bytes"
+BUDGET_FLOOR_DEST = "kv_budget_floor"
+BUDGET_LIMIT_DEST = "kv_budget_limit"
 # Every value this plugin adds to upstream's CLI / Engine keywords -> its ServerArgs attribute.
 CARRIED = {
     DEST: modes.SERVER_ARGS_ATTR,
     SEGMENT_TOKENS_DEST: modes.SEGMENT_TOKENS_ATTR,
     HOLD_OFF_DEST: modes.HOLD_OFF_ATTR,
     IDLE_CACHE_DEST: modes.IDLE_CACHE_ATTR,
+    BUDGET_DEST: modes.BUDGET_ATTR,
+    BUDGET_BYTES_DEST: modes.BUDGET_BYTES_ATTR,
+    BUDGET_FLOOR_DEST: modes.BUDGET_FLOOR_ATTR,
+    BUDGET_LIMIT_DEST: modes.BUDGET_LIMIT_ATTR,
 }
 _RAW_MARK = "R|"
 # The parser the flags were added to: checks that need several flags report through it
@@ -104,6 +113,13 @@ def _hold_off(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _bytes(value: str) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     """Add the flag to a parser that lacks it."""
     global _PARSER
@@ -146,6 +162,37 @@ def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
         "hold-off; cached KV in the highest segments goes first, then least recently used, "
         f"and the emptied segments are given back (default: {modes.DEFAULT_IDLE_CACHE_TOKENS})."
         f" Env {modes.IDLE_CACHE_ENV}.",
+    )
+    parser.add_argument(
+        "--kv-budget",
+        dest=BUDGET_DEST,
+        default=None,
+        metavar="NAME",
+        help="Segmented mode: share one KV memory budget, named NAME, with the other servers "
+        "on this device that name it: each commits only what the budget has left and gives "
+        "back its cached KV when another waits (docs/multi-model.md).",
+    )
+    parser.add_argument(
+        "--kv-budget-bytes",
+        dest=BUDGET_BYTES_DEST,
+        type=_bytes,
+        default=None,
+        help="The budget's size (the first server on it gives it; the others may leave it out),"
+        " e.g. 40G; each server's KV pool is reserved at this size, not at the free memory.",
+    )
+    parser.add_argument(
+        "--kv-budget-floor",
+        dest=BUDGET_FLOOR_DEST,
+        type=_bytes,
+        default=None,
+        help="Bytes of the budget this server can always commit, whatever the others hold.",
+    )
+    parser.add_argument(
+        "--kv-budget-limit",
+        dest=BUDGET_LIMIT_DEST,
+        type=_bytes,
+        default=None,
+        help="The most of the budget this server commits (default: all of it).",
     )
 
 
@@ -211,6 +258,11 @@ def input_problem(server_args: ServerArgs) -> str | None:
     context = getattr(server_args, "context_length", None)
     if mode != modes.STATIC and context is not None and int(context) <= 0:
         return f"--context-length must be a positive number of tokens, got {context}"
+    if mode == modes.STATIC and modes.budget_settings(server_args) is not None:
+        return (
+            "--kv-budget shares KV memory that is committed on demand: use --kv-alloc-mode "
+            "segmented or auto"
+        )
     return None
 
 

@@ -26,6 +26,13 @@ _GAUGES: dict[str, str] = {
     "segment_commits": "Segments committed since start (segmented mode).",
     "segment_releases": "Segments given back since start (segmented mode).",
 }
+# The shared KV budget (--kv-budget), from its ledger.
+_BUDGET_GAUGES: dict[str, str] = {
+    "budget_total_bytes": "Bytes of the KV budget this server shares (--kv-budget).",
+    "budget_committed_bytes": "KV bytes committed by every server on the budget.",
+    "budget_server_committed_bytes": "KV bytes this server has reserved in the budget.",
+    "budget_others_wanted_bytes": "Bytes other servers on the budget asked for and wait on.",
+}
 _FROM_SEGMENTS = {
     "committed_bytes": "committed_bytes",
     "reserved_bytes": "reserved_bytes",
@@ -52,7 +59,7 @@ def after_collector_init(
             labelnames=list(labels.keys()),
             multiprocess_mode="mostrecent",
         )
-        for name, doc in _GAUGES.items()
+        for name, doc in {**_GAUGES, **_BUDGET_GAUGES}.items()
     }
     self._kvalloc_mode_gauge = Gauge(
         name="sglang:kv_alloc_mode",
@@ -81,6 +88,15 @@ def after_log_stats(
     segments = RUNTIME.segment_stats() or {}
     for name, key in _FROM_SEGMENTS.items():
         values[name] = segments.get(key)
+    if RUNTIME.budget is not None:
+        ledger = RUNTIME.budget.snapshot()
+        mine = [s for s in ledger["slots"] if s["pid"] == ledger["this_pid"]]
+        values["budget_total_bytes"] = ledger["total_bytes"]
+        values["budget_committed_bytes"] = ledger["committed_bytes"]
+        values["budget_server_committed_bytes"] = mine[0]["committed"] if mine else 0
+        values["budget_others_wanted_bytes"] = sum(
+            s["wanted"] for s in ledger["slots"] if s["pid"] != ledger["this_pid"]
+        )
     for name, value in values.items():
         if value is not None:
             gauges[name].labels(**labels).set(value)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backings as backing_choice
+from sglang_kvalloc.upstream import shared_budget
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -88,6 +89,7 @@ def around_resolve_memory_pool_config(
     if requested != modes.AUTO:
         if requested == modes.SEGMENTED:
             _open_backings(self)  # a device that cannot do it says so now, in one line
+            shared_budget.open_budget(self)
             _warn_graph_buffers(self)
         state.mode = requested
         state.reason = "chosen explicitly"
@@ -118,11 +120,15 @@ def around_resolve_memory_pool_config(
         config = original(self, *args, **kwargs)
     mode = decision.mode
     reason = decision.reason
+    if modes.budget_settings(self.server_args) is not None and mode != modes.SEGMENTED:
+        mode, reason = modes.SEGMENTED, "--kv-budget: a shared budget is committed on demand"
     if mode == modes.SEGMENTED:
         try:
             _open_backings(self)
         except modes.KvAllocModeError as exc:
             mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
+        else:
+            shared_budget.open_budget(self)
     state.mode = mode
     state.reason = reason
     _note_mechanisms(self)
@@ -215,6 +221,10 @@ def around_profile_available_bytes(
     """AROUND `KVCacheConfigurator._profile_available_bytes`: the KV budget leaves the room
     segmented mode keeps free for req_to_token rows (0 in every other case)."""
     available = original(configurator, *args, **kwargs)
+    if not configurator.is_draft_worker:
+        # Servers sharing a budget reserve it whole, whatever memory their start finds free.
+        budgeted = shared_budget.pool_bytes(configurator)
+        available = available if budgeted is None else budgeted
     room = RUNTIME.state.run_time_room_bytes
     if configurator.is_draft_worker or not room:
         return available

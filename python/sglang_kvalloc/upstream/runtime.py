@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
+    from sglang_kvalloc.core.shared_budget import SharedBudget
     from sglang_kvalloc.upstream.rope import FixedAddressRope
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class Runtime:
         self.state = KvAllocState()
         self.graph = GraphBufferRegistry()
         self.rope = RopeCaches()
+        # The KV budget shared with the device's other servers (--kv-budget), once open.
+        self.budget: SharedBudget | None = None
 
     def segment_stats(self, include_resident: bool = False) -> dict[str, Any] | None:
         """Segmented-mode figures. `include_resident` adds a mincore(2) scan of the whole
@@ -225,6 +228,8 @@ class Runtime:
         segments = self.segment_stats(include_resident=True)
         if segments is not None:
             out["segments"] = segments
+        if self.budget is not None:
+            out["budget"] = self.budget.snapshot()
         return out
 
 

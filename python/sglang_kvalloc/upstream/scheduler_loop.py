@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sglang_kvalloc.upstream import memory_release
+from sglang_kvalloc.upstream import memory_release, shared_budget
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
         if _has_work(scheduler):
             allocator.note_busy()
         step(iteration_demand_tokens(scheduler, slots))
+        shared_budget.give_way(scheduler)
     if _commits_rows(scheduler):
         _prepare_rows(scheduler, row_ahead)
     return None
@@ -242,6 +243,7 @@ def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any)
     the top of each iteration, where their fences have passed."""
     if not scheduler.is_fully_idle():
         return None
+    shared_budget.stop_wanting()
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     idle_step = getattr(allocator, "idle_step", None)
     if idle_step is not None and idle_step(scheduler.tree_cache):

@@ -148,6 +148,16 @@ class SegmentedAllocatorMixin:
         if not seg.agree(int(due)):
             return False
         self._idle_policy_done = True
+        RUNTIME.backings.trim_spares()  # pre-created handles hold memory too
+        self.release_cache_above_retained(tree_cache, f"idle for {seg.hold_off_s:.1f} s")
+        return True
+
+    def release_cache_above_retained(self, tree_cache: BasePrefixCache, why: str) -> int:
+        """Evict the cached KV no request holds, first in the segments above what the
+        retained tokens (``--kv-idle-cache-tokens``) need, then least recently used down to
+        them, and give the segments that empties back now. Every rank together. Returns the
+        segments released."""
+        seg = self._segments
         retain = RUNTIME.settings.idle_cache_tokens
         keep = seg.segments_holding(-(-retain // self.page_size))
         boundary_slot = seg.first_page_of(keep) * self.page_size
@@ -155,13 +165,12 @@ class SegmentedAllocatorMixin:
         by_location = idle_eviction.evict_at_or_above(tree_cache, boundary_slot)
         by_lru = idle_eviction.evict_lru_down_to(tree_cache, retain)
         released = seg.maybe_shrink(hold_off_s=0.0)
-        RUNTIME.backings.trim_spares()  # pre-created handles hold memory too
         self._sync()
         if by_location or by_lru or released:
             logger.info(
-                "Idle for %.1f s: evicted %d cached tokens at or above slot %d and %d more "
-                "(LRU, %d retained); released %d segments: %.2f -> %.2f MB committed.",
-                seg.hold_off_s,
+                "%s: evicted %d cached tokens at or above slot %d and %d more (LRU, %d "
+                "retained); released %d segments: %.2f -> %.2f MB committed.",
+                why[:1].upper() + why[1:],
                 by_location,
                 boundary_slot,
                 by_lru,
@@ -170,7 +179,7 @@ class SegmentedAllocatorMixin:
                 before / 1e6,
                 self._buffers.committed_bytes / 1e6,
             )
-        return True
+        return released
 
     def suspend(self) -> int:
         """RL's memory release: every segment given back, the first too; every page withheld

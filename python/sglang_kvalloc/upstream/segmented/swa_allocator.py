@@ -84,6 +84,9 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
     def maybe_shrink_now(self) -> int:
         return sum(part.maybe_shrink_now() for part in self._parts)
 
+    def release_cache_above_retained(self, tree_cache: BasePrefixCache, why: str) -> int:
+        return sum(part.release_cache_above_retained(tree_cache, why) for part in self._parts)
+
     def suspend(self) -> int:
         return sum(part.suspend() for part in self._parts)
 

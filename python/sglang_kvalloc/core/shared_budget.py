@@ -1,0 +1,317 @@
+"""One KV memory budget shared by every segmented server on a device: a ledger file in
+``/dev/shm`` that each server reserves in before it commits memory and gives back to after it
+releases some, so the servers on one GPU share what they commit instead of splitting the device
+statically (``--mem-fraction-static``). Stdlib only.
+
+The file is keyed by the user, the device (its UUID on CUDA, so processes with different
+``CUDA_VISIBLE_DEVICES`` share it; a name on the CPU engine) and the budget's name. It holds
+the total and one slot per server: pid and process start time (against pid reuse), name,
+bytes committed, floor and limit, bytes wanted (a reservation refused: another server should
+give way), heartbeat. Every change is made under ``flock``, which the kernel drops when the
+holder dies; a slot whose process is gone is reaped by the next change. The file is created
+owner-only; a file of another user, of another version, or whose checksum fails is refused
+with one line, never trusted.
+
+A server may reserve while the committed bytes of every server, plus what the others still
+lack of their floors, stay within the total, and its own within its limit: each keeps its
+floor however busy the others are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import stat
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_DIR",
+    "BudgetError",
+    "SharedBudget",
+    "Slot",
+    "ledger_path",
+    "list_ledgers",
+    "locked_ledger",
+    "parse_bytes",
+    "read_ledger",
+    "update_ledger",
+]
+
+VERSION = 1
+MAGIC = "sglang-kvalloc-budget"
+DEFAULT_DIR = Path("/dev/shm")
+
+
+class BudgetError(RuntimeError):
+    """A ledger that cannot be used: one line saying why and what to do."""
+
+
+@dataclass
+class Slot:
+    """One server's row."""
+
+    pid: int
+    start: int  # the process's start time (clock ticks since boot), against pid reuse
+    name: str
+    committed: int = 0
+    floor: int = 0
+    limit: int = 0  # 0: the total
+    wanted: int = 0  # bytes a refused reservation asked for (others give way)
+    heartbeat: float = 0.0
+
+
+@dataclass
+class Ledger:
+    """The file's content."""
+
+    total: int
+    slots: list[Slot] = field(default_factory=list)
+
+    def committed(self) -> int:
+        return sum(slot.committed for slot in self.slots)
+
+
+def ledger_path(device_key: str, name: str, directory: Path = DEFAULT_DIR) -> Path:
+    """The ledger of budget ``name`` on a device, for this user."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{device_key}-{name}")
+    return directory / f"{MAGIC}-{os.getuid()}-{safe}.json"
+
+
+def list_ledgers(directory: Path = DEFAULT_DIR) -> list[Path]:
+    """This user's ledgers."""
+    return sorted(directory.glob(f"{MAGIC}-{os.getuid()}-*.json"))
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc), None if it is gone."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    fields = stat_line[stat_line.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22 of proc(5), counted from field 3
+
+
+def _alive(slot: Slot) -> bool:
+    return process_start(slot.pid) == slot.start
+
+
+def _encode(ledger: Ledger) -> bytes:
+    body = {"magic": MAGIC, "version": VERSION, "total": ledger.total,
+            "slots": [asdict(slot) for slot in ledger.slots]}  # fmt: skip
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    checksum = zlib.crc32(text.encode())
+    return json.dumps({"body": body, "crc32": checksum}, sort_keys=True).encode()
+
+
+def _decode(raw: bytes, path: Path) -> Ledger:
+    fix = (
+        f"remove it (python -m sglang_kvalloc.budget remove {path.name}) or use another --kv-budget"
+    )
+    try:
+        outer = json.loads(raw)
+        body = outer["body"]
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    except (ValueError, KeyError, TypeError):
+        raise BudgetError(f"KV budget ledger {path} is not a ledger: {fix}") from None
+    if outer.get("crc32") != zlib.crc32(text.encode()) or body.get("magic") != MAGIC:
+        raise BudgetError(f"KV budget ledger {path} is corrupt (checksum mismatch): {fix}")
+    if body.get("version") != VERSION:
+        raise BudgetError(
+            f"KV budget ledger {path} is version {body.get('version')}, this build writes "
+            f"{VERSION}: stop the servers using it, then {fix}"
+        )
+    return Ledger(total=int(body["total"]), slots=[Slot(**slot) for slot in body["slots"]])
+
+
+class SharedBudget:
+    """This process's slot in a device's ledger (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        total: int | None,
+        name: str,
+        floor: int = 0,
+        limit: int = 0,
+        pid: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.pid = os.getpid() if pid is None else pid
+        start = process_start(self.pid)
+        if start is None:
+            raise BudgetError(f"process {self.pid} has no /proc entry: no KV budget ledger")
+        self.start = start
+        self.clock = clock
+        self._wanting = False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = fd
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            os.close(fd)
+            raise BudgetError(
+                f"KV budget ledger {path} is not this user's alone (owner {info.st_uid}, mode "
+                f"{stat.S_IMODE(info.st_mode):o}): servers of different users do not share; "
+                "use another --kv-budget"
+            )
+        with self._locked(create_total=total) as ledger:
+            if total is not None and ledger.total != total:
+                raise BudgetError(
+                    f"KV budget {name!r} on this device holds {ledger.total} bytes, asked "
+                    f"{total}: leave --kv-budget-bytes out to join it, or use another --kv-budget"
+                )
+            if floor > ledger.total - sum(s.floor for s in ledger.slots if s.pid != self.pid):
+                raise BudgetError(
+                    f"--kv-budget-floor {floor} does not fit budget {name!r}: the servers on it "
+                    f"already keep {sum(s.floor for s in ledger.slots)} of {ledger.total} bytes"
+                )
+            ledger.slots = [s for s in ledger.slots if s.pid != self.pid]
+            ledger.slots.append(Slot(self.pid, self.start, name, floor=floor, limit=limit,
+                                     heartbeat=self.clock()))  # fmt: skip
+            self.total = ledger.total
+
+    @staticmethod
+    def total_of(path: Path) -> int | None:
+        """The total of the ledger at ``path``, None where there is none yet."""
+        try:
+            with open(path, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        return _decode(raw, path).total if raw else None
+
+    @contextlib.contextmanager
+    def _locked(self, create_total: int | None = None) -> Iterator[Ledger]:
+        with locked_ledger(self._fd, self.path, create_total) as ledger:
+            yield ledger
+
+    def _mine(self, ledger: Ledger) -> Slot:
+        for slot in ledger.slots:
+            if slot.pid == self.pid:
+                return slot
+        raise BudgetError(f"this server's slot left KV budget ledger {self.path} (reaped?)")
+
+    # -- the verbs ----------------------------------------------------------------------------
+
+    def reserve(self, nbytes: int) -> bool:
+        """Reserve before committing ``nbytes``; False (and ``nbytes`` marked wanted, so the
+        others give way) where the budget, the others' floors or this server's limit say no."""
+        with self._locked() as ledger:
+            mine = self._mine(ledger)
+            mine.heartbeat = self.clock()
+            others_short = sum(max(0, s.floor - s.committed) for s in ledger.slots if s is not mine)
+            limit = mine.limit or ledger.total
+            fits = ledger.committed() + others_short + nbytes <= ledger.total
+            if fits and mine.committed + nbytes <= limit:
+                mine.committed += nbytes
+                mine.wanted = 0
+                self._wanting = False
+                return True
+            mine.wanted = max(mine.wanted, nbytes)
+            self._wanting = True
+            return False
+
+    def release(self, nbytes: int) -> None:
+        """``nbytes`` were released (after the memory went back)."""
+        with self._locked() as ledger:
+            mine = self._mine(ledger)
+            mine.committed = max(0, mine.committed - nbytes)
+            mine.heartbeat = self.clock()
+
+    def others_waiting(self) -> int:
+        """Bytes other servers asked for and did not get."""
+        with self._locked() as ledger:
+            mine = self._mine(ledger)
+            mine.heartbeat = self.clock()
+            return sum(s.wanted for s in ledger.slots if s is not mine)
+
+    def stop_wanting(self) -> None:
+        """Nothing is waiting here any more (idle): a no-op unless a reservation was refused."""
+        if not self._wanting:
+            return
+        with self._locked() as ledger:
+            self._mine(ledger).wanted = 0
+        self._wanting = False
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ledger as it stands: the total, what is committed, and every slot."""
+        with self._locked() as ledger:
+            return {"path": str(self.path), "total_bytes": ledger.total,
+                    "committed_bytes": ledger.committed(), "this_pid": self.pid,
+                    "slots": [asdict(s) for s in ledger.slots]}  # fmt: skip
+
+    def close(self) -> None:
+        """Leave the ledger (the slot goes; a dead process's goes at the next change)."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(BudgetError), self._locked() as ledger:
+            ledger.slots = [s for s in ledger.slots if s.pid != self.pid]
+        os.close(self._fd)
+        self._fd = -1
+
+
+@contextlib.contextmanager
+def locked_ledger(fd: int, path: Path, create_total: int | None = None) -> Iterator[Ledger]:
+    """The ledger of the open file ``fd``, read and written back under its lock (the kernel
+    drops it if this process dies); the slots of dead processes reaped."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        if raw:
+            ledger = _decode(raw, path)
+        elif create_total is not None:
+            ledger = Ledger(total=create_total)
+        else:
+            raise BudgetError(
+                f"KV budget ledger {path} does not exist yet: the first server on it gives its "
+                "size (--kv-budget-bytes)"
+            )
+        ledger.slots = [s for s in ledger.slots if _alive(s)]
+        yield ledger
+        data = _encode(ledger)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def read_ledger(path: Path) -> tuple[Ledger, set[int]]:
+    """The ledger as it stands (nothing changed) and the pids of its slots whose process is
+    gone."""
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        ledger = _decode(f.read(), path)
+    return ledger, {slot.pid for slot in ledger.slots if not _alive(slot)}
+
+
+def update_ledger(path: Path, change: Callable[[Ledger], str]) -> str:
+    """Apply ``change`` to the ledger under its lock (dead slots reaped first); its answer."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with locked_ledger(fd, path) as ledger:
+            return change(ledger)
+    finally:
+        os.close(fd)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from '123', '512M', '8G', '8GiB' (powers of 1024); ValueError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"expected bytes such as 8G or 512M, got {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
