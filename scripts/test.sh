@@ -12,9 +12,15 @@ cd "$repo"
 # GGUF) and rebuilt whenever that file changes, as the venv is set up once.
 export SGLANG_KVALLOC_REAL_MODEL="${SGLANG_KVALLOC_REAL_MODEL:-$(dirname "$venv")/models/smollm2-135m-instruct}"
 
+# A test that runs past SGLANG_KVALLOC_TEST_HANG_LIMIT_S (the slowest takes about 4 minutes on
+# two cores) dumps every thread's stack and ends the run: a hang fails in minutes, not at CI's
+# 90-minute limit.
+hang_limit="${SGLANG_KVALLOC_TEST_HANG_LIMIT_S:-900}"
+
 run_pytest() {
   set +e
   "$venv/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    -o faulthandler_timeout="$hang_limit" -o faulthandler_exit_on_timeout=true \
     --durations=15 "$@"
   local status=$?
   set -e

@@ -27,7 +27,7 @@ sys.path.append(str(GPU_DIR))  # after test/ (its conftest.py must not be shadow
 
 import kit_spec  # noqa: E402
 
-PHASES = "install,imports,static,segmented,rl,bench,stop"
+PHASES = "install,imports,static,segmented,rl,bench,stop,budget"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def _phase_failure(name: str, phase: dict[str, Any], tail: str) -> str:
 
 def test_servers_pass_the_kits_checks(kit_results: dict[str, Any]) -> None:
     phases = kit_results["phases"]
-    for name in ("static", "segmented", "bench", "stop"):
+    for name in ("static", "segmented", "bench", "stop", "budget"):
         phase = phases[name]
         assert phase["status"] == "ok", _phase_failure(name, phase, kit_results["_tail"])
     for name in ("static", "segmented"):
@@ -119,6 +119,8 @@ def test_servers_pass_the_kits_checks(kit_results: dict[str, Any]) -> None:
         "segmented: committed memory given back when idle",
         "segmented: requests spanned many segments",
         "static: abort ends the request early",
+        "budget: the first gave way",
+        "budget: the ledger never held more than its total",
     ):
         assert expected in names
     assert kit_results["ok"] is True and kit_results["_returncode"] == 0

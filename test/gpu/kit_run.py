@@ -35,11 +35,13 @@ import kit_spec  # noqa: E402
 from kit_work import Checks, Workload  # noqa: E402
 
 PHASES = ["install", "imports", "jit", "kernels", "model", "static", "segmented", "rl",
-          "bench", "stop", "auto"]  # fmt: skip
+          "bench", "stop", "auto", "budget"]  # fmt: skip
 # Seconds a phase needs at least; it is skipped when less is left before the deadline.
 NEEDS = {"install": 30, "imports": 20, "jit": 60, "kernels": 45, "model": 40, "static": 90,
-         "segmented": 90, "rl": 20, "bench": 45, "stop": 5, "auto": 90}  # fmt: skip
+         "segmented": 90, "rl": 20, "bench": 45, "stop": 5, "auto": 90,
+         "budget": 120}  # fmt: skip
 AUTO_RESERVE_S = 100  # what the bench leaves for auto
+BUDGET_RESERVE_S = 130  # and for the budget phase
 GPU_POOL_ARGS = ["--context-length", "65536", "--max-total-tokens", "262144",
                  "--mem-fraction-static", "0.45"]  # fmt: skip
 HIDE_DIR = kit_spec.HERE / "hide"
@@ -458,7 +460,8 @@ def _server_phases(kit: Kit, stage: Any) -> None:
     with kit.phase("bench") as rec:
         if rec is not None:
             if {"static", "segmented"} <= set(stage.servers):
-                reserve = AUTO_RESERVE_S if "auto" in kit.phases else 10
+                reserve = 10 + AUTO_RESERVE_S * ("auto" in kit.phases)
+                reserve += BUDGET_RESERVE_S * ("budget" in kit.phases)
                 rec.update(kit_phases.bench_phase(stage, kit.remaining() - reserve))
             else:
                 rec.update(status="skipped", why="static and segmented are not both up")
@@ -470,6 +473,11 @@ def _server_phases(kit: Kit, stage: Any) -> None:
     with kit.phase("auto") as rec:
         if rec is not None:
             rec.update(kit_phases.auto_phase(stage, timeout()))
+    with kit.phase("budget") as rec:
+        if rec is not None:
+            import kit_budget
+
+            rec.update(kit_budget.budget_phase(stage, timeout()))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch.multiprocessing as mp
 
 from sglang_kvalloc.core.backing import CpuBackingFactory
 from sglang_kvalloc.core.shared_budget import (
+    LOCK_WAIT_S,
     BudgetError,
     SharedBudget,
     ledger_path,
@@ -172,6 +175,40 @@ def test_a_ledgered_backing_reserves_before_and_gives_back_after(tmp_path: Path)
     del view
     backing.close()
     assert budget.snapshot()["committed_bytes"] == 0
+
+
+def test_a_stopped_lock_holder_hangs_no_server_and_loses_no_release(tmp_path: Path) -> None:
+    """A process stopped (SIGSTOP) while it holds the ledger's lock: a reservation is refused
+    within the wait, a release is kept and settled at the next change, readers read without
+    the lock; once the holder is gone everything goes through again."""
+    path = ledger_path("cpu-test", "stopped", tmp_path)
+    budget = SharedBudget(path, total=TOTAL, name="server")
+    assert budget.reserve(8 * MIB)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); time.sleep(600)", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        os.kill(holder.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert not budget.reserve(MIB)  # refused, not hung
+        budget.release(4 * MIB)  # kept
+        assert budget.others_waiting() == 0
+        with open(path, "ab") as f:  # stopped between writing a shorter ledger and the cut
+            f.write(b'"slots": [{"stale tail')
+        ledger, _ = read_ledger(path)  # read without the lock, the stale tail ignored
+        assert ledger.committed() == 8 * MIB
+        assert budget.snapshot()["committed_bytes"] == 8 * MIB
+        assert time.monotonic() - started < 6 * LOCK_WAIT_S
+    finally:
+        holder.kill()
+        holder.wait()
+    assert budget.reserve(MIB)
+    assert read_ledger(path)[0].committed() == 5 * MIB  # the kept release settled
+    budget.close()
 
 
 def test_bytes_are_parsed_in_powers_of_1024() -> None:

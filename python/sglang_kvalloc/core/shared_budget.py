@@ -8,7 +8,10 @@ The file is keyed by the user, the device (its UUID on CUDA, so processes with d
 the total and one slot per server: pid and process start time (against pid reuse), name,
 bytes committed, floor and limit, bytes wanted (a reservation refused: another server should
 give way), heartbeat. Every change is made under ``flock``, which the kernel drops when the
-holder dies; a slot whose process is gone is reaped by the next change. The file is created
+holder dies; a slot whose process is gone is reaped by the next change. A holder that is alive
+but stopped (SIGSTOP, a debugger) never hangs the others: a lock not granted within
+``LOCK_WAIT_S`` refuses the reservation, keeps a release to settle at the next change, and
+readers read without it (the checksum catches a torn read). The file is created
 owner-only; a file of another user, of another version, or whose checksum fails is refused
 with one line, never trusted.
 
@@ -35,6 +38,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_DIR",
     "BudgetError",
+    "LedgerBusy",
     "SharedBudget",
     "Slot",
     "ledger_path",
@@ -48,10 +52,37 @@ __all__ = [
 VERSION = 1
 MAGIC = "sglang-kvalloc-budget"
 DEFAULT_DIR = Path("/dev/shm")
+# How long a change waits for a ledger another process holds: a change takes microseconds, so
+# a lock held longer is a holder that is stopped.
+LOCK_WAIT_S = 1.0
+JOIN_WAIT_S = 30.0
 
 
 class BudgetError(RuntimeError):
     """A ledger that cannot be used: one line saying why and what to do."""
+
+
+class LedgerBusy(BudgetError):
+    """Another process has held the ledger's lock longer than the wait (it is stopped)."""
+
+
+def _flock(fd: int, path: Path, *, exclusive: bool, wait: float) -> None:
+    """``flock`` within ``wait`` seconds, else `LedgerBusy`."""
+    operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    deadline = time.monotonic() + wait
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, operation)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LedgerBusy(
+                    f"KV budget ledger {path} has been locked by another process for {wait:g} s "
+                    "(is a server on it stopped?)"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
 
 @dataclass
@@ -118,10 +149,10 @@ def _decode(raw: bytes, path: Path) -> Ledger:
         f"remove it (python -m sglang_kvalloc.budget remove {path.name}) or use another --kv-budget"
     )
     try:
-        outer = json.loads(raw)
+        outer, _ = json.JSONDecoder().raw_decode(raw.decode())  # a stale tail is ignored
         body = outer["body"]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         raise BudgetError(f"KV budget ledger {path} is not a ledger: {fix}") from None
     if outer.get("crc32") != zlib.crc32(text.encode()) or body.get("magic") != MAGIC:
         raise BudgetError(f"KV budget ledger {path} is corrupt (checksum mismatch): {fix}")
@@ -165,7 +196,8 @@ class SharedBudget:
                 f"{stat.S_IMODE(info.st_mode):o}): servers of different users do not share; "
                 "use another --kv-budget"
             )
-        with self._locked(create_total=total) as ledger:
+        self._pending_release = 0  # released while the ledger was busy: settled at the next change
+        with self._locked(create_total=total, wait=JOIN_WAIT_S) as ledger:
             if total is not None and ledger.total != total:
                 raise BudgetError(
                     f"KV budget {name!r} on this device holds {ledger.total} bytes, asked "
@@ -185,21 +217,24 @@ class SharedBudget:
     def total_of(path: Path) -> int | None:
         """The total of the ledger at ``path``, None where there is none yet."""
         try:
-            with open(path, "rb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-                raw = f.read()
+            raw = _read_raw(path)
         except FileNotFoundError:
             return None
         return _decode(raw, path).total if raw else None
 
     @contextlib.contextmanager
-    def _locked(self, create_total: int | None = None) -> Iterator[Ledger]:
-        with locked_ledger(self._fd, self.path, create_total) as ledger:
+    def _locked(
+        self, create_total: int | None = None, wait: float = LOCK_WAIT_S
+    ) -> Iterator[Ledger]:
+        with locked_ledger(self._fd, self.path, create_total, wait=wait) as ledger:
             yield ledger
 
     def _mine(self, ledger: Ledger) -> Slot:
+        """This server's slot, with what it released while the ledger was busy settled."""
         for slot in ledger.slots:
             if slot.pid == self.pid:
+                slot.committed = max(0, slot.committed - self._pending_release)
+                self._pending_release = 0
                 return slot
         raise BudgetError(f"this server's slot left KV budget ledger {self.path} (reaped?)")
 
@@ -207,8 +242,9 @@ class SharedBudget:
 
     def reserve(self, nbytes: int) -> bool:
         """Reserve before committing ``nbytes``; False (and ``nbytes`` marked wanted, so the
-        others give way) where the budget, the others' floors or this server's limit say no."""
-        with self._locked() as ledger:
+        others give way) where the budget, the others' floors or this server's limit say no, or
+        another process holds the ledger (stopped) longer than ``LOCK_WAIT_S``."""
+        with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             mine = self._mine(ledger)
             mine.heartbeat = self.clock()
             others_short = sum(max(0, s.floor - s.committed) for s in ledger.slots if s is not mine)
@@ -221,36 +257,38 @@ class SharedBudget:
                 return True
             mine.wanted = max(mine.wanted, nbytes)
             self._wanting = True
-            return False
+        return False
 
     def release(self, nbytes: int) -> None:
-        """``nbytes`` were released (after the memory went back)."""
-        with self._locked() as ledger:
-            mine = self._mine(ledger)
-            mine.committed = max(0, mine.committed - nbytes)
-            mine.heartbeat = self.clock()
+        """``nbytes`` were released (after the memory went back); settled at the next change
+        where the ledger is busy."""
+        self._pending_release += nbytes
+        with contextlib.suppress(LedgerBusy), self._locked() as ledger:
+            self._mine(ledger).heartbeat = self.clock()
 
     def others_waiting(self) -> int:
-        """Bytes other servers asked for and did not get."""
-        with self._locked() as ledger:
+        """Bytes other servers asked for and did not get (0 while the ledger is busy)."""
+        with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             mine = self._mine(ledger)
             mine.heartbeat = self.clock()
             return sum(s.wanted for s in ledger.slots if s is not mine)
+        return 0
 
     def stop_wanting(self) -> None:
         """Nothing is waiting here any more (idle): a no-op unless a reservation was refused."""
         if not self._wanting:
             return
-        with self._locked() as ledger:
+        with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             self._mine(ledger).wanted = 0
-        self._wanting = False
+            self._wanting = False  # else tried again at the next idle step
 
     def snapshot(self) -> dict[str, Any]:
-        """The ledger as it stands: the total, what is committed, and every slot."""
-        with self._locked() as ledger:
-            return {"path": str(self.path), "total_bytes": ledger.total,
-                    "committed_bytes": ledger.committed(), "this_pid": self.pid,
-                    "slots": [asdict(s) for s in ledger.slots]}  # fmt: skip
+        """The ledger as it stands: the total, what is committed, and every slot (read
+        without a change, so a busy ledger does not hold up ``/server_info``)."""
+        ledger, _ = read_ledger(self.path)
+        return {"path": str(self.path), "total_bytes": ledger.total,
+                "committed_bytes": ledger.committed(), "this_pid": self.pid,
+                "slots": [asdict(s) for s in ledger.slots]}  # fmt: skip
 
     def close(self) -> None:
         """Leave the ledger (the slot goes; a dead process's goes at the next change)."""
@@ -263,10 +301,13 @@ class SharedBudget:
 
 
 @contextlib.contextmanager
-def locked_ledger(fd: int, path: Path, create_total: int | None = None) -> Iterator[Ledger]:
+def locked_ledger(
+    fd: int, path: Path, create_total: int | None = None, *, wait: float = LOCK_WAIT_S
+) -> Iterator[Ledger]:
     """The ledger of the open file ``fd``, read and written back under its lock (the kernel
-    drops it if this process dies); the slots of dead processes reaped."""
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    drops it if this process dies; `LedgerBusy` where another holds it past ``wait``); the
+    slots of dead processes reaped."""
+    _flock(fd, path, exclusive=True, wait=wait)
     try:
         raw = os.pread(fd, os.fstat(fd).st_size, 0)
         if raw:
@@ -280,19 +321,40 @@ def locked_ledger(fd: int, path: Path, create_total: int | None = None) -> Itera
             )
         ledger.slots = [s for s in ledger.slots if _alive(s)]
         yield ledger
+        # The new ledger over the old, then the tail cut: at every moment the file starts with
+        # one whole ledger (a holder stopped or killed between the two leaves a stale tail,
+        # which `_decode` ignores), so readers never need the lock.
         data = _encode(ledger)
-        os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_raw(path: Path) -> bytes:
+    """The file's bytes under a shared lock; where another process holds the lock past
+    ``LOCK_WAIT_S`` (stopped), read without it until a read's checksum holds."""
+    with open(path, "rb") as f:
+        try:
+            _flock(f.fileno(), path, exclusive=False, wait=LOCK_WAIT_S)
+        except LedgerBusy:
+            for _ in range(100):
+                raw = os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0)
+                with contextlib.suppress(BudgetError):
+                    _decode(raw, path)
+                    return raw
+                time.sleep(0.01)
+            raise
+        try:
+            return f.read()
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def read_ledger(path: Path) -> tuple[Ledger, set[int]]:
     """The ledger as it stands (nothing changed) and the pids of its slots whose process is
     gone."""
-    with open(path, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-        ledger = _decode(f.read(), path)
+    ledger = _decode(_read_raw(path), path)
     return ledger, {slot.pid for slot in ledger.slots if not _alive(slot)}
 
 

@@ -1,0 +1,162 @@
+"""Two real-model servers on one KV budget against two static servers on a half each, side by
+side on the CPU engine (issue 37): the throughput of bursts that go to one server while the
+other idles, and how long a request waits for the other server to give way.
+
+    python benchmark/shared_budget.py [--rounds 3] [--out docs/runs/shared_budget.json]
+
+Each round, both pairs in turn (the other pair paused: an idle CPU-engine scheduler
+busy-polls a core): a burst of concurrent requests to the first server, then one to the
+second; the throughput is new tokens over the burst's wall time. Then, on the shared pair
+only: one long request to the second server while the first holds cached KV (it waits for
+the first to give way) against the same request once the first holds none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import provenance  # benchmark/, the script's own folder
+
+MIB = 1 << 20
+BUDGET_BYTES = 100 * MIB
+BURST_REQUESTS = 6
+PROMPT_TOKENS = 600
+NEW_TOKENS = 32
+LONG_PROMPT_TOKENS = 1500  # one fits the budget beside the other's retained KV; two do not
+COMMON_ARGS = ["--dtype", "float32"]
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    """float32 K and V of every layer, from the model's config."""
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * kv_heads * head_dim * 4
+
+
+def prompt(seed: int, tokens: int) -> list[int]:
+    return [(i * 7919 + seed * 104_729) % 40_000 + 100 for i in range(tokens)]
+
+
+def burst(server: Any, seed: int) -> dict[str, float]:
+    """``BURST_REQUESTS`` requests at once: wall time and new tokens per second."""
+    from sglang_kvalloc.serving import generate_concurrently
+
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    payloads = [
+        {"input_ids": prompt(seed * 100 + i, PROMPT_TOKENS), "sampling_params": params}
+        for i in range(BURST_REQUESTS)
+    ]
+    started = time.perf_counter()
+    results, errors = generate_concurrently(server, payloads)
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
+    tokens = sum(len(r["output_ids"]) for r in results)
+    return {"wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def long_request_s(server: Any, seed: int) -> float:
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    started = time.perf_counter()
+    server.generate({"input_ids": prompt(seed, LONG_PROMPT_TOKENS), "sampling_params": params})
+    return time.perf_counter() - started
+
+
+def give_way_round(first: Any, second: Any, seed: int) -> dict[str, float]:
+    """The second server's long request while the first holds a long request's cached KV
+    (waits for it to give way), then the same kind of request once it holds none."""
+    from sglang_kvalloc.serving import http_json
+
+    long_request_s(first, seed)  # its KV stays cached
+    waiting = long_request_s(second, seed + 1)
+    for server in (first, second):
+        http_json(server.url + "/flush_cache", {})
+    time.sleep(1)
+    free = long_request_s(second, seed + 2)
+    for server in (first, second):
+        http_json(server.url + "/flush_cache", {})
+    return {"waiting_s": waiting, "nothing_to_wait_for_s": free, "wait_s": waiting - free}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    from sglang_kvalloc.real_model import MODEL_NAME, ensure
+    from sglang_kvalloc.serving import LocalServer, http_json, side_by_side
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    models = Path.home() / ".cache/sglang-kvalloc/models"
+    parser.add_argument("--model-dir", type=Path, default=models / MODEL_NAME)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    model = ensure(args.model_dir)
+    half_tokens = BUDGET_BYTES // 2 // kv_bytes_per_token(model)
+    budget = f"bench-{os.getpid()}"
+    shared_args = ["--kv-alloc-mode", "segmented", "--kv-segment-tokens", "128",
+                   "--kv-idle-cache-tokens", "256", "--kv-budget", budget,
+                   "--kv-budget-bytes", str(BUDGET_BYTES), *COMMON_ARGS]  # fmt: skip
+    static_args = ["--kv-alloc-mode", "static", "--max-total-tokens", str(half_tokens),
+                   *COMMON_ARGS]  # fmt: skip
+    pairs = {
+        "static_halves": [LocalServer(model, args=static_args) for _ in range(2)],
+        "shared_budget": [LocalServer(model, args=shared_args) for _ in range(2)],
+    }
+    bursts: dict[str, list[float]] = {name: [] for name in pairs}
+    ratios: list[float] = []
+    waits: list[dict[str, float]] = []
+    with side_by_side([server for pair in pairs.values() for server in pair]):
+        for round_index in range(args.rounds):
+            rates: dict[str, float] = {}
+            for name, (first, second) in pairs.items():
+                with first.awake(), second.awake():
+                    runs = [burst(first, 2 * round_index), burst(second, 2 * round_index + 1)]
+                    for server in (first, second):
+                        http_json(server.url + "/flush_cache", {})
+                rates[name] = statistics.mean(r["tokens_per_s"] for r in runs)
+                bursts[name].extend(r["tokens_per_s"] for r in runs)
+            ratios.append(rates["shared_budget"] / rates["static_halves"])
+            first, second = pairs["shared_budget"]
+            with first.awake(), second.awake():
+                waits.append(give_way_round(first, second, 1000 + round_index * 10))
+    out = {
+        "provenance": provenance.record("benchmark/shared_budget.py"),
+        "setup": {
+            "model": MODEL_NAME,
+            "budget_bytes": BUDGET_BYTES,
+            "static_half_tokens": half_tokens,
+            "burst_requests": BURST_REQUESTS,
+            "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS,
+            "long_prompt_tokens": LONG_PROMPT_TOKENS,
+            "rounds": args.rounds,
+            "shared_args": shared_args,
+            "static_args": static_args,
+        },  # fmt: skip
+        "summary": {
+            "burst_tokens_per_s": {name: spread(values) for name, values in bursts.items()},
+            "shared_over_static_throughput": spread(ratios),
+            "give_way_wait_s": spread([w["wait_s"] for w in waits]),
+            "long_request_waiting_s": spread([w["waiting_s"] for w in waits]),
+            "long_request_nothing_to_wait_for_s": spread(
+                [w["nothing_to_wait_for_s"] for w in waits]
+            ),
+        },
+        "rounds": {"bursts": bursts, "ratios": ratios, "give_way": waits},
+    }
+    print(json.dumps(out["summary"], indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
