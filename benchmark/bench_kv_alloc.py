@@ -39,8 +39,8 @@ sys.path.insert(0, str(HERE))
 
 import provenance  # noqa: E402
 
-from sglang_kvalloc.serving import LocalServer  # noqa: E402
-from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
+from sglang_kvalloc_harness.serving import LocalServer  # noqa: E402
+from sglang_kvalloc_harness.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
 MODES = ("static", "segmented")
 DEFAULT_CONTEXTS = (2048, 131072, 1_000_000, 10_000_000)
@@ -658,7 +658,7 @@ def render_md(data: dict[str, Any]) -> str:
         f"--dtype float32 --max-total-tokens {s['max_total_tokens']} --kv-alloc-mode MODE "
         "--context-length N` (segmented ones also with `--kv-segment-hold-off "
         f"{s.get('segment_hold_off', 5.0):g}`), started and stopped with "
-        "`sglang_kvalloc.serving.LocalServer` "
+        "`sglang_kvalloc_harness.serving.LocalServer` "
         "(own process group, killed as a group). Contexts above the tiny model's 65,536 need "
         "`SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`, which is set for them. "
         f"`--max-total-tokens {s['max_total_tokens']}` keeps the KV pool at the same "

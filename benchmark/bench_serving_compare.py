@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import provenance  # noqa: E402
 
-from sglang_kvalloc.serving import LocalServer  # noqa: E402
-from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
+from sglang_kvalloc_harness.serving import LocalServer  # noqa: E402
+from sglang_kvalloc_harness.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
 ROLES = ("baseline", "candidate")
 # What each role's server runs, per comparison. "modes": the allocation modes (segmented
@@ -162,7 +162,7 @@ def run_context(
 
 
 def _kv_alloc_info(url: str) -> dict[str, Any]:
-    from sglang_kvalloc.serving import http_json
+    from sglang_kvalloc_harness.serving import http_json
 
     try:
         info = http_json(f"{url}/server_info")

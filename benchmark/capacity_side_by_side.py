@@ -30,8 +30,8 @@ FIGURES = ("mode", "token_capacity", "max_running_requests", "effective_context_
 
 
 def main() -> None:
-    from sglang_kvalloc.serving import LocalServer
-    from sglang_kvalloc.tiny_model import ensure
+    from sglang_kvalloc_harness.serving import LocalServer
+    from sglang_kvalloc_harness.tiny_model import ensure
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import provenance  # noqa: E402
 
-from sglang_kvalloc.tiny_model import ensure as ensure_tiny_model  # noqa: E402
+from sglang_kvalloc_harness.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
 MODES = ("static", "segmented")
 BENCH_VOCAB = 10_240  # above upstream's synthetic ids (randint(0, 10000))

@@ -45,7 +45,7 @@ def _committed(server: Any) -> int | None:
 
 
 def one_round(server: Any, prompt: list[int]) -> dict[str, Any]:
-    from sglang_kvalloc.serving import http_json
+    from sglang_kvalloc_harness.serving import http_json
 
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
     payload = {"input_ids": prompt, "sampling_params": params}
@@ -79,8 +79,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    from sglang_kvalloc.real_model import MODEL_NAME, ensure
-    from sglang_kvalloc.serving import LocalServer, side_by_side
+    from sglang_kvalloc_harness.real_model import MODEL_NAME, ensure
+    from sglang_kvalloc_harness.serving import LocalServer, side_by_side
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)

@@ -46,7 +46,7 @@ def prompt(seed: int, tokens: int) -> list[int]:
 
 def burst(server: Any, seed: int) -> dict[str, float]:
     """``BURST_REQUESTS`` requests at once: wall time and new tokens per second."""
-    from sglang_kvalloc.serving import generate_concurrently
+    from sglang_kvalloc_harness.serving import generate_concurrently
 
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
     payloads = [
@@ -72,7 +72,7 @@ def long_request_s(server: Any, seed: int) -> float:
 def give_way_round(first: Any, second: Any, seed: int) -> dict[str, float]:
     """The second server's long request while the first holds a long request's cached KV
     (waits for it to give way), then the same kind of request once it holds none."""
-    from sglang_kvalloc.serving import http_json
+    from sglang_kvalloc_harness.serving import http_json
 
     long_request_s(first, seed)  # its KV stays cached
     waiting = long_request_s(second, seed + 1)
@@ -90,8 +90,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    from sglang_kvalloc.real_model import MODEL_NAME, ensure
-    from sglang_kvalloc.serving import LocalServer, http_json, side_by_side
+    from sglang_kvalloc_harness.real_model import MODEL_NAME, ensure
+    from sglang_kvalloc_harness.serving import LocalServer, http_json, side_by_side
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)

@@ -20,8 +20,8 @@ from pathlib import Path
 import provenance  # benchmark/, the script's own folder
 import requests
 
-from sglang_kvalloc.serving import LocalServer
-from sglang_kvalloc.tiny_model import ensure
+from sglang_kvalloc_harness.serving import LocalServer
+from sglang_kvalloc_harness.tiny_model import ensure
 
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 VOCAB = 2048

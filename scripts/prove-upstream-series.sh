@@ -8,8 +8,8 @@
 # The scratch environment is a venv whose site-packages links every package of the project's
 # venv except sglang (a patched copy, a git repository with one commit per PR) and
 # sglang-kvalloc (absent: no entry point, no hooks). Only the test harness travels: the
-# stdlib-only helpers `sglang_kvalloc.serving` / `tiny_model` and the CPU-kernel shim
-# `sglang_kvalloc.kernels` (it makes sgl_kernel importable on a machine without CUDA; static
+# stdlib-only helpers `sglang_kvalloc_harness.serving` / `tiny_model` and the CPU-kernel shim
+# `sglang_kvalloc_harness.kernels` (it makes sgl_kernel importable on a machine without CUDA; static
 # upstream needs it here as much as the series does). The script checks that the plugin is
 # not there before running anything.
 #
@@ -49,16 +49,17 @@ git -C "$ssite/sglang" init -q
 git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost add -A
 git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost \
   commit -q -m "sglang 0.5.23 as installed"
-"$py" -m sglang_kvalloc.series apply "$ssite/sglang" | tee "$out/apply.log"
+"$py" -m sglang_kvalloc_harness.series apply "$ssite/sglang" | tee "$out/apply.log"
 git -C "$ssite/sglang" log --stat --format='%n%h %s' HEAD~7..HEAD > "$out/series-log.txt"
 
 # 3. The test harness only: helpers and the CPU-kernel shim, no plugin.
-harness="$out/harness/sglang_kvalloc"
-mkdir -p "$harness"
-cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/serving.py" \
-  "$repo/python/sglang_kvalloc/tiny_model.py" "$harness/"
-cp -r "$repo/python/sglang_kvalloc/kernels" "$harness/"
-printf '%s\nimport sglang_kvalloc.kernels.bootstrap\n' "$out/harness" > "$ssite/kvalloc_harness.pth"
+# The harness package, and of the product only the package marker and its import-hook helper
+# (the harness's kernel fallback uses it); not the plugin.
+mkdir -p "$out/harness/sglang_kvalloc"
+cp -r "$repo/harness/sglang_kvalloc_harness" "$out/harness/"
+cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/early_plugins.py" \
+  "$out/harness/sglang_kvalloc/"
+printf '%s\nimport sglang_kvalloc_harness.kernels.bootstrap\n' "$out/harness" > "$ssite/kvalloc_harness.pth"
 
 # 4. The plugin is not there; the series is.
 "$scratch/bin/python" - <<'EOF'

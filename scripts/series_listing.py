@@ -18,7 +18,7 @@ END = "<!-- series: end -->"
 
 
 def render() -> str:
-    from sglang_kvalloc.series import describe
+    from sglang_kvalloc_harness.series import describe
 
     return "\n".join([BEGIN, "```", describe().rstrip(), "```", END])
 

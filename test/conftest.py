@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from sglang_kvalloc.serving import LocalServer
+    from sglang_kvalloc_harness.serving import LocalServer
 
 # Upstream decides at import time which kernels its layers use: the CPU engine's, here.
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
@@ -20,7 +20,7 @@ os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sglang_kvalloc.tiny_model import ensure
+    from sglang_kvalloc_harness.tiny_model import ensure
 
     override = os.environ.get("SGLANG_KVALLOC_TINY_MODEL")
     out = Path(override) if override else tmp_path_factory.mktemp("models") / "tiny-llama-f32"
@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct, built offline (float32); kept beside the venv by scripts/test.sh."""
-    from sglang_kvalloc.real_model import MODEL_NAME, ensure
+    from sglang_kvalloc_harness.real_model import MODEL_NAME, ensure
 
     override = os.environ.get("SGLANG_KVALLOC_REAL_MODEL")
     out = Path(override) if override else tmp_path_factory.mktemp("models") / MODEL_NAME
@@ -67,7 +67,7 @@ class ReferenceStatic:
 def _reference_static_session(tiny_model: Path) -> Iterator[ReferenceStatic]:
     """Started once per session and paused (SIGSTOP) between the tests that use it: an idle
     CPU-engine scheduler busy-polls a core."""
-    from sglang_kvalloc.serving import LocalServer
+    from sglang_kvalloc_harness.serving import LocalServer
 
     with LocalServer(tiny_model, args=REFERENCE_STATIC_ARGS) as server:
         time.sleep(3)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, parity_prompts
-from sglang_kvalloc.serving import LocalServer, side_by_side
+from sglang_kvalloc_harness.serving import LocalServer, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 

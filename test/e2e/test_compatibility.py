@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import (
+from sglang_kvalloc_harness.serving import (
     LocalServer,
     generate_concurrently,
     http_json,

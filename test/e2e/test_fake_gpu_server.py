@@ -23,7 +23,7 @@ import pytest
 from fake_cuda import CAPACITY_FILE_SUFFIX, MIB
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_json, http_text
+from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, http_json, http_text
 
 TEST_DIR = Path(__file__).resolve().parents[1]
 GRANULE = 4096  # 1,024 req_to_token entries: prompts span several row granules

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sglang_kvalloc.core.backing import COMMIT_RESERVE_BYTES
-from sglang_kvalloc.serving import LocalServer, http_text
+from sglang_kvalloc_harness.serving import LocalServer, http_text
 
 MB = 1 << 20
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}

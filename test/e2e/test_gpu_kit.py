@@ -150,7 +150,7 @@ def test_pruning_and_stand_in_rules() -> None:
     assert not kit_spec.is_pruned("srt/rust_extensions/loader.py")
     code = (
         "import sgl_kernel, sgl_kernel.utils, sgl_kernel.quantization as q\n"
-        "from sglang_kvalloc.kernels.sgl_kernel_cpu import MissingKernelError\n"
+        "from sglang_kvalloc_harness.kernels.sgl_kernel_cpu import MissingKernelError\n"
         "assert sgl_kernel.SGLANG_KVALLOC_STAND_IN\n"
         "assert sgl_kernel.utils.is_arch_support_pdl() is False  # no CUDA device here\n"
         "assert callable(sgl_kernel.assign_req_to_token_pool_cpu)\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc.serving import CPU_ENV, LocalServer, side_by_side
+from sglang_kvalloc_harness.serving import CPU_ENV, LocalServer, side_by_side
 
 MODEL_MAX = 65_536
 OVERRIDE = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"

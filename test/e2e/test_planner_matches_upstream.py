@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import ReferenceStatic
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.serving import LocalServer
+from sglang_kvalloc_harness.serving import LocalServer
 
 
 def _planned(

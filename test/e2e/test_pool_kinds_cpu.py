@@ -1,6 +1,6 @@
 """Segmented mode on the other KV pool kinds, served by upstream's CPU engine end to end.
 
-Two tiny models built locally (`sglang_kvalloc.tiny_model --arch`): Mellum, a hybrid
+Two tiny models built locally (`sglang_kvalloc_harness.tiny_model --arch`): Mellum, a hybrid
 sliding-window model (upstream's `SWAKVPool` + `SWATokenToKVPoolAllocator`, window 64), and a
 dense DeepSeek-V3 (upstream's `MLATokenToKVPool`). For each: a segmented server at a 10M
 context starts at what a static server at 4K costs, and serves greedy tokens equal to static
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hf_greedy
-from sglang_kvalloc.serving import LocalServer, side_by_side
+from sglang_kvalloc_harness.serving import LocalServer, side_by_side
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
@@ -44,7 +44,7 @@ COMMON += ["--max-total-tokens", str(POOL)]
 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def arch_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    from sglang_kvalloc.tiny_model import ensure
+    from sglang_kvalloc_harness.tiny_model import ensure
 
     arch = request.param
     return arch, ensure(tmp_path_factory.mktemp("models") / f"tiny-{arch}", arch=arch)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sglang_kvalloc.serving import LocalServer, side_by_side
+from sglang_kvalloc_harness.serving import LocalServer, side_by_side
 
 SEGMENT_TOKENS = 128
 MAX_TOKENS = 32

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sglang_kvalloc.serving import LocalServer, http_json
+from sglang_kvalloc_harness.serving import LocalServer, http_json
 
 CYCLES = 20
 NEW_TOKENS = 8

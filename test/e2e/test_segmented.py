@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_STATIC_ARGS, ReferenceStatic, hf_greedy
-from sglang_kvalloc.serving import LocalServer, generate_concurrently, http_text, side_by_side
+from sglang_kvalloc_harness.serving import (
+    LocalServer,
+    generate_concurrently,
+    http_text,
+    side_by_side,
+)
 
 OVERRIDE = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
 # A leak found by upstream's idle check raises instead of warning.

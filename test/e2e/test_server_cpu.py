@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ReferenceStatic, hf_greedy, parity_prompts
-from sglang_kvalloc.serving import LocalServer, http_json
+from sglang_kvalloc_harness.serving import LocalServer, http_json
 
 MAX_NEW_TOKENS = 12
 

@@ -4,8 +4,9 @@ Two real-model servers on a budget that holds one long request but not two: the 
 server's long request waits while the first holds its cached KV, and is served once the first
 gives way (at its next scheduler step, whatever its hold-off); tokens equal HF in both; the
 ledger, sampled throughout, never exceeds the budget, and each server's committed KV equals
-its row; when the first is killed mid-request the second gets its memory. Three servers
-started at the same moment all start."""
+its row; when the first is killed mid-request the second gets its memory. A third server of
+another model, started at the same moment as the two, starts too (each sizes its pool from the
+budget, not from the free memory it finds) and stays paused, its lock-free rows read by all."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from sglang_kvalloc.core.shared_budget import ledger_path, read_ledger
-from sglang_kvalloc.serving import LocalServer, generate_concurrently, side_by_side
+from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
 
 MIB = 1 << 20
 BUDGET = (
@@ -77,8 +78,11 @@ def _committed(server: LocalServer) -> int:
     return server.server_info()["internal_states"][0]["kv_alloc"]["segments"]["committed_bytes"]
 
 
-def test_two_servers_share_one_budget_and_give_way(real_model: Path, budget_name: str) -> None:
+def test_servers_share_one_budget_and_give_way(
+    real_model: Path, tiny_model: Path, budget_name: str
+) -> None:
     first, second = (LocalServer(real_model, args=_args(budget_name)) for _ in range(2))
+    third = LocalServer(tiny_model, args=_args(budget_name))  # another model, paused throughout
     prompts = [_long_prompt(1), _long_prompt(2), _long_prompt(3)]
     expected = _hf(real_model, prompts)
     path = _ledger(budget_name)
@@ -94,7 +98,13 @@ def test_two_servers_share_one_budget_and_give_way(real_model: Path, budget_name
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    with side_by_side([first, second]):
+    with side_by_side([first, second, third]):  # started at the same moment: all start
+        ledger, dead = read_ledger(path)
+        assert len(ledger.slots) == 3 and not dead and ledger.total == BUDGET
+        with third.awake():
+            assert third.server_info()["internal_states"][0]["kv_alloc"]["budget"][
+                "total_bytes"
+            ] == BUDGET  # fmt: skip
         sampler.start()
         with first.awake():
             assert _greedy(first, prompts[0]) == expected[0]  # its KV stays cached
@@ -126,14 +136,3 @@ def test_two_servers_share_one_budget_and_give_way(real_model: Path, budget_name
         stop.set()
     assert over == []
     print(f"waited {waited:.1f} s for the first server to give way")
-
-
-def test_three_servers_started_together_all_start(tiny_model: Path, budget_name: str) -> None:
-    servers = [LocalServer(tiny_model, args=_args(budget_name, 64 * MIB)) for _ in range(3)]
-    with side_by_side(servers):
-        ledger, dead = read_ledger(_ledger(budget_name))
-        assert len(ledger.slots) == 3 and not dead and ledger.total == 64 * MIB
-        for server in servers:
-            with server.awake():
-                kv = server.server_info()["internal_states"][0]["kv_alloc"]
-                assert kv["budget"]["total_bytes"] == 64 * MIB

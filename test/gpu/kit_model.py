@@ -58,7 +58,7 @@ def build(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sglang_kvalloc.tiny_model import build_tokenizer
+    from sglang_kvalloc_harness.tiny_model import build_tokenizer
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)

@@ -319,7 +319,7 @@ def rl_phase(stage: Stage) -> dict[str, Any]:
 
 
 def _release_and_resume(stage: Stage, server: KitServer, checks: Checks) -> dict[str, Any]:
-    from sglang_kvalloc.serving import http_json
+    from sglang_kvalloc_harness.serving import http_json
 
     tags = {"tags": ["kv_cache"]}
     before = stage.memory.reading([server])

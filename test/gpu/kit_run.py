@@ -217,19 +217,22 @@ def install(kit_dir: Path, record: dict[str, Any]) -> None:
         record["sgl_kernel"] = "stand-in installed"
     else:
         record["sgl_kernel"] = f"a real sgl_kernel is importable here ({spec.origin}): kept"
-    editable = ["-e", str(kit_spec.REPO / "python")]
+    packages = [kit_spec.REPO / "python", kit_spec.REPO / "harness"]  # product, harness
+    editable = [arg for package in packages for arg in ("-e", str(package))]
     run([py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
          "--disable-pip-version-check", *editable], timeout=240)  # fmt: skip
     record["seconds_total"] = round(time.monotonic() - t0, 1)
     # This process started before the editable install: its .pth is not read here.
-    if str(kit_spec.REPO / "python") not in sys.path:
-        sys.path.append(str(kit_spec.REPO / "python"))
+    for package in packages:
+        if str(package) not in sys.path:
+            sys.path.append(str(package))
 
 
 VERSIONS = """
 import importlib.metadata as m, json, sys
 names = ["torch", "triton", "transformers", "tokenizers", "safetensors", "numpy", "sglang",
-         "sglang-kvalloc", "typing-extensions", "pydantic", "cuda-bindings", "xgrammar"]
+         "sglang-kvalloc", "sglang-kvalloc-harness", "typing-extensions", "pydantic",
+         "cuda-bindings", "xgrammar"]
 out = {}
 for n in names:
     try:
@@ -415,7 +418,7 @@ def _build_model(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
         return kit_model.build(Path("/tmp/sglang-kvalloc-kit-model"), device="cuda")
     if args.model is not None:
         return {"path": str(args.model), "built": False}
-    from sglang_kvalloc.tiny_model import ensure
+    from sglang_kvalloc_harness.tiny_model import ensure
 
     return {"path": str(ensure(args.out.parent / "kit-tiny-llama")), "built": True}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import kit_spec
 
-from sglang_kvalloc.serving import (  # the kit installs this package
+from sglang_kvalloc_harness.serving import (  # the kit installs this package
     STACKS_ON_ABORT_ENV,
     dump_stacks,
     free_port,

@@ -181,7 +181,11 @@ def gpu_machine_packages() -> set[str]:
 
 def kit_distributions() -> set[str]:
     """What the kit installs: the wheels, upstream's package and this repository's."""
-    return {normalize(n) for n in KIT_WHEELS} | {"sglang", "sglang-kvalloc"}
+    return {normalize(n) for n in KIT_WHEELS} | {
+        "sglang",
+        "sglang-kvalloc",
+        "sglang-kvalloc-harness",
+    }
 
 
 def is_pruned(rel: str) -> bool:

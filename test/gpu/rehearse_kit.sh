@@ -30,7 +30,7 @@ rm -rf "$out" && mkdir -p "$out"
 cd "$snap"
 KIT_PYTHON="$venv/bin/python" KIT_FAKE_CUDA=1 bash test/gpu/kit.sh "$out/install" \
   --phases install,imports
-"$venv/bin/python" -m sglang_kvalloc.tiny_model --out "$snap/models/tiny" >/dev/null
+"$venv/bin/python" -m sglang_kvalloc_harness.tiny_model --out "$snap/models/tiny" >/dev/null
 "$venv/bin/python" test/gpu/kit_run.py "$out/cpu" --profile cpu --model "$snap/models/tiny" \
   --phases imports,static,segmented,bench,stop --deadline-s 1500 | tee "$out/cpu.log"
 echo "[rehearsal] results: $out/install/results.json and $out/cpu/results.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import sglang_kvalloc
-from sglang_kvalloc import series
+from sglang_kvalloc_harness import series
 
 PACKAGE = "sglang_kvalloc"
 ROOT = Path(sglang_kvalloc.__file__).resolve().parent

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sglang_kvalloc.kernels import sgl_kernel_cpu
+from sglang_kvalloc_harness.kernels import sgl_kernel_cpu
 
 
 def test_assign_req_to_token_pool_matches_reference() -> None:
@@ -88,8 +88,9 @@ def test_bootstrap_provides_fallback_in_a_fresh_interpreter() -> None:
         "except NotImplementedError as e:\n"
         "    print('missing:', e)\n"
     )
-    result = _run(code)
+    result = _run(code, SGLANG_USE_CPU_ENGINE="1")
     assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr or "pure-torch fallback kernels" in result.stderr
     assert "no-submodules" in result.stdout
     assert "missing: sgl_kernel.some_cuda_only_op is not available" in result.stdout
 
@@ -100,3 +101,14 @@ def test_fallback_can_be_disabled() -> None:
     result = _run("import sgl_kernel", SGLANG_KVALLOC_DISABLE_KERNEL_FALLBACK="1")
     assert result.returncode != 0
     assert "ImportError" in result.stderr
+
+
+def test_on_a_cuda_machine_a_broken_sgl_kernel_fails_as_upstream() -> None:
+    """Not the CPU engine and a CUDA device torch can see: the import error stands."""
+    if _real_kernel_loads():
+        pytest.skip("the real sgl_kernel loads here")
+    code = "import torch\ntorch.cuda.is_available = lambda: True\nimport sgl_kernel\n"
+    result = _run(code, SGLANG_USE_CPU_ENGINE="0")
+    assert result.returncode != 0
+    assert "Error" in result.stderr.strip().splitlines()[-1]
+    assert "fallback" not in result.stderr

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import sglang
 
-from sglang_kvalloc import series
 from sglang_kvalloc.upstream import plugin
+from sglang_kvalloc_harness import series
 
 UPSTREAM = Path(sglang.__file__).resolve().parent
 
@@ -100,7 +100,7 @@ def test_apply_refuses_another_version_and_a_tree_without_sglang(tmp_path: Path)
     with pytest.raises(series.SeriesError, match="no upstream SGLang package"):
         series.apply(tmp_path / "nowhere", commit=False)
     out = subprocess.run(
-        [sys.executable, "-m", "sglang_kvalloc.series", "apply", str(tmp_path / "nowhere")],
+        [sys.executable, "-m", "sglang_kvalloc_harness.series", "apply", str(tmp_path / "nowhere")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc.serving import LocalServer
+from sglang_kvalloc_harness.serving import LocalServer
 
 HANGS_IN_A_CHILD = """
 import multiprocessing as mp, time

@@ -1,6 +1,6 @@
 """A hook applied where upstream defines the function, not patched in at plugin load.
 
-The upstream PR series (`sglang_kvalloc.series`) puts this module into upstream's tree and
+The upstream PR series (the harness's `series` tool) puts this module into upstream's tree and
 decorates each function a hook of `plugin.py` targets with `@kvalloc_hook(type, "module:name")`.
 The wrapper is upstream's own (`hook_registry._wrap_fn`), so BEFORE, AFTER and AROUND behave
 exactly as they do through `HookRegistry`; the hook's module is imported at the first call,

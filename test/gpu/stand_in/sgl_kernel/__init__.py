@@ -17,7 +17,7 @@ def _become_stand_in() -> None:
     import sys
     from pathlib import Path
 
-    from sglang_kvalloc.kernels import sgl_kernel_cpu
+    from sglang_kvalloc_harness.kernels import sgl_kernel_cpu
 
     module = sys.modules[__name__]
     here = str(Path(__file__).resolve().parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sglang_kvalloc.kernels.sgl_kernel_cpu import MissingKernel
+from sglang_kvalloc_harness.kernels.sgl_kernel_cpu import MissingKernel
 
 REASON = "sglang-kvalloc GPU kit stand-in: sglang-kernel's CUDA build cannot travel"
 RESOLVED: list[str] = []  # "submodule.name" of every missing op upstream bound

@@ -1,7 +1,7 @@
 """The upstream PR series: apply this project's hooks to an upstream SGLang tree as direct edits.
 
-    python -m sglang_kvalloc.series list
-    python -m sglang_kvalloc.series apply PATH [--no-commit] [--force]
+    python -m sglang_kvalloc_harness.series list
+    python -m sglang_kvalloc_harness.series apply PATH [--no-commit] [--force]
 
 PATH is the user's copy of upstream 0.5.23: a clone (``PATH/python/sglang``), the package
 directory itself (``.../site-packages/sglang``), or a folder holding it. Each pull request of
@@ -15,8 +15,8 @@ directory itself (``.../site-packages/sglang``), or a folder holding it. Each pu
   parsing the file (no line numbers, no upstream text kept here), plus one import per file.
 
 In a git work tree each PR becomes one commit. The repository holds no upstream source: the
-tool edits the user's files. The CPU-kernel shim (`sglang_kvalloc.kernels`), the planner CLI,
-the demo and the test helpers are not part of the series.
+tool edits the user's files. The product's early-plugin hook, the planner and budget CLIs and
+this harness (the CPU-kernel shim, the demo, the test helpers) are not part of the series.
 """
 
 from __future__ import annotations
@@ -36,19 +36,14 @@ from sglang_kvalloc.upstream import plugin
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
-SOURCE = Path(__file__).resolve().parent
-# Never part of the series: the plugin's registration (replaced by the decorations), the CPU
-# kernel shim (an environment workaround), the CLIs and helpers outside the server.
+SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, python/sglang_kvalloc
+# Never part of the series: the plugin's registration (replaced by the decorations), the
+# import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
 NOT_IN_SERIES = (
     "upstream/plugin.py",
-    "series.py",
+    "early_plugins.py",
     "plan.py",
     "budget.py",
-    "demo.py",
-    "serving.py",
-    "tiny_model.py",
-    "real_model.py",
-    "kernels/",
 )
 INLINE_MODULE = "upstream/inline.py"
 IMPORT_LINE = f"from {UPSTREAM_PACKAGE}.upstream.inline import kvalloc_hook"
@@ -545,7 +540,7 @@ def describe() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sglang_kvalloc.series",
+        prog="python -m sglang_kvalloc_harness.series",
         description="Apply the --kv-alloc-mode series to an upstream SGLang 0.5.23 tree.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,7 +10,7 @@ pool kind upstream builds (each one 0.5.23's CPU engine serves with torch_native
 - ``deepseek-v3``: MLA (``DeepseekV3ForCausalLM``, dense layers), upstream's
   ``MLATokenToKVPool``.
 
-    python -m sglang_kvalloc.tiny_model --out models/tiny-llama [--dtype float32] [--arch A]
+    python -m sglang_kvalloc_harness.tiny_model --out models/tiny-llama [--dtype float32] [--arch A]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ official `openai` client (one streamed); the demo prints the answers, the mode a
 why, the clamped context, the memory figures, and (segmented) the memory given back once the
 server is idle.
 
-    python -m sglang_kvalloc.demo [--model real|tiny] [--model-dir DIR] [--context-length N]
+    python -m sglang_kvalloc_harness.demo [--model real|tiny] [--model-dir DIR] [--context-length N]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from sglang_kvalloc import real_model, tiny_model
-from sglang_kvalloc.serving import LocalServer, free_port
+from sglang_kvalloc_harness import real_model, tiny_model
+from sglang_kvalloc_harness.serving import LocalServer, free_port
 
 QUESTIONS = [
     "What is the capital of France?",

