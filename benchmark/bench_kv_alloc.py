@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import concurrent.futures
 import json
 import os
-import random
 import re
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import provenance  # noqa: E402
+from bench_kv_alloc_load import measure_decode, measure_prefill  # noqa: E402
+from bench_kv_alloc_report import MODES, render_md  # noqa: E402
+from bench_kv_alloc_segment_cost import segment_costs  # noqa: E402
 
 from sglang_kvalloc_harness.serving import LocalServer  # noqa: E402
 from sglang_kvalloc_harness.tiny_model import ensure as ensure_tiny_model  # noqa: E402
 
-MODES = ("static", "segmented")
 DEFAULT_CONTEXTS = (2048, 131072, 1_000_000, 10_000_000)
 DEFAULT_THROUGHPUT_CONTEXTS = (2048, 131072)
 OVERRIDE_ENV = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
@@ -291,159 +293,144 @@ def start_and_measure(
     return rec, server
 
 
-# -- load generation ------------------------------------------------------------------------
+# -- part 2: throughput ---------------------------------------------------------------------
 
 
-def random_prompts(seed: int, n: int, length: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    # ids 3.. avoid the special tokens (bos=0, eos=1, pad=2).
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+@contextmanager
+def _awake(server: LocalServer) -> Iterator[LocalServer]:
+    """Resume a paused server for the requests inside, then pause it again. Not paused again
+    when the requests raise: the caller stops every server then anyway."""
+    server.resume()
+    time.sleep(0.3)
+    yield server
+    server.pause()
 
 
-def run_batch(
-    server: LocalServer, prompts: list[list[int]], sampling: dict[str, Any]
-) -> tuple[float, list[dict[str, Any]]]:
-    """Send all prompts at once (one thread each); wall time from first send to last answer."""
-    payloads = [{"input_ids": p, "sampling_params": sampling} for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(payloads)) as pool:
-        t0 = time.perf_counter()
-        results = list(pool.map(server.generate, payloads))
-        wall = time.perf_counter() - t0
-    return wall, [r["meta_info"] for r in results]
-
-
-def measure_prefill(
-    server: LocalServer, seed: int, cfg: argparse.Namespace, vocab: int
-) -> dict[str, Any]:
-    tokens = 0
-    wall = 0.0
-    cached = 0
-    for b in range(cfg.prefill_batches):
-        prompts = random_prompts(seed * 1000 + b, cfg.batch, cfg.prefill_len, vocab)
-        w, metas = run_batch(server, prompts, {"max_new_tokens": 1, "temperature": 0.0})
-        wall += w
-        tokens += sum(m["prompt_tokens"] for m in metas)
-        cached += sum(m.get("cached_tokens") or 0 for m in metas)
-    return {
-        "prompt_tokens": tokens,
-        "cached_tokens": cached,
-        "wall_s": wall,
-        "tokens_per_s": (tokens - cached) / wall,
-    }
-
-
-def measure_decode(
-    server: LocalServer, seed: int, cfg: argparse.Namespace, vocab: int
-) -> dict[str, Any]:
-    prompts = random_prompts(seed * 1000 + 999, cfg.batch, cfg.decode_prompt_len, vocab)
-    sampling = {"max_new_tokens": cfg.decode_tokens, "temperature": 0.0, "ignore_eos": True}
-    wall, metas = run_batch(server, prompts, sampling)
-    out_tokens = sum(m["completion_tokens"] for m in metas)
-    return {
-        "completion_tokens": out_tokens,
-        "wall_s": wall,
-        "tokens_per_s": out_tokens / wall,
-        "expected_tokens": cfg.batch * cfg.decode_tokens,
-    }
-
-
-def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int) -> dict[str, Any]:
-    servers: dict[str, LocalServer] = {}
+def _start_paused(
+    model: Path, context: int, cfg: argparse.Namespace, servers: dict[str, LocalServer]
+) -> tuple[dict[str, Any], str | None]:
+    """Start both modes at `context` and pause each; every server that started is put in
+    `servers` (for the caller to stop). Returns the start-up summaries and the mode that did
+    not start, if one did not (the other is then not tried)."""
     starts: dict[str, Any] = {}
-    try:
-        for mode in MODES:
-            rec, server = start_and_measure(
-                model, mode, context, cfg.max_total_tokens, 0.0, cfg.start_timeout, cfg
-            )
-            starts[mode] = {k: rec.get(k) for k in ("started", "startup_s", "error_line")}
-            if server is None:
-                return {"context": context, "skipped": f"{mode} did not start", "starts": starts}
-            servers[mode] = server
-            server.pause()
-        # Warm-up (untimed): first requests pay lazy initialisation.
-        for mode in MODES:
-            servers[mode].resume()
-            time.sleep(0.3)
+    for mode in MODES:
+        rec, server = start_and_measure(
+            model, mode, context, cfg.max_total_tokens, 0.0, cfg.start_timeout, cfg
+        )
+        starts[mode] = {k: rec.get(k) for k in ("started", "startup_s", "error_line")}
+        if server is None:
+            return starts, mode
+        servers[mode] = server
+        server.pause()
+    return starts, None
+
+
+def _warm_up(servers: dict[str, LocalServer], cfg: argparse.Namespace, vocab: int) -> None:
+    """Two untimed prefill and decode measurements per server: first requests pay lazy
+    initialisation."""
+    for mode in MODES:
+        with _awake(servers[mode]) as server:
             for k in range(2):
-                measure_prefill(servers[mode], 10_000 + k, cfg, vocab)
-                measure_decode(servers[mode], 10_000 + k, cfg, vocab)
-            servers[mode].pause()
-        rounds: list[dict[str, Any]] = []
-        for r in range(cfg.rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for mode in order:
-                server = servers[mode]
-                server.resume()
-                time.sleep(0.3)
-                # Both modes get the same prompts in a round, new prompts every round (and every
-                # retry), so the radix cache never hits.
-                rejected: list[dict[str, Any]] = []
-                for attempt in range(cfg.max_retries + 1):
-                    seed = (r + 1) * 10 + attempt
-                    waited = wait_quiet(list(servers.values()), cfg.foreign_limit, 60.0)
-                    with ForeignCpu(list(servers.values())) as fpre:
-                        pre = measure_prefill(server, seed, cfg, vocab)
-                    with ForeignCpu(list(servers.values())) as fdec:
-                        dec = measure_decode(server, seed, cfg, vocab)
-                    pre["waited_for_quiet_s"] = round(waited, 1)
-                    pre["foreign_cores"] = round(fpre.foreign_cores, 3)
-                    dec["foreign_cores"] = round(fdec.foreign_cores, 3)
-                    noisy = max(fpre.foreign_cores, fdec.foreign_cores) > cfg.foreign_limit
-                    log(
-                        f"ctx={context} round {r} {mode:9s}: prefill {pre['tokens_per_s']:8.0f} "
-                        f"tok/s, decode {dec['tokens_per_s']:6.1f} tok/s (other processes: "
-                        f"{fpre.foreign_cores:.2f}/{fdec.foreign_cores:.2f} cores)"
-                        + (" -> redo" if noisy and attempt < cfg.max_retries else "")
-                    )
-                    if not noisy or attempt == cfg.max_retries:
-                        break
-                    rejected.append({"prefill": pre, "decode": dec})
-                    time.sleep(cfg.retry_wait)
-                server.pause()
-                rounds.append(
-                    {
-                        "round": r,
-                        "mode": mode,
-                        "prefill": pre,
-                        "decode": dec,
-                        "noisy": noisy,
-                        "rejected_attempts": rejected,
-                    }
-                )
-        after: dict[str, Any] = {}
-        for mode in MODES:
-            servers[mode].resume()
-            time.sleep(0.3)
-            after[mode] = {
-                "rss_bytes": servers[mode].rss_bytes(),
-                **kv_alloc_info(servers[mode]),
-            }
-            servers[mode].pause()
-    finally:
-        for server in servers.values():
-            _stop(server)
+                measure_prefill(server, 10_000 + k, cfg, vocab)
+                measure_decode(server, 10_000 + k, cfg, vocab)
+
+
+def _measure_quietly(
+    servers: dict[str, LocalServer],
+    mode: str,
+    context: int,
+    r: int,
+    cfg: argparse.Namespace,
+    vocab: int,
+) -> dict[str, Any]:
+    """Round `r`'s prefill and decode of one (awake) server, redone with fresh prompts while
+    other processes used more than cfg.foreign_limit cores (up to cfg.max_retries times).
+    Both modes get the same prompts in a round, new prompts every round (and every retry), so
+    the radix cache never hits."""
+    server = servers[mode]
+    everyone = list(servers.values())
+    rejected: list[dict[str, Any]] = []
+    for attempt in range(cfg.max_retries + 1):
+        seed = (r + 1) * 10 + attempt
+        waited = wait_quiet(everyone, cfg.foreign_limit, 60.0)
+        with ForeignCpu(everyone) as fpre:
+            pre = measure_prefill(server, seed, cfg, vocab)
+        with ForeignCpu(everyone) as fdec:
+            dec = measure_decode(server, seed, cfg, vocab)
+        pre["waited_for_quiet_s"] = round(waited, 1)
+        pre["foreign_cores"] = round(fpre.foreign_cores, 3)
+        dec["foreign_cores"] = round(fdec.foreign_cores, 3)
+        noisy = max(fpre.foreign_cores, fdec.foreign_cores) > cfg.foreign_limit
+        log(
+            f"ctx={context} round {r} {mode:9s}: prefill {pre['tokens_per_s']:8.0f} "
+            f"tok/s, decode {dec['tokens_per_s']:6.1f} tok/s (other processes: "
+            f"{fpre.foreign_cores:.2f}/{fdec.foreign_cores:.2f} cores)"
+            + (" -> redo" if noisy and attempt < cfg.max_retries else "")
+        )
+        if not noisy or attempt == cfg.max_retries:
+            break
+        rejected.append({"prefill": pre, "decode": dec})
+        time.sleep(cfg.retry_wait)
+    return {
+        "round": r,
+        "mode": mode,
+        "prefill": pre,
+        "decode": dec,
+        "noisy": noisy,
+        "rejected_attempts": rejected,
+    }
+
+
+def _measure_rounds(
+    servers: dict[str, LocalServer], context: int, cfg: argparse.Namespace, vocab: int
+) -> list[dict[str, Any]]:
+    """cfg.rounds rounds, each measuring both modes, the order swapped every round; the server
+    not being measured stays paused."""
+    rounds: list[dict[str, Any]] = []
+    for r in range(cfg.rounds):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            with _awake(servers[mode]):
+                rounds.append(_measure_quietly(servers, mode, context, r, cfg, vocab))
+    return rounds
+
+
+def _state_after(servers: dict[str, LocalServer]) -> dict[str, Any]:
+    """Each server's RSS and allocator state after the rounds."""
+    after: dict[str, Any] = {}
+    for mode in MODES:
+        with _awake(servers[mode]) as server:
+            after[mode] = {"rss_bytes": server.rss_bytes(), **kv_alloc_info(server)}
+    return after
+
+
+def _throughput_record(
+    context: int,
+    starts: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    after: dict[str, Any],
+    n_rounds: int,
+) -> dict[str, Any]:
+    """The JSON record of one context: raw rounds, medians per mode, segmented/static ratios of
+    the medians and of every round (those show how much of the spread is noise common to both
+    modes)."""
     med: dict[str, dict[str, float]] = {}
     for mode in MODES:
         mine = [x for x in rounds if x["mode"] == mode]
         med[mode] = {
-            "prefill_tokens_per_s": statistics.median(x["prefill"]["tokens_per_s"] for x in mine),
-            "decode_tokens_per_s": statistics.median(x["decode"]["tokens_per_s"] for x in mine),
+            f"{ph}_tokens_per_s": statistics.median(x[ph]["tokens_per_s"] for x in mine)
+            for ph in ("prefill", "decode")
         }
-    # Per-round ratios too: they show how much of the spread is noise common to both modes.
     per_round = []
-    for r in range(cfg.rounds):
+    for r in range(n_rounds):
         s = next(x for x in rounds if x["round"] == r and x["mode"] == "static")
         g = next(x for x in rounds if x["round"] == r and x["mode"] == "segmented")
         per_round.append(
-            {
-                "round": r,
-                "prefill": g["prefill"]["tokens_per_s"] / s["prefill"]["tokens_per_s"],
-                "decode": g["decode"]["tokens_per_s"] / s["decode"]["tokens_per_s"],
-            }
+            {"round": r}
+            | {ph: g[ph]["tokens_per_s"] / s[ph]["tokens_per_s"] for ph in ("prefill", "decode")}
         )
     ratio = {
-        "prefill": med["segmented"]["prefill_tokens_per_s"] / med["static"]["prefill_tokens_per_s"],
-        "decode": med["segmented"]["decode_tokens_per_s"] / med["static"]["decode_tokens_per_s"],
+        ph: med["segmented"][f"{ph}_tokens_per_s"] / med["static"][f"{ph}_tokens_per_s"]
+        for ph in ("prefill", "decode")
     }
     return {
         "context": context,
@@ -456,389 +443,21 @@ def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int
     }
 
 
-# -- segment commit cost (in process) -------------------------------------------------------
-
-
-def segment_cost(
-    name: str,
-    geometry_args: dict[str, Any],
-    row_bytes: list[int],
-    granularity: int | None,
-    reps: int,
-) -> dict[str, Any]:
-    from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
-
-    geometry = SegmentGeometry(**geometry_args)
-    bufs = SegmentedBuffers.create(geometry, row_bytes, device="cpu", granularity=granularity)
-    seg_bytes = sum(rb * geometry.segment_tokens for rb in row_bytes)
-    commit_s: list[float] = []
-    release_s: list[float] = []
+def throughput_at(model: Path, context: int, cfg: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Part 2 at one context: both modes' servers run at once, measured alternately over
+    cfg.rounds rounds after a warm-up; skipped when either mode does not start."""
+    servers: dict[str, LocalServer] = {}
     try:
-        for i in range(reps):
-            seg = 1 + i % (geometry.num_segments - 1)
-            t0 = time.perf_counter()
-            bufs.commit_segment(seg)
-            t1 = time.perf_counter()
-            bufs.release_segment(seg)
-            t2 = time.perf_counter()
-            commit_s.append(t1 - t0)
-            release_s.append(t2 - t1)
-        populate = getattr(bufs.backings[0], "uses_populate_write", None)
+        starts, failed = _start_paused(model, context, cfg, servers)
+        if failed is not None:
+            return {"context": context, "skipped": f"{failed} did not start", "starts": starts}
+        _warm_up(servers, cfg, vocab)
+        rounds = _measure_rounds(servers, context, cfg, vocab)
+        after = _state_after(servers)
     finally:
-        bufs.close()
-    c = statistics.median(commit_s)
-    return {
-        "name": name,
-        "buffers": len(row_bytes),
-        "row_bytes": sorted(set(row_bytes)),
-        "segment_tokens": geometry.segment_tokens,
-        "segment_bytes_total": seg_bytes,
-        "bytes_per_buffer": seg_bytes // len(row_bytes),
-        "granularity": granularity,
-        "repetitions": reps,
-        "commit_median_s": c,
-        "release_median_s": statistics.median(release_s),
-        "commit_p90_s": sorted(commit_s)[int(0.9 * (reps - 1))],
-        "release_p90_s": sorted(release_s)[int(0.9 * (reps - 1))],
-        "commit_gb_per_s": seg_bytes / c / 1e9,
-        "uses_madv_populate_write": populate,
-        "commit_s": commit_s,
-        "release_s": release_s,
-    }
-
-
-def segment_costs(model: Path, seg_info: dict[str, Any] | None, reps: int) -> list[dict[str, Any]]:
-    cfg = json.loads((model / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_row = cfg["num_key_value_heads"] * head_dim * 4  # float32 K (and V) bytes per token
-    layers = cfg["num_hidden_layers"]
-    seg_tokens = (seg_info or {}).get("segment_tokens", 4096)
-    num_segments = (seg_info or {}).get("total_segments", 17)
-    out = [
-        segment_cost(
-            f"tiny model pool ({2 * layers} buffers x {seg_tokens * kv_row // 1024} KB)",
-            {"cap_tokens": seg_tokens * num_segments, "segment_tokens": seg_tokens, "page_size": 1},
-            [kv_row] * (2 * layers),
-            None,
-            reps,
-        )
-    ]
-    # GPU-like: 64 buffers (K and V of 32 layers), 2 MB each per segment, 2 MB granularity.
-    gpu_tokens = 4096
-    out.append(
-        segment_cost(
-            "GPU-like (64 buffers x 2 MB)",
-            {"cap_tokens": gpu_tokens * 8, "segment_tokens": gpu_tokens, "page_size": 1},
-            [2 * 1024 * 1024 // gpu_tokens] * 64,
-            2 * 1024 * 1024,
-            max(10, reps // 2),
-        )
-    )
-    return out
-
-
-# -- machine ----------------------------------------------------------------------------------
-
-
-# machine_info and git_state: benchmark/provenance.py (one record for every benchmark).
-
-
-# -- report ----------------------------------------------------------------------------------
-
-
-def _gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f}"
-
-
-def _ctx(n: int) -> str:
-    from plot import context_label  # one label format for the table and the plot
-
-    return context_label(n)
-
-
-def findings(data: dict[str, Any]) -> list[str]:
-    """Plain statements computed from the numbers (no judgement beyond the 0.99 target)."""
-    out: list[str] = []
-    by = {(r["context"], r["mode"]): r for r in data["startup"]}
-    for mode in MODES:
-        cells = []
-        for ctx in sorted({c for c, _ in by}):
-            r = by.get((ctx, mode))
-            if r is None:
-                continue
-            cells.append(
-                f"{_ctx(ctx)} {_gb(r['rss_bytes'])} GB"
-                if r["started"]
-                else f"{_ctx(ctx)} failed to start (exit code {r['exit_code']})"
-            )
-        out.append(f"RSS after start-up, {mode}: " + ", ".join(cells) + ".")
-    seg = [by[k] for k in sorted(by) if k[1] == "segmented" and by[k]["started"]]
-    if len(seg) >= 2:
-        lo, hi = seg[0], seg[-1]
-        sched = lambda r: sum(v for k, v in r["rss_by_process"].items() if "scheduler" in k)  # noqa: E731
-        extra = sched(hi) - sched(lo)
-        per_pos = extra / (hi["context"] - lo["context"])
-        if abs(extra) > 50e6:
-            out.append(
-                f"Segmented RSS is not flat in the context: the scheduler holds "
-                f"{extra / 1e6:.0f} MB more at {_ctx(hi['context'])} than at "
-                f"{_ctx(lo['context'])} (about {per_pos:.0f} bytes per context position)."
-            )
-        else:
-            out.append(
-                f"Segmented RSS is flat in the context: the scheduler holds {extra / 1e6:+.0f} MB "
-                f"at {_ctx(hi['context'])} against {_ctx(lo['context'])}."
-            )
-    for tp in data["throughput"]:
-        if "ratio_segmented_over_static" not in tp:
-            continue
-        r = tp["ratio_segmented_over_static"]
-        verdict = ", ".join(
-            f"{ph} {r[ph]:.3f} ({'meets' if r[ph] >= 0.99 else 'below'} the 0.99 target)"
-            for ph in ("prefill", "decode")
-        )
-        spread = {
-            ph: (
-                min(x[ph] for x in tp["per_round_ratio"]),
-                max(x[ph] for x in tp["per_round_ratio"]),
-            )
-            for ph in ("prefill", "decode")
-        }
-        out.append(
-            f"Throughput at {_ctx(tp['context'])}, segmented/static medians: {verdict}; "
-            f"per-round ratios span {spread['prefill'][0]:.2f}-{spread['prefill'][1]:.2f} "
-            f"(prefill) and {spread['decode'][0]:.2f}-{spread['decode'][1]:.2f} (decode)."
-        )
-    return out
-
-
-def render_md(data: dict[str, Any]) -> str:
-    m = data["machine"]
-    s = data["settings"]
-    lines: list[str] = []
-    add = lines.append
-    add("# Benchmark: `--kv-alloc-mode static` vs `segmented`")
-    add("")
-    add(
-        "**No GPU was used.** Every number below comes from SGLang's CPU engine "
-        "(`SGLANG_USE_CPU_ENGINE=1`, `--device cpu`) serving the built-in tiny Llama "
-        "(2 layers, hidden 64, 2 KV heads of dim 16, float32, random weights). They show what "
-        "the allocation mode changes in memory and start-up, and whether segmented mode costs "
-        "serving speed on this engine; they say nothing about GPU speed, where segments are "
-        "committed with the CUDA VMM driver calls instead of `madvise` (that backing's own "
-        "suite ran on lent H100s, each run listed in gpu.md with what it covered)."
-    )
-    add("")
-    add("## Findings in this run")
-    add("")
-    for line in findings(data):
-        add(f"- {line}")
-    add("")
-    add("## Machine")
-    add("")
-    add(
-        f"- {m['logical_cpus']} cores ({m['cpu_model']}), "
-        f"{m['memory_total_bytes'] / 2**30:.0f} GB RAM ({m['memory_total_bytes'] / 1e9:.1f} GB), "
-        f"swap {m['swap_total_bytes'] / 1e9:.0f} GB, no GPU"
-    )
-    add(
-        f"- Linux {m['kernel']}, `vm.overcommit_memory={m['vm_overcommit_memory']}`, "
-        f"Python {m['python']}, torch {m['torch']}, SGLang {m['sglang']}"
-    )
-    add(f"- run on {data['started_at']}, took {data['duration_s'] / 60:.1f} minutes")
-    add("")
-    add("## Command")
-    add("")
-    add("```sh")
-    add(data["command"])
-    add("```")
-    add("")
-    add(
-        "Each server is `python -m sglang.launch_server --model-path <tiny model> --device cpu "
-        f"--dtype float32 --max-total-tokens {s['max_total_tokens']} --kv-alloc-mode MODE "
-        "--context-length N` (segmented ones also with `--kv-segment-hold-off "
-        f"{s.get('segment_hold_off', 5.0):g}`), started and stopped with "
-        "`sglang_kvalloc_harness.serving.LocalServer` "
-        "(own process group, killed as a group). Contexts above the tiny model's 65,536 need "
-        "`SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`, which is set for them. "
-        f"`--max-total-tokens {s['max_total_tokens']}` keeps the KV pool at the same "
-        f"{s['max_total_tokens']} tokens (about 32 MB) in both modes, so the differences below "
-        "come from what scales with the context: upstream's `req_to_token` table, "
-        "(max running requests + 1) x context x int32, zero-filled at start in static mode and "
-        "a reservation committed only where requests write in segmented mode."
-    )
-    add("")
-    add("## 1. Start-up and resident memory")
-    add("")
-    add(
-        "Start-up is launch to the first `/health` 200 (one launch per cell, so a second or two "
-        "of noise). RSS is summed over the server's processes (launcher with the tokenizer "
-        "manager, scheduler, detokenizer, helper) after start-up; the scheduler alone is in "
-        "its own column. The machine may be shared: before each launch the benchmark waits "
-        f"(up to {s.get('quiet_wait', 0):.0f} s) until processes outside it use less than "
-        f'{s["foreign_limit"]} cores, and "other load" is the average number of cores such '
-        "processes still kept busy during the start-up; start-up times with a high value there "
-        "are inflated."
-    )
-    add("")
-    add(
-        "| context | mode | started | start-up (s) | RSS all processes (GB) | scheduler RSS (GB) "
-        "| max running req. | req_to_token at start | other load (cores) |"
-    )
-    add("|---:|---|---|---:|---:|---:|---:|---|---:|")
-    for rec in data["startup"]:
-        ctx = _ctx(rec["context"])
-        if rec["started"]:
-            kv = rec.get("kv_alloc") or {}
-            sched = sum(v for k, v in rec["rss_by_process"].items() if "scheduler" in k)
-            r2t = kv.get("req_to_token_bytes")
-            if rec["mode"] == "segmented":
-                seg = kv.get("segments") or {}
-                r2t_s = (
-                    f"{_gb(r2t)} GB reserved, "
-                    f"{(seg.get('req_to_token_resident_bytes') or 0) / 1e6:.1f} MB resident"
-                )
-            else:
-                r2t_s = f"{_gb(r2t)} GB allocated"
-            add(
-                f"| {ctx} | {rec['mode']} | yes | {rec['startup_s']:.1f} | "
-                f"{_gb(rec['rss_bytes'])} | {_gb(sched)} | {kv.get('max_running_requests')} | "
-                f"{r2t_s} | {rec.get('foreign_cores_during_startup', 0):.2f} |"
-            )
-        else:
-            add(
-                f"| {ctx} | {rec['mode']} | **no**: exit code {rec['exit_code']} after "
-                f"{rec['failed_after_s']:.0f} s | - | - | - | - | see below | - |"
-            )
-    failures = [r for r in data["startup"] if not r["started"]]
-    if failures:
-        add("")
-        add("Start-ups that failed, with the error line from the server log:")
-        add("")
-        for rec in failures:
-            add(
-                f"- {rec['mode']} at {_ctx(rec['context'])} ({rec['context']:,} tokens): exit code "
-                f"`{rec['exit_code']}` after {rec['failed_after_s']:.1f} s:"
-            )
-            add(f"  `{rec['error_line']}`")
-    add("")
-    seg_ok = [r for r in data["startup"] if r["started"] and r["mode"] == "segmented"]
-    if seg_ok:
-        seg = (seg_ok[0].get("kv_alloc") or {}).get("segments") or {}
-        add(
-            f"Segmented KV pool: {seg.get('total_segments')} segments of "
-            f"{seg.get('segment_tokens')} tokens; at start-up {seg.get('committed_segments')} "
-            f"segment is committed ({(seg.get('committed_bytes') or 0) / 1e6:.1f} MB of "
-            f"{(seg.get('reserved_bytes') or 0) / 1e6:.1f} MB reserved)."
-        )
-        add("")
-    add("## 2. Throughput (segmented / static)")
-    add("")
-    add(
-        f"Prefill: {s['prefill_batches']} batches of {s['batch']} concurrent requests, each a "
-        f"{s['prefill_len']}-token prompt of random token ids (new ones every round, the same "
-        "for both modes within a round, so the radix cache never hits) and `max_new_tokens=1`; "
-        "prompt tokens / wall time. Decode: "
-        f"{s['batch']} concurrent requests with {s['decode_prompt_len']}-token prompts, "
-        f"`max_new_tokens={s['decode_tokens']}`, `ignore_eos`; generated tokens / wall time "
-        "(the short prefill is included). Both servers of a context run at once and are "
-        f"measured alternately for {s['rounds']} rounds (order swapped every round, after an "
-        "untimed warm-up of each); the one not being measured is paused with SIGSTOP, because an "
-        "idle SGLang scheduler busy-polls a full core. Values are medians over the rounds; the "
-        "client is Python threads with `urllib` on the same 2 cores. Each measurement waits "
-        "for a quiet machine first (as for start-ups, up to 60 s), and a measurement during "
-        "which processes outside the benchmark used more than "
-        f"{s['foreign_limit']} cores on average is redone with fresh prompts (up to "
-        f"{s['max_retries']} times; the rejected attempts are kept in the JSON)."
-    )
-    add("")
-    add(
-        "The ratio is segmented throughput divided by static throughput: 1.00 means no "
-        "difference, below 1 means segmented is slower. The target is >= 0.99. "
-        "The per-round ratios show how much the same-round comparison moves with machine noise."
-    )
-    add("")
-    add(
-        "| context | phase | static (tok/s) | segmented (tok/s) | segmented/static "
-        "| per-round ratios | target >= 0.99 |"
-    )
-    add("|---:|---|---:|---:|---:|---|---|")
-    redone = 0
-    for tp in data["throughput"]:
-        redone += sum(len(x.get("rejected_attempts", [])) for x in tp.get("rounds", []))
-        if "skipped" in tp:
-            add(f"| {_ctx(tp['context'])} | skipped: {tp['skipped']} | | | | | |")
-            continue
-        for phase in ("prefill", "decode"):
-            st = tp["median"]["static"][f"{phase}_tokens_per_s"]
-            sg = tp["median"]["segmented"][f"{phase}_tokens_per_s"]
-            ratio = tp["ratio_segmented_over_static"][phase]
-            rounds = ", ".join(f"{x[phase]:.3f}" for x in tp["per_round_ratio"])
-            ok = "met" if ratio >= 0.99 else "**not met**"
-            add(
-                f"| {_ctx(tp['context'])} | {phase} | {st:,.0f} | {sg:,.0f} | **{ratio:.3f}** | "
-                f"{rounds} | {ok} |"
-            )
-    add("")
-    noisy = sum(x.get("noisy", False) for tp in data["throughput"] for x in tp.get("rounds", []))
-    add(
-        f"Measurements redone because of outside load: {redone}; kept although still above the "
-        f"limit after the last retry: {noisy}."
-    )
-    add("")
-    for tp in data["throughput"]:
-        if "after" not in tp:
-            continue
-        seg = (tp["after"]["segmented"].get("kv_alloc") or {}).get("segments") or {}
-        add(
-            f"After the {_ctx(tp['context'])} rounds the segmented server had committed "
-            f"{seg.get('commits')} times and released {seg.get('releases')} times "
-            f"(peak {seg.get('peak_committed_segments')} of {seg.get('total_segments')} segments, "
-            f"{seg.get('committed_segments')} committed at the end; the radix cache keeps "
-            "finished requests' KV, so the pool stays filled until evicted). RSS then: static "
-            f"{_gb(tp['after']['static']['rss_bytes'])} GB, segmented "
-            f"{_gb(tp['after']['segmented']['rss_bytes'])} GB."
-        )
-        add("")
-    add("## 3. Cost of committing one segment (in process, CPU backing)")
-    add("")
-    add(
-        "`SegmentedBuffers.commit_segment` / `release_segment` over `CpuMmapBacking` "
-        "(commit = `MADV_POPULATE_WRITE`, release = `MADV_DONTNEED`), timed alone in the "
-        "benchmark process with no server running; median and 90th percentile over the "
-        "repetitions."
-    )
-    add("")
-    add(
-        "| segment | total bytes | reps | commit median | commit p90 | release median "
-        "| release p90 | commit rate |"
-    )
-    add("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for c in data["segment_cost"]:
-        add(
-            f"| {c['name']}, {c['segment_tokens']} tokens "
-            f"| {c['segment_bytes_total'] / 2**20:.0f} MB "
-            f"| {c['repetitions']} | {c['commit_median_s'] * 1e3:.2f} ms "
-            f"| {c['commit_p90_s'] * 1e3:.2f} ms | {c['release_median_s'] * 1e3:.2f} ms "
-            f"| {c['release_p90_s'] * 1e3:.2f} ms | {c['commit_gb_per_s']:.1f} GB/s |"
-        )
-    add("")
-    add(
-        "The GPU-like row only has a GPU's shape (64 buffers, 2 MB each per segment, 2 MB "
-        "granularity); it still commits host memory. On a GPU the cost would be "
-        "`cuMemCreate` + `cuMemMap` + `cuMemSetAccess` per buffer, not measured here."
-    )
-    add("")
-    add("## Files")
-    add("")
-    add(
-        "- `docs/runs/benchmark.json`: every raw number (per-round throughput, RSS samples and per-"
-        "process RSS, server info, log lines, every commit/release timing)."
-    )
-    add("- `docs/runs/benchmark.png`: RSS per context and mode, start-up time, throughput ratios.")
-    add("- `benchmark/bench_kv_alloc.py`: the benchmark; `--from-json` re-renders these files.")
-    add("")
-    return "\n".join(lines)
+        for server in servers.values():
+            _stop(server)
+    return _throughput_record(context, starts, rounds, after, cfg.rounds)
 
 
 # -- main ------------------------------------------------------------------------------------

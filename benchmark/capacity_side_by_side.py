@@ -24,7 +24,7 @@ FAKE_GPU_ENV = {
     "SGLANG_KVALLOC_TEST_VMM_API": "fake_cuda:server_api",
     "SGLANG_KVALLOC_FAKE_CUDA_GRANULARITY": str(2 << 20),
     "SGLANG_KVALLOC_FAKE_CUDA_CAPACITY": str(64 << 30),
-    "PYTHONPATH": str(REPO / "test"),
+    "PYTHONPATH": str(REPO / "test" / "support"),
 }
 FIGURES = ("mode", "token_capacity", "max_running_requests", "effective_context_length")
 

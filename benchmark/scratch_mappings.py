@@ -24,7 +24,7 @@ from pathlib import Path
 import provenance  # benchmark/, the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "test"))
+sys.path.insert(0, str(REPO / "test" / "support"))
 
 from fake_cuda import MIB, FakeDriver, FakeVmmApi  # noqa: E402
 

@@ -4,11 +4,11 @@ other idles, and how long a request waits for the other server to give way.
 
     python benchmark/shared_budget.py [--rounds 3] [--out docs/runs/shared_budget.json]
 
-Each round, both pairs in turn (the other pair paused: an idle CPU-engine scheduler
+Each round, both pairs in turn, one server awake at a time (an idle CPU-engine scheduler
 busy-polls a core): a burst of concurrent requests to the first server, then one to the
 second; the throughput is new tokens over the burst's wall time. Then, on the shared pair
-only: one long request to the second server while the first holds cached KV (it waits for
-the first to give way) against the same request once the first holds none.
+only, both awake: one long request to the second server while the first holds cached KV (it
+waits for the first to give way) against the same request once the first holds none.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import provenance  # benchmark/, the script's own folder
 
 MIB = 1 << 20
 BUDGET_BYTES = 100 * MIB
-BURST_REQUESTS = 6
-PROMPT_TOKENS = 600
-NEW_TOKENS = 32
+BURST_REQUESTS = 4
+PROMPT_TOKENS = 600  # a static half holds one such request at a time, the budget three
+NEW_TOKENS = 16
 LONG_PROMPT_TOKENS = 1500  # one fits the budget beside the other's retained KV; two do not
 COMMON_ARGS = ["--dtype", "float32"]
 
@@ -62,6 +62,19 @@ def burst(server: Any, seed: int) -> dict[str, float]:
     return {"wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def burst_alone(server: Any, seed: int) -> dict[str, float]:
+    """A burst on ``server`` with the rest paused (an idle CPU-engine scheduler busy-polls a
+    core); then its cache flushed and, with no hold-off, its segments given back before it
+    is paused again, so the other server of its pair starts from the same budget."""
+    from sglang_kvalloc_harness.serving import http_text
+
+    with server.awake():
+        result = burst(server, seed)
+        http_text(server.url + "/flush_cache")
+        time.sleep(1.0)
+    return result
+
+
 def long_request_s(server: Any, seed: int) -> float:
     params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
     started = time.perf_counter()
@@ -72,16 +85,16 @@ def long_request_s(server: Any, seed: int) -> float:
 def give_way_round(first: Any, second: Any, seed: int) -> dict[str, float]:
     """The second server's long request while the first holds a long request's cached KV
     (waits for it to give way), then the same kind of request once it holds none."""
-    from sglang_kvalloc_harness.serving import http_json
+    from sglang_kvalloc_harness.serving import http_text
 
     long_request_s(first, seed)  # its KV stays cached
     waiting = long_request_s(second, seed + 1)
     for server in (first, second):
-        http_json(server.url + "/flush_cache", {})
+        http_text(server.url + "/flush_cache")
     time.sleep(1)
     free = long_request_s(second, seed + 2)
     for server in (first, second):
-        http_json(server.url + "/flush_cache", {})
+        http_text(server.url + "/flush_cache")
     return {"waiting_s": waiting, "nothing_to_wait_for_s": free, "wait_s": waiting - free}
 
 
@@ -91,10 +104,10 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     from sglang_kvalloc_harness.real_model import MODEL_NAME, ensure
-    from sglang_kvalloc_harness.serving import LocalServer, http_json, side_by_side
+    from sglang_kvalloc_harness.serving import LocalServer, side_by_side
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     models = Path.home() / ".cache/sglang-kvalloc/models"
     parser.add_argument("--model-dir", type=Path, default=models / MODEL_NAME)
     parser.add_argument("--out", type=Path, default=None)
@@ -103,7 +116,8 @@ def main() -> None:
     half_tokens = BUDGET_BYTES // 2 // kv_bytes_per_token(model)
     budget = f"bench-{os.getpid()}"
     shared_args = ["--kv-alloc-mode", "segmented", "--kv-segment-tokens", "128",
-                   "--kv-idle-cache-tokens", "256", "--kv-budget", budget,
+                   "--kv-idle-cache-tokens", "256", "--kv-segment-hold-off", "0",
+                   "--kv-budget", budget,
                    "--kv-budget-bytes", str(BUDGET_BYTES), *COMMON_ARGS]  # fmt: skip
     static_args = ["--kv-alloc-mode", "static", "--max-total-tokens", str(half_tokens),
                    *COMMON_ARGS]  # fmt: skip
@@ -117,17 +131,17 @@ def main() -> None:
     with side_by_side([server for pair in pairs.values() for server in pair]):
         for round_index in range(args.rounds):
             rates: dict[str, float] = {}
-            for name, (first, second) in pairs.items():
-                with first.awake(), second.awake():
-                    runs = [burst(first, 2 * round_index), burst(second, 2 * round_index + 1)]
-                    for server in (first, second):
-                        http_json(server.url + "/flush_cache", {})
+            for name, pair in pairs.items():
+                runs = [burst_alone(server, 2 * round_index + i) for i, server in enumerate(pair)]
                 rates[name] = statistics.mean(r["tokens_per_s"] for r in runs)
+                print(f"round {round_index} {name}: {[round(r['wall_s'], 1) for r in runs]} s",
+                      flush=True)  # fmt: skip
                 bursts[name].extend(r["tokens_per_s"] for r in runs)
             ratios.append(rates["shared_budget"] / rates["static_halves"])
             first, second = pairs["shared_budget"]
-            with first.awake(), second.awake():
+            with first.awake(), second.awake():  # the first must run to give way
                 waits.append(give_way_round(first, second, 1000 + round_index * 10))
+            print(f"round {round_index} give way: {waits[-1]}", flush=True)
     out = {
         "provenance": provenance.record("benchmark/shared_budget.py"),
         "setup": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 
 # Upstream decides at import time which kernels its layers use: the CPU engine's, here.
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+# The test support modules (the fake CUDA driver and its kernel queue) import by name.
+SUPPORT_DIR = Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT_DIR))
 
 
 @pytest.fixture(scope="session")

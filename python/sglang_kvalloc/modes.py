@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from sglang_kvalloc.core import geometry
+
 STATIC = "static"
 SEGMENTED = "segmented"
 AUTO = "auto"
@@ -82,8 +84,9 @@ def segment_tokens(server_args: object | None) -> int | None:
     value = getattr(server_args, SEGMENT_TOKENS_ATTR, None) if server_args is not None else None
     if value is None and os.environ.get(SEGMENT_TOKENS_ENV, "").strip():
         value = int(os.environ[SEGMENT_TOKENS_ENV])
-    if value is not None and value <= 0:
-        raise KvAllocModeError(f"--kv-segment-tokens must be a positive integer, got {value}")
+    problem = None if value is None else geometry.requested_segment_problem(int(value))
+    if problem is not None:
+        raise KvAllocModeError(f"--kv-segment-tokens: {problem}")
     return value
 
 

@@ -25,7 +25,7 @@ from fake_cuda import CAPACITY_FILE_SUFFIX, MIB
 from conftest import hf_greedy
 from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, http_json, http_text
 
-TEST_DIR = Path(__file__).resolve().parents[1]
+SUPPORT_DIR = Path(__file__).resolve().parents[1] / "support"  # the fake driver
 GRANULE = 4096  # 1,024 req_to_token entries: prompts span several row granules
 CONTEXT = 100_000
 PROMPTS = (17, 900, 4090, 12_000)  # 12K: 12 KV segments of 1,024 tokens
@@ -39,7 +39,7 @@ def fake_gpu_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         "SGLANG_KVALLOC_TEST_VMM_API": "fake_cuda:server_api",
         "SGLANG_KVALLOC_FAKE_CUDA_GRANULARITY": str(GRANULE),
         "SGLANG_KVALLOC_FAKE_CUDA_REPORT": str(report),
-        "PYTHONPATH": os.pathsep.join([str(TEST_DIR), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT_DIR), os.environ.get("PYTHONPATH", "")]),
         "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
         "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1",
     }

@@ -1,6 +1,6 @@
 """The GPU kit's CPU proof (issue 25): the kit cannot rot between the times a GPU is lent.
 
-One run of the kit's own driver (``test/gpu/kit_run.py --profile cpu``) on the tiny model:
+One run of the kit's own driver (``gpu_kit/kit_run.py --profile cpu``) on the tiny model:
 its import check hides every distribution the GPU machine lacks and is not in the kit (their
 metadata too) and makes torch report an H100, so upstream's CUDA import branches run against
 the stand-in ``sgl_kernel``; then a static and a segmented server on the CPU engine, held to
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GPU_DIR = REPO / "test" / "gpu"
+GPU_DIR = REPO / "gpu_kit"
 sys.path.append(str(GPU_DIR))  # after test/ (its conftest.py must not be shadowed)
 
 import kit_spec  # noqa: E402
@@ -203,7 +203,7 @@ def test_the_default_path_is_upstreams_minus_what_did_not_run() -> None:
 def test_manifest_matches_the_spec_where_a_kit_was_made() -> None:
     manifest_file = kit_spec.KIT_DIR / "manifest.json"
     if not manifest_file.exists():
-        pytest.skip("no .gpu-kit/ here (make it with python test/gpu/make_kit.py)")
+        pytest.skip("no .gpu-kit/ here (make it with python gpu_kit/make_kit.py)")
     from importlib.metadata import version
 
     from make_kit import spec_digest

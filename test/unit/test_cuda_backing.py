@@ -1,6 +1,6 @@
 """The CUDA VMM backing through a fake driver with the real driver's rules (no GPU here).
 
-`test/fake_cuda.py` keeps device memory in host memfds mapped with the same aliasing, access
+`test/support/fake_cuda.py` keeps device memory in host memfds mapped with the same aliasing, access
 and refcount rules; an address without access is a real fault. What a real GPU adds (timings,
 graph replays, kernels over VMM memory) is in `test/gpu/`.
 """
@@ -88,7 +88,7 @@ print("read", int(t[5]), flush=True)
 def test_access_before_set_access_faults(set_access: bool) -> None:
     """As on a GPU, touching mapped memory without access kills the process."""
     code = textwrap.dedent(
-        _FAULT.format(test_dir=str(Path(__file__).parent.parent), set_access=set_access)
+        _FAULT.format(test_dir=str(Path(__file__).parent.parent / "support"), set_access=set_access)
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if set_access:

@@ -2,7 +2,7 @@
 
 On a GPU nothing is committed by a first write, so rows are committed before they are
 written, and the RoPE cache is one fixed-address tensor committed as positions are reached.
-Here the "device" is host memory behind the fake driver's rules (`test/fake_cuda.py`): an
+Here the "device" is host memory behind the fake driver's rules (`test/support/fake_cuda.py`): an
 address with no mapping is a fault, an uncommitted one reads the scratch page's zeros.
 """
 

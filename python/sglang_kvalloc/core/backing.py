@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from sglang_kvalloc.core.geometry import align_up
+
 if TYPE_CHECKING:
     from sglang_kvalloc.core.shared_budget import SharedBudget
 
@@ -221,10 +223,6 @@ class RangeSet:
         return removed
 
 
-def _align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
-
-
 def tensor_bytes(dtype: torch.dtype, shape: tuple[int, ...], reserved: int) -> int:
     """Bytes a tensor view of ``shape`` takes; ValueError if the reservation is smaller."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -279,7 +277,7 @@ class CpuMmapBacking:
         if nbytes <= 0:
             raise ValueError(f"reservation size must be positive, got {nbytes} bytes")
         self.granularity: int = granularity
-        self._reserved = _align_up(nbytes, granularity)
+        self._reserved = align_up(nbytes, granularity)
         self._map: mmap.mmap | None = mmap.mmap(
             -1,
             self._reserved,

@@ -34,6 +34,7 @@ from sglang_kvalloc.core.backing import (
     ledgered,
     tensor_bytes,
 )
+from sglang_kvalloc.core.geometry import align_up
 from sglang_kvalloc.core.vmm_device import (
     CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,
@@ -53,10 +54,6 @@ __all__ = [
     "VmmDevice",
     "VmmMappingLostError",
 ]
-
-
-def _align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
 
 
 class _Reservation:
@@ -184,7 +181,7 @@ class CudaVmmBacking:
             raise ValueError(f"reservation size must be positive, got {nbytes} bytes")
         self.device = device
         self.granularity: int = device.granularity
-        self._reserved = _align_up(nbytes, self.granularity)
+        self._reserved = align_up(nbytes, self.granularity)
         self._reservation: _Reservation | None = _Reservation(device, self._reserved)
         self._address = self._reservation.address
         # offset -> (nbytes, handle) of each committed mapping.

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_SEGMENT_TOKENS",
+    "MAX_POOL_TOKENS",
+    "SegmentChoice",
     "SegmentGeometry",
+    "align_up",
     "aligned_segment_tokens",
+    "choose_segment_tokens",
     "default_segment_tokens",
+    "launch_segment_problem",
+    "requested_segment_problem",
 ]
 
 
@@ -91,9 +98,83 @@ class SegmentGeometry:
             raise IndexError(f"segment {seg} out of range [0, {self.num_segments})")
 
 
+# -- The segment size: every rule about --kv-segment-tokens lives here ------------------------
+
 DEFAULT_SEGMENT_TOKENS = 8192
 # Small pools still get several segments, so growth and shrink happen at all.
 MIN_SEGMENTS_BY_DEFAULT = 16
+# Slot indices are int32: no pool, so no segment, holds more tokens.
+MAX_POOL_TOKENS = 2**31 - 1
+
+
+def requested_segment_problem(tokens: int) -> str | None:
+    """Why a requested segment size is invalid whatever the server (one line), else None."""
+    if tokens <= 0:
+        return f"segment size must be positive, got {tokens}"
+    if tokens > MAX_POOL_TOKENS:
+        return (
+            f"--kv-segment-tokens {tokens} is larger than any KV pool can be "
+            f"({MAX_POOL_TOKENS} tokens: slot indices are int32)"
+        )
+    return None
+
+
+def launch_segment_problem(
+    tokens: int, page_size: int | None, max_total_tokens: int | None
+) -> str | None:
+    """Why a requested segment size cannot work with the command line (what the launcher can
+    tell before the pool is sized), else None."""
+    problem = requested_segment_problem(tokens)
+    if problem is not None:
+        return problem
+    if page_size and tokens % int(page_size):
+        return f"--kv-segment-tokens {tokens} is not a multiple of --page-size {page_size}"
+    if max_total_tokens and tokens > int(max_total_tokens):
+        return (
+            f"--kv-segment-tokens {tokens} is larger than the KV pool "
+            f"(--max-total-tokens {max_total_tokens})"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class SegmentChoice:
+    """The segment size a pool uses, and what the operator should be told about it."""
+
+    tokens: int
+    note: str | None = None
+
+
+def choose_segment_tokens(
+    requested: int | None,
+    cap_tokens: int,
+    page_size: int,
+    row_bytes: Sequence[int],
+    granularity: int,
+) -> SegmentChoice:
+    """The segment size of a pool of ``cap_tokens``: the request (made a page multiple, at
+    most the pool) or the default; then rounded up so every buffer's segment spans whole
+    granules of the backing. Used by the server and the planner alike."""
+    note = None
+    if requested is not None:
+        size = -(-requested // page_size) * page_size
+        if size > cap_tokens:
+            # The launcher refuses what it can tell is too large; the exact pool is only
+            # known once the weights are loaded.
+            note = (
+                f"--kv-segment-tokens {requested} is larger than the KV pool "
+                f"({cap_tokens - page_size} tokens): one segment holds the whole pool."
+            )
+            size = cap_tokens
+        elif size != requested:
+            note = (
+                f"--kv-segment-tokens {requested} rounded up to {size}, a multiple of "
+                f"--page-size {page_size}."
+            )
+    else:
+        size = default_segment_tokens(cap_tokens, page_size)
+    aligned = aligned_segment_tokens(size, page_size, row_bytes, granularity)
+    return SegmentChoice(min(aligned, math.ceil(cap_tokens / page_size) * page_size), note)
 
 
 def default_segment_tokens(cap_tokens: int, page_size: int) -> int:

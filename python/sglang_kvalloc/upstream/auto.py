@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from sglang_kvalloc import modes
-from sglang_kvalloc.core import planner
+from sglang_kvalloc.core import geometry, planner
 
 if TYPE_CHECKING:
     from sglang.srt.server_args import ServerArgs
@@ -93,7 +93,6 @@ def estimate_capacity_tokens(server_args: ServerArgs, cfg: dict[str, Any]) -> in
 
 
 # KV slot indices are int32 in upstream's req_to_token: no pool (or segment) holds more.
-MAX_POOL_TOKENS = 2**31 - 1
 
 
 def segment_size_problem(server_args: ServerArgs, *, load_model: bool = True) -> str | None:
@@ -102,19 +101,11 @@ def segment_size_problem(server_args: ServerArgs, *, load_model: bool = True) ->
     tokens = modes.segment_tokens(server_args)
     if tokens is None:
         return None
-    if tokens > MAX_POOL_TOKENS:
-        return (
-            f"--kv-segment-tokens {tokens} is larger than any KV pool can be "
-            f"({MAX_POOL_TOKENS} tokens: slot indices are int32)"
-        )
-    page = server_args.page_size
-    if page and tokens % int(page):
-        return f"--kv-segment-tokens {tokens} is not a multiple of --page-size {page}"
-    if server_args.max_total_tokens and tokens > int(server_args.max_total_tokens):
-        return (
-            f"--kv-segment-tokens {tokens} is larger than the KV pool "
-            f"(--max-total-tokens {server_args.max_total_tokens})"
-        )
+    problem = geometry.launch_segment_problem(
+        tokens, server_args.page_size, server_args.max_total_tokens
+    )
+    if problem is not None:
+        return problem
     if not load_model or modes.requested_mode(server_args) == modes.STATIC:
         return None
     try:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc import modes
+from sglang_kvalloc.core import geometry
 from sglang_kvalloc.core.shared_budget import parse_bytes
 
 if TYPE_CHECKING:
@@ -92,10 +93,11 @@ def _tokens(value: str) -> int:
         ) from None
 
 
-def _positive_int(value: str) -> int:
+def _segment_tokens(value: str) -> int:
     number = _tokens(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"segment size must be positive, got {number}")
+    problem = geometry.requested_segment_problem(number)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return number
 
 
@@ -138,7 +140,7 @@ def add_kv_alloc_mode_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-segment-tokens",
         dest=SEGMENT_TOKENS_DEST,
-        type=_positive_int,
+        type=_segment_tokens,
         default=None,
         help="Segmented mode: tokens per KV segment, a multiple of --page-size and at most the "
         "pool capacity; rounded up so each segment spans whole OS pages (default: 8192). "

@@ -213,6 +213,21 @@ def req_to_token_allocation(max_reqs: int, context_len: int, extra: int) -> Allo
     )
 
 
+_TRITON_UPSTREAM = "layers/attention/triton_backend.py TritonAttnBackend.init_cuda_graph_state"
+_FLASHINFER_MLA_UPSTREAM = (
+    "layers/attention/flashinfer_mla_backend.py FlashInferMLAAttnBackend.init_cuda_graph_state"
+)
+_FLASHINFER_UPSTREAM = (
+    "layers/attention/flashinfer_backend.py FlashInferAttnBackend.init_cuda_graph_state"
+)
+_FA3_UPSTREAM = (
+    "layers/attention/flashattention_backend.py FlashAttentionBackend.init_cuda_graph_state"
+)
+_LOCAL_ATTENTION_UPSTREAM = (
+    "layers/attention/local_attention.py LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers"
+)
+
+
 def cuda_graph_allocations(
     spec: ModelSpec,
     *,
@@ -236,107 +251,140 @@ def cuda_graph_allocations(
     if max_bs <= 0 or backend == "torch_native":
         return []
     draft = speculative_draft_tokens
-    tokens = max_bs * max(1, draft)
-    out: list[Allocation] = []
     if backend == "triton":
-        layout = triton_kv_indices_layout(tokens, context_len)
-        out.append(
-            Allocation(
-                layout.name,
-                layout.reserved_bytes,
-                f"{tokens} x {context_len} x 8 B (int64)",
-                "layers/attention/triton_backend.py TritonAttnBackend.init_cuda_graph_state",
-                lazy=layout,
-            )
-        )
-        if draft:
-            out.append(_verify_mask(max_bs, draft, context_len, "triton_backend.py"))
+        out = _triton_allocations(max_bs, draft, context_len)
     elif backend == "flashinfer" and spec.attention == "mla":
-        out.append(
-            Allocation(
-                "flashinfer_mla cuda_graph_kv_indices",
-                max_bs * context_len * 4,
-                f"{max_bs} x {context_len} x 4 B (int32)",
-                "layers/attention/flashinfer_mla_backend.py "
-                "FlashInferMLAAttnBackend.init_cuda_graph_state",
-            )
-        )
+        out = [_flashinfer_mla_allocation(max_bs, context_len)]
     elif backend == "flashinfer":
-        up = "layers/attention/flashinfer_backend.py FlashInferAttnBackend.init_cuda_graph_state"
-        # Two wrappers (and two index buffers) when the model has a sliding window.
-        wrappers = 2 if spec.sliding_window else 1
-        indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
-        out.append(
-            Allocation(
-                indices.name,
-                wrappers * indices.reserved_bytes,
-                f"{wrappers} wrapper(s) x {tokens} x {context_len} x 4 B (int32)",
-                up,
-                lazy=indices,
-                copies=wrappers,
-            )
-        )
-        mask = flashinfer_custom_mask_layout(tokens, context_len)
-        out.append(
-            Allocation(
-                mask.name,
-                mask.reserved_bytes,
-                f"{tokens} x {context_len} x 1 B (uint8)",
-                up,
-                lazy=mask,
-            )
-        )
+        out = _flashinfer_allocations(spec, max_bs * max(1, draft), context_len, page_size)
     elif backend == "fa3":
-        pages = -(-context_len // page_size)
-        tables = 1 + (1 if spec.is_hybrid_swa else 0)
-        if draft:
-            # page_table_draft_decode, target_verify and draft_extend tables (+ their SWA twins).
-            tables += 3 + (2 if spec.is_hybrid_swa else 0)
-        up = (
-            "layers/attention/flashattention_backend.py FlashAttentionBackend.init_cuda_graph_state"
-        )
-        layout = fa3_page_table_layout(max_bs, context_len, page_size)
-        out.append(
-            Allocation(
-                "fa3 page tables",
-                tables * layout.reserved_bytes,
-                f"{tables} table(s) x {max_bs} x {pages} pages x 4 B (int32)",
-                up,
-                lazy=layout,
-                copies=tables,
-            )
-        )
-        if draft and speculative_topk > 1:
-            out += _fa3_topk_tables(spec, max_bs, draft, context_len, up)
-        strided = (1 + (2 if draft else 0)) * pages * 8
-        out.append(
-            Allocation("fa3 strided_indices", strided, f"{pages} pages x 8 B (int64) each", up)
-        )
-        if spec.architecture in LLAMA4_ARCHS and spec.sliding_window:
-            where = (
-                "layers/attention/local_attention.py "
-                "LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers"
-            )
-            chunk = spec.sliding_window
-            for local in fa3_local_attention_layouts(max_bs, context_len, chunk, page_size):
-                out.append(
-                    Allocation(
-                        local.name,
-                        local.reserved_bytes,
-                        f"{local.rows:,} x {local.items} x 4 B (int32): {max_bs} x "
-                        f"ceil({context_len:,} / {chunk:,}) virtual batches",
-                        where,
-                        # Reserved past one chunk only: within one they have max_bs rows, a
-                        # shape other fa3 buffers share, and are small.
-                        lazy=local if context_len > chunk else None,
-                    )
-                )
+        out = _fa3_allocations(spec, max_bs, context_len, page_size, draft, speculative_topk)
     else:
         raise PlanError(f"unknown attention backend {backend!r}")
     if draft and speculative_num_steps > 1:
         out += _draft_allocations(out, backend, max_bs, speculative_topk, speculative_num_steps,
                                   context_len)  # fmt: skip
     return out
+
+
+def _triton_allocations(max_bs: int, draft: int, context_len: int) -> list[Allocation]:
+    """triton: one int64 index buffer of ``tokens x context`` (tokens = max_bs x draft tokens
+    per row under speculative decoding), and with speculative decoding the verify mask."""
+    tokens = max_bs * max(1, draft)
+    layout = triton_kv_indices_layout(tokens, context_len)
+    out = [
+        Allocation(
+            layout.name,
+            layout.reserved_bytes,
+            f"{tokens} x {context_len} x 8 B (int64)",
+            _TRITON_UPSTREAM,
+            lazy=layout,
+        )
+    ]
+    if draft:
+        out.append(_verify_mask(max_bs, draft, context_len, "triton_backend.py"))
+    return out
+
+
+def _flashinfer_mla_allocation(max_bs: int, context_len: int) -> Allocation:
+    """flashinfer on an MLA model: one int32 index buffer of ``max_bs x context``, allocated at
+    upstream's size in segmented mode too (not lazy)."""
+    return Allocation(
+        "flashinfer_mla cuda_graph_kv_indices",
+        max_bs * context_len * 4,
+        f"{max_bs} x {context_len} x 4 B (int32)",
+        _FLASHINFER_MLA_UPSTREAM,
+    )
+
+
+def _flashinfer_allocations(
+    spec: ModelSpec, tokens: int, context_len: int, page_size: int
+) -> list[Allocation]:
+    """flashinfer: each wrapper's int32 index buffer (two wrappers, and two buffers, when the
+    model has a sliding window) and the uint8 custom mask, each ``tokens x context``."""
+    wrappers = 2 if spec.sliding_window else 1
+    indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
+    mask = flashinfer_custom_mask_layout(tokens, context_len)
+    return [
+        Allocation(
+            indices.name,
+            wrappers * indices.reserved_bytes,
+            f"{wrappers} wrapper(s) x {tokens} x {context_len} x 4 B (int32)",
+            _FLASHINFER_UPSTREAM,
+            lazy=indices,
+            copies=wrappers,
+        ),
+        Allocation(
+            mask.name,
+            mask.reserved_bytes,
+            f"{tokens} x {context_len} x 1 B (uint8)",
+            _FLASHINFER_UPSTREAM,
+            lazy=mask,
+        ),
+    ]
+
+
+def _fa3_allocations(
+    spec: ModelSpec, max_bs: int, context_len: int, page_size: int, draft: int, topk: int
+) -> list[Allocation]:
+    """fa3: its page tables, with EAGLE top-k > 1 the per-position tables, its strided
+    indices, and for Llama-4's chunked local attention the local-attention buffers."""
+    out = [_fa3_page_tables(spec, max_bs, context_len, page_size, draft)]
+    if draft and topk > 1:
+        out += _fa3_topk_tables(spec, max_bs, draft, context_len)
+    out.append(_fa3_strided_indices(context_len, page_size, draft))
+    if spec.architecture in LLAMA4_ARCHS and spec.sliding_window:
+        out += _fa3_local_attention(max_bs, context_len, spec.sliding_window, page_size)
+    return out
+
+
+def _fa3_page_tables(
+    spec: ModelSpec, max_bs: int, context_len: int, page_size: int, draft: int
+) -> Allocation:
+    """fa3's ``max_bs x pages`` int32 page tables: the decode one (+ its SWA twin on a hybrid
+    model), and with speculative decoding the draft-decode, target-verify and draft-extend
+    ones (+ their SWA twins)."""
+    tables = 1 + (1 if spec.is_hybrid_swa else 0)
+    if draft:
+        tables += 3 + (2 if spec.is_hybrid_swa else 0)
+    layout = fa3_page_table_layout(max_bs, context_len, page_size)
+    return Allocation(
+        "fa3 page tables",
+        tables * layout.reserved_bytes,
+        f"{tables} table(s) x {max_bs} x {layout.items} pages x 4 B (int32)",
+        _FA3_UPSTREAM,
+        lazy=layout,
+        copies=tables,
+    )
+
+
+def _fa3_strided_indices(context_len: int, page_size: int, draft: int) -> Allocation:
+    """fa3's int64 strided indices of one entry per page: one buffer, three with speculative
+    decoding; allocated at upstream's size in segmented mode too (not lazy)."""
+    pages = -(-context_len // page_size)
+    strided = (1 + (2 if draft else 0)) * pages * 8
+    return Allocation(
+        "fa3 strided_indices", strided, f"{pages} pages x 8 B (int64) each", _FA3_UPSTREAM
+    )
+
+
+def _fa3_local_attention(
+    max_bs: int, context_len: int, chunk: int, page_size: int
+) -> list[Allocation]:
+    """fa3's local-attention buffers for Llama-4's chunked attention, of ``max_bs x
+    ceil(context / chunk)`` virtual batches. Reserved past one chunk only: within one they
+    have max_bs rows, a shape other fa3 buffers share, and are small."""
+    return [
+        Allocation(
+            local.name,
+            local.reserved_bytes,
+            f"{local.rows:,} x {local.items} x 4 B (int32): {max_bs} x "
+            f"ceil({context_len:,} / {chunk:,}) virtual batches",
+            _LOCAL_ATTENTION_UPSTREAM,
+            lazy=local if context_len > chunk else None,
+        )
+        for local in fa3_local_attention_layouts(max_bs, context_len, chunk, page_size)
+    ]
 
 
 def _draft_allocations(
@@ -371,7 +419,7 @@ def _draft_allocations(
 
 
 def _fa3_topk_tables(
-    spec: ModelSpec, max_bs: int, draft: int, context_len: int, up: str
+    spec: ModelSpec, max_bs: int, draft: int, context_len: int
 ) -> list[Allocation]:
     """fa3 with EAGLE top-k > 1: the draft-decode and target-verify tables of one column per
     position, the verify mask (read only with top-k > 1), and with a sliding window the
@@ -382,7 +430,7 @@ def _fa3_topk_tables(
             "fa3 top-k page tables",
             2 * by_position.reserved_bytes,
             f"2 table(s) x {max_bs} x {context_len} positions x 4 B (int32)",
-            up,
+            _FA3_UPSTREAM,
             lazy=by_position,
             copies=2,
         ),
@@ -395,7 +443,7 @@ def _fa3_topk_tables(
                 swa_spec.name,
                 swa_spec.reserved_bytes,
                 f"{max_bs} x {draft} x ({context_len} + {draft}) x 4 B (int32)",
-                up,
+                _FA3_UPSTREAM,
                 lazy=swa_spec,
             )
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sglang_kvalloc.core.geometry import aligned_segment_tokens, default_segment_tokens
+from sglang_kvalloc.core.geometry import choose_segment_tokens
 from sglang_kvalloc.core.planner.budget import PoolSize, RowRoom
 from sglang_kvalloc.core.planner.layouts import GPU_VMM_GRANULARITY
 from sglang_kvalloc.core.planner.model import KVPerToken, ModelSpec
@@ -44,9 +44,9 @@ class SegmentedKv:
 
 
 def _segment_tokens(cap_tokens: int, page_size: int, row_bytes: list[int]) -> int:
-    """The default segment size on a GPU (`kv_pools.choose_segment_tokens` without a request)."""
-    size = default_segment_tokens(cap_tokens, page_size)
-    return min(aligned_segment_tokens(size, page_size, row_bytes, GPU_VMM_GRANULARITY), cap_tokens)
+    """The default segment size on a GPU (the server's choice without a request)."""
+    choice = choose_segment_tokens(None, cap_tokens, page_size, row_bytes, GPU_VMM_GRANULARITY)
+    return min(choice.tokens, cap_tokens)
 
 
 def segmented_kv(

@@ -12,11 +12,10 @@ import math
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 
+from sglang_kvalloc.core import geometry as segment_geometry
 from sglang_kvalloc.core.segments import (
     SegmentedBuffers,
     SegmentGeometry,
-    aligned_segment_tokens,
-    default_segment_tokens,
 )
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -26,31 +25,13 @@ logger = logging.getLogger(__name__)
 def choose_segment_tokens(
     requested: int | None, cap_tokens: int, page_size: int, row_bytes: list[int], gran: int
 ) -> int:
-    """The segment size: the request (made a page multiple, at most the pool) or the default;
-    then rounded up so every buffer's segment spans whole granules of the backing."""
-    if requested is not None:
-        size = -(-requested // page_size) * page_size
-        if size > cap_tokens:
-            # The launcher refuses what it can tell is too large; the exact pool is only
-            # known here, after the weights loaded.
-            logger.warning(
-                "--kv-segment-tokens %d is larger than the KV pool (%d tokens): one segment "
-                "holds the whole pool.",
-                requested,
-                cap_tokens - page_size,
-            )
-            size = cap_tokens
-        elif size != requested:
-            logger.warning(
-                "--kv-segment-tokens %d rounded up to %d, a multiple of --page-size %d.",
-                requested,
-                size,
-                page_size,
-            )
-    else:
-        size = default_segment_tokens(cap_tokens, page_size)
-    aligned = aligned_segment_tokens(size, page_size, row_bytes, gran)
-    return min(aligned, math.ceil(cap_tokens / page_size) * page_size)
+    """`geometry.choose_segment_tokens`, with what the operator should know logged."""
+    choice = segment_geometry.choose_segment_tokens(
+        requested, cap_tokens, page_size, row_bytes, gran
+    )
+    if choice.note is not None:
+        logger.warning(choice.note)
+    return choice.tokens
 
 
 def segment_pool_buffers(

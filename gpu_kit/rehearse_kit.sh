@@ -5,13 +5,13 @@
 # imports from its list); .gpu-kit is installed into it exactly as kit.sh does, the imports
 # run with torch reporting an H100, then the kit's static and segmented servers run on the CPU
 # engine under the GPU machine's closure. Run from the repository root after make_kit:
-#   bash test/gpu/rehearse_kit.sh [OUT]        (about 6 minutes on 2 cores once the venv exists)
+#   bash gpu_kit/rehearse_kit.sh [OUT]        (about 6 minutes on 2 cores once the venv exists)
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-/tmp/sglang-kvalloc-kit-rehearsal}"
 venv="${KIT_REHEARSAL_VENV:-$HOME/.cache/sglang-kvalloc/gpu-like-venv}"
 py312="${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}"
-[ -f "$repo/.gpu-kit/manifest.json" ] || { echo "run python test/gpu/make_kit.py first"; exit 2; }
+[ -f "$repo/.gpu-kit/manifest.json" ] || { echo "run python gpu_kit/make_kit.py first"; exit 2; }
 if [ ! -x "$venv/bin/python" ]; then
   "$py312" -m venv "$venv"
   "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 \
@@ -28,9 +28,9 @@ git -C "$repo" archive HEAD | tar -x -C "$snap"
 cp -r "$repo/.gpu-kit" "$snap/"
 rm -rf "$out" && mkdir -p "$out"
 cd "$snap"
-KIT_PYTHON="$venv/bin/python" KIT_FAKE_CUDA=1 bash test/gpu/kit.sh "$out/install" \
+KIT_PYTHON="$venv/bin/python" KIT_FAKE_CUDA=1 bash gpu_kit/kit.sh "$out/install" \
   --phases install,imports
 "$venv/bin/python" -m sglang_kvalloc_harness.tiny_model --out "$snap/models/tiny" >/dev/null
-"$venv/bin/python" test/gpu/kit_run.py "$out/cpu" --profile cpu --model "$snap/models/tiny" \
+"$venv/bin/python" gpu_kit/kit_run.py "$out/cpu" --profile cpu --model "$snap/models/tiny" \
   --phases imports,static,segmented,bench,stop --deadline-s 1500 | tee "$out/cpu.log"
 echo "[rehearsal] results: $out/install/results.json and $out/cpu/results.json"

@@ -4,7 +4,7 @@ run: ``kit_kernels.py``), build the model, then real servers (static, segmented,
 between them, auto at 10M). Every phase writes ``results.json`` in the output folder as it
 ends, so a timeout still returns what ran; servers' logs sit beside it (at most 8 files).
 
-    python3 test/gpu/kit_run.py OUT [--profile gpu|cpu] [--phases a,b] [--deadline-s N]
+    python3 gpu_kit/kit_run.py OUT [--profile gpu|cpu] [--phases a,b] [--deadline-s N]
 
 ``--profile cpu`` is the CPU proof: the same phases on the CPU engine with the tiny model,
 under the GPU machine's import closure (``KIT_HIDE=1``), no install.

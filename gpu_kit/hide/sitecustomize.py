@@ -1,6 +1,6 @@
 """Held to the GPU machine's closure: with KIT_HIDE=1 and this folder on PYTHONPATH, every
 process (the server's spawned scheduler and detokenizer too) hides what the GPU machine would
-not have (test/gpu/kit_closure.py). Used by the kit's CPU proof only."""
+not have (gpu_kit/kit_closure.py). Used by the kit's CPU proof only."""
 
 import os
 

@@ -7,7 +7,7 @@ The kit carries no sglang-kernel CUDA build (its 1.1 GB ``flash_ops`` cannot tra
 piece is tried on tiny tensors first, and the servers run the default path minus what did not
 run, each substitute named with the error that caused it:
 
-    python3 test/gpu/kit_kernels.py        # prints the probe report (JSON), on a GPU
+    python3 gpu_kit/kit_kernels.py        # prints the probe report (JSON), on a GPU
 
 `default_path` turns a report into flags and environment; it is pure, so CI tests it.
 """

@@ -7,7 +7,7 @@ prunes. ``sgl_kernel`` then resolves to the kit's stand-in. With ``--fake-cuda``
 reports one H100 (``is_available``, capability 9.0, properties), so the modules take their
 CUDA import branches, as they will there.
 
-    python test/gpu/kit_closure.py [--fake-cuda] [--json OUT] [MODULE ...]
+    python gpu_kit/kit_closure.py [--fake-cuda] [--json OUT] [MODULE ...]
 
 Servers inherit the hiding through ``hide/sitecustomize.py`` (``KIT_HIDE=1`` and that folder
 on PYTHONPATH), so spawned schedulers are held to the same closure.

@@ -1,6 +1,6 @@
 """Build the GPU kit into ``.gpu-kit/`` (git-ignored) from this venv and the package index.
 
-    python test/gpu/make_kit.py [--out .gpu-kit]
+    python gpu_kit/make_kit.py [--out .gpu-kit]
 
 What it holds, for a GPU machine with Python 3.12, torch and no network:
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parent
 KIT_DIR = REPO / ".gpu-kit"
 STAND_IN = HERE / "stand_in"
 GPU_PACKAGES_FILE = HERE / "gpu_machine_packages.txt"
