@@ -183,7 +183,7 @@ def test_segmented_allocator_with_free_lists_on_the_gpu(vmm) -> None:
 
 
 def test_rows_and_fixed_rope_cache_on_the_gpu(vmm) -> None:
-    from sglang_kvalloc.upstream.rope import FixedAddressRope
+    from sglang_kvalloc.core.rope_cache import FixedAddressRope
 
     api, device = vmm
     row_bytes = 10_000_004 * 4  # a 10M-context req_to_token row

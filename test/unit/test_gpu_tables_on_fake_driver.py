@@ -112,7 +112,7 @@ def test_req_to_token_rows_are_committed_before_they_are_written(fake_cuda_setti
 def test_fixed_address_rope_matches_upstreams_growth(fake_cuda_settings) -> None:
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
-    from sglang_kvalloc.upstream.rope import FixedAddressRope
+    from sglang_kvalloc.core.rope_cache import FixedAddressRope
 
     factory, driver = fake_cuda_settings
 

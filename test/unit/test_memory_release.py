@@ -107,7 +107,7 @@ class _Allocator:
 def test_the_whole_gpu_side_goes_back_and_comes_back(fake_gpu: FakeDriver) -> None:
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
-    from sglang_kvalloc.upstream.rope import FixedAddressRope
+    from sglang_kvalloc.core.rope_cache import FixedAddressRope
 
     device = RUNTIME.backings.device
     allocator = _Allocator()

@@ -32,6 +32,7 @@ __all__ = [
     "CpuBackingFactory",
     "Fence",
     "CpuMmapBacking",
+    "CommittedRanges",
     "RangeSet",
     "make_backing",
 ]
@@ -246,7 +247,30 @@ def check_range(offset: int, nbytes: int, granularity: int, reserved: int) -> No
         )
 
 
-class CpuMmapBacking:
+class CommittedRanges:
+    """What every backing keeps of its commits: the reservation's size (``_reserved``) and the
+    committed byte ranges (``_committed``); the accessors the `Backing` protocol reads."""
+
+    _reserved: int
+    _committed: RangeSet
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    @property
+    def committed_bytes(self) -> int:
+        return self._committed.total
+
+    def committed_ranges(self) -> list[tuple[int, int]]:
+        """Committed ``(start, end)`` byte ranges, sorted and disjoint."""
+        return self._committed.intervals()
+
+    def is_committed(self, offset: int, nbytes: int) -> bool:
+        return self._committed.overlap(offset, offset + nbytes) == nbytes
+
+
+class CpuMmapBacking(CommittedRanges):
     """Anonymous private ``MAP_NORESERVE`` mapping exposed zero-copy as a torch tensor.
 
     Reserving does not count against the commit limit under the default overcommit policy
@@ -300,24 +324,9 @@ class CpuMmapBacking:
         self.check_available: bool = check_available
 
     @property
-    def reserved_bytes(self) -> int:
-        return self._reserved
-
-    @property
-    def committed_bytes(self) -> int:
-        return self._committed.total
-
-    @property
     def uses_populate_write(self) -> bool | None:
         """Whether commits use MADV_POPULATE_WRITE (None until the first commit probes it)."""
         return self._populate
-
-    def committed_ranges(self) -> list[tuple[int, int]]:
-        """Committed ``(start, end)`` byte ranges, sorted and disjoint."""
-        return self._committed.intervals()
-
-    def is_committed(self, offset: int, nbytes: int) -> bool:
-        return self._committed.overlap(offset, offset + nbytes) == nbytes
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         base = self._live_base()
@@ -512,10 +521,7 @@ class LedgeredBacking:
         if nbytes <= 0 or inner.is_committed(offset, nbytes):
             return
         if not self._budget.reserve(nbytes):
-            raise MemoryError(
-                f"the KV budget {self._budget.path.name} has no {nbytes} bytes left for this "
-                "server (the others hold them and are asked to give way)"
-            )
+            raise MemoryError(self._budget.refusal)
         before = inner.committed_bytes
         try:
             inner.commit(offset, nbytes, unused=unused)

@@ -28,6 +28,7 @@ import torch
 
 from sglang_kvalloc.core.backing import (
     Backing,
+    CommittedRanges,
     Fence,
     RangeSet,
     check_range,
@@ -173,7 +174,7 @@ class _Reservation:
         self.address = 0
 
 
-class CudaVmmBacking:
+class CudaVmmBacking(CommittedRanges):
     """Reserved device memory exposed as one fixed-address tensor; committed per range."""
 
     def __init__(self, nbytes: int, device: VmmDevice) -> None:
@@ -191,27 +192,13 @@ class CudaVmmBacking:
         self._broken = ""
 
     @property
-    def reserved_bytes(self) -> int:
-        return self._reserved
-
-    @property
-    def committed_bytes(self) -> int:
-        return self._committed.total
-
-    @property
     def address(self) -> int:
         return self._address
-
-    def committed_ranges(self) -> list[tuple[int, int]]:
-        return self._committed.intervals()
 
     def remap_span(self, offset: int, nbytes: int) -> tuple[int, int]:
         """The range a commit of ``[offset, offset + nbytes)`` would unmap (it may be wider:
         a scratch chunk still mapped whole)."""
         return self._live().remap_span(offset, nbytes)
-
-    def is_committed(self, offset: int, nbytes: int) -> bool:
-        return self._committed.overlap(offset, offset + nbytes) == nbytes
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         reservation = self._live()

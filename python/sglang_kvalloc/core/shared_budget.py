@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import stat
@@ -197,6 +198,9 @@ class SharedBudget:
                 "use another --kv-budget"
             )
         self._pending_release = 0  # released while the ledger was busy: settled at the next change
+        self._waiting_seen, self._waiting_read_at = 0, -math.inf
+        # Why the last reservation was refused, for the failed commit's message.
+        self.refusal = ""
         with self._locked(create_total=total, wait=JOIN_WAIT_S) as ledger:
             if total is not None and ledger.total != total:
                 raise BudgetError(
@@ -244,6 +248,7 @@ class SharedBudget:
         """Reserve before committing ``nbytes``; False (and ``nbytes`` marked wanted, so the
         others give way) where the budget, the others' floors or this server's limit say no, or
         another process holds the ledger (stopped) longer than ``LOCK_WAIT_S``."""
+        self.refusal = f"the KV budget {self.path.name} is locked by a stopped process"
         with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             mine = self._mine(ledger)
             mine.heartbeat = self.clock()
@@ -257,6 +262,12 @@ class SharedBudget:
                 return True
             mine.wanted = max(mine.wanted, nbytes)
             self._wanting = True
+            self.refusal = (
+                f"the KV budget {self.path.name} has no {nbytes} bytes left for this server "
+                "(the others hold them and are asked to give way)"
+                if mine.committed + nbytes <= limit
+                else f"this server's limit in the KV budget {self.path.name} is reached"
+            )
         return False
 
     def release(self, nbytes: int) -> None:
@@ -266,13 +277,19 @@ class SharedBudget:
         with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             self._mine(ledger).heartbeat = self.clock()
 
-    def others_waiting(self) -> int:
-        """Bytes other servers asked for and did not get (0 while the ledger is busy)."""
-        with contextlib.suppress(LedgerBusy), self._locked() as ledger:
-            mine = self._mine(ledger)
-            mine.heartbeat = self.clock()
-            return sum(s.wanted for s in ledger.slots if s is not mine)
-        return 0
+    def others_waiting(self, max_age_s: float = 0.0) -> int:
+        """Bytes other servers asked for and did not get. Read without the lock (a scheduler
+        asks this in its loop, idle too: it must neither wait on nor hold the lock), at most
+        every ``max_age_s`` seconds (the last answer in between); a torn read keeps it too."""
+        now = time.monotonic()
+        if now - self._waiting_read_at < max_age_s:
+            return self._waiting_seen
+        self._waiting_read_at = now
+        with contextlib.suppress(BudgetError):
+            raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+            ledger = _decode(raw, self.path)
+            self._waiting_seen = sum(s.wanted for s in ledger.slots if s.pid != self.pid)
+        return self._waiting_seen
 
     def stop_wanting(self) -> None:
         """Nothing is waiting here any more (idle): a no-op unless a reservation was refused."""

@@ -33,7 +33,7 @@ import torch
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core.backing import BackingFactory
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.rope_cache import FixedAddressRope
 from sglang_kvalloc.upstream import backings as backing_choice
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -157,84 +157,6 @@ def fixed_cache_dtype(module: RotaryEmbedding, model_dtype: torch.dtype) -> torc
     if getattr(module, "use_fallback_kernel", False):
         return model_dtype
     return module.cos_sin_cache.dtype
-
-
-class FixedAddressRope:
-    """A module's cos/sin cache over a reservation of ``total`` rows: its address never
-    changes; rows are committed (and computed) as positions reach them."""
-
-    def __init__(
-        self,
-        module: RotaryEmbedding,
-        total: int,
-        dtype: torch.dtype,
-        backings: BackingFactory,
-        margin: int = 0,
-    ) -> None:
-        cache = module.cos_sin_cache
-        rows, width = int(cache.shape[0]), int(cache.shape[1])
-        self.module = module
-        self.total = total
-        self.margin = margin  # rows past the context that upstream's reservation adds
-        self.dtype = dtype
-        self.row_bytes = width * torch.empty((), dtype=dtype).element_size()
-        self.backing = backings(total * self.row_bytes)
-        # One "row" of the RowCommits bookkeeping: the whole table, committed as a prefix.
-        # No queued kernel reads rows past the committed ones (positions stay below them).
-        self._commits = RowCommits(self.backing, 1, total * self.row_bytes, commits_unused=True)
-        self.view = self.backing.tensor(dtype, (total, width))
-        self.rows = 0
-        self._commits.ensure(0, rows * self.row_bytes)
-        self.view[:rows].copy_(cache.to(device=self.view.device, dtype=dtype))
-        self.rows = self._initial_rows = rows
-        module.cos_sin_cache = self.view
-
-    def grow(self, positions: int) -> None:
-        """Make rows ``[0, positions)`` valid (at most the reservation); MemoryError (nothing
-        changed) if the device cannot back them."""
-        if positions <= self.rows:
-            return
-        new_rows = min(self.total, positions)
-        self._commits.ensure(0, new_rows * self.row_bytes)
-        module = self.module
-        # Upstream's incremental formula (`_ensure_cos_sin_cache_length`) for the new rows,
-        # computed in float32 and stored in the cache's dtype, as upstream does.
-        inv_freq = module._compute_inv_freq(module.base).to(device=self.view.device)
-        start = module.position_start + self.rows
-        t = torch.arange(start, module.position_start + new_rows, dtype=inv_freq.dtype,
-                         device=self.view.device)  # fmt: skip
-        freqs = torch.einsum("i,j->ij", t, inv_freq)
-        rows = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=self.dtype)
-        self.view[self.rows : new_rows].copy_(rows)
-        self.rows = new_rows
-
-    @property
-    def committed_bytes(self) -> int:
-        return self._commits.committed_bytes
-
-    def release(self) -> int:
-        """RL's memory release: the cache's memory goes back (no forward runs until
-        `restore`); its first rows, upstream's own, are kept on the host. Returns the bytes."""
-        released = self.committed_bytes
-        if self.rows:
-            self._released_rows = self.rows
-            self._host_rows = self.view[: self._initial_rows].to("cpu", copy=True)
-        self._commits.drop(0)
-        self._commits.flush()
-        self.rows = 0
-        return released
-
-    def restore(self) -> None:
-        """Before the first forward after a release: the rows it had, upstream's first ones
-        copied back and the rest computed with upstream's formula."""
-        host = getattr(self, "_host_rows", None)
-        if host is None or self.rows:
-            return
-        self._commits.ensure(0, self._initial_rows * self.row_bytes)
-        self.view[: self._initial_rows].copy_(host.to(self.view.device))
-        self.rows = self._initial_rows
-        self._host_rows = None
-        self.grow(self._released_rows)
 
 
 def _computes_cache_like_upstream_base(module: torch.nn.Module) -> bool:

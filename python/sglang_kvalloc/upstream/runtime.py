@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
+    from sglang_kvalloc.core.rope_cache import FixedAddressRope
     from sglang_kvalloc.core.shared_budget import SharedBudget
-    from sglang_kvalloc.upstream.rope import FixedAddressRope
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class GraphBufferRegistry:
 
 
 class RopeCaches:
-    """The fixed-address RoPE caches of this process (`rope.FixedAddressRope`, a GPU)."""
+    """The fixed-address RoPE caches of this process (`core.rope_cache.FixedAddressRope`, a GPU)."""
 
     def __init__(self) -> None:
         self.caches: list[FixedAddressRope] = []

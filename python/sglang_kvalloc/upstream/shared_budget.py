@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 # How often (scheduler iterations) a server asks the ledger whether another one waits.
 GIVE_WAY_EVERY_ITERATIONS = 8
+# How often each rank reads the ledger for that (an idle CPU-engine loop spins; the read takes
+# no lock, so a server that waits is seen within this, plus an iteration).
+WAITING_READ_EVERY_S = 0.05
 
 
 def device_key(device: str, gpu_id: int) -> str:
@@ -105,7 +108,7 @@ def give_way(scheduler: Scheduler) -> None:
     allocator_iteration = getattr(allocator, "_iteration", 0)
     if allocator_iteration % GIVE_WAY_EVERY_ITERATIONS:
         return
-    waiting = budget.others_waiting() > 0
+    waiting = budget.others_waiting(max_age_s=WAITING_READ_EVERY_S) > 0
     agree = RUNTIME.settings.agree
     if not -agree(-int(waiting)):  # any rank's device has a server waiting
         return

@@ -5,17 +5,45 @@ Checked by the tests after every step and by upstream's idle diagnostic under it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from sglang_kvalloc.core.segments.allocator import SegmentedPageAllocator
+from sglang_kvalloc.core.geometry import SegmentGeometry
+from sglang_kvalloc.core.segments.census import SegmentPages
+from sglang_kvalloc.core.segments.free_list import FreeList
+from sglang_kvalloc.core.segments.ledger import PageLedger
 
-__all__ = ["accounting_problems"]
+__all__ = ["PageAccounting", "accounting_problems"]
 
 
-def accounting_problems(alloc: SegmentedPageAllocator) -> list[str]:
+class PageAccounting(Protocol):
+    """What the check reads of an allocator (`SegmentedPageAllocator`): its segments, its free
+    pages and, in debug mode, its ledger of allocated pages."""
+
+    geometry: SegmentGeometry
+    first_page: int
+    committed_segments: int
+    min_committed_segments: int
+    peak_committed_segments: int
+    releases: int
+    pages: SegmentPages
+    free_list: FreeList
+    ledger: PageLedger | None
+
+    @property
+    def free_pages(self) -> torch.Tensor: ...
+
+    def all_free_pages(self) -> torch.Tensor: ...
+
+    def first_page_of(self, seg: int) -> int: ...
+
+    def free_per_segment(self, fresh: bool = True) -> list[int] | None: ...
+
+    def used_count(self) -> int: ...
+
+
+def accounting_problems(alloc: PageAccounting) -> list[str]:
     """Everything inconsistent in ``alloc``'s page accounting; empty when healthy."""
     g = alloc.geometry
     k = alloc.committed_segments
