@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +84,62 @@ def long_request_s(server: Any, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def give_way_round(first: Any, second: Any, seed: int) -> dict[str, float]:
-    """The second server's long request while the first holds a long request's cached KV
-    (waits for it to give way), then the same kind of request once it holds none."""
+def long_request_outcome(server: Any) -> str:
+    """What a static half does with the long request the shared budget serves."""
+    try:
+        seconds = long_request_s(server, 7)
+    except urllib.error.HTTPError as exc:  # the outcome is the measurement
+        return f"refused: HTTP {exc.code}: {exc.read().decode()[:300]}"
+    return f"served in {seconds:.1f} s"
+
+
+def wanted_spans(path: Path, pid: int, stop: threading.Event) -> list[float]:
+    """Seconds each span lasted in which ``pid``'s row of the ledger wanted bytes (a refused
+    reservation: it waits until another server gives way), sampled every 5 ms."""
+    from sglang_kvalloc.core.shared_budget import read_ledger
+
+    spans: list[float] = []
+    since = None
+    while not stop.is_set():
+        ledger, _ = read_ledger(path)
+        wanted = any(slot.pid == pid and slot.wanted for slot in ledger.slots)
+        now = time.perf_counter()
+        if wanted and since is None:
+            since = now
+        elif not wanted and since is not None:
+            spans.append(now - since)
+            since = None
+        time.sleep(0.005)
+    return spans
+
+
+def give_way_round(first: Any, second: Any, seed: int) -> dict[str, Any]:
+    """The second server's long request while the first holds a long request's cached KV: how
+    long its reservation waited (its row of the ledger wanting bytes) until the first gave
+    way; then the same kind of request once the first holds none."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sglang_kvalloc_harness.serving import http_text
 
+    path = Path(second.server_info()["internal_states"][0]["kv_alloc"]["budget"]["path"])
+    (pid,) = {
+        s["pid"] for s in second.server_info()["internal_states"][0]["kv_alloc"]["budget"]["slots"]
+    } & set(second.pids())
     long_request_s(first, seed)  # its KV stays cached
-    waiting = long_request_s(second, seed + 1)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        spans = pool.submit(wanted_spans, path, pid, stop)
+        waiting = long_request_s(second, seed + 1)
+        stop.set()
+        waits = spans.result()
     for server in (first, second):
         http_text(server.url + "/flush_cache")
     time.sleep(1)
     free = long_request_s(second, seed + 2)
     for server in (first, second):
         http_text(server.url + "/flush_cache")
-    return {"waiting_s": waiting, "nothing_to_wait_for_s": free, "wait_s": waiting - free}
+    return {"waiting_s": waiting, "nothing_to_wait_for_s": free,
+            "reservation_waits_s": waits, "waited_s": sum(waits)}  # fmt: skip
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -127,7 +171,7 @@ def main() -> None:
     }
     bursts: dict[str, list[float]] = {name: [] for name in pairs}
     ratios: list[float] = []
-    waits: list[dict[str, float]] = []
+    waits: list[dict[str, Any]] = []
     with side_by_side([server for pair in pairs.values() for server in pair]):
         for round_index in range(args.rounds):
             rates: dict[str, float] = {}
@@ -142,6 +186,8 @@ def main() -> None:
             with first.awake(), second.awake():  # the first must run to give way
                 waits.append(give_way_round(first, second, 1000 + round_index * 10))
             print(f"round {round_index} give way: {waits[-1]}", flush=True)
+        with pairs["static_halves"][0].awake() as half:
+            long_on_a_static_half = long_request_outcome(half)
     out = {
         "provenance": provenance.record("benchmark/shared_budget.py"),
         "setup": {
@@ -157,9 +203,10 @@ def main() -> None:
             "static_args": static_args,
         },  # fmt: skip
         "summary": {
+            "long_request_on_a_static_half": long_on_a_static_half,
             "burst_tokens_per_s": {name: spread(values) for name, values in bursts.items()},
             "shared_over_static_throughput": spread(ratios),
-            "give_way_wait_s": spread([w["wait_s"] for w in waits]),
+            "reservation_waited_s": spread([w["waited_s"] for w in waits]),
             "long_request_waiting_s": spread([w["waiting_s"] for w in waits]),
             "long_request_nothing_to_wait_for_s": spread(
                 [w["nothing_to_wait_for_s"] for w in waits]
