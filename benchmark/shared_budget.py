@@ -4,11 +4,12 @@ other idles, and how long a request waits for the other server to give way.
 
     python benchmark/shared_budget.py [--rounds 3] [--out docs/runs/shared_budget.json]
 
-Each round, both pairs in turn, one server awake at a time (an idle CPU-engine scheduler
-busy-polls a core): a burst of concurrent requests to the first server, then one to the
-second; the throughput is new tokens over the burst's wall time. Then, on the shared pair
-only, both awake: one long request to the second server while the first holds cached KV (it
-waits for the first to give way) against the same request once the first holds none.
+Each round, both pairs in turn, the pair's two servers up and the other pair paused (an idle
+CPU-engine scheduler busy-polls a core): a burst of concurrent requests to the first server,
+then one to the second; the throughput is new tokens over the burst's wall time. Then, on the
+shared pair: one long request to the second server while the first holds cached KV (it waits
+for the first to give way; the wait is its ledger row wanting bytes) against the same request
+once the first holds none.
 """
 
 from __future__ import annotations
@@ -64,16 +65,15 @@ def burst(server: Any, seed: int) -> dict[str, float]:
     return {"wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def burst_alone(server: Any, seed: int) -> dict[str, float]:
-    """A burst on ``server`` with the rest paused (an idle CPU-engine scheduler busy-polls a
-    core); then its cache flushed and, with no hold-off, its segments given back before it
-    is paused again, so the other server of its pair starts from the same budget."""
+def pair_burst(pair: list[Any], index: int, seed: int) -> dict[str, float]:
+    """A burst on ``pair[index]`` with both servers of the pair up (the other idles, as it
+    would beside it on a device, and gives way where it holds what the burst needs); then
+    the burst's cache flushed."""
     from sglang_kvalloc_harness.serving import http_text
 
-    with server.awake():
-        result = burst(server, seed)
-        http_text(server.url + "/flush_cache")
-        time.sleep(1.0)
+    with pair[0].awake(), pair[1].awake():
+        result = burst(pair[index], seed)
+        http_text(pair[index].url + "/flush_cache")
     return result
 
 
@@ -160,8 +160,7 @@ def main() -> None:
     half_tokens = BUDGET_BYTES // 2 // kv_bytes_per_token(model)
     budget = f"bench-{os.getpid()}"
     shared_args = ["--kv-alloc-mode", "segmented", "--kv-segment-tokens", "128",
-                   "--kv-idle-cache-tokens", "256", "--kv-segment-hold-off", "0",
-                   "--kv-budget", budget,
+                   "--kv-idle-cache-tokens", "256", "--kv-budget", budget,
                    "--kv-budget-bytes", str(BUDGET_BYTES), *COMMON_ARGS]  # fmt: skip
     static_args = ["--kv-alloc-mode", "static", "--max-total-tokens", str(half_tokens),
                    *COMMON_ARGS]  # fmt: skip
@@ -176,7 +175,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             rates: dict[str, float] = {}
             for name, pair in pairs.items():
-                runs = [burst_alone(server, 2 * round_index + i) for i, server in enumerate(pair)]
+                runs = [pair_burst(pair, i, 2 * round_index + i) for i in (0, 1)]
                 rates[name] = statistics.mean(r["tokens_per_s"] for r in runs)
                 print(f"round {round_index} {name}: {[round(r['wall_s'], 1) for r in runs]} s",
                       flush=True)  # fmt: skip
