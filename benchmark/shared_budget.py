@@ -4,12 +4,13 @@ other idles, and how long a request waits for the other server to give way.
 
     python benchmark/shared_budget.py [--rounds 3] [--out docs/runs/shared_budget.json]
 
-Each round, both pairs in turn, the pair's two servers up and the other pair paused (an idle
-CPU-engine scheduler busy-polls a core): a burst of concurrent requests to the first server,
-then one to the second; the throughput is new tokens over the burst's wall time. Then, on the
-shared pair: one long request to the second server while the first holds cached KV (it waits
-for the first to give way; the wait is its ledger row wanting bytes) against the same request
-once the first holds none.
+Each round, both pairs in turn, one server awake at a time (an idle CPU-engine scheduler
+busy-polls a core): a burst of concurrent requests to the first server, then one to the
+second; the throughput is new tokens over the burst's wall time. Then, on the shared pair,
+both awake: the second's long request arrives while the first serves one; it waits (its
+ledger row wants bytes) until the first finishes and gives its memory back: from the first's
+response to the end of that wait is how soon memory freed on one server serves the other.
+(Giving back *cached* KV to a waiting server is tested end to end, test_shared_budget.py.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ BURST_REQUESTS = 4
 PROMPT_TOKENS = 600  # a static half holds one such request at a time, the budget three
 NEW_TOKENS = 16
 LONG_PROMPT_TOKENS = 1500  # one fits the budget beside the other's retained KV; two do not
+FIRST_NEW_TOKENS = 48  # the first server's long request keeps its KV this long
+SECOND_AFTER_S = 4.0  # when the second's request arrives (the first is in its prefill)
 COMMON_ARGS = ["--dtype", "float32"]
 
 
@@ -65,15 +68,17 @@ def burst(server: Any, seed: int) -> dict[str, float]:
     return {"wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def pair_burst(pair: list[Any], index: int, seed: int) -> dict[str, float]:
-    """A burst on ``pair[index]`` with both servers of the pair up (the other idles, as it
-    would beside it on a device, and gives way where it holds what the burst needs); then
-    the burst's cache flushed."""
+def burst_alone(server: Any, seed: int) -> dict[str, float]:
+    """A burst on ``server`` with the rest paused (an idle CPU-engine scheduler busy-polls a
+    core and slows a busy one eightfold); then its cache flushed and, with no hold-off, its
+    segments given back before it is paused again, so the other server of its pair starts
+    from the same budget."""
     from sglang_kvalloc_harness.serving import http_text
 
-    with pair[0].awake(), pair[1].awake():
-        result = burst(pair[index], seed)
-        http_text(pair[index].url + "/flush_cache")
+    with server.awake():
+        result = burst(server, seed)
+        http_text(server.url + "/flush_cache")
+        time.sleep(1.0)
     return result
 
 
@@ -93,12 +98,12 @@ def long_request_outcome(server: Any) -> str:
     return f"served in {seconds:.1f} s"
 
 
-def wanted_spans(path: Path, pid: int, stop: threading.Event) -> list[float]:
-    """Seconds each span lasted in which ``pid``'s row of the ledger wanted bytes (a refused
-    reservation: it waits until another server gives way), sampled every 5 ms."""
+def wanted_spans(path: Path, pid: int, stop: threading.Event) -> list[tuple[float, float]]:
+    """(start, end) of each span in which ``pid``'s row of the ledger wanted bytes (a refused
+    reservation: it waits for memory), sampled every 5 ms, on the perf_counter clock."""
     from sglang_kvalloc.core.shared_budget import read_ledger
 
-    spans: list[float] = []
+    spans: list[tuple[float, float]] = []
     since = None
     while not stop.is_set():
         ledger, _ = read_ledger(path)
@@ -107,42 +112,42 @@ def wanted_spans(path: Path, pid: int, stop: threading.Event) -> list[float]:
         if wanted and since is None:
             since = now
         elif not wanted and since is not None:
-            spans.append(now - since)
+            spans.append((since, now))
             since = None
         time.sleep(0.005)
     return spans
 
 
-def give_way_round(first: Any, second: Any, seed: int) -> dict[str, Any]:
-    """The second server's long request while the first holds a long request's cached KV: how
-    long its reservation waited (its row of the ledger wanting bytes) until the first gave
-    way; then the same kind of request once the first holds none."""
+def freed_elsewhere_round(first: Any, second: Any, seed: int) -> dict[str, Any]:
+    """The second server's long request arrives while the first serves one (its KV in use):
+    the second's reservation waits (its ledger row wants bytes) until the first finishes and
+    gives its memory back (no hold-off). The figure: from the first's response to the end of
+    the second's wait, i.e. how soon memory freed on one server serves the other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sglang_kvalloc_harness.serving import http_text
-
-    path = Path(second.server_info()["internal_states"][0]["kv_alloc"]["budget"]["path"])
-    (pid,) = {
-        s["pid"] for s in second.server_info()["internal_states"][0]["kv_alloc"]["budget"]["slots"]
-    } & set(second.pids())
-    long_request_s(first, seed)  # its KV stays cached
+    budget = second.server_info()["internal_states"][0]["kv_alloc"]["budget"]
+    path = Path(budget["path"])
+    (pid,) = {slot["pid"] for slot in budget["slots"]} & set(second.pids())
     stop = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
+    params = {"max_new_tokens": FIRST_NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(3) as pool:
         spans = pool.submit(wanted_spans, path, pid, stop)
-        waiting = long_request_s(second, seed + 1)
+        first_done = pool.submit(
+            lambda: (first.generate({"input_ids": prompt(seed, LONG_PROMPT_TOKENS),
+                                     "sampling_params": params}), time.perf_counter())[1]
+        )  # fmt: skip
+        time.sleep(SECOND_AFTER_S)
+        second_s = long_request_s(second, seed + 1)
         stop.set()
-        waits = spans.result()
-    for server in (first, second):
-        http_text(server.url + "/flush_cache")
-    time.sleep(1)
-    free = long_request_s(second, seed + 2)
-    for server in (first, second):
-        http_text(server.url + "/flush_cache")
-    return {"waiting_s": waiting, "nothing_to_wait_for_s": free,
-            "reservation_waits_s": waits, "waited_s": sum(waits)}  # fmt: skip
+        first_finished, waits = first_done.result(), spans.result()
+    return {"second_request_s": second_s, "reservation_waits": waits,
+            "waited_s": sum(end - start for start, end in waits),
+            "freed_to_served_s": waits[-1][1] - first_finished if waits else None}  # fmt: skip
 
 
 def spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -160,7 +165,8 @@ def main() -> None:
     half_tokens = BUDGET_BYTES // 2 // kv_bytes_per_token(model)
     budget = f"bench-{os.getpid()}"
     shared_args = ["--kv-alloc-mode", "segmented", "--kv-segment-tokens", "128",
-                   "--kv-idle-cache-tokens", "256", "--kv-budget", budget,
+                   "--kv-idle-cache-tokens", "256", "--kv-segment-hold-off", "0",
+                   "--kv-budget", budget,
                    "--kv-budget-bytes", str(BUDGET_BYTES), *COMMON_ARGS]  # fmt: skip
     static_args = ["--kv-alloc-mode", "static", "--max-total-tokens", str(half_tokens),
                    *COMMON_ARGS]  # fmt: skip
@@ -175,15 +181,15 @@ def main() -> None:
         for round_index in range(args.rounds):
             rates: dict[str, float] = {}
             for name, pair in pairs.items():
-                runs = [pair_burst(pair, i, 2 * round_index + i) for i in (0, 1)]
+                runs = [burst_alone(server, 2 * round_index + i) for i, server in enumerate(pair)]
                 rates[name] = statistics.mean(r["tokens_per_s"] for r in runs)
                 print(f"round {round_index} {name}: {[round(r['wall_s'], 1) for r in runs]} s",
                       flush=True)  # fmt: skip
                 bursts[name].extend(r["tokens_per_s"] for r in runs)
             ratios.append(rates["shared_budget"] / rates["static_halves"])
             first, second = pairs["shared_budget"]
-            with first.awake(), second.awake():  # the first must run to give way
-                waits.append(give_way_round(first, second, 1000 + round_index * 10))
+            with first.awake(), second.awake():
+                waits.append(freed_elsewhere_round(first, second, 1000 + round_index * 10))
             print(f"round {round_index} give way: {waits[-1]}", flush=True)
         with pairs["static_halves"][0].awake() as half:
             long_on_a_static_half = long_request_outcome(half)
@@ -206,9 +212,8 @@ def main() -> None:
             "burst_tokens_per_s": {name: spread(values) for name, values in bursts.items()},
             "shared_over_static_throughput": spread(ratios),
             "reservation_waited_s": spread([w["waited_s"] for w in waits]),
-            "long_request_waiting_s": spread([w["waiting_s"] for w in waits]),
-            "long_request_nothing_to_wait_for_s": spread(
-                [w["nothing_to_wait_for_s"] for w in waits]
+            "freed_to_served_s": spread(
+                [w["freed_to_served_s"] for w in waits if w["freed_to_served_s"] is not None]
             ),
         },
         "rounds": {"bursts": bursts, "ratios": ratios, "give_way": waits},
