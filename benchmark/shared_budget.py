@@ -72,17 +72,26 @@ def burst(server: Any, seed: int) -> dict[str, float]:
     return {"wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def settle(*servers: Any) -> None:
+    """Flush the servers' caches and let them give their segments back (no hold-off) before
+    they are paused: a server stopped in the middle of a ledger change holds its lock, and
+    the others' reservations are refused until it runs again."""
+    from sglang_kvalloc_harness.serving import http_text
+
+    for server in servers:
+        http_text(server.url + "/flush_cache")
+    time.sleep(1.0)
+
+
 def burst_alone(server: Any, seed: int) -> dict[str, float]:
     """A burst on ``server`` with the rest paused (an idle CPU-engine scheduler busy-polls a
     core and slows a busy one eightfold); then its cache flushed and, with no hold-off, its
     segments given back before it is paused again, so the other server of its pair starts
     from the same budget."""
-    from sglang_kvalloc_harness.serving import http_text
 
     with server.awake():
         result = burst(server, seed)
-        http_text(server.url + "/flush_cache")
-        time.sleep(1.0)
+        settle(server)
     return result
 
 
@@ -144,7 +153,9 @@ def freed_elsewhere_round(first: Any, second: Any, seed: int) -> dict[str, Any]:
         second_s = long_request_s(second, seed + 1)
         stop.set()
         first_finished, waits = first_done.result(), spans.result()
-    return {"second_request_s": second_s, "reservation_waits": waits,
+    settle(first, second)
+    return {"second_request_s": second_s,
+            "reservation_wait_spans_s": [round(end - start, 3) for start, end in waits],
             "waited_s": sum(end - start for start, end in waits),
             "freed_to_served_s": waits[-1][1] - first_finished if waits else None}  # fmt: skip
 
