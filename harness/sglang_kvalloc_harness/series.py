@@ -80,7 +80,7 @@ SERIES: tuple[PullRequest, ...] = (
         "auto-mode",
         "auto: clamp the context to what the device holds and choose the mode",
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
-        ("pools.around_resolve_memory_pool_config",),
+        ("pools.around_resolve_memory_pool_config", "settings.*"),
         ("upstream/auto.py",),
     ),
     PullRequest(

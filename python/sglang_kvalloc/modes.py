@@ -1,7 +1,10 @@
-"""The KV allocation modes and how the chosen one is found. Upstream-free.
+"""The KV allocation modes: what was asked for, and what a process decided. Upstream-free.
 
 The mode is chosen by `--kv-alloc-mode` (CLI), `kv_alloc_mode=` (`sglang.Engine`), or the
-environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence.
+environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence. Every setting of this
+package is read here, from the ServerArgs record or the environment: `read_request` gathers
+them into one `KvAllocRequest`. What a scheduler process then runs is one frozen
+`ModeDecision`, made once where upstream sizes the KV pool, and asked by every hook.
 """
 
 from __future__ import annotations
@@ -147,3 +150,97 @@ def budget_settings(server_args: object | None) -> BudgetSettings | None:
         floor_bytes=int(getattr(server_args, BUDGET_FLOOR_ATTR, 0) or 0),
         limit_bytes=int(getattr(server_args, BUDGET_LIMIT_ATTR, 0) or 0),
     )
+
+
+@dataclass(frozen=True)
+class KvAllocRequest:
+    """Everything this package was asked for, read once per process (`read_request`)."""
+
+    mode: str
+    segment_tokens: int | None
+    hold_off_s: float
+    idle_cache_tokens: int
+    budget: BudgetSettings | None
+
+
+def read_request(server_args: object | None) -> KvAllocRequest:
+    """The settings on ``server_args`` (else the environment, else the defaults), checked.
+
+    Raises:
+        KvAllocModeError: a value that is unknown or out of range (one line for the user).
+    """
+    return KvAllocRequest(
+        mode=validate_mode(requested_mode(server_args)),
+        segment_tokens=segment_tokens(server_args),
+        hold_off_s=segment_hold_off_s(server_args),
+        idle_cache_tokens=idle_cache_tokens(server_args),
+        budget=budget_settings(server_args),
+    )
+
+
+# The backings a decision can name: none (static), an anonymous mmap whose pages a first
+# write commits (the CPU), the CUDA driver's virtual memory API (commits made explicitly).
+NO_BACKING = "none"
+CPU_MMAP = "cpu-mmap"
+CUDA_VMM = "cuda-vmm"
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    """What a scheduler process runs, decided once where upstream sizes the KV pool.
+
+    Segmented mode has two mechanisms: (a) context-scaled tables (req_to_token, RoPE caches,
+    cuda-graph buffers) reserved and committed as used, for every pool kind; (b) the KV pool
+    committed segment by segment, for the kinds that support it (`kv_pool_problem` says why
+    not, otherwise None). `explicit_commits`: the backing maps memory before any use (a GPU),
+    so tables, rows and graph buffers are committed by the plugin, not by a first write.
+    """
+
+    requested: str
+    mode: str
+    reason: str
+    kv_pool_kind: str = ""
+    kv_pool_problem: str | None = None
+    backing: str = NO_BACKING
+    explicit_commits: bool = False
+
+    @property
+    def segmented(self) -> bool:
+        return self.mode == SEGMENTED
+
+    @property
+    def lazy_tables(self) -> bool:
+        """Mechanism (a): context-scaled tables are reserved, not allocated whole."""
+        return self.segmented
+
+    @property
+    def kv_on_demand(self) -> bool:
+        """Mechanism (b): the KV pool is committed segment by segment."""
+        return self.segmented and self.kv_pool_problem is None
+
+    @property
+    def kv_pool_note(self) -> str:
+        """One phrase on how the KV pool is held, for the start-up log and `/server_info`."""
+        if not self.segmented:
+            return ""
+        if self.kv_pool_problem is not None:
+            return self.kv_pool_problem
+        return f"the {self.kv_pool_kind} KV pool is committed segment by segment"
+
+    def report(self) -> dict[str, object]:
+        """The decision as `/server_info` reports it (`internal_states[i].kv_alloc`)."""
+        return {
+            "requested_mode": self.requested,
+            "mode": self.mode,
+            "reason": self.reason,
+            "kv_pool_kind": self.kv_pool_kind or None,
+            "lazy_tables": self.lazy_tables,
+            "kv_on_demand": self.kv_on_demand,
+            "kv_on_demand_note": self.kv_pool_note,
+            "backing": self.backing,
+            "explicit_commits": self.explicit_commits,
+        }
+
+
+UNDECIDED = ModeDecision(requested="", mode=STATIC, reason="not decided yet")
+"""Before the pools are sized (and in draft workers): every hook acts as upstream."""

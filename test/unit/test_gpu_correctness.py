@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from decisions import decide, note_request
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc import modes
@@ -35,7 +36,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> CudaBackingFactory:
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
     monkeypatch.setattr(RUNTIME, "backings", factory)
     monkeypatch.setattr(backings, "open_backings", lambda device: factory)
-    monkeypatch.setattr(RUNTIME.state, "device", "cuda:0")
+    monkeypatch.setattr(RUNTIME, "device", "cuda:0")
+    # Rows and tables only: these tests' KV allocators are stand-ins (one test decides again).
+    decide(modes.SEGMENTED, explicit_commits=True, kv_pool_problem="a stand-in KV allocator")
     return factory
 
 
@@ -83,7 +86,7 @@ def _wrap(module: torch.nn.Module) -> torch.nn.Module:
 def test_segmented_rope_cache_stays_float32_and_equals_upstream_to_2m_positions(
     monkeypatch: pytest.MonkeyPatch, fake_gpu, upstream_reserve, llama3: bool
 ) -> None:
-    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.SEGMENTED)
+    note_request(modes.SEGMENTED)
     context = 2_000_000
     module, reference = _cuda_rope(monkeypatch, 64, llama3), _cuda_rope(monkeypatch, 64, llama3)
     assert module.cos_sin_cache.dtype == torch.float32 and not module.use_fallback_kernel
@@ -104,7 +107,7 @@ def test_rope_under_upstreams_fallback_kernel_is_stored_as_its_forward_casts_it(
 ) -> None:
     """Head size 96 on CUDA: upstream's forward casts the cache to the activation dtype
     (a reallocation), so the fixed cache is stored in that dtype already."""
-    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.SEGMENTED)
+    note_request(modes.SEGMENTED)
     module = _cuda_rope(monkeypatch, 96)
     assert module.use_fallback_kernel
     rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(100_000))
@@ -114,7 +117,7 @@ def test_rope_under_upstreams_fallback_kernel_is_stored_as_its_forward_casts_it(
 def test_auto_at_the_models_own_context_leaves_rope_exactly_as_upstream(
     monkeypatch: pytest.MonkeyPatch, fake_gpu, upstream_reserve
 ) -> None:
-    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.AUTO)
+    note_request(modes.AUTO)
 
     def no_backing(device: str) -> None:
         raise AssertionError("auto at an ordinary context must not open a backing")
@@ -137,8 +140,8 @@ def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
 ) -> None:
     """auto reserved a fixed cache (context past the model); settling on static commits it
     whole, so positions past the model's own read upstream's values, not zeros."""
-    monkeypatch.setattr(RUNTIME.state, "requested_mode", modes.AUTO)
-    monkeypatch.setattr(RUNTIME.state, "mode", modes.STATIC)
+    note_request(modes.AUTO)
+    decide(modes.STATIC, requested=modes.AUTO)
     module, reference = _cuda_rope(monkeypatch, 64), _cuda_rope(monkeypatch, 64)
     rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(40_000))
     upstream_reserve(_wrap(reference), _model_config(40_000))
@@ -276,7 +279,7 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
 
     monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
     monkeypatch.setattr(pools, "kv_pool_bytes", lambda c, config: 20_000_000_000)
-    monkeypatch.setattr(RUNTIME.state, "mode", modes.SEGMENTED)
+    decide(modes.SEGMENTED, explicit_commits=True)
     monkeypatch.setattr(RUNTIME.state, "run_time_room_bytes", 0)
     config = types.SimpleNamespace(max_total_num_tokens=1_000_000, max_running_requests=1024)
     configurator = types.SimpleNamespace(
@@ -350,6 +353,7 @@ def test_steady_serving_makes_no_device_synchronize(
     waiting: list = []
     scheduler = _scheduler(pool, running, waiting)
     scheduler.token_to_kv_pool_allocator = allocator
+    decide(modes.SEGMENTED, explicit_commits=True)
     scheduler.page_size, scheduler.chunked_prefill_size, scheduler.last_batch = 1, 8192, None
     rng = random.Random(0)
     per_iteration: list[int] = []
@@ -388,6 +392,7 @@ def test_steady_serving_makes_no_device_synchronize(
     running.clear()
     waiting.clear()
     scheduler.token_to_kv_pool_allocator = types.SimpleNamespace()  # rows only, here
+    decide(modes.SEGMENTED, explicit_commits=True, kv_pool_problem="rows only, here")
     before = api.syncs
     for _ in range(2):  # idle iterations: the freed rows' fences pass, they go back
         scheduler_loop.before_get_next_batch_to_run(scheduler)

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc import modes
@@ -27,7 +28,8 @@ G = 2 * MIB
 def segmented_on_fake_gpu():
     driver = FakeDriver(capacity=512 * MIB)
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
-    RUNTIME.state.mode, RUNTIME.backings = modes.SEGMENTED, factory
+    RUNTIME.backings = factory
+    decide(modes.SEGMENTED, explicit_commits=True)
     yield driver
     RUNTIME.graph.release_all()
 
@@ -59,7 +61,7 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
     assert backend.cuda_graph_attn_logits.shape == (max_bs, 4, 2, 16)
     assert backend.cuda_graph_num_kv_splits.shape == (max_bs,)
     # Static mode (or a caller's buffer) leaves upstream alone.
-    RUNTIME.state.mode = modes.STATIC
+    decide(modes.STATIC)
     other = triton_stub(1000)
     graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, other, 4, 4
@@ -166,7 +168,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         "local_seqused_k": virtual,
         "local_query_start_loc": virtual + 1,
     }
-    RUNTIME.state.mode = modes.STATIC
+    decide(modes.STATIC)
     plain = fa3_with_local_attention().local_attn_builder.alloc_cuda_graph_buffers(max_bs)
     backend.local_attn_builder.update_for_replay(meta, 4, buffers=plain)
     written = 4 + 1  # one virtual batch per decode row (its last chunk), and one more

@@ -13,8 +13,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
+from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import ROWS, GraphBatch, GraphBufferLayout, LazyGraphBuffer
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
@@ -77,7 +79,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
     driver = FakeDriver(capacity=1024 * MIB, min_granularity=G, dirty_new_memory=True)
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
     monkeypatch.setattr(RUNTIME, "backings", factory)
-    monkeypatch.setattr(RUNTIME.state, "mode", "segmented")
+    decide(modes.SEGMENTED, explicit_commits=True)
     monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
     return driver
 
@@ -93,6 +95,12 @@ class _Allocator:
             geometry, on_commit=self.buffers.commit_segment,
             on_release=self.buffers.release_segment, on_suspend=self.buffers.release_all,
         )  # fmt: skip
+
+    def note_busy(self) -> None:
+        pass
+
+    def scheduler_step(self, demand_tokens: int) -> None:
+        pass
 
     def suspend(self) -> int:
         return self.segments.suspend()

@@ -8,11 +8,14 @@ what upstream's own classes do on the same calls.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
 import torch
+from decisions import decide
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
@@ -198,6 +201,7 @@ def test_mla_pool_matches_upstream_and_commits_with_use() -> None:
 
 
 def _configurator(**overrides: object) -> types.SimpleNamespace:
+    """A configurator with upstream's own pool-class chooser (the platform's answer)."""
     hf_config = types.SimpleNamespace(architectures=["LlamaForCausalLM"])
     base = dict(
         model_config=types.SimpleNamespace(hf_config=hf_config),
@@ -205,12 +209,18 @@ def _configurator(**overrides: object) -> types.SimpleNamespace:
         use_mla_backend=False,
         is_hybrid_swa=False,
         kv_cache_dtype_str="auto",
+        kv_cache_dtype=torch.float32,
         kv_shard_rank=None,
         device="cpu",
         server_args=types.SimpleNamespace(enable_unified_memory=False),
+        _page_major_enabled=lambda: False,
     )
     base.update(overrides)
-    return types.SimpleNamespace(**base)
+    configurator = types.SimpleNamespace(**base)
+    configurator._resolve_kv_pool_class = functools.partial(
+        KVCacheConfigurator._resolve_kv_pool_class, configurator
+    )
+    return configurator
 
 
 @pytest.mark.parametrize(
@@ -224,6 +234,8 @@ def _configurator(**overrides: object) -> types.SimpleNamespace:
         ({"kv_cache_dtype_str": "mxfp8"}, "mha", False),
         ({"kv_shard_rank": 0}, "mha", False),
         ({"device": "npu"}, "mha", False),
+        ({"_page_major_enabled": lambda: True}, "mha", False),
+        ({"kv_cache_dtype": torch.float8_e4m3fn}, "mha", False),  # a quantizer on the CPU
         (
             {
                 "is_hybrid_swa": True,
@@ -267,14 +279,30 @@ def test_deepseek_rope_cache_grows_lazily_to_upstreams_values() -> None:
     assert torch.allclose(lazy.cos_sin_cache, full.cos_sin_cache[:rows])
 
 
-def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_platform_pool_class_is_foreseen_by_the_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A platform plugin's pool class (upstream's `current_platform.get_kv_pool_cls`) is seen
+    when the mode is decided, so the decision says the KV pool is upstream's, and why."""
+    from sglang.srt.platforms import current_platform
+
+    class VendorPool(MLATokenToKVPool):
+        pass
+
+    monkeypatch.setattr(
+        current_platform, "get_kv_pool_cls", lambda kind: VendorPool if kind == "mla" else None
+    )
+    kind, why_not = pools.kv_pool_kind(_configurator(use_mla_backend=True))
+    assert kind == "mla" and why_not is not None and "VendorPool" in why_not
+    assert pools.kv_pool_kind(_configurator()) == ("mha", None)
+
+
+def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
     """The MLA and hybrid SWA build hooks hand upstream's builder the segmented class; a pool
-    class other than upstream's plain one is kept, with (b) reported off and why."""
+    class the decision did not foresee is a one-line start-up error, never run half-way."""
     from sglang_kvalloc import modes
 
-    monkeypatch.setattr(RUNTIME.state, "mode", modes.SEGMENTED)
-    monkeypatch.setattr(RUNTIME.state, "kv_on_demand", True)
-    monkeypatch.setattr(RUNTIME.state, "kv_on_demand_note", "")
+    decide(modes.SEGMENTED, kind="mla")
     configurator = types.SimpleNamespace(is_draft_worker=False)
 
     def builder(self: object, **kwargs: object) -> object:
@@ -290,9 +318,12 @@ def test_build_hooks_swap_the_pool_class_or_keep_upstreams(monkeypatch: pytest.M
     class VendorPool(MLATokenToKVPool):
         pass
 
+    with pytest.raises(modes.KvAllocModeError, match="VendorPool"):
+        pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
+    # Where the decision keeps upstream's pool, the hooks leave upstream's choice alone.
+    decide(modes.SEGMENTED, kind="mla", kv_pool_problem="the VendorPool pool is not segmented")
     got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     assert got["mla_pool_class"] is VendorPool
-    assert RUNTIME.state.kv_on_demand is False and "VendorPool" in RUNTIME.state.kv_on_demand_note
 
 
 def test_fp8_kv_pool_stores_what_upstreams_stores() -> None:

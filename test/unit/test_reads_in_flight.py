@@ -20,9 +20,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeIllegalAddress, FakeVmmApi
 from fake_cuda_kernels import QueuedKernels
 
+from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import row_pool, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
@@ -154,6 +156,7 @@ def _serve(
 def no_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
     monkeypatch.setattr(scheduler_loop, "_reads_whole_rows", lambda: False)
+    decide(modes.SEGMENTED, explicit_commits=True, kv_pool_problem="rows only, here")
 
 
 @pytest.mark.parametrize("seed", [3, 4])

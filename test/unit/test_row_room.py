@@ -12,6 +12,7 @@ import types
 from collections.abc import Callable
 
 import pytest
+from decisions import decide
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
@@ -87,7 +88,7 @@ def explicit_commits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _capacity(mode: str, context: int, budget: int) -> int:
-    RUNTIME.state.mode = mode
+    decide(mode, explicit_commits=True)
     RUNTIME.state.run_time_room_bytes = 0
     configurator, resolve = _configurator(context, budget)
     config = resolve(configurator)
@@ -122,7 +123,7 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(
 ) -> None:
     """auto at 10M over explicit commits: the clamp to the pool comes before the room is
     kept; the context must follow the pool once the room is settled."""
-    monkeypatch.setattr(pools, "_apply_segment_settings", lambda c: None)
+    monkeypatch.setattr(pools, "_apply_segment_settings", lambda c, request: None)
     monkeypatch.setattr(pools, "_open_backings", lambda c: None)
     monkeypatch.setattr(pools, "_warn_graph_buffers", lambda c: None)
     monkeypatch.setattr(pools, "kv_pool_kind", lambda c: ("mha", None))
@@ -130,6 +131,7 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(
                         lambda c, config, n: (config.max_running_requests + 1) * n * 4)  # fmt: skip
     configurator, resolve = _configurator(10_000_000, 4 * 10**9)  # a pool of 3.9M tokens
     config = pools.around_resolve_memory_pool_config(resolve, configurator)
-    assert RUNTIME.state.mode == modes.SEGMENTED and RUNTIME.state.run_time_room_bytes > 0
+    assert RUNTIME.decision.segmented and RUNTIME.decision.explicit_commits
+    assert RUNTIME.state.run_time_room_bytes > 0
     context = configurator.model_config.context_len
     assert context == config.max_total_num_tokens < 4 * 10**9 // CELL

@@ -6,7 +6,9 @@ import dataclasses
 import types
 
 import pytest
+from decisions import decide
 
+from sglang_kvalloc import modes
 from sglang_kvalloc.upstream import scheduler_loop
 from sglang_kvalloc.upstream.scheduler_loop import around_check_full_pool, iteration_demand_tokens
 
@@ -94,6 +96,7 @@ def test_decode_slots_are_upstreams_speculative_reserve(
             )
             assert written_up_to <= length + expected[1]
 
+    decide(modes.SEGMENTED)
     demands: list[int] = []
     allocator = types.SimpleNamespace(scheduler_step=demands.append, note_busy=lambda: None)
     scheduler = _scheduler([], running=3, page=page)
@@ -120,6 +123,7 @@ def test_leak_identity_counts_withheld_tokens() -> None:
     from test_allocator_contracts import token_allocator
 
     a = token_allocator("segmented", size=16)
+    decide(modes.SEGMENTED)
     fail = {"on": True}
     real_commit = a._segments.on_commit
 
@@ -164,6 +168,7 @@ def test_a_flushed_cache_gives_its_segments_back_at_once(
     from sglang_kvalloc.upstream.runtime import RUNTIME
 
     monkeypatch.setattr(RUNTIME.settings, "hold_off_s", float("inf"))
+    decide(modes.SEGMENTED)
     a = token_allocator("segmented", size=16)  # segments of 4 slots
     taken = a.alloc(14)
     assert taken is not None and a._segments.committed_segments == 4

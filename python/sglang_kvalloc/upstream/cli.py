@@ -225,10 +225,6 @@ def attach_values(server_args: ServerArgs, values: dict[str, Any]) -> None:
             attach_mode(server_args, value)
         else:
             setattr(server_args, attr, value)
-    # Fail early, in the launcher, on values the workers would reject.
-    modes.segment_tokens(server_args)
-    modes.segment_hold_off_s(server_args)
-    modes.idle_cache_tokens(server_args)
 
 
 def around_from_cli_args(
@@ -250,13 +246,18 @@ def around_from_cli_args(
 
 def input_problem(server_args: ServerArgs) -> str | None:
     """What argparse cannot see, as one line: a mode named in the environment that does not
-    exist, and (where this package's modes act) a context length that is not positive."""
+    exist, a setting out of range, and (where this package's modes act) a context length that
+    is not positive."""
     mode = modes.requested_mode(server_args)
     if mode not in modes.MODES:
         return (
             f"{modes.MODE_ENV}={mode!r} is not a --kv-alloc-mode; choose from "
             f"{', '.join(modes.MODES)}"
         )
+    try:  # fail early, in the launcher, on a value the workers would reject
+        modes.read_request(server_args)
+    except modes.KvAllocModeError as exc:
+        return str(exc)
     context = getattr(server_args, "context_length", None)
     if mode != modes.STATIC and context is not None and int(context) <= 0:
         return f"--context-length must be a positive number of tokens, got {context}"

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -30,8 +29,7 @@ if TYPE_CHECKING:
 def _reads_swa_sub_pool(backend: TorchNativeAttnBackend, k_cache: torch.Tensor) -> bool:
     if not getattr(backend, "use_sliding_window_kv_pool", False):
         return False
-    state = RUNTIME.state
-    if state.mode != modes.SEGMENTED or not state.kv_on_demand:
+    if not RUNTIME.decision.kv_on_demand:
         return False
     pool = backend.token_to_kv_pool
     ptrs = getattr(backend, "_kvalloc_swa_ptrs", None)

@@ -31,12 +31,11 @@ import bisect
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import torch
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.backing import BackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
@@ -73,11 +72,10 @@ logger = logging.getLogger(__name__)
 
 
 def _backings() -> CudaBackingFactory | None:
-    """The CUDA backing factory when segmented mode runs on a GPU, else None."""
-    backings = RUNTIME.backings
-    if RUNTIME.state.mode != modes.SEGMENTED or not isinstance(backings, CudaBackingFactory):
+    """The CUDA backing factory when segmented mode commits explicitly (a GPU), else None."""
+    if not RUNTIME.decision.explicit_commits:
         return None
-    return backings
+    return cast(CudaBackingFactory, RUNTIME.backings)
 
 
 def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def _names_kv(tags: list[str] | None) -> bool:
 @contextlib.contextmanager
 def _engine_device_module() -> Iterator[None]:
     """On the CPU engine, `torch.get_device_module()` answers SGLang's own device module."""
-    if RUNTIME.state.device != "cpu":
+    if RUNTIME.device != "cpu":
         yield
         return
     from sglang.srt.utils.common import get_device_module
@@ -81,7 +80,7 @@ def around_release_memory_occupation(
     ``kv_cache`` in the tags in segmented mode, everything segmented mode committed."""
     with _engine_device_module():
         result = original(updater, recv_req, *args, **kwargs)
-    if _names_kv(recv_req.tags) and RUNTIME.state.mode == modes.SEGMENTED:
+    if _names_kv(recv_req.tags) and RUNTIME.decision.segmented:
         release(updater.scheduler)
     return result
 
@@ -108,12 +107,11 @@ def release(scheduler: Scheduler | None) -> int:
     if scheduler is None or RUNTIME.state.kv_released:
         return 0
     before = committed_bytes(scheduler)
-    allocator = scheduler.token_to_kv_pool_allocator
-    suspend = getattr(allocator, "suspend", None)
-    segments = suspend() if suspend is not None else 0
-    release_rows = getattr(scheduler.req_to_token_pool, "release_all", None)
-    if release_rows is not None:
-        release_rows()
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    segments = allocator.suspend() if allocator is not None else 0
+    rows = RUNTIME.segmented_rows(scheduler.req_to_token_pool)
+    if rows is not None:
+        rows.release_all()
     RUNTIME.graph.release_all()
     RUNTIME.rope.release()
     RUNTIME.backings.trim_spares()
@@ -134,9 +132,9 @@ def resume(scheduler: Scheduler | None) -> None:
     batch (`restore_before_first_batch`), KV segments as requests need them."""
     if scheduler is None:
         return
-    resume_pools = getattr(scheduler.token_to_kv_pool_allocator, "resume", None)
-    if resume_pools is not None:
-        resume_pools()
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    if allocator is not None:
+        allocator.resume()
     RUNTIME.state.kv_released = False
     RUNTIME.state.restore_pending = True
     logger.info("Memory occupation resumed (kv_cache): KV committed as requests need it.")
@@ -147,9 +145,9 @@ def restore_before_first_batch(scheduler: Scheduler) -> None:
     caches as they were, before anything reads them."""
     if not RUNTIME.state.restore_pending:
         return
-    restore_row = getattr(scheduler.req_to_token_pool, "restore_padding_row", None)
-    if restore_row is not None:
-        restore_row()
+    rows = RUNTIME.segmented_rows(scheduler.req_to_token_pool)
+    if rows is not None:
+        rows.restore_padding_row()
     RUNTIME.rope.restore()
     RUNTIME.state.restore_pending = False
 
@@ -157,10 +155,13 @@ def restore_before_first_batch(scheduler: Scheduler) -> None:
 def committed_bytes(scheduler: Scheduler) -> int:
     """What segmented mode holds committed now: KV segments, rows (where committed
     explicitly), cuda-graph buffers, RoPE caches and spare handles."""
-    stats = getattr(scheduler.token_to_kv_pool_allocator, "segment_stats", None)
-    total = stats()["committed_bytes"] if stats is not None else 0
-    rows = getattr(scheduler.req_to_token_pool, "committed_bytes", None)
-    total += (rows() or 0) if rows is not None else 0
+    total = 0
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    if allocator is not None:
+        total += allocator.segment_stats()["committed_bytes"]
+    rows = RUNTIME.segmented_rows(scheduler.req_to_token_pool)
+    if rows is not None:
+        total += rows.committed_bytes() or 0
     total += RUNTIME.graph.stats()["cuda_graph_buffers_committed_bytes"]
     total += RUNTIME.rope.committed_bytes
     device = getattr(RUNTIME.backings, "device", None)

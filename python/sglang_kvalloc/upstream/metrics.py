@@ -76,8 +76,8 @@ def after_log_stats(
 ) -> None:
     """AFTER `SchedulerMetricsCollector.log_stats`: refresh the gauges from the live state."""
     gauges = getattr(self, "_kvalloc_gauges", None)
-    state = RUNTIME.state
-    if gauges is None or state.mode is None:
+    state, decision = RUNTIME.state, RUNTIME.decision
+    if gauges is None or not RUNTIME.decided:
         return None
     labels = self._kvalloc_labels
     values: dict[str, int | None] = {
@@ -101,6 +101,6 @@ def after_log_stats(
         if value is not None:
             gauges[name].labels(**labels).set(value)
     self._kvalloc_mode_gauge.labels(
-        **labels, mode=state.mode, requested_mode=state.requested_mode or state.mode
+        **labels, mode=decision.mode, requested_mode=decision.requested
     ).set(1)
     return None

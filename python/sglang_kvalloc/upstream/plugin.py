@@ -15,6 +15,7 @@ from sglang_kvalloc.upstream import (
     pools,
     rope,
     scheduler_loop,
+    settings,
 )
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
@@ -69,7 +70,7 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
-        (f"{SCHEDULER}.__init__", rope.before_scheduler_init, "BEFORE"),
+        (f"{SCHEDULER}.__init__", settings.before_scheduler_init, "BEFORE"),
         (RESERVE_ROPE, rope.around_reserve_rope_cache, "AROUND"),
         (f"{ROPE}.forward_native", rope.before_rope_forward, "BEFORE"),
         (f"{ROPE}.forward_cpu", rope.before_rope_forward, "BEFORE"),

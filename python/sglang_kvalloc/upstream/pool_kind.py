@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import torch
+
 from sglang_kvalloc.core import planner
 
 if TYPE_CHECKING:
@@ -57,7 +59,30 @@ def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
         return kind, f"device {configurator.device} has no segmented KV pool"
     if getattr(configurator.server_args, "enable_unified_memory", False):
         return kind, "--enable-unified-memory builds upstream's unified pool"
-    return kind, None
+    return kind, _pool_class_problem(configurator, kind)
+
+
+def _pool_class_problem(configurator: KVCacheConfigurator, kind: str) -> str | None:
+    """Why the pool class upstream's `_build_token_to_kv_pool` will pick for ``kind`` is not
+    the plain one segmented mode subclasses (asked of upstream's own choosers), else None."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+    from sglang.srt.platforms import current_platform
+
+    if kind == "mla":
+        chosen = configurator._resolve_kv_pool_class(kind="mla", default=MLATokenToKVPool)
+        plain: type = MLATokenToKVPool
+    else:
+        if configurator._page_major_enabled():
+            return "the page-major KV layout (--enable-page-major-kv-layout) is not segmented"
+        chosen = configurator._resolve_kv_pool_class(kind="mha", default=MHATokenToKVPool)
+        plain = MHATokenToKVPool
+    if chosen is not plain:
+        return f"the {chosen.__name__} pool is not segmented in this build"
+    if kind == "mha" and current_platform.is_cpu():
+        # upstream's `_build_mha_quant_method`: fp8 on the CPU is stored through a quantizer.
+        if configurator.kv_cache_dtype == torch.float8_e4m3fn:
+            return "the CPU fp8 KV quantization is not segmented in this build"
+    return None
 
 
 def kv_pool_bytes(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> int | None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backings as backing_choice
-from sglang_kvalloc.upstream import shared_budget
+from sglang_kvalloc.upstream import settings, shared_budget
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _effective_mode() -> str:
-    return RUNTIME.state.mode or modes.STATIC
 
 
 def _warn_graph_buffers(configurator: KVCacheConfigurator) -> None:
@@ -78,22 +74,17 @@ def around_resolve_memory_pool_config(
     config = original(self, *args, **kwargs)
     if self.is_draft_worker:
         return config
-    requested = modes.requested_mode(self.server_args)
-    modes.validate_mode(requested)
-    _apply_segment_settings(self)
-    state = RUNTIME.state
-    state.requested_mode = requested
-    state.requested_context_length = getattr(
+    request = settings.note_request(self.server_args)
+    _apply_segment_settings(self, request)
+    RUNTIME.state.requested_context_length = getattr(
         self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
     )
-    if requested != modes.AUTO:
-        if requested == modes.SEGMENTED:
+    if request.mode != modes.AUTO:
+        if request.mode == modes.SEGMENTED:
             _open_backings(self)  # a device that cannot do it says so now, in one line
             shared_budget.open_budget(self)
             _warn_graph_buffers(self)
-        state.mode = requested
-        state.reason = "chosen explicitly"
-        _note_mechanisms(self)
+        _decide(self, request, request.mode, "chosen explicitly")
         return _settle_run_time_memory(original, self, config, args, kwargs)
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
@@ -120,7 +111,7 @@ def around_resolve_memory_pool_config(
         config = original(self, *args, **kwargs)
     mode = decision.mode
     reason = decision.reason
-    if modes.budget_settings(self.server_args) is not None and mode != modes.SEGMENTED:
+    if request.budget is not None and mode != modes.SEGMENTED:
         mode, reason = modes.SEGMENTED, "--kv-budget: a shared budget is committed on demand"
     if mode == modes.SEGMENTED:
         try:
@@ -129,9 +120,7 @@ def around_resolve_memory_pool_config(
             mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
         else:
             shared_budget.open_budget(self)
-    state.mode = mode
-    state.reason = reason
-    _note_mechanisms(self)
+    _decide(self, request, mode, reason)
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
         _warn_graph_buffers(self)
@@ -153,12 +142,11 @@ def _settle_run_time_memory(
     part of req_to_token's run-time room that static would not have taken from the slack
     (`planner.req_to_token_room`) kept free. Upstream then measures the budget again, so the
     KV pool leaves them room; auto's context stays within the pool it ends with."""
-    state, rope = RUNTIME.state, RUNTIME.rope
-    segmented = state.mode == modes.SEGMENTED
-    explicit = segmented and not RUNTIME.backings.faults_in
+    state, rope, decision = RUNTIME.state, RUNTIME.rope, RUNTIME.decision
+    explicit = decision.explicit_commits
     if not rope and not explicit:
         return config
-    if segmented:
+    if decision.segmented:
         rope.commit_up_to(config.max_total_num_tokens)
     else:
         rope.complete()
@@ -231,30 +219,42 @@ def around_profile_available_bytes(
     return int(available) - room
 
 
-def _note_mechanisms(configurator: KVCacheConfigurator) -> None:
-    """Record which of segmented mode's two mechanisms is in force: (a) the context-scaled
-    tables lazy (every pool kind), (b) the KV pool committed on demand (supported kinds)."""
-    kind, why_not = kv_pool_kind(configurator)
-    state = RUNTIME.state
-    segmented = state.mode == modes.SEGMENTED
-    state.kv_pool_kind = kind
-    state.lazy_tables = segmented
-    state.kv_on_demand = segmented
-    state.kv_on_demand_note = f"the {kind} KV pool is committed segment by segment"
-    if not segmented:
-        state.kv_on_demand_note = ""
-    elif why_not is not None:
-        _keep_upstream_pool(why_not)
+def _decide(
+    configurator: KVCacheConfigurator, request: modes.KvAllocRequest, mode: str, reason: str
+) -> None:
+    """Write this process's one `ModeDecision`: the mode, why, the pool kind and whether its
+    KV is committed on demand (foreseen from upstream's own pool choice), the backing."""
+    kind, problem = kv_pool_kind(configurator)
+    segmented = mode == modes.SEGMENTED
+    faults_in = RUNTIME.backings.faults_in
+    backing = modes.CPU_MMAP if faults_in else modes.CUDA_VMM
+    decision = modes.ModeDecision(
+        requested=request.mode,
+        mode=mode,
+        reason=reason,
+        kv_pool_kind=kind,
+        kv_pool_problem=problem,
+        backing=backing if segmented else modes.NO_BACKING,
+        explicit_commits=segmented and not faults_in,
+    )
+    RUNTIME.decide(decision)
+    if segmented and problem is not None:
+        logger.warning(
+            "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
+            "allocated whole at start (%s).",
+            problem,
+        )
 
 
-def _apply_segment_settings(configurator: KVCacheConfigurator) -> None:
-    server_args = configurator.server_args
-    settings = RUNTIME.settings
-    settings.segment_tokens = modes.segment_tokens(server_args)
-    settings.hold_off_s = modes.segment_hold_off_s(server_args)
-    settings.idle_cache_tokens = modes.idle_cache_tokens(server_args)
-    settings.device = str(configurator.device)
-    settings.agree = _rank_agreement()
+def _apply_segment_settings(
+    configurator: KVCacheConfigurator, request: modes.KvAllocRequest
+) -> None:
+    segment = RUNTIME.settings
+    segment.segment_tokens = request.segment_tokens
+    segment.hold_off_s = request.hold_off_s
+    segment.idle_cache_tokens = request.idle_cache_tokens
+    segment.device = str(configurator.device)
+    segment.agree = _rank_agreement()
 
 
 def _open_backings(configurator: KVCacheConfigurator) -> None:
@@ -298,22 +298,20 @@ def make_rank_agreement(group: dist.ProcessGroup) -> Callable[[int], int]:
 
 def _builds_segmented(configurator: KVCacheConfigurator) -> bool:
     """Whether this configurator's tables are the lazy ones (the target worker)."""
-    return _effective_mode() == modes.SEGMENTED and not configurator.is_draft_worker
+    return RUNTIME.decision.lazy_tables and not configurator.is_draft_worker
 
 
 def _builds_kv_on_demand(configurator: KVCacheConfigurator) -> bool:
     """Whether this configurator's KV pool is the segment-committed one."""
-    return _builds_segmented(configurator) and RUNTIME.state.kv_on_demand
+    return RUNTIME.decision.kv_on_demand and not configurator.is_draft_worker
 
 
-def _keep_upstream_pool(why: str) -> None:
-    """A pool variant found only while building: its KV stays upstream's, said once."""
-    RUNTIME.state.kv_on_demand = False
-    RUNTIME.state.kv_on_demand_note = why
-    logger.warning(
-        "--kv-alloc-mode segmented: context-scaled tables are lazy, but the KV pool is "
-        "allocated whole at start (%s).",
-        why,
+def _unforeseen_pool(what: str) -> modes.KvAllocModeError:
+    """Upstream is building a pool the decision did not foresee (`pool_kind.kv_pool_kind`
+    asks upstream's own choosers): a start-up error rather than a pool run the wrong way."""
+    return modes.KvAllocModeError(
+        f"--kv-alloc-mode segmented: upstream builds {what}, which the mode decision did not "
+        "foresee; use --kv-alloc-mode static (and report this)"
     )
 
 
@@ -349,12 +347,8 @@ def around_build_mha_kv_pool(
     pool_class = kwargs.get("mha_pool_class")
     if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
         name = getattr(pool_class, "__name__", "?")
-        _keep_upstream_pool(
-            f"the {name} pool"
-            + (" with a KV quantization method" if pool_class else "")
-            + " is not segmented in this build"
-        )
-        return original(self, *args, **kwargs)
+        quantized = " with a KV quantization method" if kwargs.get("quant_method") else ""
+        raise _unforeseen_pool(f"the {name} pool{quantized}")
     kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
     return original(self, *args, **kwargs)
 
@@ -369,13 +363,11 @@ def _with_segmented_class(
     segmented_class: type[KVCache],
 ) -> KVCache:
     """Call a `_build_*_kv_pool` with ``kwargs[key]`` (the pool class upstream chose) swapped
-    for its segmented subclass, where it is upstream's plain class; else upstream's pool."""
+    for its segmented subclass (upstream's plain class, as the decision foresaw)."""
     chosen = kwargs.get(key)
     if chosen is not upstream_class:
-        name = getattr(chosen, "__name__", "?")
-        _keep_upstream_pool(f"the {name} pool is not segmented in this build")
-    else:
-        kwargs[key] = segmented_class
+        raise _unforeseen_pool(f"the {getattr(chosen, '__name__', '?')} pool")
+    kwargs[key] = segmented_class
     return original(configurator, *args, **kwargs)
 
 
@@ -420,7 +412,7 @@ def around_build_allocator(
     pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
     allocator = original(self, *args, **kwargs)
     pool = kwargs.get("token_to_kv_pool")
-    if _effective_mode() != modes.SEGMENTED or self.is_draft_worker:
+    if not _builds_kv_on_demand(self):
         return allocator
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
@@ -431,9 +423,7 @@ def around_build_allocator(
         SegmentedSWATokenToKVPoolAllocator,
     )
 
-    if type(allocator) is SWATokenToKVPoolAllocator and hasattr(
-        getattr(pool, "full_kv_pool", None), "segmented_buffers"
-    ):
+    if type(allocator) is SWATokenToKVPoolAllocator:
         return SegmentedSWATokenToKVPoolAllocator(
             allocator.size_full,
             allocator.size_swa,
@@ -444,8 +434,6 @@ def around_build_allocator(
             allocator.need_sort,
             kwargs.get("req_to_token_pool"),
         )
-    if not hasattr(pool, "segmented_buffers"):
-        return allocator
     if type(allocator) in (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator):
         return segmented_allocator_for(
             allocator.size,
@@ -480,27 +468,25 @@ def around_configure(
         state.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
     state.allocator = result.token_to_kv_pool_allocator
     state.req_to_token_pool = result.req_to_token_pool
-    lazy_rows = hasattr(result.req_to_token_pool, "resident_bytes")
-    if state.kv_on_demand and not hasattr(state.allocator, "segment_stats"):
-        _keep_upstream_pool(f"{type(state.allocator).__name__} is not segmented in this build")
+    decision = RUNTIME.decision
     logger.info(
         "KV allocation mode: %s (requested %s; %s). KV capacity %d tokens, context length %d, "
         "max running requests %d, req_to_token %s %.3f GB. (a) context-scaled tables: %s. "
         "(b) %s KV pool: %s.",
-        state.mode,
-        state.requested_mode,
-        state.reason,
+        decision.mode,
+        decision.requested,
+        decision.reason,
         result.max_total_num_tokens,
         self.model_config.context_len,
         result.max_running_requests,
-        "reserved" if lazy_rows else "allocated",
+        "reserved" if decision.lazy_tables else "allocated",
         (state.req_to_token_bytes or 0) / 1e9,
-        "lazy" if state.lazy_tables else "allocated at start",
-        state.kv_pool_kind,
+        "lazy" if decision.lazy_tables else "allocated at start",
+        decision.kv_pool_kind,
         "committed on demand"
-        if state.kv_on_demand
+        if decision.kv_on_demand
         else "allocated whole at start"
-        + (f" ({state.kv_on_demand_note})" if state.kv_on_demand_note else ""),
+        + (f" ({decision.kv_pool_note})" if decision.kv_pool_note else ""),
     )
     return result
 

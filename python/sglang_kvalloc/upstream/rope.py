@@ -40,8 +40,6 @@ from sglang_kvalloc.upstream.runtime import RUNTIME
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
-    from sglang.srt.managers.scheduler import Scheduler
-    from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +47,6 @@ _FORWARDS = ("forward", "forward_native", "forward_cpu")
 # Subclasses with their own incremental growth (upstream's `_ensure_cos_sin_cache_length`) and
 # own forwards, which the plugin hooks too (plugin.ROPE_OWN_GROWTH): they grow lazily as well.
 OWN_GROWTH = ("DeepseekScalingRotaryEmbedding",)
-
-
-def before_scheduler_init(
-    self: Scheduler, server_args: ServerArgs, *args: Any, **kwargs: Any
-) -> None:
-    """BEFORE `Scheduler.__init__`: the model loads before the pools, so note the mode now."""
-    state = RUNTIME.state
-    state.requested_mode = modes.requested_mode(server_args)
-    state.device = str(getattr(server_args, "device", "") or "")
-    return None
 
 
 def _can_grow_lazily(module: torch.nn.Module) -> bool:
@@ -87,7 +75,7 @@ def _past_model_positions(model_config: ModelConfig | None) -> bool:
 def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
     """Segmented always; auto only past the model's own positions, so that at an ordinary
     context auto keeps upstream's caches exactly (auto decides only after the model loads)."""
-    requested = RUNTIME.state.requested_mode
+    requested = RUNTIME.requested_mode()
     if requested == modes.SEGMENTED:
         return True
     return requested == modes.AUTO and _past_model_positions(model_config)
@@ -99,11 +87,10 @@ def around_reserve_rope_cache(
     """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run, caches
     grow with the positions in use instead of being expanded to the context (see above)."""
     model_config = args[0] if args else kwargs.get("model_config")
-    state = RUNTIME.state
-    if not state.device or not _mode_may_need_lazy_rope(model_config):
+    if not RUNTIME.device or not _mode_may_need_lazy_rope(model_config):
         return original(model, *args, **kwargs)
     try:
-        backings = backing_choice.open_backings(state.device)
+        backings = backing_choice.open_backings(RUNTIME.device)
     except modes.KvAllocModeError as exc:
         logger.info("RoPE caches keep upstream's reservation: %s", exc)
         return original(model, *args, **kwargs)
@@ -122,7 +109,7 @@ def around_reserve_rope_cache(
     logger.info(
         "KV alloc mode %s: %d RoPE cache(s) grow with the positions in use instead of being "
         "sized to the context at start-up%s.",
-        state.requested_mode,
+        RUNTIME.requested_mode(),
         lazy,
         f"; {eager} keep upstream's reservation" if eager else "",
     )
@@ -230,8 +217,8 @@ def _reserve_fixed_address(
     logger.info(
         "KV alloc mode %s on %s: %d RoPE cache(s) of %d positions reserved at a fixed address "
         "and committed as positions are reached (%d kept upstream's reservation).",
-        RUNTIME.state.requested_mode,
-        RUNTIME.state.device,
+        RUNTIME.requested_mode(),
+        RUNTIME.device,
         fixed,
         total,
         len(candidates) - fixed,

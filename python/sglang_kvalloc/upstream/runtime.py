@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core.backing import BackingFactory, CpuBackingFactory
@@ -20,6 +20,7 @@ from sglang_kvalloc.core.graph_buffers import GraphBatch, LazyGraphBuffer
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     from sglang_kvalloc.core.rope_cache import FixedAddressRope
@@ -31,6 +32,34 @@ logger = logging.getLogger(__name__)
 def agree_alone(value: int) -> int:
     """The rank agreement of a single rank: its own value."""
     return value
+
+
+class SegmentedKvAllocator(Protocol):
+    """What a segmented allocator adds to upstream's (`upstream.segmented`): the scheduler
+    hooks call it where the decision says the KV pool is committed on demand."""
+
+    def scheduler_step(self, demand_tokens: int) -> None: ...
+    def note_busy(self) -> None: ...
+    def idle_step(self, tree_cache: BasePrefixCache) -> bool: ...
+    def maybe_shrink_now(self) -> int: ...
+    def suspend(self) -> int: ...
+    def resume(self) -> None: ...
+    def withheld_size(self) -> int: ...
+    def segment_stats(self) -> dict[str, Any]: ...
+
+
+class LazyRows(Protocol):
+    """What the lazy req_to_token pool (`upstream.row_pool.SegmentedReqToTokenPool`) adds to
+    upstream's: the hooks call it where the decision says tables are lazy."""
+
+    row_commit_failures: int
+
+    @property
+    def reach_waits(self) -> int: ...
+    def release_all(self) -> int: ...
+    def restore_padding_row(self) -> None: ...
+    def committed_bytes(self) -> int | None: ...
+    def resident_bytes(self) -> int: ...
 
 
 @dataclasses.dataclass
@@ -47,24 +76,14 @@ class SegmentSettings:
 
 @dataclasses.dataclass
 class KvAllocState:
-    """What the KV allocation layer decided and built: the start-up log, `/server_info`
-    (`internal_states[i].kv_alloc`) and the gauges read it."""
+    """What the KV allocation layer built and measured under the decision: the start-up log,
+    `/server_info` (`internal_states[i].kv_alloc`) and the gauges read it."""
 
-    requested_mode: str | None = None
-    device: str = ""
-    mode: str | None = None
-    reason: str = ""
     requested_context_length: int | None = None
     effective_context_length: int | None = None
     token_capacity: int | None = None
     max_running_requests: int | None = None
     req_to_token_bytes: int | None = None
-    # Segmented mode's two mechanisms: (a) context-scaled tables lazy (every pool kind), (b)
-    # the KV pool committed on demand (the kinds segmented supports); why (b) is off if so.
-    kv_pool_kind: str | None = None
-    lazy_tables: bool = False
-    kv_on_demand: bool = False
-    kv_on_demand_note: str = ""
     # Explicit commits (a GPU): memory the tables take outside the KV pool, settled at start.
     rope_committed_bytes: int = 0
     # RL's memory release: everything given back until resumed; after a resume the padding
@@ -80,7 +99,7 @@ class KvAllocState:
     req_to_token_pool: ReqToTokenPool | None = dataclasses.field(default=None, repr=False)
 
 
-_NOT_REPORTED = ("allocator", "req_to_token_pool", "device")
+_NOT_REPORTED = ("allocator", "req_to_token_pool")
 
 
 class GraphBufferRegistry:
@@ -163,9 +182,15 @@ class RopeCaches:
             cache.restore()
 
 
+class DecisionMadeError(RuntimeError):
+    """A second, different mode decision in one process (a bug: the decision is made once)."""
+
+
 class Runtime:
     """The plugin's per-process state (see the module docstring)."""
 
+    request: modes.KvAllocRequest | None
+    device: str
     settings: SegmentSettings
     backings: BackingFactory
     state: KvAllocState
@@ -177,6 +202,10 @@ class Runtime:
 
     def reset(self) -> None:
         """Back to a fresh process: nothing asked, decided or held."""
+        # What this process was asked for and its device, noted when the scheduler starts.
+        self.request = None
+        self.device = ""
+        self._decision: modes.ModeDecision | None = None
         self.settings = SegmentSettings()
         # Makes the reservations on the device in use (CPU mmap, or the CUDA VMM backing).
         self.backings = CpuBackingFactory()
@@ -186,15 +215,49 @@ class Runtime:
         # The KV budget shared with the device's other servers (--kv-budget), once open.
         self.budget: SharedBudget | None = None
 
+    @property
+    def decision(self) -> modes.ModeDecision:
+        """The mode this process runs (`modes.UNDECIDED`, static, until it is decided)."""
+        return self._decision or modes.UNDECIDED
+
+    @property
+    def decided(self) -> bool:
+        return self._decision is not None
+
+    def decide(self, decision: modes.ModeDecision) -> None:
+        """Write the decision, once per process; the same decision again is a no-op."""
+        if self._decision is not None and self._decision != decision:
+            raise DecisionMadeError(f"mode decided twice: {self._decision} then {decision}")
+        self._decision = decision
+
+    def segmented_allocator(
+        self, allocator: BaseTokenToKVPoolAllocator | None
+    ) -> SegmentedKvAllocator | None:
+        """``allocator`` as a segmented one where the KV pool is committed on demand, else
+        None (static, the tables-only variant, before the decision)."""
+        if not self.decision.kv_on_demand or allocator is None:
+            return None
+        return cast(SegmentedKvAllocator, allocator)
+
+    def segmented_rows(self, pool: ReqToTokenPool | None) -> LazyRows | None:
+        """``pool`` as the lazy req_to_token pool where tables are lazy, else None."""
+        if not self.decision.lazy_tables or pool is None:
+            return None
+        return cast(LazyRows, pool)
+
+    def requested_mode(self) -> str | None:
+        """The mode asked for, before the decision (None before the scheduler starts)."""
+        return None if self.request is None else self.request.mode
+
     def segment_stats(self, include_resident: bool = False) -> dict[str, Any] | None:
         """Segmented-mode figures. `include_resident` adds a mincore(2) scan of the whole
         req_to_token reservation (82 GB at 10M context): for /server_info, not the periodic
         metrics refresh."""
-        state = self.state
-        stats = getattr(state.allocator, "segment_stats", None)
-        if stats is None:
+        state, decision = self.state, self.decision
+        allocator = self.segmented_allocator(state.allocator)
+        if allocator is None:
             return None
-        out = stats()
+        out = allocator.segment_stats()
         if self.graph.buffers:
             out.update(self.graph.stats())
         device = getattr(self.backings, "device", None)
@@ -206,25 +269,25 @@ class Runtime:
                 "spare_misses": device.spare_misses,
                 "reclaims": device.reclaims,
             }
-        rows = getattr(state.req_to_token_pool, "row_commit_failures", None)
-        if rows is not None:
-            out["req_to_token_row_commit_failures"] = rows
-            out["req_to_token_reach_waits"] = state.req_to_token_pool.reach_waits
+        rows = self.segmented_rows(state.req_to_token_pool)
+        if decision.explicit_commits and rows is not None:
+            out["req_to_token_row_commit_failures"] = rows.row_commit_failures
+            out["req_to_token_reach_waits"] = rows.reach_waits
         out["rope_committed_bytes"] = state.rope_committed_bytes
         out["run_time_room_bytes"] = state.run_time_room_bytes
         out["row_room_bytes"] = state.row_room_bytes
-        resident = getattr(state.req_to_token_pool, "resident_bytes", None)
-        if include_resident and resident is not None:
-            out["req_to_token_resident_bytes"] = resident()
+        if include_resident and decision.lazy_tables and rows is not None:
+            out["req_to_token_resident_bytes"] = rows.resident_bytes()
         return out
 
     def as_dict(self) -> dict[str, Any]:
         """`internal_states[i].kv_alloc` of `/server_info`."""
-        out = {
-            f.name: getattr(self.state, f.name)
+        out = self.decision.report()
+        out.update(
+            (f.name, getattr(self.state, f.name))
             for f in dataclasses.fields(self.state)
             if f.name not in _NOT_REPORTED
-        }
+        )
         segments = self.segment_stats(include_resident=True)
         if segments is not None:
             out["segments"] = segments

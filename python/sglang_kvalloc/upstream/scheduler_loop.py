@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sglang_kvalloc.upstream import memory_release, shared_budget
 from sglang_kvalloc.upstream.runtime import RUNTIME
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
         SchedulerInvariantChecker,
     )
     from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
+
+    from sglang_kvalloc.upstream.segmented.swa_allocator import (
+        SegmentedSWATokenToKVPoolAllocator,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -93,25 +97,21 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
     """BEFORE `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in segmented mode;
     where req_to_token rows are committed explicitly (a GPU), whatever the KV allocator:
     release what freed rows held and ready the rows admission may take."""
-    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
-    step = getattr(allocator, "scheduler_step", None)
-    if step is None and not _commits_rows(scheduler):
+    decision = RUNTIME.decision
+    if not decision.kv_on_demand and not decision.explicit_commits:
         return None
     if RUNTIME.state.restore_pending and _has_work(scheduler):
         memory_release.restore_before_first_batch(scheduler)
     slots, row_ahead = decode_slots()
-    if step is not None:
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    if allocator is not None:
         if _has_work(scheduler):
             allocator.note_busy()
-        step(iteration_demand_tokens(scheduler, slots))
+        allocator.scheduler_step(iteration_demand_tokens(scheduler, slots))
         shared_budget.give_way(scheduler)
-    if _commits_rows(scheduler):
+    if decision.explicit_commits:
         _prepare_rows(scheduler, row_ahead)
     return None
-
-
-def _commits_rows(scheduler: Scheduler) -> bool:
-    return bool(getattr(scheduler.req_to_token_pool, "commits_rows", False))
 
 
 def _streams(scheduler: Scheduler) -> tuple[torch.cuda.Stream, ...]:
@@ -148,7 +148,7 @@ def around_add_one_req(
     ready (`SegmentedReqToTokenPool.admit_row`); otherwise it waits, as upstream stops adding
     for other reasons (upstream raises when a row cannot be allocated)."""
     pool = RUNTIME.state.req_to_token_pool
-    if req.kv.holds_kv or not getattr(pool, "commits_rows", False):
+    if req.kv.holds_kv or not RUNTIME.decision.explicit_commits:
         return original(adder, req, *args, **kwargs)
     _, row_ahead = decode_slots()
     if not pool.admit_row(_row_length(req) + row_ahead):
@@ -175,7 +175,7 @@ def around_check_decode_mem(
     instead of a write landing on the scratch page every uncommitted row reads."""
     ok = original(batch, selected_indices, *args, **kwargs)
     pool = batch.req_to_token_pool
-    if not ok or not getattr(pool, "commits_rows", False):
+    if not ok or not RUNTIME.decision.explicit_commits:
         return ok
     reqs = batch.reqs if selected_indices is None else [batch.reqs[i] for i in selected_indices]
     _, row_ahead = decode_slots()
@@ -195,7 +195,7 @@ def before_run_batch(scheduler: Scheduler, batch: ScheduleBatch, *args: Any, **k
     top-k > 1 verify reads whole rows; with the overlap scheduler the next iteration's commits
     happen while these reads are in flight, so the granules they cover stay mapped until then."""
     pool = scheduler.req_to_token_pool
-    if batch is None or not getattr(pool, "commits_rows", False) or not batch.reqs:
+    if batch is None or not RUNTIME.decision.explicit_commits or not batch.reqs:
         return None
     rows = [req.kv.req_pool_idx for req in batch.reqs if req.kv.req_pool_idx is not None]
     _, row_ahead = decode_slots()
@@ -244,9 +244,8 @@ def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any)
     if not scheduler.is_fully_idle():
         return None
     shared_budget.stop_wanting()
-    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
-    idle_step = getattr(allocator, "idle_step", None)
-    if idle_step is not None and idle_step(scheduler.tree_cache):
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    if allocator is not None and allocator.idle_step(scheduler.tree_cache):
         RUNTIME.graph.release_at_idle()
     return None
 
@@ -256,11 +255,10 @@ def after_flush_cache(flushed: bool, scheduler: Scheduler, *args: Any, **kwargs:
     KV segment but each pool's first goes back now (graph-buffer granules and spare handles
     too), not after the idle hold-off (never, with an `inf` hold-off). Every rank flushes
     together; the release is agreed as the idle policy's is."""
-    allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
-    shrink = getattr(allocator, "maybe_shrink_now", None)
-    if not flushed or shrink is None:
+    allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
+    if not flushed or allocator is None:
         return None
-    released = shrink()
+    released = allocator.maybe_shrink_now()
     RUNTIME.graph.release_at_idle()
     RUNTIME.backings.trim_spares()
     stats = allocator.segment_stats()
@@ -283,8 +281,8 @@ def around_check_full_pool(
     """AROUND `SchedulerInvariantChecker._check_full_pool`: tokens withheld after a failed
     commit are neither free nor used; the leak identity counts them as available, so it still
     catches real leaks while the pool is smaller."""
-    withheld = getattr(checker.token_to_kv_pool_allocator, "withheld_size", None)
-    extra = withheld() if withheld is not None else 0
+    allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
+    extra = allocator.withheld_size() if allocator is not None else 0
     if extra:
         ps = dataclasses.replace(ps, full_available_size=ps.full_available_size + extra)
     return original(checker, ps, *args, **kwargs)
@@ -299,8 +297,10 @@ def around_check_swa_pool(
 ) -> tuple[bool, str]:
     """AROUND `SchedulerInvariantChecker._check_swa_pool`: the same for the sliding-window
     sub-pool of a segmented hybrid SWA allocator."""
-    withheld = getattr(checker.token_to_kv_pool_allocator, "swa_withheld_size", None)
-    extra = withheld() if withheld is not None else 0
+    allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
+    # Upstream checks the sliding-window side of hybrid SWA allocators only.
+    swa = cast("SegmentedSWATokenToKVPoolAllocator | None", allocator)
+    extra = swa.swa_withheld_size() if swa is not None else 0
     if extra:
         ps = dataclasses.replace(ps, swa_available_size=ps.swa_available_size + extra)
     return original(checker, ps, *args, **kwargs)
