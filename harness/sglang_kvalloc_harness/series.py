@@ -93,7 +93,7 @@ SERIES: tuple[PullRequest, ...] = (
             "pools.around_profile_available_bytes",
             "rope.*",
         ),
-        ("core/rows.py", "upstream/row_pool.py"),
+        ("core/row_commits.py", "upstream/lazy_req_to_token.py"),
     ),
     PullRequest(
         4,
@@ -130,7 +130,7 @@ SERIES: tuple[PullRequest, ...] = (
         "lazy-cuda-graph-buffers",
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
-        ("graph_buffers.*",),
+        ("attention_graph_buffers.*",),
     ),
     PullRequest(
         8,

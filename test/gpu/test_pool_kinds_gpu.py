@@ -389,7 +389,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     import types
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream import attention_graph_buffers
     from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
@@ -398,16 +398,16 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     table, *vectors = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
     expected = {((table.rows, table.items), torch.int32): table}
     before = _free()
-    with graph_buffers.reserved_zeros(expected, factory) as made:
+    with attention_graph_buffers.reserved_zeros(expected, factory) as made:
         local_block = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")
     assert len(made) == 1 and before - _free() < 8 << 20  # the first granule, not 21.5 GB
     RUNTIME.graph.buffers[:] = made
     try:
         runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
         fb = types.SimpleNamespace(batch_size=37, seq_lens_cpu=torch.full((37,), 5_000_000))
-        batch = graph_buffers.graph_batch(runner, fb)
+        batch = attention_graph_buffers.graph_batch(runner, fb)
         start = time.perf_counter()
-        graph_buffers.ensure_for(batch)
+        attention_graph_buffers.ensure_for(batch)
         commit_us = (time.perf_counter() - start) * 1e6
         b0, b1 = batch.rows, 1234  # one virtual batch per padded row; 1,234 pages in its chunk
         rows = torch.arange(b0 * b1, dtype=torch.int32, device="cuda").reshape(b0, b1) + 1
@@ -434,7 +434,7 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
         assert backed > b0
         trimmed_ms = sorted(fill_ms(local_block[:backed]) for _ in range(7))[3]
         committed = made[0].committed_bytes
-        released = graph_buffers.release_at_idle()
+        released = attention_graph_buffers.release_at_idle()
     finally:
         RUNTIME.graph.buffers.clear()
     ordinary = torch.zeros((table.rows, table.items), dtype=torch.int32, device="cuda")

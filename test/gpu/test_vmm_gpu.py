@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
 
 MIB = 1 << 20
@@ -503,14 +503,14 @@ def test_reservations_beyond_the_device_memory(vmm, results) -> None:
 
 
 def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, results) -> None:
-    """The hook module's own interception (upstream/graph_buffers.py imports no upstream
+    """The hook module's own interception (upstream/attention_graph_buffers.py imports no upstream
     code): an allocation shaped like triton's cuda_graph_kv_indices (64 x 10M int64, 5.12 GB)
     made inside `reserved_zeros` is reserved, other allocations are ordinary; the runner gate's
     commits show up in the device's free memory, and the idle release gives them back."""
     import types
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream import attention_graph_buffers
     from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
@@ -519,7 +519,9 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     layout = planner.triton_kv_indices_layout(tokens, context)
     backend = types.SimpleNamespace(max_context_len=context)
     before = _free()
-    with graph_buffers.reserved_zeros({((layout.items,), torch.int64): layout}, factory) as made:
+    with attention_graph_buffers.reserved_zeros(
+        {((layout.items,), torch.int64): layout}, factory
+    ) as made:
         # What TritonAttnBackend.init_cuda_graph_state allocates, shaped as upstream does.
         backend.cuda_graph_kv_indices = torch.zeros(
             (tokens * backend.max_context_len), dtype=torch.int64, device="cuda"
@@ -532,13 +534,13 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     try:
         runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8, 16, 32, 64], seq_len_fill_value=1)
         fb = types.SimpleNamespace(batch_size=40, seq_lens_cpu=torch.full((40,), 250_000))
-        batch = graph_buffers.graph_batch(runner, fb)
-        commit_us = _timed(lambda: graph_buffers.ensure_for(batch))
+        batch = attention_graph_buffers.graph_batch(runner, fb)
+        commit_us = _timed(lambda: attention_graph_buffers.ensure_for(batch))
         after_commit = _free()
         committed = made[0].committed_bytes
         backend.cuda_graph_kv_indices[: batch.seq_lens_sum] = 1  # the replay's fill: backed
         torch.cuda.synchronize()
-        released = graph_buffers.release_at_idle()
+        released = attention_graph_buffers.release_at_idle()
         after_release = _free()
     finally:
         RUNTIME.graph.buffers.clear()
@@ -602,7 +604,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
 
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.core.graph_buffers import GraphBatch
-    from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream import attention_graph_buffers
     from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
@@ -610,7 +612,9 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     max_bs, draft, context = 64, 8, 10_000_000
     layout = planner.verify_mask_layout(max_bs, draft, context)  # 5.12 GB
     before = _free()
-    with graph_buffers.reserved_zeros({((layout.items,), torch.uint8): layout}, factory) as made:
+    with attention_graph_buffers.reserved_zeros(
+        {((layout.items,), torch.uint8): layout}, factory
+    ) as made:
         # What maybe_create_verify_mask allocates for triton: tree_mask_numel bytes, uint8.
         buffer = torch.zeros(max_bs * draft * (context + draft), dtype=torch.uint8, device="cuda")
     assert len(made) == 1 and buffer.numel() == layout.items
@@ -650,7 +654,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
             return "verify input"
 
         start = time.perf_counter()
-        graph_buffers.around_build_eagle_verify_input(
+        attention_graph_buffers.around_build_eagle_verify_input(
             tail, batch, target_worker=target, num_draft_tokens=draft
         )
         torch.cuda.synchronize()
@@ -688,7 +692,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
             torch.cuda.synchronize()
             equal[skip_prefix] = bool(torch.equal(o_plain, o_lazy))
             assert bool(torch.isfinite(o_plain.float()).all())
-        released = graph_buffers.release_at_idle()
+        released = attention_graph_buffers.release_at_idle()
     finally:
         RUNTIME.graph.buffers.clear()
         RUNTIME.graph.verify_masks.clear()

@@ -27,7 +27,7 @@ import pytest
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.upstream import graph_buffers
+from sglang_kvalloc.upstream import attention_graph_buffers
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 HOOKED = "inside parallel_state.graph_capture (hooked: the refill thread waits)"
@@ -104,7 +104,7 @@ def test_graph_capture_is_hooked() -> None:
 
     targets = {target: hook for target, hook, _ in hooks()}
     hook = targets["sglang.srt.distributed.parallel_state.graph_capture"]
-    assert hook is graph_buffers.around_graph_capture
+    assert hook is attention_graph_buffers.around_graph_capture
 
 
 def test_the_refill_thread_waits_for_a_whole_graph_capture(
@@ -124,7 +124,9 @@ def test_the_refill_thread_waits_for_a_whole_graph_capture(
         with device.refill_paused():  # what the refill thread holds while it creates
             events.append("refill")
 
-    with graph_buffers.around_graph_capture(upstreams_graph_capture, stream="s") as context:
+    with attention_graph_buffers.around_graph_capture(
+        upstreams_graph_capture, stream="s"
+    ) as context:
         assert context.stream == "s"
         thread = threading.Thread(target=refill)
         thread.start()
@@ -138,7 +140,7 @@ def test_the_refill_thread_waits_for_a_whole_graph_capture(
 
 def test_without_a_cuda_backing_graph_capture_is_upstreams() -> None:
     sentinel = contextlib.nullcontext("upstream's")
-    assert graph_buffers.around_graph_capture(lambda: sentinel) is sentinel
+    assert attention_graph_buffers.around_graph_capture(lambda: sentinel) is sentinel
 
 
 def test_the_refill_thread_runs_in_the_relaxed_capture_mode(

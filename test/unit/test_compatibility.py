@@ -75,14 +75,14 @@ def test_devices_segmented_cannot_back_are_refused_in_one_line(
 
     from sglang_kvalloc import modes
     from sglang_kvalloc.core.backing import BackingUnavailableError
-    from sglang_kvalloc.upstream import backings
+    from sglang_kvalloc.upstream import backing_choice
     from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
 
     with pytest.raises(modes.KvAllocModeError, match="no backing for device 'npu'") as npu:
-        backings.open_backings("npu")
+        backing_choice.open_backings("npu")
     monkeypatch.setenv("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "1")
     with pytest.raises(modes.KvAllocModeError, match="unset SGLANG_ENABLE_POST_CAPTURE") as post:
-        backings.open_backings("cuda:0")
+        backing_choice.open_backings("cuda:0")
     monkeypatch.setattr(torch.version, "hip", "6.2")
     with pytest.raises(BackingUnavailableError, match="no ROCm backing") as rocm:
         UpstreamVmmApi(0)

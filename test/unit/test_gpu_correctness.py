@@ -23,7 +23,14 @@ from sglang_kvalloc.core.cuda_backing import (
     VmmDevice,
     VmmMappingLostError,
 )
-from sglang_kvalloc.upstream import backings, pools, rope, row_pool, scheduler_loop, segmented
+from sglang_kvalloc.upstream import (
+    backing_choice,
+    lazy_req_to_token,
+    pools,
+    rope,
+    scheduler_loop,
+    segmented,
+)
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
@@ -35,7 +42,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> CudaBackingFactory:
     driver = FakeDriver(capacity=1536 * MIB, min_granularity=G, dirty_new_memory=True)
     factory = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
     monkeypatch.setattr(RUNTIME, "backings", factory)
-    monkeypatch.setattr(backings, "open_backings", lambda device: factory)
+    monkeypatch.setattr(backing_choice, "open_backings", lambda device: factory)
     monkeypatch.setattr(RUNTIME, "device", "cuda:0")
     # Rows and tables only: these tests' KV allocators are stand-ins (one test decides again).
     decide(modes.SEGMENTED, explicit_commits=True, kv_pool_problem="a stand-in KV allocator")
@@ -122,7 +129,7 @@ def test_auto_at_the_models_own_context_leaves_rope_exactly_as_upstream(
     def no_backing(device: str) -> None:
         raise AssertionError("auto at an ordinary context must not open a backing")
 
-    monkeypatch.setattr(backings, "open_backings", no_backing)
+    monkeypatch.setattr(backing_choice, "open_backings", no_backing)
     module, reference = _cuda_rope(monkeypatch, 128), _cuda_rope(monkeypatch, 128)
     model, twin = _wrap(module), _wrap(reference)
     rope.around_reserve_rope_cache(upstream_reserve, model, _model_config(8192))
@@ -176,7 +183,7 @@ def _req(n_tokens: int, row: int | None = None) -> types.SimpleNamespace:
     )
 
 
-def _scheduler(pool: row_pool.SegmentedReqToTokenPool, running: list, waiting: list):
+def _scheduler(pool: lazy_req_to_token.SegmentedReqToTokenPool, running: list, waiting: list):
     """A scheduler whose KV allocator is upstream's own (no `scheduler_step`)."""
     return types.SimpleNamespace(
         token_to_kv_pool_allocator=types.SimpleNamespace(),
@@ -198,7 +205,7 @@ def test_rows_grow_before_decode_whatever_the_kv_allocator(fake_gpu, no_spec) ->
     past a row's committed granules are committed inside upstream's decode-memory check,
     instead of landing on the scratch page every uncommitted row reads."""
     context = 2_000_000  # 8 MB rows: 4 granules each
-    pool = row_pool.SegmentedReqToTokenPool(4, context, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(4, context, "cpu", False)
     req = _req(400_000)
     (row,) = pool.alloc([req])  # row 4: the last free one
     req.output_ids = [1] * 200_000  # decoded far past the prompt's granule
@@ -213,14 +220,14 @@ def test_rows_grow_before_decode_whatever_the_kv_allocator(fake_gpu, no_spec) ->
 
 
 def test_row_zero_is_zeroed_like_upstreams_table(fake_gpu) -> None:
-    pool = row_pool.SegmentedReqToTokenPool(4, 1_000_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(4, 1_000_000, "cpu", False)
     committed = pool._row_commits.covered_items(0, 4)
     assert committed > 0 and int(pool.req_to_token[0, :committed].count_nonzero()) == 0
 
 
 def test_a_row_that_cannot_be_committed_is_a_full_pool_not_a_leak(fake_gpu, no_spec) -> None:
     driver = fake_gpu.device.api.driver
-    pool = row_pool.SegmentedReqToTokenPool(4, 2_000_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(4, 2_000_000, "cpu", False)
     free_before, held_before = pool.available_size(), driver.physical_bytes
     driver.capacity = held_before  # the device is full
     assert pool.alloc([_req(1_000_000)]) is None  # upstream reports its pool exhausted
@@ -247,7 +254,7 @@ def test_admission_takes_no_row_the_device_cannot_back(fake_gpu, no_spec) -> Non
     """Upstream raises when a row cannot be allocated: admission promises each new row the
     granules it commits, within what every rank has ready, and a request past that waits."""
     driver = fake_gpu.device.api.driver
-    pool = row_pool.SegmentedReqToTokenPool(8, 2_000_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(8, 2_000_000, "cpu", False)
     big, small = _req(1_500_000), _req(100)  # 6 MB of row (4 granules), 400 B (1)
     scheduler = _scheduler(pool, [], [big, small])
     driver.capacity = driver.physical_bytes + 2 * G
@@ -267,7 +274,7 @@ def test_admission_takes_no_row_the_device_cannot_back(fake_gpu, no_spec) -> Non
 
 
 def test_rows_are_handed_out_in_the_order_admission_counted_them(fake_gpu) -> None:
-    pool = row_pool.SegmentedReqToTokenPool(8, 100_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(8, 100_000, "cpu", False)
     expected = [pool.free_slots[-1], pool.free_slots[-2], pool.free_slots[-3]]
     assert pool.alloc([_req(10), _req(10), _req(10)]) == expected
 
@@ -315,7 +322,7 @@ def test_a_failed_map_rolls_back_whole_or_refuses_to_go_on(fake_gpu) -> None:
 def test_the_refill_thread_waits_while_a_graph_is_captured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sglang_kvalloc.upstream import graph_buffers
+    from sglang_kvalloc.upstream import attention_graph_buffers
 
     driver = FakeDriver(capacity=256 * MIB, min_granularity=G)
     device = VmmDevice(FakeVmmApi(driver), 0, background_refill=True)
@@ -328,7 +335,7 @@ def test_the_refill_thread_waits_while_a_graph_is_captured(
         time.sleep(0.3)
         seen.append(driver.calls.get("cuMemCreate", 0) - before)  # ... and waits
 
-    graph_buffers.around_capture(capture, types.SimpleNamespace())
+    attention_graph_buffers.around_capture(capture, types.SimpleNamespace())
     deadline = time.monotonic() + 5
     while device.spare_bytes < 4 * G and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -348,7 +355,7 @@ def test_steady_serving_makes_no_device_synchronize(
     api = fake_gpu.device.api
     kv = segmented.SegmentedMHATokenToKVPool(60_000, 1, torch.float32, 1, 512, 1, "cpu", False)
     allocator = segmented.SegmentedTokenToKVPoolAllocator(60_000, torch.float32, "cpu", kv, False)
-    pool = row_pool.SegmentedReqToTokenPool(16, 1_000_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(16, 1_000_000, "cpu", False)
     running: list = []
     waiting: list = []
     scheduler = _scheduler(pool, running, waiting)

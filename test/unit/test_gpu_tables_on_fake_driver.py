@@ -15,8 +15,8 @@ import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.rows import RowCommits
-from sglang_kvalloc.upstream import row_pool, segmented
+from sglang_kvalloc.core.row_commits import RowCommits
+from sglang_kvalloc.upstream import lazy_req_to_token, segmented
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 64 * 1024  # small granules keep the fake's memfds small
@@ -71,7 +71,7 @@ def fake_cuda_settings(monkeypatch: pytest.MonkeyPatch):
 def test_req_to_token_rows_are_committed_before_they_are_written(fake_cuda_settings) -> None:
     factory, driver = fake_cuda_settings
     context = 100_000  # 400 KB rows: several granules each
-    pool = row_pool.SegmentedReqToTokenPool(8, context, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(8, context, "cpu", False)
     assert pool.commits_rows
     assert pool.committed_bytes() == G  # only row 0 (cuda-graph padding)
     assert int(pool.req_to_token[0, :16].count_nonzero()) == 0

@@ -18,7 +18,7 @@ from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import GraphBatch
-from sglang_kvalloc.upstream import graph_buffers
+from sglang_kvalloc.upstream import attention_graph_buffers
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
@@ -48,7 +48,7 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
 
     context, max_bs = 10_000_000, 16
     backend = triton_stub(context)
-    graph_buffers.around_triton_init_cuda_graph_state(
+    attention_graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     (buffer,) = RUNTIME.graph.buffers
@@ -63,7 +63,7 @@ def test_triton_kv_indices_is_reserved_and_the_rest_is_upstreams(segmented_on_fa
     # Static mode (or a caller's buffer) leaves upstream alone.
     decide(modes.STATIC)
     other = triton_stub(1000)
-    graph_buffers.around_triton_init_cuda_graph_state(
+    attention_graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, other, 4, 4
     )
     assert len(RUNTIME.graph.buffers) == 1 and other.cuda_graph_kv_indices.numel() == 4000
@@ -78,7 +78,7 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
         use_mla=False, local_attn_builder=None, use_sliding_window_kv_pool=True, topk=1,
         speculative_num_draft_tokens=None, is_encoder_decoder=False,
     )  # fmt: skip
-    graph_buffers.around_fa3_init_cuda_graph_state(
+    attention_graph_buffers.around_fa3_init_cuda_graph_state(
         FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     layout = planner.fa3_page_table_layout(max_bs, context, page)
@@ -91,12 +91,12 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
     batch = types.SimpleNamespace(
         batch_size=3, seq_lens_cpu=torch.tensor([10, 600_000, 5]), seq_lens=None
     )
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
-    expected = graph_buffers.graph_batch(runner, batch)
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    expected = attention_graph_buffers.graph_batch(runner, batch)
     assert expected == GraphBatch(rows=4, seq_lens_sum=600_016, max_seq_len=600_000)
     for buffer in RUNTIME.graph.buffers:
         assert buffer.committed_bytes == layout.commit_bytes(expected, G)
-    assert graph_buffers.release_at_idle() == 2 * layout.commit_bytes(expected, G)
+    assert attention_graph_buffers.release_at_idle() == 2 * layout.commit_bytes(expected, G)
 
 
 def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_rows(
@@ -123,7 +123,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         )  # fmt: skip
 
     backend = fa3_with_local_attention()
-    graph_buffers.around_fa3_init_cuda_graph_state(
+    attention_graph_buffers.around_fa3_init_cuda_graph_state(
         FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     layouts = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
@@ -141,8 +141,8 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
     seq_lens = torch.tensor([10, 600_000, 5, 1], dtype=torch.int32)
     runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8], seq_len_fill_value=1)
     batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=seq_lens[:3], seq_lens=None)
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
-    expected = graph_buffers.graph_batch(runner, batch)
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    expected = attention_graph_buffers.graph_batch(runner, batch)
     for layout in layouts:
         assert by_name[layout.name].committed_bytes == max(
             G, layout.commit_bytes(expected, G)
@@ -158,7 +158,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         seen_rows.update({name: tensor.shape[0] for name, tensor in buffers.items()})
         return LocalAttentionMetadataBuilder.update_for_replay(builder, meta, bs, buffers=buffers)
 
-    graph_buffers.around_local_attention_update_for_replay(
+    attention_graph_buffers.around_local_attention_update_for_replay(
         upstream_fill, backend.local_attn_builder, meta, 4, buffers=local
     )
     # Upstream zeroes the table past the batch: it is handed the committed rows only (one
@@ -179,7 +179,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
             buffer = by_name[f"fa3 {name}"]
             assert buffer._rows.covered_items(row, 4) == buffer.layout.items, (name, row)
     assert int(plain["local_block_table"][:4].count_nonzero()) > 0
-    assert graph_buffers.release_at_idle() == sum(
+    assert attention_graph_buffers.release_at_idle() == sum(
         max(G, layout.commit_bytes(expected, G)) for layout in layouts
     ) + planner.fa3_page_table_layout(max_bs, context, page).commit_bytes(expected, G)
 
@@ -223,7 +223,7 @@ def test_fa3_leaves_nothing_at_max_batch_x_context(segmented_on_fake_gpu, page, 
     try:
         for name in real:
             setattr(torch, name, spy(name))
-        graph_buffers.around_fa3_init_cuda_graph_state(
+        attention_graph_buffers.around_fa3_init_cuda_graph_state(
             FlashAttentionBackend.init_cuda_graph_state, backend, max_bs, max_bs * (draft or 1)
         )
     finally:
@@ -254,19 +254,19 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
 
     driver = segmented_on_fake_gpu
     backend = triton_stub(20_000_000)
-    graph_buffers.around_triton_init_cuda_graph_state(
+    attention_graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, backend, 8, 8
     )
     runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
-    graph_buffers.around_capture(lambda r: None, runner)  # the fill is committed first
+    attention_graph_buffers.around_capture(lambda r: None, runner)  # the fill is committed first
     assert RUNTIME.graph.buffers[0].committed_bytes == G
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
     assert RUNTIME.graph.eager_fallbacks == 1  # 1.2 GB of indices: over the 512 MiB
     assert RUNTIME.graph.buffers[0].committed_bytes == 0  # back to nothing, as on every rank
     small = types.SimpleNamespace(batch_size=5, seq_lens_cpu=torch.full((5,), 100_000))
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, small) is True
-    assert graph_buffers.around_can_run_graph(lambda r, b: False, runner, huge) is False
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, small) is True
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: False, runner, huge) is False
     assert RUNTIME.graph.eager_fallbacks == 1  # upstream said no: not our fallback
     assert driver.physical_bytes > G
     assert RUNTIME.graph.stats()["cuda_graph_eager_fallbacks"] == 1
@@ -283,7 +283,7 @@ def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
         max_context_len=context, page_size=1, num_wrappers=2, use_sliding_window_kv_pool=False,
         skip_prefill=False, kv_indptr=[torch.zeros(max_bs + 1, dtype=torch.int32)] * 2,
     )  # fmt: skip
-    graph_buffers.around_flashinfer_init_cuda_graph_state(
+    attention_graph_buffers.around_flashinfer_init_cuda_graph_state(
         FlashInferAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs
     )
     assert backend.num_wrappers == 2
@@ -300,7 +300,7 @@ def test_flashinfer_wrappers_and_mask_are_reserved_without_a_full_size_clone(
     assert driver.physical_bytes - scratch <= 3 * G
     # A verify batch: the mask commits per query token, the indices per position.
     batch = GraphBatch(rows=8, seq_lens_sum=800_000, max_seq_len=100_000, tokens_per_row=4)
-    graph_buffers.ensure_for(batch)
+    attention_graph_buffers.ensure_for(batch)
     by_name = {b.layout.name: b for b in RUNTIME.graph.buffers}
     assert by_name[mask.name].committed_bytes == mask.commit_bytes(batch, G)
     assert mask.items_needed(batch) == (800_000 + 8 * 5) * 4
@@ -310,7 +310,7 @@ def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, 
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     backend = triton_stub(1_000_000)
-    graph_buffers.around_triton_init_cuda_graph_state(
+    attention_graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, backend, 8, 8
     )
     runner = types.SimpleNamespace(capture_bs=[8], seq_len_fill_value=1, max_bs=8)
@@ -322,15 +322,15 @@ def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, 
 
     monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
     batch = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 100_000))
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is False
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is False
     assert votes == [1]  # this rank could commit; another could not
     assert RUNTIME.graph.buffers[0].committed_bytes == 0
     # A batch that needs nothing new does not call the agreement at all.
     monkeypatch.setattr(RUNTIME.settings, "agree", lambda value: value)
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     votes.clear()
     monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     assert votes == []
 
 
@@ -343,7 +343,7 @@ def speculative_triton(monkeypatch, context: int, max_bs: int, draft: int) -> ty
     monkeypatch.setattr(eagle_utils, "_is_cpu", False)  # the GPU's mask layout
     backend = triton_stub(context)
     backend.num_draft_tokens = draft
-    graph_buffers.around_triton_init_cuda_graph_state(
+    attention_graph_buffers.around_triton_init_cuda_graph_state(
         TritonAttnBackend.init_cuda_graph_state, backend, max_bs, max_bs * draft
     )
     return backend
@@ -386,7 +386,7 @@ def test_verify_mask_is_reserved_and_committed_where_the_draft_writes_it(
         written.append(nbytes)
         return "verify input"
 
-    result = graph_buffers.around_build_eagle_verify_input(
+    result = attention_graph_buffers.around_build_eagle_verify_input(
         tail, batch, None, None, None, None, None,
         target_worker=target, topk=4, num_steps=3, num_draft_tokens=draft,
         tree_mask_mode=TreeMaskMode.FULL_MASK, device="cpu",
@@ -406,7 +406,7 @@ def test_verify_mask_is_reserved_and_committed_where_the_draft_writes_it(
         if a.name == planner.VERIFY_MASK
     ]  # fmt: skip
     assert priced.lazy == layout and priced.bytes == layout.reserved_bytes
-    assert graph_buffers.release_at_idle() >= lazy.layout.commit_bytes(expected, G)
+    assert attention_graph_buffers.release_at_idle() >= lazy.layout.commit_bytes(expected, G)
     assert lazy.committed_bytes == 0
 
 
@@ -427,7 +427,7 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         return "own mask"
 
     assert (
-        graph_buffers.around_build_eagle_verify_input(
+        attention_graph_buffers.around_build_eagle_verify_input(
             tail, batch, target_worker=target, num_draft_tokens=draft
         )
         == "own mask"
@@ -447,7 +447,10 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         assert lazy.backing.is_committed(0, 1000 + 1 + 2000 + 1)
         return "trivial"
 
-    assert graph_buffers.around_build_trivial_verify_input(trivial, worker, small) == "trivial"
+    assert (
+        attention_graph_buffers.around_build_trivial_verify_input(trivial, worker, small)
+        == "trivial"
+    )
 
 
 @pytest.mark.parametrize("which", ["triton", "flashinfer"])
@@ -471,12 +474,12 @@ def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
         window_rail=False, attn_backends=[step_backend] * steps,
     )  # fmt: skip
     if which == "triton":
-        graph_buffers.around_triton_draft_init_cuda_graph_state(
+        attention_graph_buffers.around_triton_draft_init_cuda_graph_state(
             TritonMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
         )
         layout = planner.triton_draft_kv_indices_layout(steps, max_bs, topk, context)
     else:
-        graph_buffers.around_flashinfer_draft_init_cuda_graph_state(
+        attention_graph_buffers.around_flashinfer_draft_init_cuda_graph_state(
             FlashInferMultiStepDraftBackend.init_cuda_graph_state, backend, max_bs, max_bs
         )
         layout = planner.flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context)
@@ -489,22 +492,22 @@ def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
         draft_attn_backend=backend, topk=topk, speculative_num_steps=steps,
         capture_bs=[1, 2, 4, 8], seq_len_fill_value=1, max_bs=max_bs, captured_req_width=1,
     )  # fmt: skip
-    graph_buffers.around_capture(lambda r: None, runner)
+    attention_graph_buffers.around_capture(lambda r: None, runner)
     capture = planner.draft_graph_batch(max_bs, max_bs, 1, topk, steps)
     assert lazy.committed_bytes == layout.commit_bytes(capture, G) == steps * G
     seq_lens = [100_000, 5, 300_000]
     batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=torch.tensor(seq_lens))
-    assert graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
     padded_sum = sum(seq_lens) + 1  # padded to 4 rows at the fill value
     expected = planner.draft_graph_batch(4, padded_sum, 300_000, topk, steps)
-    assert graph_buffers.graph_batch(runner, batch) == expected
+    assert attention_graph_buffers.graph_batch(runner, batch) == expected
     assert lazy.committed_bytes == layout.commit_bytes(expected, G)
     # Every step's row is backed as far as upstream's own formula says that step reads.
     for step in range(steps):
         used = draft_kv_indices_used_len(padded_sum, topk, 4 * topk, step + 1)
         used *= layout.item_bytes
         assert lazy.backing.is_committed(step * layout.row_bytes, used), step
-    assert graph_buffers.release_at_idle() == layout.commit_bytes(expected, G)
+    assert attention_graph_buffers.release_at_idle() == layout.commit_bytes(expected, G)
 
 
 def test_every_speculative_runner_that_overrides_the_gate_is_hooked() -> None:
@@ -597,9 +600,9 @@ def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None
     """Explicit segmented: a one-line KvAllocModeError naming the backend and the flags (the
     launcher prints it and exits); auto meets the same error where it opens the backings and
     falls back to static if static fits."""
-    from sglang_kvalloc.upstream import backings, pools
+    from sglang_kvalloc.upstream import backing_choice, pools
 
-    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     with pytest.raises(modes.KvAllocModeError) as refused:
         pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="flashmla"))
     message = str(refused.value)
@@ -636,9 +639,9 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     """DP attention ranks choose graph or eager together before each forward, pipeline stages
     schedule apart; segmented agrees within attention TP only, so it refuses (auto then keeps
     static where static fits, as for any refusal from `_open_backings`)."""
-    from sglang_kvalloc.upstream import backings, pools
+    from sglang_kvalloc.upstream import backing_choice, pools
 
-    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton", **flags)
     if refused is None:
         pools._open_backings(configurator)
@@ -652,9 +655,9 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
 def test_the_memory_saver_is_served(monkeypatch) -> None:
     """Segmented mode releases its own memory with /release_memory_occupation (issue 35);
     torch_memory_saver keeps the weights and graphs."""
-    from sglang_kvalloc.upstream import backings, pools, refusals
+    from sglang_kvalloc.upstream import backing_choice, pools, refusals
 
-    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
     configurator.server_args.enable_memory_saver = True
     assert refusals.unsupported_feature(configurator) is None
@@ -675,9 +678,9 @@ def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
 ) -> None:
     """Each of these would go wrong without a word (see refusals.unsupported_feature); auto
     then keeps static where static fits, as for every refusal from `_open_backings`."""
-    from sglang_kvalloc.upstream import backings, pools, refusals
+    from sglang_kvalloc.upstream import backing_choice, pools, refusals
 
-    monkeypatch.setattr(backings, "open_backings", lambda device: None)
+    monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
     assert refusals.unsupported_feature(configurator) is None  # nothing asked: nothing refused
     for name, value in env.items():

@@ -20,7 +20,7 @@ from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import ROWS, GraphBatch, GraphBufferLayout, LazyGraphBuffer
 from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
-from sglang_kvalloc.upstream import memory_release, row_pool, scheduler_loop
+from sglang_kvalloc.upstream import lazy_req_to_token, memory_release, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
@@ -120,7 +120,7 @@ def test_the_whole_gpu_side_goes_back_and_comes_back(fake_gpu: FakeDriver) -> No
     device = RUNTIME.backings.device
     allocator = _Allocator()
     pages = allocator.segments.alloc(5000)  # two more segments
-    pool = row_pool.SegmentedReqToTokenPool(8, 2_000_000, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(8, 2_000_000, "cpu", False)
     kv = types.SimpleNamespace(req_pool_idx=None, holds_kv=False)
     req = types.SimpleNamespace(origin_input_ids=[0] * 700_000, output_ids=[], extend_end=0, kv=kv)
     (row,) = pool.alloc([req])

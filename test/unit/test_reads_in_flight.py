@@ -26,7 +26,7 @@ from fake_cuda_kernels import QueuedKernels
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.upstream import row_pool, scheduler_loop
+from sglang_kvalloc.upstream import lazy_req_to_token, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 GRANULE = 64 * 1024
@@ -57,7 +57,7 @@ def stream() -> FakeDriver:
     return driver
 
 
-def _fa3(pool: row_pool.SegmentedReqToTokenPool) -> Callable[[object], None]:
+def _fa3(pool: lazy_req_to_token.SegmentedReqToTokenPool) -> Callable[[object], None]:
     """Upstream's `FlashAttentionBackend.init_forward_metadata` over ``pool`` (the backend's
     own state stubbed: no scheduler metadata kernel, no sliding window, no speculation)."""
     from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBackend
@@ -90,7 +90,7 @@ def _forward_batch(reqs: list, extend: bool) -> types.SimpleNamespace:
 
 def _serve(
     driver: FakeDriver,
-    build: Callable[[row_pool.SegmentedReqToTokenPool], Callable],
+    build: Callable[[lazy_req_to_token.SegmentedReqToTokenPool], Callable],
     note_reads: bool,
     seed: int,
 ) -> dict[str, int]:
@@ -99,7 +99,7 @@ def _serve(
     kernel), decode rows grown, the batch's reads noted, the batch's metadata built (queued),
     then the previous batch's result processed (the host waited for it: its kernels finish)
     and its finished requests' rows freed."""
-    pool = row_pool.SegmentedReqToTokenPool(16, CONTEXT, "cpu", False)
+    pool = lazy_req_to_token.SegmentedReqToTokenPool(16, CONTEXT, "cpu", False)
     build = build(pool)
     rng = random.Random(seed)
     running: list = []

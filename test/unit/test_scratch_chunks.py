@@ -8,7 +8,7 @@ import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.core.vmm_device import CHUNKED_RESERVATION_MIN_CHUNKS, SCRATCH_CHUNK_GRANULES
 
 G = 2 * MIB

@@ -32,7 +32,7 @@ def test_every_hook_and_module_lands_in_exactly_one_pr() -> None:
     assert len(files) == len(set(files))
     assert "upstream/plugin.py" not in files and not any(f.startswith("kernels/") for f in files)
     assert {
-        "upstream/graph_buffers.py",
+        "upstream/attention_graph_buffers.py",
         "core/cuda_backing.py",
         "configs/llama-3.1-8b.json",
     } <= set(files)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.row_commits import RowCommits
 
 if TYPE_CHECKING:  # stays torch-free: the planner imports the layouts
     from sglang_kvalloc.core.backing import Backing

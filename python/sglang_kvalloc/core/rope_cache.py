@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from sglang_kvalloc.core.backing import BackingFactory
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.row_commits import RowCommits
 
 
 class RotaryModule(Protocol):

@@ -7,9 +7,9 @@ records targets; `HookRegistry.apply_hooks()` (run by upstream's `load_plugins()
 from __future__ import annotations
 
 from sglang_kvalloc.upstream import (
+    attention_graph_buffers,
     cli,
     cpu_attention,
-    graph_buffers,
     memory_release,
     metrics,
     pools,
@@ -154,55 +154,59 @@ def hooks() -> list[tuple[str, object, str]]:
         # reserved, committed before each replay as far as the batch writes (else eager).
         (
             f"{TRITON}.init_cuda_graph_state",
-            graph_buffers.around_triton_init_cuda_graph_state,
+            attention_graph_buffers.around_triton_init_cuda_graph_state,
             "AROUND",
         ),
         (
             "sglang.srt.distributed.parallel_state.graph_capture",
-            graph_buffers.around_graph_capture,
+            attention_graph_buffers.around_graph_capture,
             "AROUND",
         ),
-        (f"{FA3}.init_cuda_graph_state", graph_buffers.around_fa3_init_cuda_graph_state, "AROUND"),
+        (
+            f"{FA3}.init_cuda_graph_state",
+            attention_graph_buffers.around_fa3_init_cuda_graph_state,
+            "AROUND",
+        ),
         (
             f"{FLASHINFER}.init_cuda_graph_state",
-            graph_buffers.around_flashinfer_init_cuda_graph_state,
+            attention_graph_buffers.around_flashinfer_init_cuda_graph_state,
             "AROUND",
         ),
-        (f"{DECODE_GRAPHS}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND"),
-        (f"{DECODE_GRAPHS}.capture", graph_buffers.around_capture, "AROUND"),
+        (f"{DECODE_GRAPHS}.can_run_graph", attention_graph_buffers.around_can_run_graph, "AROUND"),
+        (f"{DECODE_GRAPHS}.capture", attention_graph_buffers.around_capture, "AROUND"),
         # The speculative runners override can_run_graph (capture is inherited): each is gated
         # the same way; triton's multi-step draft backend allocates the steps' shared buffer.
         *[
-            (f"{runner}.can_run_graph", graph_buffers.around_can_run_graph, "AROUND")
+            (f"{runner}.can_run_graph", attention_graph_buffers.around_can_run_graph, "AROUND")
             for runner in SPECULATIVE_GRAPHS
         ],
         (
             f"{TRITON_DRAFT}.init_cuda_graph_state",
-            graph_buffers.around_triton_draft_init_cuda_graph_state,
+            attention_graph_buffers.around_triton_draft_init_cuda_graph_state,
             "AROUND",
         ),
         (
             f"{FLASHINFER_DRAFT}.init_cuda_graph_state",
-            graph_buffers.around_flashinfer_draft_init_cuda_graph_state,
+            attention_graph_buffers.around_flashinfer_draft_init_cuda_graph_state,
             "AROUND",
         ),
         # Upstream zeroes the whole (reserved) local-attention table every decode replay; it
         # is handed the committed rows only, past which the table reads zeros already.
         (
             f"{LOCAL_ATTENTION}.update_for_replay",
-            graph_buffers.around_local_attention_update_for_replay,
+            attention_graph_buffers.around_local_attention_update_for_replay,
             "AROUND",
         ),
         # ... and the speculative verify mask, written by the draft stage before the verify
         # step reaches can_run_graph: committed where the draft writes it.
         (
             f"{SPEC_COMMON}.build_eagle_verify_input",
-            graph_buffers.around_build_eagle_verify_input,
+            attention_graph_buffers.around_build_eagle_verify_input,
             "AROUND",
         ),
         (
             f"{EAGLE_V2}._build_trivial_verify_input",
-            graph_buffers.around_build_trivial_verify_input,
+            attention_graph_buffers.around_build_trivial_verify_input,
             "AROUND",
         ),
         # What was built: start-up log, then /server_info through the scheduler's state.

@@ -16,8 +16,7 @@ import torch.distributed as dist
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import backings as backing_choice
-from sglang_kvalloc.upstream import settings, shared_budget
+from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -323,7 +322,7 @@ def around_build_default_req_pool(
         return original(self, *args, **kwargs)
     from sglang.srt.runtime_context import get_exec
 
-    from sglang_kvalloc.upstream.row_pool import SegmentedReqToTokenPool
+    from sglang_kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
 
     return SegmentedReqToTokenPool(
         size=kwargs["max_num_reqs"],

@@ -76,7 +76,7 @@ def unsupported_feature(configurator: KVCacheConfigurator) -> str | None:
 
 
 # Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
-# (upstream/graph_buffers.py); torch_native has none.
+# (upstream/attention_graph_buffers.py); torch_native has none.
 GRAPH_BACKENDS_COVERED = frozenset({"fa3", "triton", "flashinfer"})
 
 

@@ -34,7 +34,7 @@ import torch
 from sglang_kvalloc import modes
 from sglang_kvalloc.core.backing import BackingFactory
 from sglang_kvalloc.core.rope_cache import FixedAddressRope
-from sglang_kvalloc.upstream import backings as backing_choice
+from sglang_kvalloc.upstream import backing_choice
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:

@@ -49,8 +49,8 @@ class SegmentedKvAllocator(Protocol):
 
 
 class LazyRows(Protocol):
-    """What the lazy req_to_token pool (`upstream.row_pool.SegmentedReqToTokenPool`) adds to
-    upstream's: the hooks call it where the decision says tables are lazy."""
+    """What the lazy req_to_token pool (`upstream.lazy_req_to_token`) adds to upstream's: the
+    hooks call it where the decision says tables are lazy."""
 
     row_commit_failures: int
 

@@ -5,8 +5,8 @@
 - `swa_allocator`: upstream's hybrid SWA allocator with both sides segmented.
 - `events`: what the allocators log (growth, shrink, failed commits).
 
-`req_to_token` is `upstream.row_pool`; which memory backs the reservations is
-`upstream.backings`. Importing this package imports upstream's pool and allocator classes.
+`req_to_token` is `upstream.lazy_req_to_token`; which memory backs the reservations is
+`upstream.backing_choice`. Importing this package imports upstream's pool and allocator classes.
 """
 
 from sglang_kvalloc.upstream.segmented.allocators import (

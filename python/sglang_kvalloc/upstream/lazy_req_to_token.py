@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-from sglang_kvalloc.core.rows import RowCommits
+from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.upstream.runtime import RUNTIME, agree_alone
 
 if TYPE_CHECKING:
