@@ -39,8 +39,12 @@ def run_micro(tree: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     command = [sys.executable, str(tree / "benchmark" / "allocator_micro.py"), "--out", str(out)]
     command += ["--steps", str(args.steps), "--repeats", str(args.repeats), "--pool-tokens"]
     command += [str(p) for p in args.pool_tokens]
-    subprocess.run(command, check=True, env=env, cwd=tree, capture_output=True)
-    return json.loads((out / "allocator_micro.json").read_text())["rows"]
+    # The JSON comes first; the plot after it needs matplotlib, which may be missing.
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)
+    figures = out / "allocator_micro.json"
+    if not figures.exists():
+        raise RuntimeError(f"{tree.name}: allocator_micro.py failed:\n{done.stderr[-2000:]}")
+    return json.loads(figures.read_text())["rows"]
 
 
 def _spread(values: list[float]) -> dict[str, float]:

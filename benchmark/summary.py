@@ -243,6 +243,11 @@ MEASURED = {
         "allocator cost per scheduler step, segmented / upstream",
         "python benchmark/allocator_micro.py --out docs/runs/",
     ),
+    "allocator_before_after.json": (
+        "the segmented allocator's cost per step before and after the restructuring of "
+        "issue 33 (head / base, two checkouts in turn)",
+        "python benchmark/allocator_before_after.py --base 3f36f7b^ --rounds 4 --steps 1000",
+    ),
     "one_batch.json": (
         "decode and prefill latency in-process (upstream's one_batch)",
         "python benchmark/one_batch_compare.py --out docs/runs --rounds 6 --repeats 3",
