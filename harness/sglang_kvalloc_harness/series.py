@@ -90,10 +90,15 @@ SERIES: tuple[PullRequest, ...] = (
         "The tables sized by the context are reserved and committed as used.",
         (
             "pools.around_build_default_req_pool",
+            "pools.around_build_decode_req_pool",
             "pools.around_profile_available_bytes",
             "rope.*",
         ),
-        ("core/row_commits.py", "upstream/lazy_req_to_token.py"),
+        (
+            "core/row_commits.py",
+            "upstream/lazy_req_to_token.py",
+            "upstream/lazy_decode_req_to_token.py",
+        ),
     ),
     PullRequest(
         4,

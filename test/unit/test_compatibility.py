@@ -36,17 +36,17 @@ def test_every_refusal_quoted_is_the_line_the_code_says() -> None:
     """The quoted refusals are the code's own lines (flag values as in the first example)."""
     source = "".join(
         (REPO / "python" / "sglang_kvalloc" / "upstream" / f).read_text()
-        for f in ("refusals.py", "pools.py")
+        for f in ("refusals.py", "pools.py", "backing_choice.py")
     )
     # The code writes its lines as adjacent f-string literals: compare word by word.
     words = set(re.findall(r"[\w\-']+", source))
     segmented_cells = [row.split(" | ")[1] for row in _rows()]
-    quoted = [m.group(1) for c in segmented_cells if (m := re.match(r'refused[^"]*: "(.+)"$', c))]
+    quoted = [q for c in segmented_cells for q in re.findall(r'refused[^"]*: "([^"]+)"', c)]
     assert len(quoted) >= 5  # PD, HiCache, PP, DP attention with graphs, Mooncake pools
     for line in quoted:
         unknown = [w for w in re.findall(r"[\w\-']+", line) if w not in words]
-        # The flag's value is filled in at run time (prefill, decode).
-        assert set(unknown) <= {"prefill"}, (line, unknown)
+        # The flag's value and the device are filled in at run time (prefill, cuda:0).
+        assert set(unknown) <= {"prefill", "cuda", "0"}, (line, unknown)
 
 
 @pytest.mark.parametrize(

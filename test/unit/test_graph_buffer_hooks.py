@@ -660,7 +660,7 @@ def test_the_memory_saver_is_served(monkeypatch) -> None:
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
     configurator.server_args.enable_memory_saver = True
-    assert refusals.unsupported_feature(configurator) is None
+    assert refusals.unsupported_feature(configurator, explicit_commits=True) is None
     pools._open_backings(configurator)
 
 
@@ -676,13 +676,15 @@ def test_the_memory_saver_is_served(monkeypatch) -> None:
 def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     monkeypatch, flags, env, refused
 ) -> None:
-    """Each of these would go wrong without a word (see refusals.unsupported_feature); auto
-    then keeps static where static fits, as for every refusal from `_open_backings`."""
+    """Each of these would go wrong without a word on a GPU (see
+    refusals.unsupported_feature); auto then keeps static where static fits, as for every
+    refusal from `_open_backings`."""
     from sglang_kvalloc.upstream import backing_choice, pools, refusals
 
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
+    monkeypatch.setattr(RUNTIME, "backings", types.SimpleNamespace(faults_in=False))
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
-    assert refusals.unsupported_feature(configurator) is None  # nothing asked: nothing refused
+    assert refusals.unsupported_feature(configurator, explicit_commits=True) is None
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     for name, value in flags.items():

@@ -35,11 +35,46 @@ from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.upstream.runtime import RUNTIME, agree_alone
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from sglang.srt.managers.schedule_batch import Req
 
+    from sglang_kvalloc.core.backing import BackingFactory
+
 logger = logging.getLogger(__name__)
+
+
+class ReservedTable:
+    """A rows x columns int32 table over one reservation (upstream's req_to_token shape), and
+    what both lazy pools do with its pages where a first write commits them (the CPU)."""
+
+    def __init__(self, factory: BackingFactory, rows: int, columns: int) -> None:
+        self.row_bytes = columns * 4
+        self.backing = factory(rows * self.row_bytes)
+        self.tensor = self.backing.tensor(torch.int32, (rows, columns))
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.backing.reserved_bytes
+
+    def release_rows(self, rows: Iterable[int]) -> None:
+        """Give back the pages that lie wholly inside each of ``rows`` (they read zero again)."""
+        gran = self.backing.granularity
+        for row in rows:
+            lo = -(-(row * self.row_bytes) // gran) * gran
+            hi = ((row + 1) * self.row_bytes) // gran * gran
+            if hi > lo:
+                self.backing.discard(lo, hi - lo)
+
+    def release_all(self) -> int:
+        """Every page goes back; returns the bytes that were resident."""
+        before = self.resident_bytes()
+        self.backing.discard(0, self.backing.reserved_bytes)
+        return before - self.resident_bytes()
+
+    def resident_bytes(self) -> int:
+        """Bytes of the table resident now (mincore(2))."""
+        return _resident_bytes(self.tensor.data_ptr(), self.backing.reserved_bytes, mmap.PAGESIZE)
 
 
 @dataclasses.dataclass
@@ -71,9 +106,10 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         super().__init__(size, 1, device, enable_memory_saver)
         rows = self._alloc_size
         self._factory = RUNTIME.backings
-        self._row_bytes = max_context_len * 4
-        self._backing = self._factory(rows * self._row_bytes)
-        self.req_to_token = self._backing.tensor(torch.int32, (rows, max_context_len))
+        self._table = ReservedTable(self._factory, rows, max_context_len)
+        self._row_bytes = self._table.row_bytes
+        self._backing = self._table.backing
+        self.req_to_token = self._table.tensor
         self.max_context_len = max_context_len
         self._agree = agree
         # What this iteration's admission may commit (None: no limit of ours).
@@ -262,14 +298,13 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
     def release_all(self) -> int:
         """RL's memory release (no row is in use): every granule goes back, the padding row's
         too (`restore_padding_row` brings it back before the next batch). Returns the bytes."""
-        before = self.resident_bytes()
         if self._row_commits is not None:
+            before = self.resident_bytes()
             self._row_commits.drop(0)
             self._row_commits.flush()  # one device wait, before the first release
             self._padding_released = True
-        else:
-            self._backing.discard(0, self._backing.reserved_bytes)
-        return before - self.resident_bytes()
+            return before - self.resident_bytes()
+        return self._table.release_all()
 
     def restore_padding_row(self) -> None:
         """Row 0, which padded cuda-graph batches read, committed and zeroed again."""
@@ -294,12 +329,7 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             for row in indices:
                 self._row_commits.drop(row)
             return
-        gran = self._backing.granularity
-        for row in indices:
-            lo = -(-(row * self._row_bytes) // gran) * gran
-            hi = ((row + 1) * self._row_bytes) // gran * gran
-            if hi > lo:
-                self._backing.discard(lo, hi - lo)
+        self._table.release_rows(indices)
 
     def free_rows(self, indices: list[int]) -> None:
         super().free_rows(indices)
@@ -320,9 +350,7 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         committed granules on a GPU)."""
         if self._row_commits is not None:
             return self._row_commits.committed_bytes
-        base = self.req_to_token.data_ptr()
-        n = self._backing.reserved_bytes
-        return _resident_bytes(base, n, mmap.PAGESIZE)
+        return self._table.resident_bytes()
 
 
 def _target_len(req: Req) -> int:

@@ -92,6 +92,7 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (f"{CONFIGURATOR}._build_default_req_pool", pools.around_build_default_req_pool, "AROUND"),
+        (f"{CONFIGURATOR}._build_decode_req_pool", pools.around_build_decode_req_pool, "AROUND"),
         (f"{CONFIGURATOR}._build_mha_kv_pool", pools.around_build_mha_kv_pool, "AROUND"),
         (
             f"{CONFIGURATOR}._build_hybrid_swa_kv_pool",

@@ -59,6 +59,12 @@ def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
         return kind, f"device {configurator.device} has no segmented KV pool"
     if getattr(configurator.server_args, "enable_unified_memory", False):
         return kind, "--enable-unified-memory builds upstream's unified pool"
+    pd_mode = str(getattr(configurator.server_args, "disaggregation_mode", "null") or "null")
+    if pd_mode != "null":
+        return kind, (
+            f"--disaggregation-mode {pd_mode}: the transfer engine registers the KV pool whole "
+            "at start, so it is allocated whole in this build"
+        )
     return kind, _pool_class_problem(configurator, kind)
 
 
@@ -154,5 +160,17 @@ def context_scaled_static_bytes(
     from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
 
     extra = get_req_to_token_extra_context_len()
-    total = planner.req_to_token_allocation(config.max_running_requests, context_len, extra).bytes
+    rows = config.max_running_requests + decode_pre_alloc_rows(configurator)
+    total = planner.req_to_token_allocation(rows, context_len, extra).bytes
     return total + cuda_graph_bytes(configurator, context_len)
+
+
+def decode_pre_alloc_rows(configurator: KVCacheConfigurator) -> int:
+    """The rows a PD decode server's req_to_token holds beyond the running requests (upstream's
+    `_build_req_to_token_pool`, whose reading of the settings this is), 0 elsewhere."""
+    from sglang.srt.runtime_context import get_disagg
+
+    disagg = get_disagg()
+    if disagg.disaggregation_mode != "decode" and not disagg.enable_pd_role_switch:
+        return 0
+    return int(disagg.disaggregation_decode_extra_slots or 0)

@@ -260,7 +260,10 @@ def _open_backings(configurator: KVCacheConfigurator) -> None:
     """The device's backing factory; a device that cannot back segmented mode, or an attention
     backend whose cuda-graph buffers it does not cover, is a one-line KvAllocModeError."""
     backing_choice.open_backings(str(configurator.device))
-    problem = unsupported_parallelism(configurator) or unsupported_feature(configurator)
+    explicit_commits = not RUNTIME.backings.faults_in
+    problem = unsupported_parallelism(configurator) or unsupported_feature(
+        configurator, explicit_commits=explicit_commits
+    )
     if problem is not None:
         raise modes.KvAllocModeError(problem)
     backend = uncovered_graph_backend(configurator)
@@ -330,6 +333,26 @@ def around_build_default_req_pool(
         device=self.device,
         enable_memory_saver=get_exec().features.enable_memory_saver,
         agree=RUNTIME.settings.agree,
+    )
+
+
+def around_build_decode_req_pool(
+    original: Callable[..., ReqToTokenPool], self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool:
+    """AROUND `_build_decode_req_pool` (a PD decode server): the lazy decode req_to_token in
+    segmented mode, its pre-allocation rows included."""
+    if not _builds_segmented(self):
+        return original(self, *args, **kwargs)
+    from sglang.srt.runtime_context import get_exec
+
+    from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
+
+    return SegmentedDecodeReqToTokenPool(
+        size=kwargs["max_num_reqs"],
+        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
+        device=self.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        pre_alloc_size=kwargs["pre_alloc_size"],
     )
 
 

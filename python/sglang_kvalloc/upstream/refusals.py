@@ -46,21 +46,24 @@ def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
     )
 
 
-def unsupported_feature(configurator: KVCacheConfigurator) -> str | None:
+def unsupported_feature(configurator: KVCacheConfigurator, *, explicit_commits: bool) -> str | None:
     """Why segmented mode cannot serve a feature asked for, as one line naming the flag (None
-    if it can). Each would otherwise go wrong without a word: PD disaggregation runs its own
-    event loops (none of segmented mode's scheduler hooks) and transfer backends register KV
-    buffers by pointer; HiCache's host pool sits beside an idle policy that would
-    evict the device cache whole; a custom memory pool (Mooncake) is ignored by the pools."""
+    if it can). Each would otherwise go wrong without a word: under PD disaggregation, where
+    rows must be committed before they are written (a GPU), upstream's pre-allocation writes
+    req_to_token rows outside the scheduler steps that commit them (on the CPU a write
+    commits, and PD runs with the KV pool upstream's: `pool_kind.kv_pool_kind`); HiCache's
+    host pool sits beside an idle policy that would evict the device cache whole; a custom
+    memory pool (Mooncake) is ignored by the pools."""
     from sglang.srt.environ import envs
 
     server_args = configurator.server_args
     static = "use --kv-alloc-mode static"
-    if str(getattr(server_args, "disaggregation_mode", "null") or "null") != "null":
+    pd_mode = str(getattr(server_args, "disaggregation_mode", "null") or "null")
+    if pd_mode != "null" and explicit_commits:
         return (
-            f"--kv-alloc-mode segmented does not run under --disaggregation-mode "
-            f"{server_args.disaggregation_mode} (its event loops bypass the segmented scheduler "
-            f"hooks; transfer backends register KV by pointer): {static}"
+            f"--kv-alloc-mode segmented does not run under --disaggregation-mode {pd_mode} "
+            f"on {configurator.device} yet (its event loops write req_to_token rows that this "
+            f"device must commit first; the CPU engine runs it): {static}"
         )
     if getattr(server_args, "enable_hierarchical_cache", False):
         return (

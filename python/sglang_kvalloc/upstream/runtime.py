@@ -250,14 +250,15 @@ class Runtime:
         return None if self.request is None else self.request.mode
 
     def segment_stats(self, include_resident: bool = False) -> dict[str, Any] | None:
-        """Segmented-mode figures. `include_resident` adds a mincore(2) scan of the whole
+        """Segmented-mode figures (the KV segments' where the pool is committed on demand, the
+        tables' always). `include_resident` adds a mincore(2) scan of the whole
         req_to_token reservation (82 GB at 10M context): for /server_info, not the periodic
         metrics refresh."""
         state, decision = self.state, self.decision
-        allocator = self.segmented_allocator(state.allocator)
-        if allocator is None:
+        if not decision.lazy_tables:
             return None
-        out = allocator.segment_stats()
+        allocator = self.segmented_allocator(state.allocator)
+        out = allocator.segment_stats() if allocator is not None else {}
         if self.graph.buffers:
             out.update(self.graph.stats())
         device = getattr(self.backings, "device", None)
