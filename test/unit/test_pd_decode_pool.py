@@ -113,3 +113,27 @@ def test_the_lazy_decode_pool_refuses_a_backing_that_commits_explicitly() -> Non
     RUNTIME.backings = CudaBackingFactory(VmmDevice(FakeVmmApi(driver), 0, background_refill=False))
     with pytest.raises(ValueError, match="commits on write"):
         SegmentedDecodeReqToTokenPool(4, 1024, "cpu", False, 8)
+
+
+@pytest.mark.parametrize(("pd_mode", "extra_rows"), [("null", 0), ("prefill", 0), ("decode", 8)])
+def test_auto_counts_the_decode_sides_pre_allocation_rows(
+    monkeypatch: pytest.MonkeyPatch, pd_mode: str, extra_rows: int
+) -> None:
+    """auto weighs what static would allocate: on a decode server, upstream's table has the
+    pre-allocation rows too (`_build_req_to_token_pool`)."""
+    from sglang.srt import runtime_context
+    from sglang.srt.mem_cache import kv_cache_configurator
+
+    from sglang_kvalloc.core import planner
+    from sglang_kvalloc.upstream import pool_kind
+
+    disagg = types.SimpleNamespace(
+        disaggregation_mode=pd_mode, enable_pd_role_switch=False,
+        disaggregation_decode_extra_slots=8,
+    )  # fmt: skip
+    monkeypatch.setattr(runtime_context, "get_disagg", lambda: disagg)
+    monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
+    configurator = types.SimpleNamespace(device="cpu")
+    config = types.SimpleNamespace(max_running_requests=4)
+    got = pool_kind.context_scaled_static_bytes(configurator, config, CONTEXT)
+    assert got == planner.req_to_token_allocation(4 + extra_rows, CONTEXT, 0).bytes
