@@ -26,6 +26,15 @@ CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
 STACKS_ON_ABORT_ENV = {"PYTHONFAULTHANDLER": "1"}
 
 
+# What uvicorn logs when the port is in use; the server process then hangs in shutdown.
+PORT_TAKEN = "error while attempting to bind on address"
+PORT_RETRIES = 2
+
+
+class PortTakenError(RuntimeError):
+    """The server's HTTP port was taken between `free_port` and the server's bind."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +109,20 @@ class LocalServer:
         ]
 
     def start(self, timeout: float = 300) -> LocalServer:
-        """Launch and wait until /health answers; raises with the log tail if it dies."""
+        """Launch and wait until /health answers; raises with the log tail if it dies. A port
+        `free_port` chose and another process took before the server bound it (its HTTP
+        server then fails, and upstream's process does not exit) is a restart on another."""
+        for _ in range(PORT_RETRIES):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                self.stop()
+                auto_log = self.log_path == Path(f"/tmp/sglang-kvalloc-server-{self.port}.log")
+                self.port = 0
+                self.log_path = None if auto_log else self.log_path
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> LocalServer:
         self.port = self.port or free_port()
         env = {**os.environ, **CPU_ENV, **STACKS_ON_ABORT_ENV, **self.env}
         if self.log_path is None:
@@ -125,6 +147,8 @@ class LocalServer:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
+            if PORT_TAKEN in self._log_end():
+                raise PortTakenError(f"port {self.port} was taken before the server bound it")
             time.sleep(0.25)
         dump_stacks(self.proc.pid)
         self.stop()
@@ -148,6 +172,13 @@ class LocalServer:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return self.log_path.read_text(errors="replace")
+
+    def _log_end(self, nbytes: int = 8192) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(max(0, self.log_path.stat().st_size - nbytes))
+            return log.read().decode(errors="replace")
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-n:])

@@ -42,3 +42,49 @@ def test_a_start_that_hangs_reports_every_process_stack(tmp_path: Path) -> None:
     assert "in join" in message, message
     assert "in wait_for_ever" in message, message
     assert server.proc is not None and server.proc.poll() is not None
+
+
+SERVES_UNLESS_ITS_PORT_IS_TAKEN = """
+import http.server, sys, time
+port = int(sys.argv[1])
+taken = [int(p) for p in sys.argv[2].split(",")]
+if port in taken:  # what upstream's launcher does when uvicorn cannot bind: log, then hang
+    print(f"ERROR:    [Errno 98] error while attempting to bind on address "
+          f"('127.0.0.1', {port}): address already in use", flush=True)
+    time.sleep(3600)
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+class PortTakenServer(LocalServer):
+    """A "server" that answers /health, except on the ports listed as taken."""
+
+    taken: tuple[int, ...] = ()
+
+    def command(self) -> list[str]:
+        taken = ",".join(str(p) for p in self.taken)
+        return [sys.executable, str(self.model_path), str(self.port), taken]
+
+
+def test_a_port_taken_before_the_server_binds_it_is_a_restart_on_another(
+    tmp_path: Path,
+) -> None:
+    """`free_port` hands out a port another process can take before the server binds it;
+    upstream's server then logs the bind error and hangs. The start moves to another port at
+    once instead of waiting out its timeout (the e2e lane once lost 600 s to it)."""
+    script = tmp_path / "serves.py"
+    script.write_text(SERVES_UNLESS_ITS_PORT_IS_TAKEN)
+    first = 49_311
+    server = PortTakenServer(script, port=first)
+    server.taken = (first,)
+    try:
+        server.start(timeout=60)
+        assert server.port != first and server.proc is not None and server.proc.poll() is None
+    finally:
+        server.stop()
