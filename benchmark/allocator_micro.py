@@ -26,8 +26,10 @@ import provenance  # benchmark/, the script's own folder
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedPagedTokenToKVPoolAllocator,
@@ -92,7 +94,9 @@ def build(impl: str, pool_tokens: int, page_size: int):
         return PagedTokenToKVPoolAllocator(pool_tokens, page_size, torch.int64, "cpu", None, False)
     geometry = SegmentGeometry(pool_tokens + page_size, SEGMENT_TOKENS, page_size)
     kv = types.SimpleNamespace(
-        segmented_buffers=SegmentedBuffers.create(geometry, [ROW_BYTES, ROW_BYTES])
+        segmented_buffers=SegmentedBuffers.create(
+            geometry, [ROW_BYTES, ROW_BYTES], CpuBackingFactory()
+        )
     )
     if page_size == 1:
         return SegmentedTokenToKVPoolAllocator(pool_tokens, torch.int64, "cpu", kv, False)

@@ -20,10 +20,13 @@ def segment_cost(
 ) -> dict[str, Any]:
     """Commit and release one segment of a CPU-backed SegmentedBuffers `reps` times, cycling
     over segments 1.. (segment 0 is left alone): every timing, medians, 90th percentiles."""
-    from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+    from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+    from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+
+    from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 
     geometry = SegmentGeometry(**geometry_args)
-    bufs = SegmentedBuffers.create(geometry, row_bytes, device="cpu", granularity=granularity)
+    bufs = SegmentedBuffers.create(geometry, row_bytes, CpuBackingFactory(granularity))
     seg_bytes = sum(rb * geometry.segment_tokens for rb in row_bytes)
     commit_s: list[float] = []
     release_s: list[float] = []

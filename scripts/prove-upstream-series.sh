@@ -14,7 +14,7 @@
 # not there before running anything.
 #
 # Tests run: test/e2e except the two files that import the plugin's own modules
-# (test_faults.py reads a constant of core/backing.py, test_planner_matches_upstream.py the
+# (test_faults.py reads a constant of core/cpu_backing.py, test_planner_matches_upstream.py the
 # planner). Takes about 30 minutes on 2 cores. Not part of CI.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,9 +7,10 @@ PATH is the user's copy of upstream 0.5.23: a clone (``PATH/python/sglang``), th
 directory itself (``.../site-packages/sglang``), or a folder holding it. Each pull request of
 `SERIES` is applied in merge order:
 
-- this project's modules that the PR's hooks need (their import closure, lazy imports too)
-  are written into ``sglang/srt/kvalloc/``, with ``sglang_kvalloc.`` renamed to
-  ``sglang.srt.kvalloc.``;
+- this project's modules that the PR's hooks need (their import closure, lazy imports too):
+  those that would be upstream's (``in_tree/``, `in_tree_finder`) are copied byte for byte to
+  their upstream paths (``srt/mem_cache/segmented/`` ...); the others are written into
+  ``sglang/srt/kvalloc/``, with ``sglang_kvalloc.`` renamed to ``sglang.srt.kvalloc.``;
 - each upstream function a hook of the PR targets (``upstream/plugin.py``) gets one line,
   ``@kvalloc_hook("AROUND", "sglang.srt.kvalloc.upstream.pools:around_...")``, found by
   parsing the file (no line numbers, no upstream text kept here), plus one import per file.
@@ -31,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc.upstream import plugin
 
 PACKAGE = "sglang_kvalloc"
@@ -44,8 +46,15 @@ NOT_IN_SERIES = (
     "early_plugins.py",
     "plan.py",
     "budget.py",
+    "in_tree_finder.py",
 )
+# The package's own __init__ installs `in_tree_finder` (not carried: the series puts those
+# files at their upstream paths); in upstream's tree the package is this docstring.
+PACKAGE_INIT = "__init__.py"
+PACKAGE_INIT_TEXT = '"""--kv-alloc-mode modules not (yet) at their own upstream paths."""\n'
 INLINE_MODULE = "upstream/inline.py"
+IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
+UPSTREAM_ROOT = "sglang.srt."
 IMPORT_LINE = f"from {UPSTREAM_PACKAGE}.upstream.inline import kvalloc_hook"
 
 
@@ -180,7 +189,11 @@ def _excluded(rel: str) -> bool:
 
 
 def _module_file(module: str) -> str | None:
-    """Package-relative file of a ``sglang_kvalloc.*`` module, or None."""
+    """Package-relative file of a ``sglang_kvalloc.*`` module or of an upstream name served
+    from ``in_tree/``, or None."""
+    if module.startswith(UPSTREAM_ROOT):
+        found = in_tree_finder.in_tree_file(module)
+        return str(found[0].relative_to(SOURCE)) if found is not None else None
     parts = module.split(".")[1:]
     if not parts:
         return "__init__.py"
@@ -203,7 +216,7 @@ def _imports(rel: str, *, lazy: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
-            if name == PACKAGE or name.startswith(PACKAGE + "."):
+            if name == PACKAGE or name.startswith((PACKAGE + ".", UPSTREAM_ROOT)):
                 target = _module_file(name)
                 if target is not None:
                     found.add(target)
@@ -442,14 +455,35 @@ def decorate_file(path: Path, edits: list[tuple[list[str], Edit]]) -> None:
     path.write_text(new_text)
 
 
+def upstream_path(rel: str) -> str:
+    """Where one of this project's files goes in upstream's package: its own path for an
+    ``in_tree/`` file, else under ``srt/kvalloc/``."""
+    if rel.startswith(IN_TREE):
+        return rel.removeprefix(IN_TREE)
+    return f"srt/kvalloc/{rel}"
+
+
+def carried_text(rel: str) -> str:
+    """The text one of this project's files has in upstream's tree."""
+    if rel.startswith(IN_TREE):
+        return (SOURCE / rel).read_text()
+    if rel == PACKAGE_INIT:
+        return PACKAGE_INIT_TEXT
+    return re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, (SOURCE / rel).read_text())
+
+
 def carry_file(package: Path, rel: str) -> Path:
-    """Write one of this project's files into the upstream tree, imports renamed."""
-    dest = package / "srt" / "kvalloc" / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Write one of this project's files into the upstream tree: an ``in_tree/`` file byte for
+    byte, another with its imports renamed."""
+    dest = package / upstream_path(rel)
     src = SOURCE / rel
-    if src.suffix == ".py":
-        text = re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, src.read_text())
-        dest.write_text(text)
+    if rel.startswith(IN_TREE) and dest.exists():
+        raise SeriesError(f"{dest} exists in upstream's tree: the series would overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if rel.startswith(IN_TREE):
+        shutil.copyfile(src, dest)
+    elif src.suffix == ".py":
+        dest.write_text(carried_text(rel))
     else:
         shutil.copyfile(src, dest)
     return dest
@@ -489,7 +523,7 @@ def commit_message(p: PlannedPR) -> str:
         body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in p.edits]
     if p.files:
         body.append("")
-        body.append("New files under srt/kvalloc/: " + ", ".join(p.files))
+        body.append("New files: " + ", ".join(upstream_path(rel) for rel in p.files))
     return f"[kv-alloc-mode {p.pr.number}/{len(SERIES)}] {p.pr.title}\n\n" + "\n".join(body)
 
 
@@ -529,12 +563,12 @@ def describe() -> str:
     """The series as text: per PR, files with their sizes and the functions it decorates."""
     out = []
     for p in plan():
-        sizes = [(rel, code_lines((SOURCE / rel).read_text())) for rel in p.files]
+        sizes = [(rel, code_lines(carried_text(rel))) for rel in p.files]
         out.append(f"PR {p.pr.number}/{len(SERIES)} {p.pr.slug}: {p.pr.title}")
         out.append(f"  {p.pr.summary}")
         total = sum(n for rel, n in sizes if rel.endswith(".py"))
         out.append(f"  new files ({total} code lines):")
-        out += [f"    srt/kvalloc/{rel} ({n})" for rel, n in sizes]
+        out += [f"    {upstream_path(rel)} ({n})" for rel, n in sizes]
         out.append(f"  upstream functions decorated ({len(p.edits)}):")
         out += [f"    {e.target}  [{e.hook_type}]" for e in p.edits]
         if p.forward:

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from sglang_kvalloc.core import geometry
+from sglang.srt.mem_cache.segmented import geometry
 
 STATIC = "static"
 SEGMENTED = "segmented"

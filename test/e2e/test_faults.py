@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc.core.backing import COMMIT_RESERVE_BYTES
+from sglang_kvalloc.core.cpu_backing import COMMIT_RESERVE_BYTES
 from sglang_kvalloc_harness.serving import LocalServer, http_text
 
 MB = 1 << 20

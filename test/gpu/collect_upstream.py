@@ -88,6 +88,7 @@ def collect(out: Path) -> list[Path]:
     stubs = {
         "__init__.py": PACKAGE_STUB,
         "srt/__init__.py": PACKAGE_STUB,
+        "srt/mem_cache/__init__.py": PACKAGE_STUB,
         "srt/utils/__init__.py": UTILS_STUB,
         "srt/runtime_context.py": RUNTIME_CONTEXT_STUB,
         "kernels/__init__.py": PACKAGE_STUB,

@@ -25,6 +25,9 @@ if HAS_CUDA:
     sys.path.insert(0, str(REPO / "python"))
     if importlib.util.find_spec("sglang") is None:
         sys.path.insert(0, os.environ.get("KVALLOC_GPU_UPSTREAM", str(REPO / ".gpu-upstream")))
+    # The modules that would be upstream's (sglang.srt.mem_cache.segmented) are this
+    # package's in_tree/ files: importing the package makes their upstream names resolve.
+    import sglang_kvalloc  # noqa: F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

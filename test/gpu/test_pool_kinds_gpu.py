@@ -16,15 +16,15 @@ import math
 import time
 
 import torch
-
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
-from sglang_kvalloc.core.segments import (
-    SegmentedBuffers,
-    SegmentedPageAllocator,
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import (
     SegmentGeometry,
     aligned_segment_tokens,
     default_segment_tokens,
 )
+
+from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 
 
 def _free() -> int:

@@ -11,10 +11,12 @@ import time
 
 import pytest
 import torch
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
 from sglang_kvalloc.core.row_commits import RowCommits
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
 
 MIB = 1 << 20
 GIB = 1 << 30

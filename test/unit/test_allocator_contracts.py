@@ -18,8 +18,10 @@ import pytest
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
@@ -35,7 +37,9 @@ def _buffers(size: int, page_size: int, segment_tokens: int) -> types.SimpleName
     """A KV pool stand-in over real segmented buffers: several segments of one OS page."""
     geometry = SegmentGeometry(size + page_size, segment_tokens, page_size)
     row = mmap.PAGESIZE // segment_tokens
-    return types.SimpleNamespace(segmented_buffers=SegmentedBuffers.create(geometry, [row, row]))
+    return types.SimpleNamespace(
+        segmented_buffers=SegmentedBuffers.create(geometry, [row, row], CpuBackingFactory())
+    )
 
 
 def token_allocator(impl: str, size: int = 16, need_sort: bool = False):

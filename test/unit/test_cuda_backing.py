@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from fake_cuda import INVALID_VALUE, MIB, OUT_OF_MEMORY, SUCCESS, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.backing import Backing, BackingUnavailableError
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc.core.backing import Backing, BackingUnavailableError
 from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
 
 G = 2 * MIB  # the fake's RECOMMENDED granularity (its MINIMUM is 64 KiB)
 

@@ -15,10 +15,12 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream import segmented
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -30,7 +32,9 @@ RETAIN = 512
 def _allocator(page_size: int):
     geometry = SegmentGeometry(SIZE + page_size, SEGMENT, page_size)
     row = mmap.PAGESIZE // 64  # 256 tokens x 64 B: every segment spans whole OS pages
-    kv = types.SimpleNamespace(segmented_buffers=SegmentedBuffers.create(geometry, [row, row]))
+    kv = types.SimpleNamespace(
+        segmented_buffers=SegmentedBuffers.create(geometry, [row, row], CpuBackingFactory())
+    )
     if page_size == 1:
         return segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kv, False)
     return segmented.SegmentedPagedTokenToKVPoolAllocator(

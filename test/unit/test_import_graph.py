@@ -1,4 +1,5 @@
-"""The package's shape: no cycle among its modules, `core/` free of upstream, every import
+"""The package's shape: no cycle among its modules, `core/` free of upstream (but for the
+modules that would be upstream's, `in_tree/`, which import nothing else of it), every import
 inside a function (in `core/` and `upstream/`) there for a stated reason, no module over
 600 lines.
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import sglang_kvalloc
+from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc_harness import series
 
 PACKAGE = "sglang_kvalloc"
@@ -30,7 +32,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+MODULES = {
+    _module_name(p): p
+    for p in sorted(ROOT.rglob("*.py"))
+    if not p.relative_to(ROOT).parts[0] == "in_tree"
+}
+# The modules that would be upstream's, by their upstream names (in_tree_finder).
+IN_TREE = set(in_tree_finder.in_tree_modules())
 
 
 def _is_type_checking(node: ast.AST) -> bool:
@@ -191,20 +199,27 @@ def test_no_import_cycle_even_counting_type_checking_imports() -> None:
     assert _cycles(TYPED_GRAPH) == []
 
 
+def _in_tree(name: str) -> bool:
+    """An upstream name served by ``in_tree/`` (a module of it, or a name in one)."""
+    return name in IN_TREE or name.rpartition(".")[0] in IN_TREE
+
+
 def test_the_core_imports_nothing_of_upstream() -> None:
+    """Nothing but the modules that would be upstream's, which import nothing else of
+    upstream (test_in_tree.py)."""
     upstream = [
         (module, name)
         for module, edges in GRAPH.items()
         if module.startswith(f"{PACKAGE}.core")
         for name, _, _ in edges["other"]
-        if name.split(".")[0] == "sglang"
+        if name.split(".")[0] == "sglang" and not _in_tree(name)
     ]
     upstream += [
         (module, target)
         for module, edges in GRAPH.items()
         if module.startswith(f"{PACKAGE}.core")
         for target, _, _ in edges["package"]
-        if not target.startswith(f"{PACKAGE}.core")
+        if not target.startswith((f"{PACKAGE}.core", f"{PACKAGE}.in_tree_finder"))
     ]
     assert upstream == []
 

@@ -15,11 +15,14 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
 from sglang_kvalloc import modes
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import ROWS, GraphBatch, GraphBufferLayout, LazyGraphBuffer
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator, SegmentGeometry
 from sglang_kvalloc.upstream import lazy_req_to_token, memory_release, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -38,7 +41,7 @@ def _resident(tensor: torch.Tensor) -> int:
 
 def test_suspend_gives_back_every_segment_and_resume_commits_on_demand() -> None:
     geometry = SegmentGeometry(4096, 1024, 1)
-    buffers = SegmentedBuffers.create(geometry, [4096, 4096])
+    buffers = SegmentedBuffers.create(geometry, [4096, 4096], CpuBackingFactory())
     k = buffers.backings[0].tensor(torch.uint8, (4096 * 4096,))
     allocator = SegmentedPageAllocator(
         geometry, on_commit=buffers.commit_segment, on_release=buffers.release_segment,
@@ -65,7 +68,7 @@ def test_suspend_gives_back_every_segment_and_resume_commits_on_demand() -> None
 
 def test_suspend_refuses_while_pages_are_in_use() -> None:
     geometry = SegmentGeometry(2048, 1024, 1)
-    buffers = SegmentedBuffers.create(geometry, [64])
+    buffers = SegmentedBuffers.create(geometry, [64], CpuBackingFactory())
     allocator = SegmentedPageAllocator(geometry, on_commit=buffers.commit_segment,
                                        on_suspend=buffers.release_all)  # fmt: skip
     assert allocator.alloc(5) is not None

@@ -1,7 +1,8 @@
 """The product apart from its harness (issue 33): the `sglang-kvalloc` wheel carries the plugin
-and nothing a server does not need, and its one .pth only loads upstream's plugins early. In a
-production install (the wheel alone) nothing but that hook is added at interpreter start, and a
-broken `sgl_kernel` fails as upstream's does."""
+and nothing a server does not need, and its one .pth only loads upstream's plugins early and
+makes the modules that would be upstream's importable under their upstream names (issue 34).
+In a production install (the wheel alone) nothing but those two finders is added at
+interpreter start, and a broken `sgl_kernel` fails as upstream's does."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_the_wheel_carries_no_harness(product_wheel: Path) -> None:
     }
     for module in HARNESS_MODULES:
         assert not [n for n in names if n.startswith(f"sglang_kvalloc/{module}")], module
+    assert "sglang_kvalloc/in_tree/sglang/srt/mem_cache/segmented/allocator.py" in names
     pth = zipfile.ZipFile(product_wheel).read("sglang_kvalloc_bootstrap.pth").decode()
     assert pth.strip() == "import sglang_kvalloc.early_plugins"
 
@@ -45,8 +47,9 @@ def test_a_production_install_adds_only_the_plugin_hook(
     product_wheel: Path, tmp_path: Path
 ) -> None:
     """The wheel alone on the path (no site .pth files run, so the harness's editable install
-    is not there), its .pth line run as `site` would: one finder added, nothing imported but
-    the standard library, no kernel fallback."""
+    is not there), its .pth line run as `site` would: two finders added (the early plugin
+    loading, and the upstream names of in_tree/, consulted last), nothing imported but the
+    standard library, no kernel fallback; the in-tree modules import from the wheel."""
     unpacked = tmp_path / "site"
     zipfile.ZipFile(product_wheel).extractall(unpacked)
     site_packages = sysconfig.get_paths()["purelib"]
@@ -62,6 +65,8 @@ new = sorted(m for m in set(sys.modules) - before_modules if m.split(".")[0] not
              sys.stdlib_module_names)
 print("modules", new)
 print("harness", importlib.util.find_spec("sglang_kvalloc_harness"))
+from sglang_kvalloc import in_tree_finder
+print("in_tree", in_tree_finder.in_tree_file("sglang.srt.mem_cache.segmented.allocator")[0])
 os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
 try:
     import sgl_kernel
@@ -73,7 +78,10 @@ except Exception as exc:  # ImportError, or OSError from a CUDA build
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert lines["finders"] == "['EarlyPluginLoading']"
-    assert lines["modules"] == "['sglang_kvalloc', 'sglang_kvalloc.early_plugins']"
+    assert lines["finders"] == "['EarlyPluginLoading', 'InTreeFinder']"
+    assert lines["modules"] == (
+        "['sglang_kvalloc', 'sglang_kvalloc.early_plugins', 'sglang_kvalloc.in_tree_finder']"
+    )
+    assert lines["in_tree"].startswith(str(tmp_path / "site" / "sglang_kvalloc" / "in_tree"))
     assert lines["harness"] == "None"
     assert lines["sgl_kernel"] == "real" or lines["sgl_kernel"].startswith("fails")

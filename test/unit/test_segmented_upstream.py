@@ -13,8 +13,10 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentGeometry
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream import segmented
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -25,7 +27,7 @@ SEGMENT = 256
 def _segmented_allocator(page_size: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
     geometry = SegmentGeometry(SIZE + page_size, SEGMENT, page_size)
-    buffers = SegmentedBuffers.create(geometry, [64, 64])
+    buffers = SegmentedBuffers.create(geometry, [64, 64], CpuBackingFactory())
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)
     if page_size == 1:
         return segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)

@@ -9,14 +9,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry, aligned_segment_tokens
 
-from sglang_kvalloc.core.backing import CpuMmapBacking
-from sglang_kvalloc.core.segments import (
-    SegmentedBuffers,
-    SegmentedPageAllocator,
-    SegmentGeometry,
-    aligned_segment_tokens,
-)
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory, CpuMmapBacking
 
 PAGE = mmap.PAGESIZE
 MB = 1 << 20
@@ -105,7 +102,7 @@ def test_aligned_segment_tokens() -> None:
 
 def test_buffers_commit_release_by_segment() -> None:
     g = SegmentGeometry(256, 64, 1)
-    buf = SegmentedBuffers.create(g, [64, 128], device="cpu")
+    buf = SegmentedBuffers.create(g, [64, 128], CpuBackingFactory())
     # Segment 0 (padding slot) is committed at construction.
     assert buf.committed_segments == 1 and buf.is_committed(0)
     assert buf.committed_bytes == 64 * 64 + 64 * 128
@@ -131,7 +128,7 @@ def test_buffers_commit_release_by_segment() -> None:
 def test_buffers_reject_misaligned_segment_and_small_backing() -> None:
     g = SegmentGeometry(256, 32, 1)
     with pytest.raises(ValueError, match="aligned_segment_tokens"):
-        SegmentedBuffers.create(g, [64])
+        SegmentedBuffers.create(g, [64], CpuBackingFactory())
     g = SegmentGeometry(256, 64, 1)
     with pytest.raises(ValueError, match="reserves"):
         SegmentedBuffers(g, [CpuMmapBacking(PAGE)], [64])
@@ -142,14 +139,14 @@ def test_buffers_reject_misaligned_segment_and_small_backing() -> None:
 def test_buffers_partial_last_segment_and_extra_rows() -> None:
     # 200 rows x 64 B: last segment holds rows 192..200, i.e. bytes 12288..12800.
     g = SegmentGeometry(200, 64, 1)
-    buf = SegmentedBuffers.create(g, [64])
+    buf = SegmentedBuffers.create(g, [64], CpuBackingFactory())
     assert buf.byte_range(0, 3) == (12288, PAGE)  # rounded up to a whole granule
     buf.commit_segment(3)
     assert buf.committed_bytes == 2 * PAGE
     buf.close()
 
     # With 8 extra rows (bytes 12800..13312) the shared granule is pinned with them.
-    buf = SegmentedBuffers.create(g, [64], extra_rows=8)
+    buf = SegmentedBuffers.create(g, [64], CpuBackingFactory(), extra_rows=8)
     assert buf.rows == 208
     assert buf.committed_bytes == 2 * PAGE  # segment 0 + pinned tail granule
     t = buf.backings[0].tensor(torch.int32, (208, 16))
@@ -690,7 +687,7 @@ def test_randomized_alloc_free_grow_shrink(
     row_bytes = [64, 64]  # a K and a V buffer
     assert aligned_segment_tokens(segment_tokens, ps, row_bytes, PAGE) == segment_tokens
     geometry = SegmentGeometry(4 * segment_tokens, segment_tokens, ps)
-    buffers = SegmentedBuffers.create(geometry, row_bytes, device="cpu")
+    buffers = SegmentedBuffers.create(geometry, row_bytes, CpuBackingFactory())
     kv = [b.tensor(torch.int32, (geometry.cap_tokens, 16)) for b in buffers.backings]
     clock = FakeClock()
     commit_failures = 0

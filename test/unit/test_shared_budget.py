@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sglang_kvalloc.core.backing import CpuBackingFactory
+from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.shared_budget import (
     LOCK_WAIT_S,
     BudgetError,

@@ -25,17 +25,17 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from sglang_kvalloc.core.backing import (
+from sglang.srt.mem_cache.segmented.backing import (
     Backing,
     CommittedRanges,
     Fence,
     RangeSet,
     check_range,
-    ledgered,
     tensor_bytes,
 )
-from sglang_kvalloc.core.geometry import align_up
+from sglang.srt.mem_cache.segmented.geometry import align_up
+
+from sglang_kvalloc.core.cpu_backing import ledgered
 from sglang_kvalloc.core.vmm_device import (
     CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from sglang_kvalloc.core.row_commits import RowCommits
 
 if TYPE_CHECKING:  # stays torch-free: the planner imports the layouts
-    from sglang_kvalloc.core.backing import Backing
+    from sglang.srt.mem_cache.segmented.backing import Backing
 
 __all__ = ["CHUNK_ROWS", "FLAT", "ROWS", "GraphBatch", "GraphBufferLayout", "LazyGraphBuffer"]
 

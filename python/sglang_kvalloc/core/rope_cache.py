@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
-from sglang_kvalloc.core.backing import BackingFactory
 from sglang_kvalloc.core.row_commits import RowCommits
 
 

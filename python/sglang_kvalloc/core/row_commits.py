@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # stays torch-free: the planner's layouts import it
     from collections.abc import Callable
 
-    from sglang_kvalloc.core.backing import Backing, Fence
+    from sglang.srt.mem_cache.segmented.backing import Backing, Fence
 
 __all__ = ["RowCommits"]
 

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
-
-from sglang_kvalloc.core.backing import BackingUnavailableError, Fence
+from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError, Fence
 
 __all__ = ["VmmApi", "VmmDevice", "VmmMappingLostError", "driver_success"]
 

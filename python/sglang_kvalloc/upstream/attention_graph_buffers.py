@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import torch
+from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.core.backing import BackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 from sglang_kvalloc.core.graph_buffers import (
     CHUNK_ROWS,

@@ -14,9 +14,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from sglang.srt.mem_cache.segmented import geometry
 
 from sglang_kvalloc import modes
-from sglang_kvalloc.core import geometry, planner
+from sglang_kvalloc.core import planner
 
 if TYPE_CHECKING:
     from sglang.srt.server_args import ServerArgs

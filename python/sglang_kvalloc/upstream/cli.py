@@ -14,8 +14,9 @@ import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sglang.srt.mem_cache.segmented import geometry
+
 from sglang_kvalloc import modes
-from sglang_kvalloc.core import geometry
 from sglang_kvalloc.core.shared_budget import parse_bytes
 
 if TYPE_CHECKING:

@@ -15,8 +15,7 @@ import threading
 from typing import Any
 
 import torch
-
-from sglang_kvalloc.core.backing import BackingUnavailableError
+from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError
 
 logger = logging.getLogger(__name__)
 

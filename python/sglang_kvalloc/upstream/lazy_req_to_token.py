@@ -38,8 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
     from sglang.srt.managers.schedule_batch import Req
-
-    from sglang_kvalloc.core.backing import BackingFactory
+    from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
 logger = logging.getLogger(__name__)
 

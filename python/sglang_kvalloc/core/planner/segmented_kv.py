@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sglang_kvalloc.core.geometry import choose_segment_tokens
 from sglang_kvalloc.core.planner.budget import PoolSize, RowRoom
 from sglang_kvalloc.core.planner.layouts import GPU_VMM_GRANULARITY
 from sglang_kvalloc.core.planner.model import KVPerToken, ModelSpec
+from sglang_kvalloc.in_tree_finder import standalone
+
+# The segment-size rules are upstream's module; the planner runs without torch (its CLI).
+choose_segment_tokens = standalone("sglang.srt.mem_cache.segmented.geometry").choose_segment_tokens
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
-from sglang_kvalloc.core.segments import SegmentedBuffers, SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,10 @@ import logging
 import math
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+from sglang.srt.mem_cache.segmented import geometry as segment_geometry
+from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc.core import geometry as segment_geometry
-from sglang_kvalloc.core.segments import (
-    SegmentedBuffers,
-    SegmentGeometry,
-)
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,11 @@
-"""The shrink policy: trailing segments given back once seen entirely free for a hold-off.
+"""The shrink policy: trailing segments given back once seen entirely free for a
+hold-off.
 
-Each shrink check records when it first saw each trailing segment entirely free (the clock is
-reset the moment one is seen in use). Only a trailing run of free segments can go, so clocks
-are kept from the top down to the first segment in use. One below it may keep a stale clock,
-but it is released only after every check of a whole hold-off has walked through it and seen
-it free (each segment above had to be free that long first).
+Each shrink check records when it first saw each trailing segment entirely free (the
+clock is reset the moment one is seen in use). Only a trailing run of free segments can
+go, so clocks are kept from the top down to the first segment in use. One below it may
+keep a stale clock, but it is released only after every check of a whole hold-off has
+walked through it and seen it free (each segment above had to be free that long first).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ class HoldOffClocks:
 
     def __init__(self, num_segments: int, hold_off_s: float) -> None:
         if math.isnan(hold_off_s) or hold_off_s < 0:
-            raise ValueError(f"hold_off_s must be >= 0 (inf: never release), got {hold_off_s}")
+            raise ValueError(
+                f"hold_off_s must be >= 0 (inf: never release), got {hold_off_s}"
+            )
         self.hold_off_s = hold_off_s
         self.empty_since: list[float | None] = [None] * num_segments
 

@@ -1,8 +1,8 @@
 """The sorted list of free committed pages, and the frees staged for it.
 
 Allocation takes the lowest ids off the front of a sorted int64 tensor (upstream's two
-slices). Frees are staged in O(1) and merged into the list when an allocation runs short or at
-a shrink check (upstream's ``need_sort``), or merged at once where staging is off.
+slices). Frees are staged in O(1) and merged into the list when an allocation runs short
+or at a shrink check (upstream's ``need_sort``), or merged at once where staging is off.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ __all__ = ["FreeList", "merge_sorted"]
 
 
 def merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
-    """Merge ``new_ids`` (any order) into ascending ``sorted_ids``; ids must be disjoint.
+    """Merge ``new_ids`` (any order) into ascending ``sorted_ids``; ids must be
+    disjoint.
 
-    On the CPU numpy's stable sort (timsort) finds the sorted list and the ascending runs
-    that freed requests' slots form, and merges them in one pass, single-threaded; on a GPU
-    integer scatters place every id, so nothing waits for the device.
+    On the CPU numpy's stable sort (timsort) finds the sorted list and the ascending
+    runs that freed requests' slots form, and merges them in one pass, single-threaded;
+    on a GPU integer scatters place every id, so nothing waits for the device.
     """
     if new_ids.numel() == 0:
         return sorted_ids
@@ -29,8 +30,8 @@ def merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tenso
     new_ids, _ = torch.sort(new_ids)
     if sorted_ids.numel() == 0:
         return new_ids
-    # Final position of every id: ids before it in its own list plus ids before it in the
-    # other. Integer scatters only, so on a GPU nothing waits for the device.
+    # Final position of every id: ids before it in its own list plus ids before it in
+    # the other. Integer scatters only, so on a GPU nothing waits for the device.
     pos_new = torch.searchsorted(sorted_ids, new_ids) + torch.arange(
         new_ids.numel(), device=new_ids.device
     )
@@ -46,13 +47,13 @@ def merge_sorted(sorted_ids: torch.Tensor, new_ids: torch.Tensor) -> torch.Tenso
 
 
 class FreeList:
-    """Free pages of the committed segments: ``pages`` (sorted, unique int64) and the staged
-    frees not merged into it yet.
+    """Free pages of the committed segments: ``pages`` (sorted, unique int64) and the
+    staged frees not merged into it yet.
 
-    Contract: a free page is in exactly one of them; pages of a new top segment lie above
-    every free page (`append_top`); once merged, the top segment's free pages are the tail
-    of ``pages`` (`cut_top`). Nothing here reads a tensor's values back to the host except
-    `sorted_at_or_above`.
+    Contract: a free page is in exactly one of them; pages of a new top segment lie
+    above every free page (`append_top`); once merged, the top segment's free pages are
+    the tail of ``pages`` (`cut_top`). Nothing here reads a tensor's values back to the
+    host except `sorted_at_or_above`.
     """
 
     def __init__(self, device: torch.device, *, staged: bool) -> None:
@@ -68,7 +69,8 @@ class FreeList:
         return self.pages.shape[0] + self.num_staged
 
     def take(self, n_pages: int) -> torch.Tensor:
-        """The ``n_pages`` lowest merged pages, removed (the caller made sure there are)."""
+        """The ``n_pages`` lowest merged pages, removed (the caller made sure there
+        are)."""
         out = self.pages[:n_pages]
         self.pages = self.pages[n_pages:]
         return out

@@ -1,8 +1,8 @@
 """The debug ledger of pages handed out (upstream's ``SGLANG_DEBUG_MEMORY_POOL``).
 
 With it a page handed out twice, freed twice or freed outside the committed pool raises
-`PageAccountingError` at the call that does it. It costs a bool per page and a device read per
-call, so it exists only under upstream's debug switch.
+`PageAccountingError` at the call that does it. It costs a bool per page and a device
+read per call, so it exists only under upstream's debug switch.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ __all__ = ["PageAccountingError", "PageLedger"]
 class PageAccountingError(AssertionError, ValueError):
     """A debug check caught a bad free (double free, page outside the pool, ...).
 
-    An AssertionError, as upstream's own allocator debug checks raise, and a ValueError, since
-    the pages passed in are wrong."""
+    An AssertionError, as upstream's own allocator debug checks raise, and a ValueError,
+    since the pages passed in are wrong."""
 
 
 class PageLedger:
@@ -36,16 +36,19 @@ class PageLedger:
         self.allocated[page_ids] = True
 
     def freed(self, page_ids: torch.Tensor, first_page: int, limit: int) -> None:
-        """Raises:
-        PageAccountingError: a page outside ``[first_page, limit)`` (the committed segments),
-            freed twice in the call, or not handed out."""
+        """Raises: PageAccountingError: a page outside ``[first_page, limit)`` (the
+        committed segments), freed twice in the call, or not handed out."""
         lo, hi = int(page_ids.min()), int(page_ids.max())
         if lo < first_page or hi >= min(limit, self.cap_pages):
-            raise PageAccountingError(f"freeing pages outside [{first_page}, {limit}): {lo}..{hi}")
+            raise PageAccountingError(
+                f"freeing pages outside [{first_page}, {limit}): {lo}..{hi}"
+            )
         if len(torch.unique(page_ids)) != len(page_ids):
             raise PageAccountingError("page freed twice in one call")
         if not bool(self.allocated[page_ids].all()):
-            raise PageAccountingError("freeing a page that is not allocated (double free?)")
+            raise PageAccountingError(
+                "freeing a page that is not allocated (double free?)"
+            )
         self.allocated[page_ids] = False
 
     def used(self) -> int:

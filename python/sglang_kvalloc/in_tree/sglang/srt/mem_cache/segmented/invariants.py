@@ -1,6 +1,8 @@
-"""The page accounting a healthy allocator keeps, as a list of what is wrong (O(capacity)).
+"""The page accounting a healthy allocator keeps, as a list of what is wrong
+(O(capacity)).
 
-Checked by the tests after every step and by upstream's idle diagnostic under its debug switch.
+Checked by the tests after every step and by upstream's idle diagnostic under its debug
+switch.
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ from typing import Protocol
 
 import torch
 
-from sglang_kvalloc.core.geometry import SegmentGeometry
-from sglang_kvalloc.core.segments.census import SegmentPages
-from sglang_kvalloc.core.segments.free_list import FreeList
-from sglang_kvalloc.core.segments.ledger import PageLedger
+from sglang.srt.mem_cache.segmented.census import SegmentPages
+from sglang.srt.mem_cache.segmented.free_list import FreeList
+from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+from sglang.srt.mem_cache.segmented.ledger import PageLedger
 
 __all__ = ["PageAccounting", "accounting_problems"]
 
 
 class PageAccounting(Protocol):
-    """What the check reads of an allocator (`SegmentedPageAllocator`): its segments, its free
-    pages and, in debug mode, its ledger of allocated pages."""
+    """What the check reads of an allocator (`SegmentedPageAllocator`): its segments,
+    its free pages and, in debug mode, its ledger of allocated pages."""
 
     geometry: SegmentGeometry
     first_page: int
@@ -48,9 +50,13 @@ def accounting_problems(alloc: PageAccounting) -> list[str]:
     g = alloc.geometry
     k = alloc.committed_segments
     problems: list[str] = []
-    resting = k == 0 and alloc.releases > 0  # suspended (RL), or resumed with nothing asked
+    resting = (
+        k == 0 and alloc.releases > 0
+    )  # suspended (RL), or resumed with nothing asked
     if not resting and not 1 <= alloc.min_committed_segments <= k <= g.num_segments:
-        problems.append(f"{k} committed segments outside [{alloc.min_committed_segments}, ...]")
+        problems.append(
+            f"{k} committed segments outside [{alloc.min_committed_segments}, ...]"
+        )
     if alloc.peak_committed_segments < k:
         problems.append("peak below committed")
     free = alloc.free_pages

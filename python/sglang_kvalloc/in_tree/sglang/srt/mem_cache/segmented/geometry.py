@@ -1,14 +1,15 @@
-"""How a KV pool's rows split into segments, and the segment size. Stdlib only (no torch).
+"""How a KV pool's rows split into segments, and the segment size. Stdlib only (no
+torch).
 
-Row space. Slot index == row index in every buffer. The segmented space is rows
-``[0, cap_tokens)``, i.e. pages ``[0, cap_pages)``; segment ``i`` is pages
-``[i * segment_pages, (i + 1) * segment_pages)`` clipped to the cap (the last one may be
-partial). Page 0 is the padding page upstream writes dummy outputs into, so segment 0 is always
-committed and the allocator hands out pages from ``first_page = 1``.
+Row space. Slot index == row index in every buffer. The segmented space is rows ``[0,
+cap_tokens)``, i.e. pages ``[0, cap_pages)``; segment ``i`` is pages ``[i *
+segment_pages, (i + 1) * segment_pages)`` clipped to the cap (the last one may be
+partial). Page 0 is the padding page upstream writes dummy outputs into, so segment 0 is
+always committed and the allocator hands out pages from ``first_page = 1``.
 
-Mapping an upstream pool of ``size`` usable tokens: ``cap_tokens = size + page_size`` (upstream
-buffers have exactly that many rows), ``first_page = 1``; the allocator then serves pages
-``1 .. size // page_size``, the same ids upstream's allocators use.
+Mapping an upstream pool of ``size`` usable tokens: ``cap_tokens = size + page_size``
+(upstream buffers have exactly that many rows), ``first_page = 1``; the allocator then
+serves pages ``1 .. size // page_size``, the same ids upstream's allocators use.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class SegmentGeometry:
         if segment_tokens == 0:
             raise ValueError("segment size must be positive, got 0 tokens")
         if segment_tokens < 0:
-            raise ValueError(f"segment size must be positive, got {segment_tokens} tokens")
+            raise ValueError(
+                f"segment size must be positive, got {segment_tokens} tokens"
+            )
         if segment_tokens % page_size:
             raise ValueError(
                 f"segment size of {segment_tokens} tokens is not a multiple of page_size "
@@ -98,7 +101,8 @@ class SegmentGeometry:
             raise IndexError(f"segment {seg} out of range [0, {self.num_segments})")
 
 
-# -- The segment size: every rule about --kv-segment-tokens lives here ------------------------
+# -- The segment size: every rule about --kv-segment-tokens lives here
+# ------------------------
 
 DEFAULT_SEGMENT_TOKENS = 8192
 # Small pools still get several segments, so growth and shrink happen at all.
@@ -108,7 +112,8 @@ MAX_POOL_TOKENS = 2**31 - 1
 
 
 def requested_segment_problem(tokens: int) -> str | None:
-    """Why a requested segment size is invalid whatever the server (one line), else None."""
+    """Why a requested segment size is invalid whatever the server (one line), else
+    None."""
     if tokens <= 0:
         return f"segment size must be positive, got {tokens}"
     if tokens > MAX_POOL_TOKENS:
@@ -122,13 +127,15 @@ def requested_segment_problem(tokens: int) -> str | None:
 def launch_segment_problem(
     tokens: int, page_size: int | None, max_total_tokens: int | None
 ) -> str | None:
-    """Why a requested segment size cannot work with the command line (what the launcher can
-    tell before the pool is sized), else None."""
+    """Why a requested segment size cannot work with the command line (what the launcher
+    can tell before the pool is sized), else None."""
     problem = requested_segment_problem(tokens)
     if problem is not None:
         return problem
     if page_size and tokens % int(page_size):
-        return f"--kv-segment-tokens {tokens} is not a multiple of --page-size {page_size}"
+        return (
+            f"--kv-segment-tokens {tokens} is not a multiple of --page-size {page_size}"
+        )
     if max_total_tokens and tokens > int(max_total_tokens):
         return (
             f"--kv-segment-tokens {tokens} is larger than the KV pool "
@@ -152,9 +159,9 @@ def choose_segment_tokens(
     row_bytes: Sequence[int],
     granularity: int,
 ) -> SegmentChoice:
-    """The segment size of a pool of ``cap_tokens``: the request (made a page multiple, at
-    most the pool) or the default; then rounded up so every buffer's segment spans whole
-    granules of the backing. Used by the server and the planner alike."""
+    """The segment size of a pool of ``cap_tokens``: the request (made a page multiple,
+    at most the pool) or the default; then rounded up so every buffer's segment spans
+    whole granules of the backing. Used by the server and the planner alike."""
     note = None
     if requested is not None:
         size = -(-requested // page_size) * page_size
@@ -174,12 +181,14 @@ def choose_segment_tokens(
     else:
         size = default_segment_tokens(cap_tokens, page_size)
     aligned = aligned_segment_tokens(size, page_size, row_bytes, granularity)
-    return SegmentChoice(min(aligned, math.ceil(cap_tokens / page_size) * page_size), note)
+    return SegmentChoice(
+        min(aligned, math.ceil(cap_tokens / page_size) * page_size), note
+    )
 
 
 def default_segment_tokens(cap_tokens: int, page_size: int) -> int:
-    """The segment size when none is asked for: 8,192 tokens, or a sixteenth of a smaller
-    pool, in whole pages (before granule alignment)."""
+    """The segment size when none is asked for: 8,192 tokens, or a sixteenth of a
+    smaller pool, in whole pages (before granule alignment)."""
     size = min(DEFAULT_SEGMENT_TOKENS, cap_tokens // MIN_SEGMENTS_BY_DEFAULT)
     return max(page_size, size // page_size * page_size)
 
@@ -187,12 +196,15 @@ def default_segment_tokens(cap_tokens: int, page_size: int) -> int:
 def aligned_segment_tokens(
     requested: int, page_size: int, row_bytes_list: Sequence[int], granularity: int
 ) -> int:
-    """Round ``requested`` up to the smallest multiple of ``page_size`` whose byte size is a
-    multiple of ``granularity`` in every buffer, so segment commit/release ranges are exact."""
+    """Round ``requested`` up to the smallest multiple of ``page_size`` whose byte size
+    is a multiple of ``granularity`` in every buffer, so segment commit/release ranges
+    are exact."""
     if requested <= 0:
         raise ValueError(f"segment size must be positive, got {requested} tokens")
     if page_size <= 0 or granularity <= 0:
-        raise ValueError(f"page_size {page_size} and granularity {granularity} must be positive")
+        raise ValueError(
+            f"page_size {page_size} and granularity {granularity} must be positive"
+        )
     step = page_size
     for row_bytes in row_bytes_list:
         if row_bytes <= 0:

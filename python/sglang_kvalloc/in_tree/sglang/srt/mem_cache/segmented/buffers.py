@@ -1,5 +1,6 @@
-"""Buffers (K and V of every layer, say) whose memory is committed and released together, one
-segment at a time, over reserved backings: one contiguous tensor each, so slot ids never move.
+"""Buffers (K and V of every layer, say) whose memory is committed and released
+together, one segment at a time, over reserved backings: one contiguous tensor each, so
+slot ids never move.
 """
 
 from __future__ import annotations
@@ -8,19 +9,24 @@ from collections.abc import Sequence
 
 import torch
 
-from sglang_kvalloc.core.backing import Backing, BackingFactory, make_backing
-from sglang_kvalloc.core.geometry import SegmentGeometry, align_down, align_up
+from sglang.srt.mem_cache.segmented.backing import Backing, BackingFactory
+from sglang.srt.mem_cache.segmented.geometry import (
+    SegmentGeometry,
+    align_down,
+    align_up,
+)
 
 __all__ = ["SegmentedBuffers"]
 
 
 class SegmentedBuffers:
-    """Several backings (e.g. K and V per layer) committed and released one segment at a time.
+    """Several backings (e.g. K and V per layer) committed and released one segment at a
+    time.
 
-    Buffer ``b`` holds ``rows = cap_tokens + extra_rows`` rows of ``row_bytes[b]`` bytes. The
-    ``extra_rows`` trailing rows (if any) lie outside segment management and stay committed.
-    Segment 0 holds the padding slot, which padded tokens write into, so it is committed at
-    construction and can never be released.
+    Buffer ``b`` holds ``rows = cap_tokens + extra_rows`` rows of ``row_bytes[b]``
+    bytes. The ``extra_rows`` trailing rows (if any) lie outside segment management and
+    stay committed. Segment 0 holds the padding slot, which padded tokens write into, so
+    it is committed at construction and can never be released.
     """
 
     def __init__(
@@ -38,7 +44,8 @@ class SegmentedBuffers:
         self.backings: list[Backing] = list(backings)
         self.row_bytes: list[int] = list(row_bytes)
         self.rows: int = geometry.cap_tokens + extra_rows
-        # Per buffer: where segment ranges stop, so they never touch the pinned extra rows.
+        # Per buffer: where segment ranges stop, so they never touch the pinned extra
+        # rows.
         self._limit: list[int] = []
         for backing, rb in zip(self.backings, self.row_bytes, strict=True):
             g = backing.granularity
@@ -57,8 +64,8 @@ class SegmentedBuffers:
                     f"{rb} bytes need {self.rows * rb}"
                 )
             if extra_rows:
-                # The extra rows may share a granule with the last segment; that granule is
-                # pinned with them and left out of the segment's range.
+                # The extra rows may share a granule with the last segment; that granule
+                # is pinned with them and left out of the segment's range.
                 pin_lo = align_down(geometry.cap_tokens * rb, g)
                 backing.commit(pin_lo, align_up(self.rows * rb, g) - pin_lo)
                 self._limit.append(pin_lo)
@@ -72,23 +79,17 @@ class SegmentedBuffers:
         cls,
         geometry: SegmentGeometry,
         row_bytes: Sequence[int],
-        device: str = "cpu",
-        granularity: int | None = None,
+        backings: BackingFactory,
         extra_rows: int = 0,
-        backings: BackingFactory | None = None,
     ) -> SegmentedBuffers:
-        """Reserve one backing per row size, from ``backings`` (else a CPU one)."""
+        """Reserve one backing per row size from ``backings``, and have the handles of
+        every buffer's next segment made before they are needed."""
         rows = geometry.cap_tokens + extra_rows
-        if backings is None:
-            made = [make_backing(device, rows * rb, granularity) for rb in row_bytes]
-        else:
-            made = [backings(rows * rb) for rb in row_bytes]
+        made = [backings(rows * rb) for rb in row_bytes]
         buffers = cls(geometry, made, row_bytes, extra_rows)
-        if backings is not None:
-            # Handles for the next segment of every buffer, created before they are needed.
-            for size in {buffers.byte_range(b, 0)[1] for b in range(len(made))}:
-                count = sum(buffers.byte_range(b, 0)[1] == size for b in range(len(made)))
-                backings.keep_spares(size, count)
+        for size in {buffers.byte_range(b, 0)[1] for b in range(len(made))}:
+            count = sum(buffers.byte_range(b, 0)[1] == size for b in range(len(made)))
+            backings.keep_spares(size, count)
         return buffers
 
     def byte_range(self, buffer: int, seg: int) -> tuple[int, int]:
@@ -121,8 +122,9 @@ class SegmentedBuffers:
             self._zero_padding_page()
 
     def _zero_padding_page(self) -> None:
-        """Slot 0's page, which padded cuda-graph batches read, holds zeros as in upstream's
-        `torch.zeros` pools: a GPU's freshly committed memory is not zeroed."""
+        """Slot 0's page, which padded cuda-graph batches read, holds zeros as in
+        upstream's `torch.zeros` pools: a GPU's freshly committed memory is not
+        zeroed."""
         page_rows = self.geometry.page_size
         for backing, rb in zip(self.backings, self.row_bytes, strict=True):
             backing.tensor(torch.uint8, (page_rows * rb,)).zero_()
@@ -138,14 +140,16 @@ class SegmentedBuffers:
         self._committed[seg] = False
 
     def release_all(self) -> int:
-        """Give back every committed segment, the first too (RL's memory release: nothing is
-        allocated); the first commit after it zeroes the padding page again. Returns the
-        segments released."""
+        """Give back every committed segment, the first too (RL's memory release:
+        nothing is allocated); the first commit after it zeroes the padding page again.
+        Returns the segments released."""
         released = 0
         for seg in range(len(self._committed)):
             if not self._committed[seg]:
                 continue
-            for b, backing in enumerate(self.backings):  # one device wait, before the first
+            for b, backing in enumerate(
+                self.backings
+            ):  # one device wait, before the first
                 backing.release(*self.byte_range(b, seg), unused=released > 0 or b > 0)
             self._committed[seg] = False
             released += 1
