@@ -50,15 +50,17 @@ git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost add -A
 git -C "$ssite/sglang" -c user.name=proof -c user.email=proof@localhost \
   commit -q -m "sglang 0.5.23 as installed"
 "$py" -m sglang_kvalloc_harness.series apply "$ssite/sglang" | tee "$out/apply.log"
-git -C "$ssite/sglang" log --stat --format='%n%h %s' HEAD~7..HEAD > "$out/series-log.txt"
+prs="$("$py" -c 'from sglang_kvalloc_harness.series import SERIES; print(len(SERIES))')"
+git -C "$ssite/sglang" log --stat --format='%n%h %s' "HEAD~$prs..HEAD" > "$out/series-log.txt"
 
 # 3. The test harness only: helpers and the CPU-kernel shim, no plugin.
 # The harness package, and of the product only the package marker and its import-hook helper
 # (the harness's kernel fallback uses it); not the plugin.
 mkdir -p "$out/harness/sglang_kvalloc"
 cp -r "$repo/harness/sglang_kvalloc_harness" "$out/harness/"
+# (the package marker installs in_tree_finder, which finds nothing there: no in_tree/ copied).
 cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/early_plugins.py" \
-  "$out/harness/sglang_kvalloc/"
+  "$repo/python/sglang_kvalloc/in_tree_finder.py" "$out/harness/sglang_kvalloc/"
 printf '%s\nimport sglang_kvalloc_harness.kernels.bootstrap\n' "$out/harness" > "$ssite/kvalloc_harness.pth"
 
 # 4. The plugin is not there; the series is.
@@ -74,17 +76,17 @@ EOF
 
 # 5. Each PR leaves upstream importable and parsing its command line (static is the default).
 branch="$(git -C "$ssite/sglang" branch --show-current)"
-for n in 7 6 5 4 3 2 1 0; do
+for n in $(seq "$prs" -1 0); do
   git -C "$ssite/sglang" checkout -q "HEAD~$n"
   flag=""
-  [ "$n" -lt 7 ] && flag="--kv-alloc-mode static"
+  [ "$n" -lt "$prs" ] && flag="--kv-alloc-mode static"
   "$scratch/bin/python" -c "
 import argparse, sys
 from sglang.srt.server_args import ServerArgs
 import sglang.srt.managers.scheduler, sglang.srt.mem_cache.kv_cache_configurator
 p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p)
 a = p.parse_args(['--model-path', 'm'] + sys.argv[1:])
-print('[proof] upstream + PRs 1..%d: imports, parses %r' % (7 - $n, getattr(a, 'kv_alloc_mode', 'no flag')))
+print('[proof] upstream + PRs 1..%d: imports, parses %r' % ($prs - $n, getattr(a, 'kv_alloc_mode', 'no flag')))
 " $flag 2>&1 | grep '^\[proof\]' | tee -a "$out/per-pr.log"
   git -C "$ssite/sglang" checkout -q "$branch"
 done

@@ -112,7 +112,7 @@ SERIES: tuple[PullRequest, ...] = (
     PullRequest(
         4,
         "segmented-kv-pool",
-        "Segment-aware allocators, the segmented MHA, hybrid SWA and MLA pools, the CPU backing",
+        "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
         (
             "pools.around_build_mha_kv_pool",
@@ -557,6 +557,36 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
             _git(root, "commit", "-q", "-m", commit_message(p))
             commits.append(_git(root, "rev-parse", "--short", "HEAD").strip())
     return commits
+
+
+@dataclass(frozen=True)
+class PrSize:
+    """What one PR adds, in code lines (non-blank, non-comment): files at their own upstream
+    paths (byte for byte from ``in_tree/``), files under ``srt/kvalloc/``, and the upstream
+    functions it decorates (each decoration is one added line)."""
+
+    number: int
+    slug: str
+    at_upstream_paths: tuple[int, int]  # (files, code lines)
+    under_kvalloc: tuple[int, int]
+    decorated: int
+
+
+def sizes() -> list[PrSize]:
+    """Every PR's size, computed from the plan (what `apply` writes)."""
+    out = []
+    for p in plan():
+        own = [code_lines(carried_text(r)) for r in p.files if r.startswith(IN_TREE)]
+        rest = [
+            code_lines(carried_text(r))
+            for r in p.files
+            if not r.startswith(IN_TREE) and r.endswith(".py")
+        ]
+        out.append(
+            PrSize(p.pr.number, p.pr.slug, (len(own), sum(own)), (len(rest), sum(rest)),
+                   len(p.edits))
+        )  # fmt: skip
+    return out
 
 
 def describe() -> str:

@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
-from sglang_kvalloc.core.shared_budget import ledger_path, read_ledger
+try:
+    from sglang_kvalloc.core.shared_budget import ledger_path, read_ledger
+except ImportError:  # the upstream-series proof: the modules live inside sglang there
+    from sglang.srt.kvalloc.core.shared_budget import ledger_path, read_ledger
 from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
 
 MIB = 1 << 20

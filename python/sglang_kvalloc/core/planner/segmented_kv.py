@@ -9,10 +9,15 @@ from dataclasses import dataclass
 from sglang_kvalloc.core.planner.budget import PoolSize, RowRoom
 from sglang_kvalloc.core.planner.layouts import GPU_VMM_GRANULARITY
 from sglang_kvalloc.core.planner.model import KVPerToken, ModelSpec
-from sglang_kvalloc.in_tree_finder import standalone
 
-# The segment-size rules are upstream's module; the planner runs without torch (its CLI).
-choose_segment_tokens = standalone("sglang.srt.mem_cache.segmented.geometry").choose_segment_tokens
+try:
+    from sglang_kvalloc.in_tree_finder import standalone
+except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
+    from sglang.srt.mem_cache.segmented.geometry import choose_segment_tokens
+else:  # the segment-size rules are upstream's module; the planner's CLI runs without torch
+    choose_segment_tokens = standalone(
+        "sglang.srt.mem_cache.segmented.geometry"
+    ).choose_segment_tokens
 
 
 @dataclass(frozen=True)
