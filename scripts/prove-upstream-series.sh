@@ -4,6 +4,10 @@
 # against that patched upstream.
 #
 #   bash scripts/prove-upstream-series.sh [OUT_DIR] [extra pytest args]
+#   SERIES_PROOF_TESTS="test/e2e/test_real_model.py ..." bash scripts/prove-upstream-series.sh
+#
+# SERIES_PROOF_TESTS picks the server tests of step 6 (default: all of test/e2e but the two
+# files named below); CI's third lane runs the short list in scripts/test.sh.
 #
 # The scratch environment is a venv whose site-packages links every package of the project's
 # venv except sglang (a patched copy, a git repository with one commit per PR) and
@@ -15,7 +19,7 @@
 #
 # Tests run: test/e2e except the two files that import the plugin's own modules
 # (test_faults.py reads a constant of core/cpu_backing.py, test_planner_matches_upstream.py the
-# planner). Takes about 30 minutes on 2 cores. Not part of CI.
+# planner). All of them take about 30 minutes on 2 cores; CI runs a short list (scripts/test.sh).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SGLANG_KVALLOC_VENV:-$HOME/.cache/sglang-kvalloc/venv}"
@@ -94,9 +98,10 @@ done
 # 6. The server tests against the patched upstream.
 cd "$repo"
 set +e
-"$scratch/bin/python" -m pytest test/e2e -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  --ignore=test/e2e/test_faults.py --ignore=test/e2e/test_planner_matches_upstream.py \
-  --junitxml="$out/series-e2e.xml" "$@" 2>&1 | tee "$out/series-e2e.log"
+tests="${SERIES_PROOF_TESTS:-test/e2e --ignore=test/e2e/test_faults.py --ignore=test/e2e/test_planner_matches_upstream.py}"
+# shellcheck disable=SC2086  # the list is words: paths, node ids and --ignore options
+"$scratch/bin/python" -m pytest $tests -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  --durations=10 --junitxml="$out/series-e2e.xml" "$@" 2>&1 | tee "$out/series-e2e.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "[proof] pytest exit $status; results in $out/series-e2e.xml"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set everything up, then run the test suite. `.ci/run` calls exactly this.
-# Two lanes, fail fast: the unit tests (seconds to minutes, no server), then the end-to-end
-# tests (real servers on 127.0.0.1; marked `e2e`). Arguments go to pytest as one run instead,
+# Three lanes, fail fast: the unit tests (seconds to minutes, no server), the end-to-end tests
+# (real servers on 127.0.0.1; marked `e2e`), then the upstream series' proof: the series
+# applied to a copy of the installed upstream, installed without the plugin, each PR importing
+# and parsing in turn, and the server tests below against it. Arguments go to pytest as one run instead,
 # e.g. `bash scripts/test.sh test/unit/test_segments.py -x` or `bash scripts/test.sh -m e2e`.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,8 +39,15 @@ if [ "$#" -gt 0 ]; then
   exit $?
 fi
 start=$SECONDS
-echo "[test] lane 1/2: unit tests (test/unit, test/gpu: skipped without CUDA)"
+echo "[test] lane 1/3: unit tests (test/unit, test/gpu: skipped without CUDA)"
 run_pytest test/unit test/gpu
-echo "[test] lane 1 passed in $((SECONDS - start)) s; lane 2/2: end-to-end tests (test/e2e)"
+echo "[test] lane 1 passed in $((SECONDS - start)) s; lane 2/3: end-to-end tests (test/e2e)"
 run_pytest test/e2e
-echo "[test] both lanes passed in $((SECONDS - start)) s"
+echo "[test] lane 2 passed in $((SECONDS - start)) s; lane 3/3: the upstream series' proof"
+# Static, segmented and auto at 10M, and the real model, served by the patched upstream alone.
+SERIES_PROOF_TESTS="test/e2e/test_newcomer_commands.py::TestHeadlineCommand::test_as_typed \
+test/e2e/test_segmented.py::TestOneServerEach::test_10m_context_costs_what_4k_static_costs \
+test/e2e/test_real_model.py" \
+  bash "$repo/scripts/prove-upstream-series.sh" "$repo/.series-proof" \
+  -o faulthandler_timeout="$hang_limit" -o faulthandler_exit_on_timeout=true
+echo "[test] all three lanes passed in $((SECONDS - start)) s"

@@ -8,9 +8,10 @@ directory itself (``.../site-packages/sglang``), or a folder holding it. Each pu
 `SERIES` is applied in merge order:
 
 - this project's modules that the PR's hooks need (their import closure, lazy imports too):
-  those that would be upstream's (``in_tree/``, `in_tree_finder`) are copied byte for byte to
-  their upstream paths (``srt/mem_cache/segmented/`` ...); the others are written into
-  ``sglang/srt/kvalloc/``, with ``sglang_kvalloc.`` renamed to ``sglang.srt.kvalloc.``;
+  those that would be upstream's (``in_tree/``, which the plugin imports through
+  `in_tree_finder`, itself not carried) are copied byte for byte to their upstream paths
+  (``srt/mem_cache/segmented/`` ...); the others are written into ``sglang/srt/kvalloc/``,
+  with ``sglang_kvalloc.`` renamed to ``sglang.srt.kvalloc.``;
 - each upstream function a hook of the PR targets (``upstream/plugin.py``) gets one line,
   ``@kvalloc_hook("AROUND", "sglang.srt.kvalloc.upstream.pools:around_...")``, found by
   parsing the file (no line numbers, no upstream text kept here), plus one import per file.

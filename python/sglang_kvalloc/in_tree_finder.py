@@ -77,7 +77,7 @@ def standalone(name: str) -> types.ModuleType:
     SGLang, and the planner's CLI runs where torch does not. Under its upstream name where
     ``sglang`` is imported already (one module object per server process); otherwise
     loaded once from the same file as ``sglang_kvalloc.standalone.<name>``."""
-    if name in sys.modules:
+    if sys.modules.get(name) is not None:
         return sys.modules[name]
     if sys.modules.get("sglang") is not None:
         return importlib.import_module(name)

@@ -1,4 +1,5 @@
-"""The KV allocation modes: what was asked for, and what a process decided. Upstream-free.
+"""The KV allocation modes: what was asked for, and what a process decided. Of upstream it
+imports only the segment rules (``sglang.srt.mem_cache.segmented.geometry``, in_tree/).
 
 The mode is chosen by `--kv-alloc-mode` (CLI), `kv_alloc_mode=` (`sglang.Engine`), or the
 environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence. Every setting of this

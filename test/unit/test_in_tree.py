@@ -136,3 +136,8 @@ def test_the_planners_segment_rules_load_without_upstream() -> None:
     name, file = out.stdout.split()
     assert name == "sglang_kvalloc.standalone.sglang.srt.mem_cache.segmented.geometry"
     assert Path(file) == path
+
+
+def test_no_in_tree_module_is_over_600_lines() -> None:
+    long = {f.name: n for f in FILES if (n := len(f.read_text().splitlines())) > 600}
+    assert long == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from sglang_kvalloc.core.planner.budget import PoolSize, RowRoom
 from sglang_kvalloc.core.planner.layouts import GPU_VMM_GRANULARITY
@@ -14,10 +15,14 @@ try:
     from sglang_kvalloc.in_tree_finder import standalone
 except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
     from sglang.srt.mem_cache.segmented.geometry import choose_segment_tokens
-else:  # the segment-size rules are upstream's module; the planner's CLI runs without torch
-    choose_segment_tokens = standalone(
-        "sglang.srt.mem_cache.segmented.geometry"
-    ).choose_segment_tokens
+else:
+
+    def choose_segment_tokens(*args: Any, **kwargs: Any) -> Any:
+        """The segment-size rule of upstream's module (in_tree/), looked up at each call: the
+        upstream-named module once SGLang is loaded, a standalone load of the same file where
+        it is not (the planner's CLI runs without torch)."""
+        geometry = standalone("sglang.srt.mem_cache.segmented.geometry")
+        return geometry.choose_segment_tokens(*args, **kwargs)
 
 
 @dataclass(frozen=True)
