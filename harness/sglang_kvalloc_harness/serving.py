@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,10 +36,20 @@ class PortTakenError(RuntimeError):
     """The server's HTTP port was taken between `free_port` and the server's bind."""
 
 
+# Ports `free_port` has handed out in this process: each once, so servers started side by side
+# never share a port, nor the log named after it.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now that this process has not handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def dump_stacks(pid: int, gap_s: float = 0.5) -> None:
@@ -164,8 +175,12 @@ class LocalServer:
         result = subprocess.run(
             self.command(), env=env, capture_output=True, timeout=timeout, start_new_session=True
         )
-        self.log_path = Path(f"/tmp/sglang-kvalloc-server-{self.port}.log")
-        self.log_path.write_bytes(result.stdout + result.stderr)
+        # Never the port's log: a server that never bound its port does not own that name, and
+        # a serving server started beside it may be writing there.
+        fd, name = tempfile.mkstemp(prefix=f"sglang-kvalloc-exit-{self.port}-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            log.write(result.stdout + result.stderr)
+        self.log_path = Path(name)
         return result.returncode
 
     def log(self) -> str:

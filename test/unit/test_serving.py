@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc_harness.serving import LocalServer
+from sglang_kvalloc_harness.serving import LocalServer, free_port
 
 HANGS_IN_A_CHILD = """
 import multiprocessing as mp, time
@@ -88,3 +88,30 @@ def test_a_port_taken_before_the_server_binds_it_is_a_restart_on_another(
         assert server.port != first and server.proc is not None and server.proc.poll() is None
     finally:
         server.stop()
+
+
+class ExitsAtOnce(LocalServer):
+    """A "server" that fails its start-up with a line on stderr, as a refused flag does."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import sys; sys.exit('refused at start')"]
+
+
+def test_a_start_up_failure_leaves_a_serving_servers_log_alone() -> None:
+    """Servers launched side by side once shared a port number (`free_port` forgot what it had
+    handed out), and the one that failed at start wrote its output over the serving one's log,
+    named after the port (CI, 2026-12-07: the clamp warning was gone from the log it read)."""
+    ports = {free_port() for _ in range(200)}
+    assert len(ports) == 200
+    port = free_port()
+    serving_log = Path(f"/tmp/sglang-kvalloc-server-{port}.log")
+    serving_log.write_text("the serving server's warning\n")
+    failing = ExitsAtOnce("unused", port=port)
+    try:
+        assert failing.wait_exit(60) == 1
+        assert serving_log.read_text() == "the serving server's warning\n"
+        assert failing.log_path != serving_log and "refused at start" in failing.log()
+    finally:
+        serving_log.unlink()
+        if failing.log_path is not None:
+            failing.log_path.unlink(missing_ok=True)
