@@ -59,13 +59,13 @@ prs="$("$py" -c 'from sglang_kvalloc_harness.series import SERIES; print(len(SER
 git -C "$ssite/sglang" log --stat --format='%n%h %s' "HEAD~$prs..HEAD" > "$out/series-log.txt"
 
 # 3. The test harness only: helpers and the CPU-kernel shim, no plugin.
-# The harness package, and of the product only the package marker and its import-hook helper
-# (the harness's kernel fallback uses it); not the plugin.
+# The harness package, and of the product only the package marker and its import-hook helpers
+# (the harness's kernel fallback uses `in_tree_finder.real_spec`); not the plugin.
 mkdir -p "$out/harness/sglang_kvalloc"
 cp -r "$repo/harness/sglang_kvalloc_harness" "$out/harness/"
 # (the package marker installs in_tree_finder, which finds nothing there: no in_tree/ copied).
-cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/early_plugins.py" \
-  "$repo/python/sglang_kvalloc/in_tree_finder.py" "$out/harness/sglang_kvalloc/"
+cp "$repo/python/sglang_kvalloc/__init__.py" "$repo/python/sglang_kvalloc/in_tree_finder.py" \
+  "$out/harness/sglang_kvalloc/"
 printf '%s\nimport sglang_kvalloc_harness.kernels.bootstrap\n' "$out/harness" > "$ssite/kvalloc_harness.pth"
 
 # 4. The plugin is not there; the series is.
@@ -75,7 +75,9 @@ ours = [e for e in md.entry_points(group="sglang.srt.plugins") if "kvalloc" in e
 assert not ours, f"the plugin's entry point is installed: {ours}"
 assert importlib.util.find_spec("sglang_kvalloc.upstream") is None, "the plugin is importable"
 from sglang.srt.server_args import ServerArgs
-assert getattr(ServerArgs.add_cli_args, "__wrapped__", None), "add_cli_args not decorated"
+from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc
+assert KvAlloc in ServerArgs._NAMESPACES, "KvAlloc not listed in _INPUT_NAMESPACES"
+assert getattr(ServerArgs.from_cli_args, "__wrapped__", None), "from_cli_args not decorated"
 print("[proof] no sglang-kvalloc entry point, no sglang_kvalloc.upstream; series at", k.__file__)
 EOF
 

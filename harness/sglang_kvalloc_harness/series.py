@@ -48,6 +48,7 @@ NOT_IN_SERIES = (
     "plan.py",
     "budget.py",
     "in_tree_finder.py",
+    "upstream/fields.py",  # the plugin's way to list KvAlloc; the series lists it inline
 )
 # The package's own __init__ installs `in_tree_finder` (not carried: the series puts those
 # files at their upstream paths); in upstream's tree the package is this docstring.
@@ -64,6 +65,19 @@ class SeriesError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Insertion:
+    """Lines a PR writes into an upstream function or list, inline: next to ``anchor``, a
+    line of ``file`` (a path in the ``sglang`` package) that occurs exactly once, or the first
+    one after ``within`` (a line that occurs exactly once) where that is given."""
+
+    file: str
+    anchor: str
+    lines: tuple[str, ...]
+    after: bool = False
+    within: str | None = None
+
+
+@dataclass(frozen=True)
 class PullRequest:
     number: int
     slug: str
@@ -74,6 +88,7 @@ class PullRequest:
     hooks: tuple[str, ...]
     # Modules carried here even if no hook of this PR imports them (paths in the package).
     files: tuple[str, ...] = ()
+    insertions: tuple[Insertion, ...] = ()
 
 
 SERIES: tuple[PullRequest, ...] = (
@@ -83,7 +98,23 @@ SERIES: tuple[PullRequest, ...] = (
         "--kv-alloc-mode on ServerArgs and Engine",
         "The flag, its companions and their checks; static (the default) changes nothing.",
         ("cli.*",),
-        (INLINE_MODULE,),
+        (INLINE_MODULE, IN_TREE + "srt/arg_groups/fields/kv_alloc.py"),
+        (
+            # The fields are declared as upstream declares fields: a namespace Struct listed
+            # where ServerArgs is assembled (upstream/fields.py does this in the plugin).
+            Insertion(
+                "srt/server_args.py",
+                "from sglang.srt.arg_groups.fields.lora import (",
+                ("from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc",),
+            ),
+            Insertion(
+                "srt/server_args.py",
+                "    Memory,",
+                ("    KvAlloc,",),
+                after=True,
+                within="_INPUT_NAMESPACES = [",
+            ),
+        ),
     ),
     PullRequest(
         2,
@@ -456,6 +487,27 @@ def decorate_file(path: Path, edits: list[tuple[list[str], Edit]]) -> None:
     path.write_text(new_text)
 
 
+def insert_lines(package: Path, insertion: Insertion) -> None:
+    """Write ``insertion`` into its upstream file (SeriesError where its anchor is not there
+    exactly once: an upstream that moved on)."""
+    path = package / insertion.file
+    lines = path.read_text().splitlines(keepends=True)
+
+    def once(wanted: str, start: int = 0, first: bool = False) -> int:
+        at = [i for i, line in enumerate(lines) if i >= start and line.rstrip("\n") == wanted]
+        if not at or (len(at) > 1 and not first):
+            raise SeriesError(f"{insertion.file}: {wanted.strip()!r} occurs {len(at)} times")
+        return at[0]
+
+    if insertion.within is None:
+        anchor = once(insertion.anchor)
+    else:
+        anchor = once(insertion.anchor, once(insertion.within) + 1, first=True)
+    index = anchor + 1 if insertion.after else anchor
+    lines[index:index] = [line + "\n" for line in insertion.lines]
+    path.write_text("".join(lines))
+
+
 def upstream_path(rel: str) -> str:
     """Where one of this project's files goes in upstream's package: its own path for an
     ``in_tree/`` file, else under ``srt/kvalloc/``."""
@@ -522,6 +574,9 @@ def commit_message(p: PlannedPR) -> str:
     if p.edits:
         body.append("Upstream functions decorated (each replaces a plugin hook):")
         body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in p.edits]
+    if p.pr.insertions:
+        body.append("Lines written inline into upstream's code:")
+        body += [f"- {i.file}: {' / '.join(x.strip() for x in i.lines)}" for i in p.pr.insertions]
     if p.files:
         body.append("")
         body.append("New files: " + ", ".join(upstream_path(rel) for rel in p.files))
@@ -551,8 +606,11 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
             carry_file(package, rel)
         for file, edits in by_file.items():
             decorate_file(file, edits)
+        for insertion in p.pr.insertions:
+            insert_lines(package, insertion)
         log(f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
-            f"{len(p.edits)} decorated function(s) in {len(by_file)} upstream file(s)")  # fmt: skip
+            f"{len(p.edits)} decorated function(s) in {len(by_file)} upstream file(s), "
+            f"{len(p.pr.insertions)} inline insertion(s)")  # fmt: skip
         if root is not None:
             _git(root, "add", "-A", "--", str(package))
             _git(root, "commit", "-q", "-m", commit_message(p))
@@ -571,6 +629,7 @@ class PrSize:
     at_upstream_paths: tuple[int, int]  # (files, code lines)
     under_kvalloc: tuple[int, int]
     decorated: int
+    inserted: int  # lines written inline into upstream's files
 
 
 def sizes() -> list[PrSize]:
@@ -583,9 +642,10 @@ def sizes() -> list[PrSize]:
             for r in p.files
             if not r.startswith(IN_TREE) and r.endswith(".py")
         ]
+        inserted = sum(len(i.lines) for i in p.pr.insertions)
         out.append(
             PrSize(p.pr.number, p.pr.slug, (len(own), sum(own)), (len(rest), sum(rest)),
-                   len(p.edits))
+                   len(p.edits), inserted)
         )  # fmt: skip
     return out
 
@@ -602,6 +662,10 @@ def describe() -> str:
         out += [f"    {upstream_path(rel)} ({n})" for rel, n in sizes]
         out.append(f"  upstream functions decorated ({len(p.edits)}):")
         out += [f"    {e.target}  [{e.hook_type}]" for e in p.edits]
+        if p.pr.insertions:
+            out.append(f"  lines written inline ({len(p.pr.insertions)}):")
+            out += [f"    {i.file}: {' / '.join(x.strip() for x in i.lines)}"
+                    for i in p.pr.insertions]  # fmt: skip
         if p.forward:
             out.append("  imports inside functions that a later PR provides:")
             out += [f"    {rel} -> {dep} (PR {n})" for rel, dep, n in p.forward]

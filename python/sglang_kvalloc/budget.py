@@ -21,10 +21,13 @@ from sglang_kvalloc.core.shared_budget import (
     DEFAULT_DIR,
     BudgetError,
     list_ledgers,
-    parse_bytes,
     read_ledger,
     update_ledger,
 )
+from sglang_kvalloc.in_tree_finder import standalone
+
+# The rule of --kv-budget-bytes (in_tree/), loaded without SGLang where it is not loaded.
+parse_bytes = standalone("sglang.srt.mem_cache.segmented.settings").parse_bytes
 
 
 def _path(name: str) -> Path:

@@ -1,11 +1,13 @@
-"""Load upstream's plugins as soon as `sglang.srt.entrypoints.engine` is imported.
+"""Load upstream's plugins as soon as `sglang.srt.entrypoints.engine` is imported, and declare
+this package's fields before `ServerArgs` is assembled.
 
-Imported from `sglang_kvalloc_bootstrap.pth` at interpreter start: its only effect is one
-import hook on that module. `Engine.__init__` loads plugins itself, but only once it is
-already running, so without this a hook on `Engine.__init__` (the `kv_alloc_mode=` keyword)
-would miss the first Engine of a process. `load_plugins()` is idempotent and upstream asks for
-it "early in every process"; this only makes it earlier. Nothing else is imported until that
-module is.
+Imported from `sglang_kvalloc_bootstrap.pth` at interpreter start: its only effect is an
+import hook on two modules. `sglang.srt.arg_groups.fields`: its `collect_input_fields`, which
+`server_args` calls at import to assemble `ServerArgs`, also collects `KvAlloc`
+(`upstream/fields.py`). `sglang.srt.entrypoints.engine`: upstream's plugins load right after
+it; `load_plugins()` is idempotent and upstream asks for it "early in every process", and this
+only makes it earlier than `Engine.__init__` does. Nothing else is imported until those
+modules are.
 """
 
 from __future__ import annotations
@@ -14,25 +16,35 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
+from collections.abc import Callable
+
+from sglang_kvalloc.in_tree_finder import real_spec
 
 ENGINE_MODULE = "sglang.srt.entrypoints.engine"
+FIELDS_MODULE = "sglang.srt.arg_groups.fields"
 
 
-def real_spec(
-    skip: object, fullname: str, path: object, target: types.ModuleType | None
-) -> importlib.machinery.ModuleSpec | None:
-    """The spec the finders after ``skip`` give ``fullname``."""
-    for finder in sys.meta_path:
-        if finder is skip or not hasattr(finder, "find_spec"):
-            continue
-        spec = finder.find_spec(fullname, path, target)
-        if spec is not None:
-            return spec
-    return None
+def _load_plugins(module: types.ModuleType) -> None:
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
 
 
-class _LoadPluginsAfterExec(importlib.abc.Loader):
-    """Runs the real loader, then upstream's (idempotent) `load_plugins()`."""
+def _declare_kv_alloc_fields(module: types.ModuleType) -> None:
+    from sglang_kvalloc.upstream.fields import with_kv_alloc_fields
+
+    module.collect_input_fields = with_kv_alloc_fields(module.collect_input_fields)
+
+
+# Module -> what runs right after it is executed.
+AFTER_EXEC: dict[str, Callable[[types.ModuleType], None]] = {
+    ENGINE_MODULE: _load_plugins,
+    FIELDS_MODULE: _declare_kv_alloc_fields,
+}
+
+
+class _RunAfterExec(importlib.abc.Loader):
+    """Runs the real loader, then the module's `AFTER_EXEC` step."""
 
     def __init__(self, real_loader: importlib.abc.Loader) -> None:
         self._real = real_loader
@@ -42,13 +54,11 @@ class _LoadPluginsAfterExec(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         self._real.exec_module(module)
-        from sglang.srt.plugins import load_plugins
-
-        load_plugins()
+        AFTER_EXEC[module.__name__](module)
 
 
 class EarlyPluginLoading(importlib.abc.MetaPathFinder):
-    """Wraps the Engine module's loader so that plugins load right after it."""
+    """Wraps the loaders of the modules in `AFTER_EXEC`."""
 
     def find_spec(
         self,
@@ -56,11 +66,11 @@ class EarlyPluginLoading(importlib.abc.MetaPathFinder):
         path: object = None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != ENGINE_MODULE:
+        if fullname not in AFTER_EXEC:
             return None
         spec = real_spec(self, fullname, path, target)
         if spec is not None and spec.loader is not None:
-            spec.loader = _LoadPluginsAfterExec(spec.loader)
+            spec.loader = _RunAfterExec(spec.loader)
         return spec
 
 

@@ -47,6 +47,19 @@ def in_tree_modules() -> list[str]:
     return sorted(names)
 
 
+def real_spec(
+    skip: object, fullname: str, path: object, target: types.ModuleType | None
+) -> importlib.machinery.ModuleSpec | None:
+    """The spec the finders after ``skip`` give ``fullname``."""
+    for finder in sys.meta_path:
+        if finder is skip or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(fullname, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
 class InTreeFinder(importlib.abc.MetaPathFinder):
     """Finds ``sglang.srt.*`` modules under ``in_tree/`` that no finder before it found."""
 

@@ -1,5 +1,6 @@
 """The KV allocation modes: what was asked for, and what a process decided. Of upstream it
-imports only the segment rules (``sglang.srt.mem_cache.segmented.geometry``, in_tree/).
+imports only the segment rules and the settings' value rules
+(``sglang.srt.mem_cache.segmented.geometry`` and ``.settings``, in_tree/).
 
 The mode is chosen by `--kv-alloc-mode` (CLI), `kv_alloc_mode=` (`sglang.Engine`), or the
 environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence. Every setting of this
@@ -10,47 +11,36 @@ them into one `KvAllocRequest`. What a scheduler process then runs is one frozen
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from sglang.srt.mem_cache.segmented import geometry
+from sglang.srt.mem_cache.segmented import geometry, settings
 
-STATIC = "static"
-SEGMENTED = "segmented"
-AUTO = "auto"
-MODES = (STATIC, SEGMENTED, AUTO)
+MODES = settings.KV_ALLOC_MODES
+STATIC, SEGMENTED, AUTO = MODES
 DEFAULT_MODE = AUTO
 
 MODE_ENV = "SGLANG_KV_ALLOC_MODE"
-# Bookkeeping attribute on upstream's ServerArgs: not a declared field, so it is kept in the
-# record's __dict__, which ServerArgs.__reduce__ pickles to every spawned process.
-SERVER_ARGS_ATTR = "_kv_alloc_mode"
-# The context the operator asked for, kept when auto clamps `context_length`.
+# Fields of upstream's ServerArgs (`KvAlloc`, in_tree/sglang/srt/arg_groups/fields/), pickled
+# with the record to every spawned process. None: the environment, then the default.
+SERVER_ARGS_ATTR = "kv_alloc_mode"
+# The context the operator asked for, kept when auto clamps `context_length`: bookkeeping
+# (not a field), kept in the record's __dict__, which ServerArgs.__reduce__ pickles too.
 REQUESTED_CONTEXT_ATTR = "_kv_alloc_requested_context_length"
-# Segmented-mode settings, carried the same way.
-SEGMENT_TOKENS_ATTR = "_kv_segment_tokens"
+SEGMENT_TOKENS_ATTR = "kv_segment_tokens"
 SEGMENT_TOKENS_ENV = "SGLANG_KV_SEGMENT_TOKENS"
-HOLD_OFF_ATTR = "_kv_segment_hold_off_s"
+HOLD_OFF_ATTR = "kv_segment_hold_off"
 HOLD_OFF_ENV = "SGLANG_KV_SEGMENT_HOLD_OFF"
 DEFAULT_HOLD_OFF_S = 5.0
-IDLE_CACHE_ATTR = "_kv_idle_cache_tokens"
+IDLE_CACHE_ATTR = "kv_idle_cache_tokens"
 IDLE_CACHE_ENV = "SGLANG_KV_IDLE_CACHE_TOKENS"
 DEFAULT_IDLE_CACHE_TOKENS = 8192
 
 # A KV budget shared by the segmented servers of a device (--kv-budget and friends).
-BUDGET_ATTR = "_kv_budget"
-BUDGET_BYTES_ATTR = "_kv_budget_bytes"
-BUDGET_FLOOR_ATTR = "_kv_budget_floor"
-BUDGET_LIMIT_ATTR = "_kv_budget_limit"
-
-MODE_HELP = {
-    STATIC: "upstream behaviour: pools and tables sized at start-up (max requests x context).",
-    SEGMENTED: "reserve address space up to the device cap; commit KV memory one segment at "
-    "a time as requests need it and give it back when load falls.",
-    AUTO: "clamp the context to what the device holds (with a warning), then static where "
-    "that costs nothing extra, segmented where context-sized tables would be large.",
-}
+BUDGET_ATTR = "kv_budget"
+BUDGET_BYTES_ATTR = "kv_budget_bytes"
+BUDGET_FLOOR_ATTR = "kv_budget_floor"
+BUDGET_LIMIT_ATTR = "kv_budget_limit"
 
 # Modes whose start-up path exists. A mode outside this set fails at start-up with one line
 # instead of silently running as static.
@@ -107,14 +97,9 @@ def segment_hold_off_s(server_args: object | None) -> float:
 def parse_hold_off(text: str) -> float:
     """Seconds >= 0; 'inf' means memory is never given back; NaN and negatives are errors."""
     try:
-        value = float(text)
-    except ValueError:
-        raise KvAllocModeError(f"--kv-segment-hold-off expects seconds, got {text!r}") from None
-    if math.isnan(value) or value < 0:
-        raise KvAllocModeError(
-            f"--kv-segment-hold-off must be >= 0 seconds (inf: never give memory back), got {text}"
-        )
-    return value
+        return settings.parse_hold_off_seconds(text)
+    except ValueError as exc:
+        raise KvAllocModeError(str(exc)) from None
 
 
 def idle_cache_tokens(server_args: object | None) -> int:

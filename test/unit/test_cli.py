@@ -26,9 +26,14 @@ TYPED: dict[str, tuple[list[str], dict[str, str]]] = {
         {},
     ),
 }
-ENGINE_HOOK = (
-    "from sglang.srt.entrypoints.engine import Engine\n"
-    "print(getattr(Engine.__init__, '__wrapped__', None) is not None)\n"
+# A fresh interpreter that loads no plugin: the fields are there all the same, for the CLI,
+# `sglang.Engine` keywords and the record (the bootstrap declares them at `server_args` import).
+FIELDS_WITHOUT_PLUGINS = (
+    "from sglang.srt.server_args import ServerArgs\n"
+    "from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc\n"
+    "record = ServerArgs(model_path='m', kv_alloc_mode='segmented', kv_budget_bytes=1 << 30)\n"
+    "print(KvAlloc in ServerArgs._NAMESPACES, ServerArgs._NS_BY_FIELD['kv_alloc_mode'],\n"
+    "      record.kv_alloc_mode, record.kv_budget_bytes)\n"
 )
 
 
@@ -36,7 +41,7 @@ ENGINE_HOOK = (
 def typed() -> TypedRuns:
     """Every command of TYPED (and the engine import check) run concurrently."""
     commands = {name: (LAUNCH + argv, env) for name, (argv, env) in TYPED.items()}
-    commands["engine_hook"] = ([sys.executable, "-c", ENGINE_HOOK], {})
+    commands["fields"] = ([sys.executable, "-c", FIELDS_WITHOUT_PLUGINS], {})
     procs = {
         name: subprocess.Popen(
             cmd,
@@ -54,12 +59,17 @@ def typed() -> TypedRuns:
     return results
 
 
-def test_help_lists_every_mode_on_its_own_line(typed: TypedRuns) -> None:
+def test_help_lists_every_mode_and_every_setting(typed: TypedRuns) -> None:
     result = typed["help"]
     assert result.returncode == 0, result.stderr
     assert "--kv-alloc-mode {static,segmented,auto}" in result.stdout
+    words = " ".join(result.stdout.split())
     for mode in modes.MODES:
-        assert any(line.strip().startswith(f"{mode}: ") for line in result.stdout.splitlines())
+        assert f"{mode}: " in words
+    for flag in ("--kv-segment-tokens", "--kv-segment-hold-off", "--kv-idle-cache-tokens"):
+        assert flag in words
+    for flag in ("--kv-budget", "--kv-budget-bytes", "--kv-budget-floor", "--kv-budget-limit"):
+        assert flag in words
 
 
 def test_unknown_mode_is_an_argparse_error(typed: TypedRuns) -> None:
@@ -94,11 +104,30 @@ def test_parsed_flag_lands_on_the_record_and_survives_pickling() -> None:
     assert modes.requested_mode(clone) == "static"
 
 
-def test_engine_hook_is_in_place_before_the_first_engine(typed: TypedRuns) -> None:
-    """Engine.__init__ loads plugins only once running; the bootstrap loads them at import."""
-    result = typed["engine_hook"]
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("True")
+def test_the_settings_are_fields_of_upstreams_record_in_every_process(typed: TypedRuns) -> None:
+    """Declared as upstream declares fields (a namespace Struct collected into `ServerArgs`),
+    published in the `memory` namespace, whether or not a plugin was loaded."""
+    result = typed["fields"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "memory", "segmented", str(1 << 30)]
+
+
+def test_the_fields_are_collected_once_and_only_into_server_args() -> None:
+    """Where the series is applied, upstream lists `KvAlloc` itself: not added twice (upstream
+    raises on a field declared by two namespaces); other records are left as they are."""
+    from sglang.srt.arg_groups.fields import collect_input_fields
+    from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc
+    from sglang.srt.arg_groups.fields.memory import Memory
+    from sglang.srt.arg_groups.fields.serving import Serving
+
+    from sglang_kvalloc.upstream.fields import with_kv_alloc_fields
+
+    collect = with_kv_alloc_fields(lambda sources: list(sources))
+    assert collect([Memory]) == [Memory, KvAlloc]
+    assert collect([Memory, KvAlloc]) == [Memory, KvAlloc]
+    assert collect([Serving]) == [Serving]
+    # The function server_args called is the one that adds the fields.
+    assert collect_input_fields.__wrapped__ is not None
 
 
 def test_environment_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:

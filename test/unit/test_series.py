@@ -95,8 +95,28 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
     for source in in_tree:
         rel = source.relative_to(series.SOURCE / "in_tree" / "sglang")
         assert (package / rel).read_bytes() == source.read_bytes(), rel
+    # The flag is declared as upstream declares fields: KvAlloc listed where ServerArgs is
+    # assembled, inline, beside Memory (the plugin adds the same Struct, upstream/fields.py).
+    server_args = (package / "srt" / "server_args.py").read_text()
+    assert server_args.count("from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc\n") == 1
+    namespaces = server_args.split("_INPUT_NAMESPACES = [", 1)[1].split("]", 1)[0]
+    assert "    Memory,\n    KvAlloc,\n" in namespaces
     with pytest.raises(series.SeriesError, match="already applied"):
         series.apply(tmp_path, log=lambda _: None)
+
+
+def test_an_insertion_whose_anchor_moved_is_refused(tmp_path: Path) -> None:
+    """Upstream moved on (the anchor is gone, or no longer unique): no guess, one line."""
+    (tmp_path / "srt").mkdir()
+    (tmp_path / "srt" / "x.py").write_text("A = [\n    One,\n]\nB = [\n    One,\n]\n")
+    twice = series.Insertion("srt/x.py", "    One,", ("    Two,",), after=True)
+    with pytest.raises(series.SeriesError, match="occurs 2 times"):
+        series.insert_lines(tmp_path, twice)
+    series.insert_lines(tmp_path, series.Insertion(**{**twice.__dict__, "within": "B = ["}))
+    assert (tmp_path / "srt" / "x.py").read_text().endswith("B = [\n    One,\n    Two,\n]\n")
+    gone = series.Insertion("srt/x.py", "    Three,", ("    Four,",))
+    with pytest.raises(series.SeriesError, match="occurs 0 times"):
+        series.insert_lines(tmp_path, gone)
 
 
 def test_apply_refuses_another_version_and_a_tree_without_sglang(tmp_path: Path) -> None:

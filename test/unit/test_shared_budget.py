@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from sglang.srt.mem_cache.segmented.settings import parse_bytes
 
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.shared_budget import (
@@ -24,7 +25,6 @@ from sglang_kvalloc.core.shared_budget import (
     BudgetError,
     SharedBudget,
     ledger_path,
-    parse_bytes,
     read_ledger,
 )
 

@@ -23,7 +23,7 @@ import os
 import sys
 import types
 
-from sglang_kvalloc.early_plugins import real_spec
+from sglang_kvalloc.in_tree_finder import real_spec
 
 FALLBACK_ENV = "SGLANG_KVALLOC_DISABLE_KERNEL_FALLBACK"
 TARGET = "sgl_kernel"

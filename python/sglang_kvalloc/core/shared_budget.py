@@ -45,7 +45,6 @@ __all__ = [
     "ledger_path",
     "list_ledgers",
     "locked_ledger",
-    "parse_bytes",
     "read_ledger",
     "update_ledger",
 ]
@@ -383,14 +382,3 @@ def update_ledger(path: Path, change: Callable[[Ledger], str]) -> str:
             return change(ledger)
     finally:
         os.close(fd)
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """Bytes from '123', '512M', '8G', '8GiB' (powers of 1024); ValueError otherwise."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"expected bytes such as 8G or 512M, got {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]

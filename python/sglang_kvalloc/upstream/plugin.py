@@ -63,10 +63,8 @@ INTERNAL_STATE = (
 def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
     return [
-        # --kv-alloc-mode on upstream's parser, and its way into the ServerArgs record.
-        (f"{SERVER_ARGS}.add_cli_args", cli.after_add_cli_args, "AFTER"),
+        # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
         (f"{SERVER_ARGS}.from_cli_args", cli.around_from_cli_args, "AROUND"),
-        (f"{ENGINE}.__init__", cli.around_engine_init, "AROUND"),
         (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
