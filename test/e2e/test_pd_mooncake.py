@@ -45,8 +45,8 @@ class Router:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+            try:  # /readiness: once both workers are registered (/health answers before)
+                with urllib.request.urlopen(self.url + "/readiness", timeout=5) as response:
                     if response.status == 200:
                         return
             except OSError:

@@ -2,6 +2,7 @@
 the numpy page-index path in `_send_kv_chunk` (prefill.py:1762) instead of the pinned-memory +
 torch.cuda.Event path (prefill.py:1754-1761), by setting the class attribute
 `MooncakeKVSender.supports_host_tensor_indices = False` right after the module is imported."""
+
 import importlib.abc
 import importlib.machinery
 import os
@@ -23,8 +24,11 @@ class _After(importlib.abc.MetaPathFinder):
         def exec_module(module):
             original(module)
             module.MooncakeKVSender.supports_host_tensor_indices = False
-            print("[pd-research cpuhook] MooncakeKVSender.supports_host_tensor_indices = False",
-                  file=sys.stderr, flush=True)
+            print(
+                "[pd-research cpuhook] MooncakeKVSender.supports_host_tensor_indices = False",
+                file=sys.stderr,
+                flush=True,
+            )
 
         loader.exec_module = exec_module
         return spec
