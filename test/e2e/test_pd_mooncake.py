@@ -1,15 +1,21 @@
 """PD disaggregation as users run it, on the CPU engine (issue 36): a prefill server and a
 decode server at a 10M context, both segmented, KV moved by Mooncake's transfer engine over
-TCP, the sglang-router in front. Tokens equal one static server's and HF transformers'."""
+TCP, the sglang-router in front. Tokens equal one static server's and HF transformers'. A
+static prefill server feeds the same decode server by the router's own protocol (the same JSON
+to both at once), and an abort mid-transfer leaves both sides serving."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +24,7 @@ from sglang_kvalloc_harness.serving import (
     LocalServer,
     free_port,
     generate_concurrently,
+    http_json,
     side_by_side,
 )
 
@@ -27,7 +34,7 @@ MB = 1_000_000
 NEW_TOKENS = 8
 # Mooncake over TCP on the loopback (upstream's settings).
 MOONCAKE = {"SGLANG_HOST_IP": "127.0.0.1", "MOONCAKE_PROTOCOL": "tcp", "MC_FORCE_TCP": "1"}
-COMMON = ["--kv-alloc-mode", "segmented", "--dtype", "float32", "--max-total-tokens", "65536"]
+COMMON = ["--dtype", "float32", "--max-total-tokens", "65536"]
 COMMON += ["--disaggregation-transfer-backend", "mooncake"]
 
 
@@ -54,8 +61,6 @@ class Router:
         raise TimeoutError(self.log.read_text()[-3000:])
 
     def generate(self, payload: dict, timeout: float = 600) -> dict:
-        from sglang_kvalloc_harness.serving import http_json
-
         return http_json(self.url + "/generate", payload, timeout=timeout)
 
     def stop(self) -> None:
@@ -63,30 +68,87 @@ class Router:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def pd(tiny_model: Path) -> Iterator[tuple[LocalServer, LocalServer, Router]]:
-    bootstrap = free_port()
-    prefill = LocalServer(
-        tiny_model,
-        args=[*COMMON, "--context-length", "4096", "--disaggregation-mode", "prefill"]
-        + ["--disaggregation-bootstrap-port", str(bootstrap)],
+def prefill_server(model: Path, bootstrap_port: int, mode: str) -> LocalServer:
+    return LocalServer(
+        model,
+        args=[*COMMON, "--kv-alloc-mode", mode, "--context-length", "4096"]
+        + [
+            "--disaggregation-mode",
+            "prefill",
+            "--disaggregation-bootstrap-port",
+            str(bootstrap_port),
+        ],
         env=MOONCAKE,
     )
+
+
+@dataclass
+class Pd:
+    prefill: LocalServer  # segmented, behind the router
+    bootstrap_port: int
+    decode: LocalServer  # segmented, at 10M
+    router: Router
+    static_prefill: LocalServer  # fed to the decode server by hand
+    static_bootstrap_port: int
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_model: Path) -> Iterator[Pd]:
+    bootstrap = free_port()
+    prefill = prefill_server(tiny_model, bootstrap, "segmented")
+    static_bootstrap = free_port()
+    static_prefill = prefill_server(tiny_model, static_bootstrap, "static")
     decode = LocalServer(
         tiny_model,
-        args=[*COMMON, "--context-length", "10000000", "--disaggregation-mode", "decode"]
+        args=[
+            *COMMON,
+            "--kv-alloc-mode",
+            "segmented",
+            "--context-length",
+            "10000000",
+            "--disaggregation-mode",
+            "decode",
+        ]
         # upstream's default backup registers host memory with CUDA (docs/usage.md)
         + ["--disaggregation-decode-retraction-backup", "cpu_tensor"],
         env={**MOONCAKE, "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"},
     )
-    with side_by_side([prefill, decode]):
-        prefill.resume()
-        decode.resume()
+    with side_by_side([prefill, decode, static_prefill]):
+        for server in (prefill, decode, static_prefill):
+            server.resume()
         router = Router(prefill, bootstrap, decode)
         try:
-            yield prefill, decode, router
+            yield Pd(prefill, bootstrap, decode, router, static_prefill, static_bootstrap)
         finally:
             router.stop()
+
+
+def by_the_routers_protocol(
+    prefill: LocalServer, bootstrap_port: int, decode: LocalServer, payload: dict
+) -> tuple[list[Any], list[BaseException]]:
+    """What the router does for one request: the same JSON, with the prefill server's
+    bootstrap address and a fresh room, to prefill and decode at once. [prefill's, decode's]."""
+    both = {
+        **payload,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": random.randint(0, 2**63 - 1),
+    }
+    results: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def post(index: int, server: LocalServer) -> None:
+        try:
+            results[index] = server.generate(both, timeout=300)
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=pair) for pair in enumerate((prefill, decode))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
 
 
 def _payload(prompt: list[int]) -> dict:
@@ -97,11 +159,9 @@ def _payload(prompt: list[int]) -> dict:
 
 
 def test_tokens_through_the_router_equal_one_static_server_and_hf(
-    pd: tuple[LocalServer, LocalServer, Router],
-    reference_static: ReferenceStatic,
-    hf_model: object,
+    pd: Pd, reference_static: ReferenceStatic, hf_model: object
 ) -> None:
-    prefill, decode, router = pd
+    prefill, decode, router = pd.prefill, pd.decode, pd.router
     prompts = parity_prompts(hf_model.config.vocab_size)  # type: ignore[attr-defined]
     # Singles (one over 2,000 tokens), then two sharing a 1,500-token prefix (a radix hit on
     # the prefill side).
@@ -123,3 +183,56 @@ def test_tokens_through_the_router_equal_one_static_server_and_hf(
     assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
     for server in (prefill, decode):
         assert server.proc is not None and server.proc.poll() is None
+
+
+def test_a_static_prefill_server_feeds_the_segmented_decode_server(
+    pd: Pd, hf_model: object
+) -> None:
+    """Mixed: upstream's static prefill, this package's segmented decode at 10M, by the
+    router's own two-request protocol."""
+    prompts = parity_prompts(hf_model.config.vocab_size)[:3]  # type: ignore[attr-defined]
+    for prompt in prompts:
+        results, errors = by_the_routers_protocol(
+            pd.static_prefill, pd.static_bootstrap_port, pd.decode, _payload(prompt)
+        )
+        assert not errors, errors
+        assert results[1]["output_ids"] == hf_greedy(hf_model, prompt, NEW_TOKENS)
+
+
+def test_an_abort_mid_transfer_leaves_both_sides_serving(pd: Pd, hf_model: object) -> None:
+    """A long request aborted on the decode side while the prefill side computes and sends
+    its KV (a prompt no cache holds, 3,500 tokens): the request ends as aborted, no server
+    dies, no row or page is lost (later requests get HF's tokens, the decode table back under
+    1 MB resident)."""
+    vocab = hf_model.config.vocab_size  # type: ignore[attr-defined]
+    fresh = parity_prompts(vocab, seed=36)[-1] * 2  # 4,600 ids; the prefill context is 4,096
+    payload = {
+        "input_ids": fresh[:3500],
+        "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
+        "rid": "pd-abort-mid-transfer",
+    }
+    done: list[tuple[list[Any], list[BaseException]]] = []
+    sender = threading.Thread(
+        target=lambda: done.append(
+            by_the_routers_protocol(pd.prefill, pd.bootstrap_port, pd.decode, payload)
+        )
+    )
+    sender.start()
+    time.sleep(0.3)
+    http_json(pd.decode.url + "/abort_request", {"rid": "pd-abort-mid-transfer"})
+    sender.join(timeout=300)
+    assert done, "the aborted request never returned on either side"
+    results, errors = done[0]
+    decoded = results[1]
+    # Aborted in the handshake or transfer, upstream answers 500 ("Aborted by AbortReq"); in
+    # decoding, a response whose finish reason is abort. Never 400 tokens.
+    assert (decoded is None and errors) or decoded["meta_info"]["finish_reason"]["type"] == "abort"
+    for server in (pd.prefill, pd.decode):
+        assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+    prompts = parity_prompts(vocab)
+    for prompt in prompts[:2]:
+        assert pd.router.generate(_payload(prompt))["output_ids"] == hf_greedy(
+            hf_model, prompt, NEW_TOKENS
+        )
+    kv = pd.decode.server_info()["internal_states"][0]["kv_alloc"]
+    assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
