@@ -1,0 +1,103 @@
+"""A PD decode server's memory, static at 4K context and segmented at 10M side by side on the
+CPU engine (issue 36): resident memory at start and under load, and what each one's
+`req_to_token` reserves and holds. Upstream's decode loop, its fake transfer backend (no
+prefill peer: upstream synthesises each request's first token), the tiny Llama.
+
+    python benchmark/pd_decode_memory.py [--bursts 4] [--out docs/runs/pd_decode_memory.json]
+
+Each burst sends 4 requests at once (150 to 2,400 prompt tokens, 32 new tokens each) to each
+server in turn, the other paused (an idle CPU-engine scheduler busy-polls a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import provenance  # benchmark/, the script's own folder
+
+DECODE = ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "fake"]
+DECODE += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+DECODE += ["--max-total-tokens", "65536", "--dtype", "float32"]
+CONTEXTS = {"static_4k": ("static", 4096), "segmented_10m": ("segmented", 10_000_000)}
+NEW_TOKENS = 32
+
+
+def _payload(prompt: list[int], room: int) -> dict[str, Any]:
+    """A request as the router hands it to a decode server whose prefill upstream fakes."""
+    return {
+        "input_ids": prompt,
+        "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+        "bootstrap_host": "2.2.2.2",
+        "bootstrap_port": 8998,
+        "bootstrap_room": room,
+    }
+
+
+def _state(server: Any) -> dict[str, Any]:
+    kv = server.server_info()["internal_states"][0]["kv_alloc"]
+    segments = kv.get("segments") or {}
+    return {
+        "rss_bytes": server.rss_bytes(),
+        "req_to_token_bytes": kv.get("req_to_token_bytes"),
+        "req_to_token_resident_bytes": segments.get("req_to_token_resident_bytes"),
+        "effective_context_length": kv.get("effective_context_length"),
+        "mode": kv.get("mode"),
+    }
+
+
+def main() -> None:
+    from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
+    from sglang_kvalloc_harness.tiny_model import build
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bursts", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    model = build(Path(tempfile.mkdtemp()) / "tiny-llama")
+    servers = {
+        name: LocalServer(
+            model,
+            args=["--kv-alloc-mode", mode, "--context-length", str(context), *DECODE],
+            env={"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"},
+        )
+        for name, (mode, context) in CONTEXTS.items()
+    }
+    results: dict[str, dict[str, Any]] = {}
+    with side_by_side(servers.values()):
+        for name, server in servers.items():
+            with server.awake():
+                time.sleep(2)
+                start = _state(server)
+                peak = start
+                for burst in range(args.bursts):
+                    prompts = [[5 + i, 6, 7, 8 + burst] * (150 * (i + 1)) for i in range(4)]
+                    payloads = [_payload(p, 1000 * burst + i) for i, p in enumerate(prompts)]
+                    _, errors = generate_concurrently(server, payloads)
+                    assert not errors, errors
+                    now = _state(server)
+                    peak = max(peak, now, key=lambda s: s["rss_bytes"])
+                time.sleep(2)
+                results[name] = {"start": start, "peak_after_a_burst": peak, "idle": _state(server)}
+    out = {
+        "provenance": provenance.record("benchmark/pd_decode_memory.py"),
+        "setup": {
+            "decode_args": DECODE,
+            "contexts": CONTEXTS,
+            "bursts": args.bursts,
+            "new_tokens": NEW_TOKENS,
+        },  # fmt: skip
+        "results": results,
+    }
+    text = json.dumps(out, indent=1)
+    print(json.dumps(results, indent=1))
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
