@@ -73,12 +73,29 @@ def requested_mode(server_args: object | None) -> str:
     return value or mode_from_env() or DEFAULT_MODE
 
 
+def _whole_tokens(server_args: object | None, attr: str, env: str, flag: str) -> int | None:
+    """A token count from the record (a CLI value is an int already; an `sglang.Engine`
+    keyword may be a string) or else the environment; KvAllocModeError names what is bad."""
+    value = getattr(server_args, attr, None) if server_args is not None else None
+    source = flag
+    if value is None and os.environ.get(env, "").strip():
+        value, source = os.environ[env], env
+    if value is None:
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise KvAllocModeError(
+            f"{source}: expected a whole number of tokens, got {value!r}"
+        ) from None
+
+
 def segment_tokens(server_args: object | None) -> int | None:
     """Segment size in tokens if one was asked for (None: the default for the pool)."""
-    value = getattr(server_args, SEGMENT_TOKENS_ATTR, None) if server_args is not None else None
-    if value is None and os.environ.get(SEGMENT_TOKENS_ENV, "").strip():
-        value = int(os.environ[SEGMENT_TOKENS_ENV])
-    problem = None if value is None else geometry.requested_segment_problem(int(value))
+    value = _whole_tokens(
+        server_args, SEGMENT_TOKENS_ATTR, SEGMENT_TOKENS_ENV, "--kv-segment-tokens"
+    )
+    problem = None if value is None else geometry.requested_segment_problem(value)
     if problem is not None:
         raise KvAllocModeError(f"--kv-segment-tokens: {problem}")
     return value
@@ -104,14 +121,12 @@ def parse_hold_off(text: str) -> float:
 
 def idle_cache_tokens(server_args: object | None) -> int:
     """Prefix-cache tokens the idle policy keeps committed."""
-    value = getattr(server_args, IDLE_CACHE_ATTR, None) if server_args is not None else None
-    if value is None and os.environ.get(IDLE_CACHE_ENV, "").strip():
-        value = int(os.environ[IDLE_CACHE_ENV])
+    value = _whole_tokens(server_args, IDLE_CACHE_ATTR, IDLE_CACHE_ENV, "--kv-idle-cache-tokens")
     if value is None:
         return DEFAULT_IDLE_CACHE_TOKENS
     if value < 0:
         raise KvAllocModeError(f"--kv-idle-cache-tokens must be >= 0, got {value}")
-    return int(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -132,10 +147,22 @@ def budget_settings(server_args: object | None) -> BudgetSettings | None:
         return None
     return BudgetSettings(
         name=str(name),
-        total_bytes=int(getattr(server_args, BUDGET_BYTES_ATTR, 0) or 0),
-        floor_bytes=int(getattr(server_args, BUDGET_FLOOR_ATTR, 0) or 0),
-        limit_bytes=int(getattr(server_args, BUDGET_LIMIT_ATTR, 0) or 0),
+        total_bytes=_bytes(server_args, BUDGET_BYTES_ATTR, "--kv-budget-bytes"),
+        floor_bytes=_bytes(server_args, BUDGET_FLOOR_ATTR, "--kv-budget-floor"),
+        limit_bytes=_bytes(server_args, BUDGET_LIMIT_ATTR, "--kv-budget-limit"),
     )
+
+
+def _bytes(server_args: object | None, attr: str, flag: str) -> int:
+    """Bytes from the record: an int from the CLI, or an `sglang.Engine` keyword such as
+    "40G" (the CLI's own rule); 0 where unset."""
+    value = getattr(server_args, attr, None) if server_args is not None else None
+    if value is None or isinstance(value, int):
+        return int(value or 0)
+    try:
+        return settings.parse_bytes(str(value))
+    except ValueError as exc:
+        raise KvAllocModeError(f"{flag}: {exc}") from None
 
 
 @dataclass(frozen=True)

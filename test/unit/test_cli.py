@@ -194,3 +194,38 @@ def test_a_context_length_that_is_not_positive_is_an_argparse_error(typed: Typed
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--context-length must be a positive number of tokens, got -5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_values_given_as_engine_keywords_or_environment_follow_the_clis_rules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sglang.Engine(...)` keywords skip argparse: strings such as "40G" or "8192" mean what
+    they mean on the command line, and a bad environment value is one line naming it."""
+    import types
+
+    record = types.SimpleNamespace(
+        kv_segment_tokens="8192", kv_idle_cache_tokens="16", kv_budget="b", kv_budget_bytes="40G"
+    )
+    assert modes.segment_tokens(record) == 8192
+    assert modes.idle_cache_tokens(record) == 16
+    budget = modes.budget_settings(record)
+    assert budget is not None and budget.total_bytes == 40 << 30
+    monkeypatch.setenv(modes.SEGMENT_TOKENS_ENV, "eight")
+    with pytest.raises(modes.KvAllocModeError, match=modes.SEGMENT_TOKENS_ENV):
+        modes.segment_tokens(object())
+    with pytest.raises(modes.KvAllocModeError, match="--kv-budget-bytes"):
+        modes.budget_settings(types.SimpleNamespace(kv_budget="b", kv_budget_bytes="lots"))
+
+
+def test_server_info_carries_a_hold_off_of_inf_as_json_can() -> None:
+    """`--kv-segment-hold-off inf` (never give memory back) is a field now; upstream's
+    `/server_info` serialises `resolved_dict()` with allow_nan=False and answered 500."""
+    import json
+
+    _load_plugins()
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(["--model-path", "m", "--kv-segment-hold-off", "inf"])
+    assert server_args.kv_segment_hold_off == float("inf")
+    shown = json.loads(json.dumps(server_args.resolved_dict(), allow_nan=False, default=str))
+    assert shown["kv_segment_hold_off"] is None and shown["kv_alloc_mode"] == modes.DEFAULT_MODE

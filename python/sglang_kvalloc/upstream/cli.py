@@ -11,6 +11,7 @@ as argparse errors (one line, exit 2), for `sglang.Engine` when the record is re
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ def around_from_cli_args(
         problem = str(exc)
     if problem is not None:
         argparse.ArgumentParser(usage=argparse.SUPPRESS).error(problem)
+    server_args._kv_alloc_checked = True  # bookkeeping: resolve_once need not check again
     return server_args
 
 
@@ -75,9 +77,10 @@ def before_resolve_once(self: ServerArgs, *args: Any, **kwargs: Any) -> None:
         return None
     from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
 
-    problem = input_problem(self) or auto.segment_size_problem(self)
-    if problem is not None:
-        raise modes.KvAllocModeError(problem)
+    if not getattr(self, "_kv_alloc_checked", False):
+        problem = input_problem(self) or auto.segment_size_problem(self)
+        if problem is not None:
+            raise modes.KvAllocModeError(problem)
     auto.clamp_context_in_launcher(self)
     return None
 
@@ -86,6 +89,11 @@ def after_resolved_dict(
     result: dict[str, Any], self: ServerArgs, *args: Any, **kwargs: Any
 ) -> None:
     """AFTER `ServerArgs.resolved_dict`: `/server_info` shows the mode asked for (the field,
-    else the environment, else the default), not None where the field was left unset."""
+    else the environment, else the default), not None where the field was left unset; a
+    hold-off of inf (never give memory back) is null there, as JSON has no infinity (upstream's
+    `/server_info` answers 500 on one)."""
     result[DEST] = modes.requested_mode(self)
+    hold_off = result.get(modes.HOLD_OFF_ATTR)
+    if isinstance(hold_off, float) and not math.isfinite(hold_off):
+        result[modes.HOLD_OFF_ATTR] = None
     return None

@@ -6,6 +6,8 @@ records targets; `HookRegistry.apply_hooks()` (run by upstream's `load_plugins()
 
 from __future__ import annotations
 
+import logging
+
 from sglang_kvalloc.upstream import (
     attention_graph_buffers,
     cli,
@@ -19,7 +21,6 @@ from sglang_kvalloc.upstream import (
 )
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
-ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 WEIGHT_UPDATER = (
@@ -219,6 +220,15 @@ def hooks() -> list[tuple[str, object, str]]:
 
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ServerArgs
 
+    if cli.DEST not in ServerArgs.__struct_fields__:
+        # The fields are declared by the bootstrap .pth before ServerArgs is assembled; a .pth
+        # runs from site directories only (not PYTHONPATH or `pip --target` folders).
+        logging.getLogger(__name__).error(
+            "sglang-kvalloc: ServerArgs has no --kv-alloc-mode field: "
+            "sglang_kvalloc_bootstrap.pth did not run in this process (install the package "
+            "into a site directory); the --kv-* flags and keywords are unavailable"
+        )
     for target, hook, hook_type in hooks():
         HookRegistry.register(target, hook, HookType[hook_type])
