@@ -27,17 +27,6 @@ CONTEXTS = {"static_4k": ("static", 4096), "segmented_10m": ("segmented", 10_000
 NEW_TOKENS = 32
 
 
-def _payload(prompt: list[int], room: int) -> dict[str, Any]:
-    """A request as the router hands it to a decode server whose prefill upstream fakes."""
-    return {
-        "input_ids": prompt,
-        "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
-        "bootstrap_host": "2.2.2.2",
-        "bootstrap_port": 8998,
-        "bootstrap_room": room,
-    }
-
-
 def _state(server: Any) -> dict[str, Any]:
     kv = server.server_info()["internal_states"][0]["kv_alloc"]
     segments = kv.get("segments") or {}
@@ -51,7 +40,12 @@ def _state(server: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
+    from sglang_kvalloc_harness.serving import (
+        LocalServer,
+        fake_prefill_request,
+        generate_concurrently,
+        side_by_side,
+    )
     from sglang_kvalloc_harness.tiny_model import build
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,7 +70,10 @@ def main() -> None:
                 peak = start
                 for burst in range(args.bursts):
                     prompts = [[5 + i, 6, 7, 8 + burst] * (150 * (i + 1)) for i in range(4)]
-                    payloads = [_payload(p, 1000 * burst + i) for i, p in enumerate(prompts)]
+                    payloads = [
+                        fake_prefill_request(p, 1000 * burst + i, NEW_TOKENS)
+                        for i, p in enumerate(prompts)
+                    ]
                     _, errors = generate_concurrently(server, payloads)
                     assert not errors, errors
                     now = _state(server)

@@ -83,6 +83,19 @@ def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 
     return json.loads(body) if body else None
 
 
+def fake_prefill_request(prompt: list[int], room: int, new_tokens: int) -> dict[str, Any]:
+    """A greedy request as the router hands it to a PD decode server whose prefill upstream's
+    fake transfer backend stands in for (`bootstrap_host` 2.2.2.2, as upstream's own warm-up
+    sends; no prefill peer: upstream synthesises the first token)."""
+    return {
+        "input_ids": prompt,
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
+        "bootstrap_host": "2.2.2.2",
+        "bootstrap_port": 8998,
+        "bootstrap_room": room,
+    }
+
+
 def http_text(url: str, timeout: float = 60) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
+from sglang_kvalloc_harness.serving import (
+    LocalServer,
+    fake_prefill_request,
+    generate_concurrently,
+    side_by_side,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,18 +32,6 @@ DECODE += ["--max-total-tokens", "65536", "--dtype", "float32"]
 
 def _kv(server: LocalServer) -> dict:
     return server.server_info()["internal_states"][0]["kv_alloc"]
-
-
-def _payload(prompt: list[int], room: int, n: int = 8) -> dict:
-    """A request as the router hands it to the decode server, its prefill faked by upstream
-    (`bootstrap_host` 2.2.2.2, as upstream's own warm-up sends)."""
-    return {
-        "input_ids": prompt,
-        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
-        "bootstrap_host": "2.2.2.2",
-        "bootstrap_port": 8998,
-        "bootstrap_room": room,
-    }
 
 
 def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
@@ -71,7 +64,9 @@ def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
             assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
             for burst in range(3):
                 prompts = [[5 + i, 6, 7, 8 + burst] * (50 * (i + 1)) for i in range(4)]
-                payloads = [_payload(p, 1000 * burst + i) for i, p in enumerate(prompts)]
+                payloads = [
+                    fake_prefill_request(p, 1000 * burst + i, 8) for i, p in enumerate(prompts)
+                ]
                 results, errors = generate_concurrently(segmented, payloads)
                 assert not errors, errors
                 assert all(r["meta_info"]["completion_tokens"] == 8 for r in results)
