@@ -83,11 +83,9 @@ def _whole_tokens(server_args: object | None, attr: str, env: str, flag: str) ->
     if value is None:
         return None
     try:
-        return int(str(value).strip())
-    except ValueError:
-        raise KvAllocModeError(
-            f"{source}: expected a whole number of tokens, got {value!r}"
-        ) from None
+        return settings.parse_whole_tokens(value)
+    except ValueError as exc:
+        raise KvAllocModeError(f"{source}: {exc}") from None
 
 
 def segment_tokens(server_args: object | None) -> int | None:

@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.segmented.settings import (
     KV_ALLOC_MODES,
     parse_bytes,
     parse_hold_off_seconds,
+    parse_whole_tokens,
 )
 
 KV_ALLOC_MODE_HELP = (
@@ -43,15 +44,8 @@ def _argument(parse):
     return parse_argument
 
 
-def _whole_tokens(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number of tokens, got {text!r}") from None
-
-
 def _segment_tokens(text: str) -> int:
-    tokens = _whole_tokens(text)
+    tokens = parse_whole_tokens(text)
     problem = requested_segment_problem(tokens)
     if problem is not None:
         raise ValueError(problem)
@@ -59,7 +53,7 @@ def _segment_tokens(text: str) -> int:
 
 
 def _non_negative_tokens(text: str) -> int:
-    tokens = _whole_tokens(text)
+    tokens = parse_whole_tokens(text)
     if tokens < 0:
         raise ValueError(f"must be >= 0 tokens, got {tokens}")
     return tokens

@@ -6,7 +6,12 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["KV_ALLOC_MODES", "parse_bytes", "parse_hold_off_seconds"]
+__all__ = [
+    "KV_ALLOC_MODES",
+    "parse_bytes",
+    "parse_hold_off_seconds",
+    "parse_whole_tokens",
+]
 
 KV_ALLOC_MODES = ("static", "segmented", "auto")
 
@@ -21,6 +26,14 @@ def parse_bytes(text: str) -> int:
     if match is None:
         raise ValueError(f"expected bytes such as 8G or 512M, got {text!r}")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_whole_tokens(text: str) -> int:
+    """A whole number of tokens; ValueError otherwise."""
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number of tokens, got {text!r}") from None
 
 
 def parse_hold_off_seconds(text: str) -> float:
