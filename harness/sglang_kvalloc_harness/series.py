@@ -185,6 +185,14 @@ SERIES: tuple[PullRequest, ...] = (
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
         ("memory_release.*",),
     ),
+    PullRequest(
+        9,
+        "pd-segmented-kv",
+        "PD disaggregation with the KV pool committed on demand",
+        "Both PD loops commit ahead; the transfer engine registers committed segments only.",
+        ("pd_transfer.*",),
+        ("upstream/pd_transfer.py",),
+    ),
 )
 
 

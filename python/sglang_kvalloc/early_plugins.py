@@ -2,12 +2,13 @@
 this package's fields before `ServerArgs` is assembled.
 
 Imported from `sglang_kvalloc_bootstrap.pth` at interpreter start: its only effect is an
-import hook on two modules. `sglang.srt.arg_groups.fields`: its `collect_input_fields`, which
+import hook on three modules. `sglang.srt.arg_groups.fields`: its `collect_input_fields`, which
 `server_args` calls at import to assemble `ServerArgs`, also collects `KvAlloc`
 (`upstream/fields.py`). `sglang.srt.entrypoints.engine`: upstream's plugins load right after
 it; `load_plugins()` is idempotent and upstream asks for it "early in every process", and this
-only makes it earlier than `Engine.__init__` does. Nothing else is imported until those
-modules are.
+only makes it earlier than `Engine.__init__` does. `sglang.srt.disaggregation.mooncake.conn`
+(imported by PD servers only): the plugin's hooks on it are applied then. Nothing else is
+imported until those modules are.
 """
 
 from __future__ import annotations
@@ -36,10 +37,22 @@ def _declare_kv_alloc_fields(module: types.ModuleType) -> None:
     module.collect_input_fields = with_kv_alloc_fields(module.collect_input_fields)
 
 
+def _apply_hooks_on_import(module: types.ModuleType) -> None:
+    from sglang_kvalloc.upstream.plugin import apply_on_import
+
+    apply_on_import(module.__name__)
+
+
+# Upstream modules a plain server never imports, and importing one changes it (Mooncake's
+# registers a Prometheus counter): the plugin's hooks on them are applied when upstream
+# imports them.
+ON_IMPORT_MODULES = ("sglang.srt.disaggregation.mooncake.conn",)
+
 # Module -> what runs right after it is executed.
 AFTER_EXEC: dict[str, Callable[[types.ModuleType], None]] = {
     ENGINE_MODULE: _load_plugins,
     FIELDS_MODULE: _declare_kv_alloc_fields,
+    **dict.fromkeys(ON_IMPORT_MODULES, _apply_hooks_on_import),
 }
 
 

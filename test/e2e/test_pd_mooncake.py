@@ -1,6 +1,7 @@
 """PD disaggregation as users run it, on the CPU engine (issue 36): a prefill server and a
-decode server at a 10M context, both segmented, KV moved by Mooncake's transfer engine over
-TCP, the sglang-router in front. Tokens equal one static server's and HF transformers'. A
+decode server at a 10M context, both segmented with their KV committed on demand, KV moved by
+Mooncake's transfer engine over TCP (registered segment by segment), the sglang-router in
+front. Tokens equal one static server's and HF transformers'. A
 static prefill server feeds the same decode server by the router's own protocol (the same JSON
 to both at once), and an abort mid-transfer leaves both sides serving."""
 
@@ -36,6 +37,8 @@ NEW_TOKENS = 8
 MOONCAKE = {"SGLANG_HOST_IP": "127.0.0.1", "MOONCAKE_PROTOCOL": "tcp", "MC_FORCE_TCP": "1"}
 COMMON = ["--dtype", "float32", "--max-total-tokens", "65536"]
 COMMON += ["--disaggregation-transfer-backend", "mooncake"]
+# Segmented servers: small segments, so a burst commits several; idle release after 1 s.
+SEGMENTS = ["--kv-segment-tokens", "2048", "--kv-segment-hold-off", "1"]
 
 
 class Router:
@@ -72,6 +75,7 @@ def prefill_server(model: Path, bootstrap_port: int, mode: str) -> LocalServer:
     return LocalServer(
         model,
         args=[*COMMON, "--kv-alloc-mode", mode, "--context-length", "4096"]
+        + (SEGMENTS if mode == "segmented" else [])
         + [
             "--disaggregation-mode",
             "prefill",
@@ -108,6 +112,7 @@ def pd(tiny_model: Path) -> Iterator[Pd]:
             "10000000",
             "--disaggregation-mode",
             "decode",
+            *SEGMENTS,
         ]
         # upstream's default backup registers host memory with CUDA (docs/usage.md)
         + ["--disaggregation-decode-retraction-backup", "cpu_tensor"],
@@ -176,13 +181,37 @@ def test_tokens_through_the_router_equal_one_static_server_and_hf(
     assert [r["output_ids"] for r in results] == [
         hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts
     ]
-    # The decode server at 10M: its table reserved, not resident; both kept the KV pool whole.
-    kv = decode.server_info()["internal_states"][0]["kv_alloc"]
-    assert kv["mode"] == "segmented" and kv["lazy_tables"] and not kv["kv_on_demand"]
+    # The decode server at 10M: its table reserved, not resident. Both sides committed KV
+    # segments as the burst needed them (the transfer engine registering each), and give them
+    # back to the first once idle.
+    kv = _kv(decode)
+    assert kv["mode"] == "segmented" and kv["lazy_tables"] and kv["kv_on_demand"]
     assert kv["effective_context_length"] == 10_000_000
     assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
     for server in (prefill, decode):
+        segments = _kv(server)["segments"]
+        assert segments["peak_committed_segments"] >= 3, segments
+        assert segments["commit_failures"] == 0
+        assert "KV transfer registrations follow the committed segments" in server.log()
         assert server.proc is not None and server.proc.poll() is None
+    for server in (prefill, decode):
+        assert _back_to_the_first_segment(server), _kv(server)["segments"]
+
+
+def _kv(server: LocalServer) -> dict[str, Any]:
+    return server.server_info()["internal_states"][0]["kv_alloc"]
+
+
+def _back_to_the_first_segment(server: LocalServer, within_s: float = 30) -> bool:
+    """The idle policy (hold-off 1 s) gave every KV segment but the first back."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        segments = _kv(server)["segments"]
+        if segments["committed_segments"] == 1:
+            first = segments["committed_bytes"]
+            return first <= segments["reserved_bytes"] / segments["total_segments"] + 1 * MB
+        time.sleep(0.5)
+    return False
 
 
 def test_a_static_prefill_server_feeds_the_segmented_decode_server(
@@ -234,5 +263,6 @@ def test_an_abort_mid_transfer_leaves_both_sides_serving(pd: Pd, hf_model: objec
         assert pd.router.generate(_payload(prompt))["output_ids"] == hf_greedy(
             hf_model, prompt, NEW_TOKENS
         )
-    kv = pd.decode.server_info()["internal_states"][0]["kv_alloc"]
-    assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
+    assert _kv(pd.decode)["segments"]["req_to_token_resident_bytes"] < 1 * MB
+    for server in (pd.prefill, pd.decode):  # no page lost: every segment but the first back
+        assert _back_to_the_first_segment(server), _kv(server)["segments"]

@@ -7,13 +7,16 @@ records targets; `HookRegistry.apply_hooks()` (run by upstream's `load_plugins()
 from __future__ import annotations
 
 import logging
+import sys
 
+from sglang_kvalloc.early_plugins import ON_IMPORT_MODULES
 from sglang_kvalloc.upstream import (
     attention_graph_buffers,
     cli,
     cpu_attention,
     memory_release,
     metrics,
+    pd_transfer,
     pools,
     rope,
     scheduler_loop,
@@ -56,6 +59,12 @@ FLASHINFER_DRAFT = "sglang.srt.layers.attention.flashinfer_backend.FlashInferMul
 SPEC_COMMON = "sglang.srt.speculative.eagle_worker_common"
 EAGLE_V2 = "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2"
 TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
+PREALLOC = "sglang.srt.disaggregation.decode.DecodePreallocQueue"
+# The Scheduler's PD event-loop mixins (their methods are looked up on the mixins).
+PD_PREFILL = "sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin"
+PD_DECODE = "sglang.srt.disaggregation.decode.SchedulerDisaggregationDecodeMixin"
+MOONCAKE = "sglang.srt.disaggregation.mooncake.conn.MooncakeKVManager"
+_registered = False
 INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
 )
@@ -121,6 +130,43 @@ def hooks() -> list[tuple[str, object, str]]:
         (
             f"{SCHEDULER}.get_next_batch_to_run",
             scheduler_loop.before_get_next_batch_to_run,
+            "BEFORE",
+        ),
+        # ... and the same in both PD event loops, which bypass get_next_batch_to_run; the
+        # decode side commits ahead for its pre-allocation queue and admits by committed
+        # memory; every transfer's pages lie in committed memory, registered with the
+        # transfer engine segment by segment.
+        (
+            f"{PD_PREFILL}.get_next_disagg_prefill_batch_to_run",
+            pd_transfer.before_next_disagg_prefill_batch,
+            "BEFORE",
+        ),
+        (
+            f"{PD_DECODE}.get_next_disagg_decode_batch_to_run",
+            pd_transfer.before_next_disagg_decode_batch,
+            "BEFORE",
+        ),
+        (f"{PREALLOC}.pop_preallocated", pd_transfer.before_pop_preallocated, "BEFORE"),
+        (f"{PREALLOC}.pop_preallocated", pd_transfer.after_pop_preallocated, "AFTER"),
+        (
+            f"{PREALLOC}._allocatable_token_budgets",
+            pd_transfer.around_allocatable_token_budgets,
+            "AROUND",
+        ),
+        (f"{PD_PREFILL}.send_kv_chunk", pd_transfer.before_send_kv_chunk, "BEFORE"),
+        (
+            f"{MOONCAKE}._registerable_regions",
+            pd_transfer.around_registerable_regions,
+            "AROUND",
+        ),
+        (
+            f"{MOONCAKE}.register_buffer_to_engine",
+            pd_transfer.after_register_buffer_to_engine,
+            "AFTER",
+        ),
+        (
+            f"{MOONCAKE}.deregister_buffer_to_engine",
+            pd_transfer.before_deregister_buffer_to_engine,
             "BEFORE",
         ),
         (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
@@ -230,5 +276,26 @@ def register() -> None:
             "sglang_kvalloc_bootstrap.pth did not run in this process (install the package "
             "into a site directory); the --kv-* flags and keywords are unavailable"
         )
+    global _registered
     for target, hook, hook_type in hooks():
-        HookRegistry.register(target, hook, HookType[hook_type])
+        module = imported_by_upstream_only(target)
+        if module is None or module in sys.modules:
+            HookRegistry.register(target, hook, HookType[hook_type])
+    _registered = True
+
+
+def imported_by_upstream_only(target: str) -> str | None:
+    """The module of ``target`` where this plugin must not import it, else None."""
+    return next((m for m in ON_IMPORT_MODULES if target.startswith(m + ".")), None)
+
+
+def apply_on_import(module_name: str) -> None:
+    """Upstream imported ``module_name`` (one of `ON_IMPORT_MODULES`): its hooks now."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if not _registered:  # register() will find the module imported
+        return
+    for target, hook, hook_type in hooks():
+        if imported_by_upstream_only(target) == module_name:
+            HookRegistry.register(target, hook, HookType[hook_type])
+    HookRegistry.apply_hooks()  # the targets patched already are skipped

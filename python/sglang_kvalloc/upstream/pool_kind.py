@@ -14,12 +14,18 @@ from sglang_kvalloc.core import planner
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 # Pool kinds whose KV memory segmented mode commits on demand (mechanism b). Every other kind
 # keeps upstream's KV pool; the context-scaled tables are lazy for every kind (mechanism a).
 KV_ON_DEMAND_KINDS = ("mha", "hybrid_swa", "mla")
+# Transfer backends whose registrations follow the committed segments here ("fake" registers
+# nothing). The others register the KV pool whole at start, so it stays whole under them.
+SEGMENT_REGISTERING_BACKENDS = ("mooncake", "fake")
+# The pool kinds tested under PD with their KV committed on demand.
+PD_KV_ON_DEMAND_KINDS = ("mha",)
 
 
 def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
@@ -59,13 +65,27 @@ def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
         return kind, f"device {configurator.device} has no segmented KV pool"
     if getattr(configurator.server_args, "enable_unified_memory", False):
         return kind, "--enable-unified-memory builds upstream's unified pool"
-    pd_mode = str(getattr(configurator.server_args, "disaggregation_mode", "null") or "null")
-    if pd_mode != "null":
-        return kind, (
-            f"--disaggregation-mode {pd_mode}: the transfer engine registers the KV pool whole "
-            "at start, so it is allocated whole in this build"
-        )
+    pd_problem = pd_kv_on_demand_problem(configurator.server_args, kind)
+    if pd_problem is not None:
+        return kind, pd_problem
     return kind, _pool_class_problem(configurator, kind)
+
+
+def pd_kv_on_demand_problem(server_args: ServerArgs, kind: str) -> str | None:
+    """Why a PD server's KV pool cannot be committed on demand (None where it can, or where
+    the server is not a PD one)."""
+    pd_mode = str(getattr(server_args, "disaggregation_mode", "null") or "null")
+    if pd_mode == "null":
+        return None
+    backend = str(getattr(server_args, "disaggregation_transfer_backend", "") or "")
+    if backend not in SEGMENT_REGISTERING_BACKENDS:
+        return (
+            f"--disaggregation-transfer-backend {backend} registers the KV pool whole at start, "
+            "so it is allocated whole in this build"
+        )
+    if kind not in PD_KV_ON_DEMAND_KINDS:
+        return f"the {kind} KV pool under --disaggregation-mode {pd_mode} is allocated whole"
+    return None
 
 
 def _pool_class_problem(configurator: KVCacheConfigurator, kind: str) -> str | None:

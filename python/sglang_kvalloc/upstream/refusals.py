@@ -51,7 +51,7 @@ def unsupported_feature(configurator: KVCacheConfigurator, *, explicit_commits: 
     if it can). Each would otherwise go wrong without a word: under PD disaggregation, where
     rows must be committed before they are written (a GPU), upstream's pre-allocation writes
     req_to_token rows outside the scheduler steps that commit them (on the CPU a write
-    commits, and PD runs with the KV pool upstream's: `pool_kind.kv_pool_kind`); HiCache's
+    commits, and the KV pool follows `pd_transfer`); HiCache's
     host pool sits beside an idle policy that would evict the device cache whole; a custom
     memory pool (Mooncake) is ignored by the pools."""
     from sglang.srt.environ import envs

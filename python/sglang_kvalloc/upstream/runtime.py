@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 
     from sglang_kvalloc.core.rope_cache import FixedAddressRope
     from sglang_kvalloc.core.shared_budget import SharedBudget
@@ -47,6 +48,9 @@ class SegmentedKvAllocator(Protocol):
     def suspend(self) -> int: ...
     def resume(self) -> None: ...
     def withheld_size(self) -> int: ...
+    def available_size(self) -> int: ...
+    def committed_available_size(self) -> int: ...
+    def committed_slot_limit(self) -> int: ...
     def segment_stats(self) -> dict[str, Any]: ...
 
 
@@ -198,6 +202,7 @@ class Runtime:
     state: KvAllocState
     graph: GraphBufferRegistry
     rope: RopeCaches
+    kv_buffers: list[SegmentedBuffers]
 
     def __init__(self) -> None:
         self.reset()
@@ -214,6 +219,8 @@ class Runtime:
         self.state = KvAllocState()
         self.graph = GraphBufferRegistry()
         self.rope = RopeCaches()
+        # This process's segmented KV pools' buffers (a PD transfer engine registers them).
+        self.kv_buffers = []
         # The KV budget shared with the device's other servers (--kv-budget), once open.
         self.budget: SharedBudget | None = None
 

@@ -42,6 +42,20 @@ def iteration_demand_tokens(scheduler: Scheduler, decode_slots: int = 1) -> int:
     whatever the pool holds then), one page of rounding per request, plus one decode step of
     the running requests (``decode_slots`` each: see `decode_slots`)."""
     page = int(scheduler.page_size)
+    decode = decode_step_tokens(scheduler, decode_slots)
+    chunked = scheduler.chunked_req
+    continuation = 0
+    if chunked is not None:
+        done = int(getattr(chunked, "prefix_len", 0) or 0)
+        continuation = max(0, len(chunked.origin_input_ids) - done) + page
+    queue = sum(extend_estimate(req) + page for req in admission_candidates(scheduler))
+    return continuation + queue + decode
+
+
+def decode_step_tokens(scheduler: Scheduler, decode_slots: int = 1) -> int:
+    """An upper bound of the KV slots the running requests' next decode step allocates
+    (``decode_slots`` each, page-rounded, plus one page of rounding per request)."""
+    page = int(scheduler.page_size)
     running = getattr(scheduler, "running_batch", None)
     n_running = len(running.reqs) if running is not None else 0
     # The last prefill batch joins the running batch inside get_next_batch_to_run, before
@@ -50,15 +64,7 @@ def iteration_demand_tokens(scheduler: Scheduler, decode_slots: int = 1) -> int:
     mode = getattr(last, "forward_mode", None)
     if last is not None and last is not running and mode is not None and mode.is_extend():
         n_running += len(last.reqs)
-    decode = n_running * (-(-decode_slots // page) + 1) * page if n_running else 0
-
-    chunked = scheduler.chunked_req
-    continuation = 0
-    if chunked is not None:
-        done = int(getattr(chunked, "prefix_len", 0) or 0)
-        continuation = max(0, len(chunked.origin_input_ids) - done) + page
-    queue = sum(extend_estimate(req) + page for req in admission_candidates(scheduler))
-    return continuation + queue + decode
+    return n_running * (-(-decode_slots // page) + 1) * page if n_running else 0
 
 
 def extend_estimate(req: Req) -> int:

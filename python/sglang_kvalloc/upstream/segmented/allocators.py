@@ -84,6 +84,14 @@ class SegmentedAllocatorMixin:
         # a failed commit sets), and commits follow.
         return self._segments.available_pages() * self.page_size
 
+    def committed_available_size(self) -> int:
+        """Tokens that can be handed out without a commit (PD decode admits by these)."""
+        return self._segments.backed_free_pages() * self.page_size
+
+    def committed_slot_limit(self) -> int:
+        """Slot id past the committed memory: every slot a transfer writes lies below it."""
+        return self._segments.committed_page_limit * self.page_size
+
     def withheld_size(self) -> int:
         """Tokens out of reach since a commit failed; upstream's leak identity adds them."""
         return self._segments.withheld_pages() * self.page_size

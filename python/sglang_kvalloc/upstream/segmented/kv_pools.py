@@ -43,6 +43,7 @@ def segment_pool_buffers(
     )
     geometry = SegmentGeometry(cap_tokens, seg_tokens, page_size)
     buffers = SegmentedBuffers.create(geometry, row_bytes, backings=backings)
+    RUNTIME.kv_buffers.append(buffers)
     logger.info(
         "Segmented %s KV pool: %d tokens reserved (%.3f GB address space) in %d segments of %d "
         "tokens (%.2f MB each); committed now: %.2f MB.",

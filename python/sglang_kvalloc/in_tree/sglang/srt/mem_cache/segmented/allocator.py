@@ -223,6 +223,17 @@ class SegmentedPageAllocator:
             - below[self.committed_segments]
         )
 
+    def backed_free_pages(self) -> int:
+        """Free pages that can be handed out without a commit (backed, below the
+        ceiling)."""
+        return self._free_usable()
+
+    @property
+    def committed_page_limit(self) -> int:
+        """Page id past the last committed segment: committed segments are a prefix, so
+        every page below it is backed and every page from it on is not."""
+        return self.first_page_of(self.committed_segments)
+
     def withheld_pages(self) -> int:
         """Pages out of reach since a commit failed (0 normally)."""
         below = self.pages.below

@@ -6,6 +6,7 @@ slot ids never move.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -16,7 +17,16 @@ from sglang.srt.mem_cache.segmented.geometry import (
     align_up,
 )
 
-__all__ = ["SegmentedBuffers"]
+__all__ = ["SegmentListener", "SegmentedBuffers"]
+
+
+class SegmentListener(Protocol):
+    """Told of each segment committed and of each about to be released: a transfer engine
+    registers the memory it may write into (RDMA needs it backed) and deregisters it first."""
+
+    def segment_committed(self, buffers: SegmentedBuffers, seg: int) -> None: ...
+
+    def segment_releasing(self, buffers: SegmentedBuffers, seg: int) -> None: ...
 
 
 class SegmentedBuffers:
@@ -72,6 +82,7 @@ class SegmentedBuffers:
             else:
                 self._limit.append(align_up(self.rows * rb, g))
         self._committed: list[bool] = [False] * geometry.num_segments
+        self._listeners: list[SegmentListener] = []
         self.commit_segment(0)
 
     @classmethod
@@ -120,6 +131,25 @@ class SegmentedBuffers:
         self._committed[seg] = True
         if seg == 0:
             self._zero_padding_page()
+        told: list[SegmentListener] = []
+        try:
+            for listener in self._listeners:
+                listener.segment_committed(self, seg)
+                told.append(listener)
+        except Exception as exc:
+            # A segment a listener refused is not usable: the commit fails as a whole.
+            for listener in told:
+                listener.segment_releasing(self, seg)
+            self._release_memory(seg)
+            raise MemoryError(f"segment {seg} committed but refused: {exc}") from exc
+
+    def add_listener(self, listener: SegmentListener) -> None:
+        """Tell ``listener`` of every commit and release from now on (the segments committed
+        already are the caller's to account for)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: SegmentListener) -> None:
+        self._listeners.remove(listener)
 
     def _zero_padding_page(self) -> None:
         """Slot 0's page, which padded cuda-graph batches read, holds zeros as in
@@ -135,6 +165,11 @@ class SegmentedBuffers:
             raise ValueError("segment 0 holds the padding slot and must stay committed")
         if not self._committed[seg]:
             return
+        for listener in self._listeners:
+            listener.segment_releasing(self, seg)
+        self._release_memory(seg)
+
+    def _release_memory(self, seg: int) -> None:
         for b, backing in enumerate(self.backings):  # one device wait, before the first
             backing.release(*self.byte_range(b, seg), unused=b > 0)
         self._committed[seg] = False
@@ -147,6 +182,8 @@ class SegmentedBuffers:
         for seg in range(len(self._committed)):
             if not self._committed[seg]:
                 continue
+            for listener in self._listeners:
+                listener.segment_releasing(self, seg)
             for b, backing in enumerate(
                 self.backings
             ):  # one device wait, before the first
