@@ -13,6 +13,7 @@ import pytest
 import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
+from sglang.srt.mem_cache.segmented.allocator import split_runs_at_segment_starts
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
@@ -56,7 +57,9 @@ def allocator(monkeypatch: pytest.MonkeyPatch) -> segmented.SegmentedTokenToKVPo
     buffers = SegmentedBuffers.create(geometry, ROW_BYTES, CpuBackingFactory())
     RUNTIME.kv_buffers.append(buffers)
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)
-    return segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)
+    made = segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)
+    RUNTIME.state.allocator = made
+    return made
 
 
 def _manager(buffers: SegmentedBuffers) -> types.SimpleNamespace:
@@ -97,9 +100,13 @@ def test_the_transfer_engine_registers_committed_segments_only(
     assert dict(regions) == {**_segment_regions(buffers, 0), AUX[0]: AUX[1]}
     engine.batch_register(*map(list, zip(*regions, strict=True)))
     pd_transfer.after_register_buffer_to_engine(None, manager)  # type: ignore[arg-type]
-    # A commit registers the new segment before any of its pages is handed out.
+    # A commit registers the new segment before any of its pages is handed out, and no run
+    # of slots handed out crosses a segment start (a transfer block spanning two registered
+    # segments is refused by Mooncake).
     slots = allocator.alloc(2 * SEGMENT)
     assert slots is not None and buffers.committed_segments == 3
+    assert sorted(slots.tolist()) == list(range(1, 2 * SEGMENT + 1))
+    assert not _crossings(slots)
     assert engine.registered == {
         **_segment_regions(buffers, 0),
         **_segment_regions(buffers, 1),
@@ -117,6 +124,40 @@ def test_the_transfer_engine_registers_committed_segments_only(
     again = allocator.alloc(SEGMENT)
     assert again is not None and buffers.committed_segments == 2
     assert _segment_regions(buffers, 1).keys().isdisjoint(engine.registered)
+
+
+def _crossings(slots: torch.Tensor) -> list[int]:
+    """Positions where a run of consecutive slots crosses a segment start."""
+    listed = slots.tolist()
+    return [
+        i
+        for i in range(1, len(listed))
+        if listed[i] == listed[i - 1] + 1 and listed[i] % SEGMENT == 0
+    ]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_no_run_of_slots_handed_out_crosses_a_segment_start(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    segment = int(torch.randint(3, 9, (1,), generator=generator))
+    # Runs of consecutive pages with gaps, like a free list after frees.
+    runs = [
+        torch.arange(s, s + int(n))
+        for s, n in zip(
+            torch.randint(0, 20 * segment, (6,), generator=generator).tolist(),
+            torch.randint(1, 3 * segment, (6,), generator=generator).tolist(),
+            strict=True,
+        )
+    ]
+    pages = torch.unique(torch.cat(runs))[: int(torch.randint(2, 60, (1,), generator=generator))]
+    out = split_runs_at_segment_starts(pages, segment)
+    assert sorted(out.tolist()) == sorted(pages.tolist())
+    listed = out.tolist()
+    assert not [
+        i
+        for i in range(1, len(listed))
+        if listed[i] == listed[i - 1] + 1 and listed[i] % segment == 0
+    ]
 
 
 def test_a_segment_the_engine_cannot_register_is_a_failed_commit(

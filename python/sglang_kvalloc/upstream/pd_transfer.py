@@ -125,6 +125,11 @@ def after_register_buffer_to_engine(result: None, manager: MooncakeKVManager) ->
     listeners = [SegmentRegistrations(manager.engine, b) for b in _registered_kv_buffers(manager)]
     for listener in listeners:
         listener.buffers.add_listener(listener)
+    allocator = RUNTIME.segmented_allocator(RUNTIME.state.allocator)
+    if listeners and allocator is not None:
+        # A peer's transfer block must lie in one registered segment (Mooncake refuses one
+        # that spans two), and upstream's sender merges every run of consecutive slots.
+        allocator.split_runs_at_segments = True
     if listeners:
         manager._kv_alloc_segment_registrations = listeners  # type: ignore[attr-defined]
         logger.info(

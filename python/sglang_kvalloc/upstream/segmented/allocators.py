@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
+from sglang.srt.mem_cache.segmented.allocator import (
+    SegmentedPageAllocator,
+    split_runs_at_segment_starts,
+)
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.utils import get_bool_env_var, get_num_new_pages
 
@@ -45,6 +48,9 @@ class SegmentedAllocatorMixin:
     page_size: int
     free_pages: torch.Tensor
     _segments: SegmentedPageAllocator
+    # Under PD, where a transfer engine registers each segment: no run of slots handed out
+    # crosses a segment start (`pd_transfer`; page_size 1 only).
+    split_runs_at_segments = False
 
     def _make_segments(self, kvcache: KVCache, device: str, page_size: int) -> None:
         buffers: SegmentedBuffers = kvcache.segmented_buffers
@@ -253,6 +259,8 @@ class SegmentedTokenToKVPoolAllocator(SegmentedAllocatorMixin, TokenToKVPoolAllo
     def alloc(self, need_size: int) -> torch.Tensor | None:
         out = self._segments.alloc(need_size)
         self._sync()
+        if out is not None and self.split_runs_at_segments:
+            out = split_runs_at_segment_starts(out, self._buffers.geometry.segment_pages)
         return out
 
     def free(self, free_index: torch.Tensor) -> None:
