@@ -1,8 +1,9 @@
 """The GPU kit's driver (``kit.sh`` runs it): install the kit into this Python, check the
 imports, probe upstream's default-path kernels (the servers run that path minus what did not
 run: ``kit_kernels.py``), build the model, then real servers (static, segmented, the benchmark
-between them, auto at 10M). Every phase writes ``results.json`` in the output folder as it
-ends, so a timeout still returns what ran; servers' logs sit beside it (at most 8 files).
+between them, auto at 10M, two servers on one budget, a PD decode server). Every phase writes
+``results.json`` in the output folder as it ends, so a timeout still returns what ran;
+servers' logs sit beside it (at most 8 files).
 
     python3 gpu_kit/kit_run.py OUT [--profile gpu|cpu] [--phases a,b] [--deadline-s N]
 
@@ -35,11 +36,11 @@ import kit_spec  # noqa: E402
 from kit_work import Checks, Workload  # noqa: E402
 
 PHASES = ["install", "imports", "jit", "kernels", "model", "static", "segmented", "rl",
-          "bench", "stop", "auto", "budget"]  # fmt: skip
+          "bench", "stop", "auto", "budget", "pd"]  # fmt: skip
 # Seconds a phase needs at least; it is skipped when less is left before the deadline.
 NEEDS = {"install": 30, "imports": 20, "jit": 60, "kernels": 45, "model": 40, "static": 90,
          "segmented": 90, "rl": 20, "bench": 45, "stop": 5, "auto": 90,
-         "budget": 120}  # fmt: skip
+         "budget": 120, "pd": 90}  # fmt: skip
 AUTO_RESERVE_S = 100  # what the bench leaves for auto
 BUDGET_RESERVE_S = 130  # and for the budget phase
 GPU_POOL_ARGS = ["--context-length", "65536", "--max-total-tokens", "262144",
@@ -388,7 +389,7 @@ def _main(kit: Kit, args: argparse.Namespace, phases: list[str], gpu: bool) -> i
             else:
                 rec["status"] = "skipped"
                 rec["why"] = "CPU proof: upstream's CUDA kernels do not run here (imports: yes)"
-    if not set(phases) & {"model", "static", "segmented", "bench", "stop", "auto"}:
+    if not set(phases) & {"model", "static", "segmented", "bench", "stop", "auto", "budget", "pd"}:
         return 0 if kit.checks.ok else 1
     model = args.model
     with kit.phase("model") as rec:
@@ -481,6 +482,11 @@ def _server_phases(kit: Kit, stage: Any) -> None:
             import kit_budget
 
             rec.update(kit_budget.budget_phase(stage, timeout()))
+    with kit.phase("pd") as rec:
+        if rec is not None:
+            import kit_pd
+
+            rec.update(kit_pd.pd_phase(stage, timeout()))
 
 
 if __name__ == "__main__":

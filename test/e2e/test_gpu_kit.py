@@ -27,7 +27,7 @@ sys.path.append(str(GPU_DIR))  # after test/ (its conftest.py must not be shadow
 
 import kit_spec  # noqa: E402
 
-PHASES = "install,imports,static,segmented,rl,bench,stop,budget"
+PHASES = "install,imports,static,segmented,rl,bench,stop,budget,pd"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def _phase_failure(name: str, phase: dict[str, Any], tail: str) -> str:
 
 def test_servers_pass_the_kits_checks(kit_results: dict[str, Any]) -> None:
     phases = kit_results["phases"]
-    for name in ("static", "segmented", "bench", "stop", "budget"):
+    for name in ("static", "segmented", "bench", "stop", "budget", "pd"):
         phase = phases[name]
         assert phase["status"] == "ok", _phase_failure(name, phase, kit_results["_tail"])
     for name in ("static", "segmented"):
@@ -121,6 +121,9 @@ def test_servers_pass_the_kits_checks(kit_results: dict[str, Any]) -> None:
         "static: abort ends the request early",
         "budget: the first gave way",
         "budget: the ledger never held more than its total",
+        "pd: segmented decode at 10M commits its KV on demand",
+        "pd: segments committed as requests needed them, none inside an allocation",
+        "pd: idle, every segment but the first given back",
     ):
         assert expected in names
     assert kit_results["ok"] is True and kit_results["_returncode"] == 0

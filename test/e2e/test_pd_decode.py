@@ -38,12 +38,14 @@ def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
     tiny_model: Path,
 ) -> None:
     """Static's decode table at 10M is (max running + pre-allocation slots + 1) x 10M int32,
-    tens of GB; segmented reserves it and holds only what rows hold. Its resident memory is a
+    tens of GB; segmented reserves it and holds only what rows hold, and commits its KV pool
+    a segment at a time. Its resident memory is a
     static decode server's at 4K, it serves bursts through the pre-allocation and transfer
     queues, and upstream's idle leak check (strict) passes."""
     segmented = LocalServer(
         tiny_model,
-        args=["--kv-alloc-mode", "segmented", "--context-length", "10000000", *DECODE],
+        args=["--kv-alloc-mode", "segmented", "--context-length", "10000000", *DECODE]
+        + ["--kv-segment-tokens", "2048", "--kv-segment-hold-off", "1"],
         env={**OVERRIDE, **STRICT},
     )
     static = LocalServer(
@@ -57,8 +59,8 @@ def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
             time.sleep(2)
             seg_rss = segmented.rss_bytes()
             kv = _kv(segmented)
-            assert kv["mode"] == "segmented" and kv["lazy_tables"] and not kv["kv_on_demand"]
-            assert "--disaggregation-mode decode" in kv["kv_on_demand_note"]
+            assert kv["mode"] == "segmented" and kv["lazy_tables"] and kv["kv_on_demand"]
+            assert kv["segments"]["committed_segments"] == 1
             assert kv["effective_context_length"] == 10_000_000
             assert kv["req_to_token_bytes"] > 10e9  # reserved, not committed
             assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
@@ -72,8 +74,12 @@ def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
                 assert all(r["meta_info"]["completion_tokens"] == 8 for r in results)
             time.sleep(3)  # idle: upstream's strict leak check runs
             assert segmented.proc is not None and segmented.proc.poll() is None
-            after = _kv(segmented)["segments"]["req_to_token_resident_bytes"]
-            assert after < 1 * MB  # finished rows gave their pages back
+            segments = _kv(segmented)["segments"]
+            assert segments["req_to_token_resident_bytes"] < 1 * MB  # rows gave pages back
+            # The pre-allocation queue's demand committed KV segments; idle, they went back.
+            assert segments["peak_committed_segments"] >= 2
+            assert segments["committed_segments"] == 1
+            assert segments["mid_batch_commits"] == 0  # the commit-ahead covered every one
         assert "Segmented decode req_to_token" in segmented.log()
     table = kv["req_to_token_bytes"] / 1e9
     print(f"RSS static decode@4K {static_rss / MB:.1f} MB, segmented decode@10M "

@@ -37,8 +37,10 @@ NEW_TOKENS = 8
 MOONCAKE = {"SGLANG_HOST_IP": "127.0.0.1", "MOONCAKE_PROTOCOL": "tcp", "MC_FORCE_TCP": "1"}
 COMMON = ["--dtype", "float32", "--max-total-tokens", "65536"]
 COMMON += ["--disaggregation-transfer-backend", "mooncake"]
-# Segmented servers: small segments, so a burst commits several; idle release after 1 s.
+# Segmented servers: small segments, so a burst commits several; once idle for 1 s, no cached
+# KV retained (the prefill side's radix cache keeps 8,192 tokens by default).
 SEGMENTS = ["--kv-segment-tokens", "2048", "--kv-segment-hold-off", "1"]
+SEGMENTS += ["--kv-idle-cache-tokens", "0"]
 
 
 class Router:
@@ -190,7 +192,7 @@ def test_tokens_through_the_router_equal_one_static_server_and_hf(
     assert kv["segments"]["req_to_token_resident_bytes"] < 1 * MB
     for server in (prefill, decode):
         segments = _kv(server)["segments"]
-        assert segments["peak_committed_segments"] >= 3, segments
+        assert segments["peak_committed_segments"] >= 2, segments
         assert segments["commit_failures"] == 0
         assert "KV transfer registrations follow the committed segments" in server.log()
         assert server.proc is not None and server.proc.poll() is None
