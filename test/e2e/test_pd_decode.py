@@ -84,4 +84,5 @@ def test_a_decode_server_at_10m_context_starts_and_serves_at_4k_static_memory(
     table = kv["req_to_token_bytes"] / 1e9
     print(f"RSS static decode@4K {static_rss / MB:.1f} MB, segmented decode@10M "
           f"{seg_rss / MB:.1f} MB (its table: {table:.1f} GB reserved)")  # fmt: skip
-    assert abs(seg_rss - static_rss) < 100 * MB
+    # No more than static's at 4K (less: its KV pool is committed a segment at a time).
+    assert seg_rss < static_rss + 100 * MB
