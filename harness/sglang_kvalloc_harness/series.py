@@ -45,6 +45,7 @@ SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, pyth
 NOT_IN_SERIES = (
     "upstream/plugin.py",
     "early_plugins.py",
+    "on_import.py",  # the plugin's modules hooked on import; the series decorates them inline
     "plan.py",
     "budget.py",
     "in_tree_finder.py",

@@ -20,6 +20,7 @@ import types
 from collections.abc import Callable
 
 from sglang_kvalloc.in_tree_finder import real_spec
+from sglang_kvalloc.on_import import ON_IMPORT_MODULES
 
 ENGINE_MODULE = "sglang.srt.entrypoints.engine"
 FIELDS_MODULE = "sglang.srt.arg_groups.fields"
@@ -42,11 +43,6 @@ def _apply_hooks_on_import(module: types.ModuleType) -> None:
 
     apply_on_import(module.__name__)
 
-
-# Upstream modules a plain server never imports, and importing one changes it (Mooncake's
-# registers a Prometheus counter): the plugin's hooks on them are applied when upstream
-# imports them.
-ON_IMPORT_MODULES = ("sglang.srt.disaggregation.mooncake.conn",)
 
 # Module -> what runs right after it is executed.
 AFTER_EXEC: dict[str, Callable[[types.ModuleType], None]] = {

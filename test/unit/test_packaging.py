@@ -79,8 +79,9 @@ except Exception as exc:  # ImportError, or OSError from a CUDA build
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert lines["finders"] == "['EarlyPluginLoading', 'InTreeFinder']"
-    assert lines["modules"] == (
-        "['sglang_kvalloc', 'sglang_kvalloc.early_plugins', 'sglang_kvalloc.in_tree_finder']"
+    assert lines["modules"] == (  # on_import: the names of the modules hooked on import
+        "['sglang_kvalloc', 'sglang_kvalloc.early_plugins', 'sglang_kvalloc.in_tree_finder',"
+        " 'sglang_kvalloc.on_import']"
     )
     assert lines["in_tree"].startswith(str(tmp_path / "site" / "sglang_kvalloc" / "in_tree"))
     assert lines["harness"] == "None"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
-from sglang.srt.mem_cache.segmented.allocator import split_runs_at_segment_starts
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
 
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream import pd_transfer, pool_kind, scheduler_loop, segmented
@@ -188,18 +188,35 @@ def test_a_transfer_outside_committed_memory_is_refused(
     pd_transfer.check_committed(allocator, torch.tensor([limit]), "now committed")
 
 
-def test_the_decode_side_commits_ahead_for_its_queue_and_admits_by_committed_memory(
-    allocator: segmented.SegmentedTokenToKVPoolAllocator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # No speculative decoding: one slot per decode step (upstream's spec settings unpublished).
-    monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
-    needs = [1500, 700]  # what upstream's `_prealloc_required_tokens` says of each request
+def _decode_queue(allocator, prompts, max_new, retracted=()) -> types.SimpleNamespace:
+    """A decode server's pre-allocation queue whose admission rules are upstream's own
+    (`DecodePreallocQueue` methods bound to it), over ``allocator``."""
+    from sglang.srt.disaggregation.decode import DecodePreallocQueue
+
+    def req(n: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(
+            origin_input_ids=[7] * n,
+            output_ids=[],
+            sampling_params=types.SimpleNamespace(max_new_tokens=max_new),
+        )
+
     queue = types.SimpleNamespace(
-        queue=[types.SimpleNamespace(req=types.SimpleNamespace(need=n)) for n in needs],
-        _prealloc_required_tokens=lambda req: (req.need, 0),
+        queue=[types.SimpleNamespace(req=req(n)) for n in prompts],
+        retracted_queue=[req(n) for n in retracted],
+        transfer_queue=types.SimpleNamespace(queue=[]),
         token_to_kv_pool_allocator=allocator,
+        num_reserved_decode_tokens=100,
     )
-    scheduler = types.SimpleNamespace(
+    for name in (
+        "_required_admission_tokens",
+        "_required_alloc_tokens",
+        "_active_reserved_tokens",
+        "_active_req_count",
+    ):
+        setattr(queue, name, getattr(DecodePreallocQueue, name).__get__(queue))
+    queue._rebootstrap_prefill_len = DecodePreallocQueue._rebootstrap_prefill_len
+    queue._pre_alloc_fill_len = DecodePreallocQueue._pre_alloc_fill_len
+    queue.scheduler = types.SimpleNamespace(
         token_to_kv_pool_allocator=allocator,
         disagg_decode_prealloc_queue=queue,
         running_batch=types.SimpleNamespace(reqs=[]),
@@ -207,19 +224,33 @@ def test_the_decode_side_commits_ahead_for_its_queue_and_admits_by_committed_mem
         last_batch=None,
         page_size=1,
     )
-    queue.scheduler = scheduler
+    return queue
 
-    def upstream_budget(q: types.SimpleNamespace) -> int:
-        return q.token_to_kv_pool_allocator.available_size() - 100  # reserved decode tokens
+
+def test_the_decode_side_commits_ahead_for_its_queue_and_admits_by_committed_memory(
+    allocator: segmented.SegmentedTokenToKVPoolAllocator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No speculative decoding: one slot per decode step (upstream's spec settings unpublished).
+    monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
+    # A short prompt with many new tokens: upstream admits it by input + clipped new tokens,
+    # more than its KV and reserve (the commit-ahead must cover that, or it waits forever).
+    queue = _decode_queue(allocator, prompts=[300, 200], max_new=600, retracted=[100])
+    waiting = [d.req for d in queue.queue] + queue.retracted_queue
+    required = [queue._required_admission_tokens(r, len(r.origin_input_ids), 0, 0) for r in waiting]
+    assert required == [900, 800, 700]  # input + new tokens, not input + reserve
+
+    def upstream_budget(q: types.SimpleNamespace) -> int:  # upstream's, less the reserves
+        return q.token_to_kv_pool_allocator.available_size() - q._active_reserved_tokens()
 
     # Before the commit-ahead, only the first segment's free slots can be admitted.
     before = pd_transfer.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
-    assert before == allocator.committed_available_size() - 100 < sum(needs)
+    assert before == allocator.committed_available_size() < sum(required)
     pd_transfer.before_pop_preallocated(queue)  # type: ignore[arg-type]
-    assert allocator.committed_available_size() >= sum(needs)
-    assert RUNTIME.kv_buffers[0].committed_segments == 3  # 2,200 tokens need 3 segments
+    # Every queued and retracted request's requirement, and the reserve of each, committed.
+    assert allocator.committed_available_size() >= sum(required) + 100 * len(waiting)
     after = pd_transfer.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
-    assert after == allocator.committed_available_size() - 100 >= sum(needs) - 100
+    assert after == allocator.committed_available_size() >= sum(required)
+    assert RUNTIME.kv_buffers[0].committed_segments == 3  # 2,700 tokens + slot 0
 
 
 def test_pd_kv_on_demand_where_registrations_can_follow_the_segments() -> None:
@@ -231,6 +262,12 @@ def test_pd_kv_on_demand_where_registrations_can_follow_the_segments() -> None:
     assert pool_kind.pd_kv_on_demand_problem(args("null", "mooncake"), "mla") is None
     assert pool_kind.pd_kv_on_demand_problem(args("decode", "mooncake"), "mha") is None
     assert pool_kind.pd_kv_on_demand_problem(args("prefill", "fake"), "mha") is None
+    radix = pool_kind.pd_kv_on_demand_problem(
+        types.SimpleNamespace(**vars(args("decode", "mooncake")),
+                              disaggregation_decode_enable_radix_cache=True),
+        "mha",
+    )  # fmt: skip
+    assert radix is not None and "--disaggregation-decode-enable-radix-cache" in radix
     nixl = pool_kind.pd_kv_on_demand_problem(args("decode", "nixl"), "mha")
     assert nixl is not None and "--disaggregation-transfer-backend nixl" in nixl
     mla = pool_kind.pd_kv_on_demand_problem(args("decode", "mooncake"), "mla")

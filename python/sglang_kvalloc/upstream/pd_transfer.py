@@ -85,8 +85,8 @@ class SegmentRegistrations:
 
 
 def _registered_kv_buffers(manager: MooncakeKVManager) -> list[SegmentedBuffers]:
-    """The segmented KV pools whose buffers this manager registers (a draft model's pool,
-    which it does not send, is left alone)."""
+    """The segmented KV pools whose buffers this manager registers (found by their base
+    addresses among the manager's KV pointers)."""
     if not RUNTIME.decision.kv_on_demand:
         return []
     ptrs = set(manager.kv_args.kv_data_ptrs or [])
@@ -200,9 +200,23 @@ def after_pop_preallocated(
 
 
 def preallocation_demand_tokens(queue: DecodePreallocQueue) -> int:
-    """The KV slots the pre-allocation queue's requests take once their handshake is done
-    (upstream's own per-request requirement)."""
-    return sum(queue._prealloc_required_tokens(r.req)[0] for r in queue.queue)
+    """An upper bound of the committed free slots upstream's admission asks for before it
+    pre-allocates every queued and retracted request: each one's own admission requirement
+    (`_required_admission_tokens`: its KV plus the decode reserve, or its input plus the
+    clipped new tokens), and the decode reserve of every active request."""
+    waiting = [r.req for r in queue.queue] + list(queue.retracted_queue)
+    per_request = sum(
+        queue._required_admission_tokens(
+            req,
+            queue._required_alloc_tokens(fill_len=queue._pre_alloc_fill_len(req), prefix_len=0),
+            0,
+            0,
+        )
+        for req in waiting
+    )
+    if not waiting:
+        return 0
+    return per_request + queue._active_reserved_tokens(extra_reserved_reqs=len(waiting))
 
 
 def before_pop_preallocated(queue: DecodePreallocQueue, *args: Any, **kwargs: Any) -> None:

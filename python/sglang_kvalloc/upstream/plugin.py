@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from sglang_kvalloc.early_plugins import ON_IMPORT_MODULES
+from sglang_kvalloc.on_import import ON_IMPORT_MODULES
 from sglang_kvalloc.upstream import (
     attention_graph_buffers,
     cli,

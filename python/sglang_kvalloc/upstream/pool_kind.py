@@ -85,6 +85,10 @@ def pd_kv_on_demand_problem(server_args: ServerArgs, kind: str) -> str | None:
         )
     if kind not in PD_KV_ON_DEMAND_KINDS:
         return f"the {kind} KV pool under --disaggregation-mode {pd_mode} is allocated whole"
+    if getattr(server_args, "disaggregation_decode_enable_radix_cache", False):
+        # Its admission counts evictable cache, and `_pre_alloc` evicts only when the
+        # allocator's available size (uncommitted segments included) falls short.
+        return "--disaggregation-decode-enable-radix-cache keeps the KV pool whole"
     if int(getattr(server_args, "page_size", None) or 1) != 1:
         # Only page_size 1 hands out slots whose runs stop at segment starts
         # (`split_runs_at_segment_starts`); a transfer block must lie in one registered segment.

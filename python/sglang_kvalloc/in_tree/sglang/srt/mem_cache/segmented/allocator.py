@@ -40,33 +40,6 @@ def _agree_alone(value: int) -> int:
     return value
 
 
-def split_runs_at_segment_starts(
-    pages: torch.Tensor, segment_pages: int
-) -> torch.Tensor:
-    """``pages`` reordered so that no page is directly followed by the page that starts the
-    next segment: a transfer engine moves each run of consecutive pages as one block, and a
-    block must lie in one registered range (a segment). Any order of the pages an allocation
-    hands out is as good to its caller (slots are then written where they are used)."""
-    n = pages.numel()
-    if (
-        n < 2 or segment_pages < 3
-    ):  # smaller segments: a swap could make another crossing
-        return pages
-    follows = pages[1:]
-    crossing = ((follows - pages[:-1]) == 1) & (follows % segment_pages == 0)
-    at = (
-        torch.nonzero(crossing).flatten() + 1
-    ).tolist()  # one per segment start crossed
-    if not at:
-        return pages
-    out = pages.clone()
-    for i in at:
-        # Swap the segment's first page with the page after it (or before it, at the end).
-        j = i + 1 if i + 1 < n else i - 1
-        out[[i, j]] = out[[j, i]]
-    return out
-
-
 class SegmentedPageAllocator:
     """Page allocator that commits segments on demand and releases trailing empty ones.
 
