@@ -84,13 +84,14 @@ class SegmentRegistrations:
             logger.warning("Deregistering KV segment %d returned %s.", seg, ret)
 
 
-def _registered_kv_buffers(manager: MooncakeKVManager) -> list[SegmentedBuffers]:
-    """The segmented KV pools whose buffers this manager registers (found by their base
+def _registrations(manager: MooncakeKVManager, engine: Any) -> list[SegmentRegistrations]:
+    """One per segmented KV pool whose buffers this manager registers (found by their base
     addresses among the manager's KV pointers)."""
     if not RUNTIME.decision.kv_on_demand:
         return []
     ptrs = set(manager.kv_args.kv_data_ptrs or [])
-    return [b for b in RUNTIME.kv_buffers if ptrs.intersection(_base_addresses(b))]
+    made = (SegmentRegistrations(engine, buffers) for buffers in RUNTIME.kv_buffers)
+    return [registrations for registrations in made if ptrs.intersection(registrations.bases)]
 
 
 def around_registerable_regions(
@@ -100,29 +101,18 @@ def around_registerable_regions(
     reservation is replaced by its committed segments' ranges (at registration and at the
     teardown's deregistration alike)."""
     regions = original(manager)
-    pools = _registered_kv_buffers(manager)
+    pools = _registrations(manager, None)
     if not pools:
         return regions
-    by_base: dict[int, SegmentRegistrations] = {}
-    for buffers in pools:
-        registrations = SegmentRegistrations(None, buffers)
-        by_base.update(dict.fromkeys(registrations.bases, registrations))
-    out: list[tuple[int, int]] = []
-    done: set[int] = set()
-    for ptr, nbytes in regions:
-        registrations = by_base.get(ptr)
-        if registrations is None:
-            out.append((ptr, nbytes))
-        elif id(registrations) not in done:
-            done.add(id(registrations))
-            out.extend(registrations.committed_regions())
-    return out
+    whole = {base for pool in pools for base in pool.bases}
+    kept = [region for region in regions if region[0] not in whole]
+    return kept + [region for pool in pools for region in pool.committed_regions()]
 
 
 def after_register_buffer_to_engine(result: None, manager: MooncakeKVManager) -> None:
     """AFTER `MooncakeKVManager.register_buffer_to_engine`: from now on each segment is
     registered as it is committed and deregistered before it is released."""
-    listeners = [SegmentRegistrations(manager.engine, b) for b in _registered_kv_buffers(manager)]
+    listeners = _registrations(manager, manager.engine)
     for listener in listeners:
         listener.buffers.add_listener(listener)
     allocator = RUNTIME.segmented_allocator(RUNTIME.state.allocator)
