@@ -72,7 +72,10 @@ def test_auto_clamps_10m_context_and_serves(auto_servers: dict[str, Any]) -> Non
         assert kv["token_capacity"] == 8192
         assert "% of the" in kv["reason"]
         out = server.generate(
-            {"text": "Hello world", "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+            {
+                "text": "Hello world",
+                "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+            }
         )
         assert out["meta_info"]["completion_tokens"] == 6
         # A request longer than the clamped context is refused as upstream does; still up.
@@ -86,7 +89,10 @@ def test_auto_clamps_10m_context_and_serves(auto_servers: dict[str, Any]) -> Non
         except urllib.error.HTTPError as err:
             assert err.code == 400
         again = server.generate(
-            {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+            {
+                "text": "Hello",
+                "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+            }
         )
         assert again["meta_info"]["completion_tokens"] == 2
 

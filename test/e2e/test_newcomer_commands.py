@@ -31,10 +31,16 @@ def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _answers(server: LocalServer) -> None:
     out = server.generate(
-        {"text": "Hello world", "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+        {
+            "text": "Hello world",
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+        }
     )
     assert out["meta_info"]["completion_tokens"] == 6
-    long_prompt = {"input_ids": [7] * 1500, "sampling_params": {"max_new_tokens": 2}}
+    long_prompt = {
+        "input_ids": [7] * 1500,
+        "sampling_params": {"max_new_tokens": 2, "ignore_eos": True},
+    }
     assert server.generate(long_prompt)["meta_info"]["completion_tokens"] == 2
 
 

@@ -18,7 +18,10 @@ def static_server(reference_static: ReferenceStatic) -> LocalServer:
 
 def test_generate_and_completions_answer(static_server: LocalServer) -> None:
     out = static_server.generate(
-        {"text": "Hello world", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        {
+            "text": "Hello world",
+            "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+        }
     )
     assert out["meta_info"]["completion_tokens"] == 8
     assert isinstance(out["text"], str) and out["text"]
