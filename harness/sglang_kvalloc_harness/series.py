@@ -12,9 +12,11 @@ directory itself (``.../site-packages/sglang``), or a folder holding it. Each pu
   `in_tree_finder`, itself not carried) are copied byte for byte to their upstream paths
   (``srt/mem_cache/segmented/`` ...); the others are written into ``sglang/srt/kvalloc/``,
   with ``sglang_kvalloc.`` renamed to ``sglang.srt.kvalloc.``;
-- each upstream function a hook of the PR targets (``upstream/plugin.py``) gets one line,
-  ``@kvalloc_hook("AROUND", "sglang.srt.kvalloc.upstream.pools:around_...")``, found by
-  parsing the file (no line numbers, no upstream text kept here), plus one import per file.
+- each upstream function a hook of the PR targets (``upstream/plugin.py``) calls that hook's
+  function inline where its shape allows (BEFORE hooks first, AFTER hooks last:
+  `series_edits.inline_shape`), else gets one decorator line, ``@kvalloc_hook("AROUND",
+  "sglang.srt.kvalloc.upstream.pools:around_...")``; found by parsing the file (no line
+  numbers, no upstream text kept here).
 
 In a git work tree each PR becomes one commit. The repository holds no upstream source: the
 tool edits the user's files. The product's early-plugin hook, the planner and budget CLIs and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import re
 import shutil
@@ -33,19 +36,34 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sglang
+
 from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc.upstream import plugin
+from sglang_kvalloc_harness.series_edits import (
+    IMPORT_LINE,  # noqa: F401 - re-exported: what tests look for
+    Edit,
+    Insertion,
+    SeriesError,
+    _find_def,
+    _is_type_checking,
+    _module_level,
+    _target_file,
+    edit_file,
+    inline_shape,
+    insert_lines,
+)
 
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
 SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, python/sglang_kvalloc
-# Never part of the series: the plugin's registration (replaced by the decorations), the
+# Never part of the series: the plugin's registration (replaced by the edits), the
 # import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
 NOT_IN_SERIES = (
     "upstream/plugin.py",
     "early_plugins.py",
-    "on_import.py",  # the plugin's modules hooked on import; the series decorates them inline
+    "on_import.py",  # the plugin's modules hooked on import; the series edits them inline
     "plan.py",
     "budget.py",
     "in_tree_finder.py",
@@ -58,24 +76,8 @@ PACKAGE_INIT_TEXT = '"""--kv-alloc-mode modules not (yet) at their own upstream 
 INLINE_MODULE = "upstream/inline.py"
 IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
 UPSTREAM_ROOT = "sglang.srt."
-IMPORT_LINE = f"from {UPSTREAM_PACKAGE}.upstream.inline import kvalloc_hook"
-
-
-class SeriesError(RuntimeError):
-    """The series cannot be applied to the tree given (one line for the user)."""
-
-
-@dataclass(frozen=True)
-class Insertion:
-    """Lines a PR writes into an upstream function or list, inline: next to ``anchor``, a
-    line of ``file`` (a path in the ``sglang`` package) that occurs exactly once, or the first
-    one after ``within`` (a line that occurs exactly once) where that is given."""
-
-    file: str
-    anchor: str
-    lines: tuple[str, ...]
-    after: bool = False
-    within: str | None = None
+# The installed upstream (the series' version): where each hook's call goes is read there.
+INSTALLED = Path(sglang.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -197,19 +199,6 @@ SERIES: tuple[PullRequest, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One decoration of an upstream function."""
-
-    target: str  # dotted upstream path, as upstream/plugin.py names it
-    hook_type: str
-    hook: str  # "module:function" in the upstream tree
-
-    @property
-    def line(self) -> str:
-        return f'@kvalloc_hook("{self.hook_type}", "{self.hook}")'
-
-
 @dataclass
 class PlannedPR:
     pr: PullRequest
@@ -264,13 +253,6 @@ def _imports(rel: str, *, lazy: bool = False) -> set[str]:
     return found
 
 
-def _is_type_checking(node: ast.stmt) -> bool:
-    """An ``if TYPE_CHECKING:`` block: imports for type checkers only, never run."""
-    test = getattr(node, "test", None)
-    name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
-    return isinstance(node, ast.If) and name == "TYPE_CHECKING"
-
-
 def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
     """Every node but those of ``if TYPE_CHECKING:`` blocks."""
     out: list[ast.AST] = []
@@ -283,22 +265,6 @@ def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
             for child in ast.iter_child_nodes(node)
             if not (isinstance(child, ast.stmt) and _is_type_checking(child))
         )
-    return out
-
-
-def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
-    """Statements run at import: the module body and its if/try blocks, not function bodies
-    (nor ``if TYPE_CHECKING:`` blocks)."""
-    out: list[ast.stmt] = []
-    for node in body:
-        if _is_type_checking(node):
-            continue
-        out.append(node)
-        if isinstance(node, (ast.If, ast.Try)):
-            for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
-                out.extend(_module_level(block))
-            for handler in getattr(node, "handlers", []):
-                out.extend(_module_level(handler.body))
     return out
 
 
@@ -334,6 +300,16 @@ def _hook_matches(pattern: str, hook: object) -> bool:
     return module == want_module and want_name in ("*", name)
 
 
+def _inline(edit: Edit, hook: object) -> bool:
+    """Whether ``edit`` is an inline call in upstream's function (else a decoration): the
+    function's shape allows one (`inline_shape`, read in the installed upstream) and the hook
+    changes no argument or result (HookRegistry would pass a returned value on)."""
+    file, attrs = _target_file(INSTALLED, edit.target)
+    node = _find_def(ast.parse(file.read_text()), attrs)
+    returns = getattr(hook, "__annotations__", {}).get("return")
+    return inline_shape(node, edit.hook_type) is not None and returns in (None, "None")
+
+
 def plan() -> list[PlannedPR]:
     """Every PR's new files and edits, in merge order. Every hook of upstream/plugin.py lands
     in exactly one PR (SeriesError otherwise)."""
@@ -347,7 +323,8 @@ def plan() -> list[PlannedPR]:
                 f"{len(owners)} PRs of the series (must be exactly one)"
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
-        owners[0].edits.append(Edit(target, hook_type, f"{module}:{hook.__name__}"))
+        edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
+        owners[0].edits.append(dataclasses.replace(edit, inline=_inline(edit, hook)))
     carried: set[str] = set()
     for p in planned:
         roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))
@@ -415,108 +392,6 @@ def upstream_version(package: Path) -> str:
     return "unknown"
 
 
-def _target_file(package: Path, target: str) -> tuple[Path, list[str]]:
-    """Upstream file defining ``target`` and the attribute path inside it."""
-    parts = target.split(".")
-    if parts[0] != "sglang":
-        raise SeriesError(f"hook target {target} is not in the sglang package")
-    for cut in range(len(parts) - 1, 1, -1):
-        candidate = package.joinpath(*parts[1:cut]).with_suffix(".py")
-        if candidate.is_file():
-            return candidate, parts[cut:]
-    raise SeriesError(f"{target}: no file for it under {package}")
-
-
-def _find_def(tree: ast.Module, attrs: list[str]) -> ast.FunctionDef | ast.AsyncFunctionDef:
-    """The one definition of ``attrs`` (class nesting, then the function), wherever it sits
-    (also under ``if`` / ``try`` blocks of the module or the class)."""
-    scopes: list[list[ast.stmt]] = [tree.body]
-    for i, name in enumerate(attrs):
-        last = i == len(attrs) - 1
-        kinds = (ast.FunctionDef, ast.AsyncFunctionDef) if last else (ast.ClassDef,)
-        found = [
-            n
-            for body in scopes
-            for n in _module_level(body)
-            if isinstance(n, kinds) and n.name == name
-        ]
-        if len(found) != 1:
-            raise SeriesError(
-                f"{'.'.join(attrs)}: found {len(found)} definitions of {name!r} (expected one)"
-            )
-        if last:
-            return found[0]  # type: ignore[return-value]
-        scopes = [found[0].body]  # type: ignore[union-attr]
-    raise AssertionError("unreachable")
-
-
-def _import_line_index(tree: ast.Module) -> int:
-    """0-based line index where the decorator import goes: after the module docstring and
-    ``from __future__`` imports."""
-    end = 0
-    for node in tree.body:
-        is_doc = (
-            isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        )
-        is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
-        if (is_doc and end == 0) or is_future:
-            end = node.end_lineno or node.lineno
-        else:
-            break
-    return end
-
-
-def decorate_file(path: Path, edits: list[tuple[list[str], Edit]]) -> None:
-    """Add each edit's decorator to its function in ``path`` (and the import, once)."""
-    text = path.read_text()
-    tree = ast.parse(text)
-    lines = text.splitlines(keepends=True)
-    inserts: list[tuple[int, str]] = []
-    for attrs, edit in edits:
-        node = _find_def(tree, attrs)
-        names = [d.id for d in node.decorator_list if isinstance(d, ast.Name)]
-        if any(edit.hook in (ast.get_source_segment(text, d) or "") for d in node.decorator_list):
-            raise SeriesError(f"{edit.target} already carries {edit.hook}")
-        # As HookRegistry does: wrap the function under @classmethod / @staticmethod, and the
-        # decorated function otherwise.
-        if {"classmethod", "staticmethod"} & set(names) or not node.decorator_list:
-            at = node.lineno - 1
-        else:
-            at = node.decorator_list[0].lineno - 1
-        indent = re.match(r"\s*", lines[node.lineno - 1]).group(0)  # type: ignore[union-attr]
-        inserts.append((at, f"{indent}{edit.line}\n"))
-    if IMPORT_LINE not in text:
-        inserts.append((_import_line_index(tree), f"\n{IMPORT_LINE}\n"))
-    for at, line in sorted(inserts, key=lambda x: x[0], reverse=True):
-        lines.insert(at, line)
-    new_text = "".join(lines)
-    ast.parse(new_text)  # an edit that breaks the file is a bug here, not the user's problem
-    path.write_text(new_text)
-
-
-def insert_lines(package: Path, insertion: Insertion) -> None:
-    """Write ``insertion`` into its upstream file (SeriesError where its anchor is not there
-    exactly once: an upstream that moved on)."""
-    path = package / insertion.file
-    lines = path.read_text().splitlines(keepends=True)
-
-    def once(wanted: str, start: int = 0, first: bool = False) -> int:
-        at = [i for i, line in enumerate(lines) if i >= start and line.rstrip("\n") == wanted]
-        if not at or (len(at) > 1 and not first):
-            raise SeriesError(f"{insertion.file}: {wanted.strip()!r} occurs {len(at)} times")
-        return at[0]
-
-    if insertion.within is None:
-        anchor = once(insertion.anchor)
-    else:
-        anchor = once(insertion.anchor, once(insertion.within) + 1, first=True)
-    index = anchor + 1 if insertion.after else anchor
-    lines[index:index] = [line + "\n" for line in insertion.lines]
-    path.write_text("".join(lines))
-
-
 def upstream_path(rel: str) -> str:
     """Where one of this project's files goes in upstream's package: its own path for an
     ``in_tree/`` file, else under ``srt/kvalloc/``."""
@@ -580,9 +455,13 @@ def _git(root: Path, *args: str) -> str:
 
 def commit_message(p: PlannedPR) -> str:
     body = [p.pr.summary, ""]
-    if p.edits:
+    calls = [e for e in p.edits if e.inline]
+    if calls:
+        body.append("Upstream functions calling the change inline (each replaces a plugin hook):")
+        body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in calls]
+    if len(calls) < len(p.edits):
         body.append("Upstream functions decorated (each replaces a plugin hook):")
-        body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in p.edits]
+        body += [f"- {e.target} ({e.hook_type}: {e.hook})" for e in p.edits if not e.inline]
     if p.pr.insertions:
         body.append("Lines written inline into upstream's code:")
         body += [f"- {i.file}: {' / '.join(x.strip() for x in i.lines)}" for i in p.pr.insertions]
@@ -614,12 +493,15 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
         for rel in p.files:
             carry_file(package, rel)
         for file, edits in by_file.items():
-            decorate_file(file, edits)
+            edit_file(file, edits)
         for insertion in p.pr.insertions:
             insert_lines(package, insertion)
-        log(f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
-            f"{len(p.edits)} decorated function(s) in {len(by_file)} upstream file(s), "
-            f"{len(p.pr.insertions)} inline insertion(s)")  # fmt: skip
+        calls = sum(e.inline for e in p.edits)
+        log(
+            f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
+            f"{calls} inline call(s) and {len(p.edits) - calls} decorated function(s) in "
+            f"{len(by_file)} upstream file(s), {len(p.pr.insertions)} inline insertion(s)"
+        )
         if root is not None:
             _git(root, "add", "-A", "--", str(package))
             _git(root, "commit", "-q", "-m", commit_message(p))
@@ -631,12 +513,13 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
 class PrSize:
     """What one PR adds, in code lines (non-blank, non-comment): files at their own upstream
     paths (byte for byte from ``in_tree/``), files under ``srt/kvalloc/``, and the upstream
-    functions it decorates (each decoration is one added line)."""
+    functions that call the change inline, and those it decorates (one added line each)."""
 
     number: int
     slug: str
     at_upstream_paths: tuple[int, int]  # (files, code lines)
     under_kvalloc: tuple[int, int]
+    inline_calls: int
     decorated: int
     inserted: int  # lines written inline into upstream's files
 
@@ -654,13 +537,14 @@ def sizes() -> list[PrSize]:
         inserted = sum(len(i.lines) for i in p.pr.insertions)
         out.append(
             PrSize(p.pr.number, p.pr.slug, (len(own), sum(own)), (len(rest), sum(rest)),
-                   len(p.edits), inserted)
+                   sum(e.inline for e in p.edits), sum(not e.inline for e in p.edits), inserted)
         )  # fmt: skip
     return out
 
 
 def describe() -> str:
-    """The series as text: per PR, files with their sizes and the functions it decorates."""
+    """The series as text: per PR, files with their sizes and the upstream functions it
+    edits (inline calls, decorations)."""
     out = []
     for p in plan():
         sizes = [(rel, code_lines(carried_text(rel))) for rel in p.files]
@@ -669,8 +553,12 @@ def describe() -> str:
         total = sum(n for rel, n in sizes if rel.endswith(".py"))
         out.append(f"  new files ({total} code lines):")
         out += [f"    {upstream_path(rel)} ({n})" for rel, n in sizes]
-        out.append(f"  upstream functions decorated ({len(p.edits)}):")
-        out += [f"    {e.target}  [{e.hook_type}]" for e in p.edits]
+        calls = [e for e in p.edits if e.inline]
+        out.append(f"  upstream functions calling it inline ({len(calls)}):")
+        out += [f"    {e.target}  [{e.hook_type}: {e.function}]" for e in calls]
+        decorated = [e for e in p.edits if not e.inline]
+        out.append(f"  upstream functions decorated ({len(decorated)}):")
+        out += [f"    {e.target}  [{e.hook_type}]" for e in decorated]
         if p.pr.insertions:
             out.append(f"  lines written inline ({len(p.pr.insertions)}):")
             out += [f"    {i.file}: {' / '.join(x.strip() for x in i.lines)}"
@@ -687,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Apply the --kv-alloc-mode series to an upstream SGLang 0.5.23 tree.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the series: PRs, new files, decorated functions")
+    sub.add_parser("list", help="print the series: PRs, new files, edited functions")
     apply_p = sub.add_parser("apply", help="apply the series to an upstream tree")
     apply_p.add_argument("path", type=Path, help="upstream clone, sglang package dir, or parent")
     apply_p.add_argument("--no-commit", action="store_true", help="edit only, no git commits")

@@ -73,18 +73,49 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
     n = len(series.SERIES)
     assert log[0].startswith(f"[kv-alloc-mode {n}/{n}]")
     assert log[n - 1].startswith(f"[kv-alloc-mode 1/{n}]")
+    edits = {(e.target, e.hook): e for p in series.plan() for e in p.edits}
     for target, hook, hook_type in plugin.hooks():
         file, attrs = series._target_file(package, target)
         text = file.read_text()
         node = series._find_def(ast.parse(text), attrs)
         module = hook.__module__.replace("sglang_kvalloc.", "sglang.srt.kvalloc.")
-        calls = [
+        edit = edits[(target, f"{module}:{hook.__name__}")]
+        decorations = [
             ast.get_source_segment(text, d)
             for d in node.decorator_list
             if f"{module}:{hook.__name__}" in (ast.get_source_segment(text, d) or "")
         ]
-        assert calls == [f'kvalloc_hook("{hook_type}", "{module}:{hook.__name__}")'], target
-        assert text.count(series.IMPORT_LINE) == 1
+        # Every hook of the plugin is exactly one call site in upstream's function: the
+        # plugin's very function, called inline (imported from its module), or decorating.
+        calls = [
+            n
+            for n in ast.walk(node)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == hook.__name__
+        ]
+        imports = [
+            n
+            for n in ast.walk(node)
+            if isinstance(n, ast.ImportFrom)
+            and n.module == module
+            and [a.name for a in n.names] == [hook.__name__]
+        ]
+        if edit.inline:
+            assert (len(calls), len(imports), decorations) == (1, 1, []), target
+            first = node.body[1] if ast.get_docstring(node) else node.body[0]
+            if hook_type == "BEFORE":  # before anything of upstream's runs
+                assert first is imports[0], target
+            else:  # AFTER: the last thing, with upstream's result (then returned)
+                last = [x.value for x in node.body[-2:] if isinstance(x, ast.Expr)]
+                assert calls[0] in last, target
+        else:
+            assert (len(calls), len(imports)) == (0, 0), target
+            assert decorations == [f'kvalloc_hook("{hook_type}", "{module}:{hook.__name__}")'], (
+                target
+            )
+        decorated = {
+            series._target_file(package, e.target)[0] for e in edits.values() if not e.inline
+        }
+        assert text.count(series.IMPORT_LINE) == (file in decorated), file
     carried = list((package / "srt" / "kvalloc").rglob("*.py"))
     assert len(carried) >= 15
     for path in carried:

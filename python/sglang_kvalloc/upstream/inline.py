@@ -1,7 +1,9 @@
 """A hook applied where upstream defines the function, not patched in at plugin load.
 
 The upstream PR series (the harness's `series` tool) puts this module into upstream's tree and
-decorates each function a hook of `plugin.py` targets with `@kvalloc_hook(type, "module:name")`.
+decorates each function an AROUND hook of `plugin.py` targets (and an AFTER hook's function
+with early returns) with `@kvalloc_hook(type, "module:name")`; BEFORE and AFTER hooks are
+called inline there instead.
 The wrapper is upstream's own (`hook_registry._wrap_fn`), so BEFORE, AFTER and AROUND behave
 exactly as they do through `HookRegistry`; the hook's module is imported at the first call,
 which keeps upstream's import order (and its import cycles) as they are.
