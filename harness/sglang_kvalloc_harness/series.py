@@ -40,6 +40,7 @@ import sglang
 
 from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc.upstream import plugin
+from sglang_kvalloc.upstream.inline import INLINE_FORM
 from sglang_kvalloc_harness.series_edits import (
     IMPORT_LINE,  # noqa: F401 - re-exported: what tests look for
     Edit,
@@ -133,9 +134,9 @@ SERIES: tuple[PullRequest, ...] = (
         "Lazy req_to_token and RoPE cache in segmented mode",
         "The tables sized by the context are reserved and committed as used.",
         (
-            "pools.around_build_default_req_pool",
-            "pools.around_build_decode_req_pool",
-            "pools.around_profile_available_bytes",
+            "pools.segmented_default_req_pool",
+            "pools.segmented_decode_req_pool",
+            "pools.kv_budget_bytes",
             "rope.*",
         ),
         (
@@ -153,7 +154,7 @@ SERIES: tuple[PullRequest, ...] = (
             "pools.around_build_mha_kv_pool",
             "pools.around_build_hybrid_swa_kv_pool",
             "pools.around_build_mla_kv_pool",
-            "pools.around_build_allocator",
+            "pools.segment_aware_allocator",
             "scheduler_loop.*",
             "cpu_attention.*",
         ),
@@ -172,7 +173,7 @@ SERIES: tuple[PullRequest, ...] = (
         "kv-alloc-observability",
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
-        ("pools.around_configure", "pools.after_get_internal_state", "metrics.*"),
+        ("pools.record_configuration", "pools.after_get_internal_state", "metrics.*"),
     ),
     PullRequest(
         7,
@@ -300,14 +301,18 @@ def _hook_matches(pattern: str, hook: object) -> bool:
     return module == want_module and want_name in ("*", name)
 
 
-def _inline(edit: Edit, hook: object) -> bool:
-    """Whether ``edit`` is an inline call in upstream's function (else a decoration): the
-    function's shape allows one (`inline_shape`, read in the installed upstream) and the hook
-    changes no argument or result (HookRegistry would pass a returned value on)."""
+def _inline_form(edit: Edit, hook: object) -> str | None:
+    """Where ``edit``'s inline call goes in upstream's function (None: a decoration): where
+    the function's shape allows one (`inline_shape`, read in the installed upstream), for a
+    BEFORE or AFTER hook that changes no argument or result (HookRegistry would pass a
+    returned value on) and for an AROUND hook made by `inline.instead` or `inline.then`."""
     file, attrs = _target_file(INSTALLED, edit.target)
     node = _find_def(ast.parse(file.read_text()), attrs)
-    returns = getattr(hook, "__annotations__", {}).get("return")
-    return inline_shape(node, edit.hook_type) is not None and returns in (None, "None")
+    around_form = getattr(hook, INLINE_FORM, None)
+    if edit.hook_type in ("BEFORE", "AFTER"):
+        if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
+            return None
+    return inline_shape(node, edit.hook_type, around_form)
 
 
 def plan() -> list[PlannedPR]:
@@ -324,7 +329,7 @@ def plan() -> list[PlannedPR]:
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
-        owners[0].edits.append(dataclasses.replace(edit, inline=_inline(edit, hook)))
+        owners[0].edits.append(dataclasses.replace(edit, form=_inline_form(edit, hook)))
     carried: set[str] = set()
     for p in planned:
         roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))

@@ -18,6 +18,7 @@ IMPORT_LINE = "from sglang.srt.kvalloc.upstream.inline import kvalloc_hook"
 # Upstream's formatter (black, pre-commit) wraps at 88 columns.
 LINE_LIMIT = 88
 RESULT = "result"
+BUILT = "built"
 
 
 class SeriesError(RuntimeError):
@@ -45,7 +46,12 @@ class Edit:
     target: str  # dotted upstream path, as upstream/plugin.py names it
     hook_type: str
     hook: str  # "module:function" in the upstream tree
-    inline: bool = False
+    # Where the inline call goes (`inline_shape`); None: a decoration.
+    form: str | None = None
+
+    @property
+    def inline(self) -> bool:
+        return self.form is not None
 
     @property
     def line(self) -> str:
@@ -144,19 +150,24 @@ def _returns(node: ast.AST) -> list[ast.Return]:
     return out
 
 
-def inline_shape(node: ast.FunctionDef | ast.AsyncFunctionDef, hook_type: str) -> str | None:
+def inline_shape(
+    node: ast.FunctionDef | ast.AsyncFunctionDef, hook_type: str, around_form: str | None = None
+) -> str | None:
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
-    body's last statement); None where an inline call could miss a path (a decoration then)."""
+    body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
+    what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
+    gives); None where an inline call could miss a path (a decoration then)."""
+    returns = _returns(node)
+    final_only = len(returns) == 1 and returns[0] is node.body[-1] and returns[0].value is not None
     if hook_type == "BEFORE":
         return "start"
-    if hook_type != "AFTER":
-        return None
-    returns = _returns(node)
-    if not returns:
-        return "end"
-    if len(returns) == 1 and returns[0] is node.body[-1] and returns[0].value is not None:
-        return "return"
+    if hook_type == "AFTER":
+        return "end" if not returns else "return" if final_only else None
+    if hook_type == "AROUND" and around_form == "instead":
+        return "instead"
+    if hook_type == "AROUND" and around_form == "then" and final_only:
+        return "then"
     return None
 
 
@@ -185,9 +196,14 @@ def _wrapped(indent: str, head: str, items: list[str], tail: str = ")") -> list[
 
 
 def inline_call_lines(
-    node: ast.FunctionDef | ast.AsyncFunctionDef, edit: Edit, indent: str, result: str | None
+    node: ast.FunctionDef | ast.AsyncFunctionDef,
+    edit: Edit,
+    indent: str,
+    result: str | None,
+    head: str = "",
 ) -> list[str]:
-    """The import and the call of ``edit``'s hook, as upstream writes a local import."""
+    """The import and the call of ``edit``'s hook, as upstream writes a local import; the
+    call's line starts with ``head`` (``return ``, ``built = ``)."""
     module = edit.hook.partition(":")[0]
     lines = [f"{indent}from {module} import {edit.function}"]
     if len(lines[0]) > LINE_LIMIT:
@@ -195,7 +211,7 @@ def inline_call_lines(
     args = _arguments(node)
     if result is not None:
         args = [result, *args]
-    return lines + _wrapped(indent, f"{edit.function}(", args)
+    return lines + _wrapped(indent, f"{head}{edit.function}(", args)
 
 
 def _body_indent(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
@@ -206,28 +222,36 @@ def _inline_inserts(
     lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef, edit: Edit
 ) -> list[tuple[int, int, list[str]]]:
     """(first line, lines replaced, new lines) of ``edit``'s inline call, 0-based."""
-    shape = inline_shape(node, edit.hook_type)
+    shape = edit.form
     indent = _body_indent(lines, node)
-    if shape == "start":
+    if shape in ("start", "instead"):
         first = node.body[0]
         is_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
         is_doc = is_doc and isinstance(first.value.value, str)  # type: ignore[union-attr]
         at = (first.end_lineno or first.lineno) if is_doc else first.lineno - 1
-        return [(at, 0, inline_call_lines(node, edit, indent, None))]
+        if shape == "start":
+            return [(at, 0, inline_call_lines(node, edit, indent, None))]
+        if BUILT in _arguments(node):
+            raise SeriesError(f"{edit.target}: a parameter is named {BUILT!r}")
+        call = inline_call_lines(node, edit, indent, None, f"{BUILT} = ")
+        returned = [f"{indent}if {BUILT} is not None:", f"{indent}    return {BUILT}"]
+        return [(at, 0, [*call, *returned])]
     if shape == "end":
         last = node.body[-1]
         return [(last.end_lineno or last.lineno, 0, inline_call_lines(node, edit, indent, "None"))]
-    if shape == "return":
+    if shape in ("return", "then"):
         ret = node.body[-1]
         start, end = ret.lineno - 1, ret.end_lineno or ret.lineno
+        head = "return " if shape == "then" else ""
         if isinstance(ret.value, ast.Name):  # upstream's own name for its result
-            return [(start, 0, inline_call_lines(node, edit, indent, ret.value.id))]
+            call = inline_call_lines(node, edit, indent, ret.value.id, head)
+            return [(start, end - start, call)] if head else [(start, 0, call)]
         if RESULT in _arguments(node):
             raise SeriesError(f"{edit.target}: a parameter is named {RESULT!r}")
         text = "".join(lines[start:end])
         assigned = re.sub(r"^(\s*)return\b", rf"\1{RESULT} =", text, count=1).rstrip("\n")
-        new = [*assigned.split("\n"), *inline_call_lines(node, edit, indent, RESULT)]
-        return [(start, end - start, [*new, f"{indent}return {RESULT}"])]
+        new = [*assigned.split("\n"), *inline_call_lines(node, edit, indent, RESULT, head)]
+        return [(start, end - start, new if head else [*new, f"{indent}return {RESULT}"])]
     raise SeriesError(f"{edit.target}: no inline call for a {edit.hook_type} hook of this shape")
 
 

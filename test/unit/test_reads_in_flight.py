@@ -127,7 +127,7 @@ def _serve(
                     pool.req_to_token[req.kv.req_pool_idx, :n] = torch.arange(n, dtype=torch.int32)
         decoding = [r for r in running if r not in admitted]
         batch = types.SimpleNamespace(reqs=decoding, req_to_token_pool=pool)
-        assert scheduler_loop.around_check_decode_mem(lambda b, s: True, batch)
+        assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
         reqs = admitted or decoding
         if reqs:
             if note_reads:

@@ -11,6 +11,7 @@ which keeps upstream's import order (and its import cycles) as they are.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -45,3 +46,37 @@ def kvalloc_hook(hook_type: str, path: str) -> Callable[[F], F]:
         return _wrap_fn(fn, _LazyHook(path), kind)  # type: ignore[return-value]
 
     return decorate
+
+
+# The two shapes of AROUND hook that have an inline form: the plugin wraps the function, the
+# series calls the same function in upstream's (harness `series_edits.py`). `INLINE_FORM` on
+# the wrapper names the shape.
+INLINE_FORM = "kvalloc_inline_form"
+INSTEAD, THEN = "instead", "then"
+
+
+def instead(build: Callable[..., Any]) -> Callable[..., Any]:
+    """An AROUND hook from ``build(self, ...)``: what segmented mode makes in place of what
+    upstream's function makes, or None where upstream's own runs. Inline (the series): the
+    function's first statements call ``build`` and return what it built, if anything."""
+
+    @functools.wraps(build)
+    def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        built = build(*args, **kwargs)
+        return original(*args, **kwargs) if built is None else built
+
+    setattr(around, INLINE_FORM, INSTEAD)
+    return around
+
+
+def then(amend: Callable[..., Any]) -> Callable[..., Any]:
+    """An AROUND hook from ``amend(result, self, ...)``: upstream's result, or one in its place
+    (recorded, checked or adjusted). Inline (the series): the function's final ``return``
+    returns ``amend`` of the value it returned."""
+
+    @functools.wraps(amend)
+    def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return amend(original(*args, **kwargs), *args, **kwargs)
+
+    setattr(around, INLINE_FORM, THEN)
+    return around

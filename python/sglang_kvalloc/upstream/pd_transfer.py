@@ -16,12 +16,12 @@ Both sides commit their KV pool on demand, as a plain server does. What PD adds:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sglang_kvalloc.upstream import scheduler_loop
+from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -94,19 +94,21 @@ def _registrations(manager: MooncakeKVManager, engine: Any) -> list[SegmentRegis
     return [registrations for registrations in made if ptrs.intersection(registrations.bases)]
 
 
-def around_registerable_regions(
-    original: Callable[..., list[tuple[int, int]]], manager: MooncakeKVManager
+def registerable_committed_regions(
+    regions: list[tuple[int, int]], manager: MooncakeKVManager
 ) -> list[tuple[int, int]]:
-    """AROUND `MooncakeKVManager._registerable_regions`: a segmented KV buffer's whole
+    """AROUND `MooncakeKVManager._registerable_regions` (then): a segmented KV buffer's whole
     reservation is replaced by its committed segments' ranges (at registration and at the
     teardown's deregistration alike)."""
-    regions = original(manager)
     pools = _registrations(manager, None)
     if not pools:
         return regions
     whole = {base for pool in pools for base in pool.bases}
     kept = [region for region in regions if region[0] not in whole]
     return kept + [region for pool in pools for region in pool.committed_regions()]
+
+
+around_registerable_regions = then(registerable_committed_regions)
 
 
 def after_register_buffer_to_engine(result: None, manager: MooncakeKVManager) -> None:
@@ -234,17 +236,19 @@ def decode_step(scheduler: Scheduler) -> None:
     allocator.scheduler_step(demand + preallocation_demand_tokens(queue))
 
 
-def around_allocatable_token_budgets(
-    original: Callable[..., int], queue: DecodePreallocQueue, *args: Any, **kwargs: Any
+def committed_token_budgets(
+    tokens: int, queue: DecodePreallocQueue, *args: Any, **kwargs: Any
 ) -> int:
-    """AROUND `DecodePreallocQueue._allocatable_token_budgets`: upstream counts the allocator's
-    available size, which promises the uncommitted segments too; pre-allocation admits by
-    committed free memory only (the commit-ahead above covers the queue's demand)."""
-    tokens = original(queue, *args, **kwargs)
+    """AROUND `DecodePreallocQueue._allocatable_token_budgets` (then): upstream counts the
+    allocator's available size, which promises the uncommitted segments too; pre-allocation
+    admits by committed free memory only (the commit-ahead above covers the queue's demand)."""
     allocator = RUNTIME.segmented_allocator(queue.token_to_kv_pool_allocator)
     if allocator is None:
         return tokens
     return tokens - (allocator.available_size() - allocator.committed_available_size())
+
+
+around_allocatable_token_budgets = then(committed_token_budgets)
 
 
 def before_next_disagg_prefill_batch(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
+from sglang_kvalloc.upstream.inline import instead, then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -202,12 +203,11 @@ def _context_within_pool(configurator: KVCacheConfigurator, config: MemoryPoolCo
     configurator.model_config.context_len = capacity
 
 
-def around_profile_available_bytes(
-    original: Callable[..., int], configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
+def kv_budget_bytes(
+    available: int, configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> int:
-    """AROUND `KVCacheConfigurator._profile_available_bytes`: the KV budget leaves the room
+    """AROUND `KVCacheConfigurator._profile_available_bytes` (then): the KV budget leaves the room
     segmented mode keeps free for req_to_token rows (0 in every other case)."""
-    available = original(configurator, *args, **kwargs)
     if not configurator.is_draft_worker:
         # Servers sharing a budget reserve it whole, whatever memory their start finds free.
         budgeted = shared_budget.pool_bytes(configurator)
@@ -216,6 +216,9 @@ def around_profile_available_bytes(
     if configurator.is_draft_worker or not room:
         return available
     return int(available) - room
+
+
+around_profile_available_bytes = then(kv_budget_bytes)
 
 
 def _decide(
@@ -317,12 +320,13 @@ def _unforeseen_pool(what: str) -> modes.KvAllocModeError:
     )
 
 
-def around_build_default_req_pool(
-    original: Callable[..., ReqToTokenPool], self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> ReqToTokenPool:
-    """AROUND `_build_default_req_pool`: segmented req_to_token in segmented mode."""
+def segmented_default_req_pool(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool | None:
+    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented mode
+    (None: upstream's)."""
     if not _builds_segmented(self):
-        return original(self, *args, **kwargs)
+        return None
     from sglang.srt.runtime_context import get_exec
 
     from sglang_kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
@@ -336,13 +340,16 @@ def around_build_default_req_pool(
     )
 
 
-def around_build_decode_req_pool(
-    original: Callable[..., ReqToTokenPool], self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> ReqToTokenPool:
-    """AROUND `_build_decode_req_pool` (a PD decode server): the lazy decode req_to_token in
-    segmented mode, its pre-allocation rows included."""
+around_build_default_req_pool = instead(segmented_default_req_pool)
+
+
+def segmented_decode_req_pool(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool | None:
+    """AROUND `_build_decode_req_pool` (instead; a PD decode server): the lazy decode
+    req_to_token in segmented mode, its pre-allocation rows included (None: upstream's)."""
     if not _builds_segmented(self):
-        return original(self, *args, **kwargs)
+        return None
     from sglang.srt.runtime_context import get_exec
 
     from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
@@ -354,6 +361,9 @@ def around_build_decode_req_pool(
         enable_memory_saver=get_exec().features.enable_memory_saver,
         pre_alloc_size=kwargs["pre_alloc_size"],
     )
+
+
+around_build_decode_req_pool = instead(segmented_decode_req_pool)
 
 
 def around_build_mha_kv_pool(
@@ -424,15 +434,14 @@ def around_build_mla_kv_pool(
     )
 
 
-def around_build_allocator(
-    original: Callable[..., BaseTokenToKVPoolAllocator],
+def segment_aware_allocator(
+    allocator: BaseTokenToKVPoolAllocator,
     self: KVCacheConfigurator,
     *args: Any,
     **kwargs: Any,
 ) -> BaseTokenToKVPoolAllocator:
-    """AROUND `_build_token_to_kv_pool_allocator`: segment-aware allocators over a segmented
+    """AROUND `_build_token_to_kv_pool_allocator` (then): segment-aware allocators over a segmented
     pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
-    allocator = original(self, *args, **kwargs)
     pool = kwargs.get("token_to_kv_pool")
     if not _builds_kv_on_demand(self):
         return allocator
@@ -471,14 +480,16 @@ def around_build_allocator(
     )
 
 
-def around_configure(
-    original: Callable[..., KVCacheConfigResult],
+around_build_allocator = then(segment_aware_allocator)
+
+
+def record_configuration(
+    result: KVCacheConfigResult,
     self: KVCacheConfigurator,
     *args: Any,
     **kwargs: Any,
 ) -> KVCacheConfigResult:
-    """AROUND `KVCacheConfigurator.configure`: record and log what was built."""
-    result = original(self, *args, **kwargs)
+    """AROUND `KVCacheConfigurator.configure` (then): record and log what was built."""
     if self.is_draft_worker:
         return result
     req_to_token = getattr(result.req_to_token_pool, "req_to_token", None)
@@ -511,6 +522,9 @@ def around_configure(
         + (f" ({decision.kv_pool_note})" if decision.kv_pool_note else ""),
     )
     return result
+
+
+around_configure = then(record_configuration)
 
 
 def after_get_internal_state(result: GetInternalStateReqOutput, *args: Any, **kwargs: Any) -> None:

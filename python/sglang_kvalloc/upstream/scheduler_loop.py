@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from sglang_kvalloc.upstream import memory_release, shared_budget
+from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -167,19 +168,18 @@ def around_add_one_req(
     return result
 
 
-def around_check_decode_mem(
-    original: Callable[..., bool],
+def decode_rows_committed(
+    ok: bool,
     batch: ScheduleBatch,
     selected_indices: list[int] | None = None,
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """AROUND `ScheduleBatch.check_decode_mem`: besides upstream's KV check, every request's
+    """AROUND `ScheduleBatch.check_decode_mem` (then): besides upstream's KV check, every request's
     req_to_token row covers the positions the next decode steps write (two, for the overlap
     scheduler), committed here where it does not. A row that cannot grow fails the check, so
     upstream retracts requests (and aborts the last one) as it does when its KV pool is full,
     instead of a write landing on the scratch page every uncommitted row reads."""
-    ok = original(batch, selected_indices, *args, **kwargs)
     pool = batch.req_to_token_pool
     if not ok or not RUNTIME.decision.explicit_commits:
         return ok
@@ -191,6 +191,9 @@ def around_check_decode_mem(
         if req.kv.req_pool_idx is not None
     ]
     return pool.check_decode_rows(rows)
+
+
+around_check_decode_mem = then(decode_rows_committed)
 
 
 def before_run_batch(scheduler: Scheduler, batch: ScheduleBatch, *args: Any, **kwargs: Any) -> None:
