@@ -40,18 +40,17 @@ import sglang
 
 from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc.upstream import plugin
-from sglang_kvalloc.upstream.inline import INLINE_FORM
 from sglang_kvalloc_harness.series_edits import (
     IMPORT_LINE,  # noqa: F401 - re-exported: what tests look for
     Edit,
     Insertion,
     SeriesError,
-    _find_def,
+    _find_def,  # noqa: F401 - re-exported: what tests look for
     _is_type_checking,
     _module_level,
     _target_file,
     edit_file,
-    inline_shape,
+    inline_form,
     insert_lines,
 )
 
@@ -301,20 +300,6 @@ def _hook_matches(pattern: str, hook: object) -> bool:
     return module == want_module and want_name in ("*", name)
 
 
-def _inline_form(edit: Edit, hook: object) -> str | None:
-    """Where ``edit``'s inline call goes in upstream's function (None: a decoration): where
-    the function's shape allows one (`inline_shape`, read in the installed upstream), for a
-    BEFORE or AFTER hook that changes no argument or result (HookRegistry would pass a
-    returned value on) and for an AROUND hook made by `inline.instead` or `inline.then`."""
-    file, attrs = _target_file(INSTALLED, edit.target)
-    node = _find_def(ast.parse(file.read_text()), attrs)
-    around_form = getattr(hook, INLINE_FORM, None)
-    if edit.hook_type in ("BEFORE", "AFTER"):
-        if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
-            return None
-    return inline_shape(node, edit.hook_type, around_form)
-
-
 def plan() -> list[PlannedPR]:
     """Every PR's new files and edits, in merge order. Every hook of upstream/plugin.py lands
     in exactly one PR (SeriesError otherwise)."""
@@ -329,7 +314,7 @@ def plan() -> list[PlannedPR]:
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
-        owners[0].edits.append(dataclasses.replace(edit, form=_inline_form(edit, hook)))
+        owners[0].edits.append(dataclasses.replace(edit, form=inline_form(INSTALLED, edit, hook)))
     carried: set[str] = set()
     for p in planned:
         roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))

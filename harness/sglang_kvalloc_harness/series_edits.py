@@ -171,6 +171,21 @@ def inline_shape(
     return None
 
 
+def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
+    """Where ``edit``'s inline call goes in upstream's function (None: a decoration): where
+    the function's shape in ``package`` allows one (`inline_shape`), for a BEFORE or AFTER
+    hook that changes no argument or result (HookRegistry would pass a returned value on) and
+    for an AROUND hook made by `inline.instead` or `inline.then`."""
+    from sglang_kvalloc.upstream.inline import INLINE_FORM
+
+    file, attrs = _target_file(package, edit.target)
+    node = _find_def(ast.parse(file.read_text()), attrs)
+    if edit.hook_type in ("BEFORE", "AFTER"):
+        if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
+            return None
+    return inline_shape(node, edit.hook_type, getattr(hook, INLINE_FORM, None))
+
+
 def _arguments(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
     """The function's own parameters as a call passes them on (as HookRegistry's wrappers
     pass the caller's arguments)."""
