@@ -40,6 +40,7 @@ import sglang
 
 from sglang_kvalloc import in_tree_finder
 from sglang_kvalloc.upstream import plugin
+from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT
 from sglang_kvalloc_harness.series_edits import (
     IMPORT_LINE,  # noqa: F401 - re-exported: what tests look for
     Edit,
@@ -150,9 +151,9 @@ SERIES: tuple[PullRequest, ...] = (
         "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
         (
-            "pools.around_build_mha_kv_pool",
-            "pools.around_build_hybrid_swa_kv_pool",
-            "pools.around_build_mla_kv_pool",
+            "pools.segmented_mha_pool_class",
+            "pools.segmented_swa_pool_class",
+            "pools.segmented_mla_pool_class",
             "pools.segment_aware_allocator",
             "scheduler_loop.*",
             "cpu_attention.*",
@@ -314,7 +315,9 @@ def plan() -> list[PlannedPR]:
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
-        owners[0].edits.append(dataclasses.replace(edit, form=inline_form(INSTALLED, edit, hook)))
+        form = inline_form(INSTALLED, edit, hook)
+        assigns = getattr(hook, INLINE_ARGUMENT, None) if form == "argument" else None
+        owners[0].edits.append(dataclasses.replace(edit, form=form, assigns=assigns))
     carried: set[str] = set()
     for p in planned:
         roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))

@@ -48,6 +48,8 @@ class Edit:
     hook: str  # "module:function" in the upstream tree
     # Where the inline call goes (`inline_shape`); None: a decoration.
     form: str | None = None
+    # The parameter an "argument" call assigns.
+    assigns: str | None = None
 
     @property
     def inline(self) -> bool:
@@ -151,13 +153,17 @@ def _returns(node: ast.AST) -> list[ast.Return]:
 
 
 def inline_shape(
-    node: ast.FunctionDef | ast.AsyncFunctionDef, hook_type: str, around_form: str | None = None
+    node: ast.FunctionDef | ast.AsyncFunctionDef,
+    hook_type: str,
+    around_form: str | None = None,
+    assigns: str | None = None,
 ) -> str | None:
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
     body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
     what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
-    gives); None where an inline call could miss a path (a decoration then)."""
+    gives), "argument" (one made by `inline.argument`: first, assigning a keyword-only
+    parameter); None where an inline call could miss a path (a decoration then)."""
     returns = _returns(node)
     final_only = len(returns) == 1 and returns[0] is node.body[-1] and returns[0].value is not None
     if hook_type == "BEFORE":
@@ -168,6 +174,9 @@ def inline_shape(
         return "instead"
     if hook_type == "AROUND" and around_form == "then" and final_only:
         return "then"
+    keyword_only = [a.arg for a in node.args.kwonlyargs]
+    if hook_type == "AROUND" and around_form == "argument" and assigns in keyword_only:
+        return "argument"
     return None
 
 
@@ -176,14 +185,15 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
     the function's shape in ``package`` allows one (`inline_shape`), for a BEFORE or AFTER
     hook that changes no argument or result (HookRegistry would pass a returned value on) and
     for an AROUND hook made by `inline.instead` or `inline.then`."""
-    from sglang_kvalloc.upstream.inline import INLINE_FORM
+    from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT, INLINE_FORM
 
     file, attrs = _target_file(package, edit.target)
     node = _find_def(ast.parse(file.read_text()), attrs)
     if edit.hook_type in ("BEFORE", "AFTER"):
         if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
             return None
-    return inline_shape(node, edit.hook_type, getattr(hook, INLINE_FORM, None))
+    around_form = getattr(hook, INLINE_FORM, None)
+    return inline_shape(node, edit.hook_type, around_form, getattr(hook, INLINE_ARGUMENT, None))
 
 
 def _arguments(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
@@ -239,13 +249,16 @@ def _inline_inserts(
     """(first line, lines replaced, new lines) of ``edit``'s inline call, 0-based."""
     shape = edit.form
     indent = _body_indent(lines, node)
-    if shape in ("start", "instead"):
+    if shape in ("start", "instead", "argument"):
         first = node.body[0]
         is_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
         is_doc = is_doc and isinstance(first.value.value, str)  # type: ignore[union-attr]
         at = (first.end_lineno or first.lineno) if is_doc else first.lineno - 1
         if shape == "start":
             return [(at, 0, inline_call_lines(node, edit, indent, None))]
+        if shape == "argument":
+            head = f"{edit.assigns} = "
+            return [(at, 0, inline_call_lines(node, edit, indent, None, head))]
         if BUILT in _arguments(node):
             raise SeriesError(f"{edit.target}: a parameter is named {BUILT!r}")
         call = inline_call_lines(node, edit, indent, None, f"{BUILT} = ")

@@ -102,7 +102,7 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
         if edit.inline:
             assert (len(calls), len(imports), decorations) == (1, 1, []), target
             first = node.body[1] if ast.get_docstring(node) else node.body[0]
-            if edit.form in ("start", "instead"):  # before anything of upstream's runs
+            if edit.form in ("start", "instead", "argument"):  # before upstream's code
                 assert first is imports[0], target
             else:  # AFTER: the last thing, with upstream's result (then returned)
                 last = [x.value for x in node.body[-2:] if isinstance(x, (ast.Expr, ast.Return))]

@@ -80,3 +80,23 @@ def then(amend: Callable[..., Any]) -> Callable[..., Any]:
 
     setattr(around, INLINE_FORM, THEN)
     return around
+
+
+ARGUMENT = "argument"
+# On an `argument` hook: the name of the parameter it chooses.
+INLINE_ARGUMENT = "kvalloc_inline_argument"
+
+
+def argument(name: str, choose: Callable[..., Any]) -> Callable[..., Any]:
+    """An AROUND hook from ``choose(self, ...)``: the value of upstream's keyword argument
+    ``name`` in segmented mode (the caller's value otherwise). Inline (the series): the
+    function's first statement assigns the parameter what ``choose`` returns."""
+
+    @functools.wraps(choose)
+    def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        kwargs[name] = choose(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(around, INLINE_FORM, ARGUMENT)
+    setattr(around, INLINE_ARGUMENT, name)
+    return around

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
-from sglang_kvalloc.upstream.inline import instead, then
+from sglang_kvalloc.upstream.inline import argument, instead, then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -366,72 +366,66 @@ def segmented_decode_req_pool(
 around_build_decode_req_pool = instead(segmented_decode_req_pool)
 
 
-def around_build_mha_kv_pool(
-    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> KVCache:
-    """AROUND `_build_mha_kv_pool`: the segmented MHA pool class in segmented mode."""
+def segmented_mha_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
+    """AROUND `_build_mha_kv_pool` (argument `mha_pool_class`): the segmented MHA pool class
+    in segmented mode (upstream's choice otherwise)."""
+    pool_class = kwargs.get("mha_pool_class")
     if not _builds_kv_on_demand(self):
-        return original(self, *args, **kwargs)
+        return pool_class
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
 
-    pool_class = kwargs.get("mha_pool_class")
     if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
         name = getattr(pool_class, "__name__", "?")
         quantized = " with a KV quantization method" if kwargs.get("quant_method") else ""
         raise _unforeseen_pool(f"the {name} pool{quantized}")
-    kwargs["mha_pool_class"] = SegmentedMHATokenToKVPool
-    return original(self, *args, **kwargs)
+    return SegmentedMHATokenToKVPool
 
 
-def _with_segmented_class(
-    original: Callable[..., KVCache],
-    configurator: KVCacheConfigurator,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    key: str,
-    upstream_class: type[KVCache],
-    segmented_class: type[KVCache],
-) -> KVCache:
-    """Call a `_build_*_kv_pool` with ``kwargs[key]`` (the pool class upstream chose) swapped
-    for its segmented subclass (upstream's plain class, as the decision foresaw)."""
-    chosen = kwargs.get(key)
+around_build_mha_kv_pool = argument("mha_pool_class", segmented_mha_pool_class)
+
+
+def _segmented_class(
+    chosen: type[KVCache], upstream_class: type[KVCache], segmented_class: type[KVCache]
+) -> type[KVCache]:
+    """The segmented subclass of the pool class upstream chose (its plain class, as the
+    decision foresaw)."""
     if chosen is not upstream_class:
         raise _unforeseen_pool(f"the {getattr(chosen, '__name__', '?')} pool")
-    kwargs[key] = segmented_class
-    return original(configurator, *args, **kwargs)
+    return segmented_class
 
 
-def around_build_hybrid_swa_kv_pool(
-    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> KVCache:
-    """AROUND `_build_hybrid_swa_kv_pool`: upstream's `SWAKVPool` with both sub-pools (full
-    and sliding-window) segment-committed, in segmented mode."""
+def segmented_swa_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
+    """AROUND `_build_hybrid_swa_kv_pool` (argument `mha_pool_class`): upstream's `SWAKVPool`
+    with both sub-pools (full and sliding-window) segment-committed, in segmented mode."""
+    pool_class = kwargs.get("mha_pool_class")
     if not _builds_kv_on_demand(self):
-        return original(self, *args, **kwargs)
+        return pool_class
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
 
-    return _with_segmented_class(
-        original, self, args, kwargs, "mha_pool_class", MHATokenToKVPool, SegmentedMHATokenToKVPool
-    )
+    return _segmented_class(pool_class, MHATokenToKVPool, SegmentedMHATokenToKVPool)
 
 
-def around_build_mla_kv_pool(
-    original: Callable[..., KVCache], self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> KVCache:
-    """AROUND `_build_mla_kv_pool`: the segmented MLA (latent cache) pool in segmented mode."""
+around_build_hybrid_swa_kv_pool = argument("mha_pool_class", segmented_swa_pool_class)
+
+
+def segmented_mla_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
+    """AROUND `_build_mla_kv_pool` (argument `mla_pool_class`): the segmented MLA (latent
+    cache) pool in segmented mode."""
+    pool_class = kwargs.get("mla_pool_class")
     if not _builds_kv_on_demand(self):
-        return original(self, *args, **kwargs)
+        return pool_class
     from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
 
     from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMLATokenToKVPool
 
-    return _with_segmented_class(
-        original, self, args, kwargs, "mla_pool_class", MLATokenToKVPool, SegmentedMLATokenToKVPool
-    )
+    return _segmented_class(pool_class, MLATokenToKVPool, SegmentedMLATokenToKVPool)
+
+
+around_build_mla_kv_pool = argument("mla_pool_class", segmented_mla_pool_class)
 
 
 def segment_aware_allocator(
