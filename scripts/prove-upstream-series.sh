@@ -77,7 +77,8 @@ assert importlib.util.find_spec("sglang_kvalloc.upstream") is None, "the plugin 
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc
 assert KvAlloc in ServerArgs._NAMESPACES, "KvAlloc not listed in _INPUT_NAMESPACES"
-assert getattr(ServerArgs.from_cli_args, "__wrapped__", None), "from_cli_args not decorated"
+import inspect
+assert "checked_cli_args(" in inspect.getsource(ServerArgs.from_cli_args), "no inline call"
 print("[proof] no sglang-kvalloc entry point, no sglang_kvalloc.upstream; series at", k.__file__)
 EOF
 

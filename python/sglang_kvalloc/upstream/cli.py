@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sglang_kvalloc import modes
+from sglang_kvalloc.upstream.inline import then
 
 if TYPE_CHECKING:
     from sglang.srt.server_args import ServerArgs
@@ -23,14 +23,13 @@ if TYPE_CHECKING:
 DEST = modes.SERVER_ARGS_ATTR
 
 
-def around_from_cli_args(
-    original: Callable[..., ServerArgs], cls: type[ServerArgs], args: argparse.Namespace
+def checked_cli_args(
+    server_args: ServerArgs, cls: type[ServerArgs], args: argparse.Namespace
 ) -> ServerArgs:
-    """AROUND `ServerArgs.from_cli_args`: what argparse could not check is an argparse error
-    all the same (one line, exit 2, no traceback)."""
+    """AROUND `ServerArgs.from_cli_args` (then): what argparse could not check is an argparse
+    error all the same (one line, exit 2, no traceback)."""
     from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
 
-    server_args = original(cls, args)
     try:
         problem = input_problem(server_args) or auto.segment_size_problem(server_args)
     except modes.KvAllocModeError as exc:  # a bad value from the environment
@@ -39,6 +38,9 @@ def around_from_cli_args(
         argparse.ArgumentParser(usage=argparse.SUPPRESS).error(problem)
     server_args._kv_alloc_checked = True  # bookkeeping: resolve_once need not check again
     return server_args
+
+
+around_from_cli_args = then(checked_cli_args)
 
 
 def input_problem(server_args: ServerArgs) -> str | None:
