@@ -82,7 +82,8 @@ assert "checked_cli_args(" in inspect.getsource(ServerArgs.from_cli_args), "no i
 print("[proof] no sglang-kvalloc entry point, no sglang_kvalloc.upstream; series at", k.__file__)
 EOF
 
-# 5. Each PR leaves upstream importable and parsing its command line (static is the default).
+# 5. Each PR leaves upstream importable and parsing its command line (static is the default),
+# and passes its own tests.
 branch="$(git -C "$ssite/sglang" branch --show-current)"
 for n in $(seq "$prs" -1 0); do
   git -C "$ssite/sglang" checkout -q "HEAD~$n"
@@ -96,6 +97,22 @@ p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p)
 a = p.parse_args(['--model-path', 'm'] + sys.argv[1:])
 print('[proof] upstream + PRs 1..%d: imports, parses %r' % ($prs - $n, getattr(a, 'kv_alloc_mode', 'no flag')))
 " $flag 2>&1 | grep '^\[proof\]' | tee -a "$out/per-pr.log"
+  # ... and the PR just applied passes its own tests, in upstream's form (upstream_tests/).
+  k=$((prs - n))
+  own="$([ "$k" -gt 0 ] && "$py" -m sglang_kvalloc_harness.series tests "$k" || true)"
+  if [ -n "$own" ]; then
+    set +e
+    # shellcheck disable=SC2086  # one path per word
+    result="$(cd "$repo/upstream_tests" && SGLANG_TEST_MAX_RETRY=0 "$scratch/bin/python" -m pytest \
+      -q -p no:cacheprovider -W ignore::DeprecationWarning $own 2>&1)"
+    own_status=$?
+    set -e
+    echo "[proof] PR $k's own tests: $(echo "$result" | tail -1)" | tee -a "$out/per-pr.log"
+    if [ "$own_status" -ne 0 ]; then
+      echo "$result" | tail -40
+      exit "$own_status"
+    fi
+  fi
   git -C "$ssite/sglang" checkout -q "$branch"
 done
 

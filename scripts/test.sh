@@ -39,8 +39,8 @@ if [ "$#" -gt 0 ]; then
   exit $?
 fi
 start=$SECONDS
-echo "[test] lane 1/3: unit tests (test/unit, test/gpu: skipped without CUDA)"
-run_pytest test/unit test/gpu
+echo "[test] lane 1/3: unit tests (test/unit, test/gpu: skipped without CUDA; upstream_tests: the series' own tests, run here with the plugin)"
+run_pytest test/unit test/gpu upstream_tests
 echo "[test] lane 1 passed in $((SECONDS - start)) s; lane 2/3: end-to-end tests (test/e2e)"
 run_pytest test/e2e
 echo "[test] lane 2 passed in $((SECONDS - start)) s; lane 3/3: the upstream series' proof"

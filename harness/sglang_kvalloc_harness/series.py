@@ -44,7 +44,6 @@ from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT
 from sglang_kvalloc_harness.series_edits import (
     IMPORT_LINE,  # noqa: F401 - re-exported: what tests look for
     Edit,
-    Insertion,
     SeriesError,
     _find_def,  # noqa: F401 - re-exported: what tests look for
     _is_type_checking,
@@ -54,11 +53,14 @@ from sglang_kvalloc_harness.series_edits import (
     inline_form,
     insert_lines,
 )
+from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, PullRequest
 
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
 SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, python/sglang_kvalloc
+# The series' tests in upstream's form, at their paths under upstream's test/.
+UPSTREAM_TESTS = SOURCE.parents[1] / "upstream_tests"
 # Never part of the series: the plugin's registration (replaced by the edits), the
 # import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
 NOT_IN_SERIES = (
@@ -74,130 +76,9 @@ NOT_IN_SERIES = (
 # files at their upstream paths); in upstream's tree the package is this docstring.
 PACKAGE_INIT = "__init__.py"
 PACKAGE_INIT_TEXT = '"""--kv-alloc-mode modules not (yet) at their own upstream paths."""\n'
-INLINE_MODULE = "upstream/inline.py"
-IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
 UPSTREAM_ROOT = "sglang.srt."
 # The installed upstream (the series' version): where each hook's call goes is read there.
 INSTALLED = Path(sglang.__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class PullRequest:
-    number: int
-    slug: str
-    title: str
-    summary: str
-    # Hook functions of upstream/plugin.py this PR turns into edits: "module.function" or
-    # "module.*", relative to sglang_kvalloc.upstream.
-    hooks: tuple[str, ...]
-    # Modules carried here even if no hook of this PR imports them (paths in the package).
-    files: tuple[str, ...] = ()
-    insertions: tuple[Insertion, ...] = ()
-
-
-SERIES: tuple[PullRequest, ...] = (
-    PullRequest(
-        1,
-        "kv-alloc-mode-flag",
-        "--kv-alloc-mode on ServerArgs and Engine",
-        "The flag, its companions and their checks; static (the default) changes nothing.",
-        ("cli.*",),
-        (INLINE_MODULE, IN_TREE + "srt/arg_groups/fields/kv_alloc.py"),
-        (
-            # The fields are declared as upstream declares fields: a namespace Struct listed
-            # where ServerArgs is assembled (upstream/fields.py does this in the plugin).
-            Insertion(
-                "srt/server_args.py",
-                "from sglang.srt.arg_groups.fields.lora import (",
-                ("from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc",),
-            ),
-            Insertion(
-                "srt/server_args.py",
-                "    Memory,",
-                ("    KvAlloc,",),
-                after=True,
-                within="_INPUT_NAMESPACES = [",
-            ),
-        ),
-    ),
-    PullRequest(
-        2,
-        "auto-mode",
-        "auto: clamp the context to what the device holds and choose the mode",
-        "Resolves auto once upstream has sized the pool; says what it chose and why.",
-        ("pools.around_resolve_memory_pool_config", "settings.*"),
-        ("upstream/auto.py",),
-    ),
-    PullRequest(
-        3,
-        "lazy-context-tables",
-        "Lazy req_to_token and RoPE cache in segmented mode",
-        "The tables sized by the context are reserved and committed as used.",
-        (
-            "pools.segmented_default_req_pool",
-            "pools.segmented_decode_req_pool",
-            "pools.kv_budget_bytes",
-            "rope.*",
-        ),
-        (
-            "core/row_commits.py",
-            "upstream/lazy_req_to_token.py",
-            "upstream/lazy_decode_req_to_token.py",
-        ),
-    ),
-    PullRequest(
-        4,
-        "segmented-kv-pool",
-        "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
-        "KV memory committed a segment at a time ahead of demand, given back when idle.",
-        (
-            "pools.segmented_mha_pool_class",
-            "pools.segmented_swa_pool_class",
-            "pools.segmented_mla_pool_class",
-            "pools.segment_aware_allocator",
-            "scheduler_loop.*",
-            "cpu_attention.*",
-        ),
-        ("upstream/segmented/__init__.py", "upstream/idle_eviction.py"),
-    ),
-    PullRequest(
-        5,
-        "cuda-vmm-backing",
-        "The CUDA virtual-memory backing",
-        "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
-        (),
-        ("core/cuda_backing.py", "upstream/cuda_vmm.py"),
-    ),
-    PullRequest(
-        6,
-        "kv-alloc-observability",
-        "Start-up report, /server_info and sglang:kv_* gauges",
-        "What mode is in force, why, the capacity and what is committed.",
-        ("pools.record_configuration", "pools.after_get_internal_state", "metrics.*"),
-    ),
-    PullRequest(
-        7,
-        "lazy-cuda-graph-buffers",
-        "Attention backends' cuda-graph buffers reserved, committed per replay",
-        "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
-        ("attention_graph_buffers.*",),
-    ),
-    PullRequest(
-        8,
-        "rl-memory-release",
-        "Release and resume of memory occupation in segmented mode (RL)",
-        "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
-        ("memory_release.*",),
-    ),
-    PullRequest(
-        9,
-        "pd-segmented-kv",
-        "PD disaggregation with the KV pool committed on demand",
-        "Both PD loops commit ahead; the transfer engine registers committed segments only.",
-        ("pd_transfer.*",),
-        ("upstream/pd_transfer.py",),
-    ),
-)
 
 
 @dataclass
@@ -419,6 +300,23 @@ def carry_file(package: Path, rel: str) -> Path:
     return dest
 
 
+def carry_tests(package: Path, pr: PullRequest) -> list[Path]:
+    """Write ``pr``'s tests into the clone's ``test/`` (``<clone>/python/sglang`` is the
+    package); a package directory alone has no place for them (its user runs them from
+    ``upstream_tests/``)."""
+    if package.parent.name != "python" or not (package.parents[1] / "test").is_dir():
+        return []
+    written = []
+    for rel in pr.tests:
+        dest = package.parents[1] / "test" / rel
+        if dest.exists():
+            raise SeriesError(f"{dest} exists in upstream's tree: the series would overwrite it")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(UPSTREAM_TESTS / rel, dest)
+        written.append(dest)
+    return written
+
+
 def _git_root(package: Path) -> Path | None:
     try:
         out = subprocess.run(
@@ -489,14 +387,16 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
             edit_file(file, edits)
         for insertion in p.pr.insertions:
             insert_lines(package, insertion)
+        tests = carry_tests(package, p.pr)
         calls = sum(e.inline for e in p.edits)
         log(
             f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
             f"{calls} inline call(s) and {len(p.edits) - calls} decorated function(s) in "
-            f"{len(by_file)} upstream file(s), {len(p.pr.insertions)} inline insertion(s)"
+            f"{len(by_file)} upstream file(s), {len(p.pr.insertions)} inline insertion(s), "
+            f"{len(tests)} test file(s)"
         )
         if root is not None:
-            _git(root, "add", "-A", "--", str(package))
+            _git(root, "add", "-A", "--", str(package), *map(str, tests))
             _git(root, "commit", "-q", "-m", commit_message(p))
             commits.append(_git(root, "rev-parse", "--short", "HEAD").strip())
     return commits
@@ -552,6 +452,9 @@ def describe() -> str:
         decorated = [e for e in p.edits if not e.inline]
         out.append(f"  upstream functions decorated ({len(decorated)}):")
         out += [f"    {e.target}  [{e.hook_type}]" for e in decorated]
+        if p.pr.tests:
+            out.append(f"  tests, in upstream's test/ ({len(p.pr.tests)}):")
+            out += [f"    {rel}" for rel in p.pr.tests]
         if p.pr.insertions:
             out.append(f"  lines written inline ({len(p.pr.insertions)}):")
             out += [f"    {i.file}: {' / '.join(x.strip() for x in i.lines)}"
@@ -569,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the series: PRs, new files, edited functions")
+    tests_p = sub.add_parser("tests", help="print one PR's test files (under upstream_tests/)")
+    tests_p.add_argument("number", type=int, help="the PR's number in merge order")
     apply_p = sub.add_parser("apply", help="apply the series to an upstream tree")
     apply_p.add_argument("path", type=Path, help="upstream clone, sglang package dir, or parent")
     apply_p.add_argument("--no-commit", action="store_true", help="edit only, no git commits")
@@ -576,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         print(describe())
+        return 0
+    if args.command == "tests":
+        if not 1 <= args.number <= len(SERIES):
+            parser.error(f"no PR {args.number}; the series has {len(SERIES)}")
+        print("\n".join(str(UPSTREAM_TESTS / rel) for rel in SERIES[args.number - 1].tests))
         return 0
     try:
         commits = apply(args.path, commit=not args.no_commit, force=args.force)

@@ -18,7 +18,7 @@ import pytest
 import sglang
 
 from sglang_kvalloc.upstream import plugin
-from sglang_kvalloc_harness import series
+from sglang_kvalloc_harness import series, series_edits
 
 UPSTREAM = Path(sglang.__file__).resolve().parent
 
@@ -42,6 +42,13 @@ def test_every_hook_and_module_lands_in_exactly_one_pr() -> None:
         for rel in (f for f in p.files if f.endswith(".py")):
             deps = [d for d in series._imports(rel) if not series._excluded(d)]
             assert all(owner[dep] <= p.pr.number for dep in deps), rel
+
+
+def _is_inline_call(statement: ast.stmt) -> bool:
+    """Whether ``statement`` is part of another hook's inline call (its import or call)."""
+    if isinstance(statement, ast.ImportFrom):
+        return (statement.module or "").startswith("sglang.srt.kvalloc.")
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
 
 
 def upstream_copy(tmp_path: Path) -> Path:
@@ -101,9 +108,10 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
         ]
         if edit.inline:
             assert (len(calls), len(imports), decorations) == (1, 1, []), target
-            first = node.body[1] if ast.get_docstring(node) else node.body[0]
+            start = 1 if ast.get_docstring(node) else 0
             if edit.form in ("start", "instead", "argument"):  # before upstream's code
-                assert first is imports[0], target
+                at = node.body.index(imports[0])
+                assert all(_is_inline_call(x) for x in node.body[start:at]), target
             else:  # AFTER: the last thing, with upstream's result (then returned)
                 last = [x.value for x in node.body[-2:] if isinstance(x, (ast.Expr, ast.Return))]
                 assert calls[0] in last, target
@@ -140,12 +148,12 @@ def test_an_insertion_whose_anchor_moved_is_refused(tmp_path: Path) -> None:
     """Upstream moved on (the anchor is gone, or no longer unique): no guess, one line."""
     (tmp_path / "srt").mkdir()
     (tmp_path / "srt" / "x.py").write_text("A = [\n    One,\n]\nB = [\n    One,\n]\n")
-    twice = series.Insertion("srt/x.py", "    One,", ("    Two,",), after=True)
+    twice = series_edits.Insertion("srt/x.py", "    One,", ("    Two,",), after=True)
     with pytest.raises(series.SeriesError, match="occurs 2 times"):
         series.insert_lines(tmp_path, twice)
-    series.insert_lines(tmp_path, series.Insertion(**{**twice.__dict__, "within": "B = ["}))
+    series.insert_lines(tmp_path, series_edits.Insertion(**{**twice.__dict__, "within": "B = ["}))
     assert (tmp_path / "srt" / "x.py").read_text().endswith("B = [\n    One,\n    Two,\n]\n")
-    gone = series.Insertion("srt/x.py", "    Three,", ("    Four,",))
+    gone = series_edits.Insertion("srt/x.py", "    Three,", ("    Four,",))
     with pytest.raises(series.SeriesError, match="occurs 0 times"):
         series.insert_lines(tmp_path, gone)
 
@@ -195,3 +203,24 @@ def test_the_decorator_behaves_as_hook_registrys_wrappers(monkeypatch) -> None:
     assert calls == ["before"]
     with pytest.raises(ValueError):
         kvalloc_hook("REPLACE", "series_test_hooks:around")
+
+
+def test_each_prs_tests_are_upstream_style_and_land_in_a_clones_test_dir(tmp_path: Path) -> None:
+    """The series' tests (upstream_tests/) name upstream's modules only, register for
+    upstream's CPU CI, and are written into a clone's test/ by their PR (not into a bare
+    package directory, which has no test/)."""
+    every = [rel for pr in series.SERIES for rel in pr.tests]
+    assert len(every) >= 2 and len(set(every)) == len(every)
+    for rel in every:
+        text = (series.UPSTREAM_TESTS / rel).read_text()
+        assert "sglang_kvalloc" not in text and "register_cpu_ci(" in text, rel
+        assert "CustomTestCase" in text, rel
+    package = tmp_path / "python" / "sglang"
+    package.mkdir(parents=True)
+    (tmp_path / "test").mkdir()
+    pr = next(pr for pr in series.SERIES if pr.tests)
+    written = series.carry_tests(package, pr)
+    assert [p.relative_to(tmp_path / "test").as_posix() for p in written] == list(pr.tests)
+    with pytest.raises(series.SeriesError, match="exists"):
+        series.carry_tests(package, pr)
+    assert series.carry_tests(tmp_path / "sglang", pr) == []  # a package directory alone

@@ -14,7 +14,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from sglang.srt.mem_cache.segmented import geometry
 
 from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
@@ -96,18 +95,12 @@ def estimate_capacity_tokens(server_args: ServerArgs, cfg: dict[str, Any]) -> in
 # KV slot indices are int32 in upstream's req_to_token: no pool (or segment) holds more.
 
 
-def segment_size_problem(server_args: ServerArgs, *, load_model: bool = True) -> str | None:
-    """Why `--kv-segment-tokens` cannot work with the rest of the command, as one line (None
-    if it can, or if that is only known once the scheduler sized the pool)."""
+def segment_size_problem(server_args: ServerArgs) -> str | None:
+    """Why one segment of `--kv-segment-tokens` cannot hold the model's KV on this device,
+    as one line (None if it can, or if that is only known once the scheduler sized the
+    pool). The checks that need no model are the flag's (`cli.input_problem`)."""
     tokens = modes.segment_tokens(server_args)
-    if tokens is None:
-        return None
-    problem = geometry.launch_segment_problem(
-        tokens, server_args.page_size, server_args.max_total_tokens
-    )
-    if problem is not None:
-        return problem
-    if not load_model or modes.requested_mode(server_args) == modes.STATIC:
+    if tokens is None or modes.requested_mode(server_args) == modes.STATIC:
         return None
     try:
         cfg, _ = model_config_and_max_context(server_args)
@@ -123,6 +116,14 @@ def segment_size_problem(server_args: ServerArgs, *, load_model: bool = True) ->
             f"of KV, more than the device's {plan.device_memory_bytes / 1e9:,.1f} GB; the pool "
             f"holds about {plan.max_total_num_tokens} tokens"
         )
+    return None
+
+
+def clamp_context_before_resolve(server_args: ServerArgs, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `ServerArgs.resolve_once` (after the flag's checks): auto clamps the context
+    in the launcher, once per record."""
+    if not getattr(server_args, "_resolution_finished", False):
+        clamp_context_in_launcher(server_args)
     return None
 
 

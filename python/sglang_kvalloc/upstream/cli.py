@@ -14,6 +14,8 @@ import argparse
 import math
 from typing import TYPE_CHECKING, Any
 
+from sglang.srt.mem_cache.segmented import geometry
+
 from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.inline import then
 
@@ -28,10 +30,8 @@ def checked_cli_args(
 ) -> ServerArgs:
     """AROUND `ServerArgs.from_cli_args` (then): what argparse could not check is an argparse
     error all the same (one line, exit 2, no traceback)."""
-    from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
-
     try:
-        problem = input_problem(server_args) or auto.segment_size_problem(server_args)
+        problem = command_problem(server_args)
     except modes.KvAllocModeError as exc:  # a bad value from the environment
         problem = str(exc)
     if problem is not None:
@@ -41,6 +41,20 @@ def checked_cli_args(
 
 
 around_from_cli_args = then(checked_cli_args)
+
+
+def command_problem(server_args: ServerArgs) -> str | None:
+    """What argparse cannot see (`input_problem`), then, where a mode that commits on demand
+    is asked for a segment size, whether the model's KV fits one (`auto`, PR 2 of the
+    upstream series: the only path to it, so the flag's PR stands alone)."""
+    problem = input_problem(server_args)
+    if problem is not None or modes.requested_mode(server_args) == modes.STATIC:
+        return problem
+    if modes.segment_tokens(server_args) is None:
+        return None
+    from sglang_kvalloc.upstream import auto
+
+    return auto.segment_size_problem(server_args)
 
 
 def input_problem(server_args: ServerArgs) -> str | None:
@@ -63,6 +77,13 @@ def input_problem(server_args: ServerArgs) -> str | None:
     context = getattr(server_args, "context_length", None)
     if mode != modes.STATIC and context is not None and int(context) <= 0:
         return f"--context-length must be a positive number of tokens, got {context}"
+    tokens = modes.segment_tokens(server_args)
+    if tokens is not None:
+        problem = geometry.launch_segment_problem(
+            tokens, server_args.page_size, server_args.max_total_tokens
+        )
+        if problem is not None:
+            return problem
     if mode == modes.STATIC and modes.budget_settings(server_args) is not None:
         return (
             "--kv-budget shares KV memory that is committed on demand: use --kv-alloc-mode "
@@ -73,17 +94,13 @@ def input_problem(server_args: ServerArgs) -> str | None:
 
 def before_resolve_once(self: ServerArgs, *args: Any, **kwargs: Any) -> None:
     """BEFORE `ServerArgs.resolve_once`: the checks of `from_cli_args` for a record built
-    otherwise (`sglang.Engine(...)`), then `auto` clamps the context in the launcher (see
-    `auto.clamp_context_in_launcher`)."""
+    otherwise (`sglang.Engine(...)`)."""
     if getattr(self, "_resolution_finished", False):
         return None
-    from sglang_kvalloc.upstream import auto  # PR 2 of the upstream series (series.py)
-
     if not getattr(self, "_kv_alloc_checked", False):
-        problem = input_problem(self) or auto.segment_size_problem(self)
+        problem = command_problem(self)
         if problem is not None:
             raise modes.KvAllocModeError(problem)
-    auto.clamp_context_in_launcher(self)
     return None
 
 

@@ -12,6 +12,7 @@ import sys
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
 from sglang_kvalloc.upstream import (
     attention_graph_buffers,
+    auto,
     cli,
     cpu_attention,
     memory_release,
@@ -76,6 +77,8 @@ def hooks() -> list[tuple[str, object, str]]:
         # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
         (f"{SERVER_ARGS}.from_cli_args", cli.around_from_cli_args, "AROUND"),
         (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
+        # auto: the context clamped in the launcher, to the model and the estimated pool.
+        (f"{SERVER_ARGS}.resolve_once", auto.clamp_context_before_resolve, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
         (f"{SCHEDULER}.__init__", settings.before_scheduler_init, "BEFORE"),

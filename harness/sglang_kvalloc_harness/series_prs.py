@@ -1,0 +1,142 @@
+"""The upstream PR series' pull requests, in merge order: what each is about, the plugin's
+hooks it turns into edits, the modules it carries besides their import closure, the lines it
+writes inline elsewhere, and its tests in upstream's form (``upstream_tests/``).
+
+`series.py` plans and applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sglang_kvalloc_harness.series_edits import Insertion
+
+INLINE_MODULE = "upstream/inline.py"
+IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    number: int
+    slug: str
+    title: str
+    summary: str
+    # Hook functions of upstream/plugin.py this PR turns into edits: "module.function" or
+    # "module.*", relative to sglang_kvalloc.upstream.
+    hooks: tuple[str, ...]
+    # Modules carried here even if no hook of this PR imports them (paths in the package).
+    files: tuple[str, ...] = ()
+    insertions: tuple[Insertion, ...] = ()
+    # Its tests in upstream's form: paths under upstream_tests/ (upstream's test/).
+    tests: tuple[str, ...] = ()
+
+
+SERIES: tuple[PullRequest, ...] = (
+    PullRequest(
+        1,
+        "kv-alloc-mode-flag",
+        "--kv-alloc-mode on ServerArgs and Engine",
+        "The flag, its companions and their checks; static (the default) changes nothing.",
+        ("cli.*",),
+        (INLINE_MODULE, IN_TREE + "srt/arg_groups/fields/kv_alloc.py"),
+        (
+            # The fields are declared as upstream declares fields: a namespace Struct listed
+            # where ServerArgs is assembled (upstream/fields.py does this in the plugin).
+            Insertion(
+                "srt/server_args.py",
+                "from sglang.srt.arg_groups.fields.lora import (",
+                ("from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc",),
+            ),
+            Insertion(
+                "srt/server_args.py",
+                "    Memory,",
+                ("    KvAlloc,",),
+                after=True,
+                within="_INPUT_NAMESPACES = [",
+            ),
+        ),
+        ("registered/unit/server_args/test_kv_alloc_mode_flag.py",),
+    ),
+    PullRequest(
+        2,
+        "auto-mode",
+        "auto: clamp the context to what the device holds and choose the mode",
+        "Resolves auto once upstream has sized the pool; says what it chose and why.",
+        (
+            "auto.clamp_context_before_resolve",
+            "pools.around_resolve_memory_pool_config",
+            "settings.*",
+        ),
+        ("upstream/auto.py",),
+    ),
+    PullRequest(
+        3,
+        "lazy-context-tables",
+        "Lazy req_to_token and RoPE cache in segmented mode",
+        "The tables sized by the context are reserved and committed as used.",
+        (
+            "pools.segmented_default_req_pool",
+            "pools.segmented_decode_req_pool",
+            "pools.kv_budget_bytes",
+            "rope.*",
+        ),
+        (
+            "core/row_commits.py",
+            "upstream/lazy_req_to_token.py",
+            "upstream/lazy_decode_req_to_token.py",
+        ),
+    ),
+    PullRequest(
+        4,
+        "segmented-kv-pool",
+        "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
+        "KV memory committed a segment at a time ahead of demand, given back when idle.",
+        (
+            "pools.segmented_mha_pool_class",
+            "pools.segmented_swa_pool_class",
+            "pools.segmented_mla_pool_class",
+            "pools.segment_aware_allocator",
+            "scheduler_loop.*",
+            "cpu_attention.*",
+        ),
+        ("upstream/segmented/__init__.py", "upstream/idle_eviction.py"),
+        tests=("registered/unit/mem_cache/test_segmented_page_allocator.py",),
+    ),
+    PullRequest(
+        5,
+        "cuda-vmm-backing",
+        "The CUDA virtual-memory backing",
+        "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
+        (),
+        ("core/cuda_backing.py", "upstream/cuda_vmm.py"),
+    ),
+    PullRequest(
+        6,
+        "kv-alloc-observability",
+        "Start-up report, /server_info and sglang:kv_* gauges",
+        "What mode is in force, why, the capacity and what is committed.",
+        ("pools.record_configuration", "pools.after_get_internal_state", "metrics.*"),
+    ),
+    PullRequest(
+        7,
+        "lazy-cuda-graph-buffers",
+        "Attention backends' cuda-graph buffers reserved, committed per replay",
+        "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
+        ("attention_graph_buffers.*",),
+    ),
+    PullRequest(
+        8,
+        "rl-memory-release",
+        "Release and resume of memory occupation in segmented mode (RL)",
+        "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
+        ("memory_release.*",),
+    ),
+    PullRequest(
+        9,
+        "pd-segmented-kv",
+        "PD disaggregation with the KV pool committed on demand",
+        "Both PD loops commit ahead; the transfer engine registers committed segments only.",
+        ("pd_transfer.*",),
+        ("upstream/pd_transfer.py",),
+    ),
+)
