@@ -54,7 +54,9 @@ class TestSegmentedPageAllocator(CustomTestCase):
     def _allocator(self, clock):
         # 4 segments of 1024 tokens, one page per token, 4 KiB rows (a granule each).
         geometry = SegmentGeometry(4096, 1024, 1)
-        self.buffers = SegmentedBuffers(geometry, [HostBacking(4096 * GRANULE)], [GRANULE])
+        self.buffers = SegmentedBuffers(
+            geometry, [HostBacking(4096 * GRANULE)], [GRANULE]
+        )
         return SegmentedPageAllocator(
             geometry,
             on_commit=self.buffers.commit_segment,
@@ -90,7 +92,9 @@ class TestSegmentedPageAllocator(CustomTestCase):
 
     def test_the_pool_never_hands_out_more_than_it_holds(self):
         allocator = self._allocator(clock=lambda: 0.0)
-        self.assertIsNone(allocator.alloc(4096))  # the padding page is not a page to use
+        self.assertIsNone(
+            allocator.alloc(4096)
+        )  # the padding page is not a page to use
         self.assertIsNotNone(allocator.alloc(4095))
         self.assertIsNone(allocator.alloc(1))
         allocator.check_invariants()

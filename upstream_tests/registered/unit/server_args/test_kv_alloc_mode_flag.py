@@ -1,6 +1,6 @@
 """``--kv-alloc-mode`` and its settings as ServerArgs fields; CPU only, no model.
 
-    python -m pytest test/registered/unit/server_args/test_kv_alloc_mode_flag.py -v
+python -m pytest test/registered/unit/server_args/test_kv_alloc_mode_flag.py -v
 """
 
 import contextlib
@@ -63,9 +63,7 @@ class TestKvAllocModeFlag(CustomTestCase):
         self.assertIn("--kv-segment-tokens", err)
 
     def test_a_context_that_is_not_positive_is_refused_where_the_mode_acts(self):
-        code, err = _exit_code(
-            "--kv-alloc-mode", "segmented", "--context-length", "-5"
-        )
+        code, err = _exit_code("--kv-alloc-mode", "segmented", "--context-length", "-5")
         self.assertEqual(code, 2)
         self.assertIn("--context-length", err)
 
