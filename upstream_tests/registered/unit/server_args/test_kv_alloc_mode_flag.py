@@ -45,6 +45,15 @@ class TestKvAllocModeFlag(CustomTestCase):
         self.assertIsNone(args.kv_alloc_mode)
         self.assertIsNone(args.kv_segment_tokens)
 
+    def test_server_info_shows_the_mode_asked_for(self):
+        self.assertEqual(
+            _parse().resolved_dict()["kv_alloc_mode"], "auto"
+        )  # the default
+        args = _parse("--kv-alloc-mode", "segmented", "--kv-segment-hold-off", "inf")
+        info = args.resolved_dict()
+        self.assertEqual(info["kv_alloc_mode"], "segmented")
+        self.assertIsNone(info["kv_segment_hold_off"])  # JSON has no infinity
+
     def test_each_mode_parses(self):
         for mode in ("static", "segmented", "auto"):
             self.assertEqual(_parse("--kv-alloc-mode", mode).kv_alloc_mode, mode)
