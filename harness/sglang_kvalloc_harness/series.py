@@ -274,13 +274,35 @@ def upstream_path(rel: str) -> str:
     return f"srt/kvalloc/{rel}"
 
 
+# Upstream's pre-commit as ruff runs it: isort with sglang first-party, then black at 88.
+UPSTREAM_FORMAT = (
+    ("check", "--isolated", "--select", "I", "--fix", "--exit-zero",
+     "--config", "lint.isort.known-first-party=['sglang']"),
+    ("format", "--isolated", "--line-length", "88"),
+)  # fmt: skip
+
+
+@functools.cache
 def carried_text(rel: str) -> str:
-    """The text one of this project's files has in upstream's tree."""
+    """The text one of this project's files has in upstream's tree: an ``in_tree/`` file as
+    it is (written as upstream code), another with its imports renamed and formatted as
+    upstream's pre-commit formats (`UPSTREAM_FORMAT`)."""
     if rel.startswith(IN_TREE):
         return (SOURCE / rel).read_text()
     if rel == PACKAGE_INIT:
         return PACKAGE_INIT_TEXT
-    return re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, (SOURCE / rel).read_text())
+    text = re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, (SOURCE / rel).read_text())
+    if not rel.endswith(".py"):
+        return text
+    for step in UPSTREAM_FORMAT:
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", *step, "--stdin-filename", Path(rel).name, "-"],
+            input=text, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SeriesError(f"{rel}: ruff {step[0]} failed: {done.stderr.strip()}")
+        text = done.stdout
+    return text
 
 
 def carry_file(package: Path, rel: str) -> Path:
