@@ -138,5 +138,6 @@ SERIES: tuple[PullRequest, ...] = (
         "Both PD loops commit ahead; the transfer engine registers committed segments only.",
         ("pd_transfer.*",),
         ("upstream/pd_transfer.py",),
+        tests=("registered/unit/disaggregation/test_segment_runs.py",),
     ),
 )
