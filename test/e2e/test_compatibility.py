@@ -102,6 +102,8 @@ def test_tokens_equal_hf_under_concurrent_load(
     with servers[name].awake() as server:
         assert _concurrently(server, prompts) == expected
         assert _segments(server)["peak_committed_segments"] >= 3
+        if name == "mixed":
+            _prefill_while_decoding(server, prompts)
         log = server.log()
     assert "Traceback" not in log and "leak detected" not in log
     if name == "mixed":
@@ -109,6 +111,20 @@ def test_tokens_equal_hf_under_concurrent_load(
         assert any(
             "Prefill batch" in line and "#running-req: 0" not in line for line in log.splitlines()
         )
+
+
+def _prefill_while_decoding(server: LocalServer, prompts: list[list[int]]) -> None:
+    """A long prompt arrives while a request decodes, so its chunks are prefilled beside a
+    running decode whatever the machine's load (the concurrent burst above mixes them only
+    when its requests arrive close enough together)."""
+    decoding = threading.Thread(target=lambda: _greedy(server, prompts[0], n=400))
+    decodes_before = server.log().count("Decode batch")
+    decoding.start()
+    deadline = time.monotonic() + 120
+    while server.log().count("Decode batch") == decodes_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _greedy(server, prompts[1][::-1])["output_ids"]  # 2,300 tokens, not cached
+    decoding.join(timeout=600)
 
 
 def test_without_the_radix_cache_nothing_is_cached_and_memory_goes_back(
