@@ -36,7 +36,7 @@ SERIES: tuple[PullRequest, ...] = (
         1,
         "kv-alloc-mode-flag",
         "--kv-alloc-mode on ServerArgs and Engine",
-        "The flag, its companions and their checks; static (the default) changes nothing.",
+        "The flag, its companions and their checks; static is upstream unchanged.",
         ("cli.*",),
         (INLINE_MODULE, IN_TREE + "srt/arg_groups/fields/kv_alloc.py"),
         (
@@ -54,6 +54,25 @@ SERIES: tuple[PullRequest, ...] = (
                 after=True,
                 within="_INPUT_NAMESPACES = [",
             ),
+            # The checks a field's type cannot make: a resolution step of their own, right
+            # after the memory settings' (the plugin wraps that step: cli.RESOLUTION_STEP).
+            Insertion(
+                "srt/arg_groups/pipeline.py",
+                "    run_hook(handle_gpu_memory_settings, server_args)",
+                (
+                    "",
+                    "    from sglang.srt.arg_groups.kv_alloc_hook import handle_kv_alloc",
+                    "",
+                    "    run_hook(handle_kv_alloc, server_args)",
+                ),
+                after=True,
+            ),
+            Insertion(
+                "srt/arg_groups/resolution_hooks.py",
+                '        "handle_gpu_memory_settings",',
+                ('        "handle_kv_alloc",',),
+                after=True,
+            ),
         ),
         ("registered/unit/server_args/test_kv_alloc_mode_flag.py",),
     ),
@@ -68,6 +87,7 @@ SERIES: tuple[PullRequest, ...] = (
             "settings.*",
         ),
         ("upstream/auto.py",),
+        tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
     ),
     PullRequest(
         3,

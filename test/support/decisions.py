@@ -6,7 +6,8 @@ again here, as a fresh process would.
 
 from __future__ import annotations
 
-from sglang_kvalloc import modes
+from sglang.srt.mem_cache.segmented import modes
+
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 

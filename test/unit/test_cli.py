@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from sglang_kvalloc import modes
+from sglang.srt.mem_cache.segmented import modes
 
 LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
 TypedRuns = dict[str, subprocess.CompletedProcess[str]]
@@ -165,6 +164,33 @@ def test_bad_segment_settings_are_argparse_errors(
     err = capsys.readouterr().err
     assert message in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kv_alloc_mode": "segmented", "context_length": -5}, "must be a positive number"),
+        ({"kv_alloc_mode": "static", "kv_budget": "gpu0"}, "--kv-budget shares KV memory"),
+        ({"kv_alloc_mode": "segmented", "kv_segment_tokens": "0"}, "must be positive"),
+    ],
+)
+def test_a_record_built_without_the_parser_is_checked_as_a_resolution_step(
+    tiny_model, fields: dict[str, object], message: str
+) -> None:
+    """`sglang.Engine(...)` builds its record without the parser: upstream's resolution
+    pipeline refuses it in its own step, `handle_kv_alloc`, right after the memory settings
+    (the plugin wraps `handle_gpu_memory_settings`; the series adds the step), one line."""
+    import traceback
+
+    _load_plugins()
+    from sglang.srt.server_args import ServerArgs
+
+    record = ServerArgs(model_path=str(tiny_model), device="cpu", **fields)
+    with pytest.raises(modes.KvAllocModeError, match=message) as refused:
+        record.resolve_once()
+    frames = [frame.name for frame in traceback.extract_tb(refused.value.__traceback__)]
+    assert "run_resolution_pipeline" in frames and frames[-1] == "handle_kv_alloc", frames
+    assert len(str(refused.value).splitlines()) == 1
 
 
 def test_inf_hold_off_is_accepted_and_means_never() -> None:

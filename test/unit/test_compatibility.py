@@ -72,9 +72,9 @@ def test_devices_segmented_cannot_back_are_refused_in_one_line(
 ) -> None:
     """A device without a backing, upstream's post-capture KV sizing, ROCm: one line each."""
     import torch
+    from sglang.srt.mem_cache.segmented import modes
     from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError
 
-    from sglang_kvalloc import modes
     from sglang_kvalloc.upstream import backing_choice
     from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
 

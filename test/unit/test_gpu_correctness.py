@@ -15,8 +15,8 @@ import pytest
 import torch
 from decisions import decide, note_request
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import (
     CudaBackingFactory,
     CudaVmmBacking,

@@ -15,11 +15,11 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.core.graph_buffers import ROWS, GraphBatch, GraphBufferLayout, LazyGraphBuffer

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from decisions import decision
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.runtime import RUNTIME, DecisionMadeError
 
 UPSTREAM_HOOKS = Path(modes.__file__).parent / "upstream"

@@ -10,8 +10,8 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang.srt.disaggregation.decode import DecodeReqToTokenPool
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import pools, refusals
 from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool

@@ -300,7 +300,7 @@ def test_a_platform_pool_class_is_foreseen_by_the_decision(
 def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
     """The MLA and hybrid SWA build hooks hand upstream's builder the segmented class; a pool
     class the decision did not foresee is a one-line start-up error, never run half-way."""
-    from sglang_kvalloc import modes
+    from sglang.srt.mem_cache.segmented import modes
 
     decide(modes.SEGMENTED, kind="mla")
     configurator = types.SimpleNamespace(is_draft_worker=False)

@@ -23,8 +23,8 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeIllegalAddress, FakeVmmApi
 from fake_cuda_kernels import QueuedKernels
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import lazy_req_to_token, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 from decisions import decide
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import pools
 from sglang_kvalloc.upstream.runtime import RUNTIME

@@ -7,8 +7,8 @@ import types
 
 import pytest
 from decisions import decide
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.upstream import scheduler_loop
 from sglang_kvalloc.upstream.scheduler_loop import around_check_full_pool, iteration_demand_tokens
 

@@ -54,7 +54,7 @@ def _is_inline_call(statement: ast.stmt) -> bool:
 def upstream_copy(tmp_path: Path) -> Path:
     """The installed package's files the series edits (and its version), copied."""
     package = tmp_path / "sglang"
-    rels = {"_version.py", "srt/server_args.py"}
+    rels = {"_version.py"} | {i.file for pr in series.SERIES for i in pr.insertions}
     for target, _, _ in plugin.hooks():
         file, _ = series._target_file(UPSTREAM, target)
         rels.add(str(file.relative_to(UPSTREAM)))
@@ -140,6 +140,17 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
     assert server_args.count("from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc\n") == 1
     namespaces = server_args.split("_INPUT_NAMESPACES = [", 1)[1].split("]", 1)[0]
     assert "    Memory,\n    KvAlloc,\n" in namespaces
+    # The checks a field's type cannot make are a resolution step of their own, right after
+    # the memory settings' (the step the plugin wraps), and overridable as upstream's steps.
+    pipeline = (package / "srt" / "arg_groups" / "pipeline.py").read_text()
+    step = (
+        "    run_hook(handle_gpu_memory_settings, server_args)\n\n"
+        "    from sglang.srt.arg_groups.kv_alloc_hook import handle_kv_alloc\n\n"
+        "    run_hook(handle_kv_alloc, server_args)\n"
+    )
+    assert pipeline.count(step) == 1 and plugin.cli.RESOLUTION_STEP == "handle_gpu_memory_settings"
+    overridable = (package / "srt" / "arg_groups" / "resolution_hooks.py").read_text()
+    assert '        "handle_gpu_memory_settings",\n        "handle_kv_alloc",\n' in overridable
     with pytest.raises(series.SeriesError, match="already applied"):
         series.apply(tmp_path, log=lambda _: None)
 

@@ -14,8 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 
 if TYPE_CHECKING:
@@ -98,8 +98,11 @@ def estimate_capacity_tokens(server_args: ServerArgs, cfg: dict[str, Any]) -> in
 def segment_size_problem(server_args: ServerArgs) -> str | None:
     """Why one segment of `--kv-segment-tokens` cannot hold the model's KV on this device,
     as one line (None if it can, or if that is only known once the scheduler sized the
-    pool). The checks that need no model are the flag's (`cli.input_problem`)."""
-    tokens = modes.segment_tokens(server_args)
+    pool). The checks that need no model are the flag's (`kv_alloc_hook.kv_alloc_problem`)."""
+    try:
+        tokens = modes.segment_tokens(server_args)
+    except modes.KvAllocModeError:
+        return None  # a value out of range: the flag's own step refuses it
     if tokens is None or modes.requested_mode(server_args) == modes.STATIC:
         return None
     try:
@@ -120,10 +123,15 @@ def segment_size_problem(server_args: ServerArgs) -> str | None:
 
 
 def clamp_context_before_resolve(server_args: ServerArgs, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `ServerArgs.resolve_once` (after the flag's checks): auto clamps the context
+    """BEFORE `ServerArgs.resolve_once`: a segment size the model's KV cannot fit is refused
+    (for `sglang.Engine`; the command line refused it already), then auto clamps the context
     in the launcher, once per record."""
-    if not getattr(server_args, "_resolution_finished", False):
-        clamp_context_in_launcher(server_args)
+    if getattr(server_args, "_resolution_finished", False):
+        return None
+    problem = segment_size_problem(server_args)
+    if problem is not None:
+        raise modes.KvAllocModeError(problem)
+    clamp_context_in_launcher(server_args)
     return None
 
 

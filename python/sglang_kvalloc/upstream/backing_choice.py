@@ -13,9 +13,9 @@ import logging
 import os
 
 import torch
+from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory, BackingUnavailableError
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

@@ -4,19 +4,22 @@
 The settings are declared fields of upstream's `ServerArgs` (`KvAlloc`, `upstream/fields.py`):
 upstream's parser, `from_cli_args`, `sglang.Engine(...)` keywords and the pickled record carry
 them. What a field's own type cannot check (a mode named in the environment, a context length
-that is not positive, a segment size against the pool) is checked here: on the command line
-as argparse errors (one line, exit 2), for `sglang.Engine` when the record is resolved.
+that is not positive, a segment size against the pool) is upstream's resolution step
+`handle_kv_alloc` (`arg_groups/kv_alloc_hook.py`), which the plugin runs after
+`handle_gpu_memory_settings` for every record; on the command line the same checks are
+argparse errors (one line, exit 2) before anything is resolved.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sglang.srt.mem_cache.segmented import geometry
+from sglang.srt.arg_groups.kv_alloc_hook import handle_kv_alloc, kv_alloc_problem
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.upstream.inline import then
 
 if TYPE_CHECKING:
@@ -36,18 +39,30 @@ def checked_cli_args(
         problem = str(exc)
     if problem is not None:
         argparse.ArgumentParser(usage=argparse.SUPPRESS).error(problem)
-    server_args._kv_alloc_checked = True  # bookkeeping: resolve_once need not check again
     return server_args
 
 
 around_from_cli_args = then(checked_cli_args)
 
+# The resolution step the checks run after, in the plugin (`register_resolution_hook` takes
+# only upstream's own step names); in the upstream series `handle_kv_alloc` is a step of its
+# own at the same place of `run_resolution_pipeline`.
+RESOLUTION_STEP = "handle_gpu_memory_settings"
+
+
+def after_gpu_memory_settings(
+    server_args: ServerArgs, previous: Callable[[ServerArgs], None]
+) -> None:
+    """Resolution wrapper of `RESOLUTION_STEP`: upstream's step, then `handle_kv_alloc`."""
+    previous(server_args)
+    handle_kv_alloc(server_args)
+
 
 def command_problem(server_args: ServerArgs) -> str | None:
-    """What argparse cannot see (`input_problem`), then, where a mode that commits on demand
+    """What argparse cannot see (`kv_alloc_problem`), then, where a mode that commits on demand
     is asked for a segment size, whether the model's KV fits one (`auto`, PR 2 of the
     upstream series: the only path to it, so the flag's PR stands alone)."""
-    problem = input_problem(server_args)
+    problem = kv_alloc_problem(server_args)
     if problem is not None or modes.requested_mode(server_args) == modes.STATIC:
         return problem
     if modes.segment_tokens(server_args) is None:
@@ -55,53 +70,6 @@ def command_problem(server_args: ServerArgs) -> str | None:
     from sglang_kvalloc.upstream import auto
 
     return auto.segment_size_problem(server_args)
-
-
-def input_problem(server_args: ServerArgs) -> str | None:
-    """What argparse cannot see, as one line: a mode named in the environment that does not
-    exist, a setting out of range, and (where this package's modes act) a context length that
-    is not positive."""
-    field = getattr(server_args, DEST, None)
-    if field is not None and field not in modes.MODES:  # sglang.Engine(kv_alloc_mode=...)
-        return f"unknown --kv-alloc-mode {field!r}; choose from {', '.join(modes.MODES)}"
-    mode = modes.requested_mode(server_args)
-    if mode not in modes.MODES:
-        return (
-            f"{modes.MODE_ENV}={mode!r} is not a --kv-alloc-mode; choose from "
-            f"{', '.join(modes.MODES)}"
-        )
-    try:  # fail early, in the launcher, on a value the workers would reject
-        modes.read_request(server_args)
-    except modes.KvAllocModeError as exc:
-        return str(exc)
-    context = getattr(server_args, "context_length", None)
-    if mode != modes.STATIC and context is not None and int(context) <= 0:
-        return f"--context-length must be a positive number of tokens, got {context}"
-    tokens = modes.segment_tokens(server_args)
-    if tokens is not None:
-        problem = geometry.launch_segment_problem(
-            tokens, server_args.page_size, server_args.max_total_tokens
-        )
-        if problem is not None:
-            return problem
-    if mode == modes.STATIC and modes.budget_settings(server_args) is not None:
-        return (
-            "--kv-budget shares KV memory that is committed on demand: use --kv-alloc-mode "
-            "segmented or auto"
-        )
-    return None
-
-
-def before_resolve_once(self: ServerArgs, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `ServerArgs.resolve_once`: the checks of `from_cli_args` for a record built
-    otherwise (`sglang.Engine(...)`)."""
-    if getattr(self, "_resolution_finished", False):
-        return None
-    if not getattr(self, "_kv_alloc_checked", False):
-        problem = command_problem(self)
-        if problem is not None:
-            raise modes.KvAllocModeError(problem)
-    return None
 
 
 def after_resolved_dict(

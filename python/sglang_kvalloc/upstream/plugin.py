@@ -76,8 +76,8 @@ def hooks() -> list[tuple[str, object, str]]:
     return [
         # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
         (f"{SERVER_ARGS}.from_cli_args", cli.around_from_cli_args, "AROUND"),
-        (f"{SERVER_ARGS}.resolve_once", cli.before_resolve_once, "BEFORE"),
-        # auto: the context clamped in the launcher, to the model and the estimated pool.
+        # auto: a segment size checked against the model, and the context clamped in the
+        # launcher, to the model and the estimated pool.
         (f"{SERVER_ARGS}.resolve_once", auto.clamp_context_before_resolve, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
@@ -280,6 +280,10 @@ def register() -> None:
             "into a site directory); the --kv-* flags and keywords are unavailable"
         )
     global _registered
+    if not _registered:
+        from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+
+        register_resolution_hook(cli.RESOLUTION_STEP)(cli.after_gpu_memory_settings)
     for target, hook, hook_type in hooks():
         module = imported_by_upstream_only(target)
         if module is None or module in sys.modules:

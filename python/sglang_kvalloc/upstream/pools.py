@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
 from sglang_kvalloc.upstream.inline import argument, instead, then

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.rope_cache import FixedAddressRope
 from sglang_kvalloc.upstream import backing_choice
 from sglang_kvalloc.upstream.runtime import RUNTIME

@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.graph_buffers import GraphBatch, LazyGraphBuffer
 

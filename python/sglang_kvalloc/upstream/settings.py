@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sglang_kvalloc import modes
+from sglang.srt.mem_cache.segmented import modes
+
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:

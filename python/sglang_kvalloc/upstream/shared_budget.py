@@ -17,8 +17,8 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import torch
+from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc import modes
 from sglang_kvalloc.core.shared_budget import BudgetError, SharedBudget, ledger_path
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

@@ -1,12 +1,13 @@
-"""The KV allocation modes: what was asked for, and what a process decided. Of upstream it
-imports only the segment rules and the settings' value rules
-(``sglang.srt.mem_cache.segmented.geometry`` and ``.settings``, in_tree/).
+"""The KV allocation modes: what was asked for, and what a process decided. Of
+SGLang it imports only the segment rules and the settings' value rules (`geometry`,
+`settings`).
 
-The mode is chosen by `--kv-alloc-mode` (CLI), `kv_alloc_mode=` (`sglang.Engine`), or the
-environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence. Every setting of this
-package is read here, from the ServerArgs record or the environment: `read_request` gathers
-them into one `KvAllocRequest`. What a scheduler process then runs is one frozen
-`ModeDecision`, made once where upstream sizes the KV pool, and asked by every hook.
+The mode is chosen by `--kv-alloc-mode` (CLI), `kv_alloc_mode=` (`sglang.Engine`), or
+the environment variable SGLANG_KV_ALLOC_MODE, in that order of precedence. Every KV
+allocation setting is read here, from the ServerArgs record or the environment:
+`read_request` gathers them into one `KvAllocRequest`. What a scheduler process then
+runs is one frozen `ModeDecision`, made once where the KV pool is sized, and asked
+wherever a mode acts.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ STATIC, SEGMENTED, AUTO = MODES
 DEFAULT_MODE = AUTO
 
 MODE_ENV = "SGLANG_KV_ALLOC_MODE"
-# Fields of upstream's ServerArgs (`KvAlloc`, in_tree/sglang/srt/arg_groups/fields/), pickled
-# with the record to every spawned process. None: the environment, then the default.
+# Fields of ServerArgs (`KvAlloc`, arg_groups/fields/kv_alloc.py),
+# pickled with the record to every spawned process. None: the environment, then the
+# default.
 SERVER_ARGS_ATTR = "kv_alloc_mode"
-# The context the operator asked for, kept when auto clamps `context_length`: bookkeeping
-# (not a field), kept in the record's __dict__, which ServerArgs.__reduce__ pickles too.
+# The context the operator asked for, kept when auto clamps `context_length`:
+# bookkeeping (not a field), kept in the record's __dict__, which ServerArgs.__reduce__
+# pickles too.
 REQUESTED_CONTEXT_ATTR = "_kv_alloc_requested_context_length"
 SEGMENT_TOKENS_ATTR = "kv_segment_tokens"
 SEGMENT_TOKENS_ENV = "SGLANG_KV_SEGMENT_TOKENS"
@@ -42,8 +45,8 @@ BUDGET_BYTES_ATTR = "kv_budget_bytes"
 BUDGET_FLOOR_ATTR = "kv_budget_floor"
 BUDGET_LIMIT_ATTR = "kv_budget_limit"
 
-# Modes whose start-up path exists. A mode outside this set fails at start-up with one line
-# instead of silently running as static.
+# Modes whose start-up path exists. A mode outside this set fails at start-up with one
+# line instead of silently running as static.
 IMPLEMENTED_MODES: frozenset[str] = frozenset(MODES)
 
 
@@ -53,10 +56,12 @@ class KvAllocModeError(ValueError):
 
 def validate_mode(mode: str) -> str:
     if mode not in MODES:
-        raise KvAllocModeError(f"unknown --kv-alloc-mode {mode!r}; choose from {', '.join(MODES)}")
+        raise KvAllocModeError(
+            f"unknown --kv-alloc-mode {mode!r}; choose from {', '.join(MODES)}"
+        )
     if mode not in IMPLEMENTED_MODES:
         raise KvAllocModeError(
-            f"--kv-alloc-mode {mode} is not available in this build of sglang-kvalloc "
+            f"--kv-alloc-mode {mode} is not available in this build "
             f"(available: {', '.join(sorted(IMPLEMENTED_MODES))})"
         )
     return mode
@@ -68,14 +73,22 @@ def mode_from_env() -> str | None:
 
 
 def requested_mode(server_args: object | None) -> str:
-    """The mode asked for: the record's value, else the environment, else the default."""
-    value = getattr(server_args, SERVER_ARGS_ATTR, None) if server_args is not None else None
+    """The mode asked for: the record's value, else the environment, else the
+    default."""
+    value = (
+        getattr(server_args, SERVER_ARGS_ATTR, None)
+        if server_args is not None
+        else None
+    )
     return value or mode_from_env() or DEFAULT_MODE
 
 
-def _whole_tokens(server_args: object | None, attr: str, env: str, flag: str) -> int | None:
+def _whole_tokens(
+    server_args: object | None, attr: str, env: str, flag: str
+) -> int | None:
     """A token count from the record (a CLI value is an int already; an `sglang.Engine`
-    keyword may be a string) or else the environment; KvAllocModeError names what is bad."""
+    keyword may be a string) or else the environment; KvAllocModeError names what is
+    bad."""
     value = getattr(server_args, attr, None) if server_args is not None else None
     source = flag
     if value is None and os.environ.get(env, "").strip():
@@ -100,8 +113,11 @@ def segment_tokens(server_args: object | None) -> int | None:
 
 
 def segment_hold_off_s(server_args: object | None) -> float:
-    """Seconds a trailing segment must stay empty before it is given back (inf: never)."""
-    value = getattr(server_args, HOLD_OFF_ATTR, None) if server_args is not None else None
+    """Seconds a trailing segment must stay empty before it is given back (inf:
+    never)."""
+    value = (
+        getattr(server_args, HOLD_OFF_ATTR, None) if server_args is not None else None
+    )
     if value is None and os.environ.get(HOLD_OFF_ENV, "").strip():
         value = parse_hold_off(os.environ[HOLD_OFF_ENV])
     if value is None:
@@ -110,7 +126,8 @@ def segment_hold_off_s(server_args: object | None) -> float:
 
 
 def parse_hold_off(text: str) -> float:
-    """Seconds >= 0; 'inf' means memory is never given back; NaN and negatives are errors."""
+    """Seconds >= 0; 'inf' means memory is never given back; NaN and negatives are
+    errors."""
     try:
         return settings.parse_hold_off_seconds(text)
     except ValueError as exc:
@@ -119,7 +136,9 @@ def parse_hold_off(text: str) -> float:
 
 def idle_cache_tokens(server_args: object | None) -> int:
     """Prefix-cache tokens the idle policy keeps committed."""
-    value = _whole_tokens(server_args, IDLE_CACHE_ATTR, IDLE_CACHE_ENV, "--kv-idle-cache-tokens")
+    value = _whole_tokens(
+        server_args, IDLE_CACHE_ATTR, IDLE_CACHE_ENV, "--kv-idle-cache-tokens"
+    )
     if value is None:
         return DEFAULT_IDLE_CACHE_TOKENS
     if value < 0:
@@ -129,8 +148,8 @@ def idle_cache_tokens(server_args: object | None) -> int:
 
 @dataclass(frozen=True)
 class BudgetSettings:
-    """The KV budget a server joins: its name, its size where this server creates it (0: the
-    ledger's), and this server's floor and limit (0: none, the total)."""
+    """The KV budget a server joins: its name, its size where this server creates it
+    (0: the ledger's), and this server's floor and limit (0: none, the total)."""
 
     name: str
     total_bytes: int
@@ -165,7 +184,7 @@ def _bytes(server_args: object | None, attr: str, flag: str) -> int:
 
 @dataclass(frozen=True)
 class KvAllocRequest:
-    """Everything this package was asked for, read once per process (`read_request`)."""
+    """Every KV allocation setting asked for, read once per process (`read_request`)."""
 
     mode: str
     segment_tokens: int | None
@@ -175,10 +194,12 @@ class KvAllocRequest:
 
 
 def read_request(server_args: object | None) -> KvAllocRequest:
-    """The settings on ``server_args`` (else the environment, else the defaults), checked.
+    """The settings on ``server_args`` (else the environment, else the defaults),
+    checked.
 
     Raises:
-        KvAllocModeError: a value that is unknown or out of range (one line for the user).
+        KvAllocModeError: a value that is unknown or out of range (one line for the
+            user).
     """
     return KvAllocRequest(
         mode=validate_mode(requested_mode(server_args)),
@@ -190,7 +211,8 @@ def read_request(server_args: object | None) -> KvAllocRequest:
 
 
 # The backings a decision can name: none (static), an anonymous mmap whose pages a first
-# write commits (the CPU), the CUDA driver's virtual memory API (commits made explicitly).
+# write commits (the CPU), the CUDA driver's virtual memory API (commits made
+# explicitly).
 NO_BACKING = "none"
 CPU_MMAP = "cpu-mmap"
 CUDA_VMM = "cuda-vmm"
@@ -200,11 +222,12 @@ CUDA_VMM = "cuda-vmm"
 class ModeDecision:
     """What a scheduler process runs, decided once where upstream sizes the KV pool.
 
-    Segmented mode has two mechanisms: (a) context-scaled tables (req_to_token, RoPE caches,
-    cuda-graph buffers) reserved and committed as used, for every pool kind; (b) the KV pool
-    committed segment by segment, for the kinds that support it (`kv_pool_problem` says why
-    not, otherwise None). `explicit_commits`: the backing maps memory before any use (a GPU),
-    so tables, rows and graph buffers are committed by the plugin, not by a first write.
+    Segmented mode has two mechanisms: (a) context-scaled tables (req_to_token, RoPE
+    caches, cuda-graph buffers) reserved and committed as used, for every pool kind; (b)
+    the KV pool committed segment by segment, for the kinds that support it
+    (`kv_pool_problem` says why not, otherwise None). `explicit_commits`: the backing
+    maps memory before any use (a GPU), so tables, rows and graph buffers are committed
+    explicitly, not by a first write.
     """
 
     requested: str
@@ -231,7 +254,8 @@ class ModeDecision:
 
     @property
     def kv_pool_note(self) -> str:
-        """One phrase on how the KV pool is held, for the start-up log and `/server_info`."""
+        """One phrase on how the KV pool is held, for the start-up log and
+        `/server_info`."""
         if not self.segmented:
             return ""
         if self.kv_pool_problem is not None:
