@@ -59,8 +59,10 @@ PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
 SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, python/sglang_kvalloc
-# The series' tests in upstream's form, at their paths under upstream's test/.
+# The series' tests in upstream's form, at their paths under upstream's test/, and its docs
+# pages, at their paths under upstream's docs/.
 UPSTREAM_TESTS = SOURCE.parents[1] / "upstream_tests"
+UPSTREAM_DOCS = SOURCE.parents[1] / "upstream_docs"
 # Never part of the series: the plugin's registration (replaced by the edits), the
 # import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
 NOT_IN_SERIES = (
@@ -323,19 +325,26 @@ def carry_file(package: Path, rel: str) -> Path:
 
 
 def carry_tests(package: Path, pr: PullRequest) -> list[Path]:
-    """Write ``pr``'s tests into the clone's ``test/`` (``<clone>/python/sglang`` is the
-    package); a package directory alone has no place for them (its user runs them from
-    ``upstream_tests/``)."""
-    if package.parent.name != "python" or not (package.parents[1] / "test").is_dir():
+    """Write ``pr``'s tests and docs pages into the clone's ``test/`` and ``docs/``
+    (``<clone>/python/sglang`` is the package); a package directory alone has no place for
+    them (its user reads them in ``upstream_tests/`` and ``upstream_docs/``)."""
+    clone = package.parents[1]
+    if package.parent.name != "python" or not (clone / "test").is_dir():
         return []
     written = []
-    for rel in pr.tests:
-        dest = package.parents[1] / "test" / rel
-        if dest.exists():
-            raise SeriesError(f"{dest} exists in upstream's tree: the series would overwrite it")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(UPSTREAM_TESTS / rel, dest)
-        written.append(dest)
+    for source, folder, rels in (
+        (UPSTREAM_TESTS, "test", pr.tests),
+        (UPSTREAM_DOCS, "docs", pr.docs),
+    ):
+        for rel in rels:
+            dest = clone / folder / rel
+            if dest.exists():
+                raise SeriesError(
+                    f"{dest} exists in upstream's tree: the series would overwrite it"
+                )
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, dest)
+            written.append(dest)
     return written
 
 
@@ -415,7 +424,7 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
             f"[series] PR {p.pr.number}: {p.pr.title}: {len(p.files)} new file(s), "
             f"{calls} inline call(s) and {len(p.edits) - calls} decorated function(s) in "
             f"{len(by_file)} upstream file(s), {len(p.pr.insertions)} inline insertion(s), "
-            f"{len(tests)} test file(s)"
+            f"{len(tests)} test and docs file(s)"
         )
         if root is not None:
             _git(root, "add", "-A", "--", str(package), *map(str, tests))
@@ -477,6 +486,9 @@ def describe() -> str:
         if p.pr.tests:
             out.append(f"  tests, in upstream's test/ ({len(p.pr.tests)}):")
             out += [f"    {rel}" for rel in p.pr.tests]
+        if p.pr.docs:
+            out.append(f"  docs pages, in upstream's docs/ ({len(p.pr.docs)}):")
+            out += [f"    {rel}" for rel in p.pr.docs]
         if p.pr.insertions:
             out.append(f"  lines written inline ({len(p.pr.insertions)}):")
             out += [f"    {i.file}: {' / '.join(x.strip() for x in i.lines)}"

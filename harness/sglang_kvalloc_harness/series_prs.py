@@ -29,6 +29,8 @@ class PullRequest:
     insertions: tuple[Insertion, ...] = ()
     # Its tests in upstream's form: paths under upstream_tests/ (upstream's test/).
     tests: tuple[str, ...] = ()
+    # Its docs page in upstream's layout: paths under upstream_docs/ (upstream's docs/).
+    docs: tuple[str, ...] = ()
 
 
 SERIES: tuple[PullRequest, ...] = (
@@ -75,6 +77,7 @@ SERIES: tuple[PullRequest, ...] = (
             ),
         ),
         ("registered/unit/server_args/test_kv_alloc_mode_flag.py",),
+        docs=("advanced_features/kv_alloc_mode.md",),
     ),
     PullRequest(
         2,
@@ -88,6 +91,7 @@ SERIES: tuple[PullRequest, ...] = (
         ),
         ("upstream/auto.py",),
         tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
+        docs=("advanced_features/kv_alloc_auto.md",),
     ),
     PullRequest(
         3,
@@ -105,6 +109,7 @@ SERIES: tuple[PullRequest, ...] = (
             "upstream/lazy_req_to_token.py",
             "upstream/lazy_decode_req_to_token.py",
         ),
+        docs=("advanced_features/lazy_context_tables.md",),
     ),
     PullRequest(
         4,
@@ -121,6 +126,7 @@ SERIES: tuple[PullRequest, ...] = (
         ),
         ("upstream/segmented/__init__.py", "upstream/idle_eviction.py"),
         tests=("registered/unit/mem_cache/test_segmented_page_allocator.py",),
+        docs=("advanced_features/segmented_kv_cache.md",),
     ),
     PullRequest(
         5,
@@ -129,6 +135,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
         (),
         ("core/cuda_backing.py", "upstream/cuda_vmm.py"),
+        docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(
         6,
@@ -136,6 +143,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
         ("pools.record_configuration", "pools.after_get_internal_state", "metrics.*"),
+        docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(
         7,
@@ -143,6 +151,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
         ("attention_graph_buffers.*",),
+        docs=("advanced_features/lazy_cuda_graph_buffers.md",),
     ),
     PullRequest(
         8,
@@ -150,6 +159,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Release and resume of memory occupation in segmented mode (RL)",
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
         ("memory_release.*",),
+        docs=("advanced_features/segmented_kv_memory_release.md",),
     ),
     PullRequest(
         9,
@@ -159,5 +169,6 @@ SERIES: tuple[PullRequest, ...] = (
         ("pd_transfer.*",),
         ("upstream/pd_transfer.py",),
         tests=("registered/unit/disaggregation/test_segment_runs.py",),
+        docs=("advanced_features/segmented_kv_pd_disaggregation.md",),
     ),
 )

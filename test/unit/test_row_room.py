@@ -135,3 +135,31 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(
     assert RUNTIME.state.run_time_room_bytes > 0
     context = configurator.model_config.context_len
     assert context == config.max_total_num_tokens < 4 * 10**9 // CELL
+
+
+def test_autos_share_is_computed_once_at_the_context_it_clamps_to(
+    explicit_commits: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the scheduler clamps, `decide_auto` scales static's context-sized bytes from the
+    context asked for to the clamped one; they were passed at the clamped context already and
+    scaled twice: at 10M clamped to 3.9M the share was 39% of the real one, so static could
+    be chosen where its tables take more than the 5% it allows."""
+    import re
+
+    monkeypatch.setattr(pools, "_apply_segment_settings", lambda c, request: None)
+    monkeypatch.setattr(pools, "_open_backings", lambda c: None)
+    monkeypatch.setattr(pools, "_warn_graph_buffers", lambda c: None)
+    monkeypatch.setattr(pools, "kv_pool_kind", lambda c: ("mha", None))
+    monkeypatch.setattr(pools, "context_scaled_static_bytes",
+                        lambda c, config, n: (config.max_running_requests + 1) * n * 4)  # fmt: skip
+    target = 10_000_000
+    configurator, resolve = _configurator(target, 4 * 10**9)
+    RUNTIME.state.run_time_room_bytes = 0
+    asked = resolve(configurator)  # upstream's sizing at the context asked for
+    pools.around_resolve_memory_pool_config(resolve, configurator)
+    clamped_to = asked.max_total_num_tokens
+    figure = re.search(r"allocations (?:are|would be) (\d+) B", RUNTIME.decision.reason)
+    assert figure is not None, RUNTIME.decision.reason
+    assert (
+        int(figure.group(1)) == (asked.max_running_requests + 1) * target * 4 * clamped_to // target
+    )

@@ -231,7 +231,43 @@ def test_each_prs_tests_are_upstream_style_and_land_in_a_clones_test_dir(tmp_pat
     (tmp_path / "test").mkdir()
     pr = next(pr for pr in series.SERIES if pr.tests)
     written = series.carry_tests(package, pr)
-    assert [p.relative_to(tmp_path / "test").as_posix() for p in written] == list(pr.tests)
+    tests = [p for p in written if p.is_relative_to(tmp_path / "test")]
+    assert [p.relative_to(tmp_path / "test").as_posix() for p in tests] == list(pr.tests)
     with pytest.raises(series.SeriesError, match="exists"):
         series.carry_tests(package, pr)
     assert series.carry_tests(tmp_path / "sglang", pr) == []  # a package directory alone
+
+
+def test_each_pr_has_a_docs_page_in_upstreams_layout_naming_what_the_series_writes(
+    tmp_path: Path,
+) -> None:
+    """One page per PR (upstream_docs/, upstream's docs/advanced_features/ layout): written
+    for SGLang's users (nothing of this repository), its Code Reference naming only files
+    that the series has written by that PR or that upstream has, and written into a clone's
+    docs/ by its PR."""
+    written_by: set[str] = set()
+    for planned in series.plan():
+        pr = planned.pr
+        written_by |= {f"python/sglang/{series.upstream_path(rel)}" for rel in planned.files}
+        written_by |= {f"test/{rel}" for rel in pr.tests}
+        assert len(pr.docs) == 1 and pr.docs[0].startswith("advanced_features/"), pr.slug
+        text = (series.UPSTREAM_DOCS / pr.docs[0]).read_text()
+        for word in ("sglang_kvalloc", "sglang-kvalloc", "plugin", "upstream_tests"):
+            assert word not in text, (pr.docs[0], word)
+        assert text.startswith("# ") and "## Code Reference" in text, pr.docs[0]
+        reference = text.split("## Code Reference", 1)[1]
+        rows = [line for line in reference.splitlines() if line.startswith("| `")]
+        named = [row.split("`")[1] for row in rows]
+        assert named, pr.docs[0]
+        for path in named:
+            upstream_file = (
+                path.startswith("python/sglang/")
+                and (UPSTREAM / path.removeprefix("python/sglang/")).exists()
+            )
+            folder = path.endswith("/") and any(w.startswith(path) for w in written_by)
+            assert path in written_by or upstream_file or folder, (pr.docs[0], path)
+    package = tmp_path / "python" / "sglang"
+    package.mkdir(parents=True)
+    (tmp_path / "test").mkdir()
+    written = series.carry_tests(package, series.SERIES[0])
+    assert tmp_path / "docs" / series.SERIES[0].docs[0] in written

@@ -89,13 +89,13 @@ def around_resolve_memory_pool_config(
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
     context_len = self.model_config.context_len
-    static_bytes = context_scaled_static_bytes(self, config, min(context_len, capacity))
     pool_bytes = kv_pool_bytes(self, config) or capacity
+    # At the context asked for: decide_auto scales them to the context it clamps to.
     decision = planner.decide_auto(
         requested_context=context_len,
         model_max_context=context_len,
         max_context_one_request=capacity,
-        context_scaled_bytes_static=static_bytes,
+        context_scaled_bytes_static=context_scaled_static_bytes(self, config, context_len),
         budget_bytes=pool_bytes,
     )
     if decision.clamped:
@@ -109,6 +109,7 @@ def around_resolve_memory_pool_config(
         self.model_config.context_len = decision.effective_context
         # max running requests depends on the context; size again with the clamped one.
         config = original(self, *args, **kwargs)
+    static_bytes = context_scaled_static_bytes(self, config, decision.effective_context)
     mode = decision.mode
     reason = decision.reason
     if request.budget is not None and mode != modes.SEGMENTED:
