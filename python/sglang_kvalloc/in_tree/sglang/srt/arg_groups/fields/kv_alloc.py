@@ -71,8 +71,10 @@ class KvAlloc(msgspec.Struct):
         Arg(
             help=(
                 "Segmented mode: tokens per KV segment, a multiple of --page-size and "
-                "at most the pool capacity; rounded up so each segment spans whole OS "
-                "pages (default: 8192). Env SGLANG_KV_SEGMENT_TOKENS."
+                "at most the pool capacity; rounded up so each segment spans whole "
+                "granules of the memory backing (default: 8192, at most a 16th of "
+                "the pool). "
+                "Env SGLANG_KV_SEGMENT_TOKENS."
             ),
             type_parser=_argument(_segment_tokens),
         ),
