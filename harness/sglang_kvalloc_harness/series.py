@@ -71,6 +71,7 @@ NOT_IN_SERIES = (
     "on_import.py",  # the plugin's modules hooked on import; the series edits them inline
     "plan.py",
     "budget.py",
+    "core/planner/render.py",  # the planner CLI's report
     "in_tree_finder.py",
     "upstream/fields.py",  # the plugin's way to list KvAlloc; the series lists it inline
 )
@@ -170,13 +171,6 @@ def _closure(roots: set[str]) -> set[str]:
     return seen
 
 
-def _data_files(rel: str) -> list[str]:
-    """Non-Python files a module reads from the package (the planner's model configs)."""
-    if rel == "core/planner/model.py":
-        return sorted(str(p.relative_to(SOURCE)) for p in (SOURCE / "configs").glob("*.json"))
-    return []
-
-
 def _hook_matches(pattern: str, hook: object) -> bool:
     module = getattr(hook, "__module__", "").rpartition(".")[2]
     name = getattr(hook, "__name__", "")
@@ -212,8 +206,6 @@ def plan() -> list[PlannedPR]:
             if rel not in carried:
                 carried.add(rel)
                 p.files.append(rel)
-                p.files.extend(d for d in _data_files(rel) if d not in carried)
-                carried.update(_data_files(rel))
     owner = {rel: p.pr.number for p in planned for rel in p.files}
     for p in planned:
         for rel in p.files:

@@ -24,8 +24,8 @@ from sglang_kvalloc.core.planner import (
     PlanInputs,
     builtin_model_names,
     plan,
-    render,
 )
+from sglang_kvalloc.core.planner.render import render
 
 
 def build_parser() -> argparse.ArgumentParser:

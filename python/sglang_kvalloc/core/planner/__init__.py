@@ -9,7 +9,7 @@ defaults with upstream's own functions.
 One module per question: `model` (the model's shapes and KV bytes per token), `budget` (the
 memory budget, the pool, the request slots), `layouts` (the context-sized buffers and what
 segmented mode commits of them), `decision` (auto's choice), `plans` (the whole plan) and
-`render` (the report the CLI prints).
+`render` (the report the CLI prints; imported by the CLI only).
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ from sglang_kvalloc.core.planner.plans import (
     plan,
     segmented_kv,
 )
-from sglang_kvalloc.core.planner.render import render
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -158,7 +157,6 @@ __all__ = [
     "pp_layer_range",
     "serves_multimodal",
     "prefill_cuda_graph_sizes",
-    "render",
     "req_to_token_allocation",
     "req_to_token_extra",
     "req_to_token_room",

@@ -107,7 +107,8 @@ class ModelSpec:
 
 
 def builtin_config_dir() -> Path:
-    """Directory of the shipped model configs."""
+    """Directory of the model configs the planner CLI ships (not part of the series: where
+    it is absent, a built-in name finds nothing)."""
     return Path(__file__).resolve().parents[2] / "configs"
 
 
