@@ -99,8 +99,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Lazy req_to_token and RoPE cache in segmented mode",
         "The tables sized by the context are reserved and committed as used.",
         (
-            "pools.segmented_default_req_pool",
-            "pools.segmented_decode_req_pool",
+            "req_pool_builders.*",
             "pools.kv_budget_bytes",
             "rope.*",
         ),
@@ -117,10 +116,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
         (
-            "pools.segmented_mha_pool_class",
-            "pools.segmented_swa_pool_class",
-            "pools.segmented_mla_pool_class",
-            "pools.segment_aware_allocator",
+            "kv_pool_builders.*",
             "scheduler_loop.*",
             "cpu_attention.*",
         ),
@@ -142,7 +138,7 @@ SERIES: tuple[PullRequest, ...] = (
         "kv-alloc-observability",
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
-        ("pools.record_configuration", "pools.after_get_internal_state", "metrics.*"),
+        ("report.*", "metrics.*"),
         docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(

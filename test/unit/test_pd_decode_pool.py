@@ -13,7 +13,7 @@ from sglang.srt.disaggregation.decode import DecodeReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.upstream import pools, refusals
+from sglang_kvalloc.upstream import refusals, req_pool_builders
 from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -87,11 +87,15 @@ def test_the_decode_pool_hook_builds_the_lazy_pool_only_in_segmented_mode(monkey
     kwargs = dict(max_num_reqs=4, extra_max_context_len=0, pre_alloc_size=8)
     decide(modes.STATIC)
     assert (
-        pools.around_build_decode_req_pool(lambda c, **k: upstream, configurator, **kwargs)
+        req_pool_builders.around_build_decode_req_pool(
+            lambda c, **k: upstream, configurator, **kwargs
+        )
         is upstream
     )
     decide(modes.SEGMENTED, kv_pool_problem="PD: the KV pool stays upstream's")
-    pool = pools.around_build_decode_req_pool(lambda c, **k: upstream, configurator, **kwargs)
+    pool = req_pool_builders.around_build_decode_req_pool(
+        lambda c, **k: upstream, configurator, **kwargs
+    )
     assert isinstance(pool, SegmentedDecodeReqToTokenPool)
     assert pool.req_to_token.shape == (13, CONTEXT) and pool.pre_alloc_size == 8
 

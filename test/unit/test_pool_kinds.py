@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
-from sglang_kvalloc.upstream import pools, segmented
+from sglang_kvalloc.upstream import kv_pool_builders, pools, segmented
 from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
@@ -308,9 +308,11 @@ def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
     def builder(self: object, **kwargs: object) -> object:
         return kwargs
 
-    got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=MLATokenToKVPool)
+    got = kv_pool_builders.around_build_mla_kv_pool(
+        builder, configurator, mla_pool_class=MLATokenToKVPool
+    )
     assert got["mla_pool_class"] is SegmentedMLATokenToKVPool
-    got = pools.around_build_hybrid_swa_kv_pool(
+    got = kv_pool_builders.around_build_hybrid_swa_kv_pool(
         builder, configurator, mha_pool_class=MHATokenToKVPool
     )
     assert got["mha_pool_class"] is SegmentedMHATokenToKVPool
@@ -319,10 +321,12 @@ def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
         pass
 
     with pytest.raises(modes.KvAllocModeError, match="VendorPool"):
-        pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
+        kv_pool_builders.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     # Where the decision keeps upstream's pool, the hooks leave upstream's choice alone.
     decide(modes.SEGMENTED, kind="mla", kv_pool_problem="the VendorPool pool is not segmented")
-    got = pools.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
+    got = kv_pool_builders.around_build_mla_kv_pool(
+        builder, configurator, mla_pool_class=VendorPool
+    )
     assert got["mla_pool_class"] is VendorPool
 
 

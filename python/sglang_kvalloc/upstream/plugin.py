@@ -15,10 +15,13 @@ from sglang_kvalloc.upstream import (
     auto,
     cli,
     cpu_attention,
+    kv_pool_builders,
     memory_release,
     metrics,
     pd_transfer,
     pools,
+    report,
+    req_pool_builders,
     rope,
     scheduler_loop,
     settings,
@@ -102,15 +105,23 @@ def hooks() -> list[tuple[str, object, str]]:
             pools.around_profile_available_bytes,
             "AROUND",
         ),
-        (f"{CONFIGURATOR}._build_default_req_pool", pools.around_build_default_req_pool, "AROUND"),
-        (f"{CONFIGURATOR}._build_decode_req_pool", pools.around_build_decode_req_pool, "AROUND"),
-        (f"{CONFIGURATOR}._build_mha_kv_pool", pools.around_build_mha_kv_pool, "AROUND"),
         (
-            f"{CONFIGURATOR}._build_hybrid_swa_kv_pool",
-            pools.around_build_hybrid_swa_kv_pool,
+            f"{CONFIGURATOR}._build_default_req_pool",
+            req_pool_builders.around_build_default_req_pool,
             "AROUND",
         ),
-        (f"{CONFIGURATOR}._build_mla_kv_pool", pools.around_build_mla_kv_pool, "AROUND"),
+        (
+            f"{CONFIGURATOR}._build_decode_req_pool",
+            req_pool_builders.around_build_decode_req_pool,
+            "AROUND",
+        ),
+        (f"{CONFIGURATOR}._build_mha_kv_pool", kv_pool_builders.around_build_mha_kv_pool, "AROUND"),
+        (
+            f"{CONFIGURATOR}._build_hybrid_swa_kv_pool",
+            kv_pool_builders.around_build_hybrid_swa_kv_pool,
+            "AROUND",
+        ),
+        (f"{CONFIGURATOR}._build_mla_kv_pool", kv_pool_builders.around_build_mla_kv_pool, "AROUND"),
         # ... and the CPU engine's attention reading a segmented SWA sub-pool through upstream's
         # full-to-SWA mapping (0.5.23 reads it with full-pool ids).
         (
@@ -125,7 +136,7 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (
             f"{CONFIGURATOR}._build_token_to_kv_pool_allocator",
-            pools.around_build_allocator,
+            kv_pool_builders.around_build_allocator,
             "AROUND",
         ),
         # ... grown ahead of each iteration, given back when idle, withheld after a failed
@@ -259,8 +270,8 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         # What was built: start-up log, then /server_info through the scheduler's state.
-        (f"{CONFIGURATOR}.configure", pools.around_configure, "AROUND"),
-        (f"{INTERNAL_STATE}.get_internal_state", pools.after_get_internal_state, "AFTER"),
+        (f"{CONFIGURATOR}.configure", report.around_configure, "AROUND"),
+        (f"{INTERNAL_STATE}.get_internal_state", report.after_get_internal_state, "AFTER"),
         # Gauges on /metrics (with upstream's --enable-metrics).
         (f"{COLLECTOR}.__init__", metrics.after_collector_init, "AFTER"),
         (f"{COLLECTOR}.log_stats", metrics.after_log_stats, "AFTER"),

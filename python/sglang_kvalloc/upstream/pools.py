@@ -1,8 +1,9 @@
 """Hooks on upstream's KV cache configurator (scheduler / TP worker processes).
 
 `_resolve_memory_pool_config` is where upstream learns the pool capacity; there `auto` clamps
-the context and picks the mode with exact numbers. The `_build_*` hooks then build the pools
-of the mode in force: upstream's own for static, the segmented subclasses for segmented.
+the context and picks the mode with exact numbers, and `_profile_available_bytes` keeps the
+room segmented mode commits at run time. The `_build_*` calls then build the pools of the mode
+in force (`req_pool_builders`, `kv_pool_builders`); `report` says what was built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sglang.srt.mem_cache.segmented import modes
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
-from sglang_kvalloc.upstream.inline import argument, instead, then
+from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -33,13 +34,9 @@ from sglang_kvalloc.upstream.refusals import (
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
-    from sglang.srt.managers.io_struct import GetInternalStateReqOutput
-    from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.kv_cache_configurator import (
-        KVCacheConfigResult,
         KVCacheConfigurator,
     )
-    from sglang.srt.mem_cache.memory_pool import KVCache, ReqToTokenPool
     from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 logger = logging.getLogger(__name__)
@@ -300,231 +297,3 @@ def make_rank_agreement(group: dist.ProcessGroup) -> Callable[[int], int]:
         return int(flag.item())
 
     return agree
-
-
-def _builds_segmented(configurator: KVCacheConfigurator) -> bool:
-    """Whether this configurator's tables are the lazy ones (the target worker)."""
-    return RUNTIME.decision.lazy_tables and not configurator.is_draft_worker
-
-
-def _builds_kv_on_demand(configurator: KVCacheConfigurator) -> bool:
-    """Whether this configurator's KV pool is the segment-committed one."""
-    return RUNTIME.decision.kv_on_demand and not configurator.is_draft_worker
-
-
-def _unforeseen_pool(what: str) -> modes.KvAllocModeError:
-    """Upstream is building a pool the decision did not foresee (`pool_kind.kv_pool_kind`
-    asks upstream's own choosers): a start-up error rather than a pool run the wrong way."""
-    return modes.KvAllocModeError(
-        f"--kv-alloc-mode segmented: upstream builds {what}, which the mode decision did not "
-        "foresee; use --kv-alloc-mode static (and report this)"
-    )
-
-
-def segmented_default_req_pool(
-    self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> ReqToTokenPool | None:
-    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented mode
-    (None: upstream's)."""
-    if not _builds_segmented(self):
-        return None
-    from sglang.srt.runtime_context import get_exec
-
-    from sglang_kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
-
-    return SegmentedReqToTokenPool(
-        size=kwargs["max_num_reqs"],
-        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
-        device=self.device,
-        enable_memory_saver=get_exec().features.enable_memory_saver,
-        agree=RUNTIME.settings.agree,
-    )
-
-
-around_build_default_req_pool = instead(segmented_default_req_pool)
-
-
-def segmented_decode_req_pool(
-    self: KVCacheConfigurator, *args: Any, **kwargs: Any
-) -> ReqToTokenPool | None:
-    """AROUND `_build_decode_req_pool` (instead; a PD decode server): the lazy decode
-    req_to_token in segmented mode, its pre-allocation rows included (None: upstream's)."""
-    if not _builds_segmented(self):
-        return None
-    from sglang.srt.runtime_context import get_exec
-
-    from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
-
-    return SegmentedDecodeReqToTokenPool(
-        size=kwargs["max_num_reqs"],
-        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
-        device=self.device,
-        enable_memory_saver=get_exec().features.enable_memory_saver,
-        pre_alloc_size=kwargs["pre_alloc_size"],
-    )
-
-
-around_build_decode_req_pool = instead(segmented_decode_req_pool)
-
-
-def segmented_mha_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_mha_kv_pool` (argument `mha_pool_class`): the segmented MHA pool class
-    in segmented mode (upstream's choice otherwise)."""
-    pool_class = kwargs.get("mha_pool_class")
-    if not _builds_kv_on_demand(self):
-        return pool_class
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
-
-    if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
-        name = getattr(pool_class, "__name__", "?")
-        quantized = " with a KV quantization method" if kwargs.get("quant_method") else ""
-        raise _unforeseen_pool(f"the {name} pool{quantized}")
-    return SegmentedMHATokenToKVPool
-
-
-around_build_mha_kv_pool = argument("mha_pool_class", segmented_mha_pool_class)
-
-
-def _segmented_class(
-    chosen: type[KVCache], upstream_class: type[KVCache], segmented_class: type[KVCache]
-) -> type[KVCache]:
-    """The segmented subclass of the pool class upstream chose (its plain class, as the
-    decision foresaw)."""
-    if chosen is not upstream_class:
-        raise _unforeseen_pool(f"the {getattr(chosen, '__name__', '?')} pool")
-    return segmented_class
-
-
-def segmented_swa_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_hybrid_swa_kv_pool` (argument `mha_pool_class`): upstream's `SWAKVPool`
-    with both sub-pools (full and sliding-window) segment-committed, in segmented mode."""
-    pool_class = kwargs.get("mha_pool_class")
-    if not _builds_kv_on_demand(self):
-        return pool_class
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
-
-    return _segmented_class(pool_class, MHATokenToKVPool, SegmentedMHATokenToKVPool)
-
-
-around_build_hybrid_swa_kv_pool = argument("mha_pool_class", segmented_swa_pool_class)
-
-
-def segmented_mla_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_mla_kv_pool` (argument `mla_pool_class`): the segmented MLA (latent
-    cache) pool in segmented mode."""
-    pool_class = kwargs.get("mla_pool_class")
-    if not _builds_kv_on_demand(self):
-        return pool_class
-    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMLATokenToKVPool
-
-    return _segmented_class(pool_class, MLATokenToKVPool, SegmentedMLATokenToKVPool)
-
-
-around_build_mla_kv_pool = argument("mla_pool_class", segmented_mla_pool_class)
-
-
-def segment_aware_allocator(
-    allocator: BaseTokenToKVPoolAllocator,
-    self: KVCacheConfigurator,
-    *args: Any,
-    **kwargs: Any,
-) -> BaseTokenToKVPoolAllocator:
-    """AROUND `_build_token_to_kv_pool_allocator` (then): segment-aware allocators over a segmented
-    pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
-    pool = kwargs.get("token_to_kv_pool")
-    if not _builds_kv_on_demand(self):
-        return allocator
-    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
-    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-
-    from sglang_kvalloc.upstream.segmented.allocators import segmented_allocator_for
-    from sglang_kvalloc.upstream.segmented.swa_allocator import (
-        SegmentedSWATokenToKVPoolAllocator,
-    )
-
-    if type(allocator) is SWATokenToKVPoolAllocator:
-        return SegmentedSWATokenToKVPoolAllocator(
-            allocator.size_full,
-            allocator.size_swa,
-            allocator.page_size,
-            allocator.dtype,
-            allocator.device,
-            pool,
-            allocator.need_sort,
-            kwargs.get("req_to_token_pool"),
-        )
-    if type(allocator) in (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator):
-        return segmented_allocator_for(
-            allocator.size,
-            allocator.page_size,
-            allocator.dtype,
-            allocator.device,
-            pool,
-            allocator.need_sort,
-        )
-    raise modes.KvAllocModeError(
-        "--kv-alloc-mode segmented supports upstream's token, paged and hybrid SWA "
-        f"allocators only (got {type(allocator).__name__})"
-    )
-
-
-around_build_allocator = then(segment_aware_allocator)
-
-
-def record_configuration(
-    result: KVCacheConfigResult,
-    self: KVCacheConfigurator,
-    *args: Any,
-    **kwargs: Any,
-) -> KVCacheConfigResult:
-    """AROUND `KVCacheConfigurator.configure` (then): record and log what was built."""
-    if self.is_draft_worker:
-        return result
-    req_to_token = getattr(result.req_to_token_pool, "req_to_token", None)
-    state = RUNTIME.state
-    state.effective_context_length = self.model_config.context_len
-    state.token_capacity = result.max_total_num_tokens
-    state.max_running_requests = result.max_running_requests
-    if req_to_token is not None:
-        state.req_to_token_bytes = req_to_token.numel() * req_to_token.element_size()
-    state.allocator = result.token_to_kv_pool_allocator
-    state.req_to_token_pool = result.req_to_token_pool
-    decision = RUNTIME.decision
-    logger.info(
-        "KV allocation mode: %s (requested %s; %s). KV capacity %d tokens, context length %d, "
-        "max running requests %d, req_to_token %s %.3f GB. (a) context-scaled tables: %s. "
-        "(b) %s KV pool: %s.",
-        decision.mode,
-        decision.requested,
-        decision.reason,
-        result.max_total_num_tokens,
-        self.model_config.context_len,
-        result.max_running_requests,
-        "reserved" if decision.lazy_tables else "allocated",
-        (state.req_to_token_bytes or 0) / 1e9,
-        "lazy" if decision.lazy_tables else "allocated at start",
-        decision.kv_pool_kind,
-        "committed on demand"
-        if decision.kv_on_demand
-        else "allocated whole at start"
-        + (f" ({decision.kv_pool_note})" if decision.kv_pool_note else ""),
-    )
-    return result
-
-
-around_configure = then(record_configuration)
-
-
-def after_get_internal_state(result: GetInternalStateReqOutput, *args: Any, **kwargs: Any) -> None:
-    """AFTER `SchedulerInternalStateController.get_internal_state`: add `kv_alloc`."""
-    state = getattr(result, "internal_state", None)
-    if isinstance(state, dict):
-        state["kv_alloc"] = RUNTIME.as_dict()
-    return None

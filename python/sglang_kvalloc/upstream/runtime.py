@@ -23,6 +23,7 @@ from sglang_kvalloc.core.graph_buffers import GraphBatch, LazyGraphBuffer
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 
@@ -309,3 +310,13 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+
+
+def builds_lazy_tables(configurator: KVCacheConfigurator) -> bool:
+    """Whether this configurator's tables are the lazy ones (the target worker)."""
+    return RUNTIME.decision.lazy_tables and not configurator.is_draft_worker
+
+
+def builds_kv_on_demand(configurator: KVCacheConfigurator) -> bool:
+    """Whether this configurator's KV pool is the segment-committed one."""
+    return RUNTIME.decision.kv_on_demand and not configurator.is_draft_worker

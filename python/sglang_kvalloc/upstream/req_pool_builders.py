@@ -1,0 +1,60 @@
+"""The req_to_token pools of segmented mode, built where upstream builds its own: the lazy
+table (reserved, rows committed as requests use them) in place of upstream's, for the
+target worker only. PR 3 of the upstream series (lazy context tables)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sglang_kvalloc.upstream.inline import instead
+from sglang_kvalloc.upstream.runtime import RUNTIME, builds_lazy_tables
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+
+def segmented_default_req_pool(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool | None:
+    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented mode
+    (None: upstream's)."""
+    if not builds_lazy_tables(self):
+        return None
+    from sglang.srt.runtime_context import get_exec
+
+    from sglang_kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
+
+    return SegmentedReqToTokenPool(
+        size=kwargs["max_num_reqs"],
+        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
+        device=self.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        agree=RUNTIME.settings.agree,
+    )
+
+
+around_build_default_req_pool = instead(segmented_default_req_pool)
+
+
+def segmented_decode_req_pool(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> ReqToTokenPool | None:
+    """AROUND `_build_decode_req_pool` (instead; a PD decode server): the lazy decode
+    req_to_token in segmented mode, its pre-allocation rows included (None: upstream's)."""
+    if not builds_lazy_tables(self):
+        return None
+    from sglang.srt.runtime_context import get_exec
+
+    from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
+
+    return SegmentedDecodeReqToTokenPool(
+        size=kwargs["max_num_reqs"],
+        max_context_len=self.model_config.context_len + kwargs["extra_max_context_len"],
+        device=self.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        pre_alloc_size=kwargs["pre_alloc_size"],
+    )
+
+
+around_build_decode_req_pool = instead(segmented_decode_req_pool)
