@@ -178,9 +178,10 @@ def _hook_matches(pattern: str, hook: object) -> bool:
     return module == want_module and want_name in ("*", name)
 
 
-def plan() -> list[PlannedPR]:
-    """Every PR's new files and edits, in merge order. Every hook of upstream/plugin.py lands
-    in exactly one PR (SeriesError otherwise)."""
+def plan(package: Path = INSTALLED) -> list[PlannedPR]:
+    """Every PR's new files and edits, in merge order, each inline call shaped by the function
+    as it is in ``package`` (the tree the series is applied to). Every hook of
+    upstream/plugin.py lands in exactly one PR (SeriesError otherwise)."""
     hooks = plugin.hooks()
     planned = [PlannedPR(pr) for pr in SERIES]
     for target, hook, hook_type in hooks:
@@ -192,7 +193,7 @@ def plan() -> list[PlannedPR]:
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
-        form = inline_form(INSTALLED, edit, hook)
+        form = inline_form(package, edit, hook)
         assigns = getattr(hook, INLINE_ARGUMENT, None) if form == "argument" else None
         owners[0].edits.append(dataclasses.replace(edit, form=form, assigns=assigns))
     carried: set[str] = set()
@@ -399,7 +400,7 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
     if root is not None and _git(root, "status", "--porcelain", "--", str(package)).strip():
         raise SeriesError(f"{package} has uncommitted changes; commit or stash them first")
     commits: list[str] = []
-    for p in plan():
+    for p in plan(package):
         by_file: dict[Path, list[tuple[list[str], Edit]]] = {}
         for edit in p.edits:
             file, attrs = _target_file(package, edit.target)
@@ -500,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="print the series: PRs, new files, edited functions")
     tests_p = sub.add_parser("tests", help="print one PR's test files (under upstream_tests/)")
     tests_p.add_argument("number", type=int, help="the PR's number in merge order")
+    check_p = sub.add_parser(
+        "check", help="try every edit of the series on a tree, one at a time (writes nothing)"
+    )
+    check_p.add_argument("path", type=Path, help="upstream clone, sglang package dir, or parent")
     apply_p = sub.add_parser("apply", help="apply the series to an upstream tree")
     apply_p.add_argument("path", type=Path, help="upstream clone, sglang package dir, or parent")
     apply_p.add_argument("--no-commit", action="store_true", help="edit only, no git commits")
@@ -513,6 +518,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no PR {args.number}; the series has {len(SERIES)}")
         print("\n".join(str(UPSTREAM_TESTS / rel) for rel in SERIES[args.number - 1].tests))
         return 0
+    if args.command == "check":
+        from sglang_kvalloc_harness import series_check
+
+        try:
+            findings = series_check.check(args.path)
+        except SeriesError as exc:
+            parser.exit(1, f"error: {exc}\n")
+        print(series_check.report(findings))
+        return 1 if any(f.problem for f in findings) else 0
     try:
         commits = apply(args.path, commit=not args.no_commit, force=args.force)
     except SeriesError as exc:
