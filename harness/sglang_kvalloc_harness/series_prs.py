@@ -155,6 +155,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Release and resume of memory occupation in segmented mode (RL)",
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
         ("memory_release.*",),
+        ("upstream/memory_release.py",),
         docs=("advanced_features/segmented_kv_memory_release.md",),
     ),
     PullRequest(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from sglang_kvalloc.upstream import memory_release, shared_budget
+from sglang_kvalloc.upstream import shared_budget
 from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -107,7 +107,9 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
     decision = RUNTIME.decision
     if not decision.kv_on_demand and not decision.explicit_commits:
         return None
-    if RUNTIME.state.restore_pending and _has_work(scheduler):
+    if RUNTIME.state.restore_pending and _has_work(scheduler):  # set by a resume only
+        from sglang_kvalloc.upstream import memory_release
+
         memory_release.restore_before_first_batch(scheduler)
     slots, row_ahead = decode_slots()
     allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
