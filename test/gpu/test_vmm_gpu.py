@@ -342,12 +342,8 @@ def test_triton_decode_graph_over_a_lazy_kv_indices_buffer(vmm, results) -> None
     committed at capture, after an idle release, and regrows."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
-    from sglang_kvalloc.core.graph_buffers import (
-        FLAT,
-        GraphBatch,
-        GraphBufferLayout,
-        LazyGraphBuffer,
-    )
+    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+    from sglang_kvalloc.core.graph_layouts import FLAT, GraphBatch, GraphBufferLayout
 
     api, device = vmm
     max_bs, context, slots = 8, 4_000_000, 400_000
@@ -431,12 +427,8 @@ def test_graph_reading_a_lazy_row_table_across_growth(vmm, results) -> None:
     """A rows-layout table (fa3's page-table shape: max batch x pages, int32) reserved at a 10M
     width: rows committed as far as the batch's longest sequence before the fill; a captured
     gather reads it across growth and an idle release."""
-    from sglang_kvalloc.core.graph_buffers import (
-        ROWS,
-        GraphBatch,
-        GraphBufferLayout,
-        LazyGraphBuffer,
-    )
+    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+    from sglang_kvalloc.core.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 
     api, device = vmm
     max_bs, pages = 16, 10_000_000
@@ -605,7 +597,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.core.graph_buffers import GraphBatch
+    from sglang_kvalloc.core.graph_layouts import GraphBatch
     from sglang_kvalloc.upstream import attention_graph_buffers
     from sglang_kvalloc.upstream.runtime import RUNTIME
 

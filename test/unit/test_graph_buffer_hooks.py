@@ -17,7 +17,7 @@ from sglang.srt.mem_cache.segmented import modes
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.core.graph_buffers import GraphBatch
+from sglang_kvalloc.core.graph_layouts import GraphBatch
 from sglang_kvalloc.upstream import attention_graph_buffers
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

@@ -9,14 +9,8 @@ import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 
 from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.graph_buffers import (
-    CHUNK_ROWS,
-    FLAT,
-    ROWS,
-    GraphBatch,
-    GraphBufferLayout,
-    LazyGraphBuffer,
-)
+from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, FLAT, ROWS, GraphBatch, GraphBufferLayout
 
 G = 2 * MIB
 

@@ -22,7 +22,8 @@ from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.core.graph_buffers import ROWS, GraphBatch, GraphBufferLayout, LazyGraphBuffer
+from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+from sglang_kvalloc.core.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 from sglang_kvalloc.upstream import lazy_req_to_token, memory_release, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

@@ -39,12 +39,8 @@ from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
-from sglang_kvalloc.core.graph_buffers import (
-    CHUNK_ROWS,
-    GraphBatch,
-    GraphBufferLayout,
-    LazyGraphBuffer,
-)
+from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:

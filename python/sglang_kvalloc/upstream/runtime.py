@@ -18,7 +18,6 @@ from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
-from sglang_kvalloc.core.graph_buffers import GraphBatch, LazyGraphBuffer
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
@@ -27,6 +26,8 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 
+    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
+    from sglang_kvalloc.core.graph_layouts import GraphBatch
     from sglang_kvalloc.core.rope_cache import FixedAddressRope
     from sglang_kvalloc.core.shared_budget import SharedBudget
 
