@@ -108,6 +108,7 @@ SERIES: tuple[PullRequest, ...] = (
             "upstream/lazy_req_to_token.py",
             "upstream/lazy_decode_req_to_token.py",
         ),
+        tests=("registered/unit/mem_cache/test_lazy_req_to_token.py",),
         docs=("advanced_features/lazy_context_tables.md",),
     ),
     PullRequest(
@@ -139,6 +140,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
         ("report.*", "metrics.*"),
+        tests=("registered/unit/observability/test_kv_alloc_state.py",),
         docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(
@@ -147,6 +149,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
         ("attention_graph_buffers.*",),
+        tests=("registered/unit/model_executor/test_lazy_cuda_graph_buffers.py",),
         docs=("advanced_features/lazy_cuda_graph_buffers.md",),
     ),
     PullRequest(
@@ -156,6 +159,7 @@ SERIES: tuple[PullRequest, ...] = (
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
         ("memory_release.*",),
         ("upstream/memory_release.py",),
+        tests=("registered/unit/managers/test_segmented_memory_release.py",),
         docs=("advanced_features/segmented_kv_memory_release.md",),
     ),
     PullRequest(

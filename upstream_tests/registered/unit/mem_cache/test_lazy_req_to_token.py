@@ -7,13 +7,10 @@ of being expanded to the context. Static mode keeps upstream's own. CPU only.
     python -m pytest test/registered/unit/mem_cache/test_lazy_req_to_token.py -v
 """
 
-import ctypes
-import mmap
-import types
 import unittest
+from types import SimpleNamespace as NS
 from unittest import mock
 
-import numpy as np
 import torch
 
 from sglang.srt import runtime_context
@@ -21,6 +18,7 @@ from sglang.srt.kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPoo
 from sglang.srt.kvalloc.upstream.req_pool_builders import segmented_default_req_pool
 from sglang.srt.kvalloc.upstream.runtime import RUNTIME
 from sglang.srt.layers.rotary_embedding import base
+from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache import kv_cache_configurator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -34,26 +32,6 @@ register_cpu_ci(est_time=15, suite="base-a-test-cpu")
 
 MB = 1 << 20
 CONTEXT = 10_000_000  # 40 MB a row: 9 rows are 360 MB of address space
-NS = types.SimpleNamespace
-
-
-def _resident(tensor: torch.Tensor) -> int:
-    """Bytes of a host tensor's range resident in memory (mincore(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    nbytes = tensor.numel() * tensor.element_size()
-    vec = (ctypes.c_ubyte * -(-nbytes // mmap.PAGESIZE))()
-    ptr, size = ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes)
-    assert libc.mincore(ptr, size, vec) == 0
-    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
-
-
-class _Kv:
-    def __init__(self):
-        self.req_pool_idx, self.kv_allocated_len = None, 0
-
-    @property
-    def holds_kv(self) -> bool:
-        return self.req_pool_idx is not None
 
 
 class TestLazyReqToToken(CustomTestCase):
@@ -65,35 +43,37 @@ class TestLazyReqToToken(CustomTestCase):
         RUNTIME.reset()
         self.addCleanup(RUNTIME.reset)
         bag = NS(features=NS(enable_memory_saver=False))
-        for owner in (runtime_context, kv_cache_configurator):
-            patcher = mock.patch.object(owner, "get_exec", lambda: bag)
+        self._patch((runtime_context, kv_cache_configurator), "get_exec", lambda: bag)
+
+    def _patch(self, owners, name: str, value) -> None:
+        for owner in owners:
+            patcher = mock.patch.object(owner, name, value)
             patcher.start()
             self.addCleanup(patcher.stop)
 
     def _mode(self, mode: str) -> None:
-        """What the scheduler notes (the mode asked for) and the decision made."""
+        """What the scheduler notes (the mode asked for), then the decision."""
         RUNTIME.device = "cpu"
-        RUNTIME.request = modes.KvAllocRequest(mode, None, 5.0, 8192, None)
+        RUNTIME.request = modes.read_request(NS(kv_alloc_mode=mode))
         backing = modes.CPU_MMAP if mode == modes.SEGMENTED else modes.NO_BACKING
-        RUNTIME.decide(modes.ModeDecision(mode, mode, "the test", "mha", None, backing))
+        RUNTIME.decide(modes.ModeDecision(mode, mode, "test", "mha", backing=backing))
 
     def _build(self, reqs: int, context: int, draft: bool = False):
-        self.configurator = NS(
+        self.kwargs = dict(max_num_reqs=reqs, extra_max_context_len=0)
+        self.conf = NS(
             is_draft_worker=draft, device="cpu", model_config=NS(context_len=context)
         )
-        return KVCacheConfigurator._build_default_req_pool(
-            self.configurator, max_num_reqs=reqs, extra_max_context_len=0
-        )
+        return KVCacheConfigurator._build_default_req_pool(self.conf, **self.kwargs)
 
     def test_static_and_draft_workers_get_upstreams_table(self):
-        for mode, draft in ((None, False), (modes.STATIC, False), (modes.SEGMENTED, True)):
+        for mode, draft in ((None, 0), (modes.STATIC, 0), (modes.SEGMENTED, 1)):
             RUNTIME.reset()
             if mode is not None:
                 self._mode(mode)
             pool = self._build(4, 64, draft)
             self.assertIs(type(pool), ReqToTokenPool, mode)
-            kwargs = dict(max_num_reqs=4, extra_max_context_len=0)
-            self.assertIsNone(segmented_default_req_pool(self.configurator, **kwargs))
+            built = segmented_default_req_pool(self.conf, **self.kwargs)
+            self.assertIsNone(built)  # upstream builds its own
 
     def test_the_table_is_reserved_whole_and_rows_hold_what_is_written(self):
         self._mode(modes.SEGMENTED)
@@ -101,58 +81,63 @@ class TestLazyReqToToken(CustomTestCase):
         self.assertIsInstance(pool, SegmentedReqToTokenPool)
         table = pool.req_to_token
         self.assertEqual((table.shape, table.dtype), ((9, CONTEXT), torch.int32))
-        self.assertLess(_resident(table), 1 * MB)  # of 360 MB
-        reqs = [NS(kv=_Kv()) for _ in range(3)]
+        self.assertLess(pool.resident_bytes(), 1 * MB)  # of 360 MB
+        reqs = [NS(kv=ReqKvInfo()) for _ in range(3)]
         rows = pool.alloc(reqs)
         locs = torch.arange(1, 300_001, dtype=torch.int32)  # 1.2 MB of one row
         pool.write((rows[0], slice(0, len(locs))), locs)
-        self.assertTrue(torch.equal(table[rows[0], : len(locs)], locs))
-        written = _resident(table)
+        written = pool.resident_bytes()
         self.assertTrue(1 * MB < written < 3 * MB, written)
         pool.free(reqs[0])
-        self.assertIn(rows[0], pool.free_slots)
-        self.assertLess(_resident(table), written - 1 * MB)  # its pages went back
+        self.assertLess(pool.resident_bytes(), written - 1 * MB)  # its pages went back
         self.assertEqual(int(table[rows[0], 1024 : len(locs)].count_nonzero()), 0)
+
+    @staticmethod
+    def _serve(pool) -> dict:
+        """Requests of 5000, 70 and 900 tokens, the 70 done before the 900 comes: rows."""
+        rows = {}
+        for n in (5000, 70, 900):
+            req = NS(kv=ReqKvInfo())
+            rows[n] = pool.alloc([req])[0]
+            pool.write((rows[n], slice(0, n)), torch.arange(n) + 7)
+            if n == 70:
+                pool.free(req)
+        return rows
 
     def test_the_table_reads_as_upstreams_does(self):
         self._mode(modes.SEGMENTED)
         lazy, plain = self._build(4, 65536), ReqToTokenPool(4, 65536, "cpu", False)
-        self.assertEqual(lazy.req_to_token.shape, plain.req_to_token.shape)
-        self.assertEqual(lazy.req_to_token.dtype, plain.req_to_token.dtype)
-        pairs = []
-        for n in (5000, 70, 30_000, 900):  # the second request ends before the fourth
-            reqs = [NS(kv=_Kv()), NS(kv=_Kv())]
-            for pool, req in zip((lazy, plain), reqs):
-                pool.alloc([req])
-                pool.write((req.kv.req_pool_idx, slice(0, n)), torch.arange(n) + 7)
-            pairs.append((n, reqs))
-            if n == 70:
-                lazy.free(reqs[0])
-                plain.free(reqs[1])
+        ours, theirs = self._serve(lazy), self._serve(plain)
+        ours_t, theirs_t = lazy.req_to_token, plain.req_to_token
+        self.assertEqual((ours_t.shape, ours_t.dtype), (theirs_t.shape, theirs_t.dtype))
         self.assertEqual(sorted(lazy.free_slots), sorted(plain.free_slots))
-        self.assertEqual(lazy.available_size(), plain.available_size())
-        self.assertTrue(torch.equal(lazy.req_to_token[0], plain.req_to_token[0]))
-        for n, (ours, theirs) in pairs[2:] + pairs[:1]:  # the rows still held
-            got = lazy.req_to_token[ours.kv.req_pool_idx, :n]
-            self.assertTrue(torch.equal(got, plain.req_to_token[theirs.kv.req_pool_idx, :n]))
+        self.assertEqual(ours[900], ours[70])  # the freed row is handed out again
+        self.assertTrue(torch.equal(ours_t[0], theirs_t[0]))  # the padding row
+        # Rows read whole (zeros past what was written), the reused one as far as its new
+        # request wrote (upstream's keeps stale values past that).
+        self.assertTrue(torch.equal(ours_t[ours[5000]], theirs_t[theirs[5000]]))
+        got, want = ours_t[ours[900], :900], theirs_t[theirs[900], :900]
+        self.assertTrue(torch.equal(got, want))
 
     def test_the_rope_cache_grows_with_the_positions_in_use(self):
         spec = NS(speculative_num_steps=0, speculative_num_draft_tokens=0)
-        mock.patch.object(common, "get_model", lambda: NS(context_length=None)).start()
-        mock.patch.object(common, "get_spec", lambda: spec).start()
-        self.addCleanup(mock.patch.stopall)
-        config = NS(context_len=100_000, hf_text_config=NS(max_position_embeddings=4096))
-        with mock.patch.object(base, "_is_cpu", True):  # the CPU engine's module
-            ropes = {m: base.RotaryEmbedding(64, 64, 4096, 1e4, True, torch.float32)
-                     for m in (modes.STATIC, modes.SEGMENTED)}  # fmt: skip
-        for mode, rope in ropes.items():
+        self._patch([common], "get_model", lambda: NS(context_length=None))
+        self._patch([common], "get_spec", lambda: spec)
+        hf_config = NS(max_position_embeddings=4096)
+        config = NS(context_len=100_000, hf_text_config=hf_config)
+        ropes = {}
+        for mode in (modes.STATIC, modes.SEGMENTED):
             RUNTIME.reset()
             self._mode(mode)
-            common.reserve_rope_cache_for_long_sequences(NS(children=lambda: [rope]), config)
+            with mock.patch.object(base, "_is_cpu", True):  # the CPU engine's module
+                rope = base.RotaryEmbedding(64, 64, 4096, 1e4, True, torch.float32)
+            model = torch.nn.Module()
+            model.rotary_emb = ropes[mode] = rope
+            common.reserve_rope_cache_for_long_sequences(model, config)
         upstream, lazy = ropes[modes.STATIC], ropes[modes.SEGMENTED]
         self.assertGreaterEqual(upstream.cos_sin_cache.shape[0], 100_000)
         self.assertEqual(lazy.cos_sin_cache.shape[0], 4096)  # the model's own length
-        positions, q, k = torch.tensor([5, 20_000]), torch.randn(2, 64), torch.randn(2, 64)
+        positions, (q, k) = torch.tensor([5, 20_000]), torch.randn(2, 2, 64)
         got = lazy.forward_native(positions, q.clone(), k.clone())
         rows = lazy.cos_sin_cache.shape[0]
         self.assertTrue(20_000 < rows < 100_000, rows)

@@ -13,7 +13,8 @@ import unittest
 import torch
 
 from sglang.srt.kvalloc.core.cpu_backing import CpuBackingFactory, CpuMmapBacking
-from sglang.srt.kvalloc.core.graph_buffers import GraphBatch, LazyGraphBuffer
+from sglang.srt.kvalloc.core.graph_buffers import LazyGraphBuffer
+from sglang.srt.kvalloc.core.graph_layouts import GraphBatch
 from sglang.srt.kvalloc.core.planner import layouts
 from sglang.srt.kvalloc.upstream import attention_graph_buffers
 from sglang.srt.kvalloc.upstream.runtime import RUNTIME
@@ -73,9 +74,8 @@ class TestLazyCudaGraphBuffers(CustomTestCase):
         self.assertEqual(buffer.committed_bytes, 8 * row_bytes_written(300_000))
         self.assertEqual(grown, buffer.committed_bytes - 4 * row_bytes_written(100_000))
         self.assertEqual(int(table[0, :100].sum()), 700)  # growth kept what was written
-        self.assertEqual(
-            buffer.ensure(GraphBatch(2, 2000, 1000)), 0
-        )  # smaller: nothing
+        # A smaller replay commits nothing more, and gives nothing back mid-serving.
+        self.assertEqual(buffer.ensure(GraphBatch(2, 2000, 1000)), 0)
 
         self.assertEqual(buffer.release(), 8 * row_bytes_written(300_000))  # idle
         self.assertEqual(buffer.committed_bytes, 0)
@@ -116,10 +116,11 @@ class TestLazyCudaGraphBuffers(CustomTestCase):
         self.assertEqual(backend.cuda_graph_attn_logits.shape, (max_bs, 2, 2, 8))
 
         batch = GraphBatch(rows=4, seq_lens_sum=150_000, max_seq_len=100_000)
-        attention_graph_buffers.ensure_for(batch)
-        self.assertEqual(lazy.committed_bytes, -(-(150_000 + 8) * 8 // G) * G)
-        kv[: 150_000 + 8] = 1  # every index the replay writes is committed
-        self.assertTrue(lazy.backing.is_committed(0, (150_000 + 8) * 8))
+        attention_graph_buffers.ensure_for(batch)  # what the runner's gate calls
+        written = 150_000 + 4 * 2  # the lengths' sum, and two per row of slack
+        self.assertEqual(lazy.committed_bytes, -(-written * 8 // G) * G)
+        kv[:written] = 1
+        self.assertTrue(lazy.backing.is_committed(0, written * 8))
         self.assertEqual(
             attention_graph_buffers.release_at_idle(),
             lazy.layout.commit_bytes(batch, G),
