@@ -118,17 +118,21 @@ def test_the_issues_measurement_tiny_llama_at_131072_keeps_most_of_its_pool(
     assert segmented > 0.9 * static
 
 
-def test_auto_keeps_its_context_within_the_pool_it_ends_with(
-    explicit_commits: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """auto at 10M over explicit commits: the clamp to the pool comes before the room is
-    kept; the context must follow the pool once the room is settled."""
+@pytest.fixture
+def auto_pools(explicit_commits: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's pool hook with the device, backings and warnings stubbed; static's
+    context-sized bytes are one int32 table of (requests + 1) rows."""
     monkeypatch.setattr(pools, "_apply_segment_settings", lambda c, request: None)
     monkeypatch.setattr(pools, "_open_backings", lambda c: None)
     monkeypatch.setattr(pools, "_warn_graph_buffers", lambda c: None)
     monkeypatch.setattr(pools, "kv_pool_kind", lambda c: ("mha", None))
     monkeypatch.setattr(pools, "context_scaled_static_bytes",
                         lambda c, config, n: (config.max_running_requests + 1) * n * 4)  # fmt: skip
+
+
+def test_auto_keeps_its_context_within_the_pool_it_ends_with(auto_pools: None) -> None:
+    """auto at 10M over explicit commits: the clamp to the pool comes before the room is
+    kept; the context must follow the pool once the room is settled."""
     configurator, resolve = _configurator(10_000_000, 4 * 10**9)  # a pool of 3.9M tokens
     config = pools.around_resolve_memory_pool_config(resolve, configurator)
     assert RUNTIME.decision.segmented and RUNTIME.decision.explicit_commits
@@ -137,21 +141,13 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(
     assert context == config.max_total_num_tokens < 4 * 10**9 // CELL
 
 
-def test_autos_share_is_computed_once_at_the_context_it_clamps_to(
-    explicit_commits: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_autos_share_is_computed_once_at_the_context_it_clamps_to(auto_pools: None) -> None:
     """Where the scheduler clamps, `decide_auto` scales static's context-sized bytes from the
     context asked for to the clamped one; they were passed at the clamped context already and
     scaled twice: at 10M clamped to 3.9M the share was 39% of the real one, so static could
     be chosen where its tables take more than the 5% it allows."""
     import re
 
-    monkeypatch.setattr(pools, "_apply_segment_settings", lambda c, request: None)
-    monkeypatch.setattr(pools, "_open_backings", lambda c: None)
-    monkeypatch.setattr(pools, "_warn_graph_buffers", lambda c: None)
-    monkeypatch.setattr(pools, "kv_pool_kind", lambda c: ("mha", None))
-    monkeypatch.setattr(pools, "context_scaled_static_bytes",
-                        lambda c, config, n: (config.max_running_requests + 1) * n * 4)  # fmt: skip
     target = 10_000_000
     configurator, resolve = _configurator(target, 4 * 10**9)
     RUNTIME.state.run_time_room_bytes = 0

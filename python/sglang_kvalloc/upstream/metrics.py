@@ -47,8 +47,12 @@ _FROM_SEGMENTS = {
 def after_collector_init(
     result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges."""
-    from prometheus_client import Gauge
+    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges, with the collector's
+    gauge class where it names one (upstream's hook for a backend other than
+    prometheus_client), as upstream's own gauges are."""
+    from prometheus_client import Gauge as PromGauge
+
+    Gauge = getattr(self, "_gauge_cls", None) or PromGauge  # noqa: N806 - upstream's spelling
 
     labels = dict(getattr(self, "labels", {}) or {})
     self._kvalloc_labels = labels
