@@ -1,8 +1,9 @@
 """The product apart from its harness (issue 33): the `sglang-kvalloc` wheel carries the plugin
 and nothing a server does not need, and its one .pth only loads upstream's plugins early and
-makes the modules that would be upstream's importable under their upstream names (issue 34).
-In a production install (the wheel alone) nothing but those two finders is added at
-interpreter start, and a broken `sgl_kernel` fails as upstream's does."""
+makes the modules that would be upstream's importable under their upstream names and the
+others under the names the upstream series gives them (issue 34). In a production install
+(the wheel alone) nothing but those three finders is added at interpreter start, and a broken
+`sgl_kernel` fails as upstream's does."""
 
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ except Exception as exc:  # ImportError, or OSError from a CUDA build
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert lines["finders"] == "['EarlyPluginLoading', 'InTreeFinder']"
+    # The plugin's early loading, the series' names of its modules (answering only
+    # sglang.srt.kvalloc.*) and the in-tree modules (consulted after upstream's own).
+    assert lines["finders"] == "['EarlyPluginLoading', 'SeriesNameFinder', 'InTreeFinder']"
     assert lines["modules"] == (  # on_import: the names of the modules hooked on import
         "['sglang_kvalloc', 'sglang_kvalloc.early_plugins', 'sglang_kvalloc.in_tree_finder',"
         " 'sglang_kvalloc.on_import']"
