@@ -48,8 +48,8 @@ class Edit:
     hook: str  # "module:function" in the upstream tree
     # Where the inline call goes (`inline_shape`); None: a decoration.
     form: str | None = None
-    # The parameter an "argument" call assigns.
-    assigns: str | None = None
+    # The parameters an "argument" call assigns.
+    assigns: tuple[str, ...] | None = None
 
     @property
     def inline(self) -> bool:
@@ -156,14 +156,14 @@ def inline_shape(
     node: ast.FunctionDef | ast.AsyncFunctionDef,
     hook_type: str,
     around_form: str | None = None,
-    assigns: str | None = None,
+    assigns: tuple[str, ...] | None = None,
 ) -> str | None:
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
     body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
     what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
-    gives), "argument" (one made by `inline.argument`: first, assigning a keyword-only
-    parameter); None where an inline call could miss a path (a decoration then)."""
+    gives), "argument" (one made by `inline.argument`: first, assigning parameters of the
+    function's own); None where an inline call could miss a path (a decoration then)."""
     returns = _returns(node)
     final_only = len(returns) == 1 and returns[0] is node.body[-1] and returns[0].value is not None
     if hook_type == "BEFORE":
@@ -174,8 +174,9 @@ def inline_shape(
         return "instead"
     if hook_type == "AROUND" and around_form == "then" and final_only:
         return "then"
-    keyword_only = [a.arg for a in node.args.kwonlyargs]
-    if hook_type == "AROUND" and around_form == "argument" and assigns in keyword_only:
+    a = node.args
+    named = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
+    if hook_type == "AROUND" and around_form == "argument" and assigns and set(assigns) <= named:
         return "argument"
     return None
 
@@ -257,7 +258,7 @@ def _inline_inserts(
         if shape == "start":
             return [(at, 0, inline_call_lines(node, edit, indent, None))]
         if shape == "argument":
-            head = f"{edit.assigns} = "
+            head = f"{', '.join(edit.assigns or ())} = "
             return [(at, 0, inline_call_lines(node, edit, indent, None, head))]
         if BUILT in _arguments(node):
             raise SeriesError(f"{edit.target}: a parameter is named {BUILT!r}")

@@ -41,6 +41,7 @@ from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
 from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
+from sglang_kvalloc.upstream.inline import argument
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -524,30 +525,32 @@ def around_build_trivial_verify_input(
         return original(worker, batch, *args, **kwargs)
 
 
-def around_local_attention_update_for_replay(
-    original: Callable[..., None],
+def committed_local_attention_rows(
     builder: LocalAttentionMetadataBuilder,
     metadata: FlashAttentionMetadata,
     bs: int,
-    **kwargs: Any,
-) -> None:
-    """AROUND `LocalAttentionMetadataBuilder.update_for_replay`: upstream zeroes the whole
-    local-attention table past the batch before every decode replay (its cost: gpu.md). Where
-    the tables are reserved, rows past the committed ones read zeros already (the scratch
-    granule), so upstream gets views of the committed rows: the same values, without the fill
-    over the rest."""
-    buffers = kwargs.get("buffers")
+    *,
+    buffers: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """AROUND `LocalAttentionMetadataBuilder.update_for_replay` (argument `buffers`): upstream
+    zeroes the whole local-attention table past the batch before every decode replay (its
+    cost: gpu.md). Where the tables are reserved, rows past the committed ones read zeros
+    already (the scratch granule), so upstream gets views of the committed rows: the same
+    values, without the fill over the rest. Upstream's buffers otherwise."""
     local_tables = RUNTIME.graph.local_tables
     if not buffers or not local_tables:
-        return original(builder, metadata, bs, **kwargs)
+        return buffers
     trimmed = {}
     for name, tensor in buffers.items():
         lazy = local_tables.get(tensor.data_ptr())
         rows = lazy.rows_backed() if lazy is not None else tensor.shape[0]
         if rows <= bs:  # not committed for this batch (no gate ran): upstream's own way
-            return original(builder, metadata, bs, **kwargs)
+            return buffers
         trimmed[name] = tensor[:rows]
-    return original(builder, metadata, bs, **{**kwargs, "buffers": trimmed})
+    return trimmed
+
+
+around_local_attention_update_for_replay = argument("buffers", committed_local_attention_rows)
 
 
 def release_at_idle() -> int:

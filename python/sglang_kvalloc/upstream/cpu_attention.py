@@ -15,11 +15,11 @@ of `req_to_token`. Static keeps upstream's behaviour.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sglang_kvalloc.upstream.inline import argument
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -52,8 +52,7 @@ def _translated_rows(
     return mapping[rows], torch.arange(rows.shape[0], device=rows.device)
 
 
-def _around_sdpa(
-    original: Callable[..., torch.Tensor],
+def swa_sub_pool_rows(
     backend: TorchNativeAttnBackend,
     query: torch.Tensor,
     output: torch.Tensor,
@@ -64,40 +63,16 @@ def _around_sdpa(
     seq_lens: torch.Tensor,
     *args: Any,
     **kwargs: Any,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend` and `_run_sdpa_forward_decode`
+    (arguments `req_to_token`, `req_pool_indices`): where the layer reads a segmented SWA
+    sub-pool, the batch's rows as that sub-pool's slot ids (upstream's full-to-SWA mapping);
+    the caller's tables otherwise."""
     if _reads_swa_sub_pool(backend, k_cache):
-        req_to_token, req_pool_indices = _translated_rows(
-            backend, req_to_token, req_pool_indices, seq_lens
-        )
-    return original(
-        backend,
-        query,
-        output,
-        k_cache,
-        v_cache,
-        req_to_token,
-        req_pool_indices,
-        seq_lens,
-        *args,
-        **kwargs,
-    )
+        return _translated_rows(backend, req_to_token, req_pool_indices, seq_lens)
+    return req_to_token, req_pool_indices
 
 
-def around_sdpa_forward_extend(
-    original: Callable[..., torch.Tensor],
-    backend: TorchNativeAttnBackend,
-    *a: Any,
-    **k: Any,
-) -> torch.Tensor:
-    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend`: SWA reads translated."""
-    return _around_sdpa(original, backend, *a, **k)
-
-
-def around_sdpa_forward_decode(
-    original: Callable[..., torch.Tensor],
-    backend: TorchNativeAttnBackend,
-    *a: Any,
-    **k: Any,
-) -> torch.Tensor:
-    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_decode`: SWA reads translated."""
-    return _around_sdpa(original, backend, *a, **k)
+SDPA_ROWS = ("req_to_token", "req_pool_indices")
+around_sdpa_forward_extend = argument(SDPA_ROWS, swa_sub_pool_rows)
+around_sdpa_forward_decode = argument(SDPA_ROWS, swa_sub_pool_rows)

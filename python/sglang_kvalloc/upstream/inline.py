@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -83,20 +84,34 @@ def then(amend: Callable[..., Any]) -> Callable[..., Any]:
 
 
 ARGUMENT = "argument"
-# On an `argument` hook: the name of the parameter it chooses.
+# On an `argument` hook: the names of the parameters it chooses (a tuple).
 INLINE_ARGUMENT = "kvalloc_inline_argument"
 
 
-def argument(name: str, choose: Callable[..., Any]) -> Callable[..., Any]:
-    """An AROUND hook from ``choose(self, ...)``: the value of upstream's keyword argument
-    ``name`` in segmented mode (the caller's value otherwise). Inline (the series): the
-    function's first statement assigns the parameter what ``choose`` returns."""
+@functools.cache
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def argument(names: str | tuple[str, ...], choose: Callable[..., Any]) -> Callable[..., Any]:
+    """An AROUND hook from ``choose(self, ...)``: the value of upstream's parameter ``names``
+    (or a tuple of values, one per name) in segmented mode, the caller's values otherwise.
+    Inline (the series): the function's first statement assigns the parameters what
+    ``choose`` returns."""
+    chosen_names = (names,) if isinstance(names, str) else tuple(names)
 
     @functools.wraps(choose)
     def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs[name] = choose(*args, **kwargs)
-        return original(*args, **kwargs)
+        chosen = choose(*args, **kwargs)
+        values = (chosen,) if len(chosen_names) == 1 else tuple(chosen)
+        if all(name in kwargs for name in chosen_names):
+            kwargs.update(zip(chosen_names, values, strict=True))
+            return original(*args, **kwargs)
+        # Passed by position (or left to its default): bound to upstream's own signature.
+        bound = _signature(original).bind(*args, **kwargs)
+        bound.arguments.update(zip(chosen_names, values, strict=True))
+        return original(*bound.args, **bound.kwargs)
 
     setattr(around, INLINE_FORM, ARGUMENT)
-    setattr(around, INLINE_ARGUMENT, name)
+    setattr(around, INLINE_ARGUMENT, chosen_names)
     return around

@@ -183,7 +183,7 @@ def hooks() -> list[tuple[str, object, str]]:
             pd_transfer.before_deregister_buffer_to_engine,
             "BEFORE",
         ),
-        (f"{SCHEDULER}.on_idle", scheduler_loop.after_on_idle, "AFTER"),
+        (f"{SCHEDULER}.on_idle", scheduler_loop.before_on_idle, "BEFORE"),
         (f"{SCHEDULER}.flush_cache", scheduler_loop.after_flush_cache, "AFTER"),
         # ... and RL's release of memory occupation gives back everything, resume reopens.
         (

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from sglang_kvalloc.upstream import shared_budget
-from sglang_kvalloc.upstream.inline import then
+from sglang_kvalloc.upstream.inline import argument, then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -248,8 +248,10 @@ def decode_slots() -> tuple[int, int]:
     return reserve, reserve + int(get_alloc_page_size()) - 1
 
 
-def after_on_idle(result: None, scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
-    """AFTER `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments).
+def before_on_idle(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `Scheduler.on_idle`: the idle policy (evict trailing cache, release segments),
+    ahead of upstream's leak check and fully-idle load publish (so both see what was given
+    back) and of its wait for the next request (after which a request may be arriving).
     Freed req_to_token rows need nothing here: the idle loop still passes the sync point at
     the top of each iteration, where their fences have passed."""
     if not scheduler.is_fully_idle():
@@ -282,36 +284,32 @@ def after_flush_cache(flushed: bool, scheduler: Scheduler, *args: Any, **kwargs:
     return None
 
 
-def around_check_full_pool(
-    original: Callable[..., tuple[bool, str]],
-    checker: SchedulerInvariantChecker,
-    ps: PoolStats,
-    *args: Any,
-    **kwargs: Any,
-) -> tuple[bool, str]:
-    """AROUND `SchedulerInvariantChecker._check_full_pool`: tokens withheld after a failed
-    commit are neither free nor used; the leak identity counts them as available, so it still
-    catches real leaks while the pool is smaller."""
+def withheld_counted_in_full_pool(
+    checker: SchedulerInvariantChecker, ps: PoolStats, *args: Any, **kwargs: Any
+) -> PoolStats:
+    """AROUND `SchedulerInvariantChecker._check_full_pool` (argument `ps`): tokens withheld
+    after a failed commit are neither free nor used; the leak identity counts them as
+    available, so it still catches real leaks while the pool is smaller."""
     allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
     extra = allocator.withheld_size() if allocator is not None else 0
     if extra:
         ps = dataclasses.replace(ps, full_available_size=ps.full_available_size + extra)
-    return original(checker, ps, *args, **kwargs)
+    return ps
 
 
-def around_check_swa_pool(
-    original: Callable[..., tuple[bool, str]],
-    checker: SchedulerInvariantChecker,
-    ps: PoolStats,
-    *args: Any,
-    **kwargs: Any,
-) -> tuple[bool, str]:
-    """AROUND `SchedulerInvariantChecker._check_swa_pool`: the same for the sliding-window
-    sub-pool of a segmented hybrid SWA allocator."""
+def withheld_counted_in_swa_pool(
+    checker: SchedulerInvariantChecker, ps: PoolStats, *args: Any, **kwargs: Any
+) -> PoolStats:
+    """AROUND `SchedulerInvariantChecker._check_swa_pool` (argument `ps`): the same for the
+    sliding-window sub-pool of a segmented hybrid SWA allocator."""
     allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
     # Upstream checks the sliding-window side of hybrid SWA allocators only.
     swa = cast("SegmentedSWATokenToKVPoolAllocator | None", allocator)
     extra = swa.swa_withheld_size() if swa is not None else 0
     if extra:
         ps = dataclasses.replace(ps, swa_available_size=ps.swa_available_size + extra)
-    return original(checker, ps, *args, **kwargs)
+    return ps
+
+
+around_check_full_pool = argument("ps", withheld_counted_in_full_pool)
+around_check_swa_pool = argument("ps", withheld_counted_in_swa_pool)

@@ -1,0 +1,87 @@
+"""An `inline.argument` hook does the same as the plugin's wrapper and as the series' inline call.
+
+The plugin wraps upstream's function (HookRegistry's AROUND wrapper over `inline.argument`); the
+series writes the same function's call as the first statement of upstream's function
+(`series_edits`). Both must hand upstream's code the same arguments, however the caller passes
+them: by position, by keyword, or not at all (upstream's default)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import shutil
+from pathlib import Path
+
+import pytest
+from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+
+from sglang_kvalloc.upstream import inline
+from sglang_kvalloc_harness import series_edits
+
+HOOKS = """
+def chosen_rows(self, table, rows, seq, *, scale=1):
+    return [x * 10 for x in table], rows + seq
+
+
+def chosen_scale(self, table, rows, seq, *, scale=1):
+    return scale + 1
+"""
+
+UPSTREAM = '''
+class Backend:
+    def run(self, table, rows, seq, *, scale=1):
+        """Upstream's function."""
+        return (table, rows, seq, scale)
+'''
+
+CALLS = [
+    (([1, 2], 3, 4), {}),
+    (([1, 2], 3), {"seq": 4, "scale": 5}),
+    ((), {"table": [7], "rows": 1, "seq": 2}),
+]
+
+
+def _module(folder: Path, name: str, text: str) -> object:
+    (folder / f"{name}.py").write_text(text)
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize(
+    ("names", "choose"),
+    [(("table", "rows"), "chosen_rows"), (("scale",), "chosen_scale")],
+    ids=["two-positional", "keyword-only"],
+)
+def test_the_wrapper_and_the_inline_call_pass_upstream_the_same_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...], choose: str
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hooks = _module(tmp_path, f"arg_hooks_{choose}", HOOKS)
+    upstream = _module(tmp_path, f"upstream_{choose}", UPSTREAM)
+    hook = inline.argument(names if len(names) > 1 else names[0], getattr(hooks, choose))
+    assert getattr(hook, inline.INLINE_ARGUMENT) == names
+    wrapped = _wrap_fn(upstream.Backend.run, hook, HookType.AROUND)
+
+    source = tmp_path / f"upstream_{choose}.py"
+    node = series_edits._find_def(ast.parse(source.read_text()), ["Backend", "run"])
+    assert series_edits.inline_shape(node, "AROUND", inline.ARGUMENT, names) == "argument"
+    edited = tmp_path / f"edited_{choose}.py"
+    shutil.copyfile(source, edited)
+    edit = series_edits.Edit(
+        "x.Backend.run", "AROUND", f"{hooks.__name__}:{choose}", form="argument", assigns=names
+    )
+    series_edits.edit_file(edited, [(["Backend", "run"], edit)])
+    text = edited.read_text()
+    assert f"{', '.join(names)} = {choose}(self, table, rows, seq, scale=scale)" in text
+    inlined = importlib.import_module(f"edited_{choose}")
+
+    for args, kwargs in CALLS:
+        plain = upstream.Backend().run(*args, **kwargs)
+        by_plugin = wrapped(upstream.Backend(), *args, **kwargs)
+        by_series = inlined.Backend().run(*args, **kwargs)
+        assert by_plugin == by_series != plain, (args, kwargs)
+
+
+def test_an_argument_the_function_does_not_have_gets_no_inline_call() -> None:
+    node = ast.parse(UPSTREAM).body[0].body[0]  # type: ignore[attr-defined]
+    assert series_edits.inline_shape(node, "AROUND", inline.ARGUMENT, ("missing",)) is None
+    assert series_edits.inline_shape(node, "AROUND", inline.ARGUMENT, ("rows", "missing")) is None
