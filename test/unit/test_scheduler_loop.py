@@ -179,3 +179,65 @@ def test_a_flushed_cache_gives_its_segments_back_at_once(
     assert scheduler_loop.after_flush_cache(flushed, scheduler) is None  # upstream's result
     assert a._segments.committed_segments == (1 if flushed else 4)
     assert a.available_size() == 16 and a.alloc(16) is not None  # all still allocatable
+
+
+class _AdmissionPool:
+    """The two calls `row_admission` makes of the lazy req_to_token pool, recorded."""
+
+    def __init__(self, ready_rows: int) -> None:
+        self.ready_rows = ready_rows
+        self.promised = 0
+
+    def admit_row(self, length: int) -> bool:
+        if self.promised >= self.ready_rows:
+            return False
+        self.promised += 1
+        return True
+
+    def unadmit_row(self) -> None:
+        self.promised -= 1
+
+
+def test_admission_takes_no_row_it_cannot_back_and_a_request_not_added_gives_its_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where rows are committed explicitly, a request needing a new row waits (OTHER) once the
+    ready rows are promised; a request upstream refused after admission (here: the third,
+    refused by upstream's own budget) gives its promise back by the next request, so that one
+    gets the row. A request that holds its row already promises nothing."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+    from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+
+    from sglang_kvalloc.upstream.runtime import RUNTIME
+
+    decide(modes.SEGMENTED, explicit_commits=True)
+    pool = _AdmissionPool(ready_rows=3)
+    monkeypatch.setattr(RUNTIME.state, "req_to_token_pool", pool)
+    monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))
+
+    class Adder:
+        def __init__(self) -> None:
+            self.can_run_list: list[object] = []
+
+        def add_one_req(self, req, has_chunked_req, truncation_align_size):  # noqa: ANN001
+            if req.refused:
+                return AddReqResult.NO_TOKEN
+            self.can_run_list.append(req)
+            return AddReqResult.CONTINUE
+
+    add = _wrap_fn(Adder.add_one_req, scheduler_loop.around_add_one_req, HookType.AROUND)
+    adder = Adder()
+
+    def req(refused: bool = False, holds: bool = False) -> types.SimpleNamespace:
+        r = _req(8)
+        r.refused, r.kv = refused, types.SimpleNamespace(holds_kv=holds)
+        return r
+
+    results = [add(adder, r, False, None) for r in (req(), req(), req(refused=True), req())]
+    assert results == [AddReqResult.CONTINUE] * 2 + [AddReqResult.NO_TOKEN, AddReqResult.CONTINUE]
+    assert len(adder.can_run_list) == 3 and pool.promised == 3
+    assert add(adder, req(), False, None) == AddReqResult.OTHER  # no ready row left: waits
+    assert add(adder, req(holds=True), False, None) == AddReqResult.CONTINUE
+    assert pool.promised == 3 and len(adder.can_run_list) == 4
+    decide(modes.SEGMENTED)  # rows committed by first write (the CPU): no admission check
+    assert add(Adder(), req(), False, None) == AddReqResult.CONTINUE and pool.promised == 3

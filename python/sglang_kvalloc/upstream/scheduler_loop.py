@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from sglang_kvalloc.upstream import shared_budget
-from sglang_kvalloc.upstream.inline import argument, then
+from sglang_kvalloc.upstream.inline import argument, instead, then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -149,25 +148,37 @@ def _row_length(req: Req) -> int:
     return len(req.origin_input_ids) + len(req.output_ids)
 
 
-def around_add_one_req(
-    original: Callable[..., AddReqResult], adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any
-) -> AddReqResult:
-    """AROUND `PrefillAdder.add_one_req`: where req_to_token rows are committed explicitly (a
-    GPU), a request that needs a new row is admitted only if the granules it would commit are
-    ready (`SegmentedReqToTokenPool.admit_row`); otherwise it waits, as upstream stops adding
-    for other reasons (upstream raises when a row cannot be allocated)."""
+# On upstream's PrefillAdder (one per scheduling round): the request `admit_row` last said
+# yes to, until the next request shows whether upstream added it.
+_ROW_ADMITTED = "_kvalloc_row_admitted"
+
+
+def row_admission(adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any) -> AddReqResult | None:
+    """AROUND `PrefillAdder.add_one_req` (instead): where req_to_token rows are committed
+    explicitly (a GPU), a request that needs a new row is admitted only if the granules it
+    would commit are ready (`SegmentedReqToTokenPool.admit_row`); otherwise it waits
+    (`AddReqResult.OTHER`), as upstream stops adding for other reasons (upstream raises when a
+    row cannot be allocated). A request admitted here that upstream then did not add gives
+    its promise back when the round's next request comes (none comes after the round's last:
+    the next round's `prepare_admission` starts afresh)."""
+    if not RUNTIME.decision.explicit_commits:
+        return None
     pool = RUNTIME.state.req_to_token_pool
-    if req.kv.holds_kv or not RUNTIME.decision.explicit_commits:
-        return original(adder, req, *args, **kwargs)
+    admitted = adder.__dict__.pop(_ROW_ADMITTED, None)
+    if admitted is not None and not (adder.can_run_list and adder.can_run_list[-1] is admitted):
+        pool.unadmit_row()
+    if req.kv.holds_kv:
+        return None
     _, row_ahead = decode_slots()
     if not pool.admit_row(_row_length(req) + row_ahead):
         from sglang.srt.managers.schedule_policy import AddReqResult
 
         return AddReqResult.OTHER
-    result = original(adder, req, *args, **kwargs)
-    if not (adder.can_run_list and adder.can_run_list[-1] is req):
-        pool.unadmit_row()
-    return result
+    setattr(adder, _ROW_ADMITTED, req)
+    return None
+
+
+around_add_one_req = instead(row_admission)
 
 
 def decode_rows_committed(
