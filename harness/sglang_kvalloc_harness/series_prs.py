@@ -86,7 +86,7 @@ SERIES: tuple[PullRequest, ...] = (
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
         (
             "auto.clamp_context_before_resolve",
-            "pools.around_resolve_memory_pool_config",
+            "pools.mode_decided",
             "settings.*",
         ),
         ("upstream/auto.py",),

@@ -160,7 +160,8 @@ def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
         calls.append(RUNTIME.rope.committed_bytes)
         return config
 
-    settled = pools._settle_run_time_memory(resolve, object(), config, (), {})
+    configurator = types.SimpleNamespace(_resolve_memory_pool_config=lambda: resolve(None))
+    settled = pools._settle_run_time_memory(configurator, config, (), {})
     assert settled is config and len(calls) == 1 and calls[0] > 0  # the budget measured again
     assert torch.equal(module.cos_sin_cache, reference.cos_sin_cache)
 
@@ -298,7 +299,8 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
         measured.append(pools.around_profile_available_bytes(lambda c: 80_000_000_000, c))
         return config
 
-    pools._settle_run_time_memory(resolve, configurator, config, (), {})
+    configurator._resolve_memory_pool_config = lambda: resolve(configurator)
+    pools._settle_run_time_memory(configurator, config, (), {})
     # A 10M-context table is far past auto's 5% share: the room beyond it is kept free.
     room = 1024 * G + 4 * 1_000_000 - 1_000_000_000
     assert RUNTIME.state.run_time_room_bytes == room and measured == [80_000_000_000 - room]

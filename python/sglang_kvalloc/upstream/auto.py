@@ -2,7 +2,7 @@
 
 The launcher only estimates the pool (the scheduler sizes it after loading weights), so this
 clamp keeps the tokenizer and `/server_info` consistent with what the device can hold; the
-scheduler then clamps exactly (`pools.around_resolve_memory_pool_config`) if the estimate was
+scheduler then clamps exactly (`pools.mode_decided`) if the estimate was
 high. A context above the model's maximum is clamped to it unless upstream's override
 (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1) is set; the explicit modes keep upstream's error.
 """

@@ -60,16 +60,29 @@ def _warn_graph_buffers(configurator: KVCacheConfigurator) -> None:
         )
 
 
-def around_resolve_memory_pool_config(
-    original: Callable[..., MemoryPoolConfig],
-    self: KVCacheConfigurator,
-    *args: Any,
-    **kwargs: Any,
+# On upstream's KVCacheConfigurator while `_size_again` runs upstream's sizing once more.
+_SIZING_AGAIN = "_kvalloc_sizing_again"
+
+
+def _size_again(
+    configurator: KVCacheConfigurator, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> MemoryPoolConfig:
-    """AROUND `KVCacheConfigurator._resolve_memory_pool_config`: decide the mode (and, for
-    auto, the context) once upstream has sized the pool."""
-    config = original(self, *args, **kwargs)
-    if self.is_draft_worker:
+    """Upstream's `_resolve_memory_pool_config` once more (the budget measured again), where
+    this hook passes its result through."""
+    setattr(configurator, _SIZING_AGAIN, True)
+    try:
+        return configurator._resolve_memory_pool_config(*args, **kwargs)
+    finally:
+        delattr(configurator, _SIZING_AGAIN)
+
+
+def mode_decided(
+    config: MemoryPoolConfig, self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> MemoryPoolConfig:
+    """AROUND `KVCacheConfigurator._resolve_memory_pool_config` (then): decide the mode (and,
+    for auto, the context) once upstream has sized the pool; upstream sizes it again where
+    the context was clamped or memory is kept for run-time commits."""
+    if self.is_draft_worker or getattr(self, _SIZING_AGAIN, False):
         return config
     request = settings.note_request(self.server_args)
     _apply_segment_settings(self, request)
@@ -82,7 +95,7 @@ def around_resolve_memory_pool_config(
             shared_budget.open_budget(self)
             _warn_graph_buffers(self)
         _decide(self, request, request.mode, "chosen explicitly")
-        return _settle_run_time_memory(original, self, config, args, kwargs)
+        return _settle_run_time_memory(self, config, args, kwargs)
 
     capacity = config.max_total_num_tokens // self.page_size * self.page_size
     context_len = self.model_config.context_len
@@ -105,7 +118,7 @@ def around_resolve_memory_pool_config(
         )
         self.model_config.context_len = decision.effective_context
         # max running requests depends on the context; size again with the clamped one.
-        config = original(self, *args, **kwargs)
+        config = _size_again(self, args, kwargs)
     static_bytes = context_scaled_static_bytes(self, config, decision.effective_context)
     mode = decision.mode
     reason = decision.reason
@@ -122,13 +135,12 @@ def around_resolve_memory_pool_config(
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
         _warn_graph_buffers(self)
-    config = _settle_run_time_memory(original, self, config, args, kwargs)
+    config = _settle_run_time_memory(self, config, args, kwargs)
     _context_within_pool(self, config)
     return config
 
 
 def _settle_run_time_memory(
-    original: Callable[..., MemoryPoolConfig],
     configurator: KVCacheConfigurator,
     config: MemoryPoolConfig,
     args: tuple[Any, ...],
@@ -169,7 +181,7 @@ def _settle_run_time_memory(
         row_room = state.row_room_bytes = room.committed_at_most
         state.run_time_room_bytes = room.in_kv_budget
     state.rope_committed_bytes = rope.committed_bytes
-    settled = original(configurator, *args, **kwargs)
+    settled = _size_again(configurator, args, kwargs)
     logger.info(
         "Memory committed outside the KV pool at run time: RoPE caches %.3f GB (committed "
         "now); req_to_token rows up to %.3f GB, of which %.3f GB kept free in the KV budget "
@@ -297,3 +309,6 @@ def make_rank_agreement(group: dist.ProcessGroup) -> Callable[[int], int]:
         return int(flag.item())
 
     return agree
+
+
+around_resolve_memory_pool_config = then(mode_decided)

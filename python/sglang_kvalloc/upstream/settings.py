@@ -3,7 +3,7 @@
 The model loads before the pools are sized, and its RoPE hook must already know what was asked
 for; so the request (`modes.read_request`) and the device are noted on `RUNTIME` here, before
 anything else of the plugin runs in the scheduler process. The mode itself is decided later,
-once, where upstream sizes the KV pool (`pools.around_resolve_memory_pool_config`).
+once, where upstream sizes the KV pool (`pools.mode_decided`).
 """
 
 from __future__ import annotations
