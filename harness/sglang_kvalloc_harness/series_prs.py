@@ -104,7 +104,7 @@ SERIES: tuple[PullRequest, ...] = (
             "rope.*",
         ),
         (
-            "core/row_commits.py",
+            IN_TREE + "srt/mem_cache/segmented/row_commits.py",
             "upstream/lazy_req_to_token.py",
             "upstream/lazy_decode_req_to_token.py",
         ),

@@ -14,9 +14,9 @@ import torch
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
-from sglang_kvalloc.core.row_commits import RowCommits
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -185,7 +185,7 @@ def test_segmented_allocator_with_free_lists_on_the_gpu(vmm) -> None:
 
 
 def test_rows_and_fixed_rope_cache_on_the_gpu(vmm) -> None:
-    from sglang_kvalloc.core.rope_cache import FixedAddressRope
+    from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
     api, device = vmm
     row_bytes = 10_000_004 * 4  # a 10M-context req_to_token row
@@ -341,9 +341,8 @@ def test_triton_decode_graph_over_a_lazy_kv_indices_buffer(vmm, results) -> None
     run over an ordinary buffer, while the sum of sequence lengths grows past what was
     committed at capture, after an idle release, and regrows."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-
-    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-    from sglang_kvalloc.core.graph_layouts import FLAT, GraphBatch, GraphBufferLayout
+    from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+    from sglang.srt.mem_cache.segmented.graph_layouts import FLAT, GraphBatch, GraphBufferLayout
 
     api, device = vmm
     max_bs, context, slots = 8, 4_000_000, 400_000
@@ -427,8 +426,8 @@ def test_graph_reading_a_lazy_row_table_across_growth(vmm, results) -> None:
     """A rows-layout table (fa3's page-table shape: max batch x pages, int32) reserved at a 10M
     width: rows committed as far as the batch's longest sequence before the fill; a captured
     gather reads it across growth and an idle release."""
-    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-    from sglang_kvalloc.core.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
+    from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+    from sglang.srt.mem_cache.segmented.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 
     api, device = vmm
     max_bs, pages = 16, 10_000_000
@@ -595,9 +594,9 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     import types
 
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.core.graph_layouts import GraphBatch
     from sglang_kvalloc.upstream import attention_graph_buffers
     from sglang_kvalloc.upstream.runtime import RUNTIME
 

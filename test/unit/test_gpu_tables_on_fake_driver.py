@@ -13,9 +13,9 @@ import types
 import pytest
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.upstream import lazy_req_to_token, segmented
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -111,8 +111,7 @@ def test_req_to_token_rows_are_committed_before_they_are_written(fake_cuda_setti
 
 def test_fixed_address_rope_matches_upstreams_growth(fake_cuda_settings) -> None:
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
-
-    from sglang_kvalloc.core.rope_cache import FixedAddressRope
+    from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
     factory, driver = fake_cuda_settings
 

@@ -7,10 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    CHUNK_ROWS,
+    FLAT,
+    ROWS,
+    GraphBatch,
+    GraphBufferLayout,
+)
 
 from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, FLAT, ROWS, GraphBatch, GraphBufferLayout
 
 G = 2 * MIB
 

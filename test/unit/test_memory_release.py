@@ -19,11 +19,11 @@ from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+from sglang.srt.mem_cache.segmented.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 
 from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-from sglang_kvalloc.core.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 from sglang_kvalloc.upstream import lazy_req_to_token, memory_release, scheduler_loop
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -118,8 +118,7 @@ class _Allocator:
 
 def test_the_whole_gpu_side_goes_back_and_comes_back(fake_gpu: FakeDriver) -> None:
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
-
-    from sglang_kvalloc.core.rope_cache import FixedAddressRope
+    from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
     device = RUNTIME.backings.device
     allocator = _Allocator()

@@ -8,6 +8,7 @@ was taken after the clamp, leaving the context above the pool."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
 
@@ -56,27 +57,35 @@ def test_past_autos_share_the_rest_of_the_room_comes_from_the_kv_budget() -> Non
 CELL = 1024  # KV bytes per token of the stand-in model
 
 
-def _configurator(context: int, budget: int) -> tuple[types.SimpleNamespace, Callable]:
+@dataclasses.dataclass(slots=True)
+class _Configurator:
+    """What the pool hook reads of upstream's KVCacheConfigurator, slotted as that class is (a
+    mark of the hook's own cannot be set on it). Sized again through the hook, as the
+    plugin's patched method (or the series' inline call) is: the hook passes that through."""
+
+    model_config: types.SimpleNamespace
+    server_args: types.SimpleNamespace
+    resolve: Callable[..., types.SimpleNamespace]
+    is_draft_worker: bool = False
+    page_size: int = 1
+
+    def _resolve_memory_pool_config(self, *args: object, **kwargs: object) -> object:
+        return pools.around_resolve_memory_pool_config(self.resolve, self, *args, **kwargs)
+
+
+def _configurator(context: int, budget: int) -> tuple[_Configurator, Callable]:
     """A configurator whose upstream sizing is budget // cell over the (hooked) budget, and
     whose request slots follow upstream's `resolve_max_num_reqs` at the current context."""
     model_config = types.SimpleNamespace(context_len=context)
     server_args = types.SimpleNamespace(context_length=None, **{modes.SERVER_ARGS_ATTR: modes.AUTO})
-    configurator = types.SimpleNamespace(
-        is_draft_worker=False, page_size=1, model_config=model_config, server_args=server_args
-    )
 
-    def resolve(c: types.SimpleNamespace, *args: object, **kwargs: object) -> types.SimpleNamespace:
+    def resolve(c: _Configurator, *args: object, **kwargs: object) -> types.SimpleNamespace:
         available = pools.around_profile_available_bytes(lambda c: budget, c)
         tokens = available // CELL
         reqs = planner.resolve_max_num_reqs(tokens, c.model_config.context_len)
         return types.SimpleNamespace(max_total_num_tokens=tokens, max_running_requests=reqs)
 
-    # Sized again through the hook, as the plugin's patched method (or the series' inline
-    # call) is: the hook passes that result through.
-    configurator._resolve_memory_pool_config = lambda *a, **k: (
-        pools.around_resolve_memory_pool_config(resolve, configurator, *a, **k)
-    )
-    return configurator, resolve
+    return _Configurator(model_config, server_args, resolve), resolve
 
 
 @pytest.fixture

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 import torch
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
+from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+from sglang.srt.mem_cache.segmented.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
-from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
 from sglang_kvalloc.upstream.inline import argument
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

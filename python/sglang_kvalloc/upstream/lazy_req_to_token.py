@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 
-from sglang_kvalloc.core.row_commits import RowCommits
 from sglang_kvalloc.upstream.runtime import RUNTIME, agree_alone
 
 if TYPE_CHECKING:

@@ -60,8 +60,9 @@ def _warn_graph_buffers(configurator: KVCacheConfigurator) -> None:
         )
 
 
-# On upstream's KVCacheConfigurator while `_size_again` runs upstream's sizing once more.
-_SIZING_AGAIN = "_kvalloc_sizing_again"
+# The configurators (by id) whose sizing `_size_again` is running once more; upstream's
+# KVCacheConfigurator has slots, so the mark cannot be an attribute of its own.
+_SIZING_AGAIN: set[int] = set()
 
 
 def _size_again(
@@ -69,11 +70,11 @@ def _size_again(
 ) -> MemoryPoolConfig:
     """Upstream's `_resolve_memory_pool_config` once more (the budget measured again), where
     this hook passes its result through."""
-    setattr(configurator, _SIZING_AGAIN, True)
+    _SIZING_AGAIN.add(id(configurator))
     try:
         return configurator._resolve_memory_pool_config(*args, **kwargs)
     finally:
-        delattr(configurator, _SIZING_AGAIN)
+        _SIZING_AGAIN.discard(id(configurator))
 
 
 def mode_decided(
@@ -82,7 +83,7 @@ def mode_decided(
     """AROUND `KVCacheConfigurator._resolve_memory_pool_config` (then): decide the mode (and,
     for auto, the context) once upstream has sized the pool; upstream sizes it again where
     the context was clamped or memory is kept for run-time commits."""
-    if self.is_draft_worker or getattr(self, _SIZING_AGAIN, False):
+    if self.is_draft_worker or id(self) in _SIZING_AGAIN:
         return config
     request = settings.note_request(self.server_args)
     _apply_segment_settings(self, request)

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
+from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
-from sglang_kvalloc.core.rope_cache import FixedAddressRope
 from sglang_kvalloc.upstream import backing_choice
 from sglang_kvalloc.upstream.runtime import RUNTIME
 

@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+    from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+    from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+    from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
-    from sglang_kvalloc.core.graph_buffers import LazyGraphBuffer
-    from sglang_kvalloc.core.graph_layouts import GraphBatch
-    from sglang_kvalloc.core.rope_cache import FixedAddressRope
     from sglang_kvalloc.core.shared_budget import SharedBudget
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, FLAT, ROWS, GraphBatch, GraphBufferLayout
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    CHUNK_ROWS,
+    FLAT,
+    ROWS,
+    GraphBatch,
+    GraphBufferLayout,
+)
+
 from sglang_kvalloc.core.planner.common import MIB, PlanError
 from sglang_kvalloc.core.planner.model import LLAMA4_ARCHS, ModelSpec
 

@@ -15,8 +15,6 @@ import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_CUDA_GRAPH, GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.disaggregation.utils import DisaggregationMode
-from sglang.srt.kvalloc.core.graph_buffers import LazyGraphBuffer
-from sglang.srt.kvalloc.core.graph_layouts import GraphBatch
 from sglang.srt.kvalloc.core.planner import layouts
 from sglang.srt.kvalloc.upstream import memory_release, segmented
 from sglang.srt.kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
@@ -27,6 +25,8 @@ from sglang.srt.managers.scheduler_components.weight_updater import (
 )
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
+from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
 from sglang.srt.plugins import load_plugins
 from sglang.test.ci.ci_register import register_cpu_ci
 from sglang.test.test_utils import CustomTestCase

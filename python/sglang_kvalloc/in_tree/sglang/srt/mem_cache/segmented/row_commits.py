@@ -1,23 +1,25 @@
 """Commit a 2-D table row by row, as far as each row is used: `req_to_token` on a GPU.
 
-On the CPU the first write to a page commits it; a GPU does not fault memory in, so every
-row's used prefix is committed before anything is written there. Rows are not aligned to the
-backing's granularity (a row is ``context_len`` int32), so neighbouring rows can share a
-granule: each granule is reference counted by the rows that reach into it.
+On the CPU the first write to a page commits it; a GPU does not fault memory in, so
+every row's used prefix is committed before anything is written there. Rows are not
+aligned to the backing's granularity (a row is ``context_len`` int32), so neighbouring
+rows can share a granule: each granule is reference counted by the rows that reach into
+it.
 
 No device synchronize on the way (the scheduler's overlap keeps a batch in flight):
 
-- With ``commits_unused``, a commit maps memory no queued kernel reads. Kernels read rows
-  past their own length: fa3's metadata gathers ``req_to_token[rows, :longest]``, so a short
-  row is read to the batch's longest. Before a batch is queued the caller says how far it
-  reads each row (`note_reads`); granules that reach covers and no row holds (they could be
-  remapped while the batch runs) are *exposed* until a fence made after the batch passes. A
-  commit of an exposed granule waits for the device first (rare: a row growing into the
-  reach of a longer neighbour), and an exposed granule is not released before its fence.
+- With ``commits_unused``, a commit maps memory no queued kernel reads. Kernels read
+  rows past their own length: fa3's metadata gathers ``req_to_token[rows, :longest]``,
+  so a short row is read to the batch's longest. Before a batch is queued the caller
+  says how far it reads each row (`note_reads`); granules that reach covers and no row
+  holds (they could be remapped while the batch runs) are *exposed* until a fence made
+  after the batch passes. A commit of an exposed granule waits for the device first
+  (rare: a row growing into the reach of a longer neighbour), and an exposed granule is
+  not released before its fence.
 - A granule no row holds any more stays mapped until `flush`, where it retires behind a
-  fence of the work queued so far; a later `flush` releases it once that fence has passed
-  (the kernels that could read it are done). A row that reaches into a retiring granule
-  takes it back, with nothing remapped.
+  fence of the work queued so far; a later `flush` releases it once that fence has
+  passed (the kernels that could read it are done). A row that reaches into a retiring
+  granule takes it back, with nothing remapped.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ class RowCommits:
     """Granule-level commits of a ``rows x row_bytes`` table over one backing."""
 
     def __init__(
-        self, backing: Backing, rows: int, row_bytes: int, *, commits_unused: bool = False
+        self,
+        backing: Backing,
+        rows: int,
+        row_bytes: int,
+        *,
+        commits_unused: bool = False,
     ) -> None:
         self.backing = backing
         self.rows = rows
@@ -53,7 +60,9 @@ class RowCommits:
         self._exposed: dict[int, Fence | None] = {}
         self.commits = 0
         self.releases = 0
-        self.reach_waits = 0  # commits that waited for the device: a kernel could read there
+        self.reach_waits = (
+            0  # commits that waited for the device: a kernel could read there
+        )
 
     def covered_items(self, row: int, item_bytes: int) -> int:
         """How many leading items of ``row`` are committed."""
@@ -91,7 +100,8 @@ class RowCommits:
         self._held[row] = (lo, hi)
 
     def unmapped(self, row: int, nbytes: int) -> list[int]:
-        """Granules the first ``nbytes`` of ``row`` would commit now (none mapped there)."""
+        """Granules the first ``nbytes`` of ``row`` would commit now (none mapped
+        there)."""
         g = self.granularity
         start = row * self.row_bytes
         end = start + min(nbytes, self.row_bytes)
@@ -109,7 +119,11 @@ class RowCommits:
         elif self._retiring.pop(granule, None) is None:
             g = self.granularity
             span = getattr(self.backing, "remap_span", None)
-            lo, hi = span(granule * g, g) if span is not None else (granule * g, (granule + 1) * g)
+            lo, hi = (
+                span(granule * g, g)
+                if span is not None
+                else (granule * g, (granule + 1) * g)
+            )
             read = any(self._read_in_flight(x) for x in range(lo // g, hi // g))
             self.backing.commit(granule * self.granularity, self.granularity,
                                 unused=self.commits_unused and not read)  # fmt: skip
@@ -141,7 +155,8 @@ class RowCommits:
         return True
 
     def drop(self, row: int) -> None:
-        """The row is free: its granules go once no row reaches into them (see `flush`)."""
+        """The row is free: its granules go once no row reaches into them (see
+        `flush`)."""
         lo, hi = self._held[row]
         for granule in range(lo, hi):
             self._unref(granule)
@@ -156,11 +171,12 @@ class RowCommits:
             self._pending.add(granule)
 
     def flush(self, fence: Callable[[], Fence] | None = None) -> int:
-        """Release granules no row holds: with ``fence`` (it makes a fence of the work queued
-        now, asked for only when a granule was freed or exposed since the last flush), those
-        retired behind an earlier fence that has passed and read by no kernel in flight, and
-        this call's free ones retire (and newly exposed ones wait) behind a new fence; without
-        one (nothing can be reading), all of them now. Returns how many were released."""
+        """Release granules no row holds: with ``fence`` (it makes a fence of the work
+        queued now, asked for only when a granule was freed or exposed since the last
+        flush), those retired behind an earlier fence that has passed and read by no
+        kernel in flight, and this call's free ones retire (and newly exposed ones wait)
+        behind a new fence; without one (nothing can be reading), all of them now.
+        Returns how many were released."""
         g = self.granularity
         if fence is None:
             free = sorted({*self._pending, *self._retiring})

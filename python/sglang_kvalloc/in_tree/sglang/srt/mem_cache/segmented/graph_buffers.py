@@ -1,14 +1,18 @@
-"""Attention backends' cuda-graph index buffers, reserved at upstream's shape and committed as
-far as the replayed batch needs (`LazyGraphBuffer`), given back at idle. The layouts and what
-a replay commits of them: `graph_layouts`. Nothing here imports upstream.
+"""Attention backends' cuda-graph index buffers, reserved at upstream's shape and committed
+as far as the replayed batch needs (`LazyGraphBuffer`), given back at idle. The layouts
+and what a replay commits of them: `graph_layouts`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sglang_kvalloc.core.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
-from sglang_kvalloc.core.row_commits import RowCommits
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    CHUNK_ROWS,
+    GraphBatch,
+    GraphBufferLayout,
+)
+from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.segmented.backing import Backing
@@ -17,8 +21,8 @@ __all__ = ["LazyGraphBuffer"]
 
 
 class LazyGraphBuffer:
-    """One reserved buffer of a `GraphBufferLayout`, committed before each replay as far as it
-    writes, and given back at idle (a sync point: no graph is reading it)."""
+    """One reserved buffer of a `GraphBufferLayout`, committed before each replay as far as
+    it writes, and given back at idle (a sync point: no graph is reading it)."""
 
     def __init__(self, layout: GraphBufferLayout, backing: Backing) -> None:
         if backing.reserved_bytes < layout.reserved_bytes:
@@ -34,7 +38,10 @@ class LazyGraphBuffer:
         # next one touches nothing a replay in flight uses: no device wait (Llama-4's chunked
         # tables excepted: upstream may zero them whole, scratch included).
         self._rows = RowCommits(
-            backing, layout.rows, layout.row_bytes, commits_unused=layout.kind != CHUNK_ROWS
+            backing,
+            layout.rows,
+            layout.row_bytes,
+            commits_unused=layout.kind != CHUNK_ROWS,
         )
         # ROWS fast path: rows [0, _rows_ready) hold at least _prefix_ready bytes each.
         self._rows_ready = 0
@@ -47,7 +54,8 @@ class LazyGraphBuffer:
         return self.backing.committed_bytes
 
     def needs_commit(self, batch: GraphBatch) -> bool:
-        """Whether `ensure` would commit anything for ``batch`` (host arithmetic only)."""
+        """Whether `ensure` would commit anything for ``batch`` (host arithmetic
+        only)."""
         layout = self.layout
         if batch.rows <= 0:
             return False
@@ -58,8 +66,9 @@ class LazyGraphBuffer:
         return not (rows <= self._rows_ready and prefix <= self._prefix_ready)
 
     def ensure(self, batch: GraphBatch) -> int:
-        """Commit what ``batch`` writes; returns the bytes newly committed. MemoryError (and
-        nothing the graph could read half-committed) if the device cannot back it."""
+        """Commit what ``batch`` writes; returns the bytes newly committed. MemoryError
+        (and nothing the graph could read half-committed) if the device cannot back it.
+        """
         if not self.needs_commit(batch):
             return 0
         layout = self.layout
@@ -90,11 +99,13 @@ class LazyGraphBuffer:
         return grown
 
     def rows_backed(self) -> int:
-        """CHUNK_ROWS: the leading rows in committed memory (the last granule's rows included,
-        the last row possibly in part). Rows past them read the scratch granule's zeros, so a
-        fill of zeros there changes nothing."""
+        """CHUNK_ROWS: the leading rows in committed memory (the last granule's rows
+        included, the last row possibly in part). Rows past them read the scratch
+        granule's zeros, so a fill of zeros there changes nothing."""
         if self.layout.kind != CHUNK_ROWS:
-            raise ValueError(f"graph buffer {self.layout.name}: rows_backed is for {CHUNK_ROWS}")
+            raise ValueError(
+                f"graph buffer {self.layout.name}: rows_backed is for {CHUNK_ROWS}"
+            )
         if not self._rows_ready:
             return 0
         g, row_bytes = self.granularity, self.layout.row_bytes

@@ -1,22 +1,24 @@
 """A rotary cos/sin cache at a fixed address, committed as positions reach it (segmented
 mode where memory must be committed before use, a GPU). A captured CUDA graph holds the
-cache's address, so it cannot be reallocated as upstream's growth would: it is one tensor of
-the full length over a reserved range, its rows committed and computed (with upstream's own
-incremental formula, read from the module) as positions reach them. Knows nothing of
-upstream: the module is anything shaped like its rotary embedding (`RotaryModule`)."""
+cache's address, so it cannot be reallocated as upstream's growth would: it is one
+tensor of the full length over a reserved range, its rows committed and computed (with
+upstream's own incremental formula, read from the module) as positions reach them. Knows
+nothing of upstream: the module is anything shaped like its rotary embedding
+(`RotaryModule`)."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
-from sglang.srt.mem_cache.segmented.backing import BackingFactory
 
-from sglang_kvalloc.core.row_commits import RowCommits
+from sglang.srt.mem_cache.segmented.backing import BackingFactory
+from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 
 
 class RotaryModule(Protocol):
-    """What a fixed cache reads of a rotary embedding module (upstream's `RotaryEmbedding`)."""
+    """What a fixed cache reads of a rotary embedding module (upstream's
+    `RotaryEmbedding`)."""
 
     cos_sin_cache: torch.Tensor
     base: float
@@ -47,7 +49,9 @@ class FixedAddressRope:
         self.backing = backings(total * self.row_bytes)
         # One "row" of the RowCommits bookkeeping: the whole table, committed as a prefix.
         # No queued kernel reads rows past the committed ones (positions stay below them).
-        self._commits = RowCommits(self.backing, 1, total * self.row_bytes, commits_unused=True)
+        self._commits = RowCommits(
+            self.backing, 1, total * self.row_bytes, commits_unused=True
+        )
         self.view = self.backing.tensor(dtype, (total, width))
         self.rows = 0
         self._commits.ensure(0, rows * self.row_bytes)
@@ -56,8 +60,8 @@ class FixedAddressRope:
         module.cos_sin_cache = self.view
 
     def grow(self, positions: int) -> None:
-        """Make rows ``[0, positions)`` valid (at most the reservation); MemoryError (nothing
-        changed) if the device cannot back them."""
+        """Make rows ``[0, positions)`` valid (at most the reservation); MemoryError
+        (nothing changed) if the device cannot back them."""
         if positions <= self.rows:
             return
         new_rows = min(self.total, positions)
@@ -80,7 +84,8 @@ class FixedAddressRope:
 
     def release(self) -> int:
         """RL's memory release: the cache's memory goes back (no forward runs until
-        `restore`); its first rows, upstream's own, are kept on the host. Returns the bytes."""
+        `restore`); its first rows, upstream's own, are kept on the host. Returns the
+        bytes."""
         released = self.committed_bytes
         if self.rows:
             self._released_rows = self.rows
