@@ -7,16 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sglang.srt.mem_cache.segmented.graph_layouts import (
-    CHUNK_ROWS,
-    FLAT,
-    ROWS,
-    GraphBatch,
-    GraphBufferLayout,
-)
-
 from sglang_kvalloc.core.planner.common import MIB, PlanError
 from sglang_kvalloc.core.planner.model import LLAMA4_ARCHS, ModelSpec
+
+try:
+    from sglang_kvalloc.in_tree_finder import standalone
+except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
+    from sglang.srt.mem_cache.segmented import graph_layouts as _graph_layouts
+else:
+    # The layouts (standard library only) without upstream's packages where SGLang is not
+    # loaded: the planner's CLI runs where torch does not (in_tree_finder.standalone).
+    _graph_layouts = standalone("sglang.srt.mem_cache.segmented.graph_layouts")
+CHUNK_ROWS, FLAT, ROWS = _graph_layouts.CHUNK_ROWS, _graph_layouts.FLAT, _graph_layouts.ROWS
+GraphBatch = _graph_layouts.GraphBatch
+GraphBufferLayout = _graph_layouts.GraphBufferLayout
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("triton", "flashinfer", "fa3", "torch_native")
 # The CUDA VMM granularity segmented mode commits req_to_token rows in: the RECOMMENDED
