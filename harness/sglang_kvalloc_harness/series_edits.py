@@ -157,13 +157,15 @@ def inline_shape(
     hook_type: str,
     around_form: str | None = None,
     assigns: tuple[str, ...] | None = None,
+    passes_false: bool = False,
 ) -> str | None:
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
     body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
     what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
-    gives), "argument" (one made by `inline.argument`: first, assigning parameters of the
-    function's own); None where an inline call could miss a path (a decoration then)."""
+    gives; with ``passes_false``, also where every other ``return`` returns False),
+    "argument" (one made by `inline.argument`: first, assigning parameters of the function's
+    own); None where an inline call could miss a path (a decoration then)."""
     returns = _returns(node)
     final_only = len(returns) == 1 and returns[0] is node.body[-1] and returns[0].value is not None
     if hook_type == "BEFORE":
@@ -174,6 +176,12 @@ def inline_shape(
         return "instead"
     if hook_type == "AROUND" and around_form == "then" and final_only:
         return "then"
+    if hook_type == "AROUND" and around_form == "then" and passes_false and returns:
+        last = node.body[-1]
+        early = [r for r in returns if r is not last]
+        false = [r for r in early if isinstance(r.value, ast.Constant) and r.value.value is False]
+        if isinstance(last, ast.Return) and last.value is not None and false == early:
+            return "then"
     a = node.args
     named = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
     if hook_type == "AROUND" and around_form == "argument" and assigns and set(assigns) <= named:
@@ -186,7 +194,7 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
     the function's shape in ``package`` allows one (`inline_shape`), for a BEFORE or AFTER
     hook that changes no argument or result (HookRegistry would pass a returned value on) and
     for an AROUND hook made by `inline.instead` or `inline.then`."""
-    from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT, INLINE_FORM
+    from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT, INLINE_FORM, INLINE_PASSES_FALSE
 
     file, attrs = _target_file(package, edit.target)
     node = _find_def(ast.parse(file.read_text()), attrs)
@@ -194,7 +202,13 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
         if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
             return None
     around_form = getattr(hook, INLINE_FORM, None)
-    return inline_shape(node, edit.hook_type, around_form, getattr(hook, INLINE_ARGUMENT, None))
+    return inline_shape(
+        node,
+        edit.hook_type,
+        around_form,
+        getattr(hook, INLINE_ARGUMENT, None),
+        bool(getattr(hook, INLINE_PASSES_FALSE, False)),
+    )
 
 
 def _arguments(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:

@@ -85,3 +85,57 @@ def test_an_argument_the_function_does_not_have_gets_no_inline_call() -> None:
     node = ast.parse(UPSTREAM).body[0].body[0]  # type: ignore[attr-defined]
     assert series_edits.inline_shape(node, "AROUND", inline.ARGUMENT, ("missing",)) is None
     assert series_edits.inline_shape(node, "AROUND", inline.ARGUMENT, ("rows", "missing")) is None
+
+
+GATES = '''
+def gate(ok, self, batch):
+    return ok and batch < 10
+
+
+class Runner:
+    def can_run(self, batch):
+        """Upstream's check, with early exits."""
+        if batch < 0:
+            return False
+        if batch == 99:
+            return False
+        supported = batch % 2 == 0
+        return supported
+
+
+class Other:
+    def can_run(self, batch):
+        if batch < 0:
+            return self.fallback(batch)
+        return True
+'''
+
+
+def test_a_gate_called_at_the_final_return_alone_is_exact_where_the_others_return_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `then` hook that passes False through (`passes_false`) may be called at the final
+    return of a function whose other returns all return False: the plugin's wrapper and the
+    series' inline call give the same for every input. Not where another return could give
+    True, nor for a hook that does not pass False through."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = _module(tmp_path, "gate_upstream", GATES)
+    hook = inline.then(module.gate, passes_false=True)
+    assert getattr(hook, inline.INLINE_PASSES_FALSE) is True
+    tree = ast.parse(GATES)
+    runner = series_edits._find_def(tree, ["Runner", "can_run"])
+    other = series_edits._find_def(tree, ["Other", "can_run"])
+    assert series_edits.inline_shape(runner, "AROUND", inline.THEN, None, True) == "then"
+    assert series_edits.inline_shape(runner, "AROUND", inline.THEN, None, False) is None
+    assert series_edits.inline_shape(other, "AROUND", inline.THEN, None, True) is None
+
+    edited = tmp_path / "gate_edited.py"
+    shutil.copyfile(tmp_path / "gate_upstream.py", edited)
+    edit = series_edits.Edit("x.Runner.can_run", "AROUND", "gate_upstream:gate", form="then")
+    series_edits.edit_file(edited, [(["Runner", "can_run"], edit)])
+    assert "return gate(supported, self, batch)" in edited.read_text()
+    inlined = importlib.import_module("gate_edited")
+    wrapped = _wrap_fn(module.Runner.can_run, hook, HookType.AROUND)
+    for batch in (-1, 0, 1, 4, 12, 99):
+        assert wrapped(module.Runner(), batch) == inlined.Runner().can_run(batch), batch
+    assert [inlined.Runner().can_run(b) for b in (4, 12)] == [True, False]  # the gate acts

@@ -41,7 +41,7 @@ from sglang.srt.mem_cache.segmented.graph_layouts import CHUNK_ROWS, GraphBatch,
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
-from sglang_kvalloc.upstream.inline import argument
+from sglang_kvalloc.upstream.inline import argument, then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -364,17 +364,16 @@ def ensure_for(batch: GraphBatch) -> None:
     RUNTIME.graph.ensure_for(batch)
 
 
-def around_can_run_graph(
-    original: Callable[..., bool],
+def graph_gate(
+    ok: bool,
     runner: DecodeCudaGraphRunner,
     forward_batch: ForwardBatch,
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """AROUND `DecodeCudaGraphRunner.can_run_graph` (and the EAGLE draft runner's, which
-    overrides it): a batch the graphs can run gets its lazy buffers committed first; one that
-    cannot be committed runs eager instead."""
-    ok = original(runner, forward_batch, *args, **kwargs)
+    """AROUND `DecodeCudaGraphRunner.can_run_graph` (then; and the speculative runners', which
+    override it): a batch the graphs can run gets its lazy buffers committed first; one that
+    cannot be committed runs eager instead. False stays False."""
     graph = RUNTIME.graph
     if not ok or not graph.buffers:
         return ok
@@ -404,6 +403,9 @@ def around_can_run_graph(
             )
         return False
     return ok
+
+
+around_can_run_graph = then(graph_gate, passes_false=True)
 
 
 def around_capture(

@@ -70,16 +70,23 @@ def instead(build: Callable[..., Any]) -> Callable[..., Any]:
     return around
 
 
-def then(amend: Callable[..., Any]) -> Callable[..., Any]:
+# On a `then` hook whose ``amend`` returns False for False: a function whose other returns
+# all return False can call it at its final ``return`` alone.
+INLINE_PASSES_FALSE = "kvalloc_inline_passes_false"
+
+
+def then(amend: Callable[..., Any], *, passes_false: bool = False) -> Callable[..., Any]:
     """An AROUND hook from ``amend(result, self, ...)``: upstream's result, or one in its place
     (recorded, checked or adjusted). Inline (the series): the function's final ``return``
-    returns ``amend`` of the value it returned."""
+    returns ``amend`` of the value it returned. ``passes_false``: ``amend`` gives False back
+    for False (a gate), so early ``return False`` statements need no call."""
 
     @functools.wraps(amend)
     def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return amend(original(*args, **kwargs), *args, **kwargs)
 
     setattr(around, INLINE_FORM, THEN)
+    setattr(around, INLINE_PASSES_FALSE, passes_false)
     return around
 
 
