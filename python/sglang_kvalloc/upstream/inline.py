@@ -96,8 +96,14 @@ INLINE_ARGUMENT = "kvalloc_inline_argument"
 
 
 @functools.cache
-def _signature(function: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(function)
+def _positions(function: Callable[..., Any], names: tuple[str, ...]) -> tuple[int | None, ...]:
+    """Where each of ``names`` sits among ``function``'s positional parameters (None: keyword
+    only), read once per function: the wrapper runs on hot paths (attention, each layer)."""
+    parameters = list(inspect.signature(function).parameters.values())
+    positional = [
+        p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return tuple(positional.index(n) if n in positional else None for n in names)
 
 
 def argument(names: str | tuple[str, ...], choose: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,13 +117,15 @@ def argument(names: str | tuple[str, ...], choose: Callable[..., Any]) -> Callab
     def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         chosen = choose(*args, **kwargs)
         values = (chosen,) if len(chosen_names) == 1 else tuple(chosen)
-        if all(name in kwargs for name in chosen_names):
-            kwargs.update(zip(chosen_names, values, strict=True))
-            return original(*args, **kwargs)
-        # Passed by position (or left to its default): bound to upstream's own signature.
-        bound = _signature(original).bind(*args, **kwargs)
-        bound.arguments.update(zip(chosen_names, values, strict=True))
-        return original(*bound.args, **bound.kwargs)
+        # Where the caller passed it: by position, else by keyword (or left to its default).
+        passed = list(args)
+        positions = _positions(original, chosen_names)
+        for name, at, value in zip(chosen_names, positions, values, strict=True):
+            if at is not None and at < len(passed):
+                passed[at] = value
+            else:
+                kwargs[name] = value
+        return original(*passed, **kwargs)
 
     setattr(around, INLINE_FORM, ARGUMENT)
     setattr(around, INLINE_ARGUMENT, chosen_names)
