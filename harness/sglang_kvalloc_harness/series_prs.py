@@ -172,4 +172,14 @@ SERIES: tuple[PullRequest, ...] = (
         tests=("registered/unit/disaggregation/test_segment_runs.py",),
         docs=("advanced_features/segmented_kv_pd_disaggregation.md",),
     ),
+    PullRequest(
+        10,
+        "kv-shared-budget",
+        "Several segmented servers share one KV budget on a device (--kv-budget)",
+        "A ledger each server reserves in before it commits; a waiting server is given way.",
+        (),
+        ("upstream/shared_budget.py",),
+        tests=("registered/unit/mem_cache/test_kv_shared_budget.py",),
+        docs=("advanced_features/segmented_kv_shared_budget.md",),
+    ),
 )

@@ -1,8 +1,7 @@
 """The CPU backing: an anonymous ``MAP_NORESERVE`` mapping committed and released in ranges.
 
 It implements upstream's `Backing` protocol (``sglang.srt.mem_cache.segmented.backing``) for
-the CPU engine; the CUDA one is `sglang_kvalloc.core.cuda_backing.CudaVmmBacking`. Also here:
-`LedgeredBacking`, a backing whose commits are reserved in a shared budget first.
+the CPU engine; the CUDA one is `sglang_kvalloc.core.cuda_backing.CudaVmmBacking`.
 """
 
 from __future__ import annotations
@@ -32,9 +31,7 @@ __all__ = [
     "COMMIT_RESERVE_BYTES",
     "CpuBackingFactory",
     "CpuMmapBacking",
-    "LedgeredBacking",
     "available_memory_bytes",
-    "ledgered",
     "make_backing",
 ]
 
@@ -288,7 +285,8 @@ class CpuBackingFactory:
         self.budget: SharedBudget | None = None
 
     def __call__(self, nbytes: int) -> Backing:
-        return ledgered(CpuMmapBacking(nbytes, self.granularity), self.budget)
+        backing = CpuMmapBacking(nbytes, self.granularity)
+        return backing if self.budget is None else self.budget.reserving(backing)
 
     def keep_spares(self, nbytes: int, count: int) -> None:
         return None
@@ -301,62 +299,6 @@ class CpuBackingFactory:
 
     def fence(self, streams: tuple[Any, ...] = ()) -> Fence:
         return PASSED  # the CPU runs nothing behind the host's back
-
-
-class LedgeredBacking:
-    """A backing whose commits are reserved in a `SharedBudget` before the memory is taken
-    (a refusal is a failed commit: MemoryError, nothing changed) and given back to it after the
-    memory went, so the ledger never counts less than the server holds."""
-
-    def __init__(self, inner: Backing, budget: SharedBudget) -> None:
-        self._inner = inner
-        self._budget = budget
-        self.granularity = inner.granularity
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return self._inner.reserved_bytes
-
-    @property
-    def committed_bytes(self) -> int:
-        return self._inner.committed_bytes
-
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self._inner.tensor(dtype, shape)
-
-    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
-        inner = self._inner
-        if nbytes <= 0 or inner.is_committed(offset, nbytes):
-            return
-        if not self._budget.reserve(nbytes):
-            raise MemoryError(self._budget.refusal)
-        before = inner.committed_bytes
-        try:
-            inner.commit(offset, nbytes, unused=unused)
-        except BaseException:
-            self._budget.release(nbytes)
-            raise
-        unused_part = nbytes - (inner.committed_bytes - before)
-        if unused_part > 0:
-            self._budget.release(unused_part)
-
-    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
-        before = self._inner.committed_bytes
-        self._inner.release(offset, nbytes, unused=unused)
-        self._budget.release(before - self._inner.committed_bytes)
-
-    def close(self) -> None:
-        before = self._inner.committed_bytes
-        self._inner.close()
-        self._budget.release(before)
-
-
-def ledgered(backing: Backing, budget: SharedBudget | None) -> Backing:
-    """``backing`` reserving in ``budget`` (itself where there is none)."""
-    return backing if budget is None else LedgeredBacking(backing, budget)
 
 
 def make_backing(device: str | torch.device, nbytes: int, granularity: int | None) -> Backing:

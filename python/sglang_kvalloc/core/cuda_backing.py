@@ -35,7 +35,6 @@ from sglang.srt.mem_cache.segmented.backing import (
 )
 from sglang.srt.mem_cache.segmented.geometry import align_up
 
-from sglang_kvalloc.core.cpu_backing import ledgered
 from sglang_kvalloc.core.vmm_device import (
     CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,
@@ -336,7 +335,8 @@ class CudaBackingFactory:
         self.budget: SharedBudget | None = None  # set: its backings reserve in it
 
     def __call__(self, nbytes: int) -> Backing:
-        return ledgered(CudaVmmBacking(nbytes, self.device), self.budget)
+        backing = CudaVmmBacking(nbytes, self.device)
+        return backing if self.budget is None else self.budget.reserving(backing)
 
     def keep_spares(self, nbytes: int, count: int) -> None:
         self.device.keep_spares(nbytes, count)

@@ -17,7 +17,8 @@ with one line, never trusted.
 
 A server may reserve while the committed bytes of every server, plus what the others still
 lack of their floors, stay within the total, and its own within its limit: each keeps its
-floor however busy the others are.
+floor however busy the others are. `LedgeredBacking` is a backing (upstream's `Backing`
+protocol) whose commits are reserved in a budget first.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from sglang.srt.mem_cache.segmented.backing import Backing
 
 __all__ = [
     "DEFAULT_DIR",
     "BudgetError",
     "LedgerBusy",
+    "LedgeredBacking",
     "SharedBudget",
     "Slot",
     "ledger_path",
@@ -298,6 +304,10 @@ class SharedBudget:
             self._mine(ledger).wanted = 0
             self._wanting = False  # else tried again at the next idle step
 
+    def reserving(self, backing: Backing) -> LedgeredBacking:
+        """``backing`` with every commit reserved in this budget first (`LedgeredBacking`)."""
+        return LedgeredBacking(backing, self)
+
     def snapshot(self) -> dict[str, Any]:
         """The ledger as it stands: the total, what is committed, and every slot (read
         without a change, so a busy ledger does not hold up ``/server_info``)."""
@@ -382,3 +392,54 @@ def update_ledger(path: Path, change: Callable[[Ledger], str]) -> str:
             return change(ledger)
     finally:
         os.close(fd)
+
+
+class LedgeredBacking:
+    """A backing whose commits are reserved in a `SharedBudget` before the memory is taken
+    (a refusal is a failed commit: MemoryError, nothing changed) and given back to it after the
+    memory went, so the ledger never counts less than the server holds."""
+
+    def __init__(self, inner: Backing, budget: SharedBudget) -> None:
+        self._inner = inner
+        self._budget = budget
+        self.granularity = inner.granularity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._inner.reserved_bytes
+
+    @property
+    def committed_bytes(self) -> int:
+        return self._inner.committed_bytes
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._inner.tensor(dtype, shape)
+
+    def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        inner = self._inner
+        if nbytes <= 0 or inner.is_committed(offset, nbytes):
+            return
+        if not self._budget.reserve(nbytes):
+            raise MemoryError(self._budget.refusal)
+        before = inner.committed_bytes
+        try:
+            inner.commit(offset, nbytes, unused=unused)
+        except BaseException:
+            self._budget.release(nbytes)
+            raise
+        unused_part = nbytes - (inner.committed_bytes - before)
+        if unused_part > 0:
+            self._budget.release(unused_part)
+
+    def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
+        before = self._inner.committed_bytes
+        self._inner.release(offset, nbytes, unused=unused)
+        self._budget.release(before - self._inner.committed_bytes)
+
+    def close(self) -> None:
+        before = self._inner.committed_bytes
+        self._inner.close()
+        self._budget.release(before)

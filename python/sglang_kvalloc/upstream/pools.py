@@ -17,7 +17,7 @@ import torch.distributed as dist
 from sglang.srt.mem_cache.segmented import modes
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import backing_choice, settings, shared_budget
+from sglang_kvalloc.upstream import backing_choice, settings
 from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
@@ -93,7 +93,7 @@ def mode_decided(
     if request.mode != modes.AUTO:
         if request.mode == modes.SEGMENTED:
             _open_backings(self)  # a device that cannot do it says so now, in one line
-            shared_budget.open_budget(self)
+            _open_budget(self, request)
             _warn_graph_buffers(self)
         _decide(self, request, request.mode, "chosen explicitly")
         return _settle_run_time_memory(self, config, args, kwargs)
@@ -131,7 +131,7 @@ def mode_decided(
         except modes.KvAllocModeError as exc:
             mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
         else:
-            shared_budget.open_budget(self)
+            _open_budget(self, request)
     _decide(self, request, mode, reason)
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     if mode == modes.SEGMENTED:
@@ -219,10 +219,12 @@ def kv_budget_bytes(
 ) -> int:
     """AROUND `KVCacheConfigurator._profile_available_bytes` (then): the KV budget leaves the room
     segmented mode keeps free for req_to_token rows (0 in every other case)."""
-    if not configurator.is_draft_worker:
+    server_args = getattr(configurator, "server_args", None)
+    if not configurator.is_draft_worker and modes.budget_settings(server_args) is not None:
         # Servers sharing a budget reserve it whole, whatever memory their start finds free.
-        budgeted = shared_budget.pool_bytes(configurator)
-        available = available if budgeted is None else budgeted
+        from sglang_kvalloc.upstream import shared_budget  # --kv-budget: its own PR
+
+        available = shared_budget.pool_bytes(configurator) or available
     room = RUNTIME.state.run_time_room_bytes
     if configurator.is_draft_worker or not room:
         return available
@@ -268,6 +270,16 @@ def _apply_segment_settings(
     segment.idle_cache_tokens = request.idle_cache_tokens
     segment.device = str(configurator.device)
     segment.agree = _rank_agreement()
+
+
+def _open_budget(configurator: KVCacheConfigurator, request: modes.KvAllocRequest) -> None:
+    """``--kv-budget``: this server's slot in the device's ledger, which its backings reserve
+    in from now on (`shared_budget`, a PR of its own in the upstream series)."""
+    if request.budget is None:
+        return
+    from sglang_kvalloc.upstream import shared_budget
+
+    shared_budget.open_budget(configurator)
 
 
 def _open_backings(configurator: KVCacheConfigurator) -> None:

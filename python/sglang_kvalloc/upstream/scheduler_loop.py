@@ -13,7 +13,6 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
-from sglang_kvalloc.upstream import shared_budget
 from sglang_kvalloc.upstream.inline import argument, instead, then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
@@ -116,7 +115,10 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
         if _has_work(scheduler):
             allocator.note_busy()
         allocator.scheduler_step(iteration_demand_tokens(scheduler, slots))
-        shared_budget.give_way(scheduler)
+        if RUNTIME.budget is not None:  # --kv-budget: a PR of its own in the upstream series
+            from sglang_kvalloc.upstream import shared_budget
+
+            shared_budget.give_way(scheduler)
     if decision.explicit_commits:
         _prepare_rows(scheduler, row_ahead)
     return None
@@ -267,7 +269,8 @@ def before_on_idle(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
     the top of each iteration, where their fences have passed."""
     if not scheduler.is_fully_idle():
         return None
-    shared_budget.stop_wanting()
+    if RUNTIME.budget is not None:
+        RUNTIME.budget.stop_wanting()  # idle: nothing here waits on the budget any more
     allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
     if allocator is not None and allocator.idle_step(scheduler.tree_cache):
         RUNTIME.graph.release_at_idle()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.mem_cache.segmented import modes
@@ -113,13 +113,3 @@ def give_way(scheduler: Scheduler) -> None:
     if not -agree(-int(waiting)):  # any rank's device has a server waiting
         return
     release(scheduler.tree_cache, "another server waits on the KV budget")
-
-
-def stop_wanting() -> None:
-    """Idle: nothing here waits on the budget any more."""
-    if RUNTIME.budget is not None:
-        RUNTIME.budget.stop_wanting()
-
-
-def snapshot() -> dict[str, Any] | None:
-    return RUNTIME.budget.snapshot() if RUNTIME.budget is not None else None
