@@ -53,7 +53,7 @@ from sglang_kvalloc_harness.series_edits import (
     inline_form,
     insert_lines,
 )
-from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, PullRequest
+from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, Part, PullRequest
 
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
@@ -209,6 +209,12 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
                 p.files.append(rel)
     owner = {rel: p.pr.number for p in planned for rel in p.files}
     for p in planned:
+        for part in p.pr.parts:
+            if owner.get(part.file, p.pr.number) >= p.pr.number:
+                raise SeriesError(
+                    f"PR {p.pr.number}: a part of {part.file}, which no earlier PR carries"
+                )
+    for p in planned:
         for rel in p.files:
             if rel.endswith(".py"):
                 for dep in sorted(_imports(rel, lazy=True)):
@@ -300,21 +306,60 @@ def carried_text(rel: str) -> str:
     return text
 
 
-def carry_file(package: Path, rel: str) -> Path:
-    """Write one of this project's files into the upstream tree: an ``in_tree/`` file byte for
-    byte, another with its imports renamed."""
+def _cut(text: str, part: Part) -> str:
+    """``text`` without the lines of ``part``."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == part.first]
+    if len(starts) != 1:
+        raise SeriesError(f"{part.file}: {len(starts)} lines {part.first!r} (must be one)")
+    start = starts[0]
+    stop = len(lines)
+    if part.end is not None:
+        ends = [i for i in range(start + 1, len(lines)) if lines[i].rstrip("\n") == part.end]
+        if not ends:
+            raise SeriesError(f"{part.file}: no line {part.end!r} after {part.first!r}")
+        stop = ends[0]
+    return "".join(lines[:start] + lines[stop:])
+
+
+def text_at(rel: str, number: int) -> str:
+    """The text one of this project's files has once PR ``number`` is applied: what upstream's
+    tree gets (`carried_text`) without the parts a later PR brings."""
+    text = carried_text(rel)
+    for pr in SERIES:
+        if pr.number > number:
+            for part in pr.parts:
+                if part.file == rel:
+                    text = _cut(text, part)
+    return text
+
+
+def carry_file(package: Path, rel: str, number: int) -> Path:
+    """Write one of this project's files into the upstream tree as PR ``number`` has it
+    (`text_at`): an ``in_tree/`` file byte for byte once every part is in, another with its
+    imports renamed."""
     dest = package / upstream_path(rel)
     src = SOURCE / rel
     if rel.startswith(IN_TREE) and dest.exists():
         raise SeriesError(f"{dest} exists in upstream's tree: the series would overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if rel.startswith(IN_TREE):
-        shutil.copyfile(src, dest)
-    elif src.suffix == ".py":
-        dest.write_text(carried_text(rel))
+    if rel.startswith(IN_TREE) or src.suffix == ".py":
+        dest.write_text(text_at(rel, number))
     else:
         shutil.copyfile(src, dest)
     return dest
+
+
+def carry_parts(package: Path, pr: PullRequest) -> list[Path]:
+    """Write the parts ``pr`` brings into the files an earlier PR carried."""
+    written = []
+    for rel in dict.fromkeys(part.file for part in pr.parts):
+        dest = package / upstream_path(rel)
+        if not dest.is_file():
+            raise SeriesError(f"{dest}: a part of PR {pr.number} for a file not carried yet")
+        dest.write_text(text_at(rel, pr.number))
+        written.append(dest)
+    return written
 
 
 def carry_tests(package: Path, pr: PullRequest) -> list[Path]:
@@ -406,7 +451,8 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
             file, attrs = _target_file(package, edit.target)
             by_file.setdefault(file, []).append((attrs, edit))
         for rel in p.files:
-            carry_file(package, rel)
+            carry_file(package, rel, p.pr.number)
+        carry_parts(package, p.pr)
         for file, edits in by_file.items():
             edit_file(file, edits)
         for insertion in p.pr.insertions:
@@ -445,18 +491,33 @@ def sizes() -> list[PrSize]:
     """Every PR's size, computed from the plan (what `apply` writes)."""
     out = []
     for p in plan():
-        own = [code_lines(carried_text(r)) for r in p.files if r.startswith(IN_TREE)]
+        n = p.pr.number
+        own = [code_lines(text_at(r, n)) for r in p.files if r.startswith(IN_TREE)]
         rest = [
-            code_lines(carried_text(r))
+            code_lines(text_at(r, n))
             for r in p.files
             if not r.startswith(IN_TREE) and r.endswith(".py")
         ]
+        for rel, added in part_lines(p.pr):
+            (own if rel.startswith(IN_TREE) else rest).append(added)
+        # a part's lines count as code lines of the PR, in no new file
+        own_files = sum(r.startswith(IN_TREE) for r in p.files)
+        rest_files = sum(not r.startswith(IN_TREE) and r.endswith(".py") for r in p.files)
         inserted = sum(len(i.lines) for i in p.pr.insertions)
         out.append(
-            PrSize(p.pr.number, p.pr.slug, (len(own), sum(own)), (len(rest), sum(rest)),
+            PrSize(p.pr.number, p.pr.slug, (own_files, sum(own)), (rest_files, sum(rest)),
                    sum(e.inline for e in p.edits), sum(not e.inline for e in p.edits), inserted)
         )  # fmt: skip
     return out
+
+
+def part_lines(pr: PullRequest) -> list[tuple[str, int]]:
+    """The code lines each file ``pr`` brings parts of gains with it."""
+    files = dict.fromkeys(part.file for part in pr.parts)
+    return [
+        (rel, code_lines(text_at(rel, pr.number)) - code_lines(text_at(rel, pr.number - 1)))
+        for rel in files
+    ]
 
 
 def describe() -> str:
@@ -464,7 +525,7 @@ def describe() -> str:
     edits (inline calls, decorations)."""
     out = []
     for p in plan():
-        sizes = [(rel, code_lines(carried_text(rel))) for rel in p.files]
+        sizes = [(rel, code_lines(text_at(rel, p.pr.number))) for rel in p.files]
         out.append(f"PR {p.pr.number}/{len(SERIES)} {p.pr.slug}: {p.pr.title}")
         out.append(f"  {p.pr.summary}")
         total = sum(n for rel, n in sizes if rel.endswith(".py"))
@@ -482,6 +543,9 @@ def describe() -> str:
         if p.pr.docs:
             out.append(f"  docs pages, in upstream's docs/ ({len(p.pr.docs)}):")
             out += [f"    {rel}" for rel in p.pr.docs]
+        if p.pr.parts:
+            out.append("  lines it brings to files an earlier PR carries:")
+            out += [f"    {upstream_path(rel)} (+{n})" for rel, n in part_lines(p.pr)]
         if p.pr.insertions:
             out.append(f"  lines written inline ({len(p.pr.insertions)}):")
             out += [f"    {i.file}: {' / '.join(x.strip() for x in i.lines)}"

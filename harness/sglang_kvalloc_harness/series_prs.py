@@ -13,6 +13,19 @@ from sglang_kvalloc_harness.series_edits import Insertion
 
 INLINE_MODULE = "upstream/inline.py"
 IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
+FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
+
+
+@dataclass(frozen=True)
+class Part:
+    """Lines of a file that an earlier PR carries which come with this PR: from the line
+    ``first`` up to the line ``end`` (not included; None: to the end of the file), each
+    matched whole and ``first`` only once. Earlier PRs write the file without them, so each
+    PR brings its own lines (the flags of a feature with the feature)."""
+
+    file: str  # package-relative, as PullRequest.files names files
+    first: str
+    end: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,8 @@ class PullRequest:
     tests: tuple[str, ...] = ()
     # Its docs page in upstream's layout: paths under upstream_docs/ (upstream's docs/).
     docs: tuple[str, ...] = ()
+    # Lines of files an earlier PR carries that come with this PR.
+    parts: tuple[Part, ...] = ()
 
 
 SERIES: tuple[PullRequest, ...] = (
@@ -40,7 +55,7 @@ SERIES: tuple[PullRequest, ...] = (
         "--kv-alloc-mode on ServerArgs and Engine",
         "The flag, its companions and their checks; static is upstream unchanged.",
         ("cli.*",),
-        (INLINE_MODULE, IN_TREE + "srt/arg_groups/fields/kv_alloc.py"),
+        (INLINE_MODULE, FIELDS),
         (
             # The fields are declared as upstream declares fields: a namespace Struct listed
             # where ServerArgs is assembled (upstream/fields.py does this in the plugin).
@@ -181,5 +196,11 @@ SERIES: tuple[PullRequest, ...] = (
         ("upstream/shared_budget.py",),
         tests=("registered/unit/mem_cache/test_kv_shared_budget.py",),
         docs=("advanced_features/segmented_kv_shared_budget.md",),
+        # Its flags: the last fields of PR 1's KvAlloc (unset there, every budget path of the
+        # earlier PRs is dormant: `modes.budget_settings` reads them with getattr).
+        parts=(
+            Part(FIELDS, "    parse_bytes,", end="    parse_hold_off_seconds,"),
+            Part(FIELDS, "    kv_budget: A["),
+        ),
     ),
 )

@@ -18,7 +18,7 @@ import pytest
 import sglang
 
 from sglang_kvalloc.upstream import plugin
-from sglang_kvalloc_harness import series, series_edits
+from sglang_kvalloc_harness import series, series_edits, series_prs
 
 UPSTREAM = Path(sglang.__file__).resolve().parent
 
@@ -150,8 +150,35 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
     assert pipeline.count(step) == 1 and plugin.cli.RESOLUTION_STEP == "handle_gpu_memory_settings"
     overridable = (package / "srt" / "arg_groups" / "resolution_hooks.py").read_text()
     assert '        "handle_gpu_memory_settings",\n        "handle_kv_alloc",\n' in overridable
+    # A feature's flags come with it: the shared budget's PR brings its fields (and their
+    # parser's import) to the KvAlloc that PR 1 carried without them.
+    fields = (package / "srt/arg_groups/fields/kv_alloc.py").relative_to(tmp_path).as_posix()
+    budget = next(p for p in series.SERIES if p.parts)
+    at = [_git_show(tmp_path, commit, fields) for commit in commits]
+    assert "kv_budget" not in at[0] and "parse_bytes" not in at[0]
+    assert at[budget.number - 2] == at[0]
+    assert at[budget.number - 1].encode() == (series.SOURCE / series_prs.FIELDS).read_bytes()
     with pytest.raises(series.SeriesError, match="already applied"):
         series.apply(tmp_path, log=lambda _: None)
+
+
+def _git_show(root: Path, commit: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), "show", f"{commit}:{path}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+
+def test_a_part_is_cut_from_the_earlier_prs_text_or_refused() -> None:
+    text = "a = 1\nb: A[\n    x,\n]\nc = 3\n"
+    assert series._cut(text, series.Part("f", "b: A[", end="c = 3")) == "a = 1\nc = 3\n"
+    assert series._cut(text, series.Part("f", "b: A[")) == "a = 1\n"
+    with pytest.raises(series.SeriesError, match="0 lines"):
+        series._cut(text, series.Part("f", "d = 4"))
+    with pytest.raises(series.SeriesError, match="no line"):
+        series._cut(text, series.Part("f", "b: A[", end="a = 1"))
+    with pytest.raises(series.SeriesError, match="2 lines"):
+        series._cut(text + "a = 1\n", series.Part("f", "a = 1"))
 
 
 def test_an_insertion_whose_anchor_moved_is_refused(tmp_path: Path) -> None:

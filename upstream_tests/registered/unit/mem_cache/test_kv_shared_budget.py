@@ -7,6 +7,8 @@ CPU only: ledgers in a temporary directory, a segmented pool's CPU reservation.
     python -m pytest test/registered/unit/mem_cache/test_kv_shared_budget.py -v
 """
 
+import contextlib
+import io
 import os
 import tempfile
 import unittest
@@ -20,6 +22,8 @@ from sglang.srt.kvalloc.core.shared_budget import (
     SharedBudget,
     ledger_path,
 )
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
 from sglang.test.ci.ci_register import register_cpu_ci
 from sglang.test.test_utils import CustomTestCase
 
@@ -29,6 +33,10 @@ MIB = 1 << 20
 
 
 class TestKvSharedBudget(CustomTestCase):
+    @classmethod
+    def setUpClass(cls):
+        load_plugins()  # as launch_server does before it parses the command line
+
     def setUp(self):
         self._dir = tempfile.TemporaryDirectory()
         self.directory = Path(self._dir.name)
@@ -80,6 +88,27 @@ class TestKvSharedBudget(CustomTestCase):
             SharedBudget(path, total=16 * MIB, name="server-b", pid=os.getppid())
         self.assertEqual(SharedBudget.total_of(path), 8 * MIB)
         first.close()
+
+    def test_the_flags_parse_and_a_budget_needs_memory_committed_on_demand(self):
+        args = prepare_server_args(
+            ["--model-path", "unused", "--kv-budget", "gpu0", "--kv-budget-bytes", "8G"]
+        )
+        self.assertEqual((args.kv_budget, args.kv_budget_bytes), ("gpu0", 8 << 30))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as exit_:
+            prepare_server_args(
+                [
+                    "--model-path",
+                    "unused",
+                    "--kv-alloc-mode",
+                    "static",
+                    "--kv-budget",
+                    "gpu0",
+                ]
+            )
+        self.assertEqual(exit_.exception.code, 2)
+        self.assertIn("--kv-budget", err.getvalue())
+        self.assertIn("committed on demand", err.getvalue())
 
 
 if __name__ == "__main__":

@@ -76,11 +76,6 @@ class TestKvAllocModeFlag(CustomTestCase):
         self.assertEqual(code, 2)
         self.assertIn("--context-length", err)
 
-    def test_a_budget_needs_memory_committed_on_demand(self):
-        code, err = _exit_code("--kv-alloc-mode", "static", "--kv-budget", "gpu0")
-        self.assertEqual(code, 2)
-        self.assertIn("--kv-budget", err)
-
 
 if __name__ == "__main__":
     unittest.main()
