@@ -161,3 +161,35 @@ def test_the_whole_gpu_side_goes_back_and_comes_back(fake_gpu: FakeDriver) -> No
     assert graph.ensure(GraphBatch(4, 400, 100)) > 0  # a replay after resume commits again
     assert allocator.segments.alloc(100) is not None
     assert int(allocator.buffers.backings[0].tensor(torch.uint8, (1024,)).count_nonzero()) == 0
+
+
+def test_the_product_leaves_upstreams_release_alone_and_the_cpu_engine_fix_is_the_harness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The product's hooks run after upstream's release (its result passed through, nothing
+    done in static mode) and never touch ``torch.get_device_module``; on the CPU engine the
+    harness's hook gives upstream's call SGLang's device module and puts torch's back."""
+    from sglang.srt.utils.common import get_device_module
+
+    from sglang_kvalloc_harness import cpu_engine_rl
+
+    decide(modes.STATIC)
+    bare = torch.get_device_module
+    seen: list[object] = []
+
+    def upstream_release(updater: object, recv_req: object) -> str:
+        seen.append(torch.get_device_module())
+        return "released"
+
+    request = types.SimpleNamespace(tags=["kv_cache"])
+    scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=None, req_to_token_pool=None)
+    updater = types.SimpleNamespace(scheduler=scheduler)
+    product = memory_release.around_release_memory_occupation
+    assert product(upstream_release, updater, request) == "released"
+    assert seen == [bare()] and not RUNTIME.state.kv_released
+    monkeypatch.setattr(cpu_engine_rl, "cpu_engine", lambda: True)
+    assert cpu_engine_rl.around_memory_occupation(upstream_release, updater, request) == "released"
+    assert seen[-1] is get_device_module() and torch.get_device_module is bare
+    monkeypatch.setattr(cpu_engine_rl, "cpu_engine", lambda: False)
+    cpu_engine_rl.around_memory_occupation(upstream_release, updater, request)
+    assert seen[-1] == bare()  # CUDA untouched

@@ -13,26 +13,26 @@ graphs stay valid. While released every KV page is withheld (requests queue, as 
 pool) and nothing is committed; resume opens the pools again and the first requests commit on
 demand (the padding row and the RoPE caches come back before the first batch).
 
-On the CPU engine both endpoints end in ``torch.get_device_module().synchronize()``, which is
-``torch.cuda`` there and kills the scheduler whatever the mode: during these two calls only,
-on the CPU engine only, it answers SGLang's own `get_device_module()` (``torch.cpu``).
+Both hooks run after upstream's function, with its result (`inline.then`): the series calls
+them at its final return. (On the CPU engine upstream's release fails in every mode at its
+``torch.get_device_module().synchronize()``, ``torch.cuda`` there: an upstream matter that
+this module leaves alone; the CPU test bed works around it.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import (
         ReleaseMemoryOccupationReqInput,
+        ReleaseMemoryOccupationReqOutput,
         ResumeMemoryOccupationReqInput,
+        ResumeMemoryOccupationReqOutput,
     )
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.scheduler_components.weight_updater import (
@@ -49,56 +49,37 @@ def _names_kv(tags: list[str] | None) -> bool:
     return not tags or KV_CACHE_TAG in tags
 
 
-@contextlib.contextmanager
-def _engine_device_module() -> Iterator[None]:
-    """On the CPU engine, `torch.get_device_module()` answers SGLang's own device module."""
-    if RUNTIME.device != "cpu":
-        yield
-        return
-    from sglang.srt.utils.common import get_device_module
-
-    bare = torch.get_device_module
-
-    def engine_device_module(device: Any = None) -> Any:
-        return get_device_module() if device is None else bare(device)
-
-    torch.get_device_module = engine_device_module
-    try:
-        yield
-    finally:
-        torch.get_device_module = bare
-
-
-def around_release_memory_occupation(
-    original: Callable[..., Any],
+def kv_released(
+    result: ReleaseMemoryOccupationReqOutput,
     updater: SchedulerWeightUpdaterManager,
     recv_req: ReleaseMemoryOccupationReqInput,
     *args: Any,
     **kwargs: Any,
-) -> Any:
-    """AROUND the scheduler's `release_memory_occupation`: upstream's release, then, with
-    ``kv_cache`` in the tags in segmented mode, everything segmented mode committed."""
-    with _engine_device_module():
-        result = original(updater, recv_req, *args, **kwargs)
+) -> ReleaseMemoryOccupationReqOutput:
+    """AROUND (then) the scheduler's `release_memory_occupation`: once upstream released (the
+    engine idle, the cache flushed, the device synchronized), with ``kv_cache`` in the tags in
+    segmented mode, everything segmented mode committed goes back too."""
     if _names_kv(recv_req.tags) and RUNTIME.decision.segmented:
         release(updater.scheduler)
     return result
 
 
-def around_resume_memory_occupation(
-    original: Callable[..., Any],
+def kv_resumed(
+    result: ResumeMemoryOccupationReqOutput,
     updater: SchedulerWeightUpdaterManager,
     recv_req: ResumeMemoryOccupationReqInput,
     *args: Any,
     **kwargs: Any,
-) -> Any:
-    """AROUND the scheduler's `resume_memory_occupation`: upstream's resume, then the pools
-    open again (nothing is committed until requests need it)."""
-    with _engine_device_module():
-        result = original(updater, recv_req, *args, **kwargs)
+) -> ResumeMemoryOccupationReqOutput:
+    """AROUND (then) the scheduler's `resume_memory_occupation`: once upstream resumed, the
+    pools open again (nothing is committed until requests need it)."""
     if _names_kv(recv_req.tags) and RUNTIME.state.kv_released:
         resume(updater.scheduler)
     return result
+
+
+around_release_memory_occupation = then(kv_released)
+around_resume_memory_occupation = then(kv_resumed)
 
 
 def release(scheduler: Scheduler | None) -> int:

@@ -10,6 +10,7 @@ called on a stand-in scheduler.
 
 import types
 import unittest
+from unittest import mock
 
 import torch
 
@@ -57,9 +58,12 @@ def updater(allocator, req_to_token_pool) -> types.SimpleNamespace:
 
 
 def release(who, *tags):
-    return Updater.release_memory_occupation(
-        who, io_struct.ReleaseMemoryOccupationReqInput(tags=list(tags))
-    )
+    # Upstream's release synchronizes the device it runs on; this test runs on none.
+    no_device = types.SimpleNamespace(synchronize=lambda: None)
+    with mock.patch.object(torch, "get_device_module", return_value=no_device):
+        return Updater.release_memory_occupation(
+            who, io_struct.ReleaseMemoryOccupationReqInput(tags=list(tags))
+        )
 
 
 def resume(who, *tags):
