@@ -152,18 +152,33 @@ def _returns(node: ast.AST) -> list[ast.Return]:
     return out
 
 
+def _false_or_gated(value: ast.expr | None, gated: frozenset[str]) -> bool:
+    """``value`` is the constant False, or a call ``self.<name>(...)`` with ``name`` gated."""
+    if isinstance(value, ast.Constant):
+        return value.value is False
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and isinstance(value.func.value, ast.Name)
+        and value.func.value.id == "self"
+        and value.func.attr in gated
+    )
+
+
 def inline_shape(
     node: ast.FunctionDef | ast.AsyncFunctionDef,
     hook_type: str,
     around_form: str | None = None,
     assigns: tuple[str, ...] | None = None,
     passes_false: bool = False,
+    gated: frozenset[str] = frozenset(),
 ) -> str | None:
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
     body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
     what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
-    gives; with ``passes_false``, also where every other ``return`` returns False),
+    gives; with ``passes_false``, also where every other ``return`` returns False or what a
+    method of ``self`` named in ``gated``, which the same hook amends, returns),
     "argument" (one made by `inline.argument`: first, assigning parameters of the function's
     own); None where an inline call could miss a path (a decoration then)."""
     returns = _returns(node)
@@ -179,8 +194,8 @@ def inline_shape(
     if hook_type == "AROUND" and around_form == "then" and passes_false and returns:
         last = node.body[-1]
         early = [r for r in returns if r is not last]
-        false = [r for r in early if isinstance(r.value, ast.Constant) and r.value.value is False]
-        if isinstance(last, ast.Return) and last.value is not None and false == early:
+        passed = [r for r in early if _false_or_gated(r.value, gated)]
+        if isinstance(last, ast.Return) and last.value is not None and passed == early:
             return "then"
     a = node.args
     named = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)}
@@ -202,13 +217,27 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
         if getattr(hook, "__annotations__", {}).get("return") not in (None, "None"):
             return None
     around_form = getattr(hook, INLINE_FORM, None)
+    owner, _, _ = edit.target.rpartition(".")
+    gated = frozenset(
+        target.rpartition(".")[2]
+        for target, other, _ in plugin_hooks()
+        if other is hook and target.rpartition(".")[0] == owner and target != edit.target
+    )
     return inline_shape(
         node,
         edit.hook_type,
         around_form,
         getattr(hook, INLINE_ARGUMENT, None),
         bool(getattr(hook, INLINE_PASSES_FALSE, False)),
+        gated,
     )
+
+
+def plugin_hooks() -> list[tuple[str, object, str]]:
+    """The plugin's hooks (target, function, type), as `upstream/plugin.py` lists them."""
+    from sglang_kvalloc.upstream import plugin
+
+    return plugin.hooks()
 
 
 def _arguments(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:

@@ -6,6 +6,10 @@ commits before a replay and sends a batch it cannot commit to the eager path."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
+
 import math
 import types
 
@@ -534,9 +538,21 @@ def test_every_speculative_runner_that_overrides_the_gate_is_hooked() -> None:
         if "can_run_graph" in c.__dict__ and c.__module__.startswith(speculative.__name__)
     }
     assert len(overriding) >= 5
-    assert overriding == set(plugin.SPECULATIVE_GRAPHS)
+    assert overriding == set(plugin.SPECULATIVE_GRAPHS) | set(plugin.GATED_BY_SUPER)
     hooked = {t for t, _, _ in plugin.hooks() if t.endswith(".can_run_graph")}
-    assert {f"{r}.can_run_graph" for r in overriding} <= hooked
+    assert {f"{r}.can_run_graph" for r in plugin.SPECULATIVE_GRAPHS} <= hooked
+    # The others answer False or what the decode runner's (gated) can_run_graph answers.
+    for name in plugin.GATED_BY_SUPER:
+        module, _, cls = name.rpartition(".")
+        source = textwrap.dedent(
+            inspect.getsource(vars(importlib.import_module(module))[cls].can_run_graph)
+        )
+        returns = [n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Return)]
+        assert returns and all(
+            (isinstance(v, ast.Constant) and v.value is False)
+            or ast.unparse(v) == "super().can_run_graph(forward_batch)"
+            for v in returns
+        ), name
 
 
 def _gpu_configurator(model: str = "llama-3.1-8b", **flags) -> types.SimpleNamespace:

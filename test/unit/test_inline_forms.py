@@ -128,6 +128,11 @@ def test_a_gate_called_at_the_final_return_alone_is_exact_where_the_others_retur
     assert series_edits.inline_shape(runner, "AROUND", inline.THEN, None, True) == "then"
     assert series_edits.inline_shape(runner, "AROUND", inline.THEN, None, False) is None
     assert series_edits.inline_shape(other, "AROUND", inline.THEN, None, True) is None
+    # ... unless what that return gives is a method the same gate amends (upstream's decode
+    # runner and its ragged-verify check): the gate acted there already.
+    gated = frozenset({"fallback"})
+    assert series_edits.inline_shape(other, "AROUND", inline.THEN, None, True, gated) == "then"
+    assert series_edits.inline_shape(other, "AROUND", inline.THEN, None, False, gated) is None
 
     edited = tmp_path / "gate_edited.py"
     shutil.copyfile(tmp_path / "gate_upstream.py", edited)

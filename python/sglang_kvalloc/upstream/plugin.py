@@ -46,7 +46,7 @@ TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 FA3 = "sglang.srt.layers.attention.flashattention_backend.FlashAttentionBackend"
 FLASHINFER = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
 DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
-# DecodeCudaGraphRunner subclasses of 0.5.23 that override can_run_graph.
+# DecodeCudaGraphRunner subclasses of 0.5.23 that override can_run_graph without calling it.
 SPECULATIVE_GRAPHS = tuple(
     f"sglang.srt.speculative.{name}"
     for name in (
@@ -54,9 +54,10 @@ SPECULATIVE_GRAPHS = tuple(
         "eagle_draft_extend_cuda_graph_runner.EAGLEDraftExtendCudaGraphRunner",
         "multi_layer_eagle_draft_extend_cuda_graph_runner.MultiLayerEagleDraftExtendCudaGraphRunner",
         "frozen_kv_mtp_cuda_graph_runner.FrozenKVMTPCudaGraphRunner",
-        "uno_cuda_graph_runner.UnoDecodeCudaGraphRunner",
     )
 )
+# Those whose can_run_graph returns False or DecodeCudaGraphRunner's (super()): gated by it.
+GATED_BY_SUPER = ("sglang.srt.speculative.uno_cuda_graph_runner.UnoDecodeCudaGraphRunner",)
 TRITON_DRAFT = "sglang.srt.layers.attention.triton_backend.TritonMultiStepDraftBackend"
 LOCAL_ATTENTION = "sglang.srt.layers.attention.local_attention.LocalAttentionMetadataBuilder"
 FLASHINFER_DRAFT = "sglang.srt.layers.attention.flashinfer_backend.FlashInferMultiStepDraftBackend"
@@ -233,6 +234,13 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         (f"{DECODE_GRAPHS}.can_run_graph", attention_graph_buffers.around_can_run_graph, "AROUND"),
+        # Its ragged-verify path returns this method's answer: gated here, so that every other
+        # return of can_run_graph is False and its gate is one call at its final return.
+        (
+            f"{DECODE_GRAPHS}._can_run_ragged_verify_graph",
+            attention_graph_buffers.around_can_run_graph,
+            "AROUND",
+        ),
         (f"{DECODE_GRAPHS}.capture", attention_graph_buffers.around_capture, "AROUND"),
         # The speculative runners override can_run_graph (capture is inherited): each is gated
         # the same way; triton's multi-step draft backend allocates the steps' shared buffer.
