@@ -49,11 +49,12 @@ from sglang_kvalloc_harness.series_edits import (
     _is_type_checking,
     _module_level,
     _target_file,
+    cut_part,
     edit_file,
     inline_form,
     insert_lines,
 )
-from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, Part, PullRequest
+from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, PullRequest
 
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
@@ -306,22 +307,6 @@ def carried_text(rel: str) -> str:
     return text
 
 
-def _cut(text: str, part: Part) -> str:
-    """``text`` without the lines of ``part``."""
-    lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == part.first]
-    if len(starts) != 1:
-        raise SeriesError(f"{part.file}: {len(starts)} lines {part.first!r} (must be one)")
-    start = starts[0]
-    stop = len(lines)
-    if part.end is not None:
-        ends = [i for i in range(start + 1, len(lines)) if lines[i].rstrip("\n") == part.end]
-        if not ends:
-            raise SeriesError(f"{part.file}: no line {part.end!r} after {part.first!r}")
-        stop = ends[0]
-    return "".join(lines[:start] + lines[stop:])
-
-
 def text_at(rel: str, number: int) -> str:
     """The text one of this project's files has once PR ``number`` is applied: what upstream's
     tree gets (`carried_text`) without the parts a later PR brings."""
@@ -330,7 +315,7 @@ def text_at(rel: str, number: int) -> str:
         if pr.number > number:
             for part in pr.parts:
                 if part.file == rel:
-                    text = _cut(text, part)
+                    text = cut_part(text, part)
     return text
 
 

@@ -39,6 +39,18 @@ class Insertion:
 
 
 @dataclass(frozen=True)
+class Part:
+    """Lines of a file that an earlier PR carries which come with this PR: from the line
+    ``first`` up to the line ``end`` (not included; None: to the end of the file), each
+    matched whole and ``first`` only once. Earlier PRs write the file without them, so each
+    PR brings its own lines (the flags of a feature with the feature)."""
+
+    file: str  # package-relative, as PullRequest.files names files
+    first: str
+    end: str | None = None
+
+
+@dataclass(frozen=True)
 class Edit:
     """One hook of the plugin written into the upstream function it targets: an inline call
     (``inline``) or a decoration."""
@@ -381,3 +393,19 @@ def insert_lines(package: Path, insertion: Insertion) -> None:
     index = anchor + 1 if insertion.after else anchor
     lines[index:index] = [line + "\n" for line in insertion.lines]
     path.write_text("".join(lines))
+
+
+def cut_part(text: str, part: Part) -> str:
+    """``text`` without the lines of ``part``."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == part.first]
+    if len(starts) != 1:
+        raise SeriesError(f"{part.file}: {len(starts)} lines {part.first!r} (must be one)")
+    start = starts[0]
+    stop = len(lines)
+    if part.end is not None:
+        ends = [i for i in range(start + 1, len(lines)) if lines[i].rstrip("\n") == part.end]
+        if not ends:
+            raise SeriesError(f"{part.file}: no line {part.end!r} after {part.first!r}")
+        stop = ends[0]
+    return "".join(lines[:start] + lines[stop:])

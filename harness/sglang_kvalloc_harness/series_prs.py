@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sglang_kvalloc_harness.series_edits import Insertion
+from sglang_kvalloc_harness.series_edits import Insertion, Part
 
 INLINE_MODULE = "upstream/inline.py"
 IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
 FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
-
-
-@dataclass(frozen=True)
-class Part:
-    """Lines of a file that an earlier PR carries which come with this PR: from the line
-    ``first`` up to the line ``end`` (not included; None: to the end of the file), each
-    matched whole and ``first`` only once. Earlier PRs write the file without them, so each
-    PR brings its own lines (the flags of a feature with the feature)."""
-
-    file: str  # package-relative, as PullRequest.files names files
-    first: str
-    end: str | None = None
 
 
 @dataclass(frozen=True)

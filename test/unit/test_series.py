@@ -171,14 +171,17 @@ def _git_show(root: Path, commit: str, path: str) -> str:
 
 def test_a_part_is_cut_from_the_earlier_prs_text_or_refused() -> None:
     text = "a = 1\nb: A[\n    x,\n]\nc = 3\n"
-    assert series._cut(text, series.Part("f", "b: A[", end="c = 3")) == "a = 1\nc = 3\n"
-    assert series._cut(text, series.Part("f", "b: A[")) == "a = 1\n"
+    assert (
+        series_edits.cut_part(text, series_edits.Part("f", "b: A[", end="c = 3"))
+        == "a = 1\nc = 3\n"
+    )
+    assert series_edits.cut_part(text, series_edits.Part("f", "b: A[")) == "a = 1\n"
     with pytest.raises(series.SeriesError, match="0 lines"):
-        series._cut(text, series.Part("f", "d = 4"))
+        series_edits.cut_part(text, series_edits.Part("f", "d = 4"))
     with pytest.raises(series.SeriesError, match="no line"):
-        series._cut(text, series.Part("f", "b: A[", end="a = 1"))
+        series_edits.cut_part(text, series_edits.Part("f", "b: A[", end="a = 1"))
     with pytest.raises(series.SeriesError, match="2 lines"):
-        series._cut(text + "a = 1\n", series.Part("f", "a = 1"))
+        series_edits.cut_part(text + "a = 1\n", series_edits.Part("f", "a = 1"))
 
 
 def test_an_insertion_whose_anchor_moved_is_refused(tmp_path: Path) -> None:
