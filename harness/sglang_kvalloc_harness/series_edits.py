@@ -188,9 +188,11 @@ def inline_shape(
     """Where an inline call of a ``hook_type`` hook goes in ``node``: "start" (BEFORE),
     "end" (AFTER, a function with no ``return``), "return" (AFTER, one ``return`` that is the
     body's last statement), "instead" (an AROUND hook made by `inline.instead`: first, returning
-    what it built), "then" (one made by `inline.then`: the one last ``return`` returns what it
-    gives; with ``passes_false``, also where every other ``return`` returns False or what a
-    method of ``self`` named in ``gated``, which the same hook amends, returns),
+    what it built), "skip" (one made by `inline.done_instead`, in a function that returns
+    nothing: first, returning where it did the work), "then" (one made by `inline.then`: the
+    one last ``return`` returns what it gives; with ``passes_false``, also where every other
+    ``return`` returns False or what a method of ``self`` named in ``gated``, which the same
+    hook amends, returns),
     "argument" (one made by `inline.argument`: first, assigning parameters of the function's
     own); None where an inline call could miss a path (a decoration then)."""
     returns = _returns(node)
@@ -201,6 +203,8 @@ def inline_shape(
         return "end" if not returns else "return" if final_only else None
     if hook_type == "AROUND" and around_form == "instead":
         return "instead"
+    if hook_type == "AROUND" and around_form == "skip" and all(r.value is None for r in returns):
+        return "skip"
     if hook_type == "AROUND" and around_form == "then" and final_only:
         return "then"
     if hook_type == "AROUND" and around_form == "then" and passes_false and returns:
@@ -220,7 +224,8 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
     """Where ``edit``'s inline call goes in upstream's function (None: a decoration): where
     the function's shape in ``package`` allows one (`inline_shape`), for a BEFORE or AFTER
     hook that changes no argument or result (HookRegistry would pass a returned value on) and
-    for an AROUND hook made by `inline.instead` or `inline.then`."""
+    for an AROUND hook made by `inline.instead`, `inline.done_instead`, `inline.then` or
+    `inline.argument`."""
     from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT, INLINE_FORM, INLINE_PASSES_FALSE
 
     file, attrs = _target_file(package, edit.target)
@@ -305,7 +310,7 @@ def _inline_inserts(
     """(first line, lines replaced, new lines) of ``edit``'s inline call, 0-based."""
     shape = edit.form
     indent = _body_indent(lines, node)
-    if shape in ("start", "instead", "argument"):
+    if shape in ("start", "instead", "argument", "skip"):
         first = node.body[0]
         is_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
         is_doc = is_doc and isinstance(first.value.value, str)  # type: ignore[union-attr]
@@ -315,6 +320,10 @@ def _inline_inserts(
         if shape == "argument":
             head = f"{', '.join(edit.assigns or ())} = "
             return [(at, 0, inline_call_lines(node, edit, indent, None, head))]
+        if shape == "skip":
+            call = inline_call_lines(node, edit, indent, None, "if ")
+            call[-1] += ":"
+            return [(at, 0, [*call, f"{indent}    return"])]
         if BUILT in _arguments(node):
             raise SeriesError(f"{edit.target}: a parameter is named {BUILT!r}")
         call = inline_call_lines(node, edit, indent, None, f"{BUILT} = ")

@@ -144,3 +144,50 @@ def test_a_gate_called_at_the_final_return_alone_is_exact_where_the_others_retur
     for batch in (-1, 0, 1, 4, 12, 99):
         assert wrapped(module.Runner(), batch) == inlined.Runner().can_run(batch), batch
     assert [inlined.Runner().can_run(b) for b in (4, 12)] == [True, False]  # the gate acts
+
+
+SKIPS = '''
+def reserved_here(model, config, log=None):
+    """Segmented mode's own reservation: done where the config asks for it."""
+    if config == "lazy":
+        model.append("lazy")
+        return True
+    return False
+
+
+def reserve(model, config, log=None):
+    """Upstream's function: it returns nothing."""
+    model.append(f"upstream {config}")
+
+
+def reserve_value(model, config):
+    return len(model)
+'''
+
+
+def test_a_hook_done_instead_returns_first_in_a_function_that_returns_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inline.done_instead`: the plugin's wrapper and the series' ``if f(...): return`` first
+    in upstream's function do the same; a function that returns a value gets no such call."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = _module(tmp_path, "skip_upstream", SKIPS)
+    hook = inline.done_instead(module.reserved_here)
+    assert getattr(hook, inline.INLINE_FORM) == inline.SKIP
+    tree = ast.parse(SKIPS)
+    reserve = series_edits._find_def(tree, ["reserve"])
+    valued = series_edits._find_def(tree, ["reserve_value"])
+    assert series_edits.inline_shape(reserve, "AROUND", inline.SKIP) == "skip"
+    assert series_edits.inline_shape(valued, "AROUND", inline.SKIP) is None
+
+    edited = tmp_path / "skip_edited.py"
+    shutil.copyfile(tmp_path / "skip_upstream.py", edited)
+    edit = series_edits.Edit("x.reserve", "AROUND", "skip_upstream:reserved_here", form="skip")
+    series_edits.edit_file(edited, [(["reserve"], edit)])
+    assert "    if reserved_here(model, config, log):\n        return\n" in edited.read_text()
+    inlined = importlib.import_module("skip_edited")
+    wrapped = _wrap_fn(module.reserve, hook, HookType.AROUND)
+    for config in ("lazy", "eager"):
+        ours, theirs = [], []
+        assert wrapped(ours, config) is None and inlined.reserve(theirs, config) is None
+        assert ours == theirs == (["lazy"] if config == "lazy" else [f"upstream {config}"])

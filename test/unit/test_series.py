@@ -108,7 +108,7 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
         if edit.inline:
             assert (len(calls), len(imports), decorations) == (1, 1, []), target
             start = 1 if ast.get_docstring(node) else 0
-            if edit.form in ("start", "instead", "argument"):  # before upstream's code
+            if edit.form in ("start", "instead", "argument", "skip"):  # before upstream's code
                 at = node.body.index(imports[0])
                 assert all(_is_inline_call(x) for x in node.body[start:at]), target
             else:  # AFTER: the last thing, with upstream's result (then returned)

@@ -53,7 +53,7 @@ def kvalloc_hook(hook_type: str, path: str) -> Callable[[F], F]:
 # series calls the same function in upstream's (harness `series_edits.py`). `INLINE_FORM` on
 # the wrapper names the shape.
 INLINE_FORM = "kvalloc_inline_form"
-INSTEAD, THEN = "instead", "then"
+INSTEAD, THEN, SKIP = "instead", "then", "skip"
 
 
 def instead(build: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,6 +67,21 @@ def instead(build: Callable[..., Any]) -> Callable[..., Any]:
         return original(*args, **kwargs) if built is None else built
 
     setattr(around, INLINE_FORM, INSTEAD)
+    return around
+
+
+def done_instead(do: Callable[..., bool]) -> Callable[..., Any]:
+    """An AROUND hook, for a function that returns nothing, from ``do(self, ...)``: True where
+    segmented mode did the function's work its own way, False where upstream's runs. Inline
+    (the series): the function's first statements return if ``do`` did it."""
+
+    @functools.wraps(do)
+    def around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if do(*args, **kwargs):
+            return None
+        return original(*args, **kwargs)
+
+    setattr(around, INLINE_FORM, SKIP)
     return around
 
 

@@ -26,7 +26,6 @@ reservation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +34,7 @@ from sglang.srt.mem_cache.segmented.backing import BackingFactory
 from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 
 from sglang_kvalloc.upstream import backing_choice
+from sglang_kvalloc.upstream.inline import done_instead
 from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
@@ -81,21 +81,38 @@ def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
     return requested == modes.AUTO and _past_model_positions(model_config)
 
 
-def around_reserve_rope_cache(
-    original: Callable[..., None], model: torch.nn.Module, *args: Any, **kwargs: Any
-) -> None:
-    """AROUND `reserve_rope_cache_for_long_sequences`: where segmented mode may run, caches
-    grow with the positions in use instead of being expanded to the context (see above)."""
-    model_config = args[0] if args else kwargs.get("model_config")
-    if not RUNTIME.device or not _mode_may_need_lazy_rope(model_config):
-        return original(model, *args, **kwargs)
+# Depth of this module's own calls of upstream's reservation (for the caches that keep it, or
+# to ask it the length): upstream's function then runs as it is (model loading is one thread).
+_UPSTREAMS_OWN: list[bool] = []
+
+
+def _upstreams_reservation(model: torch.nn.Module, model_config: ModelConfig) -> None:
+    """Upstream's own `reserve_rope_cache_for_long_sequences`, run as it is."""
+    from sglang.srt.utils import common
+
+    _UPSTREAMS_OWN.append(True)
+    try:
+        common.reserve_rope_cache_for_long_sequences(model, model_config)
+    finally:
+        _UPSTREAMS_OWN.pop()
+
+
+def rope_reserved_lazily(
+    model: torch.nn.Module, model_config: ModelConfig, *args: Any, **kwargs: Any
+) -> bool:
+    """AROUND `reserve_rope_cache_for_long_sequences` (done instead): where segmented mode may
+    run, caches grow with the positions in use instead of being expanded to the context (see
+    above); True where this reserved them, False where upstream's reservation runs."""
+    if _UPSTREAMS_OWN or not RUNTIME.device or not _mode_may_need_lazy_rope(model_config):
+        return False
     try:
         backings = backing_choice.open_backings(RUNTIME.device)
     except modes.KvAllocModeError as exc:
         logger.info("RoPE caches keep upstream's reservation: %s", exc)
-        return original(model, *args, **kwargs)
+        return False
     if not backings.faults_in:
-        return _reserve_fixed_address(original, model, model_config, backings, *args, **kwargs)
+        _reserve_fixed_address(model, model_config, backings)
+        return True
     lazy = eager = 0
     for module in model.modules():
         if hasattr(module, "_ensure_cos_sin_cache_length") and hasattr(module, "cos_sin_cache"):
@@ -105,7 +122,7 @@ def around_reserve_rope_cache(
             else:
                 eager += 1
     if eager:
-        original(model, *args, **kwargs)  # only the eager ones still need it; lazy ones grow
+        _upstreams_reservation(model, model_config)  # the eager ones; lazy ones grow
     logger.info(
         "KV alloc mode %s: %d RoPE cache(s) grow with the positions in use instead of being "
         "sized to the context at start-up%s.",
@@ -113,7 +130,10 @@ def around_reserve_rope_cache(
         lazy,
         f"; {eager} keep upstream's reservation" if eager else "",
     )
-    return None
+    return True
+
+
+around_reserve_rope_cache = done_instead(rope_reserved_lazily)
 
 
 def before_rope_forward(
@@ -176,26 +196,21 @@ class _ReserveProbe(torch.nn.Module):
         self.asked = int(needed_max_pos)
 
 
-def upstream_reserve_length(reserve: Callable[..., None], model_config: ModelConfig) -> int:
-    """The length upstream's ``reserve`` (`reserve_rope_cache_for_long_sequences`) expands
-    caches to, asked of upstream's own function (its formula, fallbacks and settings)."""
+def upstream_reserve_length(model_config: ModelConfig) -> int:
+    """The length upstream's `reserve_rope_cache_for_long_sequences` expands caches to, asked
+    of upstream's own function (its formula, fallbacks and settings)."""
     root = torch.nn.Module()
     root.probe = _ReserveProbe()
-    reserve(root, model_config)
+    _upstreams_reservation(root, model_config)
     if root.probe.asked is None:
         raise RuntimeError("upstream's RoPE reservation asked for no length")
     return root.probe.asked + 1
 
 
 def _reserve_fixed_address(
-    original: Callable[..., None],
-    model: torch.nn.Module,
-    model_config: ModelConfig,
-    backings: BackingFactory,
-    *args: Any,
-    **kwargs: Any,
+    model: torch.nn.Module, model_config: ModelConfig, backings: BackingFactory
 ) -> None:
-    total = upstream_reserve_length(original, model_config)
+    total = upstream_reserve_length(model_config)
     candidates = [
         m
         for m in model.modules()
@@ -204,7 +219,7 @@ def _reserve_fixed_address(
         and int(m.cos_sin_cache.shape[0]) < total
     ]
     if not candidates:
-        return original(model, *args, **kwargs)
+        return _upstreams_reservation(model, model_config)
     fixed = 0
     for module in candidates:
         if _computes_cache_like_upstream_base(module):
@@ -213,7 +228,7 @@ def _reserve_fixed_address(
             RUNTIME.rope.add(FixedAddressRope(module, total, dtype, backings, margin))
             fixed += 1
     # The rest (other formulas) get upstream's reservation; fixed ones are long enough.
-    original(model, *args, **kwargs)
+    _upstreams_reservation(model, model_config)
     logger.info(
         "KV alloc mode %s on %s: %d RoPE cache(s) of %d positions reserved at a fixed address "
         "and committed as positions are reached (%d kept upstream's reservation).",
