@@ -184,6 +184,7 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
     as it is in ``package`` (the tree the series is applied to). Every hook of
     upstream/plugin.py lands in exactly one PR (SeriesError otherwise)."""
     hooks = plugin.hooks()
+    targets = [(target, hook) for target, hook, _ in hooks]
     planned = [PlannedPR(pr) for pr in SERIES]
     for target, hook, hook_type in hooks:
         owners = [p for p in planned if any(_hook_matches(x, hook) for x in p.pr.hooks)]
@@ -194,7 +195,7 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
             )
         module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
-        form = inline_form(package, edit, hook)
+        form = inline_form(package, edit, hook, targets)
         assigns = getattr(hook, INLINE_ARGUMENT, None) if form == "argument" else None
         owners[0].edits.append(dataclasses.replace(edit, form=form, assigns=assigns))
     carried: set[str] = set()

@@ -42,7 +42,8 @@ class Finding:
 def check(path: Path) -> list[Finding]:
     """Every edit, insertion and new file of the series against the tree at ``path``."""
     package = series.find_package(path)
-    hooks = {(t, getattr(h, "__name__", "")): h for t, h, _ in plugin.hooks()}
+    targets = [(t, h) for t, h, _ in plugin.hooks()]
+    hooks = {(t, getattr(h, "__name__", "")): h for t, h in targets}
     findings: list[Finding] = []
     with tempfile.TemporaryDirectory(prefix="series-check-") as scratch:
         for planned in series.plan():  # the forms planned on the installed 0.5.23
@@ -50,7 +51,9 @@ def check(path: Path) -> list[Finding]:
             for edit in planned.edits:
                 what = f"{edit.target} [{edit.hook_type}: {edit.function}]"
                 findings.append(
-                    Finding(number, "edit", what, _edit_problem(package, edit, hooks, scratch))
+                    Finding(
+                        number, "edit", what, _edit_problem(package, edit, hooks, targets, scratch)
+                    )
                 )
             for insertion in planned.pr.insertions:
                 what = f"{insertion.file}: next to {insertion.anchor.strip()!r}"
@@ -64,12 +67,19 @@ def check(path: Path) -> list[Finding]:
 
 
 def _edit_problem(
-    package: Path, edit: Edit, hooks: dict[tuple[str, str], object], scratch: str
+    package: Path,
+    edit: Edit,
+    hooks: dict[tuple[str, str], object],
+    targets: list[tuple[str, object]],
+    scratch: str,
 ) -> str:
     try:
         file, attrs = _target_file(package, edit.target)
         form = inline_form(
-            package, dataclasses.replace(edit, form=None), hooks[(edit.target, edit.function)]
+            package,
+            dataclasses.replace(edit, form=None),
+            hooks[(edit.target, edit.function)],
+            targets,
         )
         copy = Path(tempfile.mkdtemp(dir=scratch)) / file.name
         shutil.copyfile(file, copy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,12 +221,15 @@ def inline_shape(
     return None
 
 
-def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
+def inline_form(
+    package: Path, edit: Edit, hook: object, hooks: Iterable[tuple[str, object]]
+) -> str | None:
     """Where ``edit``'s inline call goes in upstream's function (None: a decoration): where
     the function's shape in ``package`` allows one (`inline_shape`), for a BEFORE or AFTER
     hook that changes no argument or result (HookRegistry would pass a returned value on) and
     for an AROUND hook made by `inline.instead`, `inline.done_instead`, `inline.then` or
-    `inline.argument`."""
+    `inline.argument`. ``hooks``: every (target, hook) of the plugin, for the methods of the
+    same class the same hook amends (``gated``)."""
     from sglang_kvalloc.upstream.inline import INLINE_ARGUMENT, INLINE_FORM, INLINE_PASSES_FALSE
 
     file, attrs = _target_file(package, edit.target)
@@ -237,7 +241,7 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
     owner, _, _ = edit.target.rpartition(".")
     gated = frozenset(
         target.rpartition(".")[2]
-        for target, other, _ in plugin_hooks()
+        for target, other in hooks
         if other is hook and target.rpartition(".")[0] == owner and target != edit.target
     )
     return inline_shape(
@@ -248,13 +252,6 @@ def inline_form(package: Path, edit: Edit, hook: object) -> str | None:
         bool(getattr(hook, INLINE_PASSES_FALSE, False)),
         gated,
     )
-
-
-def plugin_hooks() -> list[tuple[str, object, str]]:
-    """The plugin's hooks (target, function, type), as `upstream/plugin.py` lists them."""
-    from sglang_kvalloc.upstream import plugin
-
-    return plugin.hooks()
 
 
 def _arguments(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:

@@ -224,7 +224,8 @@ def kv_budget_bytes(
         # Servers sharing a budget reserve it whole, whatever memory their start finds free.
         from sglang_kvalloc.upstream import shared_budget  # --kv-budget: its own PR
 
-        available = shared_budget.pool_bytes(configurator) or available
+        budgeted = shared_budget.pool_bytes(configurator)
+        available = available if budgeted is None else budgeted
     room = RUNTIME.state.run_time_room_bytes
     if configurator.is_draft_worker or not room:
         return available
