@@ -21,9 +21,8 @@ def segment_cost(
     """Commit and release one segment of a CPU-backed SegmentedBuffers `reps` times, cycling
     over segments 1.. (segment 0 is left alone): every timing, medians, 90th percentiles."""
     from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+    from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
     from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
-
-    from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 
     geometry = SegmentGeometry(**geometry_args)
     bufs = SegmentedBuffers.create(geometry, row_bytes, CpuBackingFactory(granularity))

@@ -27,18 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "test" / "support"))
 
 from fake_cuda import MIB, FakeDriver, FakeVmmApi  # noqa: E402
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaVmmBacking, VmmDevice  # noqa: E402
+from sglang.srt.mem_cache.segmented.vmm_device import (  # noqa: E402
+    CHUNKED_RESERVATION_MIN_CHUNKS,
+    SCRATCH_CHUNK_GRANULES,
+)
 
-from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice  # noqa: E402
 from sglang_kvalloc.core.planner import (  # noqa: E402
     GPU_PRESETS_MIB,
     PlanInputs,
     load_model_config,
     model_spec_from_config,
     plan,
-)
-from sglang_kvalloc.core.vmm_device import (  # noqa: E402
-    CHUNKED_RESERVATION_MIN_CHUNKS,
-    SCRATCH_CHUNK_GRANULES,
 )
 
 GRANULE = 2 * MIB  # the recommended granularity on H100 (docs/gpu-runs)

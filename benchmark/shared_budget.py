@@ -114,7 +114,7 @@ def long_request_outcome(server: Any) -> str:
 def wanted_spans(path: Path, pid: int, stop: threading.Event) -> list[tuple[float, float]]:
     """(start, end) of each span in which ``pid``'s row of the ledger wanted bytes (a refused
     reservation: it waits for memory), sampled every 5 ms, on the perf_counter clock."""
-    from sglang_kvalloc.core.shared_budget import read_ledger
+    from sglang.srt.mem_cache.segmented.shared_budget import read_ledger
 
     spans: list[tuple[float, float]] = []
     since = None

@@ -64,7 +64,7 @@ def _share(
     total: int,
     start_committed: int,
 ) -> dict[str, Any]:
-    from sglang_kvalloc.core.shared_budget import read_ledger
+    from sglang.srt.mem_cache.segmented.shared_budget import read_ledger
 
     p, checks, memory = stage.profile, stage.checks, stage.memory
     path = Path(first.kv()["budget"]["path"])

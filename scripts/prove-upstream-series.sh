@@ -18,7 +18,7 @@
 # not there before running anything.
 #
 # Tests run: test/e2e except the two files that import the plugin's own modules
-# (test_faults.py reads a constant of core/cpu_backing.py, test_planner_matches_upstream.py the
+# (test_faults.py reads a constant of srt/mem_cache/segmented/cpu_backing.py, test_planner_matches_upstream.py the
 # planner) and test_gpu_kit.py (the kit packs and checks the plugin itself). All of them take
 # about 30 minutes on 2 cores; CI runs a short list (scripts/test.sh), about 11 minutes.
 set -euo pipefail

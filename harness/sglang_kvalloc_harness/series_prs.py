@@ -108,8 +108,8 @@ SERIES: tuple[PullRequest, ...] = (
         ),
         (
             IN_TREE + "srt/mem_cache/segmented/row_commits.py",
-            "upstream/lazy_req_to_token.py",
-            "upstream/lazy_decode_req_to_token.py",
+            "in_tree/sglang/srt/mem_cache/segmented/lazy_req_to_token.py",
+            "in_tree/sglang/srt/mem_cache/segmented/lazy_decode_req_to_token.py",
         ),
         tests=("registered/unit/mem_cache/test_lazy_req_to_token.py",),
         docs=("advanced_features/lazy_context_tables.md",),
@@ -124,7 +124,10 @@ SERIES: tuple[PullRequest, ...] = (
             "scheduler_loop.*",
             "cpu_attention.*",
         ),
-        ("upstream/segmented/__init__.py", "upstream/idle_eviction.py"),
+        (
+            "upstream/segmented/__init__.py",
+            "in_tree/sglang/srt/mem_cache/segmented/idle_eviction.py",
+        ),
         tests=("registered/unit/mem_cache/test_segmented_page_allocator.py",),
         docs=("advanced_features/segmented_kv_cache.md",),
     ),
@@ -134,7 +137,10 @@ SERIES: tuple[PullRequest, ...] = (
         "The CUDA virtual-memory backing",
         "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
         (),
-        ("core/cuda_backing.py", "upstream/cuda_vmm.py"),
+        (
+            "in_tree/sglang/srt/mem_cache/segmented/cuda_backing.py",
+            "in_tree/sglang/srt/mem_cache/segmented/cuda_vmm.py",
+        ),
         docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(

@@ -17,13 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-from sglang_kvalloc.core.shared_budget import (
+from sglang.srt.mem_cache.segmented.shared_budget import (
     DEFAULT_DIR,
     BudgetError,
     list_ledgers,
     read_ledger,
     update_ledger,
 )
+
 from sglang_kvalloc.in_tree_finder import standalone
 
 # The rule of --kv-budget-bytes (in_tree/), loaded without SGLang where it is not loaded.

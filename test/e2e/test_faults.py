@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from sglang.srt.mem_cache.segmented.cpu_backing import COMMIT_RESERVE_BYTES
 
-from sglang_kvalloc.core.cpu_backing import COMMIT_RESERVE_BYTES
 from sglang_kvalloc_harness.serving import LocalServer, http_text
 
 MB = 1 << 20

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 try:
-    from sglang_kvalloc.core.shared_budget import ledger_path, read_ledger
+    from sglang.srt.mem_cache.segmented.shared_budget import ledger_path, read_ledger
 except ImportError:  # the upstream-series proof: the modules live inside sglang there
-    from sglang.srt.kvalloc.core.shared_budget import ledger_path, read_ledger
+    from sglang.srt.mem_cache.segmented.shared_budget import ledger_path, read_ledger
 from sglang_kvalloc_harness.serving import LocalServer, generate_concurrently, side_by_side
 
 MIB = 1 << 20

@@ -72,8 +72,8 @@ def results():
 @pytest.fixture(scope="session")
 def vmm():
     """The real driver through upstream's helpers, and the shared device state."""
-    from sglang_kvalloc.core.cuda_backing import VmmDevice
-    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
+    from sglang.srt.mem_cache.segmented.cuda_backing import VmmDevice
+    from sglang.srt.mem_cache.segmented.cuda_vmm import UpstreamVmmApi
 
     torch.cuda.init()
     api = UpstreamVmmApi(0)

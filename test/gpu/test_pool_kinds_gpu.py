@@ -18,13 +18,12 @@ import time
 import torch
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import (
     SegmentGeometry,
     aligned_segment_tokens,
     default_segment_tokens,
 )
-
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 
 
 def _free() -> int:
@@ -388,9 +387,10 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     same fill of an ordinary 21.5 GB tensor (what static mode does every decode step)."""
     import types
 
+    from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.upstream import attention_graph_buffers
-    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)

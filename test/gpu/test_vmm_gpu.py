@@ -13,10 +13,9 @@ import torch
 from gpu_timing import GIB, MIB, free_bytes, timed
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, CudaVmmBacking
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.row_commits import RowCommits
-
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
 
 
 def test_granularity_and_an_80_gb_reservation(vmm, results) -> None:

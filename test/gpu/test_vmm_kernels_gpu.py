@@ -11,8 +11,7 @@ import time
 
 import torch
 from gpu_timing import GIB, MIB, free_bytes, timed
-
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, CudaVmmBacking
 
 # -- upstream's Triton attention kernels over VMM-backed K/V -----------------------------------
 
@@ -290,9 +289,10 @@ def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, r
     commits show up in the device's free memory, and the idle release gives them back."""
     import types
 
+    from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.upstream import attention_graph_buffers
-    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -349,7 +349,7 @@ def test_a_write_to_an_uncommitted_range_lands_on_the_shared_scratch(vmm, result
     """Why every writer commits first (req_to_token rows, graph buffers, the capture fill):
     uncommitted granules all map one scratch granule, so a write there shows up in every
     other uncommitted range of the device. Measured on a device state of its own."""
-    from sglang_kvalloc.core.cuda_backing import VmmDevice
+    from sglang.srt.mem_cache.segmented.cuda_backing import VmmDevice
 
     api, _ = vmm
     own = VmmDevice(api, 0, background_refill=False)
@@ -383,10 +383,10 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
 
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+    from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
     from sglang_kvalloc.core import planner
     from sglang_kvalloc.upstream import attention_graph_buffers
-    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     api, device = vmm
     factory = CudaBackingFactory(device)

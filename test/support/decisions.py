@@ -7,8 +7,7 @@ again here, as a fresh process would.
 from __future__ import annotations
 
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 
 def decision(

@@ -9,8 +9,7 @@ import random
 import pytest
 import torch
 from sglang.srt.mem_cache.segmented.backing import Backing, BackingUnavailableError, RangeSet
-
-from sglang_kvalloc.core.cpu_backing import CpuMmapBacking, make_backing
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuMmapBacking, make_backing
 
 MB = 1 << 20
 GB = 1 << 30

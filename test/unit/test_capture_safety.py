@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import attention_graph_buffers
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 HOOKED = "inside parallel_state.graph_capture (hooked: the refill thread waits)"
 LAZY = "captured while serving (the refill thread runs in the relaxed capture mode)"
@@ -148,8 +148,7 @@ def test_the_refill_thread_runs_in_the_relaxed_capture_mode(
 ) -> None:
     import cuda.bindings.driver as driver
     import torch
-
-    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
+    from sglang.srt.mem_cache.segmented.cuda_vmm import UpstreamVmmApi
 
     calls: list[object] = []
     stub = types.SimpleNamespace(

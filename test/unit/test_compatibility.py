@@ -74,9 +74,9 @@ def test_devices_segmented_cannot_back_are_refused_in_one_line(
     import torch
     from sglang.srt.mem_cache.segmented import modes
     from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError
+    from sglang.srt.mem_cache.segmented.cuda_vmm import UpstreamVmmApi
 
     from sglang_kvalloc.upstream import backing_choice
-    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
 
     with pytest.raises(modes.KvAllocModeError, match="no backing for device 'npu'") as npu:
         backing_choice.open_backings("npu")

@@ -18,9 +18,8 @@ from fake_cuda import INVALID_VALUE, MIB, OUT_OF_MEMORY, SUCCESS, FakeDriver, Fa
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.backing import Backing, BackingUnavailableError
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaVmmBacking, VmmDevice
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
-
-from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
 
 G = 2 * MIB  # the fake's RECOMMENDED granularity (its MINIMUM is 64 KiB)
 

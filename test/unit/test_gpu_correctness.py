@@ -16,22 +16,22 @@ import torch
 from decisions import decide, note_request
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.core.cuda_backing import (
+from sglang.srt.mem_cache.segmented.cuda_backing import (
     CudaBackingFactory,
     CudaVmmBacking,
     VmmDevice,
     VmmMappingLostError,
 )
+from sglang.srt.mem_cache.segmented import lazy_req_to_token
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+
 from sglang_kvalloc.upstream import (
     backing_choice,
-    lazy_req_to_token,
     pools,
     rope,
     scheduler_loop,
     segmented,
 )
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
 

@@ -13,11 +13,16 @@ import types
 import pytest
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented import lazy_req_to_token
+from sglang.srt.mem_cache.segmented.cuda_backing import (
+    CudaBackingFactory,
+    CudaVmmBacking,
+    VmmDevice,
+)
 from sglang.srt.mem_cache.segmented.row_commits import RowCommits
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, CudaVmmBacking, VmmDevice
-from sglang_kvalloc.upstream import lazy_req_to_token, segmented
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang_kvalloc.upstream import segmented
 
 G = 64 * 1024  # small granules keep the fake's memfds small
 

@@ -14,12 +14,12 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import attention_graph_buffers
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 G = 2 * MIB
 

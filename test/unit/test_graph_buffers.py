@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaVmmBacking, VmmDevice
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import (
     CHUNK_ROWS,
@@ -15,8 +16,6 @@ from sglang.srt.mem_cache.segmented.graph_layouts import (
     GraphBatch,
     GraphBufferLayout,
 )
-
-from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
 
 G = 2 * MIB
 

@@ -12,8 +12,7 @@ import types
 
 import pytest
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 
 def test_every_speculative_runner_that_overrides_the_gate_is_hooked() -> None:

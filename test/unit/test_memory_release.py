@@ -15,17 +15,17 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import lazy_req_to_token, modes
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.upstream import lazy_req_to_token, memory_release, scheduler_loop
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang_kvalloc.upstream import memory_release, scheduler_loop
 
 G = 2 * MIB
 

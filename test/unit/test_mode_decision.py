@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from decisions import decision
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.upstream.runtime import RUNTIME, DecisionMadeError
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME, DecisionMadeError
 
 UPSTREAM_HOOKS = Path(modes.__file__).parent / "upstream"
 # What segmented pools, allocators and rows add to upstream's classes: a hook asks the

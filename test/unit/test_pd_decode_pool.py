@@ -11,11 +11,11 @@ from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang.srt.disaggregation.decode import DecodeReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
+from sglang.srt.mem_cache.segmented.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang_kvalloc.upstream import refusals, req_pool_builders
-from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 MB = 1 << 20
 CONTEXT = 10_000_000  # a 10M-context decode server: 40 MB a row

@@ -14,12 +14,12 @@ import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream import pd_transfer, pool_kind, scheduler_loop, segmented
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 SIZE = 4096
 SEGMENT = 1024  # 4 segments; the first holds the padding slot

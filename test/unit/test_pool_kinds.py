@@ -17,10 +17,10 @@ from decisions import decide
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATokenToKVPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from sglang_kvalloc.upstream import kv_pool_builders, pools, segmented
-from sglang_kvalloc.upstream.runtime import RUNTIME
 from sglang_kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
     SegmentedMLATokenToKVPool,

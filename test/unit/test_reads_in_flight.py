@@ -23,11 +23,11 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeIllegalAddress, FakeVmmApi
 from fake_cuda_kernels import QueuedKernels
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import lazy_req_to_token, modes
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-from sglang_kvalloc.upstream import lazy_req_to_token, scheduler_loop
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang_kvalloc.upstream import scheduler_loop
 
 GRANULE = 64 * 1024
 CONTEXT = 50_000  # 200,000-byte rows: not granule-aligned, so neighbours share granules

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import pytest
 from decisions import decide
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import pools
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 MIB = 1 << 20
 G = 2 * MIB

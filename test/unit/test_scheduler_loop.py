@@ -163,9 +163,8 @@ def test_a_flushed_cache_gives_its_segments_back_at_once(
     """`/flush_cache` empties the pool: with a hold-off that never passes (`inf`), the
     segments still go back at the flush, down to the first; a flush upstream refused (work
     pending) releases nothing."""
+    from sglang.srt.mem_cache.segmented.runtime import RUNTIME
     from test_allocator_contracts import token_allocator
-
-    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     monkeypatch.setattr(RUNTIME.settings, "hold_off_s", float("inf"))
     decide(modes.SEGMENTED)
@@ -206,9 +205,8 @@ def test_admission_takes_no_row_it_cannot_back_and_a_request_not_added_gives_its
     refused by upstream's own budget) gives its promise back by the next request, so that one
     gets the row. A request that holds its row already promises nothing."""
     from sglang.srt.managers.schedule_policy import AddReqResult
+    from sglang.srt.mem_cache.segmented.runtime import RUNTIME
     from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
-
-    from sglang_kvalloc.upstream.runtime import RUNTIME
 
     decide(modes.SEGMENTED, explicit_commits=True)
     pool = _AdmissionPool(ready_rows=3)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaVmmBacking, VmmDevice
 from sglang.srt.mem_cache.segmented.row_commits import RowCommits
-
-from sglang_kvalloc.core.cuda_backing import CudaVmmBacking, VmmDevice
-from sglang_kvalloc.core.vmm_device import CHUNKED_RESERVATION_MIN_CHUNKS, SCRATCH_CHUNK_GRANULES
+from sglang.srt.mem_cache.segmented.vmm_device import (
+    CHUNKED_RESERVATION_MIN_CHUNKS,
+    SCRATCH_CHUNK_GRANULES,
+)
 
 G = 2 * MIB
 CHUNK = SCRATCH_CHUNK_GRANULES * G

@@ -7,9 +7,8 @@ import pytest
 import torch
 from segment_helpers import MB, PAGE
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory, CpuMmapBacking
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry, aligned_segment_tokens
-
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory, CpuMmapBacking
 
 # -- geometry ------------------------------------------------------------------------------
 

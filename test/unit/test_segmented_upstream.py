@@ -14,11 +14,11 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 from sglang_kvalloc.upstream import segmented
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 SIZE = 4096
 SEGMENT = 256

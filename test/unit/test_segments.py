@@ -12,9 +12,8 @@ import torch
 from segment_helpers import PAGE, FakeClock, make_alloc, pages, span
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry, aligned_segment_tokens
-
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
 
 # -- allocator, page_size 1 ----------------------------------------------------------------
 

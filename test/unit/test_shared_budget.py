@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.settings import parse_bytes
-
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
-from sglang_kvalloc.core.shared_budget import (
+from sglang.srt.mem_cache.segmented.shared_budget import (
     LOCK_WAIT_S,
     BudgetError,
     SharedBudget,
@@ -123,7 +122,7 @@ def test_a_ledger_not_to_trust_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "corrupt" in str(error.value) and "\n" not in str(error.value)
     data = json.loads(good)
     data["body"]["version"] = 99
-    from sglang_kvalloc.core import shared_budget
+    from sglang.srt.mem_cache.segmented import shared_budget
 
     text = json.dumps(data["body"], sort_keys=True, separators=(",", ":"))
     data["crc32"] = shared_budget.zlib.crc32(text.encode())
@@ -147,7 +146,7 @@ def test_a_slot_of_a_reused_pid_is_reaped(tmp_path: Path) -> None:
     assert budget.reserve(60)
     ledger = json.loads(path.read_text())
     # Same pid, another start time: a process that died and whose pid came back.
-    from sglang_kvalloc.core import shared_budget
+    from sglang.srt.mem_cache.segmented import shared_budget
 
     body = ledger["body"]
     body["slots"][0]["start"] -= 1

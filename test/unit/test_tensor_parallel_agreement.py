@@ -29,11 +29,11 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=2)
+        from sglang.srt.mem_cache.segmented.runtime import RUNTIME
         from test_allocator_contracts import _buffers
 
         from sglang_kvalloc.upstream import segmented
         from sglang_kvalloc.upstream.pools import make_rank_agreement
-        from sglang_kvalloc.upstream.runtime import RUNTIME
 
         RUNTIME.settings.agree = make_rank_agreement(dist.group.WORLD)
         RUNTIME.settings.hold_off_s = 0.0

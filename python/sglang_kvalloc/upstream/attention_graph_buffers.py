@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 import torch
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
+from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.core.cuda_backing import CudaBackingFactory
 from sglang_kvalloc.upstream.inline import argument, then
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.layers.attention.base_attn_backend import AttentionBackend

@@ -15,9 +15,8 @@ import os
 import torch
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory, BackingUnavailableError
-
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +51,8 @@ def open_backings(device: str) -> BackingFactory:
             "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING, or use --kv-alloc-mode static"
         )
     # The CUDA backing comes with a later PR of the upstream series (series.py).
-    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
-    from sglang_kvalloc.upstream.cuda_vmm import UpstreamVmmApi
+    from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
+    from sglang.srt.mem_cache.segmented.cuda_vmm import UpstreamVmmApi
 
     if isinstance(RUNTIME.backings, CudaBackingFactory):
         return RUNTIME.backings
@@ -78,7 +77,7 @@ def open_backings(device: str) -> BackingFactory:
 def _test_vmm_backings(spec: str) -> BackingFactory:
     """The CUDA VMM backing over the `VmmApi` that ``spec`` ("module:callable") makes: the
     CPU engine then runs the plugin's GPU paths (explicit commits, fixed RoPE, fences)."""
-    from sglang_kvalloc.core.cuda_backing import CudaBackingFactory, VmmDevice
+    from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 
     if isinstance(RUNTIME.backings, CudaBackingFactory):
         return RUNTIME.backings

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.runtime import builds_kv_on_demand
 
 from sglang_kvalloc.upstream.inline import argument, then
-from sglang_kvalloc.upstream.runtime import builds_kv_on_demand
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+
 from sglang_kvalloc.upstream.inline import then
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import (

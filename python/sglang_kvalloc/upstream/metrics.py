@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.observability.metrics_collector import SchedulerMetricsCollector

@@ -19,10 +19,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.upstream import scheduler_loop
 from sglang_kvalloc.upstream.inline import then
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.disaggregation.decode import DecodePreallocQueue, DecodeRequest
@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
-
-    from sglang_kvalloc.upstream.runtime import SegmentedKvAllocator
+    from sglang.srt.mem_cache.segmented.runtime import SegmentedKvAllocator
 
 logger = logging.getLogger(__name__)
 

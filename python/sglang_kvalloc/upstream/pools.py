@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
 from sglang_kvalloc.upstream import backing_choice, settings
@@ -31,7 +32,6 @@ from sglang_kvalloc.upstream.refusals import (
     unsupported_feature,
     unsupported_parallelism,
 )
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import (

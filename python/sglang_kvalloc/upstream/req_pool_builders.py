@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME, builds_lazy_tables
+
 from sglang_kvalloc.upstream.inline import instead
-from sglang_kvalloc.upstream.runtime import RUNTIME, builds_lazy_tables
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -21,9 +22,8 @@ def segmented_default_req_pool(
     (None: upstream's)."""
     if not builds_lazy_tables(self):
         return None
+    from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
     from sglang.srt.runtime_context import get_exec
-
-    from sglang_kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
 
     return SegmentedReqToTokenPool(
         size=kwargs["max_num_reqs"],
@@ -44,9 +44,10 @@ def segmented_decode_req_pool(
     req_to_token in segmented mode, its pre-allocation rows included (None: upstream's)."""
     if not builds_lazy_tables(self):
         return None
+    from sglang.srt.mem_cache.segmented.lazy_decode_req_to_token import (
+        SegmentedDecodeReqToTokenPool,
+    )
     from sglang.srt.runtime_context import get_exec
-
-    from sglang_kvalloc.upstream.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
 
     return SegmentedDecodeReqToTokenPool(
         size=kwargs["max_num_reqs"],

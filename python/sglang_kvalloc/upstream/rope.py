@@ -32,10 +32,10 @@ import torch
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.upstream import backing_choice
 from sglang_kvalloc.upstream.inline import done_instead
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig

@@ -13,8 +13,9 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+
 from sglang_kvalloc.upstream.inline import argument, instead, then
-from sglang_kvalloc.upstream.runtime import RUNTIME
 
 if TYPE_CHECKING:
     import torch

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.core.shared_budget import BudgetError, SharedBudget, ledger_path
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.shared_budget import BudgetError, SharedBudget, ledger_path
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler

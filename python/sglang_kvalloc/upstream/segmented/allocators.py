@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented import idle_eviction
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
+from sglang.srt.mem_cache.segmented.events import SegmentEvents
 from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.utils import get_bool_env_var, get_num_new_pages
-
-from sglang_kvalloc.upstream import idle_eviction
-from sglang_kvalloc.upstream.runtime import RUNTIME
-from sglang_kvalloc.upstream.segmented.events import SegmentEvents
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache

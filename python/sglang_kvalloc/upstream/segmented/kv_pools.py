@@ -14,8 +14,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.segmented import geometry as segment_geometry
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
-
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 logger = logging.getLogger(__name__)
 

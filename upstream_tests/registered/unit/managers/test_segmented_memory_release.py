@@ -18,8 +18,6 @@ from sglang.srt.constants import GPU_MEMORY_TYPE_CUDA_GRAPH, GPU_MEMORY_TYPE_KV_
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.kvalloc.core.planner import layouts
 from sglang.srt.kvalloc.upstream import memory_release, segmented
-from sglang.srt.kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
-from sglang.srt.kvalloc.upstream.runtime import RUNTIME
 from sglang.srt.managers import io_struct
 from sglang.srt.managers.scheduler_components.weight_updater import (
     SchedulerWeightUpdaterManager as Updater,
@@ -28,6 +26,8 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
 from sglang.test.ci.ci_register import register_cpu_ci
 from sglang.test.test_utils import CustomTestCase

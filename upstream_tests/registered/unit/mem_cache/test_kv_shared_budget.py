@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sglang.srt.kvalloc.core.cpu_backing import CpuBackingFactory
-from sglang.srt.kvalloc.core.shared_budget import (
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
+from sglang.srt.mem_cache.segmented.shared_budget import (
     BudgetError,
     SharedBudget,
     ledger_path,

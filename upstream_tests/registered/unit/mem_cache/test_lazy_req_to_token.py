@@ -14,15 +14,15 @@ from unittest import mock
 import torch
 
 from sglang.srt import runtime_context
-from sglang.srt.kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
 from sglang.srt.kvalloc.upstream.req_pool_builders import segmented_default_req_pool
-from sglang.srt.kvalloc.upstream.runtime import RUNTIME
 from sglang.srt.layers.rotary_embedding import base
 from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache import kv_cache_configurator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
 from sglang.srt.utils import common
 from sglang.test.ci.ci_register import register_cpu_ci

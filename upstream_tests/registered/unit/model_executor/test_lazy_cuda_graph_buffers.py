@@ -12,14 +12,14 @@ import unittest
 
 import torch
 
-from sglang.srt.kvalloc.core.cpu_backing import CpuBackingFactory, CpuMmapBacking
 from sglang.srt.kvalloc.core.planner import layouts
 from sglang.srt.kvalloc.upstream import attention_graph_buffers
-from sglang.srt.kvalloc.upstream.runtime import RUNTIME
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory, CpuMmapBacking
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
 from sglang.test.ci.ci_register import register_cpu_ci
 from sglang.test.test_utils import CustomTestCase

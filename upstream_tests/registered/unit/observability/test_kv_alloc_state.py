@@ -15,8 +15,6 @@ from unittest import mock
 import prometheus_client
 import torch
 
-from sglang.srt.kvalloc.upstream.lazy_req_to_token import SegmentedReqToTokenPool
-from sglang.srt.kvalloc.upstream.runtime import RUNTIME
 from sglang.srt.kvalloc.upstream.segmented import (
     SegmentedMHATokenToKVPool,
     SegmentedTokenToKVPoolAllocator,
@@ -26,6 +24,8 @@ from sglang.srt.mem_cache import kv_cache_configurator as kvc
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.observability import metrics_collector
 from sglang.srt.observability.metrics_collector import SchedulerStats
 from sglang.srt.plugins import load_plugins

@@ -1,22 +1,23 @@
-"""Segmented `req_to_token`: upstream's `ReqToTokenPool` over a reservation, rows committed
-as far as requests use them.
+"""Segmented `req_to_token`: upstream's `ReqToTokenPool` over a reservation, rows
+committed as far as requests use them.
 
-Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at 10M
-context. Here it is a view of a reservation.
+Upstream sizes this table (max_reqs + 1) x context_len int32 and zero-fills it: 82 GB at
+10M context. Here it is a view of a reservation.
 
 - Where a first write commits memory (the CPU), untouched pages read zero without being
   committed; a freed row's pages are given back.
 - Where nothing may be written before it is committed (a GPU), each row's used prefix is
-  committed before it is written: at admission (the prompt), and before every decode step
-  (`check_decode_rows`, from upstream's own decode-memory check, so a row that cannot grow
-  is retracted, or aborted when it is the last, exactly as upstream treats a full KV pool).
-  Upstream raises when a row cannot be allocated, so admission never takes a row the device
-  could not back: each iteration every rank agrees on the granules ready to be committed
-  (`prepare_admission`), and each request admitted promises the granules its row needs
-  (`admit_row`, exact: rows are handed out in the order admission counted them); a request
-  past the budget waits in the queue. Row 0, which padded cuda-graph batches read, is committed
-  and zeroed as upstream's `torch.zeros` table is. Freed rows' granules retire behind a
-  fence and go at a later sync point, so no step waits for the device.
+  committed before it is written: at admission (the prompt), and before every decode
+  step (`check_decode_rows`, from upstream's own decode-memory check, so a row that
+  cannot grow is retracted, or aborted when it is the last, exactly as upstream treats a
+  full KV pool). Upstream raises when a row cannot be allocated, so admission never
+  takes a row the device could not back: each iteration every rank agrees on the
+  granules ready to be committed (`prepare_admission`), and each request admitted
+  promises the granules its row needs (`admit_row`, exact: rows are handed out in the
+  order admission counted them); a request past the budget waits in the queue. Row 0,
+  which padded cuda-graph batches read, is committed and zeroed as upstream's
+  `torch.zeros` table is. Freed rows' granules retire behind a fence and go at a later
+  sync point, so no step waits for the device.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.segmented.row_commits import RowCommits
-
-from sglang_kvalloc.upstream.runtime import RUNTIME, agree_alone
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME, agree_alone
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -44,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 class ReservedTable:
-    """A rows x columns int32 table over one reservation (upstream's req_to_token shape), and
-    what both lazy pools do with its pages where a first write commits them (the CPU)."""
+    """A rows x columns int32 table over one reservation (upstream's req_to_token
+    shape), and what both lazy pools do with its pages where a first write commits them
+    (the CPU)."""
 
     def __init__(self, factory: BackingFactory, rows: int, columns: int) -> None:
         self.row_bytes = columns * 4
@@ -73,13 +75,16 @@ class ReservedTable:
 
     def resident_bytes(self) -> int:
         """Bytes of the table resident now (mincore(2))."""
-        return _resident_bytes(self.tensor.data_ptr(), self.backing.reserved_bytes, mmap.PAGESIZE)
+        return _resident_bytes(
+            self.tensor.data_ptr(), self.backing.reserved_bytes, mmap.PAGESIZE
+        )
 
 
 @dataclasses.dataclass
 class _AdmissionBudget:
-    """This iteration's admission: the granules every rank has ready (agreed), those promised
-    so far (the continuing chunk's, then each admitted request's), and the rows handed out."""
+    """This iteration's admission: the granules every rank has ready (agreed), those
+    promised so far (the continuing chunk's, then each admitted request's), and the rows
+    handed out."""
 
     budget: int
     promised: set[int]
@@ -149,8 +154,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         return 0 if self._row_commits is None else self._row_commits.reach_waits
 
     def alloc_rows(self, need_size: int) -> list[int] | None:
-        """Upstream's rows from the tail of the free list, handed out last first: the i-th new
-        request gets ``free_slots[-(i + 1)]``, the row `admit_row` counted for it."""
+        """Upstream's rows from the tail of the free list, handed out last first: the
+        i-th new request gets ``free_slots[-(i + 1)]``, the row `admit_row` counted for
+        it."""
         rows = super().alloc_rows(need_size)
         return rows[::-1] if rows else rows
 
@@ -159,7 +165,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         rows = super().alloc(reqs)
         if rows is None or self._row_commits is None:
             return rows
-        if self._try_ensure([(row, _target_len(req)) for row, req in zip(rows, reqs, strict=True)]):
+        if self._try_ensure(
+            [(row, _target_len(req)) for row, req in zip(rows, reqs, strict=True)]
+        ):
             return rows
         # Admission was prepared for (`prepare_admission`); the device still could not back
         # the rows. Nothing is kept: the new rows go back and upstream reports the pool
@@ -173,8 +181,8 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         return None
 
     def _try_ensure(self, rows_and_lengths: Sequence[tuple[int, int]]) -> bool:
-        """Commit rows up to the given token counts; on a failure give back what freed rows
-        hold (one device synchronize: a failure path) and try once more."""
+        """Commit rows up to the given token counts; on a failure give back what freed
+        rows hold (one device synchronize: a failure path) and try once more."""
         try:
             self.ensure_rows(rows_and_lengths)
             return True
@@ -188,8 +196,8 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             return False
 
     def ensure_rows(self, rows_and_lengths: Sequence[tuple[int, int]]) -> None:
-        """Commit rows up to the given token counts (a no-op on the CPU); MemoryError if the
-        device cannot (rows committed so far stay)."""
+        """Commit rows up to the given token counts (a no-op on the CPU); MemoryError if
+        the device cannot (rows committed so far stay)."""
         commits = self._row_commits
         if commits is None:
             return
@@ -208,8 +216,8 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
 
     def check_decode_rows(self, rows_and_lengths: Sequence[tuple[int, int]]) -> bool:
         """Before a decode step: every row covers the positions the step writes. Commits
-        what is missing; the outcome is agreed by every rank sharing these rows (they attempt
-        the same commits, so only the outcome can differ)."""
+        what is missing; the outcome is agreed by every rank sharing these rows (they
+        attempt the same commits, so only the outcome can differ)."""
         if self.rows_cover(rows_and_lengths):
             return True
         ok = self._try_ensure(rows_and_lengths)
@@ -217,12 +225,14 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             self.row_commit_failures += 1
         return bool(self._agree(int(ok)))
 
-    def prepare_admission(self, held: Sequence[tuple[int, int]], lengths: Sequence[int]) -> None:
-        """Top of an iteration (every rank together): ``held`` are rows that grow in this
-        iteration's admission (a continuing chunk: row and target length), ``lengths`` the
-        target lengths of the requests it may admit, in queue order. Handles are made ready
-        for the granules they would commit, and every rank agrees on how many are ready: the
-        budget `admit_row` holds admission to."""
+    def prepare_admission(
+        self, held: Sequence[tuple[int, int]], lengths: Sequence[int]
+    ) -> None:
+        """Top of an iteration (every rank together): ``held`` are rows that grow in
+        this iteration's admission (a continuing chunk: row and target length),
+        ``lengths`` the target lengths of the requests it may admit, in queue order.
+        Handles are made ready for the granules they would commit, and every rank agrees
+        on how many are ready: the budget `admit_row` holds admission to."""
         commits = self._row_commits
         if commits is None:
             return
@@ -253,15 +263,19 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         self._short_of_rows = short
 
     def admit_row(self, length: int) -> bool:
-        """Admission is about to take a new row for a request of ``length`` positions: promise
-        the granules that row would commit, or say no (the request waits in the queue) when
-        the iteration's budget cannot back them."""
+        """Admission is about to take a new row for a request of ``length`` positions:
+        promise the granules that row would commit, or say no (the request waits in the
+        queue) when the iteration's budget cannot back them."""
         budget = self._admission
         commits = self._row_commits
         if budget is None or commits is None or budget.new_rows >= len(self.free_slots):
             return True
         row = self.free_slots[-(budget.new_rows + 1)]
-        need = [g for g in commits.unmapped(row, self._bytes(length)) if g not in budget.promised]
+        need = [
+            g
+            for g in commits.unmapped(row, self._bytes(length))
+            if g not in budget.promised
+        ]
         if len(budget.promised) + len(need) > budget.budget:
             return False
         budget.promised.update(need)
@@ -289,14 +303,16 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
             )
 
     def sync_point(self, streams: tuple[object, ...] = ()) -> None:
-        """At the top of a scheduler iteration: release the granules of rows freed earlier
-        whose readers have finished; this iteration's free ones retire behind a fence."""
+        """At the top of a scheduler iteration: release the granules of rows freed
+        earlier whose readers have finished; this iteration's free ones retire behind a
+        fence."""
         if self._row_commits is not None:
             self._row_commits.flush(lambda: self._factory.fence(streams))
 
     def release_all(self) -> int:
-        """RL's memory release (no row is in use): every granule goes back, the padding row's
-        too (`restore_padding_row` brings it back before the next batch). Returns the bytes."""
+        """RL's memory release (no row is in use): every granule goes back, the padding
+        row's too (`restore_padding_row` brings it back before the next batch). Returns
+        the bytes."""
         if self._row_commits is not None:
             before = self.resident_bytes()
             self._row_commits.drop(0)
@@ -314,7 +330,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
     def _commit_padding_row(self) -> None:
         assert self._row_commits is not None
         self._row_commits.ensure(0, 4)
-        self.req_to_token[0, : min(self.max_context_len, self._backing.granularity // 4)].zero_()
+        self.req_to_token[
+            0, : min(self.max_context_len, self._backing.granularity // 4)
+        ].zero_()
 
     def release_free_rows_now(self) -> int:
         """Release every granule no row holds, waiting for the device first (idle, or a
@@ -345,8 +363,8 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         return None if self._row_commits is None else self._row_commits.committed_bytes
 
     def resident_bytes(self) -> int:
-        """Bytes of this table resident (pages written since their last release on the CPU,
-        committed granules on a GPU)."""
+        """Bytes of this table resident (pages written since their last release on the
+        CPU, committed granules on a GPU)."""
         if self._row_commits is not None:
             return self._row_commits.committed_bytes
         return self._table.resident_bytes()

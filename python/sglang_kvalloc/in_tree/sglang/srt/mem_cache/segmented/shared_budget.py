@@ -1,24 +1,24 @@
 """One KV memory budget shared by every segmented server on a device: a ledger file in
-``/dev/shm`` that each server reserves in before it commits memory and gives back to after it
-releases some, so the servers on one GPU share what they commit instead of splitting the device
-statically (``--mem-fraction-static``). Stdlib only.
+``/dev/shm`` that each server reserves in before it commits memory and gives back to
+after it releases some, so the servers on one GPU share what they commit instead of
+splitting the device statically (``--mem-fraction-static``). Stdlib only.
 
 The file is keyed by the user, the device (its UUID on CUDA, so processes with different
-``CUDA_VISIBLE_DEVICES`` share it; a name on the CPU engine) and the budget's name. It holds
-the total and one slot per server: pid and process start time (against pid reuse), name,
-bytes committed, floor and limit, bytes wanted (a reservation refused: another server should
-give way), heartbeat. Every change is made under ``flock``, which the kernel drops when the
-holder dies; a slot whose process is gone is reaped by the next change. A holder that is alive
-but stopped (SIGSTOP, a debugger) never hangs the others: a lock not granted within
-``LOCK_WAIT_S`` refuses the reservation, keeps a release to settle at the next change, and
-readers read without it (the checksum catches a torn read). The file is created
-owner-only; a file of another user, of another version, or whose checksum fails is refused
-with one line, never trusted.
+``CUDA_VISIBLE_DEVICES`` share it; a name on the CPU engine) and the budget's name. It
+holds the total and one slot per server: pid and process start time (against pid reuse),
+name, bytes committed, floor and limit, bytes wanted (a reservation refused: another
+server should give way), heartbeat. Every change is made under ``flock``, which the
+kernel drops when the holder dies; a slot whose process is gone is reaped by the next
+change. A holder that is alive but stopped (SIGSTOP, a debugger) never hangs the others:
+a lock not granted within ``LOCK_WAIT_S`` refuses the reservation, keeps a release to
+settle at the next change, and readers read without it (the checksum catches a torn
+read). The file is created owner-only; a file of another user, of another version, or
+whose checksum fails is refused with one line, never trusted.
 
-A server may reserve while the committed bytes of every server, plus what the others still
-lack of their floors, stay within the total, and its own within its limit: each keeps its
-floor however busy the others are. `LedgeredBacking` is a backing (upstream's `Backing`
-protocol) whose commits are reserved in a budget first.
+A server may reserve while the committed bytes of every server, plus what the others
+still lack of their floors, stay within the total, and its own within its limit: each
+keeps its floor however busy the others are. `LedgeredBacking` is a backing (upstream's
+`Backing` protocol) whose commits are reserved in a budget first.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
     from sglang.srt.mem_cache.segmented.backing import Backing
 
 __all__ = [
@@ -143,31 +144,39 @@ def _alive(slot: Slot) -> bool:
 
 
 def _encode(ledger: Ledger) -> bytes:
-    body = {"magic": MAGIC, "version": VERSION, "total": ledger.total,
-            "slots": [asdict(slot) for slot in ledger.slots]}  # fmt: skip
+    body = {
+        "magic": MAGIC,
+        "version": VERSION,
+        "total": ledger.total,
+        "slots": [asdict(slot) for slot in ledger.slots],
+    }
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     checksum = zlib.crc32(text.encode())
     return json.dumps({"body": body, "crc32": checksum}, sort_keys=True).encode()
 
 
 def _decode(raw: bytes, path: Path) -> Ledger:
-    fix = (
-        f"remove it (python -m sglang_kvalloc.budget remove {path.name}) or use another --kv-budget"
-    )
+    fix = f"remove {path} (no server may be using it) or use another --kv-budget"
     try:
-        outer, _ = json.JSONDecoder().raw_decode(raw.decode())  # a stale tail is ignored
+        outer, _ = json.JSONDecoder().raw_decode(
+            raw.decode()
+        )  # a stale tail is ignored
         body = outer["body"]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         raise BudgetError(f"KV budget ledger {path} is not a ledger: {fix}") from None
     if outer.get("crc32") != zlib.crc32(text.encode()) or body.get("magic") != MAGIC:
-        raise BudgetError(f"KV budget ledger {path} is corrupt (checksum mismatch): {fix}")
+        raise BudgetError(
+            f"KV budget ledger {path} is corrupt (checksum mismatch): {fix}"
+        )
     if body.get("version") != VERSION:
         raise BudgetError(
             f"KV budget ledger {path} is version {body.get('version')}, this build writes "
             f"{VERSION}: stop the servers using it, then {fix}"
         )
-    return Ledger(total=int(body["total"]), slots=[Slot(**slot) for slot in body["slots"]])
+    return Ledger(
+        total=int(body["total"]), slots=[Slot(**slot) for slot in body["slots"]]
+    )
 
 
 class SharedBudget:
@@ -188,7 +197,9 @@ class SharedBudget:
         self.pid = os.getpid() if pid is None else pid
         start = process_start(self.pid)
         if start is None:
-            raise BudgetError(f"process {self.pid} has no /proc entry: no KV budget ledger")
+            raise BudgetError(
+                f"process {self.pid} has no /proc entry: no KV budget ledger"
+            )
         self.start = start
         self.clock = clock
         self._wanting = False
@@ -202,7 +213,9 @@ class SharedBudget:
                 f"{stat.S_IMODE(info.st_mode):o}): servers of different users do not share; "
                 "use another --kv-budget"
             )
-        self._pending_release = 0  # released while the ledger was busy: settled at the next change
+        self._pending_release = (
+            0  # released while the ledger was busy: settled at the next change
+        )
         self._waiting_seen, self._waiting_read_at = 0, -math.inf
         # Why the last reservation was refused, for the failed commit's message.
         self.refusal = ""
@@ -212,14 +225,24 @@ class SharedBudget:
                     f"KV budget {name!r} on this device holds {ledger.total} bytes, asked "
                     f"{total}: leave --kv-budget-bytes out to join it, or use another --kv-budget"
                 )
-            if floor > ledger.total - sum(s.floor for s in ledger.slots if s.pid != self.pid):
+            if floor > ledger.total - sum(
+                s.floor for s in ledger.slots if s.pid != self.pid
+            ):
                 raise BudgetError(
                     f"--kv-budget-floor {floor} does not fit budget {name!r}: the servers on it "
                     f"already keep {sum(s.floor for s in ledger.slots)} of {ledger.total} bytes"
                 )
             ledger.slots = [s for s in ledger.slots if s.pid != self.pid]
-            ledger.slots.append(Slot(self.pid, self.start, name, floor=floor, limit=limit,
-                                     heartbeat=self.clock()))  # fmt: skip
+            ledger.slots.append(
+                Slot(
+                    self.pid,
+                    self.start,
+                    name,
+                    floor=floor,
+                    limit=limit,
+                    heartbeat=self.clock(),
+                )
+            )
             self.total = ledger.total
 
     @staticmethod
@@ -245,19 +268,24 @@ class SharedBudget:
                 slot.committed = max(0, slot.committed - self._pending_release)
                 self._pending_release = 0
                 return slot
-        raise BudgetError(f"this server's slot left KV budget ledger {self.path} (reaped?)")
+        raise BudgetError(
+            f"this server's slot left KV budget ledger {self.path} (reaped?)"
+        )
 
     # -- the verbs ----------------------------------------------------------------------------
 
     def reserve(self, nbytes: int) -> bool:
-        """Reserve before committing ``nbytes``; False (and ``nbytes`` marked wanted, so the
-        others give way) where the budget, the others' floors or this server's limit say no, or
-        another process holds the ledger (stopped) longer than ``LOCK_WAIT_S``."""
+        """Reserve before committing ``nbytes``; False (and ``nbytes`` marked wanted, so
+        the others give way) where the budget, the others' floors or this server's limit
+        say no, or another process holds the ledger (stopped) longer than
+        ``LOCK_WAIT_S``."""
         self.refusal = f"the KV budget {self.path.name} is locked by a stopped process"
         with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             mine = self._mine(ledger)
             mine.heartbeat = self.clock()
-            others_short = sum(max(0, s.floor - s.committed) for s in ledger.slots if s is not mine)
+            others_short = sum(
+                max(0, s.floor - s.committed) for s in ledger.slots if s is not mine
+            )
             limit = mine.limit or ledger.total
             fits = ledger.committed() + others_short + nbytes <= ledger.total
             if fits and mine.committed + nbytes <= limit:
@@ -276,16 +304,17 @@ class SharedBudget:
         return False
 
     def release(self, nbytes: int) -> None:
-        """``nbytes`` were released (after the memory went back); settled at the next change
-        where the ledger is busy."""
+        """``nbytes`` were released (after the memory went back); settled at the next
+        change where the ledger is busy."""
         self._pending_release += nbytes
         with contextlib.suppress(LedgerBusy), self._locked() as ledger:
             self._mine(ledger).heartbeat = self.clock()
 
     def others_waiting(self, max_age_s: float = 0.0) -> int:
-        """Bytes other servers asked for and did not get. Read without the lock (a scheduler
-        asks this in its loop, idle too: it must neither wait on nor hold the lock), at most
-        every ``max_age_s`` seconds (the last answer in between); a torn read keeps it too."""
+        """Bytes other servers asked for and did not get. Read without the lock (a
+        scheduler asks this in its loop, idle too: it must neither wait on nor hold the
+        lock), at most every ``max_age_s`` seconds (the last answer in between); a torn
+        read keeps it too."""
         now = time.monotonic()
         if now - self._waiting_read_at < max_age_s:
             return self._waiting_seen
@@ -293,7 +322,9 @@ class SharedBudget:
         with contextlib.suppress(BudgetError):
             raw = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
             ledger = _decode(raw, self.path)
-            self._waiting_seen = sum(s.wanted for s in ledger.slots if s.pid != self.pid)
+            self._waiting_seen = sum(
+                s.wanted for s in ledger.slots if s.pid != self.pid
+            )
         return self._waiting_seen
 
     def stop_wanting(self) -> None:
@@ -312,9 +343,13 @@ class SharedBudget:
         """The ledger as it stands: the total, what is committed, and every slot (read
         without a change, so a busy ledger does not hold up ``/server_info``)."""
         ledger, _ = read_ledger(self.path)
-        return {"path": str(self.path), "total_bytes": ledger.total,
-                "committed_bytes": ledger.committed(), "this_pid": self.pid,
-                "slots": [asdict(s) for s in ledger.slots]}  # fmt: skip
+        return {
+            "path": str(self.path),
+            "total_bytes": ledger.total,
+            "committed_bytes": ledger.committed(),
+            "this_pid": self.pid,
+            "slots": [asdict(s) for s in ledger.slots],
+        }
 
     def close(self) -> None:
         """Leave the ledger (the slot goes; a dead process's goes at the next change)."""
@@ -330,9 +365,9 @@ class SharedBudget:
 def locked_ledger(
     fd: int, path: Path, create_total: int | None = None, *, wait: float = LOCK_WAIT_S
 ) -> Iterator[Ledger]:
-    """The ledger of the open file ``fd``, read and written back under its lock (the kernel
-    drops it if this process dies; `LedgerBusy` where another holds it past ``wait``); the
-    slots of dead processes reaped."""
+    """The ledger of the open file ``fd``, read and written back under its lock (the
+    kernel drops it if this process dies; `LedgerBusy` where another holds it past
+    ``wait``); the slots of dead processes reaped."""
     _flock(fd, path, exclusive=True, wait=wait)
     try:
         raw = os.pread(fd, os.fstat(fd).st_size, 0)
@@ -378,8 +413,8 @@ def _read_raw(path: Path) -> bytes:
 
 
 def read_ledger(path: Path) -> tuple[Ledger, set[int]]:
-    """The ledger as it stands (nothing changed) and the pids of its slots whose process is
-    gone."""
+    """The ledger as it stands (nothing changed) and the pids of its slots whose process
+    is gone."""
     ledger = _decode(_read_raw(path), path)
     return ledger, {slot.pid for slot in ledger.slots if not _alive(slot)}
 
@@ -395,9 +430,9 @@ def update_ledger(path: Path, change: Callable[[Ledger], str]) -> str:
 
 
 class LedgeredBacking:
-    """A backing whose commits are reserved in a `SharedBudget` before the memory is taken
-    (a refusal is a failed commit: MemoryError, nothing changed) and given back to it after the
-    memory went, so the ledger never counts less than the server holds."""
+    """A backing whose commits are reserved in a `SharedBudget` before the memory is
+    taken (a refusal is a failed commit: MemoryError, nothing changed) and given back to
+    it after the memory went, so the ledger never counts less than the server holds."""
 
     def __init__(self, inner: Backing, budget: SharedBudget) -> None:
         self._inner = inner

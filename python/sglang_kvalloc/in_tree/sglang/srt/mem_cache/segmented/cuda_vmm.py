@@ -1,11 +1,12 @@
-"""The `VmmApi` of the CUDA backing on a real GPU: cuda-python's driver bindings and upstream's
-helpers in `sglang.srt.utils.cuda_vmm_utils` (check_drv, make_device_allocation_prop,
-get_allocation_granularity, make_rw_access_desc), which 0.5.23 ships for its own opt-in
-post-capture KV sizing. Upstream's `tensor_from_pointer` makes a non-owning tensor; the backing
-needs its range kept until the last view is gone, so tensors here come from a
-``__cuda_array_interface__`` owner, which torch keeps alive with the tensor.
+"""The `VmmApi` of the CUDA backing on a real GPU: cuda-python's driver bindings and
+upstream's helpers in `sglang.srt.utils.cuda_vmm_utils` (check_drv,
+make_device_allocation_prop, get_allocation_granularity, make_rw_access_desc), which
+0.5.23 ships for its own opt-in post-capture KV sizing. Upstream's `tensor_from_pointer`
+makes a non-owning tensor; the backing needs its range kept until the last view is gone,
+so tensors here come from a ``__cuda_array_interface__`` owner, which torch keeps alive
+with the tensor.
 
-Nothing here was run on a GPU in this repository's CI; `test/gpu/` runs it on one.
+The CPU tests run the backing over a fake driver instead; this module needs a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from typing import Any
 
 import torch
+
 from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class UpstreamVmmApi:
             )
         try:
             from cuda.bindings import driver
+
             from sglang.srt.utils import cuda_vmm_utils
         except ImportError as exc:
             raise BackingUnavailableError(
@@ -58,7 +61,9 @@ class UpstreamVmmApi:
         self.syncs = 0  # device synchronizes the backing asked for (reported in stats)
         try:
             err, version = driver.cuDriverGetVersion()
-        except RuntimeError as exc:  # no libcuda: cuda.pathfinder's DynamicLibNotFoundError
+        except (
+            RuntimeError
+        ) as exc:  # no libcuda: cuda.pathfinder's DynamicLibNotFoundError
             raise BackingUnavailableError(f"no CUDA driver: {exc}") from None
         if err != driver.CUresult.CUDA_SUCCESS or version < 11020:
             raise BackingUnavailableError(
@@ -86,7 +91,12 @@ class UpstreamVmmApi:
         return self._utils.make_rw_access_desc(device_id)
 
     def tensor_over(
-        self, address: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], owner: Any
+        self,
+        address: int,
+        nbytes: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        owner: Any,
     ) -> torch.Tensor:
         device = torch.device("cuda", self.device_id)
         raw = torch.as_tensor(_ArrayOwner(address, nbytes, owner), device=device)
@@ -98,10 +108,11 @@ class UpstreamVmmApi:
 
     def bind_thread(self) -> None:
         """The refill thread: the device current, and its capture mode relaxed. upstream
-        captures some graphs lazily while serving in torch's global mode (vision encoders,
-        Nemotron-H's shared expert, torch.compile's piecewise graphs), which prohibits other
-        threads' handle creation; the refill thread's handles are never part of captured
-        work (they are mapped later, on the scheduler's thread), so it may create them."""
+        captures some graphs lazily while serving in torch's global mode (vision
+        encoders, Nemotron-H's shared expert, torch.compile's piecewise graphs), which
+        prohibits other threads' handle creation; the refill thread's handles are never
+        part of captured work (they are mapped later, on the scheduler's thread), so it
+        may create them."""
         torch.cuda.set_device(self.device_id)
         relaxed = self.driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
         result = self.driver.cuThreadExchangeStreamCaptureMode(relaxed)

@@ -1,10 +1,11 @@
 """The CUDA device under the VMM backing: its allocation properties and granularity, the
 zero-filled scratch handle every uncommitted granule maps to, and a pool of pre-created
-physical handles refilled off the serving path (``cuMemCreate`` is the slow driver call).
+physical handles refilled off the serving path (``cuMemCreate`` is the slow driver
+call).
 
-The driver calls go through a `VmmApi`: cuda-python's ``cuda.bindings.driver`` with upstream's
-helpers in the server (`sglang_kvalloc.upstream.cuda_vmm`), a fake with the driver's rules over
-host memory in CI. This module imports neither.
+The driver calls go through a `VmmApi`: cuda-python's ``cuda.bindings.driver`` with
+upstream's helpers in the server (`sglang.srt.mem_cache.segmented.cuda_vmm`), a fake
+with the driver's rules over host memory in CI. This module imports neither.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+
 from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError, Fence
 
 __all__ = ["VmmApi", "VmmDevice", "VmmMappingLostError", "driver_success"]
@@ -24,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 class VmmMappingLostError(RuntimeError):
-    """Part of a reservation is left without any mapping (a device access there would kill
-    the CUDA context): the process cannot go on serving safely."""
+    """Part of a reservation is left without any mapping (a device access there would
+    kill the CUDA context): the process cannot go on serving safely."""
 
 
 class VmmApi(Protocol):
@@ -51,10 +53,15 @@ class VmmApi(Protocol):
         ...
 
     def tensor_over(
-        self, address: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], owner: Any
+        self,
+        address: int,
+        nbytes: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        owner: Any,
     ) -> torch.Tensor:
-        """A tensor over ``[address, address + nbytes)`` that keeps ``owner`` alive for as
-        long as it or any view of it lives."""
+        """A tensor over ``[address, address + nbytes)`` that keeps ``owner`` alive for
+        as long as it or any view of it lives."""
         ...
 
     def synchronize(self) -> None:
@@ -95,7 +102,9 @@ class VmmDevice:
     _instances: dict[tuple[int, int], VmmDevice] = {}
     _lock = threading.Lock()
 
-    def __init__(self, api: VmmApi, device_id: int, *, background_refill: bool = True) -> None:
+    def __init__(
+        self, api: VmmApi, device_id: int, *, background_refill: bool = True
+    ) -> None:
         self.api = api
         self.device_id = int(device_id)
         drv = api.driver
@@ -152,7 +161,8 @@ class VmmDevice:
 
     def _check_supported(self) -> None:
         drv = self.api.driver
-        attribute = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+        attributes = drv.CUdevice_attribute
+        attribute = attributes.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
         err, supported = drv.cuDeviceGetAttribute(attribute, self.device_id)[:2]
         if err != drv.CUresult.CUDA_SUCCESS:
             raise BackingUnavailableError(
@@ -180,8 +190,9 @@ class VmmDevice:
         self.handles_released += 1
 
     def take_handle(self, nbytes: int) -> Any:
-        """A physical handle of ``nbytes``: a pre-created one if there is one (then the pool
-        is refilled off this path), else created now (MemoryError when the device is full)."""
+        """A physical handle of ``nbytes``: a pre-created one if there is one (then the
+        pool is refilled off this path), else created now (MemoryError when the device
+        is full)."""
         with self._spare_lock:
             spares = self._spares.get(nbytes)
             handle = spares.pop() if spares else None
@@ -198,8 +209,8 @@ class VmmDevice:
         return handle
 
     def _reclaim(self) -> None:
-        """Free memory torch's cache holds may be what is missing: give it back (once per
-        failed allocation; the caller's next failure is final)."""
+        """Free memory torch's cache holds may be what is missing: give it back (once
+        per failed allocation; the caller's next failure is final)."""
         self.api.reclaim()
         self.reclaims += 1
 
@@ -219,9 +230,9 @@ class VmmDevice:
         self._refill_wanted.set()
 
     def ready_handles(self, nbytes: int, count: int) -> int:
-        """Create spare handles of ``nbytes`` on this thread until ``count`` are held (or the
-        device is full, after one reclaim); returns how many are held. They serve the next
-        commits; what is left over goes at the next `trim_spares`."""
+        """Create spare handles of ``nbytes`` on this thread until ``count`` are held
+        (or the device is full, after one reclaim); returns how many are held. They
+        serve the next commits; what is left over goes at the next `trim_spares`."""
         with self._spare_lock:
             held = len(self._spares.get(nbytes, []))
         reclaimed = False
@@ -288,22 +299,22 @@ class VmmDevice:
             try:
                 with self._refill_gate:
                     self.refill()
-            except Exception:  # noqa: BLE001 - a refill failure must not kill the server
+            except Exception:  # noqa: BLE001 - a failed refill must not stop serving
                 logger.exception("KV VMM spare-handle refill failed")
 
     @contextlib.contextmanager
     def refill_paused(self) -> Iterator[None]:
-        """While active the refill thread creates no handle (it waits): torch captures CUDA
-        graphs in the global capture mode, where another thread's driver calls can invalidate
-        the capture. Waits for a creation in progress to end first."""
+        """While active the refill thread creates no handle (it waits): torch captures
+        CUDA graphs in the global capture mode, where another thread's driver calls can
+        invalidate the capture. Waits for a creation in progress to end first."""
         with self._refill_gate:
             yield
 
     # -- scratch --------------------------------------------------------------------------
 
     def scratch_chunk(self) -> Any:
-        """The zero-filled scratch handle of `scratch_chunk_bytes` that large reservations
-        map chunk by chunk (made on first use)."""
+        """The zero-filled scratch handle of `scratch_chunk_bytes` that large
+        reservations map chunk by chunk (made on first use)."""
         with self._scratch_lock:
             if self._scratch_chunk is None:
                 handle = self._create_handle(self.scratch_chunk_bytes)
@@ -314,13 +325,19 @@ class VmmDevice:
     @property
     def scratch_bytes(self) -> int:
         """Device memory the scratch handles hold."""
-        return self.granularity + (self.scratch_chunk_bytes if self._scratch_chunk else 0)
+        return self.granularity + (
+            self.scratch_chunk_bytes if self._scratch_chunk else 0
+        )
 
     def _zero(self, handle: Any, nbytes: int) -> None:
         """Map a scratch handle once and fill it with zeros (fresh memory is not)."""
         drv = self.api.driver
         g = self.granularity
-        va = int(self.api.check(drv.cuMemAddressReserve(nbytes, g, 0, 0), "cuMemAddressReserve"))
+        va = int(
+            self.api.check(
+                drv.cuMemAddressReserve(nbytes, g, 0, 0), "cuMemAddressReserve"
+            )
+        )
         try:
             self.api.check(drv.cuMemMap(va, nbytes, 0, handle, 0), "cuMemMap(scratch)")
             try:
@@ -328,7 +345,9 @@ class VmmDevice:
                     drv.cuMemSetAccess(va, nbytes, self.access, len(self.access)),
                     "cuMemSetAccess",
                 )
-                self.api.tensor_over(va, nbytes, torch.uint8, (nbytes,), owner=None).zero_()
+                self.api.tensor_over(
+                    va, nbytes, torch.uint8, (nbytes,), owner=None
+                ).zero_()
                 self.api.synchronize()
             finally:
                 self.api.check(drv.cuMemUnmap(va, nbytes), "cuMemUnmap(scratch)")
@@ -336,8 +355,8 @@ class VmmDevice:
             self.api.check(drv.cuMemAddressFree(va, nbytes), "cuMemAddressFree")
 
     def close(self) -> None:
-        """Stop the refill thread and release the spares (reservations still alive keep the
-        scratch handle mapped; the driver frees it with their last mapping)."""
+        """Stop the refill thread and release the spares (reservations still alive keep
+        the scratch handle mapped; the driver frees it with their last mapping)."""
         if self._closed:
             return
         self._closed = True

@@ -1,16 +1,17 @@
-"""Segmented `req_to_token` of a PD decode server: upstream's `DecodeReqToTokenPool` over a
-reservation.
+"""Segmented `req_to_token` of a PD decode server: upstream's `DecodeReqToTokenPool`
+over a reservation.
 
 A decode server's table has a row for every running request and every request being
-pre-allocated or transferred: (max running + `--disaggregation-decode-extra-slots` + 1) x
-context int32, zero-filled whole at start by upstream (82 GB at 2,049 rows and 10M context).
-Here it is a view of a reservation whose pages a first write commits (the CPU backing): a
-row costs what a request wrote into it, and a freed row's pages go back at once. Upstream's
-free list, generations and pre-allocation bookkeeping are its own, untouched.
+pre-allocated or transferred: (max running + `--disaggregation-decode-extra-slots` + 1)
+x context int32, zero-filled whole at start by upstream (82 GB at 2,049 rows and 10M
+context). Here it is a view of a reservation whose pages a first write commits (the CPU
+backing): a row costs what a request wrote into it, and a freed row's pages go back at
+once. Upstream's free list, generations and pre-allocation bookkeeping are its own,
+untouched.
 
 Backings that commit explicitly (a GPU) are refused under PD in this build
-(`refusals.unsupported_feature`): upstream's pre-allocation writes rows outside the scheduler
-steps where rows are committed.
+(`refusals.unsupported_feature`): upstream's pre-allocation writes rows outside the
+scheduler steps where rows are committed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from sglang.srt.disaggregation.decode import DecodeReqToTokenPool
-
-from sglang_kvalloc.upstream.lazy_req_to_token import ReservedTable
-from sglang_kvalloc.upstream.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.lazy_req_to_token import ReservedTable
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -47,7 +47,9 @@ class SegmentedDecodeReqToTokenPool(DecodeReqToTokenPool):
         super().__init__(size, 1, device, enable_memory_saver, pre_alloc_size)
         factory = RUNTIME.backings
         if not factory.faults_in:
-            raise ValueError("the lazy decode req_to_token needs a backing that commits on write")
+            raise ValueError(
+                "the lazy decode req_to_token needs a backing that commits on write"
+            )
         self._table = ReservedTable(factory, self._alloc_size, max_context_len)
         self.req_to_token = self._table.tensor
         self.max_context_len = max_context_len

@@ -1,9 +1,10 @@
-"""What a segmented allocator tells the operator: segments committed and released, commits
-that came inside an allocation instead of ahead of the iteration, and commit failures.
+"""What a segmented allocator tells the operator: segments committed and released,
+commits that came inside an allocation instead of ahead of the iteration, and commit
+failures.
 
-Growth and shrink lines are rate limited (the gauges carry every change); a failed commit is a
-WARNING when failures start (then at most every `LOG_INTERVAL_S` while they go on) and an INFO
-line once the capacity is back.
+Growth and shrink lines are rate limited (the gauges carry every change); a failed
+commit is a WARNING when failures start (then at most every `LOG_INTERVAL_S` while they
+go on) and an INFO line once the capacity is back.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class RateLimitedLog:
 
 class SegmentEvents:
     """The commit and release callbacks of one allocator's segments (`on_commit`,
-    `on_release` of `SegmentedPageAllocator`), which also commit and release the memory of
-    ``buffers``, and the log of commit failures (`log_commit_failure`)."""
+    `on_release` of `SegmentedPageAllocator`), which also commit and release the memory
+    of ``buffers``, and the log of commit failures (`log_commit_failure`)."""
 
     def __init__(self, buffers: SegmentedBuffers, page_size: int) -> None:
         self.buffers = buffers
@@ -99,8 +100,8 @@ class SegmentEvents:
         )
 
     def log_commit_failure(self, seg: SegmentedPageAllocator) -> None:
-        """WARNING when commits start failing (then at most every LOG_INTERVAL_S while they
-        keep failing), INFO when the capacity is back."""
+        """WARNING when commits start failing (then at most every LOG_INTERVAL_S while
+        they keep failing), INFO when the capacity is back."""
         withheld = seg.ceiling < seg.geometry.num_segments
         if not withheld:
             if self._withheld_logged:

@@ -1,10 +1,10 @@
-"""Everything the plugin keeps per process, in one object: `RUNTIME`.
+"""Everything segmented KV allocation keeps per process, in one object: `RUNTIME`.
 
-Hooks are functions upstream calls; what they share between calls lives here: the settings
-segmented mode was asked for, the backing factory of the device, the record the start-up log,
-`/server_info` and the gauges read, the lazy cuda-graph buffers and the fixed-address RoPE
-caches. Hook modules import this one and no other hook module's state; tests start afresh
-with `RUNTIME.reset()`. Nothing here imports upstream.
+Hooks are functions upstream calls; what they share between calls lives here: the
+settings segmented mode was asked for, the backing factory of the device, the record the
+start-up log, `/server_info` and the gauges read, the lazy cuda-graph buffers and the
+fixed-address RoPE caches. Hook modules import this one and no other hook module's
+state; tests start afresh with `RUNTIME.reset()`. Nothing here imports upstream.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
-
-from sglang_kvalloc.core.cpu_backing import CpuBackingFactory
+from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
@@ -28,8 +27,7 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
     from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
     from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
-
-    from sglang_kvalloc.core.shared_budget import SharedBudget
+    from sglang.srt.mem_cache.segmented.shared_budget import SharedBudget
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +38,8 @@ def agree_alone(value: int) -> int:
 
 
 class SegmentedKvAllocator(Protocol):
-    """What a segmented allocator adds to upstream's (`upstream.segmented`): the scheduler
-    hooks call it where the decision says the KV pool is committed on demand."""
+    """What a segmented allocator adds to upstream's (`upstream.segmented`): the
+    scheduler hooks call it where the decision says the KV pool is committed on demand."""
 
     split_runs_at_segments: bool
 
@@ -59,8 +57,8 @@ class SegmentedKvAllocator(Protocol):
 
 
 class LazyRows(Protocol):
-    """What the lazy req_to_token pool (`upstream.lazy_req_to_token`) adds to upstream's: the
-    hooks call it where the decision says tables are lazy."""
+    """What the lazy req_to_token pool (`upstream.lazy_req_to_token`) adds to
+    upstream's: the hooks call it where the decision says tables are lazy."""
 
     row_commit_failures: int
 
@@ -86,8 +84,8 @@ class SegmentSettings:
 
 @dataclasses.dataclass
 class KvAllocState:
-    """What the KV allocation layer built and measured under the decision: the start-up log,
-    `/server_info` (`internal_states[i].kv_alloc`) and the gauges read it."""
+    """What the KV allocation layer built and measured under the decision: the start-up
+    log, `/server_info` (`internal_states[i].kv_alloc`) and the gauges read it."""
 
     requested_context_length: int | None = None
     effective_context_length: int | None = None
@@ -105,8 +103,12 @@ class KvAllocState:
     row_room_bytes: int = 0
     run_time_room_bytes: int = 0
     # Live objects (not reported as such): segmented mode reads its figures from them.
-    allocator: BaseTokenToKVPoolAllocator | None = dataclasses.field(default=None, repr=False)
-    req_to_token_pool: ReqToTokenPool | None = dataclasses.field(default=None, repr=False)
+    allocator: BaseTokenToKVPoolAllocator | None = dataclasses.field(
+        default=None, repr=False
+    )
+    req_to_token_pool: ReqToTokenPool | None = dataclasses.field(
+        default=None, repr=False
+    )
 
 
 _NOT_REPORTED = ("allocator", "req_to_token_pool")
@@ -114,8 +116,9 @@ _NOT_REPORTED = ("allocator", "req_to_token_pool")
 
 class GraphBufferRegistry:
     """The lazy cuda-graph buffers of this process (each rank has its own): the decode
-    runner's and the draft runners', the verify masks and Llama-4's local-attention tables
-    found by the address of the tensor upstream holds, and how often a batch fell back."""
+    runner's and the draft runners', the verify masks and Llama-4's local-attention
+    tables found by the address of the tensor upstream holds, and how often a batch fell
+    back."""
 
     def __init__(self) -> None:
         self.buffers: list[LazyGraphBuffer] = []
@@ -145,8 +148,12 @@ class GraphBufferRegistry:
 
     def stats(self) -> dict[str, int]:
         return {
-            "cuda_graph_buffers_reserved_bytes": sum(b.layout.reserved_bytes for b in self.buffers),
-            "cuda_graph_buffers_committed_bytes": sum(b.committed_bytes for b in self.buffers),
+            "cuda_graph_buffers_reserved_bytes": sum(
+                b.layout.reserved_bytes for b in self.buffers
+            ),
+            "cuda_graph_buffers_committed_bytes": sum(
+                b.committed_bytes for b in self.buffers
+            ),
             "cuda_graph_eager_fallbacks": self.eager_fallbacks,
             "cuda_graph_draft_mask_fallbacks": self.draft_mask_fallbacks,
         }
@@ -166,14 +173,15 @@ class RopeCaches:
 
     def commit_up_to(self, capacity_tokens: int) -> None:
         """Segmented: commit every cache as far as a position can reach, the KV pool's
-        capacity plus upstream's margin (speculative tokens, safety), so nothing grows while
-        serving. Past that the reservation stays uncommitted (a 10M context over a 1M pool)."""
+        capacity plus upstream's margin (speculative tokens, safety), so nothing grows
+        while serving. Past that the reservation stays uncommitted (a 10M context over a
+        1M pool)."""
         for cache in self.caches:
             cache.grow(capacity_tokens + cache.margin)
 
     def complete(self) -> int:
-        """auto settled on static: commit every cache whole, as upstream would hold it (no
-        scheduler hook grows it later). Returns the bytes committed."""
+        """auto settled on static: commit every cache whole, as upstream would hold it
+        (no scheduler hook grows it later). Returns the bytes committed."""
         for cache in self.caches:
             cache.grow(cache.total)
         return self.committed_bytes
@@ -197,7 +205,7 @@ class DecisionMadeError(RuntimeError):
 
 
 class Runtime:
-    """The plugin's per-process state (see the module docstring)."""
+    """Segmented KV allocation's per-process state (see the module docstring)."""
 
     request: modes.KvAllocRequest | None
     device: str
@@ -240,14 +248,16 @@ class Runtime:
     def decide(self, decision: modes.ModeDecision) -> None:
         """Write the decision, once per process; the same decision again is a no-op."""
         if self._decision is not None and self._decision != decision:
-            raise DecisionMadeError(f"mode decided twice: {self._decision} then {decision}")
+            raise DecisionMadeError(
+                f"mode decided twice: {self._decision} then {decision}"
+            )
         self._decision = decision
 
     def segmented_allocator(
         self, allocator: BaseTokenToKVPoolAllocator | None
     ) -> SegmentedKvAllocator | None:
-        """``allocator`` as a segmented one where the KV pool is committed on demand, else
-        None (static, the tables-only variant, before the decision)."""
+        """``allocator`` as a segmented one where the KV pool is committed on demand,
+        else None (static, the tables-only variant, before the decision)."""
         if not self.decision.kv_on_demand or allocator is None:
             return None
         return cast(SegmentedKvAllocator, allocator)
@@ -263,10 +273,10 @@ class Runtime:
         return None if self.request is None else self.request.mode
 
     def segment_stats(self, include_resident: bool = False) -> dict[str, Any] | None:
-        """Segmented-mode figures (the KV segments' where the pool is committed on demand, the
-        tables' always). `include_resident` adds a mincore(2) scan of the whole
-        req_to_token reservation (82 GB at 10M context): for /server_info, not the periodic
-        metrics refresh."""
+        """Segmented-mode figures (the KV segments' where the pool is committed on
+        demand, the tables' always). `include_resident` adds a mincore(2) scan of the
+        whole req_to_token reservation (82 GB at 10M context): for /server_info, not the
+        periodic metrics refresh."""
         state, decision = self.state, self.decision
         if not decision.lazy_tables:
             return None
@@ -275,7 +285,9 @@ class Runtime:
         if self.graph.buffers:
             out.update(self.graph.stats())
         device = getattr(self.backings, "device", None)
-        if device is not None:  # the CUDA VMM backing: how much driver work serving took
+        if (
+            device is not None
+        ):  # the CUDA VMM backing: how much driver work serving took
             out["vmm"] = {
                 "device_synchronizes": int(getattr(device.api, "syncs", 0)),
                 "handles_created": device.handles_created,

@@ -1,7 +1,8 @@
-"""The CPU backing: an anonymous ``MAP_NORESERVE`` mapping committed and released in ranges.
+"""The CPU backing: an anonymous ``MAP_NORESERVE`` mapping committed and released in
+ranges.
 
-It implements upstream's `Backing` protocol (``sglang.srt.mem_cache.segmented.backing``) for
-the CPU engine; the CUDA one is `sglang_kvalloc.core.cuda_backing.CudaVmmBacking`.
+It implements upstream's `Backing` protocol (``sglang.srt.mem_cache.segmented.backing``)
+for the CPU engine; the CUDA one is `cuda_backing.CudaVmmBacking`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import platform
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from sglang.srt.mem_cache.segmented.backing import (
     PASSED,
     Backing,
@@ -25,7 +27,7 @@ from sglang.srt.mem_cache.segmented.backing import (
 from sglang.srt.mem_cache.segmented.geometry import align_up
 
 if TYPE_CHECKING:
-    from sglang_kvalloc.core.shared_budget import SharedBudget
+    from sglang.srt.mem_cache.segmented.shared_budget import SharedBudget
 
 __all__ = [
     "COMMIT_RESERVE_BYTES",
@@ -63,8 +65,9 @@ def _meminfo_available() -> int | None:
 def _cgroup_headroom() -> int | None:
     """Limit minus usage of this process's memory cgroup (v2 or v1), None if unlimited.
 
-    Usage counts the page cache too (log files written, model files read); its inactive part
-    is reclaimed before the OOM killer acts, so it is left out, as `docker stats` does."""
+    Usage counts the page cache too (log files written, model files read); its inactive
+    part is reclaimed before the OOM killer acts, so it is left out, as `docker stats`
+    does."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
@@ -101,8 +104,8 @@ def _cgroup_headroom() -> int | None:
 
 
 def available_memory_bytes() -> int | None:
-    """Memory a commit can still take: the kernel's MemAvailable, bounded by this process's
-    memory cgroup (a container limit); None if neither can be read."""
+    """Memory a commit can still take: the kernel's MemAvailable, bounded by this
+    process's memory cgroup (a container limit); None if neither can be read."""
     figures = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
     return min(figures) if figures else None
 
@@ -110,15 +113,17 @@ def available_memory_bytes() -> int | None:
 class CpuMmapBacking(CommittedRanges):
     """Anonymous private ``MAP_NORESERVE`` mapping exposed zero-copy as a torch tensor.
 
-    Reserving does not count against the commit limit under the default overcommit policy
-    (``vm.overcommit_memory`` 0 or 1), so an 82 GB reservation works on a 24 GB machine. Under
-    strict overcommit (mode 2) the kernel ignores ``MAP_NORESERVE`` and the reservation fails.
+    Reserving does not count against the commit limit under the default overcommit
+    policy (``vm.overcommit_memory`` 0 or 1), so an 82 GB reservation works on a 24 GB
+    machine. Under strict overcommit (mode 2) the kernel ignores ``MAP_NORESERVE`` and
+    the reservation fails.
 
-    ``release`` is ``MADV_DONTNEED``: RSS drops at once and the range reads back as zeros.
-    ``commit`` is ``MADV_POPULATE_WRITE`` (Linux >= 5.14), falling back to touching one byte per
-    OS page, so committed memory is really resident and a later kernel write cannot fault. A
-    commit the machine or its memory cgroup cannot hold raises MemoryError before touching
-    anything (populating it would summon the OOM killer instead of failing).
+    ``release`` is ``MADV_DONTNEED``: RSS drops at once and the range reads back as
+    zeros. ``commit`` is ``MADV_POPULATE_WRITE`` (Linux >= 5.14), falling back to
+    touching one byte per OS page, so committed memory is really resident and a later
+    kernel write cannot fault. A commit the machine or its memory cgroup cannot hold
+    raises MemoryError before touching anything (populating it would summon the OOM
+    killer instead of failing).
     """
 
     def __init__(
@@ -181,8 +186,9 @@ class CpuMmapBacking(CommittedRanges):
         self._committed.add(offset, offset + nbytes)
 
     def _check_available(self, nbytes: int) -> None:
-        """Refuse a commit the machine (or container) cannot hold: populating it anyway would
-        end in the OOM killer, not an error (another process may have taken the memory)."""
+        """Refuse a commit the machine (or container) cannot hold: populating it anyway
+        would end in the OOM killer, not an error (another process may have taken the
+        memory)."""
         if not self.check_available:
             return
         available = available_memory_bytes()
@@ -203,10 +209,11 @@ class CpuMmapBacking(CommittedRanges):
         self._committed.remove(offset, offset + nbytes)
 
     def discard(self, offset: int, nbytes: int) -> None:
-        """Drop whatever pages of a range are resident, committed explicitly or by first touch.
+        """Drop whatever pages of a range are resident, committed explicitly or by first
+        touch.
 
-        For tables written in place (req_to_token) whose pages the kernel commits on write:
-        `release` only acts on ranges `commit` accounted for.
+        For tables written in place (req_to_token) whose pages the kernel commits on
+        write: `release` only acts on ranges `commit` accounted for.
         """
         self._check_range(offset, nbytes)
         if nbytes == 0:
@@ -218,8 +225,9 @@ class CpuMmapBacking(CommittedRanges):
     def close(self) -> None:
         """Drop all physical memory and this object's references to the mapping.
 
-        The mapping itself is unmapped when the last tensor view dies: calling ``mmap.close``
-        under a live view would leave it dangling and segfault on the next access.
+        The mapping itself is unmapped when the last tensor view dies: calling
+        ``mmap.close`` under a live view would leave it dangling and segfault on the
+        next access.
         """
         if self._map is None:
             return
@@ -301,17 +309,20 @@ class CpuBackingFactory:
         return PASSED  # the CPU runs nothing behind the host's back
 
 
-def make_backing(device: str | torch.device, nbytes: int, granularity: int | None) -> Backing:
-    """A CPU backing; a CUDA one needs the driver API (`cuda_backing.CudaBackingFactory`,
-    built by the upstream layer from upstream's ``cuda_vmm_utils``)."""
+def make_backing(
+    device: str | torch.device, nbytes: int, granularity: int | None
+) -> Backing:
+    """A CPU backing; a CUDA one needs the driver API
+    (`cuda_backing.CudaBackingFactory`, built by the upstream layer from upstream's
+    ``cuda_vmm_utils``)."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return CpuMmapBacking(nbytes, granularity)
     if dev.type == "cuda":
         raise BackingUnavailableError(
             "a CUDA backing is built from the driver API: use "
-            "sglang_kvalloc.core.cuda_backing.CudaBackingFactory (the server builds it on "
-            "upstream's sglang.srt.utils.cuda_vmm_utils)"
+            "cuda_backing.CudaBackingFactory (the server builds it on "
+            "sglang.srt.utils.cuda_vmm_utils)"
         )
     raise BackingUnavailableError(
         f"--kv-alloc-mode segmented has no backing for device {str(dev)!r}; supported: cpu, cuda"

@@ -1,16 +1,20 @@
-"""Eviction by location: drop unreferenced prefix-cache KV that lives at or above a slot index.
+"""Eviction by location: drop unreferenced prefix-cache KV that lives at or above a slot
+index.
 
-Upstream evicts cached prefixes in LRU order, so one cached page in a high segment pins that
-segment (and every one below it) committed. When the server is idle, segmented mode first
-evicts every unreferenced cached node holding a slot at or above the retained segments, then
-LRU down to the retained budget; the emptied trailing segments can then be released.
+Upstream evicts cached prefixes in LRU order, so one cached page in a high segment pins
+that segment (and every one below it) committed. When the server is idle, segmented mode
+first evicts every unreferenced cached node holding a slot at or above the retained
+segments, then LRU down to the retained budget; the emptied trailing segments can then
+be released.
 
-Only leaves can be evicted (in both caches an internal node goes once its children have):
-- `UnifiedRadixCache` (the default in 0.5.23; Rust or Python tree core): walk the evictable
-  leaves the way upstream's own `_evict_components` does, evicting only the qualifying ones.
-  The walk helpers are private to 0.5.23, so without them this falls back to LRU eviction.
-- classic `RadixCache`: its eviction strategy is a plain object; for one `evict()` call it is
-  wrapped so qualifying leaves come first.
+Only leaves can be evicted (in both caches an internal node goes once its children
+have):
+- `UnifiedRadixCache` (the default in 0.5.23; Rust or Python tree core): walk the
+  evictable leaves the way upstream's own `_evict_components` does, evicting only the
+  qualifying ones. The walk helpers are private to 0.5.23, so without them this falls
+  back to LRU eviction.
+- classic `RadixCache`: its eviction strategy is a plain object; for one `evict()` call
+  it is wrapped so qualifying leaves come first.
 Locked (referenced) nodes are never touched: upstream's walks skip them.
 """
 
@@ -32,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def evict_at_or_above(cache: BasePrefixCache, boundary_slot: int) -> int:
-    """Evict every unreferenced cached node whose path holds a KV slot >= ``boundary_slot``
-    (whole unreferenced subtrees under it, since only leaves can go). Returns tokens freed."""
+    """Evict every unreferenced cached node whose path holds a KV slot >=
+    ``boundary_slot`` (whole unreferenced subtrees under it, since only leaves can go).
+    Returns tokens freed."""
     from sglang.srt.mem_cache.radix_cache import RadixCache
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
@@ -62,7 +67,11 @@ def _unified_evict_at_or_above(cache: UnifiedRadixCache, boundary_slot: int) -> 
 
     full = ComponentType.FULL
     core = cache.tree_core
-    walk_helpers = ("_evict_device_next_node", "_evict_device_leaf", "update_eviction_metrics")
+    walk_helpers = (
+        "_evict_device_next_node",
+        "_evict_device_leaf",
+        "update_eviction_metrics",
+    )
     if getattr(cache, "cache_controller", None) is not None or not all(
         hasattr(cache, name) for name in walk_helpers
     ):
@@ -102,8 +111,8 @@ def _unified_evict_at_or_above(cache: UnifiedRadixCache, boundary_slot: int) -> 
 
 
 class _AtOrAboveFirst:
-    """Eviction strategy: leaves under an unreferenced node holding a high slot come first,
-    then upstream's own order."""
+    """Eviction strategy: leaves under an unreferenced node holding a high slot come
+    first, then upstream's own order."""
 
     def __init__(self, base: EvictionStrategy, boundary_slot: int) -> None:
         self.base = base
@@ -129,7 +138,9 @@ def _radix_evict_at_or_above(cache: RadixCache, boundary_slot: int) -> int:
     while stack:
         node, under = stack.pop()
         if node.lock_ref == 0:
-            under = under or bool(node.value.numel() and int(node.value.max()) >= boundary_slot)
+            under = under or bool(
+                node.value.numel() and int(node.value.max()) >= boundary_slot
+            )
             if under:
                 qualifying += len(node.value)
         stack.extend((child, under) for child in node.children.values())

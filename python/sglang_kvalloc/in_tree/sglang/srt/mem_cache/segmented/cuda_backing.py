@@ -1,20 +1,24 @@
-"""A `Backing` on the CUDA driver's virtual memory API: reserve once, map segments in and out.
+"""A `Backing` on the CUDA driver's virtual memory API: reserve once, map segments in
+and out.
 
-- The whole range is reserved once (``cuMemAddressReserve``) and exposed as one tensor whose
-  address never changes, so CUDA graphs, the radix cache and every kernel see fixed indices.
-- Every granule that is not committed is mapped to one shared *scratch* handle (zero-filled,
-  one granule, kvcached's zero-page design): a kernel that touches an unbacked slot (graph
-  padding, a stray index) reads zeros instead of faulting, which would kill the process's
-  CUDA context. Commit swaps the scratch mappings of a range for one real handle; release
-  swaps them back. ``cuMemUnmap`` cannot unmap part of a mapping, so each committed range is
-  its own mapping with its own handle, and releases are of whole committed ranges.
-- A mapping changes only where no queued kernel can touch the range (kvcached's PR #465 saw
-  illegal accesses otherwise): after a device synchronize, or where the caller knows the
-  range is unused (``unused=True``: rows past every reader's reach, granules whose readers
-  finished behind a fence). Callers commit and release at scheduler sync points.
+- The whole range is reserved once (``cuMemAddressReserve``) and exposed as one tensor
+  whose address never changes, so CUDA graphs, the radix cache and every kernel see
+  fixed indices.
+- Every granule that is not committed is mapped to one shared *scratch* handle
+  (zero-filled, one granule, kvcached's zero-page design): a kernel that touches an
+  unbacked slot (graph padding, a stray index) reads zeros instead of faulting, which
+  would kill the process's CUDA context. Commit swaps the scratch mappings of a range
+  for one real handle; release swaps them back. ``cuMemUnmap`` cannot unmap part of a
+  mapping, so each committed range is its own mapping with its own handle, and releases
+  are of whole committed ranges.
+- A mapping changes only where no queued kernel can touch the range (kvcached's PR #465
+  saw illegal accesses otherwise): after a device synchronize, or where the caller knows
+  the range is unused (``unused=True``: rows past every reader's reach, granules whose
+  readers finished behind a fence). Callers commit and release at scheduler sync points.
 - A failed map is rolled back whole (the range goes back to scratch) and reported as a
-  failed commit (MemoryError); a range that cannot be given its scratch mappings back would
-  be an illegal address, so that is `VmmMappingLostError` and the backing refuses all use.
+  failed commit (MemoryError); a range that cannot be given its scratch mappings back
+  would be an illegal address, so that is `VmmMappingLostError` and the backing refuses
+  all use.
 - Handles come from the device's pool of pre-created ones (`vmm_device.VmmDevice`), so a
   commit usually only maps.
 """
@@ -25,6 +29,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from sglang.srt.mem_cache.segmented.backing import (
     Backing,
     CommittedRanges,
@@ -34,8 +39,7 @@ from sglang.srt.mem_cache.segmented.backing import (
     tensor_bytes,
 )
 from sglang.srt.mem_cache.segmented.geometry import align_up
-
-from sglang_kvalloc.core.vmm_device import (
+from sglang.srt.mem_cache.segmented.vmm_device import (
     CHUNKED_RESERVATION_MIN_CHUNKS,
     VmmApi,
     VmmDevice,
@@ -44,7 +48,7 @@ from sglang_kvalloc.core.vmm_device import (
 )
 
 if TYPE_CHECKING:
-    from sglang_kvalloc.core.shared_budget import SharedBudget
+    from sglang.srt.mem_cache.segmented.shared_budget import SharedBudget
 
 __all__ = [
     "CudaBackingFactory",
@@ -57,12 +61,14 @@ __all__ = [
 
 
 class _Reservation:
-    """The reserved range; unmapped and freed when the backing is closed and the last tensor
-    view over it is gone (a view over a freed range would read another allocation).
+    """The reserved range; unmapped and freed when the backing is closed and the last
+    tensor view over it is gone (a view over a freed range would read another
+    allocation).
 
     A large range maps the device's scratch chunk handle chunk by chunk (one mapping for
-    several granules: see `SCRATCH_CHUNK_GRANULES`); the first commit in a chunk breaks it
-    into granule mappings (`split`), so the chunk's other granules still read scratch."""
+    several granules: see `SCRATCH_CHUNK_GRANULES`); the first commit in a chunk breaks
+    it into granule mappings (`split`), so the chunk's other granules still read
+    scratch."""
 
     def __init__(self, device: VmmDevice, size: int) -> None:
         self.device = device
@@ -75,13 +81,17 @@ class _Reservation:
         self.chunk = chunk if size >= CHUNKED_RESERVATION_MIN_CHUNKS * chunk else 0
         # Chunks still mapped whole to the scratch chunk handle.
         self.intact: set[int] = set()
-        self.address = int(api.check(drv.cuMemAddressReserve(size, g, 0, 0), "cuMemAddressReserve"))
+        self.address = int(
+            api.check(drv.cuMemAddressReserve(size, g, 0, 0), "cuMemAddressReserve")
+        )
         mapped = 0
         try:
             whole = size // self.chunk * self.chunk if self.chunk else 0
             for offset in range(0, whole, self.chunk or 1):
                 api.check(
-                    drv.cuMemMap(self.address + offset, chunk, 0, device.scratch_chunk(), 0),
+                    drv.cuMemMap(
+                        self.address + offset, chunk, 0, device.scratch_chunk(), 0
+                    ),
                     "cuMemMap(scratch chunk)",
                 )
                 self.intact.add(offset // chunk)
@@ -93,7 +103,9 @@ class _Reservation:
                 )
                 mapped = offset + g
             api.check(
-                drv.cuMemSetAccess(self.address, size, device.access, len(device.access)),
+                drv.cuMemSetAccess(
+                    self.address, size, device.access, len(device.access)
+                ),
                 "cuMemSetAccess",
             )
         except BaseException:
@@ -116,13 +128,16 @@ class _Reservation:
         return lo, hi
 
     def split(self, offset: int, nbytes: int) -> None:
-        """Break the intact scratch chunks ``[offset, offset + nbytes)`` touches into granule
-        mappings of the scratch handle. MemoryError (nothing changed) if the driver refuses to
-        unmap one; `VmmMappingLostError` if a chunk cannot be mapped again."""
+        """Break the intact scratch chunks ``[offset, offset + nbytes)`` touches into
+        granule mappings of the scratch handle. MemoryError (nothing changed) if the
+        driver refuses to unmap one; `VmmMappingLostError` if a chunk cannot be mapped
+        again."""
         if not self.chunk or nbytes <= 0:
             return
         drv = self.device.api.driver
-        for index in range(offset // self.chunk, (offset + nbytes - 1) // self.chunk + 1):
+        for index in range(
+            offset // self.chunk, (offset + nbytes - 1) // self.chunk + 1
+        ):
             if index not in self.intact:
                 continue
             result = drv.cuMemUnmap(self.address + index * self.chunk, self.chunk)
@@ -132,15 +147,17 @@ class _Reservation:
             self.map_scratch(index * self.chunk, self.chunk)
 
     def map_scratch(self, offset: int, nbytes: int) -> None:
-        """Map the scratch handle over ``[offset, offset + nbytes)`` (unmapped now), granule
-        by granule, retrying a failed map once; a range left with any hole is
+        """Map the scratch handle over ``[offset, offset + nbytes)`` (unmapped now),
+        granule by granule, retrying a failed map once; a range left with any hole is
         `VmmMappingLostError` (an access there would kill the CUDA context)."""
         api = self.device.api
         drv = api.driver
         g = self.device.granularity
         for start in range(offset, offset + nbytes, g):
             address = self.address + start
-            if drv.cuMemMap(address, g, 0, self.device.scratch, 0)[0] == driver_success(drv):
+            if drv.cuMemMap(address, g, 0, self.device.scratch, 0)[0] == driver_success(
+                drv
+            ):
                 continue
             result = drv.cuMemMap(address, g, 0, self.device.scratch, 0)
             if result[0] != driver_success(drv):
@@ -150,7 +167,10 @@ class _Reservation:
                 )
         for _attempt in range(2):
             result = drv.cuMemSetAccess(
-                self.address + offset, nbytes, self.device.access, len(self.device.access)
+                self.address + offset,
+                nbytes,
+                self.device.access,
+                len(self.device.access),
             )
             if result[0] == driver_success(drv):
                 return
@@ -168,7 +188,7 @@ class _Reservation:
             # Everything is mapped (scratch or real): one unmap over the whole range.
             api.driver.cuMemUnmap(self.address, self.size)
             api.driver.cuMemAddressFree(self.address, self.size)
-        except Exception:  # noqa: BLE001 - interpreter shutdown; the driver frees it anyway
+        except Exception:  # noqa: BLE001 - at exit the driver frees it anyway
             pass
         self.address = 0
 
@@ -195,8 +215,8 @@ class CudaVmmBacking(CommittedRanges):
         return self._address
 
     def remap_span(self, offset: int, nbytes: int) -> tuple[int, int]:
-        """The range a commit of ``[offset, offset + nbytes)`` would unmap (it may be wider:
-        a scratch chunk still mapped whole)."""
+        """The range a commit of ``[offset, offset + nbytes)`` would unmap (it may be
+        wider: a scratch chunk still mapped whole)."""
         return self._live().remap_span(offset, nbytes)
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -207,10 +227,10 @@ class CudaVmmBacking(CommittedRanges):
         )
 
     def commit(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
-        """Back ``[offset, offset + nbytes)`` with one new mapping; a no-op if exactly that is
-        committed. MemoryError (nothing changed) if the device cannot back it or the driver
-        refuses the mapping (rolled back whole). ``unused``: no queued kernel touches the
-        range, so no device synchronize first."""
+        """Back ``[offset, offset + nbytes)`` with one new mapping; a no-op if exactly
+        that is committed. MemoryError (nothing changed) if the device cannot back it or
+        the driver refuses the mapping (rolled back whole). ``unused``: no queued kernel
+        touches the range, so no device synchronize first."""
         reservation = self._live()
         self._check_range(offset, nbytes)
         if nbytes == 0:
@@ -255,9 +275,10 @@ class CudaVmmBacking(CommittedRanges):
         self._committed.add(offset, offset + nbytes)
 
     def release(self, offset: int, nbytes: int, *, unused: bool = False) -> None:
-        """Unmap the committed ranges inside ``[offset, offset + nbytes)`` (whole mappings
-        only) and map the scratch handle there again; a no-op where nothing is committed.
-        ``unused``: no queued kernel touches the range, so no device synchronize first."""
+        """Unmap the committed ranges inside ``[offset, offset + nbytes)`` (whole
+        mappings only) and map the scratch handle there again; a no-op where nothing is
+        committed. ``unused``: no queued kernel touches the range, so no device
+        synchronize first."""
         reservation = self._live()
         self._check_range(offset, nbytes)
         if nbytes == 0 or self._committed.overlap(offset, offset + nbytes) == 0:
@@ -280,7 +301,9 @@ class CudaVmmBacking(CommittedRanges):
             self._sync()
         for start in inside:
             size, handle = self._mappings[start]
-            result = self.device.api.driver.cuMemUnmap(reservation.address + start, size)
+            result = self.device.api.driver.cuMemUnmap(
+                reservation.address + start, size
+            )
             if result[0] != driver_success(self.device.api.driver):
                 # Still mapped to its handle: committed as before, nothing lost.
                 raise RuntimeError(f"cuMemUnmap failed: {result[0]}")
@@ -295,7 +318,9 @@ class CudaVmmBacking(CommittedRanges):
             self._broken = f"a mapping at {address:#x} could not be undone"
             raise VmmMappingLostError(self._broken)
 
-    def _guarded_map_scratch(self, reservation: _Reservation, offset: int, nbytes: int) -> None:
+    def _guarded_map_scratch(
+        self, reservation: _Reservation, offset: int, nbytes: int
+    ) -> None:
         try:
             reservation.map_scratch(offset, nbytes)
         except VmmMappingLostError as exc:
