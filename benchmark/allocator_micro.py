@@ -29,12 +29,11 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
-from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream.segmented import (
+from sglang.srt.mem_cache.segmented.kv_allocators import (
     SegmentedPagedTokenToKVPoolAllocator,
     SegmentedTokenToKVPoolAllocator,
 )
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 SEGMENT_TOKENS = 4096
 ROW_BYTES = 1  # one byte per token and buffer: the backing is exercised, memory stays small

@@ -18,17 +18,16 @@ import pytest
 import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented import kv_allocators as allocators
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
-from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream.segmented import (
-    SegmentedMHATokenToKVPool,
+from sglang.srt.mem_cache.segmented.kv_allocators import (
     SegmentedPagedTokenToKVPoolAllocator,
     SegmentedTokenToKVPoolAllocator,
-    allocators,
 )
+from sglang.srt.mem_cache.segmented.kv_pools import SegmentedMHATokenToKVPool
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 IMPLS = ["upstream", "segmented"]
 

@@ -34,9 +34,14 @@ def test_every_row_names_a_test_and_each_test_exists() -> None:
 
 def test_every_refusal_quoted_is_the_line_the_code_says() -> None:
     """The quoted refusals are the code's own lines (flag values as in the first example)."""
+    package = REPO / "python" / "sglang_kvalloc"
     source = "".join(
-        (REPO / "python" / "sglang_kvalloc" / "upstream" / f).read_text()
-        for f in ("refusals.py", "pools.py", "backing_choice.py")
+        (package / f).read_text()
+        for f in (
+            "upstream/refusals.py",
+            "upstream/pools.py",
+            "in_tree/sglang/srt/mem_cache/segmented/backing_choice.py",
+        )
     )
     # The code writes its lines as adjacent f-string literals: compare word by word.
     words = set(re.findall(r"[\w\-']+", source))
@@ -72,11 +77,9 @@ def test_devices_segmented_cannot_back_are_refused_in_one_line(
 ) -> None:
     """A device without a backing, upstream's post-capture KV sizing, ROCm: one line each."""
     import torch
-    from sglang.srt.mem_cache.segmented import modes
+    from sglang.srt.mem_cache.segmented import backing_choice, modes
     from sglang.srt.mem_cache.segmented.backing import BackingUnavailableError
     from sglang.srt.mem_cache.segmented.cuda_vmm import UpstreamVmmApi
-
-    from sglang_kvalloc.upstream import backing_choice
 
     with pytest.raises(modes.KvAllocModeError, match="no backing for device 'npu'") as npu:
         backing_choice.open_backings("npu")

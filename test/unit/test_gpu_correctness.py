@@ -15,23 +15,22 @@ import pytest
 import torch
 from decisions import decide, note_request
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import (
+    backing_choice,
+    kv_allocators,
+    kv_pools,
+    lazy_req_to_token,
+    modes,
+)
 from sglang.srt.mem_cache.segmented.cuda_backing import (
     CudaBackingFactory,
     CudaVmmBacking,
     VmmDevice,
     VmmMappingLostError,
 )
-from sglang.srt.mem_cache.segmented import lazy_req_to_token
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import (
-    backing_choice,
-    pools,
-    rope,
-    scheduler_loop,
-    segmented,
-)
+from sglang_kvalloc.upstream import plugin, pools, scheduler_loop
 
 G = 2 * MIB
 
@@ -97,7 +96,7 @@ def test_segmented_rope_cache_stays_float32_and_equals_upstream_to_2m_positions(
     context = 2_000_000
     module, reference = _cuda_rope(monkeypatch, 64, llama3), _cuda_rope(monkeypatch, 64, llama3)
     assert module.cos_sin_cache.dtype == torch.float32 and not module.use_fallback_kernel
-    rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(context))
+    plugin.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(context))
     upstream_reserve(_wrap(reference), _model_config(context))
     assert module.cos_sin_cache.dtype == torch.float32  # upstream's JIT kernel requires it
     assert module.cos_sin_cache.shape == reference.cos_sin_cache.shape  # the reservation
@@ -117,7 +116,7 @@ def test_rope_under_upstreams_fallback_kernel_is_stored_as_its_forward_casts_it(
     note_request(modes.SEGMENTED)
     module = _cuda_rope(monkeypatch, 96)
     assert module.use_fallback_kernel
-    rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(100_000))
+    plugin.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(100_000))
     assert module.cos_sin_cache.dtype == torch.bfloat16
 
 
@@ -132,7 +131,7 @@ def test_auto_at_the_models_own_context_leaves_rope_exactly_as_upstream(
     monkeypatch.setattr(backing_choice, "open_backings", no_backing)
     module, reference = _cuda_rope(monkeypatch, 128), _cuda_rope(monkeypatch, 128)
     model, twin = _wrap(module), _wrap(reference)
-    rope.around_reserve_rope_cache(upstream_reserve, model, _model_config(8192))
+    plugin.around_reserve_rope_cache(upstream_reserve, model, _model_config(8192))
     upstream_reserve(twin, _model_config(8192))
     ours = dict(model.named_buffers())
     theirs = dict(twin.named_buffers())
@@ -150,7 +149,7 @@ def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
     note_request(modes.AUTO)
     decide(modes.STATIC, requested=modes.AUTO)
     module, reference = _cuda_rope(monkeypatch, 64), _cuda_rope(monkeypatch, 64)
-    rope.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(40_000))
+    plugin.around_reserve_rope_cache(upstream_reserve, _wrap(module), _model_config(40_000))
     upstream_reserve(_wrap(reference), _model_config(40_000))
     assert RUNTIME.rope
     calls = []
@@ -355,8 +354,10 @@ def test_steady_serving_makes_no_device_synchronize(
 
     monkeypatch.setattr(RUNTIME.settings, "segment_tokens", 4096)
     api = fake_gpu.device.api
-    kv = segmented.SegmentedMHATokenToKVPool(60_000, 1, torch.float32, 1, 512, 1, "cpu", False)
-    allocator = segmented.SegmentedTokenToKVPoolAllocator(60_000, torch.float32, "cpu", kv, False)
+    kv = kv_pools.SegmentedMHATokenToKVPool(60_000, 1, torch.float32, 1, 512, 1, "cpu", False)
+    allocator = kv_allocators.SegmentedTokenToKVPoolAllocator(
+        60_000, torch.float32, "cpu", kv, False
+    )
     pool = lazy_req_to_token.SegmentedReqToTokenPool(16, 1_000_000, "cpu", False)
     running: list = []
     waiting: list = []
@@ -413,8 +414,8 @@ def test_steady_serving_makes_no_device_synchronize(
 def test_the_padding_slot_reads_zeros_like_upstreams_pool(fake_gpu) -> None:
     """Padded cuda-graph batches read KV slot 0; upstream's pools are `torch.zeros`, and a
     GPU's freshly committed memory is not (the fake's is dirty)."""
-    pool = segmented.SegmentedMHATokenToKVPool(8192, 16, torch.float32, 2, 64, 2, "cpu", False)
-    segmented.SegmentedPagedTokenToKVPoolAllocator(8192, 16, torch.float32, "cpu", pool, False)
+    pool = kv_pools.SegmentedMHATokenToKVPool(8192, 16, torch.float32, 2, 64, 2, "cpu", False)
+    kv_allocators.SegmentedPagedTokenToKVPoolAllocator(8192, 16, torch.float32, "cpu", pool, False)
     assert pool.segmented_buffers.committed_segments >= 1  # segment 0, by the allocator
     for buffer in (*pool.k_buffer, *pool.v_buffer):
         assert int(buffer[:16].count_nonzero()) == 0

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import lazy_req_to_token
+from sglang.srt.mem_cache.segmented import kv_allocators, kv_pools, lazy_req_to_token
 from sglang.srt.mem_cache.segmented.cuda_backing import (
     CudaBackingFactory,
     CudaVmmBacking,
@@ -21,8 +21,6 @@ from sglang.srt.mem_cache.segmented.cuda_backing import (
 )
 from sglang.srt.mem_cache.segmented.row_commits import RowCommits
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream import segmented
 
 G = 64 * 1024  # small granules keep the fake's memfds small
 
@@ -146,9 +144,9 @@ def test_segmented_kv_pool_and_allocator_on_the_vmm_backing(fake_cuda_settings) 
     """Upstream's MHA pool class (segmented) with its buffers on the CUDA backing: data lands
     at the slots the allocator hands out, across segments, and released memory reads zero."""
     factory, driver = fake_cuda_settings
-    pool = segmented.SegmentedMHATokenToKVPool(8192, 1, torch.float32, 2, 16, 2, "cpu", False)
+    pool = kv_pools.SegmentedMHATokenToKVPool(8192, 1, torch.float32, 2, 16, 2, "cpu", False)
     assert all(isinstance(b, CudaVmmBacking) for b in pool.segmented_buffers.backings)
-    alloc = segmented.SegmentedTokenToKVPoolAllocator(8192, torch.float32, "cpu", pool, False)
+    alloc = kv_allocators.SegmentedTokenToKVPoolAllocator(8192, torch.float32, "cpu", pool, False)
     alloc.scheduler_step(3000)
     slots = alloc.alloc(3000)
     assert slots is not None

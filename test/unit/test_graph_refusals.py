@@ -117,7 +117,9 @@ def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None
     """Explicit segmented: a one-line KvAllocModeError naming the backend and the flags (the
     launcher prints it and exits); auto meets the same error where it opens the backings and
     falls back to static if static fits."""
-    from sglang_kvalloc.upstream import backing_choice, pools
+    from sglang.srt.mem_cache.segmented import backing_choice
+
+    from sglang_kvalloc.upstream import pools
 
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     with pytest.raises(modes.KvAllocModeError) as refused:
@@ -156,7 +158,9 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     """DP attention ranks choose graph or eager together before each forward, pipeline stages
     schedule apart; segmented agrees within attention TP only, so it refuses (auto then keeps
     static where static fits, as for any refusal from `_open_backings`)."""
-    from sglang_kvalloc.upstream import backing_choice, pools
+    from sglang.srt.mem_cache.segmented import backing_choice
+
+    from sglang_kvalloc.upstream import pools
 
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton", **flags)
@@ -172,7 +176,9 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
 def test_the_memory_saver_is_served(monkeypatch) -> None:
     """Segmented mode releases its own memory with /release_memory_occupation (issue 35);
     torch_memory_saver keeps the weights and graphs."""
-    from sglang_kvalloc.upstream import backing_choice, pools, refusals
+    from sglang.srt.mem_cache.segmented import backing_choice
+
+    from sglang_kvalloc.upstream import pools, refusals
 
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
@@ -196,7 +202,9 @@ def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     """Each of these would go wrong without a word on a GPU (see
     refusals.unsupported_feature); auto then keeps static where static fits, as for every
     refusal from `_open_backings`."""
-    from sglang_kvalloc.upstream import backing_choice, pools, refusals
+    from sglang.srt.mem_cache.segmented import backing_choice
+
+    from sglang_kvalloc.upstream import pools, refusals
 
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     monkeypatch.setattr(RUNTIME, "backings", types.SimpleNamespace(faults_in=False))

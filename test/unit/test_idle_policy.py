@@ -15,14 +15,13 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.mem_cache.segmented import kv_allocators
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
-
-from sglang_kvalloc.upstream import segmented
 
 SIZE = 4096
 SEGMENT = 256
@@ -36,8 +35,8 @@ def _allocator(page_size: int):
         segmented_buffers=SegmentedBuffers.create(geometry, [row, row], CpuBackingFactory())
     )
     if page_size == 1:
-        return segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kv, False)
-    return segmented.SegmentedPagedTokenToKVPoolAllocator(
+        return kv_allocators.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kv, False)
+    return kv_allocators.SegmentedPagedTokenToKVPoolAllocator(
         SIZE, page_size, torch.float32, "cpu", kv, False
     )
 

@@ -161,4 +161,4 @@ def test_the_series_names_of_the_other_modules_are_the_plugins_own_objects(
     assert finder.find_spec("sglang.srt.kvalloc.no_such_module") is None
     assert finder.find_spec("sglang.srt.managers") is None  # upstream's names are upstream's
     monkeypatch.setattr(in_tree_finder, "_upstream_has_series_package", lambda: True)
-    assert finder.find_spec("sglang.srt.kvalloc.upstream.metrics") is None
+    assert finder.find_spec("sglang.srt.mem_cache.segmented.metrics") is None

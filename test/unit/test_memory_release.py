@@ -15,7 +15,7 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import lazy_req_to_token, modes
+from sglang.srt.mem_cache.segmented import lazy_req_to_token, memory_release, modes
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
@@ -25,7 +25,7 @@ from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import memory_release, scheduler_loop
+from sglang_kvalloc.upstream import plugin, scheduler_loop
 
 G = 2 * MIB
 
@@ -184,7 +184,7 @@ def test_the_product_leaves_upstreams_release_alone_and_the_cpu_engine_fix_is_th
     request = types.SimpleNamespace(tags=["kv_cache"])
     scheduler = types.SimpleNamespace(token_to_kv_pool_allocator=None, req_to_token_pool=None)
     updater = types.SimpleNamespace(scheduler=scheduler)
-    product = memory_release.around_release_memory_occupation
+    product = plugin.around_release_memory_occupation
     assert product(upstream_release, updater, request) == "released"
     assert seen == [bare()] and not RUNTIME.state.kv_released
     monkeypatch.setattr(cpu_engine_rl, "cpu_engine", lambda: True)

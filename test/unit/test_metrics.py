@@ -9,8 +9,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
-
-from sglang_kvalloc.upstream import metrics
+from sglang.srt.mem_cache.segmented import metrics
 
 
 class RecordingGauge:

@@ -15,7 +15,7 @@ from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmD
 from sglang.srt.mem_cache.segmented.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import refusals, req_pool_builders
+from sglang_kvalloc.upstream import plugin, refusals
 
 MB = 1 << 20
 CONTEXT = 10_000_000  # a 10M-context decode server: 40 MB a row
@@ -87,15 +87,11 @@ def test_the_decode_pool_hook_builds_the_lazy_pool_only_in_segmented_mode(monkey
     kwargs = dict(max_num_reqs=4, extra_max_context_len=0, pre_alloc_size=8)
     decide(modes.STATIC)
     assert (
-        req_pool_builders.around_build_decode_req_pool(
-            lambda c, **k: upstream, configurator, **kwargs
-        )
+        plugin.around_build_decode_req_pool(lambda c, **k: upstream, configurator, **kwargs)
         is upstream
     )
     decide(modes.SEGMENTED, kv_pool_problem="PD: the KV pool stays upstream's")
-    pool = req_pool_builders.around_build_decode_req_pool(
-        lambda c, **k: upstream, configurator, **kwargs
-    )
+    pool = plugin.around_build_decode_req_pool(lambda c, **k: upstream, configurator, **kwargs)
     assert isinstance(pool, SegmentedDecodeReqToTokenPool)
     assert pool.req_to_token.shape == (13, CONTEXT) and pool.pre_alloc_size == 8
 

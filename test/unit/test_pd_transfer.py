@@ -13,13 +13,14 @@ import pytest
 import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
+from sglang.srt.mem_cache.segmented import kv_allocators
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import pd_transfer, pool_kind, scheduler_loop, segmented
+from sglang_kvalloc.upstream import pd_transfer, pool_kind, scheduler_loop
 
 SIZE = 4096
 SEGMENT = 1024  # 4 segments; the first holds the padding slot
@@ -50,14 +51,14 @@ class RecordingEngine:
 
 
 @pytest.fixture
-def allocator(monkeypatch: pytest.MonkeyPatch) -> segmented.SegmentedTokenToKVPoolAllocator:
+def allocator(monkeypatch: pytest.MonkeyPatch) -> kv_allocators.SegmentedTokenToKVPoolAllocator:
     decide("segmented")
     monkeypatch.setattr(RUNTIME.settings, "hold_off_s", 0.0)
     geometry = SegmentGeometry(SIZE + 1, SEGMENT, 1)
     buffers = SegmentedBuffers.create(geometry, ROW_BYTES, CpuBackingFactory())
     RUNTIME.kv_buffers.append(buffers)
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)
-    made = segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)
+    made = kv_allocators.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)
     RUNTIME.state.allocator = made
     return made
 
@@ -89,7 +90,7 @@ def _segment_regions(buffers: SegmentedBuffers, seg: int) -> dict[int, int]:
 
 
 def test_the_transfer_engine_registers_committed_segments_only(
-    allocator: segmented.SegmentedTokenToKVPoolAllocator,
+    allocator: kv_allocators.SegmentedTokenToKVPoolAllocator,
 ) -> None:
     buffers = RUNTIME.kv_buffers[0]
     manager = _manager(buffers)
@@ -161,7 +162,7 @@ def test_no_run_of_slots_handed_out_crosses_a_segment_start(seed: int) -> None:
 
 
 def test_a_segment_the_engine_cannot_register_is_a_failed_commit(
-    allocator: segmented.SegmentedTokenToKVPoolAllocator,
+    allocator: kv_allocators.SegmentedTokenToKVPoolAllocator,
 ) -> None:
     buffers = RUNTIME.kv_buffers[0]
     manager = _manager(buffers)
@@ -176,7 +177,7 @@ def test_a_segment_the_engine_cannot_register_is_a_failed_commit(
 
 
 def test_a_transfer_outside_committed_memory_is_refused(
-    allocator: segmented.SegmentedTokenToKVPoolAllocator,
+    allocator: kv_allocators.SegmentedTokenToKVPoolAllocator,
 ) -> None:
     limit = allocator.committed_slot_limit()
     assert limit == SEGMENT  # the first segment: slots 0..1023
@@ -228,7 +229,7 @@ def _decode_queue(allocator, prompts, max_new, retracted=()) -> types.SimpleName
 
 
 def test_the_decode_side_commits_ahead_for_its_queue_and_admits_by_committed_memory(
-    allocator: segmented.SegmentedTokenToKVPoolAllocator, monkeypatch: pytest.MonkeyPatch
+    allocator: kv_allocators.SegmentedTokenToKVPoolAllocator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No speculative decoding: one slot per decode step (upstream's spec settings unpublished).
     monkeypatch.setattr(scheduler_loop, "decode_slots", lambda: (1, 2))

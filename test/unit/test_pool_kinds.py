@@ -17,15 +17,16 @@ from decisions import decide
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATokenToKVPool
-from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
-
-from sglang_kvalloc.upstream import kv_pool_builders, pools, segmented
-from sglang_kvalloc.upstream.segmented import (
+from sglang.srt.mem_cache.segmented import kv_allocators
+from sglang.srt.mem_cache.segmented.kv_pools import (
     SegmentedMHATokenToKVPool,
     SegmentedMLATokenToKVPool,
-    SegmentedSWATokenToKVPoolAllocator,
 )
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
+from sglang.srt.mem_cache.segmented.swa_allocator import SegmentedSWATokenToKVPoolAllocator
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+from sglang_kvalloc.upstream import kv_pool_builders, pools
 
 FULL_SIZE = 2048
 SWA_SIZE = 1024
@@ -187,7 +188,7 @@ def test_mla_pool_matches_upstream_and_commits_with_use() -> None:
     start = buffers.committed_bytes
     assert start < theirs.get_kv_size_bytes() // 4
 
-    a = segmented.segmented_allocator_for(FULL_SIZE, 1, torch.bfloat16, "cpu", ours, False)
+    a = kv_allocators.segmented_allocator_for(FULL_SIZE, 1, torch.bfloat16, "cpu", ours, False)
     a.scheduler_step(1500)
     loc = a.alloc(1500)
     assert loc is not None and buffers.committed_bytes > start
@@ -260,8 +261,7 @@ def test_deepseek_rope_cache_grows_lazily_to_upstreams_values() -> None:
     """DeepSeek's YaRN RoPE (its own forwards and incremental growth) grows with the positions
     in use, row for row what upstream's own cache of the full length holds."""
     from sglang.srt.layers.rotary_embedding.rope_variant import DeepseekScalingRotaryEmbedding
-
-    from sglang_kvalloc.upstream import rope
+    from sglang.srt.mem_cache.segmented import rope
 
     def make(max_positions: int) -> DeepseekScalingRotaryEmbedding:
         return DeepseekScalingRotaryEmbedding(
@@ -351,7 +351,7 @@ def test_fp8_kv_pool_stores_what_upstreams_stores() -> None:
         (b.shape, b.dtype) for b in theirs.k_buffer
     ]
     assert ours.get_kv_size_bytes() == theirs.get_kv_size_bytes()
-    a = segmented.segmented_allocator_for(FULL_SIZE, 1, torch.float8_e4m3fn, "cpu", ours, False)
+    a = kv_allocators.segmented_allocator_for(FULL_SIZE, 1, torch.float8_e4m3fn, "cpu", ours, False)
     start = ours.segmented_buffers.committed_bytes
     a.scheduler_step(700)
     loc = a.alloc(700)

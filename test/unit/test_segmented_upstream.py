@@ -13,12 +13,11 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.mem_cache.segmented import kv_allocators
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream import segmented
 
 SIZE = 4096
 SEGMENT = 256
@@ -30,8 +29,10 @@ def _segmented_allocator(page_size: int, monkeypatch: pytest.MonkeyPatch):
     buffers = SegmentedBuffers.create(geometry, [64, 64], CpuBackingFactory())
     kvcache = types.SimpleNamespace(segmented_buffers=buffers)
     if page_size == 1:
-        return segmented.SegmentedTokenToKVPoolAllocator(SIZE, torch.float32, "cpu", kvcache, False)
-    return segmented.SegmentedPagedTokenToKVPoolAllocator(
+        return kv_allocators.SegmentedTokenToKVPoolAllocator(
+            SIZE, torch.float32, "cpu", kvcache, False
+        )
+    return kv_allocators.SegmentedPagedTokenToKVPoolAllocator(
         SIZE, page_size, torch.float32, "cpu", kvcache, False
     )
 

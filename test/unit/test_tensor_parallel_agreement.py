@@ -29,16 +29,16 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=2)
+        from sglang.srt.mem_cache.segmented import kv_allocators
         from sglang.srt.mem_cache.segmented.runtime import RUNTIME
         from test_allocator_contracts import _buffers
 
-        from sglang_kvalloc.upstream import segmented
         from sglang_kvalloc.upstream.pools import make_rank_agreement
 
         RUNTIME.settings.agree = make_rank_agreement(dist.group.WORLD)
         RUNTIME.settings.hold_off_s = 0.0
         kv = _buffers(64, 1, 4)  # 16 segments of 4 slots
-        a = segmented.SegmentedTokenToKVPoolAllocator(64, torch.int64, "cpu", kv, False)
+        a = kv_allocators.SegmentedTokenToKVPoolAllocator(64, torch.int64, "cpu", kv, False)
         seg = a._segments
         seg.retry_s = 0.0
         buffers_commit = seg.on_commit
@@ -65,13 +65,13 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         seen["slots"] = None if y is None else y.tolist()
         a.free(x)
         a.free(y)
-        for _ in range(segmented.SHRINK_CHECK_EVERY_ITERATIONS):  # on every rank alike
+        for _ in range(kv_allocators.SHRINK_CHECK_EVERY_ITERATIONS):  # on every rank alike
             a.scheduler_step(0)
         seen["committed_after_shrink"] = seg.committed_segments
         # RL's release and resume (issue 35), on every rank as upstream calls them: nothing
         # is agreed while released (no collective: a rank waiting on one would hang).
         seen["suspended_segments"] = a.suspend()
-        for _ in range(segmented.SHRINK_CHECK_EVERY_ITERATIONS):
+        for _ in range(kv_allocators.SHRINK_CHECK_EVERY_ITERATIONS):
             a.scheduler_step(20)
         seen["available_released"] = a.available_size()
         a.resume()

@@ -33,8 +33,7 @@ def segmented_mha_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
     if not builds_kv_on_demand(self):
         return pool_class
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
+    from sglang.srt.mem_cache.segmented.kv_pools import SegmentedMHATokenToKVPool
 
     if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
         name = getattr(pool_class, "__name__", "?")
@@ -63,8 +62,7 @@ def segmented_swa_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
     if not builds_kv_on_demand(self):
         return pool_class
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMHATokenToKVPool
+    from sglang.srt.mem_cache.segmented.kv_pools import SegmentedMHATokenToKVPool
 
     return _segmented_class(pool_class, MHATokenToKVPool, SegmentedMHATokenToKVPool)
 
@@ -79,8 +77,7 @@ def segmented_mla_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
     if not builds_kv_on_demand(self):
         return pool_class
     from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
-
-    from sglang_kvalloc.upstream.segmented.kv_pools import SegmentedMLATokenToKVPool
+    from sglang.srt.mem_cache.segmented.kv_pools import SegmentedMLATokenToKVPool
 
     return _segmented_class(pool_class, MLATokenToKVPool, SegmentedMLATokenToKVPool)
 
@@ -102,9 +99,8 @@ def segment_aware_allocator(
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-
-    from sglang_kvalloc.upstream.segmented.allocators import segmented_allocator_for
-    from sglang_kvalloc.upstream.segmented.swa_allocator import (
+    from sglang.srt.mem_cache.segmented.kv_allocators import segmented_allocator_for
+    from sglang.srt.mem_cache.segmented.swa_allocator import (
         SegmentedSWATokenToKVPoolAllocator,
     )
 

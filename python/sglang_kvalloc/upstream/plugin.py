@@ -9,23 +9,38 @@ from __future__ import annotations
 import logging
 import sys
 
+from sglang.srt.mem_cache.segmented import (
+    cpu_attention,
+    memory_release,
+    metrics,
+    report,
+    req_pool_builders,
+    rope,
+)
+
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
 from sglang_kvalloc.upstream import (
     attention_graph_buffers,
     auto,
     cli,
-    cpu_attention,
     kv_pool_builders,
-    memory_release,
-    metrics,
     pd_transfer,
     pools,
-    report,
-    req_pool_builders,
-    rope,
     scheduler_loop,
     settings,
 )
+from sglang_kvalloc.upstream.inline import argument, done_instead, instead, then
+
+# The plugin's form of the AROUND hooks the series writes as inline calls (upstream/inline.py):
+# each wraps the very function the series calls in upstream's function.
+around_reserve_rope_cache = done_instead(rope.rope_reserved_lazily)
+around_build_default_req_pool = instead(req_pool_builders.segmented_default_req_pool)
+around_build_decode_req_pool = instead(req_pool_builders.segmented_decode_req_pool)
+around_sdpa_forward_extend = argument(cpu_attention.SDPA_ROWS, cpu_attention.swa_sub_pool_rows)
+around_sdpa_forward_decode = argument(cpu_attention.SDPA_ROWS, cpu_attention.swa_sub_pool_rows)
+around_release_memory_occupation = then(memory_release.kv_released)
+around_resume_memory_occupation = then(memory_release.kv_resumed)
+around_configure = then(report.record_configuration)
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
@@ -86,7 +101,7 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
         (f"{SCHEDULER}.__init__", settings.before_scheduler_init, "BEFORE"),
-        (RESERVE_ROPE, rope.around_reserve_rope_cache, "AROUND"),
+        (RESERVE_ROPE, around_reserve_rope_cache, "AROUND"),
         (f"{ROPE}.forward_native", rope.before_rope_forward, "BEFORE"),
         (f"{ROPE}.forward_cpu", rope.before_rope_forward, "BEFORE"),
         *[
@@ -108,12 +123,12 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (
             f"{CONFIGURATOR}._build_default_req_pool",
-            req_pool_builders.around_build_default_req_pool,
+            around_build_default_req_pool,
             "AROUND",
         ),
         (
             f"{CONFIGURATOR}._build_decode_req_pool",
-            req_pool_builders.around_build_decode_req_pool,
+            around_build_decode_req_pool,
             "AROUND",
         ),
         (f"{CONFIGURATOR}._build_mha_kv_pool", kv_pool_builders.around_build_mha_kv_pool, "AROUND"),
@@ -127,12 +142,12 @@ def hooks() -> list[tuple[str, object, str]]:
         # full-to-SWA mapping (0.5.23 reads it with full-pool ids).
         (
             f"{TORCH_NATIVE}._run_sdpa_forward_extend",
-            cpu_attention.around_sdpa_forward_extend,
+            around_sdpa_forward_extend,
             "AROUND",
         ),
         (
             f"{TORCH_NATIVE}._run_sdpa_forward_decode",
-            cpu_attention.around_sdpa_forward_decode,
+            around_sdpa_forward_decode,
             "AROUND",
         ),
         (
@@ -189,12 +204,12 @@ def hooks() -> list[tuple[str, object, str]]:
         # ... and RL's release of memory occupation gives back everything, resume reopens.
         (
             f"{WEIGHT_UPDATER}.release_memory_occupation",
-            memory_release.around_release_memory_occupation,
+            around_release_memory_occupation,
             "AROUND",
         ),
         (
             f"{WEIGHT_UPDATER}.resume_memory_occupation",
-            memory_release.around_resume_memory_occupation,
+            around_resume_memory_occupation,
             "AROUND",
         ),
         # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
@@ -278,7 +293,7 @@ def hooks() -> list[tuple[str, object, str]]:
             "AROUND",
         ),
         # What was built: start-up log, then /server_info through the scheduler's state.
-        (f"{CONFIGURATOR}.configure", report.around_configure, "AROUND"),
+        (f"{CONFIGURATOR}.configure", around_configure, "AROUND"),
         (f"{INTERNAL_STATE}.get_internal_state", report.after_get_internal_state, "AFTER"),
         # Gauges on /metrics (with upstream's --enable-metrics).
         (f"{COLLECTOR}.__init__", metrics.after_collector_init, "AFTER"),

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import backing_choice, modes
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import backing_choice, settings
+from sglang_kvalloc.upstream import settings
 from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,

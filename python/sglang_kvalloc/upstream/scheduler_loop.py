@@ -26,8 +26,7 @@ if TYPE_CHECKING:
         SchedulerInvariantChecker,
     )
     from sglang.srt.managers.scheduler_components.pool_stats_observer import PoolStats
-
-    from sglang_kvalloc.upstream.segmented.swa_allocator import (
+    from sglang.srt.mem_cache.segmented.swa_allocator import (
         SegmentedSWATokenToKVPoolAllocator,
     )
 
@@ -107,7 +106,7 @@ def before_get_next_batch_to_run(scheduler: Scheduler, *args: Any, **kwargs: Any
     if not decision.kv_on_demand and not decision.explicit_commits:
         return None
     if RUNTIME.state.restore_pending and _has_work(scheduler):  # set by a resume only
-        from sglang_kvalloc.upstream import memory_release
+        from sglang.srt.mem_cache.segmented import memory_release
 
         memory_release.restore_before_first_batch(scheduler)
     slots, row_ahead = decode_slots()

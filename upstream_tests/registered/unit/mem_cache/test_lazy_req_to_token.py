@@ -14,7 +14,7 @@ from unittest import mock
 import torch
 
 from sglang.srt import runtime_context
-from sglang.srt.kvalloc.upstream.req_pool_builders import segmented_default_req_pool
+from sglang.srt.mem_cache.segmented.req_pool_builders import segmented_default_req_pool
 from sglang.srt.layers.rotary_embedding import base
 from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache import kv_cache_configurator

@@ -38,8 +38,8 @@ def agree_alone(value: int) -> int:
 
 
 class SegmentedKvAllocator(Protocol):
-    """What a segmented allocator adds to upstream's (`upstream.segmented`): the
-    scheduler hooks call it where the decision says the KV pool is committed on demand."""
+    """What a segmented allocator adds to upstream's (`kv_allocators`): the scheduler
+    hooks call it where the decision says the KV pool is committed on demand."""
 
     split_runs_at_segments: bool
 
@@ -57,8 +57,8 @@ class SegmentedKvAllocator(Protocol):
 
 
 class LazyRows(Protocol):
-    """What the lazy req_to_token pool (`upstream.lazy_req_to_token`) adds to
-    upstream's: the hooks call it where the decision says tables are lazy."""
+    """What the lazy req_to_token pool (`lazy_req_to_token`) adds to upstream's: the
+    hooks call it where the decision says tables are lazy."""
 
     row_commit_failures: int
 

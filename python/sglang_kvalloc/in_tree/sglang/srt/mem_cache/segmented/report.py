@@ -1,6 +1,6 @@
-"""What was built, for the operator: one start-up line with the mode, why, the capacity and
-the tables; `kv_alloc` in the scheduler's internal state (`/server_info`). PR 6 of the
-upstream series (observability)."""
+"""What was built, for the operator: one start-up line with the mode, why, the capacity
+and the tables; `kv_alloc` in the scheduler's internal state (`/server_info`). PR 6 of
+the upstream series (observability)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream.inline import then
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import GetInternalStateReqOutput
@@ -62,10 +60,9 @@ def record_configuration(
     return result
 
 
-around_configure = then(record_configuration)
-
-
-def after_get_internal_state(result: GetInternalStateReqOutput, *args: Any, **kwargs: Any) -> None:
+def after_get_internal_state(
+    result: GetInternalStateReqOutput, *args: Any, **kwargs: Any
+) -> None:
     """AFTER `SchedulerInternalStateController.get_internal_state`: add `kv_alloc`."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):

@@ -1,10 +1,11 @@
-"""Upstream's token (page 1) and paged (page > 1) allocators over a `SegmentedPageAllocator`.
+"""Upstream's token (page 1) and paged (page > 1) allocators over a
+`SegmentedPageAllocator`.
 
-Upstream's own `free_pages` tensor is kept equal to the core's sorted free list of committed
-pages, so upstream's extend/decode kernels read it as before. The scheduler hooks drive the
-segments: `scheduler_step` commits ahead of each iteration (so allocation rarely commits) and
-gives back trailing segments empty for the hold-off; `idle_step` runs the idle policy. Memory
-is never released inside a free.
+Upstream's own `free_pages` tensor is kept equal to the core's sorted free list of
+committed pages, so upstream's extend/decode kernels read it as before. The scheduler
+hooks drive the segments: `scheduler_step` commits ahead of each iteration (so
+allocation rarely commits) and gives back trailing segments empty for the hold-off;
+`idle_step` runs the idle policy. Memory is never released inside a free.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.segmented import idle_eviction
@@ -109,8 +111,9 @@ class SegmentedAllocatorMixin:
         self._sync()
 
     def verify_byte_accounting(self) -> list[str]:
-        """Upstream's idle diagnostic: the core's page accounting, under upstream's allocator
-        debug switch only (it is O(capacity) and the idle loop calls it often)."""
+        """Upstream's idle diagnostic: the core's page accounting, under upstream's
+        allocator debug switch only (it is O(capacity) and the idle loop calls it
+        often)."""
         if not self._segments.debug:
             return []
         return self._segments.accounting_problems()
@@ -122,7 +125,9 @@ class SegmentedAllocatorMixin:
         # Runs every scheduler iteration: the common path is two integer tests.
         self._iteration += 1
         seg = self._segments
-        if seg.suspended:  # memory occupation released: nothing is committed until resumed
+        if (
+            seg.suspended
+        ):  # memory occupation released: nothing is committed until resumed
             return
         pages = -(-demand_tokens // self.page_size)
         events = self._events
@@ -150,25 +155,32 @@ class SegmentedAllocatorMixin:
         self._idle_policy_done = False
 
     def idle_step(self, tree_cache: BasePrefixCache) -> bool:
-        """On a fully idle iteration (every rank): once idle for the hold-off, evict cached KV
-        in trailing segments, then LRU down to the retained budget, and give the emptied
-        segments back at once. Runs once per idle period; True when it ran."""
+        """On a fully idle iteration (every rank): once idle for the hold-off, evict
+        cached KV in trailing segments, then LRU down to the retained budget, and give
+        the emptied segments back at once. Runs once per idle period; True when it ran."""
         seg = self._segments
         if self._iteration % SYNC_EVERY_ITERATIONS or seg.suspended:
             return False
-        due = not self._idle_policy_done and time.monotonic() - self._busy_at >= seg.hold_off_s
+        due = (
+            not self._idle_policy_done
+            and time.monotonic() - self._busy_at >= seg.hold_off_s
+        )
         if not seg.agree(int(due)):
             return False
         self._idle_policy_done = True
         RUNTIME.backings.trim_spares()  # pre-created handles hold memory too
-        self.release_cache_above_retained(tree_cache, f"idle for {seg.hold_off_s:.1f} s")
+        self.release_cache_above_retained(
+            tree_cache, f"idle for {seg.hold_off_s:.1f} s"
+        )
         return True
 
-    def release_cache_above_retained(self, tree_cache: BasePrefixCache, why: str) -> int:
+    def release_cache_above_retained(
+        self, tree_cache: BasePrefixCache, why: str
+    ) -> int:
         """Evict the cached KV no request holds, first in the segments above what the
-        retained tokens (``--kv-idle-cache-tokens``) need, then least recently used down to
-        them, and give the segments that empties back now. Every rank together. Returns the
-        segments released."""
+        retained tokens (``--kv-idle-cache-tokens``) need, then least recently used down
+        to them, and give the segments that empties back now. Every rank together.
+        Returns the segments released."""
         seg = self._segments
         retain = RUNTIME.settings.idle_cache_tokens
         keep = seg.segments_holding(-(-retain // self.page_size))
@@ -194,8 +206,8 @@ class SegmentedAllocatorMixin:
         return released
 
     def suspend(self) -> int:
-        """RL's memory release: every segment given back, the first too; every page withheld
-        (requests queue) until `resume`. Returns the segments given back."""
+        """RL's memory release: every segment given back, the first too; every page
+        withheld (requests queue) until `resume`. Returns the segments given back."""
         released = self._segments.suspend()
         self._sync()
         return released
@@ -213,7 +225,9 @@ class SegmentedAllocatorMixin:
 
     def maybe_shrink(self, keep_free_tokens: int = 0) -> int:
         """Release trailing segments empty for the hold-off (every rank the same count)."""
-        released = self._segments.maybe_shrink(keep_free_pages=keep_free_tokens // self.page_size)
+        released = self._segments.maybe_shrink(
+            keep_free_pages=keep_free_tokens // self.page_size
+        )
         self._sync()
         return released
 
@@ -242,7 +256,12 @@ class SegmentedTokenToKVPoolAllocator(SegmentedAllocatorMixin, TokenToKVPoolAllo
     """page_size 1: slot ids are page ids."""
 
     def __init__(
-        self, size: int, dtype: torch.dtype, device: str, kvcache: KVCache, need_sort: bool
+        self,
+        size: int,
+        dtype: torch.dtype,
+        device: str,
+        kvcache: KVCache,
+        need_sort: bool,
     ) -> None:
         self._make_segments(kvcache, device, 1)
         super().__init__(size, dtype, device, kvcache, need_sort)
@@ -257,7 +276,9 @@ class SegmentedTokenToKVPoolAllocator(SegmentedAllocatorMixin, TokenToKVPoolAllo
         out = self._segments.alloc(need_size)
         self._sync()
         if out is not None and self.split_runs_at_segments:
-            out = split_runs_at_segment_starts(out, self._buffers.geometry.segment_pages)
+            out = split_runs_at_segment_starts(
+                out, self._buffers.geometry.segment_pages
+            )
         return out
 
     def free(self, free_index: torch.Tensor) -> None:
@@ -270,7 +291,9 @@ class SegmentedTokenToKVPoolAllocator(SegmentedAllocatorMixin, TokenToKVPoolAllo
         self._sync()
 
 
-class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenToKVPoolAllocator):
+class SegmentedPagedTokenToKVPoolAllocator(
+    SegmentedAllocatorMixin, PagedTokenToKVPoolAllocator
+):
     """page_size > 1: upstream's extend/decode kernels over the core's committed free list."""
 
     def __init__(
@@ -292,19 +315,22 @@ class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenTo
 
     def alloc(self, need_size: int) -> torch.Tensor | None:
         if self.debug_mode:
-            assert need_size % self.page_size == 0, "The allocation size should be page-aligned"
+            assert need_size % self.page_size == 0, (
+                "The allocation size should be page-aligned"
+            )
         pages = self._segments.alloc(need_size // self.page_size)
         self._sync()
         if pages is None:
             return None
         return (
-            pages[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)
+            pages[:, None] * self.page_size
+            + torch.arange(self.page_size, device=self.device)
         ).reshape(-1)
 
     def _upstream_kernels_fit(self, max_new_pages: int) -> bool:
         """The pages upstream's kernels may take are merged and backed already (nothing
-        withheld): they run on the core's free list as it is, without counting the new pages
-        first (a CPU sum over the batch that upstream's call does anyway)."""
+        withheld): they run on the core's free list as it is, without counting the new
+        pages first (a CPU sum over the batch that upstream's call does anyway)."""
         seg = self._segments
         free = self.free_pages = seg.free_pages
         return (
@@ -314,8 +340,8 @@ class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenTo
         )
 
     def _adopt_upstream_take(self, out: torch.Tensor | None) -> torch.Tensor | None:
-        """Upstream's kernels took the lowest free pages by slicing `free_pages`: the core
-        adopts what they left."""
+        """Upstream's kernels took the lowest free pages by slicing `free_pages`: the
+        core adopts what they left."""
         seg = self._segments
         rest = self.free_pages
         seg.handed_out(seg.free_pages.shape[0] - rest.shape[0], rest)
@@ -337,7 +363,9 @@ class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenTo
             # Not known to be backed: count the new pages exactly and commit them first.
             if num_new_pages is None:
                 num_new_pages = get_num_new_pages(
-                    seq_lens=seq_lens_cpu, page_size=self.page_size, prefix_lens=prefix_lens_cpu
+                    seq_lens=seq_lens_cpu,
+                    page_size=self.page_size,
+                    prefix_lens=prefix_lens_cpu,
                 )
             if not self._segments.ensure_free(num_new_pages):
                 return None
@@ -356,7 +384,9 @@ class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenTo
     def alloc_decode(
         self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
     ) -> torch.Tensor | None:
-        if not self._upstream_kernels_fit(seq_lens.shape[0]):  # one new page per request
+        if not self._upstream_kernels_fit(
+            seq_lens.shape[0]
+        ):  # one new page per request
             num_new_pages = get_num_new_pages(
                 seq_lens=seq_lens_cpu, page_size=self.page_size, decode=True
             )
@@ -373,13 +403,22 @@ class SegmentedPagedTokenToKVPoolAllocator(SegmentedAllocatorMixin, PagedTokenTo
             self._sync()
 
 
-SegmentedAllocator = SegmentedTokenToKVPoolAllocator | SegmentedPagedTokenToKVPoolAllocator
+SegmentedAllocator = (
+    SegmentedTokenToKVPoolAllocator | SegmentedPagedTokenToKVPoolAllocator
+)
 
 
 def segmented_allocator_for(
-    size: int, page_size: int, dtype: torch.dtype, device: str, kvcache: KVCache, need_sort: bool
+    size: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: str,
+    kvcache: KVCache,
+    need_sort: bool,
 ) -> SegmentedAllocator:
     """The segmented counterpart of the token (page 1) or paged allocator upstream builds."""
     if page_size == 1:
         return SegmentedTokenToKVPoolAllocator(size, dtype, device, kvcache, need_sort)
-    return SegmentedPagedTokenToKVPoolAllocator(size, page_size, dtype, device, kvcache, need_sort)
+    return SegmentedPagedTokenToKVPoolAllocator(
+        size, page_size, dtype, device, kvcache, need_sort
+    )

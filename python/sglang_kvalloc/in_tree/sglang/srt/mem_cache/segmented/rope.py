@@ -1,26 +1,27 @@
 """Segmented mode: the rotary cos/sin cache grows with the positions in use.
 
 Upstream pre-expands every RoPE cache to the context length at model load
-(`reserve_rope_cache_for_long_sequences`, so CUDA graphs see a fixed tensor): positions x
-rotary_dim x 4 B, about 5 GB for head_dim 128 at a 10M context, resident from the start.
+(`reserve_rope_cache_for_long_sequences`, so CUDA graphs see a fixed tensor): positions
+x rotary_dim x 4 B, about 5 GB for head_dim 128 at a 10M context, resident from the
+start.
 
-- Where a first write commits memory (the CPU backing), the cache keeps the size the model
-  itself asks for and grows (doubling, through upstream's own `_ensure_cos_sin_cache_length`)
-  when a forward pass reaches past it.
-- Where memory must be committed before use (a GPU), a captured CUDA graph holds the cache's
-  address, so the cache cannot be reallocated: it becomes one fixed-address tensor of the full
-  length over a reserved range, committed at start as far as a position can reach (the KV
-  pool's capacity: `RopeCaches.commit_up_to`, so nothing grows while serving), in the dtype
-  upstream's forward reads it in (float32 on CUDA, which the JIT rope kernel requires), and
-  filled with upstream's own formula. Rows past it read the scratch page's zeros; no position
-  reaches them.
+- Where a first write commits memory (the CPU backing), the cache keeps the size the
+  model itself asks for and grows (doubling, through upstream's own
+  `_ensure_cos_sin_cache_length`) when a forward pass reaches past it.
+- Where memory must be committed before use (a GPU), a captured CUDA graph holds the
+  cache's address, so the cache cannot be reallocated: it becomes one fixed-address
+  tensor of the full length over a reserved range, committed at start as far as a
+  position can reach (the KV pool's capacity: `RopeCaches.commit_up_to`, so nothing
+  grows while serving), in the dtype upstream's forward reads it in (float32 on CUDA,
+  which the JIT rope kernel requires), and filled with upstream's own formula. Rows past
+  it read the scratch page's zeros; no position reaches them.
 
-Only where the mode may need it: segmented, or auto past the model's own positions (the only
-place auto can end in segmented because of RoPE). At an ordinary context auto leaves every
-cache exactly as upstream builds it. When auto then settles on static, fixed caches are
-committed whole (`RopeCaches.complete`), as upstream would have them. Modules whose class
-computes its cache differently (or overrides the forward methods, on the CPU) keep upstream's
-reservation.
+Only where the mode may need it: segmented, or auto past the model's own positions (the
+only place auto can end in segmented because of RoPE). At an ordinary context auto
+leaves every cache exactly as upstream builds it. When auto then settles on static,
+fixed caches are committed whole (`RopeCaches.complete`), as upstream would have them.
+Modules whose class computes its cache differently (or overrides the forward methods, on
+the CPU) keep upstream's reservation.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.segmented import modes
+
+from sglang.srt.mem_cache.segmented import backing_choice, modes
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 from sglang.srt.mem_cache.segmented.rope_cache import FixedAddressRope
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream import backing_choice
-from sglang_kvalloc.upstream.inline import done_instead
 
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig
@@ -45,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 _FORWARDS = ("forward", "forward_native", "forward_cpu")
 # Subclasses with their own incremental growth (upstream's `_ensure_cos_sin_cache_length`) and
-# own forwards, which the plugin hooks too (plugin.ROPE_OWN_GROWTH): they grow lazily as well.
+# own forwards, which call these hooks too: they grow lazily as well.
 OWN_GROWTH = ("DeepseekScalingRotaryEmbedding",)
 
 
@@ -59,7 +58,9 @@ def _can_grow_lazily(module: torch.nn.Module) -> bool:
             return True
         if klass.__name__ in OWN_GROWTH and klass.__module__.startswith("sglang."):
             return True
-        if any(name in vars(klass) for name in (*_FORWARDS, "_ensure_cos_sin_cache_length")):
+        if any(
+            name in vars(klass) for name in (*_FORWARDS, "_ensure_cos_sin_cache_length")
+        ):
             return False
     return False
 
@@ -73,8 +74,9 @@ def _past_model_positions(model_config: ModelConfig | None) -> bool:
 
 
 def _mode_may_need_lazy_rope(model_config: ModelConfig | None) -> bool:
-    """Segmented always; auto only past the model's own positions, so that at an ordinary
-    context auto keeps upstream's caches exactly (auto decides only after the model loads)."""
+    """Segmented always; auto only past the model's own positions, so that at an
+    ordinary context auto keeps upstream's caches exactly (auto decides only after the
+    model loads)."""
     requested = RUNTIME.requested_mode()
     if requested == modes.SEGMENTED:
         return True
@@ -100,10 +102,15 @@ def _upstreams_reservation(model: torch.nn.Module, model_config: ModelConfig) ->
 def rope_reserved_lazily(
     model: torch.nn.Module, model_config: ModelConfig, *args: Any, **kwargs: Any
 ) -> bool:
-    """AROUND `reserve_rope_cache_for_long_sequences` (done instead): where segmented mode may
-    run, caches grow with the positions in use instead of being expanded to the context (see
-    above); True where this reserved them, False where upstream's reservation runs."""
-    if _UPSTREAMS_OWN or not RUNTIME.device or not _mode_may_need_lazy_rope(model_config):
+    """AROUND `reserve_rope_cache_for_long_sequences` (done instead): where segmented
+    mode may run, caches grow with the positions in use instead of being expanded to the
+    context (see above); True where this reserved them, False where upstream's
+    reservation runs."""
+    if (
+        _UPSTREAMS_OWN
+        or not RUNTIME.device
+        or not _mode_may_need_lazy_rope(model_config)
+    ):
         return False
     try:
         backings = backing_choice.open_backings(RUNTIME.device)
@@ -115,7 +122,9 @@ def rope_reserved_lazily(
         return True
     lazy = eager = 0
     for module in model.modules():
-        if hasattr(module, "_ensure_cos_sin_cache_length") and hasattr(module, "cos_sin_cache"):
+        if hasattr(module, "_ensure_cos_sin_cache_length") and hasattr(
+            module, "cos_sin_cache"
+        ):
             if _can_grow_lazily(module):
                 module._kvalloc_lazy_rope = True
                 lazy += 1
@@ -131,9 +140,6 @@ def rope_reserved_lazily(
         f"; {eager} keep upstream's reservation" if eager else "",
     )
     return True
-
-
-around_reserve_rope_cache = done_instead(rope_reserved_lazily)
 
 
 def before_rope_forward(
@@ -157,18 +163,19 @@ def before_rope_forward(
 
 
 def fixed_cache_dtype(module: RotaryEmbedding, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype upstream's forward reads this module's cache in: the one it was built in
-    (float32 on CUDA: the JIT rope kernel for head sizes 64/128/256/512 requires it), except
-    where the forward casts it to the activation dtype (upstream's fallback kernel for other
-    head sizes), which would reallocate a fixed cache: there the activation dtype already."""
+    """The dtype upstream's forward reads this module's cache in: the one it was built
+    in (float32 on CUDA: the JIT rope kernel for head sizes 64/128/256/512 requires it),
+    except where the forward casts it to the activation dtype (upstream's fallback
+    kernel for other head sizes), which would reallocate a fixed cache: there the
+    activation dtype already."""
     if getattr(module, "use_fallback_kernel", False):
         return model_dtype
     return module.cos_sin_cache.dtype
 
 
 def _computes_cache_like_upstream_base(module: torch.nn.Module) -> bool:
-    """The cache is upstream's base formula over ``_compute_inv_freq`` (Llama-3 scaling and
-    the plain rotary embedding qualify; YaRN-style mscale variants do not)."""
+    """The cache is upstream's base formula over ``_compute_inv_freq`` (Llama-3 scaling
+    and the plain rotary embedding qualify; YaRN-style mscale variants do not)."""
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
     if not isinstance(module, RotaryEmbedding):
@@ -197,8 +204,8 @@ class _ReserveProbe(torch.nn.Module):
 
 
 def upstream_reserve_length(model_config: ModelConfig) -> int:
-    """The length upstream's `reserve_rope_cache_for_long_sequences` expands caches to, asked
-    of upstream's own function (its formula, fallbacks and settings)."""
+    """The length upstream's `reserve_rope_cache_for_long_sequences` expands caches to,
+    asked of upstream's own function (its formula, fallbacks and settings)."""
     root = torch.nn.Module()
     root.probe = _ReserveProbe()
     _upstreams_reservation(root, model_config)

@@ -1,22 +1,23 @@
 """RL's release and resume of memory occupation (`/release_memory_occupation`,
 `/resume_memory_occupation`) in segmented mode.
 
-RL frameworks (verl, slime, OpenRLHF) drive SGLang as their rollout engine: every training
-step they release the engine's memory (tags ``kv_cache``, ``weights``, ``cuda_graph``), update
-the weights and resume. Upstream flushes the cache and pauses torch_memory_saver's regions by
-tag; segmented mode's memory lies outside them, so with ``kv_cache`` in the tags (or none)
-it gives back everything it committed: every KV segment (each pool's first too), the
-req_to_token granules (the padding row's too), the lazy cuda-graph buffers, the fixed RoPE
-caches and the spare handles, after upstream's own release (the engine is idle and the device
-synchronized) and before the call returns. The reserved address space stays, so captured
-graphs stay valid. While released every KV page is withheld (requests queue, as for a full
-pool) and nothing is committed; resume opens the pools again and the first requests commit on
-demand (the padding row and the RoPE caches come back before the first batch).
+RL frameworks (verl, slime, OpenRLHF) drive SGLang as their rollout engine: every
+training step they release the engine's memory (tags ``kv_cache``, ``weights``,
+``cuda_graph``), update the weights and resume. Upstream flushes the cache and pauses
+torch_memory_saver's regions by tag; segmented mode's memory lies outside them, so with
+``kv_cache`` in the tags (or none) it gives back everything it committed: every KV
+segment (each pool's first too), the req_to_token granules (the padding row's too), the
+lazy cuda-graph buffers, the fixed RoPE caches and the spare handles, after upstream's
+own release (the engine is idle and the device synchronized) and before the call
+returns. The reserved address space stays, so captured graphs stay valid. While released
+every KV page is withheld (requests queue, as for a full pool) and nothing is committed;
+resume opens the pools again and the first requests commit on demand (the padding row
+and the RoPE caches come back before the first batch).
 
-Both hooks run after upstream's function, with its result (`inline.then`): the series calls
-them at its final return. (On the CPU engine upstream's release fails in every mode at its
-``torch.get_device_module().synchronize()``, ``torch.cuda`` there: an upstream matter that
-this module leaves alone; the CPU test bed works around it.)
+Both run after upstream's function, with its result, called at its final return. (On the
+CPU engine upstream's release fails in every mode at its
+``torch.get_device_module().synchronize()``, ``torch.cuda`` there: an upstream matter
+that this module leaves alone; the CPU test bed works around it.)
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream.inline import then
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import (
@@ -57,9 +56,9 @@ def kv_released(
     *args: Any,
     **kwargs: Any,
 ) -> ReleaseMemoryOccupationReqOutput:
-    """AROUND (then) the scheduler's `release_memory_occupation`: once upstream released (the
-    engine idle, the cache flushed, the device synchronized), with ``kv_cache`` in the tags in
-    segmented mode, everything segmented mode committed goes back too."""
+    """AROUND (then) the scheduler's `release_memory_occupation`: once upstream released
+    (the engine idle, the cache flushed, the device synchronized), with ``kv_cache`` in
+    the tags in segmented mode, everything segmented mode committed goes back too."""
     if _names_kv(recv_req.tags) and RUNTIME.decision.segmented:
         release(updater.scheduler)
     return result
@@ -72,20 +71,16 @@ def kv_resumed(
     *args: Any,
     **kwargs: Any,
 ) -> ResumeMemoryOccupationReqOutput:
-    """AROUND (then) the scheduler's `resume_memory_occupation`: once upstream resumed, the
-    pools open again (nothing is committed until requests need it)."""
+    """AROUND (then) the scheduler's `resume_memory_occupation`: once upstream resumed,
+    the pools open again (nothing is committed until requests need it)."""
     if _names_kv(recv_req.tags) and RUNTIME.state.kv_released:
         resume(updater.scheduler)
     return result
 
 
-around_release_memory_occupation = then(kv_released)
-around_resume_memory_occupation = then(kv_resumed)
-
-
 def release(scheduler: Scheduler | None) -> int:
-    """Give back everything segmented mode committed (the engine is idle, the cache flushed,
-    the device synchronized). Returns the bytes given back."""
+    """Give back everything segmented mode committed (the engine is idle, the cache
+    flushed, the device synchronized). Returns the bytes given back."""
     if scheduler is None or RUNTIME.state.kv_released:
         return 0
     before = committed_bytes(scheduler)
@@ -110,8 +105,8 @@ def release(scheduler: Scheduler | None) -> int:
 
 
 def resume(scheduler: Scheduler | None) -> None:
-    """Open the pools again; the padding row and the RoPE caches come back before the first
-    batch (`restore_before_first_batch`), KV segments as requests need them."""
+    """Open the pools again; the padding row and the RoPE caches come back before the
+    first batch (`restore_before_first_batch`), KV segments as requests need them."""
     if scheduler is None:
         return
     allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
@@ -119,12 +114,14 @@ def resume(scheduler: Scheduler | None) -> None:
         allocator.resume()
     RUNTIME.state.kv_released = False
     RUNTIME.state.restore_pending = True
-    logger.info("Memory occupation resumed (kv_cache): KV committed as requests need it.")
+    logger.info(
+        "Memory occupation resumed (kv_cache): KV committed as requests need it."
+    )
 
 
 def restore_before_first_batch(scheduler: Scheduler) -> None:
-    """The first iteration with work after a resume: the padding row (zeroed) and the RoPE
-    caches as they were, before anything reads them."""
+    """The first iteration with work after a resume: the padding row (zeroed) and the
+    RoPE caches as they were, before anything reads them."""
     if not RUNTIME.state.restore_pending:
         return
     rows = RUNTIME.segmented_rows(scheduler.req_to_token_pool)

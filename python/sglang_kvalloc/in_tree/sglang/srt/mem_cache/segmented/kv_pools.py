@@ -1,8 +1,10 @@
-"""Upstream's MHA and MLA KV pools with their buffers on reserved, segment-committed memory.
+"""Upstream's MHA and MLA KV pools with their buffers on reserved, segment-committed
+memory.
 
-Slot ids never move: each buffer is one contiguous tensor over a reservation (`RUNTIME.backings`
-makes it), so the radix cache, req_to_token and every attention kernel work unchanged. The
-pools only place the buffers; the allocators (`allocators.py`) commit and release segments.
+Slot ids never move: each buffer is one contiguous tensor over a reservation
+(`RUNTIME.backings` makes it), so the radix cache, req_to_token and every attention
+kernel work unchanged. The pools only place the buffers; the allocators
+(`allocators.py`) commit and release segments.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def choose_segment_tokens(
-    requested: int | None, cap_tokens: int, page_size: int, row_bytes: list[int], gran: int
+    requested: int | None,
+    cap_tokens: int,
+    page_size: int,
+    row_bytes: list[int],
+    gran: int,
 ) -> int:
     """`geometry.choose_segment_tokens`, with what the operator should know logged."""
     choice = segment_geometry.choose_segment_tokens(
@@ -34,11 +40,16 @@ def choose_segment_tokens(
 def segment_pool_buffers(
     page_size: int, row_bytes: list[int], cap_tokens: int, kind: str
 ) -> SegmentedBuffers:
-    """Reserve one segment-committed buffer per entry of ``row_bytes`` (bytes per token slot)
-    for a pool of ``cap_tokens`` slots (slot 0's page included), and log what was reserved."""
+    """Reserve one segment-committed buffer per entry of ``row_bytes`` (bytes per token
+    slot) for a pool of ``cap_tokens`` slots (slot 0's page included), and log what was
+    reserved."""
     backings = RUNTIME.backings
     seg_tokens = choose_segment_tokens(
-        RUNTIME.settings.segment_tokens, cap_tokens, page_size, row_bytes, backings.granularity
+        RUNTIME.settings.segment_tokens,
+        cap_tokens,
+        page_size,
+        row_bytes,
+        backings.granularity,
     )
     geometry = SegmentGeometry(cap_tokens, seg_tokens, page_size)
     buffers = SegmentedBuffers.create(geometry, row_bytes, backings=backings)
@@ -58,8 +69,9 @@ def segment_pool_buffers(
 
 
 class SegmentedMHATokenToKVPool(MHATokenToKVPool):
-    """MHA KV pool whose per-layer K and V buffers sit on reserved, segment-committed memory.
-    Also each sub-pool (full and sliding-window) of upstream's hybrid `SWAKVPool`."""
+    """MHA KV pool whose per-layer K and V buffers sit on reserved, segment-committed
+    memory. Also each sub-pool (full and sliding-window) of upstream's hybrid
+    `SWAKVPool`."""
 
     segmented_buffers: SegmentedBuffers
 
@@ -77,10 +89,13 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
         label = getattr(self, "allocation_label", None)
         kind = f"MHA ({label})" if label and label != "KV" else "MHA"
         # size + page_size rows: slot 0's page is padding
-        self.segmented_buffers = segment_pool_buffers(self.page_size, row_bytes, k_shape[0], kind)
+        self.segmented_buffers = segment_pool_buffers(
+            self.page_size, row_bytes, k_shape[0], kind
+        )
         backings = self.segmented_buffers.backings
         self.k_buffer = [
-            backings[i].tensor(self.store_dtype, tuple(k_shape)) for i in range(self.layer_num)
+            backings[i].tensor(self.store_dtype, tuple(k_shape))
+            for i in range(self.layer_num)
         ]
         self.v_buffer = [
             backings[self.layer_num + i].tensor(self.store_dtype, tuple(v_shape))
@@ -89,8 +104,8 @@ class SegmentedMHATokenToKVPool(MHATokenToKVPool):
 
 
 class SegmentedMLATokenToKVPool(MLATokenToKVPool):
-    """MLA (DeepSeek) KV pool: each layer's latent buffer (kv_lora_rank + qk_rope_head_dim per
-    token) on reserved, segment-committed memory."""
+    """MLA (DeepSeek) KV pool: each layer's latent buffer (kv_lora_rank +
+    qk_rope_head_dim per token) on reserved, segment-committed memory."""
 
     segmented_buffers: SegmentedBuffers
 
@@ -101,7 +116,10 @@ class SegmentedMLATokenToKVPool(MLATokenToKVPool):
             )
         shape = (self.size + self.page_size, 1, self.kv_cache_dim)
         row_bytes = [self.kv_cache_dim * self.store_dtype.itemsize] * self.layer_num
-        self.segmented_buffers = segment_pool_buffers(self.page_size, row_bytes, shape[0], "MLA")
+        self.segmented_buffers = segment_pool_buffers(
+            self.page_size, row_bytes, shape[0], "MLA"
+        )
         self.kv_buffer = [
-            backing.tensor(self.store_dtype, shape) for backing in self.segmented_buffers.backings
+            backing.tensor(self.store_dtype, shape)
+            for backing in self.segmented_buffers.backings
         ]

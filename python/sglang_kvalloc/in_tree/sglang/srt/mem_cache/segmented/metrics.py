@@ -1,7 +1,7 @@
 """Prometheus gauges for the KV allocation layer, next to upstream's scheduler metrics.
 
-Created with upstream's `SchedulerMetricsCollector` (so only with `--enable-metrics`, with its
-labels and multiprocess mode) and refreshed whenever it logs its own stats.
+Created with upstream's `SchedulerMetricsCollector` (so only with `--enable-metrics`,
+with its labels and multiprocess mode) and refreshed whenever it logs its own stats.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ _FROM_SEGMENTS = {
 def after_collector_init(
     result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges, with the collector's
-    gauge class where it names one (upstream's hook for a backend other than
+    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges, with the
+    collector's gauge class where it names one (upstream's hook for a backend other than
     prometheus_client), as upstream's own gauges are."""
     from prometheus_client import Gauge as PromGauge
 

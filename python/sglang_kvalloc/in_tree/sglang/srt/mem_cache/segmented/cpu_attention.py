@@ -1,16 +1,18 @@
-"""The CPU engine's attention (`TorchNativeAttnBackend`) over a segmented hybrid SWA pool.
+"""The CPU engine's attention (`TorchNativeAttnBackend`) over a segmented hybrid SWA
+pool.
 
-0.5.23's torch_native backend writes sliding-window KV at the full-to-SWA translated slots but
-reads it back with the *full* pool's slot ids (`k_cache[req_to_token[row, :seq_len]]` on the
-SWA sub-pool's buffer). That is only right while the full and SWA allocators happen to hand
-out the same ids, which upstream's FIFO free lists keep true on a fresh server; any other
-legal order, such as the segmented allocator's lowest-slot-first (which lets high segments
-drain), reads another token's KV. Measured on the tiny Mellum model: static with upstream's
-own token allocator made lowest-first gives wrong greedy tokens too.
+0.5.23's torch_native backend writes sliding-window KV at the full-to-SWA translated
+slots but reads it back with the *full* pool's slot ids (`k_cache[req_to_token[row,
+:seq_len]]` on the SWA sub-pool's buffer). That is only right while the full and SWA
+allocators happen to hand out the same ids, which upstream's FIFO free lists keep true
+on a fresh server; any other legal order, such as the segmented allocator's
+lowest-slot-first (which lets high segments drain), reads another token's KV. Measured
+on the tiny Mellum model: static with upstream's own token allocator made lowest-first
+gives wrong greedy tokens too.
 
 In segmented mode on a hybrid SWA pool the read goes through upstream's own mapping
-(`full_to_swa_index_mapping`) instead: a small table of the batch's rows, translated, in place
-of `req_to_token`. Static keeps upstream's behaviour.
+(`full_to_swa_index_mapping`) instead: a small table of the batch's rows, translated, in
+place of `req_to_token`. Static keeps upstream's behaviour.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream.inline import argument
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -64,15 +65,13 @@ def swa_sub_pool_rows(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend` and `_run_sdpa_forward_decode`
-    (arguments `req_to_token`, `req_pool_indices`): where the layer reads a segmented SWA
-    sub-pool, the batch's rows as that sub-pool's slot ids (upstream's full-to-SWA mapping);
-    the caller's tables otherwise."""
+    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend` and
+    `_run_sdpa_forward_decode` (arguments `req_to_token`, `req_pool_indices`): where the
+    layer reads a segmented SWA sub-pool, the batch's rows as that sub-pool's slot ids
+    (upstream's full-to-SWA mapping); the caller's tables otherwise."""
     if _reads_swa_sub_pool(backend, k_cache):
         return _translated_rows(backend, req_to_token, req_pool_indices, seq_lens)
     return req_to_token, req_pool_indices
 
 
 SDPA_ROWS = ("req_to_token", "req_pool_indices")
-around_sdpa_forward_extend = argument(SDPA_ROWS, swa_sub_pool_rows)
-around_sdpa_forward_decode = argument(SDPA_ROWS, swa_sub_pool_rows)

@@ -1,14 +1,12 @@
-"""The req_to_token pools of segmented mode, built where upstream builds its own: the lazy
-table (reserved, rows committed as requests use them) in place of upstream's, for the
-target worker only. PR 3 of the upstream series (lazy context tables)."""
+"""The req_to_token pools of segmented mode, built where upstream builds its own: the
+lazy table (reserved, rows committed as requests use them) in place of upstream's, for
+the target worker only. PR 3 of the upstream series (lazy context tables)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME, builds_lazy_tables
-
-from sglang_kvalloc.upstream.inline import instead
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -18,8 +16,8 @@ if TYPE_CHECKING:
 def segmented_default_req_pool(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> ReqToTokenPool | None:
-    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented mode
-    (None: upstream's)."""
+    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented
+    mode (None: upstream's)."""
     if not builds_lazy_tables(self):
         return None
     from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
@@ -32,9 +30,6 @@ def segmented_default_req_pool(
         enable_memory_saver=get_exec().features.enable_memory_saver,
         agree=RUNTIME.settings.agree,
     )
-
-
-around_build_default_req_pool = instead(segmented_default_req_pool)
 
 
 def segmented_decode_req_pool(
@@ -56,6 +51,3 @@ def segmented_decode_req_pool(
         enable_memory_saver=get_exec().features.enable_memory_saver,
         pre_alloc_size=kwargs["pre_alloc_size"],
     )
-
-
-around_build_decode_req_pool = instead(segmented_decode_req_pool)

@@ -2,8 +2,8 @@
 
 Upstream's own logic is kept whole: the full-to-SWA index translation, the SWA frees of
 out-of-window KV (`free_swa`), free groups. Only the two sub-allocators it drives are
-replaced, each over its own sub-pool's segments, so a slot the SWA radix cache evicts goes
-back to its segment and a trailing SWA segment left empty is given back.
+replaced, each over its own sub-pool's segments, so a slot the SWA radix cache evicts
+goes back to its segment and a trailing SWA segment left empty is given back.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 
-from sglang_kvalloc.upstream.segmented.allocators import (
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented.kv_allocators import (
     SegmentedAllocator,
     segmented_allocator_for,
 )
@@ -42,7 +42,14 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
         req_to_token_pool: ReqToTokenPool | None = None,
     ) -> None:
         super().__init__(
-            size, size_swa, page_size, dtype, device, kvcache, need_sort, req_to_token_pool
+            size,
+            size_swa,
+            page_size,
+            dtype,
+            device,
+            kvcache,
+            need_sort,
+            req_to_token_pool,
         )
         self.full_attn_allocator = segmented_allocator_for(
             size, page_size, dtype, device, kvcache.full_kv_pool, need_sort
@@ -84,8 +91,12 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
     def maybe_shrink_now(self) -> int:
         return sum(part.maybe_shrink_now() for part in self._parts)
 
-    def release_cache_above_retained(self, tree_cache: BasePrefixCache, why: str) -> int:
-        return sum(part.release_cache_above_retained(tree_cache, why) for part in self._parts)
+    def release_cache_above_retained(
+        self, tree_cache: BasePrefixCache, why: str
+    ) -> int:
+        return sum(
+            part.release_cache_above_retained(tree_cache, why) for part in self._parts
+        )
 
     def suspend(self) -> int:
         return sum(part.suspend() for part in self._parts)
@@ -111,7 +122,12 @@ class SegmentedSWATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
         out: dict[str, Any] = {}
         for key, value in full.items():
             # Settings, and the full pool's tokens (what bounds a request), are not summed.
-            if key in ("segment_tokens", "hold_off_s", "used_tokens", "withheld_tokens"):
+            if key in (
+                "segment_tokens",
+                "hold_off_s",
+                "used_tokens",
+                "withheld_tokens",
+            ):
                 out[key] = value
             else:
                 out[key] = value + swa[key]
