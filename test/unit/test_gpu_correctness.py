@@ -21,6 +21,7 @@ from sglang.srt.mem_cache.segmented import (
     kv_pools,
     lazy_req_to_token,
     modes,
+    scheduler_loop,
 )
 from sglang.srt.mem_cache.segmented.cuda_backing import (
     CudaBackingFactory,
@@ -30,7 +31,7 @@ from sglang.srt.mem_cache.segmented.cuda_backing import (
 )
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import plugin, pools, scheduler_loop
+from sglang_kvalloc.upstream import plugin, pools
 
 G = 2 * MIB
 
@@ -212,7 +213,7 @@ def test_rows_grow_before_decode_whatever_the_kv_allocator(fake_gpu, no_spec) ->
     scheduler = _scheduler(pool, [req], [])
     scheduler_loop.before_get_next_batch_to_run(scheduler)
     batch = types.SimpleNamespace(reqs=[req], req_to_token_pool=pool)
-    assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
+    assert plugin.around_check_decode_mem(lambda b, s=None: True, batch)
     position = len(req.origin_input_ids) + len(req.output_ids)
     pool.req_to_token[row, position] = 12345  # the decode step's write
     # Rows 1 and 2 are all uncommitted: they read the shared scratch granule, untouched.
@@ -241,12 +242,12 @@ def test_a_row_that_cannot_be_committed_is_a_full_pool_not_a_leak(fake_gpu, no_s
     pool._agree = lambda value: agreed.append(value) or value
     batch = types.SimpleNamespace(reqs=[req], req_to_token_pool=pool)
     driver.capacity = driver.physical_bytes
-    assert not scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
+    assert not plugin.around_check_decode_mem(lambda b, s=None: True, batch)
     assert agreed == [0] and pool.row_commit_failures == 2
     driver.capacity = 1536 * MIB
-    assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)  # memory is back
+    assert plugin.around_check_decode_mem(lambda b, s=None: True, batch)  # memory is back
     assert agreed == [0, 1]
-    assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
+    assert plugin.around_check_decode_mem(lambda b, s=None: True, batch)
     assert agreed == [0, 1]  # nothing to commit: no agreement (no collective) at all
 
 
@@ -381,7 +382,7 @@ def test_steady_serving_makes_no_device_synchronize(
                 req.kv_slots = allocator.alloc(len(req.origin_input_ids))
             running.extend(admitted)
         batch = types.SimpleNamespace(reqs=running, req_to_token_pool=pool)
-        assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
+        assert plugin.around_check_decode_mem(lambda b, s=None: True, batch)
         for req in list(running):
             req.output_ids.append(1)
             req.kv_slots = torch.cat([req.kv_slots, allocator.alloc(1)])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import lazy_req_to_token, memory_release, modes
+from sglang.srt.mem_cache.segmented import lazy_req_to_token, memory_release, modes, scheduler_loop
 from sglang.srt.mem_cache.segmented.allocator import SegmentedPageAllocator
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
@@ -25,7 +25,7 @@ from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import ROWS, GraphBatch, GraphBufferLayout
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import plugin, scheduler_loop
+from sglang_kvalloc.upstream import plugin
 
 G = 2 * MIB
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
-from sglang.srt.mem_cache.segmented import kv_allocators
+from sglang.srt.mem_cache.segmented import kv_allocators, pd_transfer, scheduler_loop
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import pd_transfer, pool_kind, scheduler_loop
+from sglang_kvalloc.upstream import plugin, pool_kind
 
 SIZE = 4096
 SEGMENT = 1024  # 4 segments; the first holds the padding slot
@@ -81,7 +81,7 @@ def _manager(buffers: SegmentedBuffers) -> types.SimpleNamespace:
 def _upstream_regions(manager: types.SimpleNamespace) -> list[tuple[int, int]]:
     original = MooncakeKVManager._registerable_regions
     original = getattr(original, "__wrapped__", original)  # upstream's, hooked or not
-    return pd_transfer.around_registerable_regions(original, manager)  # type: ignore[arg-type]
+    return plugin.around_registerable_regions(original, manager)  # type: ignore[arg-type]
 
 
 def _segment_regions(buffers: SegmentedBuffers, seg: int) -> dict[int, int]:
@@ -244,12 +244,12 @@ def test_the_decode_side_commits_ahead_for_its_queue_and_admits_by_committed_mem
         return q.token_to_kv_pool_allocator.available_size() - q._active_reserved_tokens()
 
     # Before the commit-ahead, only the first segment's free slots can be admitted.
-    before = pd_transfer.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
+    before = plugin.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
     assert before == allocator.committed_available_size() < sum(required)
     pd_transfer.before_pop_preallocated(queue)  # type: ignore[arg-type]
     # Every queued and retracted request's requirement, and the reserve of each, committed.
     assert allocator.committed_available_size() >= sum(required) + 100 * len(waiting)
-    after = pd_transfer.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
+    after = plugin.around_allocatable_token_budgets(upstream_budget, queue)  # type: ignore[arg-type]
     assert after == allocator.committed_available_size() >= sum(required)
     assert RUNTIME.kv_buffers[0].committed_segments == 3  # 2,700 tokens + slot 0
 

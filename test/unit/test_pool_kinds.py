@@ -26,7 +26,7 @@ from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.mem_cache.segmented.swa_allocator import SegmentedSWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
-from sglang_kvalloc.upstream import kv_pool_builders, pools
+from sglang_kvalloc.upstream import plugin, pools
 
 FULL_SIZE = 2048
 SWA_SIZE = 1024
@@ -308,11 +308,9 @@ def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
     def builder(self: object, **kwargs: object) -> object:
         return kwargs
 
-    got = kv_pool_builders.around_build_mla_kv_pool(
-        builder, configurator, mla_pool_class=MLATokenToKVPool
-    )
+    got = plugin.around_build_mla_kv_pool(builder, configurator, mla_pool_class=MLATokenToKVPool)
     assert got["mla_pool_class"] is SegmentedMLATokenToKVPool
-    got = kv_pool_builders.around_build_hybrid_swa_kv_pool(
+    got = plugin.around_build_hybrid_swa_kv_pool(
         builder, configurator, mha_pool_class=MHATokenToKVPool
     )
     assert got["mha_pool_class"] is SegmentedMHATokenToKVPool
@@ -321,12 +319,10 @@ def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:
         pass
 
     with pytest.raises(modes.KvAllocModeError, match="VendorPool"):
-        kv_pool_builders.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
+        plugin.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     # Where the decision keeps upstream's pool, the hooks leave upstream's choice alone.
     decide(modes.SEGMENTED, kind="mla", kv_pool_problem="the VendorPool pool is not segmented")
-    got = kv_pool_builders.around_build_mla_kv_pool(
-        builder, configurator, mla_pool_class=VendorPool
-    )
+    got = plugin.around_build_mla_kv_pool(builder, configurator, mla_pool_class=VendorPool)
     assert got["mla_pool_class"] is VendorPool
 
 

@@ -23,11 +23,11 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeIllegalAddress, FakeVmmApi
 from fake_cuda_kernels import QueuedKernels
-from sglang.srt.mem_cache.segmented import lazy_req_to_token, modes
+from sglang.srt.mem_cache.segmented import lazy_req_to_token, modes, scheduler_loop
 from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import scheduler_loop
+from sglang_kvalloc.upstream import plugin
 
 GRANULE = 64 * 1024
 CONTEXT = 50_000  # 200,000-byte rows: not granule-aligned, so neighbours share granules
@@ -127,7 +127,7 @@ def _serve(
                     pool.req_to_token[req.kv.req_pool_idx, :n] = torch.arange(n, dtype=torch.int32)
         decoding = [r for r in running if r not in admitted]
         batch = types.SimpleNamespace(reqs=decoding, req_to_token_pool=pool)
-        assert scheduler_loop.around_check_decode_mem(lambda b, s=None: True, batch)
+        assert plugin.around_check_decode_mem(lambda b, s=None: True, batch)
         reqs = admitted or decoding
         if reqs:
             if note_reads:

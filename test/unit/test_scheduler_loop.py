@@ -7,10 +7,10 @@ import types
 
 import pytest
 from decisions import decide
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import modes, scheduler_loop
+from sglang.srt.mem_cache.segmented.scheduler_loop import iteration_demand_tokens
 
-from sglang_kvalloc.upstream import scheduler_loop
-from sglang_kvalloc.upstream.scheduler_loop import around_check_full_pool, iteration_demand_tokens
+from sglang_kvalloc.upstream import plugin
 
 
 def _req(n_input: int, n_output: int = 0) -> types.SimpleNamespace:
@@ -147,7 +147,7 @@ def test_leak_identity_counts_withheld_tokens() -> None:
     class PoolStats:
         full_available_size: int
 
-    around_check_full_pool(check_full_pool, checker, PoolStats(a.available_size()))
+    plugin.around_check_full_pool(check_full_pool, checker, PoolStats(a.available_size()))
     assert seen["available"] == 16  # 3 free + 13 withheld: nothing is reported as leaked
     # Once the memory is back, a retry lifts the ceiling and the pool is whole again.
     fail["on"] = False
@@ -223,7 +223,7 @@ def test_admission_takes_no_row_it_cannot_back_and_a_request_not_added_gives_its
             self.can_run_list.append(req)
             return AddReqResult.CONTINUE
 
-    add = _wrap_fn(Adder.add_one_req, scheduler_loop.around_add_one_req, HookType.AROUND)
+    add = _wrap_fn(Adder.add_one_req, plugin.around_add_one_req, HookType.AROUND)
     adder = Adder()
 
     def req(refused: bool = False, holds: bool = False) -> types.SimpleNamespace:

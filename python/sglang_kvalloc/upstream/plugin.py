@@ -11,24 +11,19 @@ import sys
 
 from sglang.srt.mem_cache.segmented import (
     cpu_attention,
+    kv_pool_builders,
     memory_release,
     metrics,
+    pd_transfer,
     report,
     req_pool_builders,
     rope,
+    scheduler_loop,
+    scheduler_request,
 )
 
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
-from sglang_kvalloc.upstream import (
-    attention_graph_buffers,
-    auto,
-    cli,
-    kv_pool_builders,
-    pd_transfer,
-    pools,
-    scheduler_loop,
-    settings,
-)
+from sglang_kvalloc.upstream import attention_graph_buffers, auto, cli, pools
 from sglang_kvalloc.upstream.inline import argument, done_instead, instead, then
 
 # The plugin's form of the AROUND hooks the series writes as inline calls (upstream/inline.py):
@@ -41,6 +36,18 @@ around_sdpa_forward_decode = argument(cpu_attention.SDPA_ROWS, cpu_attention.swa
 around_release_memory_occupation = then(memory_release.kv_released)
 around_resume_memory_occupation = then(memory_release.kv_resumed)
 around_configure = then(report.record_configuration)
+around_build_mha_kv_pool = argument("mha_pool_class", kv_pool_builders.segmented_mha_pool_class)
+around_build_hybrid_swa_kv_pool = argument(
+    "mha_pool_class", kv_pool_builders.segmented_swa_pool_class
+)
+around_build_mla_kv_pool = argument("mla_pool_class", kv_pool_builders.segmented_mla_pool_class)
+around_build_allocator = then(kv_pool_builders.segment_aware_allocator)
+around_add_one_req = instead(scheduler_loop.row_admission)
+around_check_decode_mem = then(scheduler_loop.decode_rows_committed)
+around_check_full_pool = argument("ps", scheduler_loop.withheld_counted_in_full_pool)
+around_check_swa_pool = argument("ps", scheduler_loop.withheld_counted_in_swa_pool)
+around_registerable_regions = then(pd_transfer.registerable_committed_regions)
+around_allocatable_token_budgets = then(pd_transfer.committed_token_budgets)
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
@@ -100,7 +107,7 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{SERVER_ARGS}.resolve_once", auto.clamp_context_before_resolve, "BEFORE"),
         (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
-        (f"{SCHEDULER}.__init__", settings.before_scheduler_init, "BEFORE"),
+        (f"{SCHEDULER}.__init__", scheduler_request.before_scheduler_init, "BEFORE"),
         (RESERVE_ROPE, around_reserve_rope_cache, "AROUND"),
         (f"{ROPE}.forward_native", rope.before_rope_forward, "BEFORE"),
         (f"{ROPE}.forward_cpu", rope.before_rope_forward, "BEFORE"),
@@ -131,13 +138,13 @@ def hooks() -> list[tuple[str, object, str]]:
             around_build_decode_req_pool,
             "AROUND",
         ),
-        (f"{CONFIGURATOR}._build_mha_kv_pool", kv_pool_builders.around_build_mha_kv_pool, "AROUND"),
+        (f"{CONFIGURATOR}._build_mha_kv_pool", around_build_mha_kv_pool, "AROUND"),
         (
             f"{CONFIGURATOR}._build_hybrid_swa_kv_pool",
-            kv_pool_builders.around_build_hybrid_swa_kv_pool,
+            around_build_hybrid_swa_kv_pool,
             "AROUND",
         ),
-        (f"{CONFIGURATOR}._build_mla_kv_pool", kv_pool_builders.around_build_mla_kv_pool, "AROUND"),
+        (f"{CONFIGURATOR}._build_mla_kv_pool", around_build_mla_kv_pool, "AROUND"),
         # ... and the CPU engine's attention reading a segmented SWA sub-pool through upstream's
         # full-to-SWA mapping (0.5.23 reads it with full-pool ids).
         (
@@ -152,7 +159,7 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         (
             f"{CONFIGURATOR}._build_token_to_kv_pool_allocator",
-            kv_pool_builders.around_build_allocator,
+            around_build_allocator,
             "AROUND",
         ),
         # ... grown ahead of each iteration, given back when idle, withheld after a failed
@@ -180,13 +187,13 @@ def hooks() -> list[tuple[str, object, str]]:
         (f"{PREALLOC}.pop_preallocated", pd_transfer.after_pop_preallocated, "AFTER"),
         (
             f"{PREALLOC}._allocatable_token_budgets",
-            pd_transfer.around_allocatable_token_budgets,
+            around_allocatable_token_budgets,
             "AROUND",
         ),
         (f"{PD_PREFILL}.send_kv_chunk", pd_transfer.before_send_kv_chunk, "BEFORE"),
         (
             f"{MOONCAKE}._registerable_regions",
-            pd_transfer.around_registerable_regions,
+            around_registerable_regions,
             "AROUND",
         ),
         (
@@ -214,18 +221,18 @@ def hooks() -> list[tuple[str, object, str]]:
         ),
         # ... and (explicit commits: a GPU) each decode step's req_to_token rows committed
         # inside upstream's own decode-memory check, so a row that cannot grow retracts.
-        (f"{SCHEDULE_BATCH}.check_decode_mem", scheduler_loop.around_check_decode_mem, "AROUND"),
+        (f"{SCHEDULE_BATCH}.check_decode_mem", around_check_decode_mem, "AROUND"),
         # ... and how far each batch's kernels read the rows, noted before it is queued, so
         # no remap lands under a read the overlap scheduler still has in flight.
         (f"{SCHEDULER}.run_batch", scheduler_loop.before_run_batch, "BEFORE"),
         # ... and admission takes no new row the device could not back (upstream raises).
         (
             "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
-            scheduler_loop.around_add_one_req,
+            around_add_one_req,
             "AROUND",
         ),
-        (f"{CHECKER}._check_full_pool", scheduler_loop.around_check_full_pool, "AROUND"),
-        (f"{CHECKER}._check_swa_pool", scheduler_loop.around_check_swa_pool, "AROUND"),
+        (f"{CHECKER}._check_full_pool", around_check_full_pool, "AROUND"),
+        (f"{CHECKER}._check_swa_pool", around_check_swa_pool, "AROUND"),
         # Segmented on a GPU: the attention backends' context-sized cuda-graph buffers
         # reserved, committed before each replay as far as the batch writes (else eager).
         (

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from sglang.srt.mem_cache.segmented import backing_choice, modes
+from sglang.srt.mem_cache.segmented import backing_choice, modes, scheduler_request
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import settings
 from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
@@ -85,7 +84,7 @@ def mode_decided(
     the context was clamped or memory is kept for run-time commits."""
     if self.is_draft_worker or id(self) in _SIZING_AGAIN:
         return config
-    request = settings.note_request(self.server_args)
+    request = scheduler_request.note_request(self.server_args)
     _apply_segment_settings(self, request)
     RUNTIME.state.requested_context_length = getattr(
         self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
@@ -222,9 +221,9 @@ def kv_budget_bytes(
     server_args = getattr(configurator, "server_args", None)
     if not configurator.is_draft_worker and modes.budget_settings(server_args) is not None:
         # Servers sharing a budget reserve it whole, whatever memory their start finds free.
-        from sglang_kvalloc.upstream import shared_budget  # --kv-budget: its own PR
+        from sglang_kvalloc.upstream import kv_budget  # --kv-budget: its own PR
 
-        budgeted = shared_budget.pool_bytes(configurator)
+        budgeted = kv_budget.pool_bytes(configurator)
         available = available if budgeted is None else budgeted
     room = RUNTIME.state.run_time_room_bytes
     if configurator.is_draft_worker or not room:
@@ -278,9 +277,9 @@ def _open_budget(configurator: KVCacheConfigurator, request: modes.KvAllocReques
     in from now on (`shared_budget`, a PR of its own in the upstream series)."""
     if request.budget is None:
         return
-    from sglang_kvalloc.upstream import shared_budget
+    from sglang.srt.mem_cache.segmented import kv_budget
 
-    shared_budget.open_budget(configurator)
+    kv_budget.open_budget(configurator)
 
 
 def _open_backings(configurator: KVCacheConfigurator) -> None:

@@ -1,12 +1,13 @@
 """Several segmented servers on one device share one KV budget (``--kv-budget NAME``).
 
 Each server's KV pool is reserved at the budget's size (not at the free memory its start
-finds, so servers started together all start), and every byte it commits is reserved first
-in the device's ledger (`core.shared_budget`): a reservation refused is a failed commit, so
-that server's requests queue as for a full pool (agreed across TP ranks, as every failed
-commit) and it marks what it wants. A server another one waits on gives back, at its next
-scheduler step and whatever its hold-off, the cached KV no request holds above what it
-retains (``--kv-idle-cache-tokens``) and the segments that empties; its floor stays.
+finds, so servers started together all start), and every byte it commits is reserved
+first in the device's ledger (`core.shared_budget`): a reservation refused is a failed
+commit, so that server's requests queue as for a full pool (agreed across TP ranks, as
+every failed commit) and it marks what it wants. A server another one waits on gives
+back, at its next scheduler step and whatever its hold-off, the cached KV no request
+holds above what it retains (``--kv-idle-cache-tokens``) and the segments that empties;
+its floor stays.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ import socket
 from typing import TYPE_CHECKING
 
 import torch
+
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-from sglang.srt.mem_cache.segmented.shared_budget import BudgetError, SharedBudget, ledger_path
+from sglang.srt.mem_cache.segmented.shared_budget import (
+    BudgetError,
+    SharedBudget,
+    ledger_path,
+)
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
@@ -35,16 +41,17 @@ WAITING_READ_EVERY_S = 0.05
 
 
 def device_key(device: str, gpu_id: int) -> str:
-    """The ledger's device: the GPU's UUID on CUDA (the same whatever CUDA_VISIBLE_DEVICES
-    says), the host's name on the CPU engine."""
+    """The ledger's device: the GPU's UUID on CUDA (the same whatever
+    CUDA_VISIBLE_DEVICES says), the host's name on the CPU engine."""
     if str(device).startswith("cuda"):
         return f"cuda-{torch.cuda.get_device_properties(gpu_id).uuid}"
     return f"cpu-{socket.gethostname()}"
 
 
 def pool_bytes(configurator: KVCacheConfigurator) -> int | None:
-    """The bytes this server's KV pool is reserved at under a budget: its limit, else the
-    budget's total (from the flag, or the ledger that exists); None without a budget."""
+    """The bytes this server's KV pool is reserved at under a budget: its limit, else
+    the budget's total (from the flag, or the ledger that exists); None without a
+    budget."""
     settings = modes.budget_settings(getattr(configurator, "server_args", None))
     if settings is None:
         return None
@@ -64,8 +71,9 @@ def _ledger_total(configurator: KVCacheConfigurator, name: str) -> int:
 
 
 def open_budget(configurator: KVCacheConfigurator) -> None:
-    """Segmented mode with a budget: this server's slot in the ledger, and every backing made
-    from now on reserving in it (`LedgeredBacking`). A ledger that cannot be used is one line."""
+    """Segmented mode with a budget: this server's slot in the ledger, and every backing
+    made from now on reserving in it (`LedgeredBacking`). A ledger that cannot be used
+    is one line."""
     settings = modes.budget_settings(configurator.server_args)
     if settings is None or RUNTIME.budget is not None or configurator.is_draft_worker:
         return
@@ -74,11 +82,18 @@ def open_budget(configurator: KVCacheConfigurator) -> None:
     key = device_key(str(configurator.device), configurator.gpu_id)
     path = ledger_path(key, settings.name)
     server_args = configurator.server_args
-    label = f"{server_args.served_model_name or server_args.model_path}@{server_args.port}"
+    label = (
+        f"{server_args.served_model_name or server_args.model_path}@{server_args.port}"
+    )
     rank = int(getattr(get_parallel(), "tp_rank", 0) or 0)
     try:
-        budget = SharedBudget(path, total=settings.total_bytes, name=f"{label} tp{rank}",
-                              floor=settings.floor_bytes, limit=settings.limit_bytes)  # fmt: skip
+        budget = SharedBudget(
+            path,
+            total=settings.total_bytes,
+            name=f"{label} tp{rank}",
+            floor=settings.floor_bytes,
+            limit=settings.limit_bytes,
+        )
     except BudgetError as exc:
         raise modes.KvAllocModeError(str(exc)) from None
     RUNTIME.budget = budget
@@ -97,8 +112,8 @@ def open_budget(configurator: KVCacheConfigurator) -> None:
 
 def give_way(scheduler: Scheduler) -> None:
     """Every few iterations (every rank together): where another server waits on the
-    budget, give back the cached KV no request holds above what this one retains, and the
-    segments that empties, now (the floor stays)."""
+    budget, give back the cached KV no request holds above what this one retains, and
+    the segments that empties, now (the floor stays)."""
     budget = RUNTIME.budget
     allocator = getattr(scheduler, "token_to_kv_pool_allocator", None)
     release = getattr(allocator, "release_cache_above_retained", None)

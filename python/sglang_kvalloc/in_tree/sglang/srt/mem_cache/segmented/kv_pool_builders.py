@@ -1,5 +1,5 @@
-"""The KV pools and allocators of segmented mode, built where upstream builds its own: the
-segment-committed subclass of the pool class upstream chose, and the segment-aware
+"""The KV pools and allocators of segmented mode, built where upstream builds its own:
+the segment-committed subclass of the pool class upstream chose, and the segment-aware
 counterpart of its allocator. PR 4 of the upstream series (the segmented KV pool)."""
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.runtime import builds_kv_on_demand
 
-from sglang_kvalloc.upstream.inline import argument, then
-
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -18,17 +16,20 @@ if TYPE_CHECKING:
 
 
 def _unforeseen_pool(what: str) -> modes.KvAllocModeError:
-    """Upstream is building a pool the decision did not foresee (`pool_kind.kv_pool_kind`
-    asks upstream's own choosers): a start-up error rather than a pool run the wrong way."""
+    """Upstream is building a pool the decision did not foresee
+    (`pool_kind.kv_pool_kind` asks upstream's own choosers): a start-up error rather
+    than a pool run the wrong way."""
     return modes.KvAllocModeError(
         f"--kv-alloc-mode segmented: upstream builds {what}, which the mode decision did not "
         "foresee; use --kv-alloc-mode static (and report this)"
     )
 
 
-def segmented_mha_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_mha_kv_pool` (argument `mha_pool_class`): the segmented MHA pool class
-    in segmented mode (upstream's choice otherwise)."""
+def segmented_mha_pool_class(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> type[KVCache]:
+    """AROUND `_build_mha_kv_pool` (argument `mha_pool_class`): the segmented MHA pool
+    class in segmented mode (upstream's choice otherwise)."""
     pool_class = kwargs.get("mha_pool_class")
     if not builds_kv_on_demand(self):
         return pool_class
@@ -37,12 +38,11 @@ def segmented_mha_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
 
     if pool_class is not MHATokenToKVPool or kwargs.get("quant_method") is not None:
         name = getattr(pool_class, "__name__", "?")
-        quantized = " with a KV quantization method" if kwargs.get("quant_method") else ""
+        quantized = (
+            " with a KV quantization method" if kwargs.get("quant_method") else ""
+        )
         raise _unforeseen_pool(f"the {name} pool{quantized}")
     return SegmentedMHATokenToKVPool
-
-
-around_build_mha_kv_pool = argument("mha_pool_class", segmented_mha_pool_class)
 
 
 def _segmented_class(
@@ -55,9 +55,12 @@ def _segmented_class(
     return segmented_class
 
 
-def segmented_swa_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_hybrid_swa_kv_pool` (argument `mha_pool_class`): upstream's `SWAKVPool`
-    with both sub-pools (full and sliding-window) segment-committed, in segmented mode."""
+def segmented_swa_pool_class(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> type[KVCache]:
+    """AROUND `_build_hybrid_swa_kv_pool` (argument `mha_pool_class`): upstream's
+    `SWAKVPool` with both sub-pools (full and sliding-window) segment-committed, in
+    segmented mode."""
     pool_class = kwargs.get("mha_pool_class")
     if not builds_kv_on_demand(self):
         return pool_class
@@ -67,12 +70,11 @@ def segmented_swa_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
     return _segmented_class(pool_class, MHATokenToKVPool, SegmentedMHATokenToKVPool)
 
 
-around_build_hybrid_swa_kv_pool = argument("mha_pool_class", segmented_swa_pool_class)
-
-
-def segmented_mla_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: Any) -> type[KVCache]:
-    """AROUND `_build_mla_kv_pool` (argument `mla_pool_class`): the segmented MLA (latent
-    cache) pool in segmented mode."""
+def segmented_mla_pool_class(
+    self: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> type[KVCache]:
+    """AROUND `_build_mla_kv_pool` (argument `mla_pool_class`): the segmented MLA
+    (latent cache) pool in segmented mode."""
     pool_class = kwargs.get("mla_pool_class")
     if not builds_kv_on_demand(self):
         return pool_class
@@ -82,17 +84,15 @@ def segmented_mla_pool_class(self: KVCacheConfigurator, *args: Any, **kwargs: An
     return _segmented_class(pool_class, MLATokenToKVPool, SegmentedMLATokenToKVPool)
 
 
-around_build_mla_kv_pool = argument("mla_pool_class", segmented_mla_pool_class)
-
-
 def segment_aware_allocator(
     allocator: BaseTokenToKVPoolAllocator,
     self: KVCacheConfigurator,
     *args: Any,
     **kwargs: Any,
 ) -> BaseTokenToKVPoolAllocator:
-    """AROUND `_build_token_to_kv_pool_allocator` (then): segment-aware allocators over a segmented
-    pool (upstream's token, paged or hybrid SWA allocator, each replaced by its counterpart)."""
+    """AROUND `_build_token_to_kv_pool_allocator` (then): segment-aware allocators over
+    a segmented pool (upstream's token, paged or hybrid SWA allocator, each replaced by
+    its counterpart)."""
     pool = kwargs.get("token_to_kv_pool")
     if not builds_kv_on_demand(self):
         return allocator
@@ -128,6 +128,3 @@ def segment_aware_allocator(
         "--kv-alloc-mode segmented supports upstream's token, paged and hybrid SWA "
         f"allocators only (got {type(allocator).__name__})"
     )
-
-
-around_build_allocator = then(segment_aware_allocator)

@@ -1,9 +1,9 @@
 """The process's settings, read once when its scheduler starts.
 
-The model loads before the pools are sized, and its RoPE hook must already know what was asked
-for; so the request (`modes.read_request`) and the device are noted on `RUNTIME` here, before
-anything else of the plugin runs in the scheduler process. The mode itself is decided later,
-once, where upstream sizes the KV pool (`pools.mode_decided`).
+The model loads before the pools are sized, and its RoPE hook must already know what was
+asked for; so the request (`modes.read_request`) and the device are noted on `RUNTIME`
+here, before anything else of segmented mode runs in the scheduler process. The mode
+itself is decided later, once, where upstream sizes the KV pool (`pools.mode_decided`).
 """
 
 from __future__ import annotations
