@@ -17,17 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-from sglang.srt.mem_cache.segmented.shared_budget import (
-    DEFAULT_DIR,
-    BudgetError,
-    list_ledgers,
-    read_ledger,
-    update_ledger,
-)
-
 from sglang_kvalloc.in_tree_finder import standalone
 
-# The rule of --kv-budget-bytes (in_tree/), loaded without SGLang where it is not loaded.
+# The ledger and the rule of --kv-budget-bytes (in_tree/, standard library only), loaded
+# without SGLang where it is not loaded (`import sglang` loads torch and most of SGLang).
+_ledger = standalone("sglang.srt.mem_cache.segmented.shared_budget")
+DEFAULT_DIR = _ledger.DEFAULT_DIR
+BudgetError = _ledger.BudgetError
+list_ledgers = _ledger.list_ledgers
+read_ledger = _ledger.read_ledger
+update_ledger = _ledger.update_ledger
 parse_bytes = standalone("sglang.srt.mem_cache.segmented.settings").parse_bytes
 
 

@@ -139,6 +139,21 @@ def test_the_planners_segment_rules_load_without_upstream() -> None:
     assert Path(file) == path
 
 
+def test_the_budget_cli_runs_without_upstream() -> None:
+    """`python -m sglang_kvalloc.budget` reads the in-tree ledger without loading SGLang or
+    torch (an operator's command; `import sglang` takes seconds and loads torch)."""
+    code = (
+        "import sys\n"
+        "sys.modules['sglang'] = sys.modules['torch'] = None\n"
+        "from sglang_kvalloc import budget\n"
+        "print(budget._ledger.__name__)\n"
+        "sys.exit(budget.main(['list']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0].startswith("sglang_kvalloc.standalone.")
+
+
 def test_no_in_tree_module_is_over_600_lines() -> None:
     long = {f.name: n for f in FILES if (n := len(f.read_text().splitlines())) > 600}
     assert long == {}

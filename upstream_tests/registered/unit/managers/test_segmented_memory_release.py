@@ -17,13 +17,17 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_CUDA_GRAPH, GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.kvalloc.core.planner import layouts
-from sglang.srt.kvalloc.upstream import memory_release, segmented
 from sglang.srt.managers import io_struct
 from sglang.srt.managers.scheduler_components.weight_updater import (
     SchedulerWeightUpdaterManager as Updater,
 )
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import (
+    kv_allocators,
+    kv_pools,
+    memory_release,
+    modes,
+)
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
 from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
@@ -85,10 +89,10 @@ class TestSegmentedMemoryRelease(CustomTestCase):
 
     def test_kv_cache_release_gives_everything_back_and_resume_serves_again(self):
         decide(modes.SEGMENTED)
-        kv = segmented.SegmentedMHATokenToKVPool(
+        kv = kv_pools.SegmentedMHATokenToKVPool(
             SIZE, 1, torch.half, 2, 64, 2, "cpu", False
         )
-        allocator = segmented.SegmentedTokenToKVPoolAllocator(
+        allocator = kv_allocators.SegmentedTokenToKVPoolAllocator(
             SIZE, kv.dtype, "cpu", kv, False
         )
         buffers = kv.segmented_buffers  # the reservations the segments commit in

@@ -14,7 +14,6 @@ from unittest import mock
 import torch
 
 from sglang.srt import runtime_context
-from sglang.srt.mem_cache.segmented.req_pool_builders import segmented_default_req_pool
 from sglang.srt.layers.rotary_embedding import base
 from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache import kv_cache_configurator
@@ -22,6 +21,7 @@ from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
+from sglang.srt.mem_cache.segmented.req_pool_builders import segmented_default_req_pool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
 from sglang.srt.utils import common

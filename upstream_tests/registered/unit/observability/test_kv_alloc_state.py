@@ -15,15 +15,13 @@ from unittest import mock
 import prometheus_client
 import torch
 
-from sglang.srt.kvalloc.upstream.segmented import (
-    SegmentedMHATokenToKVPool,
-    SegmentedTokenToKVPoolAllocator,
-)
 from sglang.srt.managers.scheduler_components import internal_state
 from sglang.srt.mem_cache import kv_cache_configurator as kvc
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented.kv_allocators import SegmentedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.segmented.kv_pools import SegmentedMHATokenToKVPool
 from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.observability import metrics_collector
