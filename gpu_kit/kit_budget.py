@@ -64,7 +64,9 @@ def _share(
     total: int,
     start_committed: int,
 ) -> dict[str, Any]:
-    from sglang.srt.mem_cache.segmented.shared_budget import read_ledger
+    from sglang_kvalloc.in_tree_finder import standalone
+
+    read_ledger = standalone("sglang.srt.mem_cache.segmented.shared_budget").read_ledger
 
     p, checks, memory = stage.profile, stage.checks, stage.memory
     path = Path(first.kv()["budget"]["path"])

@@ -125,16 +125,11 @@ def test_the_planners_segment_rules_load_without_upstream() -> None:
         for a in node.names
     }
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
-    code = (
-        "import sys\n"
-        "sys.modules['sglang'] = sys.modules['torch'] = None\n"
+    name, file = _without_upstream(
         "from sglang_kvalloc.in_tree_finder import standalone\n"
         "m = standalone('sglang.srt.mem_cache.segmented.geometry')\n"
         "print(m.__name__, m.__file__)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    name, file = out.stdout.split()
+    ).split()
     assert name == "sglang_kvalloc.standalone.sglang.srt.mem_cache.segmented.geometry"
     assert Path(file) == path
 
@@ -142,16 +137,20 @@ def test_the_planners_segment_rules_load_without_upstream() -> None:
 def test_the_budget_cli_runs_without_upstream() -> None:
     """`python -m sglang_kvalloc.budget` reads the in-tree ledger without loading SGLang or
     torch (an operator's command; `import sglang` takes seconds and loads torch)."""
-    code = (
-        "import sys\n"
-        "sys.modules['sglang'] = sys.modules['torch'] = None\n"
+    out = _without_upstream(
         "from sglang_kvalloc import budget\n"
         "print(budget._ledger.__name__)\n"
         "sys.exit(budget.main(['list']))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.split("\n")[0].startswith("sglang_kvalloc.standalone.")
+
+
+def _without_upstream(code: str) -> str:
+    """What ``code`` prints in a fresh interpreter where importing sglang or torch fails."""
+    prelude = "import sys\nsys.modules['sglang'] = sys.modules['torch'] = None\n"
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[0].startswith("sglang_kvalloc.standalone.")
+    return out.stdout
 
 
 def test_no_in_tree_module_is_over_600_lines() -> None:
