@@ -221,7 +221,7 @@ def kv_budget_bytes(
     server_args = getattr(configurator, "server_args", None)
     if not configurator.is_draft_worker and modes.budget_settings(server_args) is not None:
         # Servers sharing a budget reserve it whole, whatever memory their start finds free.
-        from sglang_kvalloc.upstream import kv_budget  # --kv-budget: its own PR
+        from sglang.srt.mem_cache.segmented import kv_budget  # --kv-budget: its own PR
 
         budgeted = kv_budget.pool_bytes(configurator)
         available = available if budgeted is None else budgeted
