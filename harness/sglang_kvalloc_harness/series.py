@@ -54,7 +54,7 @@ from sglang_kvalloc_harness.series_edits import (
     inline_form,
     insert_lines,
 )
-from sglang_kvalloc_harness.series_prs import IN_TREE, SERIES, PullRequest
+from sglang_kvalloc_harness.series_prs import DECORATOR_MODULE, IN_TREE, SERIES, PullRequest
 
 PACKAGE = "sglang_kvalloc"
 UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
@@ -68,6 +68,7 @@ UPSTREAM_DOCS = SOURCE.parents[1] / "upstream_docs"
 # import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
 NOT_IN_SERIES = (
     "upstream/plugin.py",
+    "upstream/inline.py",  # the plugin's wrappers of the functions the series calls inline
     "early_plugins.py",
     "on_import.py",  # the plugin's modules hooked on import; the series edits them inline
     "plan.py",
@@ -203,6 +204,8 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
         roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))
                  for e in p.edits}  # fmt: skip
         roots |= set(p.pr.files)
+        if any(not e.inline for e in p.edits):  # the first PR that decorates brings the decorator
+            roots.add(DECORATOR_MODULE)
         roots.discard(None)  # type: ignore[arg-type]
         new = sorted(r for r in _closure(roots) if not _excluded(r)) if roots else []  # type: ignore[arg-type]
         for rel in new:

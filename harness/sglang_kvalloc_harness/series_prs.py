@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from sglang_kvalloc_harness.series_edits import Insertion, Part
 
-INLINE_MODULE = "upstream/inline.py"
+# The decorator the functions whose AROUND hook has no inline form yet are decorated with.
+DECORATOR_MODULE = "upstream/hook_decorator.py"
 IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
 FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
 
@@ -43,7 +44,7 @@ SERIES: tuple[PullRequest, ...] = (
         "--kv-alloc-mode on ServerArgs and Engine",
         "The flag, its companions and their checks; static is upstream unchanged.",
         ("cli.*",),
-        (INLINE_MODULE, FIELDS),
+        (FIELDS,),
         (
             # The fields are declared as upstream declares fields: a namespace Struct listed
             # where ServerArgs is assembled (upstream/fields.py does this in the plugin).

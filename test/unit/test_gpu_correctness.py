@@ -296,7 +296,7 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
     measured = []
 
     def resolve(c, *args, **kwargs):
-        measured.append(pools.around_profile_available_bytes(lambda c: 80_000_000_000, c))
+        measured.append(plugin.around_profile_available_bytes(lambda c: 80_000_000_000, c))
         return config
 
     configurator._resolve_memory_pool_config = lambda: resolve(configurator)

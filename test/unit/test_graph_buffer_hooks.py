@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import attention_graph_buffers
+from sglang_kvalloc.upstream import attention_graph_buffers, plugin
 
 G = 2 * MIB
 
@@ -91,7 +91,7 @@ def test_fa3_page_tables_are_reserved_rows(segmented_on_fake_gpu) -> None:
     batch = types.SimpleNamespace(
         batch_size=3, seq_lens_cpu=torch.tensor([10, 600_000, 5]), seq_lens=None
     )
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is True
     expected = attention_graph_buffers.graph_batch(runner, batch)
     assert expected == GraphBatch(rows=4, seq_lens_sum=600_016, max_seq_len=600_000)
     for buffer in RUNTIME.graph.buffers:
@@ -141,7 +141,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
     seq_lens = torch.tensor([10, 600_000, 5, 1], dtype=torch.int32)
     runner = types.SimpleNamespace(capture_bs=[1, 2, 4, 8], seq_len_fill_value=1)
     batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=seq_lens[:3], seq_lens=None)
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is True
     expected = attention_graph_buffers.graph_batch(runner, batch)
     for layout in layouts:
         assert by_name[layout.name].committed_bytes == max(
@@ -158,7 +158,7 @@ def test_fa3_local_attention_tables_are_reserved_and_replays_write_committed_row
         seen_rows.update({name: tensor.shape[0] for name, tensor in buffers.items()})
         return LocalAttentionMetadataBuilder.update_for_replay(builder, meta, bs, buffers=buffers)
 
-    attention_graph_buffers.around_local_attention_update_for_replay(
+    plugin.around_local_attention_update_for_replay(
         upstream_fill, backend.local_attn_builder, meta, 4, buffers=local
     )
     # Upstream zeroes the table past the batch: it is handed the committed rows only (one
@@ -261,12 +261,12 @@ def test_a_batch_whose_buffers_cannot_be_committed_runs_eager(segmented_on_fake_
     attention_graph_buffers.around_capture(lambda r: None, runner)  # the fill is committed first
     assert RUNTIME.graph.buffers[0].committed_bytes == G
     huge = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 19_000_000))
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, huge) is False
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, huge) is False
     assert RUNTIME.graph.eager_fallbacks == 1  # 1.2 GB of indices: over the 512 MiB
     assert RUNTIME.graph.buffers[0].committed_bytes == 0  # back to nothing, as on every rank
     small = types.SimpleNamespace(batch_size=5, seq_lens_cpu=torch.full((5,), 100_000))
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, small) is True
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: False, runner, huge) is False
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, small) is True
+    assert plugin.around_can_run_graph(lambda r, b: False, runner, huge) is False
     assert RUNTIME.graph.eager_fallbacks == 1  # upstream said no: not our fallback
     assert driver.physical_bytes > G
     assert RUNTIME.graph.stats()["cuda_graph_eager_fallbacks"] == 1
@@ -322,15 +322,15 @@ def test_ranks_agree_on_eager_and_all_go_back_to_nothing(segmented_on_fake_gpu, 
 
     monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
     batch = types.SimpleNamespace(batch_size=8, seq_lens_cpu=torch.full((8,), 100_000))
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is False
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is False
     assert votes == [1]  # this rank could commit; another could not
     assert RUNTIME.graph.buffers[0].committed_bytes == 0
     # A batch that needs nothing new does not call the agreement at all.
     monkeypatch.setattr(RUNTIME.settings, "agree", lambda value: value)
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is True
     votes.clear()
     monkeypatch.setattr(RUNTIME.settings, "agree", another_rank_failed)
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is True
     assert votes == []
 
 
@@ -497,7 +497,7 @@ def test_multi_step_draft_indices_are_reserved_and_committed_per_step(
     assert lazy.committed_bytes == layout.commit_bytes(capture, G) == steps * G
     seq_lens = [100_000, 5, 300_000]
     batch = types.SimpleNamespace(batch_size=3, seq_lens_cpu=torch.tensor(seq_lens))
-    assert attention_graph_buffers.around_can_run_graph(lambda r, b: True, runner, batch) is True
+    assert plugin.around_can_run_graph(lambda r, b: True, runner, batch) is True
     padded_sum = sum(seq_lens) + 1  # padded to 4 rows at the fill value
     expected = planner.draft_graph_batch(4, padded_sum, 300_000, topk, steps)
     assert attention_graph_buffers.graph_batch(runner, batch) == expected

@@ -18,7 +18,7 @@ from sglang.srt.mem_cache.segmented import modes
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import pools
+from sglang_kvalloc.upstream import plugin, pools
 
 MIB = 1 << 20
 G = 2 * MIB
@@ -70,7 +70,7 @@ class _Configurator:
     page_size: int = 1
 
     def _resolve_memory_pool_config(self, *args: object, **kwargs: object) -> object:
-        return pools.around_resolve_memory_pool_config(self.resolve, self, *args, **kwargs)
+        return plugin.around_resolve_memory_pool_config(self.resolve, self, *args, **kwargs)
 
 
 def _configurator(context: int, budget: int) -> tuple[_Configurator, Callable]:
@@ -80,7 +80,7 @@ def _configurator(context: int, budget: int) -> tuple[_Configurator, Callable]:
     server_args = types.SimpleNamespace(context_length=None, **{modes.SERVER_ARGS_ATTR: modes.AUTO})
 
     def resolve(c: _Configurator, *args: object, **kwargs: object) -> types.SimpleNamespace:
-        available = pools.around_profile_available_bytes(lambda c: budget, c)
+        available = plugin.around_profile_available_bytes(lambda c: budget, c)
         tokens = available // CELL
         reqs = planner.resolve_max_num_reqs(tokens, c.model_config.context_len)
         return types.SimpleNamespace(max_total_num_tokens=tokens, max_running_requests=reqs)
@@ -148,7 +148,7 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(auto_pools: None) -
     """auto at 10M over explicit commits: the clamp to the pool comes before the room is
     kept; the context must follow the pool once the room is settled."""
     configurator, resolve = _configurator(10_000_000, 4 * 10**9)  # a pool of 3.9M tokens
-    config = pools.around_resolve_memory_pool_config(resolve, configurator)
+    config = plugin.around_resolve_memory_pool_config(resolve, configurator)
     assert RUNTIME.decision.segmented and RUNTIME.decision.explicit_commits
     assert RUNTIME.state.run_time_room_bytes > 0
     context = configurator.model_config.context_len
@@ -166,7 +166,7 @@ def test_autos_share_is_computed_once_at_the_context_it_clamps_to(auto_pools: No
     configurator, resolve = _configurator(target, 4 * 10**9)
     RUNTIME.state.run_time_room_bytes = 0
     asked = resolve(configurator)  # upstream's sizing at the context asked for
-    pools.around_resolve_memory_pool_config(resolve, configurator)
+    plugin.around_resolve_memory_pool_config(resolve, configurator)
     clamped_to = asked.max_total_num_tokens
     figure = re.search(r"allocations (?:are|would be) (\d+) B", RUNTIME.decision.reason)
     assert figure is not None, RUNTIME.decision.reason

@@ -216,7 +216,7 @@ def test_apply_refuses_another_version_and_a_tree_without_sglang(tmp_path: Path)
 
 
 def test_the_decorator_behaves_as_hook_registrys_wrappers(monkeypatch) -> None:
-    from sglang_kvalloc.upstream.inline import kvalloc_hook
+    from sglang_kvalloc.upstream.hook_decorator import kvalloc_hook
 
     calls: list[str] = []
     hooks = types.ModuleType("series_test_hooks")

@@ -42,7 +42,6 @@ from sglang.srt.mem_cache.segmented.graph_layouts import CHUNK_ROWS, GraphBatch,
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream.inline import argument, then
 
 if TYPE_CHECKING:
     from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -405,9 +404,6 @@ def graph_gate(
     return ok
 
 
-around_can_run_graph = then(graph_gate, passes_false=True)
-
-
 def around_capture(
     original: Callable[..., None], runner: DecodeCudaGraphRunner, *args: Any, **kwargs: Any
 ) -> None:
@@ -550,9 +546,6 @@ def committed_local_attention_rows(
             return buffers
         trimmed[name] = tensor[:rows]
     return trimmed
-
-
-around_local_attention_update_for_replay = argument("buffers", committed_local_attention_rows)
 
 
 def release_at_idle() -> int:

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 from sglang.srt.arg_groups.kv_alloc_hook import handle_kv_alloc, kv_alloc_problem
 from sglang.srt.mem_cache.segmented import modes
 
-from sglang_kvalloc.upstream.inline import then
-
 if TYPE_CHECKING:
     from sglang.srt.server_args import ServerArgs
 
@@ -41,8 +39,6 @@ def checked_cli_args(
         argparse.ArgumentParser(usage=argparse.SUPPRESS).error(problem)
     return server_args
 
-
-around_from_cli_args = then(checked_cli_args)
 
 # The resolution step the checks run after, in the plugin (`register_resolution_hook` takes
 # only upstream's own step names); in the upstream series `handle_kv_alloc` is a step of its

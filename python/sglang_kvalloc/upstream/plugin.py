@@ -48,6 +48,13 @@ around_check_full_pool = argument("ps", scheduler_loop.withheld_counted_in_full_
 around_check_swa_pool = argument("ps", scheduler_loop.withheld_counted_in_swa_pool)
 around_registerable_regions = then(pd_transfer.registerable_committed_regions)
 around_allocatable_token_budgets = then(pd_transfer.committed_token_budgets)
+around_from_cli_args = then(cli.checked_cli_args)
+around_profile_available_bytes = then(pools.kv_budget_bytes)
+around_resolve_memory_pool_config = then(pools.mode_decided)
+around_can_run_graph = then(attention_graph_buffers.graph_gate, passes_false=True)
+around_local_attention_update_for_replay = argument(
+    "buffers", attention_graph_buffers.committed_local_attention_rows
+)
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
@@ -101,7 +108,7 @@ def hooks() -> list[tuple[str, object, str]]:
     """(target, hook, hook type name) for every hook this plugin installs."""
     return [
         # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
-        (f"{SERVER_ARGS}.from_cli_args", cli.around_from_cli_args, "AROUND"),
+        (f"{SERVER_ARGS}.from_cli_args", around_from_cli_args, "AROUND"),
         # auto: a segment size checked against the model, and the context clamped in the
         # launcher, to the model and the estimated pool.
         (f"{SERVER_ARGS}.resolve_once", auto.clamp_context_before_resolve, "BEFORE"),
@@ -119,13 +126,13 @@ def hooks() -> list[tuple[str, object, str]]:
         # The mode in force (auto: decided, context clamped) once upstream sized the pool.
         (
             f"{CONFIGURATOR}._resolve_memory_pool_config",
-            pools.around_resolve_memory_pool_config,
+            around_resolve_memory_pool_config,
             "AROUND",
         ),
         # Segmented mode: reserved, segment-committed pools and segment-aware allocators.
         (
             f"{CONFIGURATOR}._profile_available_bytes",
-            pools.around_profile_available_bytes,
+            around_profile_available_bytes,
             "AROUND",
         ),
         (
@@ -255,19 +262,19 @@ def hooks() -> list[tuple[str, object, str]]:
             attention_graph_buffers.around_flashinfer_init_cuda_graph_state,
             "AROUND",
         ),
-        (f"{DECODE_GRAPHS}.can_run_graph", attention_graph_buffers.around_can_run_graph, "AROUND"),
+        (f"{DECODE_GRAPHS}.can_run_graph", around_can_run_graph, "AROUND"),
         # Its ragged-verify path returns this method's answer: gated here, so that every other
         # return of can_run_graph is False and its gate is one call at its final return.
         (
             f"{DECODE_GRAPHS}._can_run_ragged_verify_graph",
-            attention_graph_buffers.around_can_run_graph,
+            around_can_run_graph,
             "AROUND",
         ),
         (f"{DECODE_GRAPHS}.capture", attention_graph_buffers.around_capture, "AROUND"),
         # The speculative runners override can_run_graph (capture is inherited): each is gated
         # the same way; triton's multi-step draft backend allocates the steps' shared buffer.
         *[
-            (f"{runner}.can_run_graph", attention_graph_buffers.around_can_run_graph, "AROUND")
+            (f"{runner}.can_run_graph", around_can_run_graph, "AROUND")
             for runner in SPECULATIVE_GRAPHS
         ],
         (
@@ -284,7 +291,7 @@ def hooks() -> list[tuple[str, object, str]]:
         # is handed the committed rows only, past which the table reads zeros already.
         (
             f"{LOCAL_ATTENTION}.update_for_replay",
-            attention_graph_buffers.around_local_attention_update_for_replay,
+            around_local_attention_update_for_replay,
             "AROUND",
         ),
         # ... and the speculative verify mask, written by the draft stage before the verify

@@ -18,7 +18,6 @@ from sglang.srt.mem_cache.segmented import backing_choice, modes, scheduler_requ
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream.inline import then
 from sglang_kvalloc.upstream.pool_kind import (
     context_scaled_static_bytes,
     cuda_graph_bytes,
@@ -231,9 +230,6 @@ def kv_budget_bytes(
     return int(available) - room
 
 
-around_profile_available_bytes = then(kv_budget_bytes)
-
-
 def _decide(
     configurator: KVCacheConfigurator, request: modes.KvAllocRequest, mode: str, reason: str
 ) -> None:
@@ -322,6 +318,3 @@ def make_rank_agreement(group: dist.ProcessGroup) -> Callable[[int], int]:
         return int(flag.item())
 
     return agree
-
-
-around_resolve_memory_pool_config = then(mode_decided)

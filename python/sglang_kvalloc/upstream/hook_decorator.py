@@ -1,0 +1,45 @@
+"""A hook applied where upstream defines the function, not patched in at plugin load: the
+upstream PR series decorates each function an AROUND hook still targets whose inline form is
+not written yet with ``@kvalloc_hook(type, "module:name")``.
+
+The wrapper is upstream's own (`hook_registry._wrap_fn`), so BEFORE, AFTER and AROUND behave
+exactly as they do through `HookRegistry`; the hook's module is imported at the first call,
+which keeps upstream's import order (and its import cycles) as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _LazyHook:
+    """The hook function named ``module:name``, imported when first called."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._hook: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._hook is None:
+            module, _, name = self.path.partition(":")
+            self._hook = getattr(importlib.import_module(module), name)
+        return self._hook(*args, **kwargs)
+
+
+def kvalloc_hook(hook_type: str, path: str) -> Callable[[F], F]:
+    """Decorate a function with the hook at ``path`` (``module:name``) of ``hook_type``
+    (BEFORE, AFTER or AROUND, with `HookRegistry`'s calling conventions)."""
+    from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+
+    kind = HookType[hook_type]
+    if kind == HookType.REPLACE:
+        raise ValueError("kvalloc_hook: REPLACE is not a decoration; edit the function instead")
+
+    def decorate(fn: F) -> F:
+        return _wrap_fn(fn, _LazyHook(path), kind)  # type: ignore[return-value]
+
+    return decorate
