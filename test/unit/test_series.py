@@ -46,10 +46,24 @@ def test_every_hook_and_module_lands_in_exactly_one_pr() -> None:
             assert all(owner[dep] <= p.pr.number for dep in deps), rel
 
 
+def test_the_decorator_comes_with_the_first_pr_that_decorates_and_the_wrappers_stay_out() -> None:
+    """`kvalloc_hook` is carried by the first PR with a decorated function (not by PR 1 for
+    all); the plugin's wrappers of the inline calls (`upstream/inline.py`) are no PR's."""
+    planned = series.plan()
+    decorating = [p.pr.number for p in planned if any(not e.inline for e in p.edits)]
+    owner = {f: p.pr.number for p in planned for f in p.files}
+    assert decorating and owner[series_prs.DECORATOR_MODULE] == decorating[0]
+    assert "upstream/inline.py" not in owner
+    carried = [series.carried_text(f) for f in owner if f.endswith(".py")]
+    assert not any("def instead(" in text or "def argument(" in text for text in carried)
+
+
 def _is_inline_call(statement: ast.stmt) -> bool:
     """Whether ``statement`` is part of another hook's inline call (its import or call)."""
     if isinstance(statement, ast.ImportFrom):
-        return (statement.module or "").startswith("sglang.srt.kvalloc.")
+        return (statement.module or "").startswith(
+            ("sglang.srt.kvalloc.", "sglang.srt.mem_cache.segmented.")
+        )
     return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call)
 
 
