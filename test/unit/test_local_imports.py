@@ -71,9 +71,7 @@ def _unresolved(path: Path) -> list[str]:
             continue
         for module, name in pairs:
             parent = module.rpartition(".")[0]
-            ours = _own_file(module) is not None or _is_own_package(parent)
-            ours = ours or module.startswith(PACKAGE)
-            if not ours:
+            if _own_file(module) is None and not _is_own_package(parent):
                 continue
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
             file = _own_file(module)
