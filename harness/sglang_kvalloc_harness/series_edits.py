@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-IMPORT_LINE = "from sglang.srt.kvalloc.upstream.hook_decorator import kvalloc_hook"
+IMPORT_LINE = "from sglang.srt.plugins.hook_decorator import kvalloc_hook"
 # Upstream's formatter (black, pre-commit) wraps at 88 columns.
 LINE_LIMIT = 88
 RESULT = "result"

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from sglang_kvalloc_harness.series_edits import Insertion, Part
 
-# The decorator the functions whose AROUND hook has no inline form yet are decorated with.
-DECORATOR_MODULE = "upstream/hook_decorator.py"
 IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their upstream paths
+# The decorator the functions whose AROUND hook has no inline form yet are decorated with.
+DECORATOR_MODULE = IN_TREE + "srt/plugins/hook_decorator.py"
 FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
 
 
@@ -160,7 +160,7 @@ SERIES: tuple[PullRequest, ...] = (
         "lazy-cuda-graph-buffers",
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
-        ("attention_graph_buffers.*",),
+        ("attention_graph_buffers.*", "verify_mask_buffers.*"),
         tests=("registered/unit/model_executor/test_lazy_cuda_graph_buffers.py",),
         docs=("advanced_features/lazy_cuda_graph_buffers.md",),
     ),

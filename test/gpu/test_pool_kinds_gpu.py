@@ -387,10 +387,10 @@ def test_local_attention_table_replay_fill_over_a_reserved_table(vmm, results) -
     same fill of an ordinary 21.5 GB tensor (what static mode does every decode step)."""
     import types
 
+    from sglang.srt.mem_cache.segmented import attention_graph_buffers
     from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import attention_graph_buffers
 
     api, device = vmm
     factory = CudaBackingFactory(device)

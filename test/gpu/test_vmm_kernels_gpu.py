@@ -283,16 +283,16 @@ def test_reservations_beyond_the_device_memory(vmm, results) -> None:
 
 
 def test_the_graph_buffer_hook_intercepts_upstreams_allocation_on_the_gpu(vmm, results) -> None:
-    """The hook module's own interception (upstream/attention_graph_buffers.py imports no upstream
+    """The hook module's own interception (`attention_graph_buffers` imports no upstream
     code): an allocation shaped like triton's cuda_graph_kv_indices (64 x 10M int64, 5.12 GB)
     made inside `reserved_zeros` is reserved, other allocations are ordinary; the runner gate's
     commits show up in the device's free memory, and the idle release gives them back."""
     import types
 
+    from sglang.srt.mem_cache.segmented import attention_graph_buffers
     from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import attention_graph_buffers
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -382,11 +382,11 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
     import types
 
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.srt.mem_cache.segmented import attention_graph_buffers, verify_mask_buffers
     from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
     from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import attention_graph_buffers
 
     api, device = vmm
     factory = CudaBackingFactory(device)
@@ -435,7 +435,7 @@ def test_verify_mask_committed_where_the_draft_writes_it_reads_right(vmm, result
             return "verify input"
 
         start = time.perf_counter()
-        attention_graph_buffers.around_build_eagle_verify_input(
+        verify_mask_buffers.around_build_eagle_verify_input(
             tail, batch, target_worker=target, num_draft_tokens=draft
         )
         torch.cuda.synchronize()

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
+from sglang.srt.mem_cache.segmented import attention_graph_buffers
 from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.upstream import attention_graph_buffers
 
 HOOKED = "inside parallel_state.graph_capture (hooked: the refill thread waits)"
 LAZY = "captured while serving (the refill thread runs in the relaxed capture mode)"

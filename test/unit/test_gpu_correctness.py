@@ -324,7 +324,7 @@ def test_a_failed_map_rolls_back_whole_or_refuses_to_go_on(fake_gpu) -> None:
 def test_the_refill_thread_waits_while_a_graph_is_captured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sglang_kvalloc.upstream import attention_graph_buffers
+    from sglang.srt.mem_cache.segmented import attention_graph_buffers
 
     driver = FakeDriver(capacity=256 * MIB, min_granularity=G)
     device = VmmDevice(FakeVmmApi(driver), 0, background_refill=True)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import attention_graph_buffers, modes, verify_mask_buffers
 from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import attention_graph_buffers, plugin
+from sglang_kvalloc.upstream import plugin
 
 G = 2 * MIB
 
@@ -386,7 +386,7 @@ def test_verify_mask_is_reserved_and_committed_where_the_draft_writes_it(
         written.append(nbytes)
         return "verify input"
 
-    result = attention_graph_buffers.around_build_eagle_verify_input(
+    result = verify_mask_buffers.around_build_eagle_verify_input(
         tail, batch, None, None, None, None, None,
         target_worker=target, topk=4, num_steps=3, num_draft_tokens=draft,
         tree_mask_mode=TreeMaskMode.FULL_MASK, device="cpu",
@@ -427,7 +427,7 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         return "own mask"
 
     assert (
-        attention_graph_buffers.around_build_eagle_verify_input(
+        verify_mask_buffers.around_build_eagle_verify_input(
             tail, batch, target_worker=target, num_draft_tokens=draft
         )
         == "own mask"
@@ -448,7 +448,7 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         return "trivial"
 
     assert (
-        attention_graph_buffers.around_build_trivial_verify_input(trivial, worker, small)
+        verify_mask_buffers.around_build_trivial_verify_input(trivial, worker, small)
         == "trivial"
     )
 

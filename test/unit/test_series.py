@@ -32,7 +32,7 @@ def test_every_hook_and_module_lands_in_exactly_one_pr() -> None:
     assert len(files) == len(set(files))
     assert "upstream/plugin.py" not in files and not any(f.startswith("kernels/") for f in files)
     assert {
-        "upstream/attention_graph_buffers.py",
+        "in_tree/sglang/srt/mem_cache/segmented/attention_graph_buffers.py",
         "in_tree/sglang/srt/mem_cache/segmented/cuda_backing.py",
     } <= set(files)
     # What stays out: the planner CLI, its report and its model tables.
@@ -230,7 +230,7 @@ def test_apply_refuses_another_version_and_a_tree_without_sglang(tmp_path: Path)
 
 
 def test_the_decorator_behaves_as_hook_registrys_wrappers(monkeypatch) -> None:
-    from sglang_kvalloc.upstream.hook_decorator import kvalloc_hook
+    from sglang.srt.plugins.hook_decorator import kvalloc_hook
 
     calls: list[str] = []
     hooks = types.ModuleType("series_test_hooks")
@@ -298,8 +298,10 @@ def test_each_pr_has_a_docs_page_in_upstreams_layout_naming_what_the_series_writ
         written_by |= {f"test/{rel}" for rel in pr.tests}
         assert len(pr.docs) == 1 and pr.docs[0].startswith("advanced_features/"), pr.slug
         text = (series.UPSTREAM_DOCS / pr.docs[0]).read_text()
+        # Upstream's own plugin package (srt/plugins/) may be named; this project may not.
+        prose = text.replace("python/sglang/srt/plugins/", "")
         for word in ("sglang_kvalloc", "sglang-kvalloc", "plugin", "upstream_tests"):
-            assert word not in text, (pr.docs[0], word)
+            assert word not in prose, (pr.docs[0], word)
         assert text.startswith("# ") and "## Code Reference" in text, pr.docs[0]
         reference = text.split("## Code Reference", 1)[1]
         rows = [line for line in reference.splitlines() if line.startswith("| `")]

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from sglang.srt.mem_cache.segmented import (
+    attention_graph_buffers,
     cpu_attention,
     kv_pool_builders,
     memory_release,
@@ -20,10 +21,11 @@ from sglang.srt.mem_cache.segmented import (
     rope,
     scheduler_loop,
     scheduler_request,
+    verify_mask_buffers,
 )
 
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
-from sglang_kvalloc.upstream import attention_graph_buffers, auto, cli, pools
+from sglang_kvalloc.upstream import auto, cli, pools
 from sglang_kvalloc.upstream.inline import argument, done_instead, instead, then
 
 # The plugin's form of the AROUND hooks the series writes as inline calls (upstream/inline.py):
@@ -298,12 +300,12 @@ def hooks() -> list[tuple[str, object, str]]:
         # step reaches can_run_graph: committed where the draft writes it.
         (
             f"{SPEC_COMMON}.build_eagle_verify_input",
-            attention_graph_buffers.around_build_eagle_verify_input,
+            verify_mask_buffers.around_build_eagle_verify_input,
             "AROUND",
         ),
         (
             f"{EAGLE_V2}._build_trivial_verify_input",
-            attention_graph_buffers.around_build_trivial_verify_input,
+            verify_mask_buffers.around_build_trivial_verify_input,
             "AROUND",
         ),
         # What was built: start-up log, then /server_info through the scheduler's state.

@@ -79,7 +79,7 @@ def unsupported_feature(configurator: KVCacheConfigurator, *, explicit_commits: 
 
 
 # Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
-# (upstream/attention_graph_buffers.py); torch_native has none.
+# (srt/mem_cache/segmented/attention_graph_buffers.py); torch_native has none.
 GRAPH_BACKENDS_COVERED = frozenset({"fa3", "triton", "flashinfer"})
 
 

@@ -12,10 +12,8 @@ import unittest
 
 import torch
 
-from sglang.srt.kvalloc.core.planner import layouts
-from sglang.srt.kvalloc.upstream import attention_graph_buffers
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import attention_graph_buffers, graph_layouts, modes
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory, CpuMmapBacking
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
 from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
@@ -56,7 +54,7 @@ class TestLazyCudaGraphBuffers(CustomTestCase):
 
     def test_a_page_table_commits_the_rows_and_lengths_a_replay_writes(self):
         max_bs, context = 8, 1 << 20  # 8 rows of 4 MiB reserved, each granule-aligned
-        layout = layouts.fa3_page_table_layout(max_bs, context, page_size=1)
+        layout = graph_layouts.fa3_page_table_layout(max_bs, context, page_size=1)
         buffer = LazyGraphBuffer(layout, CpuMmapBacking(layout.reserved_bytes, G))
         table = buffer.backing.tensor(torch.int32, (max_bs, layout.items))
         address = table.data_ptr()
@@ -88,7 +86,7 @@ class TestLazyCudaGraphBuffers(CustomTestCase):
 
     def test_triton_kv_indices_is_upstreams_allocation_reserved(self):
         max_bs, context = 4, 200_000
-        layout = layouts.triton_kv_indices_layout(max_bs, context)
+        layout = graph_layouts.triton_kv_indices_layout(max_bs, context)
         # Static (undecided): upstream's own allocation, the size the layout mirrors.
         plain = triton_backend(context)
         TritonAttnBackend.init_cuda_graph_state(plain, max_bs, max_bs)

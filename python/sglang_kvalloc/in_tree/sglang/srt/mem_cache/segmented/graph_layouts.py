@@ -33,12 +33,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CHUNK_ROWS", "FLAT", "ROWS", "GraphBatch", "GraphBufferLayout"]
+__all__ = [
+    "CHUNK_ROWS",
+    "FLAT",
+    "GraphBatch",
+    "GraphBufferLayout",
+    "ROWS",
+    "VERIFY_MASK",
+    "capture_batch",
+    "draft_graph_batch",
+    "fa3_local_attention_layouts",
+    "fa3_page_table_layout",
+    "fa3_swa_spec_page_table_layout",
+    "flashinfer_custom_mask_layout",
+    "flashinfer_draft_kv_indices_layout",
+    "flashinfer_kv_indices_layout",
+    "triton_draft_kv_indices_layout",
+    "triton_kv_indices_layout",
+    "verify_mask_layout",
+]
 
 FLAT = "flat"
 ROWS = "rows"
 CHUNK_ROWS = "chunk_rows"
 KINDS = (FLAT, ROWS, CHUNK_ROWS)
+VERIFY_MASK = "speculative verify mask"
 
 
 @dataclass(frozen=True)
@@ -100,10 +119,10 @@ class GraphBufferLayout:
         return self.kind == FLAT and self.rows == 1
 
     def rows_written(self, batch: GraphBatch) -> int:
-        """Rows a replay of ``batch`` writes: every list of a FLAT buffer, the batch's rows
-        of a table, and for CHUNK_ROWS one per chunk the query tokens of each row span
-        (q consecutive positions span at most 1 + ceil((q - 1) / chunk) chunks) plus
-        one."""
+        """Rows a replay of ``batch`` writes: every list of a FLAT buffer, the batch's
+        rows of a table, and for CHUNK_ROWS one per chunk the query tokens of each row
+        span (q consecutive positions span at most 1 + ceil((q - 1) / chunk) chunks)
+        plus one."""
         if self.kind == FLAT:
             return self.rows
         if self.kind == CHUNK_ROWS:
@@ -114,7 +133,8 @@ class GraphBufferLayout:
         return min(batch.rows, self.rows)
 
     def items_needed(self, batch: GraphBatch) -> int:
-        """FLAT: items written in total; ROWS: items written in each of the batch's rows.
+        """FLAT: items written in total; ROWS: items written in each of the batch's
+        rows.
 
         One item more per row than the lengths give covers the per-row rounding up and
         the token the step appends; never more than the buffer holds."""
@@ -149,3 +169,158 @@ class GraphBufferLayout:
             granules += hi - max(lo, last + 1)
             last = hi - 1
         return granules * g
+
+
+def capture_batch(captured_bs: int, tokens_per_row: int = 1) -> GraphBatch:
+    """The batch graph capture fills: every captured row at upstream's seq_len_fill_value (1)."""
+    return GraphBatch(captured_bs, captured_bs, 1, max(1, tokens_per_row))
+
+
+def triton_kv_indices_layout(
+    max_num_tokens: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors TritonAttnBackend.init_cuda_graph_state: ``cuda_graph_kv_indices`` =
+    zeros((max_num_tokens * max_context_len,), int64), ragged indices end to end."""
+    return GraphBufferLayout(
+        "triton cuda_graph_kv_indices", FLAT, 1, max_num_tokens * context_len, 8
+    )
+
+
+def triton_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors TritonMultiStepDraftBackend.init_cuda_graph_state:
+    ``cuda_graph_kv_indices`` = zeros((speculative_num_steps, max_bs x topk x
+    max_context_len), int64) (speculative/spec_utils.py draft_kv_indices_buffer_width);
+    each step's row holds its ragged lists end to end (``seq_lens_sum x topk + branches
+    x step`` items)."""
+    return GraphBufferLayout(
+        "triton draft cuda_graph_kv_indices",
+        FLAT,
+        steps,
+        max_bs * topk * context_len,
+        8,
+    )
+
+
+def flashinfer_draft_kv_indices_layout(
+    steps: int, max_bs: int, topk: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferMultiStepDraftBackend.init_cuda_graph_state: the same shape as
+    triton's draft buffer in int32, each step's row sliced to
+    ``draft_kv_indices_used_len`` as triton's."""
+    return GraphBufferLayout(
+        "flashinfer draft cuda_graph_kv_indices",
+        FLAT,
+        steps,
+        max_bs * topk * context_len,
+        4,
+    )
+
+
+def draft_graph_batch(
+    rows: int, seq_lens_sum: int, max_seq_len: int, topk: int, steps: int
+) -> GraphBatch:
+    """What a draft-decode replay of ``rows`` requests fills: ``topk`` branches per
+    request, each growing by one position per step (covers
+    spec_utils.draft_kv_indices_used_len)."""
+    topk = max(1, topk)
+    return GraphBatch(
+        rows * topk, seq_lens_sum * topk, max_seq_len + steps, max(1, steps)
+    )
+
+
+def flashinfer_kv_indices_layout(
+    max_num_tokens: int, context_len: int, page_size: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: each wrapper's
+    ``cuda_graph_kv_indices`` = zeros((max_num_tokens * max_context_len,), int32),
+    filled with page ids end to end."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_kv_indices",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        4,
+        page_size,
+    )
+
+
+def flashinfer_custom_mask_layout(
+    max_num_tokens: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors FlashInferAttnBackend.init_cuda_graph_state: ``cuda_graph_custom_mask`` =
+    zeros((max_num_tokens * max_context_len,), uint8), one byte per (query token,
+    position)."""
+    return GraphBufferLayout(
+        "flashinfer cuda_graph_custom_mask",
+        FLAT,
+        1,
+        max_num_tokens * context_len,
+        1,
+        per_query_token=True,
+    )
+
+
+def verify_mask_layout(max_bs: int, draft: int, context_len: int) -> GraphBufferLayout:
+    """Mirrors layers/attention/verify_mask.py maybe_create_verify_mask (FULL_MASK, the
+    GPU layout): ``tree_mask_numel`` = max_bs x draft x (max_context_len + draft) bytes;
+    the draft stage writes ``draft x (seq_len + draft)`` per request, end to end."""
+    return GraphBufferLayout(
+        VERIFY_MASK,
+        FLAT,
+        1,
+        max_bs * draft * (context_len + draft),
+        1,
+        per_query_token=True,
+    )
+
+
+def fa3_page_table_layout(
+    max_bs: int, context_len: int, page_size: int
+) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state: each page table is
+    zeros((max_bs, ceil(max_context_len / page_size)), int32), one row per batch row."""
+    pages = -(-context_len // page_size)
+    return GraphBufferLayout("fa3 page table", ROWS, max_bs, pages, 4, page_size)
+
+
+def fa3_swa_spec_page_table_layout(
+    max_bs: int, draft: int, context_len: int
+) -> GraphBufferLayout:
+    """Mirrors FlashAttentionBackend.init_cuda_graph_state with top-k > 1 and a sliding
+    window: ``target_verify_metadata_topk_swa["page_table"]`` = zeros((max_bs x draft,
+    context + draft), int32), one row per draft token, which
+    ``prepare_swa_spec_page_table_triton`` fills up to its request's length plus its
+    draft positions (page size 1 only)."""
+    return GraphBufferLayout(
+        "fa3 swa-spec page table",
+        ROWS,
+        max_bs * draft,
+        context_len + draft,
+        4,
+        per_query_token=True,
+    )
+
+
+def fa3_local_attention_layouts(
+    max_bs: int, context_len: int, chunk: int, page_size: int
+) -> list[GraphBufferLayout]:
+    """Mirrors layers/attention/local_attention.py
+    LocalAttentionMetadataBuilder.alloc_cuda_graph_buffers (Llama-4's chunked local
+    attention under fa3): ``max_bs x ceil(context / chunk)`` virtual batches, each a row
+    of ``local_block_table`` (``ceil(chunk / page)`` int32 page ids) and an entry of
+    ``local_seqused_k`` and ``local_query_start_loc`` (one more). ``update_for_replay``
+    writes a row per (request, chunk its query tokens reach) and zeroes the rest."""
+    virtual = max_bs * -(-context_len // chunk)
+    per_block = -(-chunk // page_size)
+    return [
+        GraphBufferLayout(
+            "fa3 local_block_table", CHUNK_ROWS, virtual, per_block, 4, page_size,
+            chunk_positions=chunk,
+        ),
+        GraphBufferLayout("fa3 local_seqused_k", CHUNK_ROWS, virtual, 1, 4, chunk_positions=chunk),
+        GraphBufferLayout(
+            "fa3 local_query_start_loc", CHUNK_ROWS, virtual + 1, 1, 4, chunk_positions=chunk
+        ),
+    ]  # fmt: skip

@@ -1,10 +1,10 @@
-"""A hook applied where upstream defines the function, not patched in at plugin load: the
-upstream PR series decorates each function an AROUND hook still targets whose inline form is
-not written yet with ``@kvalloc_hook(type, "module:name")``.
+"""Apply a hook where a function is defined: ``@kvalloc_hook("AROUND", "module:name")``.
 
-The wrapper is upstream's own (`hook_registry._wrap_fn`), so BEFORE, AFTER and AROUND behave
-exactly as they do through `HookRegistry`; the hook's module is imported at the first call,
-which keeps upstream's import order (and its import cycles) as they are.
+For changes that wrap upstream's call (a context around a capture, buffers put in place
+while a backend builds its graph state) and are not yet an inline call of their own. The
+wrapper is upstream's own (`hook_registry._wrap_fn`), so BEFORE, AFTER and AROUND behave
+exactly as they do through `HookRegistry`; the hook's module is imported at the first
+call, which keeps the import order (and its import cycles) as it is.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def kvalloc_hook(hook_type: str, path: str) -> Callable[[F], F]:
 
     kind = HookType[hook_type]
     if kind == HookType.REPLACE:
-        raise ValueError("kvalloc_hook: REPLACE is not a decoration; edit the function instead")
+        raise ValueError(
+            "kvalloc_hook: REPLACE is not a decoration; edit the function instead"
+        )
 
     def decorate(fn: F) -> F:
         return _wrap_fn(fn, _LazyHook(path), kind)  # type: ignore[return-value]

@@ -1,26 +1,26 @@
 """Segmented mode on a GPU: the attention backends' context-sized cuda-graph buffers.
 
 Upstream allocates them once, at capture, by max batch x context (`torch.zeros` in each
-backend's `init_cuda_graph_state`). Here, while the backend builds its graph state, those
-`torch.zeros` calls whose shape and dtype are the planner's layout of a context-sized buffer
-get a reserved tensor instead (`LazyGraphBuffer`; uncommitted memory reads zeros, as
-`torch.zeros` would). Everything else the backend allocates is upstream's own.
+backend's `init_cuda_graph_state`). Here, while the backend builds its graph state,
+those `torch.zeros` calls whose shape and dtype are the layout (`graph_layouts`) of a
+context-sized buffer get a reserved tensor instead (`LazyGraphBuffer`; uncommitted
+memory reads zeros, as `torch.zeros` would). Everything else the backend allocates is
+upstream's own.
 
-Before a graph runs, `can_run_graph` commits what the batch writes (known on the host: rows,
-sum and maximum of the sequence lengths); if the device cannot, the batch runs eager, as
-upstream runs a batch the graphs do not cover. Committed ranges go back at idle.
+Before a graph runs, `can_run_graph` commits what the batch writes (known on the host:
+rows, sum and maximum of the sequence lengths); if the device cannot, the batch runs
+eager, as upstream runs a batch the graphs do not cover. Committed ranges go back at
+idle.
 
-Covered: triton's `cuda_graph_kv_indices`, fa3's page tables (every (max_bs, pages) int32
-table, speculative ones included), flashinfer's per-wrapper `cuda_graph_kv_indices` and its
-custom mask, and the speculative verify mask of triton and fa3 (FULL_MASK). The draft stage
-writes that mask in place before the verify step reaches `can_run_graph`, so it is committed
-where the draft writes it (`build_eagle_verify_input`, `_build_trivial_verify_input`); if it
-cannot be, the draft builds its own mask, as upstream does for a batch past the captured size,
-and the verify step commits again or runs eager. The speculative runners that override
-`can_run_graph` (`capture` is inherited) are gated the same way; a draft-decode runner
-commits for its branches and steps (triton's multi-step draft `kv_indices`, the per-step
-backends' tables), and Llama-4's chunked local-attention tables under fa3 (one row per
-request and chunk its query tokens reach). Not covered, allocated at upstream's size:
+Covered: triton's `cuda_graph_kv_indices`, fa3's page tables (every (max_bs, pages)
+int32 table, speculative ones included), flashinfer's per-wrapper
+`cuda_graph_kv_indices` and its custom mask, and the speculative verify mask of triton
+and fa3 (FULL_MASK), which the draft stage commits where it writes it
+(`verify_mask_buffers`). The speculative runners that override `can_run_graph`
+(`capture` is inherited) are gated the same way; a draft-decode runner commits for its
+branches and steps (triton's multi-step draft `kv_indices`, the per-step backends'
+tables), and Llama-4's chunked local-attention tables under fa3 (one row per request and
+chunk its query tokens reach). Not covered, allocated at upstream's size:
 flashinfer-MLA's index buffer, fa3's `strided_indices` (an arange of 8 B per page, by
 context alone, not by batch), the prefill cuda-graph runner's buffers.
 """
@@ -33,15 +33,28 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-import msgspec
 import torch
+
 from sglang.srt.mem_cache.segmented.backing import BackingFactory
 from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
-from sglang.srt.mem_cache.segmented.graph_layouts import CHUNK_ROWS, GraphBatch, GraphBufferLayout
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    CHUNK_ROWS,
+    VERIFY_MASK,
+    GraphBatch,
+    GraphBufferLayout,
+    draft_graph_batch,
+    fa3_local_attention_layouts,
+    fa3_page_table_layout,
+    fa3_swa_spec_page_table_layout,
+    flashinfer_custom_mask_layout,
+    flashinfer_draft_kv_indices_layout,
+    flashinfer_kv_indices_layout,
+    triton_draft_kv_indices_layout,
+    triton_kv_indices_layout,
+    verify_mask_layout,
+)
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
-
-from sglang_kvalloc.core import planner
 
 if TYPE_CHECKING:
     from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -53,16 +66,17 @@ if TYPE_CHECKING:
         FlashInferAttnBackend,
         FlashInferMultiStepDraftBackend,
     )
-    from sglang.srt.layers.attention.local_attention import LocalAttentionMetadataBuilder
+    from sglang.srt.layers.attention.local_attention import (
+        LocalAttentionMetadataBuilder,
+    )
     from sglang.srt.layers.attention.triton_backend import (
         TritonAttnBackend,
         TritonMultiStepDraftBackend,
     )
-    from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
-    from sglang.srt.speculative.eagle_info import EagleVerifyInput
-    from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import (
+        DecodeCudaGraphRunner,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +95,9 @@ def _shape_of(size: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 def new_buffer(layout: GraphBufferLayout, backings: BackingFactory) -> LazyGraphBuffer:
-    """A reserved buffer with its first item committed: upstream pokes element 0 of some of
-    them at set-up (flashinfer), and a write to an uncommitted range would reach the shared
-    scratch granule."""
+    """A reserved buffer with its first item committed: upstream pokes element 0 of some
+    of them at set-up (flashinfer), and a write to an uncommitted range would reach the
+    shared scratch granule."""
     buffer = LazyGraphBuffer(layout, backings(layout.reserved_bytes))
     buffer.ensure(GraphBatch(1, 1, 1))
     return buffer
@@ -94,8 +108,9 @@ def reserved_zeros(
     expected: dict[tuple[tuple[int, ...], torch.dtype], GraphBufferLayout],
     backings: BackingFactory,
 ) -> Iterator[list[LazyGraphBuffer]]:
-    """While active, `torch.zeros` of exactly an expected (shape, dtype) returns a reserved,
-    uncommitted tensor of a new `LazyGraphBuffer` (listed in the yielded list)."""
+    """While active, `torch.zeros` of exactly an expected (shape, dtype) returns a
+    reserved, uncommitted tensor of a new `LazyGraphBuffer` (listed in the yielded
+    list)."""
     made: list[LazyGraphBuffer] = []
     real_zeros = torch.zeros
 
@@ -111,7 +126,7 @@ def reserved_zeros(
                 buffer = new_buffer(layout, backings)
                 made.append(buffer)
                 tensor = buffer.backing.tensor(dtype, shape)
-                if layout.name == planner.VERIFY_MASK:
+                if layout.name == VERIFY_MASK:
                     RUNTIME.graph.verify_masks[tensor.data_ptr()] = buffer
                 elif layout.kind == CHUNK_ROWS:
                     RUNTIME.graph.local_tables[tensor.data_ptr()] = buffer
@@ -125,7 +140,9 @@ def reserved_zeros(
         torch.zeros = real_zeros
 
 
-def _register(backend: str, made: list[LazyGraphBuffer], expected_names: set[str]) -> None:
+def _register(
+    backend: str, made: list[LazyGraphBuffer], expected_names: set[str]
+) -> None:
     RUNTIME.graph.buffers.extend(made)
     missing = expected_names - {b.layout.name for b in made}
     if missing:
@@ -161,10 +178,14 @@ def around_triton_init_cuda_graph_state(
 ) -> None:
     """AROUND `TritonAttnBackend.init_cuda_graph_state`: `cuda_graph_kv_indices` reserved."""
     backings = _backings()
-    if backings is None or kv_indices_buf is not None:  # a caller's buffer stays the caller's
-        return original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+    if (
+        backings is None or kv_indices_buf is not None
+    ):  # a caller's buffer stays the caller's
+        return original(
+            backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs
+        )
     context = int(backend.max_context_len)
-    layout = planner.triton_kv_indices_layout(max_num_tokens, context)
+    layout = triton_kv_indices_layout(max_num_tokens, context)
     expected = {((layout.items,), torch.int64): layout}
     names = {layout.name}
     mask = _expected_verify_mask(backend, max_bs, context, is_read=True)
@@ -172,7 +193,9 @@ def around_triton_init_cuda_graph_state(
         expected[((mask.items,), torch.uint8)] = mask
         names.add(mask.name)
     with reserved_zeros(expected, backings) as made:
-        result = original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+        result = original(
+            backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs
+        )
     _register("triton", made, names)
     return result
 
@@ -180,21 +203,24 @@ def around_triton_init_cuda_graph_state(
 def _expected_verify_mask(
     backend: AttentionBackend, max_bs: int, context: int, *, is_read: bool
 ) -> GraphBufferLayout | None:
-    """The verify mask's layout where upstream's `maybe_create_verify_mask` will allocate a
-    context-sized one (a target runner, speculative, FULL_MASK); None where it allocates
-    nothing or a QLEN_ONLY mask (draft x draft per request: not context-sized)."""
+    """The verify mask's layout where upstream's `maybe_create_verify_mask` will
+    allocate a context-sized one (a target runner, speculative, FULL_MASK); None where
+    it allocates nothing or a QLEN_ONLY mask (draft x draft per request: not
+    context-sized)."""
     draft = getattr(backend, "num_draft_tokens", None)
     if draft is None:  # fa3 names it differently
         draft = getattr(backend, "speculative_num_draft_tokens", None)
     if not draft or not is_read:
         return None
-    if getattr(backend, "is_draft_runner", False) or getattr(backend, "skip_prefill", False):
+    if getattr(backend, "is_draft_runner", False) or getattr(
+        backend, "skip_prefill", False
+    ):
         return None
     from sglang.srt.speculative.eagle_utils import TreeMaskMode, default_tree_mask_mode
 
     if default_tree_mask_mode() != TreeMaskMode.FULL_MASK:
         return None
-    return planner.verify_mask_layout(max_bs, int(draft), context)
+    return verify_mask_layout(max_bs, int(draft), context)
 
 
 def around_triton_draft_init_cuda_graph_state(
@@ -203,11 +229,12 @@ def around_triton_draft_init_cuda_graph_state(
     max_bs: int,
     max_num_tokens: int,
 ) -> None:
-    """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps' shared
-    `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved; each step's
-    backend gets its row as its caller's buffer, which the triton hook leaves alone."""
+    """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps'
+    shared `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved;
+    each step's backend gets its row as its caller's buffer, which the triton hook
+    leaves alone."""
     return _draft_init(
-        original, backend, max_bs, max_num_tokens, planner.triton_draft_kv_indices_layout
+        original, backend, max_bs, max_num_tokens, triton_draft_kv_indices_layout
     )
 
 
@@ -219,7 +246,7 @@ def around_flashinfer_draft_init_cuda_graph_state(
 ) -> None:
     """AROUND `FlashInferMultiStepDraftBackend.init_cuda_graph_state`: as triton's, int32."""
     return _draft_init(
-        original, backend, max_bs, max_num_tokens, planner.flashinfer_draft_kv_indices_layout
+        original, backend, max_bs, max_num_tokens, flashinfer_draft_kv_indices_layout
     )
 
 
@@ -237,26 +264,31 @@ def _draft_init(
     topk = max(1, int(getattr(backend, "topk", 1) or 1))
     layout = layout_of(steps, max_bs, topk, int(backend.max_context_len))
     dtype = {8: torch.int64, 4: torch.int32}[layout.item_bytes]
-    with reserved_zeros({((layout.rows, layout.items), dtype): layout}, backings) as made:
+    with reserved_zeros(
+        {((layout.rows, layout.items), dtype): layout}, backings
+    ) as made:
         result = original(backend, max_bs, max_num_tokens)
     _register(layout.name.removesuffix(" cuda_graph_kv_indices"), made, {layout.name})
     return result
 
 
 def around_fa3_init_cuda_graph_state(
-    original: Callable[..., None], backend: FlashAttentionBackend, max_bs: int, max_num_tokens: int
+    original: Callable[..., None],
+    backend: FlashAttentionBackend,
+    max_bs: int,
+    max_num_tokens: int,
 ) -> None:
-    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved, and
-    Llama-4's local-attention tables."""
+    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved,
+    and Llama-4's local-attention tables."""
     backings = _backings()
     if backings is None:
         return original(backend, max_bs, max_num_tokens)
     context = int(backend.max_context_len)
-    layout = planner.fa3_page_table_layout(max_bs, context, int(backend.page_size))
+    layout = fa3_page_table_layout(max_bs, context, int(backend.page_size))
     expected = {((layout.rows, layout.items), torch.int32): layout}
     if int(getattr(backend, "topk", 0) or 0) > 1 and layout.positions_per_item != 1:
         # The top-k draft table is (max_bs, max_context_len): one column per position.
-        by_position = planner.fa3_page_table_layout(max_bs, context, 1)
+        by_position = fa3_page_table_layout(max_bs, context, 1)
         expected[((by_position.rows, by_position.items), torch.int32)] = by_position
     names = {layout.name}
     # fa3 reads the mask only with top-k > 1 (else QLEN_ONLY); allocated as bool.
@@ -267,7 +299,7 @@ def around_fa3_init_cuda_graph_state(
         names.add(mask.name)
     draft = int(getattr(backend, "speculative_num_draft_tokens", 0) or 0)
     if topk > 1 and draft and getattr(backend, "has_swa", False):
-        swa_spec = planner.fa3_swa_spec_page_table_layout(max_bs, draft, context)
+        swa_spec = fa3_swa_spec_page_table_layout(max_bs, draft, context)
         expected[((swa_spec.rows, swa_spec.items), torch.int32)] = swa_spec
         names.add(swa_spec.name)
     builder = getattr(backend, "local_attn_builder", None)
@@ -276,7 +308,7 @@ def around_fa3_init_cuda_graph_state(
         chunk = int(builder.attention_chunk_size)
         if context > chunk:
             page = int(getattr(builder, "page_size", 0) or 1)
-            table, *vectors = planner.fa3_local_attention_layouts(max_bs, context, chunk, page)
+            table, *vectors = fa3_local_attention_layouts(max_bs, context, chunk, page)
             expected[((table.rows, table.items), torch.int32)] = table
             for vector in vectors:
                 expected[((vector.rows,), torch.int32)] = vector
@@ -297,16 +329,18 @@ def around_flashinfer_init_cuda_graph_state(
     **kwargs: Any,
 ) -> None:
     """AROUND `FlashInferAttnBackend.init_cuda_graph_state`: each wrapper's
-    `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the first index
-    buffer for the other wrappers (a sliding window has two); a clone would allocate the whole
-    size, so upstream builds one and the others are reserved here."""
+    `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the first
+    index buffer for the other wrappers (a sliding window has two); a clone would
+    allocate the whole size, so upstream builds one and the others are reserved here."""
     backings = _backings()
     if backings is None or kv_indices_buf is not None:
-        return original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+        return original(
+            backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs
+        )
     context = int(backend.max_context_len)
     page = int(getattr(backend, "page_size", 1) or 1)
-    indices = planner.flashinfer_kv_indices_layout(max_num_tokens, context, page)
-    mask = planner.flashinfer_custom_mask_layout(max_num_tokens, context)
+    indices = flashinfer_kv_indices_layout(max_num_tokens, context, page)
+    mask = flashinfer_custom_mask_layout(max_num_tokens, context)
     expected = {
         ((indices.items,), torch.int32): indices,
         ((mask.items,), torch.uint8): mask,
@@ -315,29 +349,40 @@ def around_flashinfer_init_cuda_graph_state(
     backend.num_wrappers = 1
     try:
         with reserved_zeros(expected, backings) as made:
-            result = original(backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs)
+            result = original(
+                backend, max_bs, max_num_tokens, kv_indices_buf, *args, **kwargs
+            )
     finally:
         backend.num_wrappers = wrappers
     for _ in range(wrappers - 1):
         buffer = new_buffer(indices, backings)
         made.append(buffer)
-        backend.cuda_graph_kv_indices.append(buffer.backing.tensor(torch.int32, (indices.items,)))
-    names = {indices.name} | ({mask.name} if not getattr(backend, "skip_prefill", False) else set())
+        backend.cuda_graph_kv_indices.append(
+            buffer.backing.tensor(torch.int32, (indices.items,))
+        )
+    names = {indices.name} | (
+        {mask.name} if not getattr(backend, "skip_prefill", False) else set()
+    )
     _register("flashinfer", made, names)
     return result
 
 
 def _draft_shape(runner: DecodeCudaGraphRunner) -> tuple[int, int] | None:
-    """(topk, steps) of an EAGLE draft-decode runner, whose replay fills topk branches per
-    request over its steps; None for the target's decode runner."""
+    """(topk, steps) of an EAGLE draft-decode runner, whose replay fills topk branches
+    per request over its steps; None for the target's decode runner."""
     if getattr(runner, "draft_attn_backend", None) is None:
         return None
-    return int(getattr(runner, "topk", 1) or 1), int(getattr(runner, "speculative_num_steps", 1))
+    return int(getattr(runner, "topk", 1) or 1), int(
+        getattr(runner, "speculative_num_steps", 1)
+    )
 
 
-def graph_batch(runner: DecodeCudaGraphRunner, forward_batch: ForwardBatch) -> GraphBatch:
-    """What a replay of ``forward_batch`` fills: padded to the captured batch size, padding
-    rows at upstream's seq_len_fill_value (a draft runner: its branches and steps too)."""
+def graph_batch(
+    runner: DecodeCudaGraphRunner, forward_batch: ForwardBatch
+) -> GraphBatch:
+    """What a replay of ``forward_batch`` fills: padded to the captured batch size,
+    padding rows at upstream's seq_len_fill_value (a draft runner: its branches and
+    steps too)."""
     bs = int(forward_batch.batch_size)
     capture_bs = getattr(runner, "capture_bs", None) or [bs]  # upstream keeps it sorted
     at = bisect.bisect_left(capture_bs, bs)
@@ -353,7 +398,7 @@ def graph_batch(runner: DecodeCudaGraphRunner, forward_batch: ForwardBatch) -> G
     total, longest = seq_sum + (rows - bs) * fill, max(longest, fill)
     draft = _draft_shape(runner)
     if draft is not None:
-        return planner.draft_graph_batch(rows, total, longest, *draft)
+        return draft_graph_batch(rows, total, longest, *draft)
     tokens_per_row = int(getattr(runner, "captured_req_width", 1) or 1)
     return GraphBatch(rows, total, longest, tokens_per_row)
 
@@ -370,9 +415,9 @@ def graph_gate(
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """AROUND `DecodeCudaGraphRunner.can_run_graph` (then; and the speculative runners', which
-    override it): a batch the graphs can run gets its lazy buffers committed first; one that
-    cannot be committed runs eager instead. False stays False."""
+    """AROUND `DecodeCudaGraphRunner.can_run_graph` (then; and the speculative runners',
+    which override it): a batch the graphs can run gets its lazy buffers committed
+    first; one that cannot be committed runs eager instead. False stays False."""
     graph = RUNTIME.graph
     if not ok or not graph.buffers:
         return ok
@@ -405,19 +450,23 @@ def graph_gate(
 
 
 def around_capture(
-    original: Callable[..., None], runner: DecodeCudaGraphRunner, *args: Any, **kwargs: Any
+    original: Callable[..., None],
+    runner: DecodeCudaGraphRunner,
+    *args: Any,
+    **kwargs: Any,
 ) -> None:
-    """AROUND `DecodeCudaGraphRunner.capture`: capture fills every captured row at the fill
-    value, so that is committed first (a write to an uncommitted range would land on the
-    shared scratch granule); and torch captures in its global mode, where driver calls from
-    another thread can invalidate the capture, so the spare-handle refill thread waits."""
+    """AROUND `DecodeCudaGraphRunner.capture`: capture fills every captured row at the
+    fill value, so that is committed first (a write to an uncommitted range would land
+    on the shared scratch granule); and torch captures in its global mode, where driver
+    calls from another thread can invalidate the capture, so the spare-handle refill
+    thread waits."""
     if RUNTIME.graph.buffers:
         max_bs = int(getattr(runner, "max_bs", 0) or 0)
         fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
         width = int(getattr(runner, "captured_req_width", 1) or 1)
         draft = _draft_shape(runner)
         if draft is not None:
-            ensure_for(planner.draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
+            ensure_for(draft_graph_batch(max_bs, max_bs * fill, fill, *draft))
         else:
             ensure_for(GraphBatch(max_bs, max_bs * fill, fill, width))
     paused = getattr(RUNTIME.backings, "refill_paused", None)
@@ -425,11 +474,14 @@ def around_capture(
         return original(runner, *args, **kwargs)
 
 
-def around_graph_capture(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """AROUND `parallel_state.graph_capture`, the context every upstream graph capture runs in
-    (decode, breakable and full prefill, speculative draft runners, row buckets): torch
-    captures in its global mode, where another thread's driver calls invalidate the capture,
-    so the spare-handle refill thread waits until the capture is over."""
+def around_graph_capture(
+    original: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """AROUND `parallel_state.graph_capture`, the context every upstream graph capture
+    runs in (decode, breakable and full prefill, speculative draft runners, row
+    buckets): torch captures in its global mode, where another thread's driver calls
+    invalidate the capture, so the spare-handle refill thread waits until the capture is
+    over."""
     paused = getattr(RUNTIME.backings, "refill_paused", None)
     if paused is None:
         return original(*args, **kwargs)
@@ -438,89 +490,11 @@ def around_graph_capture(original: Callable[..., Any], *args: Any, **kwargs: Any
 
 @contextlib.contextmanager
 def _refill_paused_through(
-    paused: contextlib.AbstractContextManager[None], capture: contextlib.AbstractContextManager[Any]
+    paused: contextlib.AbstractContextManager[None],
+    capture: contextlib.AbstractContextManager[Any],
 ) -> Iterator[Any]:
     with paused, capture as context:
         yield context
-
-
-def _draft_batch(batch: ScheduleBatch, tokens_per_row: int, context: int) -> GraphBatch:
-    """What the draft stage writes into the verify mask for ``batch`` (its own rows, not the
-    padded ones): the host's sequence lengths where the batch has them, else its sum, else
-    the context per row (more than needed, never less)."""
-    rows = int(batch.seq_lens.shape[0])
-    seq_lens_cpu = getattr(batch, "seq_lens_cpu", None)
-    if seq_lens_cpu is not None and len(seq_lens_cpu) >= rows:
-        lens = seq_lens_cpu[:rows]
-        total, longest = int(lens.sum()), int(lens.max()) if rows else 0
-    elif getattr(batch, "seq_lens_sum", None) is not None:
-        total, longest = int(batch.seq_lens_sum), context
-    else:
-        total, longest = rows * context, context
-    return GraphBatch(rows, total, longest, max(1, tokens_per_row))
-
-
-@contextlib.contextmanager
-def _verify_mask_written(
-    backend: AttentionBackend, batch: ScheduleBatch, tokens_per_row: int
-) -> Iterator[None]:
-    """While the draft stage writes the verify mask in place: commit what it writes first.
-    If that cannot be committed, the backend shows a mask that fits no batch for the while,
-    so the draft builds its own (upstream's path past the captured size) and writes nothing
-    into uncommitted memory."""
-    mask = getattr(backend, "_verify_mask", None)
-    rows = int(batch.seq_lens.shape[0]) if getattr(batch, "seq_lens", None) is not None else 0
-    graph = RUNTIME.graph
-    lazy = graph.verify_masks.get(mask.buffer.data_ptr()) if mask is not None else None
-    if lazy is None or rows == 0 or not mask.fits(rows):
-        yield
-        return
-    try:
-        lazy.ensure(_draft_batch(batch, tokens_per_row, int(backend.max_context_len)))
-    except MemoryError as exc:
-        graph.draft_mask_fallbacks += 1
-        if graph.draft_mask_fallbacks in (1, 10, 100) or graph.draft_mask_fallbacks % 1000 == 0:
-            logger.warning(
-                "The speculative verify mask could not be committed for a batch of %d (%s); "
-                "the draft builds its own mask (%d such batches so far).",
-                rows,
-                str(exc) or "out of device memory",
-                graph.draft_mask_fallbacks,
-            )
-        backend._verify_mask = msgspec.structs.replace(mask, max_bs=0)
-        try:
-            yield
-        finally:
-            backend._verify_mask = mask
-        return
-    yield
-
-
-def around_build_eagle_verify_input(
-    original: Callable[..., EagleVerifyInput],
-    batch: ScheduleBatch,
-    *args: Any,
-    **kwargs: Any,
-) -> EagleVerifyInput:
-    """AROUND `eagle_worker_common.build_eagle_verify_input` (the draft stage's tail, which
-    writes the verify mask into the target backend's buffer)."""
-    backend = kwargs["target_worker"].model_runner.attn_backend
-    with _verify_mask_written(backend, batch, int(kwargs["num_draft_tokens"])):
-        return original(batch, *args, **kwargs)
-
-
-def around_build_trivial_verify_input(
-    original: Callable[..., EagleVerifyInput],
-    worker: EAGLEWorkerV2,
-    batch: ScheduleBatch,
-    *args: Any,
-    **kwargs: Any,
-) -> EagleVerifyInput:
-    """AROUND `EAGLEWorkerV2._build_trivial_verify_input` (zero draft steps: the mask is
-    filled with True, one token per request)."""
-    backend = worker._target_worker.model_runner.attn_backend
-    with _verify_mask_written(backend, batch, 1):
-        return original(worker, batch, *args, **kwargs)
 
 
 def committed_local_attention_rows(
@@ -530,11 +504,12 @@ def committed_local_attention_rows(
     *,
     buffers: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """AROUND `LocalAttentionMetadataBuilder.update_for_replay` (argument `buffers`): upstream
-    zeroes the whole local-attention table past the batch before every decode replay (its
-    cost: gpu.md). Where the tables are reserved, rows past the committed ones read zeros
-    already (the scratch granule), so upstream gets views of the committed rows: the same
-    values, without the fill over the rest. Upstream's buffers otherwise."""
+    """AROUND `LocalAttentionMetadataBuilder.update_for_replay` (argument `buffers`):
+    upstream zeroes the whole local-attention table past the batch before every decode
+    replay (its cost: gpu.md). Where the tables are reserved, rows past the committed
+    ones read zeros already (the scratch granule), so upstream gets views of the
+    committed rows: the same values, without the fill over the rest. Upstream's buffers
+    otherwise."""
     local_tables = RUNTIME.graph.local_tables
     if not buffers or not local_tables:
         return buffers
