@@ -15,8 +15,8 @@ directory itself (``.../site-packages/sglang``), or a folder holding it. Each pu
 - each upstream function a hook of the PR targets (``upstream/plugin.py``) calls that hook's
   function inline where its shape allows (BEFORE hooks first, AFTER hooks last:
   `series_edits.inline_shape`), else gets one decorator line, ``@kvalloc_hook("AROUND",
-  "sglang.srt.kvalloc.upstream.pools:around_...")``; found by parsing the file (no line
-  numbers, no upstream text kept here).
+  "sglang.srt.mem_cache.segmented.attention_graph_buffers:around_capture")``; found by
+  parsing the file (no line numbers, no upstream text kept here).
 
 In a git work tree each PR becomes one commit. The repository holds no upstream source: the
 tool edits the user's files. The product's early-plugin hook, the planner and budget CLIs and
@@ -108,7 +108,9 @@ def _excluded(rel: str) -> bool:
 def _module_file(module: str) -> str | None:
     """Package-relative file of a ``sglang_kvalloc.*`` module or of an upstream name served
     from ``in_tree/``, or None."""
-    if module.startswith(UPSTREAM_ROOT):
+    if module == UPSTREAM_PACKAGE or module.startswith(UPSTREAM_PACKAGE + "."):
+        module = PACKAGE + module.removeprefix(UPSTREAM_PACKAGE)  # a series name of ours
+    elif module.startswith(UPSTREAM_ROOT):
         found = in_tree_finder.in_tree_file(module)
         return str(found[0].relative_to(SOURCE)) if found is not None else None
     parts = module.split(".")[1:]

@@ -15,6 +15,8 @@ IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their ups
 # The decorator the functions whose AROUND hook has no inline form yet are decorated with.
 DECORATOR_MODULE = IN_TREE + "srt/plugins/hook_decorator.py"
 FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
+POOL_CONFIG = IN_TREE + "srt/mem_cache/segmented/pool_config.py"  # the mode decided
+AFTER_AUTO = "    mode = modes.SEGMENTED if request.mode == modes.SEGMENTED else modes.STATIC"
 
 
 @dataclass(frozen=True)
@@ -85,26 +87,15 @@ SERIES: tuple[PullRequest, ...] = (
     ),
     PullRequest(
         2,
-        "auto-mode",
-        "auto: clamp the context to what the device holds and choose the mode",
-        "Resolves auto once upstream has sized the pool; says what it chose and why.",
-        (
-            "auto.clamp_context_before_resolve",
-            "pools.mode_decided",
-            "scheduler_request.*",
-        ),
-        ("upstream/auto.py",),
-        tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
-        docs=("advanced_features/kv_alloc_auto.md",),
-    ),
-    PullRequest(
-        3,
         "lazy-context-tables",
-        "Lazy req_to_token and RoPE cache in segmented mode",
-        "The tables sized by the context are reserved and committed as used.",
+        "Segmented mode where the pool is sized; lazy req_to_token and RoPE cache",
+        "Segmented mode opens its backing where upstream sizes the KV pool, keeps room for "
+        "what it commits at run time, and reserves the tables sized by the context.",
         (
+            "pool_config.mode_decided",
+            "scheduler_request.*",
             "req_pool_builders.*",
-            "pools.kv_budget_bytes",
+            "pool_config.kv_budget_bytes",
             "rope.*",
         ),
         (
@@ -116,7 +107,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/lazy_context_tables.md",),
     ),
     PullRequest(
-        4,
+        3,
         "segmented-kv-pool",
         "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
@@ -135,7 +126,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_cache.md",),
     ),
     PullRequest(
-        5,
+        4,
         "cuda-vmm-backing",
         "The CUDA virtual-memory backing",
         "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
@@ -147,22 +138,35 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(
-        6,
-        "kv-alloc-observability",
-        "Start-up report, /server_info and sglang:kv_* gauges",
-        "What mode is in force, why, the capacity and what is committed.",
-        ("report.*", "metrics.*"),
-        tests=("registered/unit/observability/test_kv_alloc_state.py",),
-        docs=("advanced_features/kv_alloc_observability.md",),
-    ),
-    PullRequest(
-        7,
+        5,
         "lazy-cuda-graph-buffers",
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
         ("attention_graph_buffers.*", "verify_mask_buffers.*"),
         tests=("registered/unit/model_executor/test_lazy_cuda_graph_buffers.py",),
         docs=("advanced_features/lazy_cuda_graph_buffers.md",),
+    ),
+    PullRequest(
+        6,
+        "auto-mode",
+        "auto: clamp the context to what the device holds and choose the mode",
+        "Resolves auto once upstream has sized the pool; says what it chose and why.",
+        ("auto.clamp_context_before_resolve",),
+        ("upstream/auto.py", "upstream/auto_pools.py"),
+        tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
+        docs=("advanced_features/kv_alloc_auto.md",),
+        # Its branch where the mode is decided (segmented.pool_config.mode_decided), which
+        # the earlier PRs write without it: there auto is upstream's static.
+        parts=(Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),),
+    ),
+    PullRequest(
+        7,
+        "kv-alloc-observability",
+        "Start-up report, /server_info and sglang:kv_* gauges",
+        "What mode is in force, why, the capacity and what is committed.",
+        ("report.*", "metrics.*"),
+        tests=("registered/unit/observability/test_kv_alloc_state.py",),
+        docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(
         8,

@@ -38,8 +38,9 @@ def test_every_refusal_quoted_is_the_line_the_code_says() -> None:
     source = "".join(
         (package / f).read_text()
         for f in (
-            "upstream/refusals.py",
-            "upstream/pools.py",
+            "in_tree/sglang/srt/mem_cache/segmented/refusals.py",
+            "in_tree/sglang/srt/mem_cache/segmented/pool_config.py",
+            "upstream/auto_pools.py",
             "in_tree/sglang/srt/mem_cache/segmented/backing_choice.py",
         )
     )

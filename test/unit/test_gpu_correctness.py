@@ -21,6 +21,7 @@ from sglang.srt.mem_cache.segmented import (
     kv_pools,
     lazy_req_to_token,
     modes,
+    pool_config,
     scheduler_loop,
 )
 from sglang.srt.mem_cache.segmented.cuda_backing import (
@@ -31,7 +32,7 @@ from sglang.srt.mem_cache.segmented.cuda_backing import (
 )
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import plugin, pools
+from sglang_kvalloc.upstream import plugin
 
 G = 2 * MIB
 
@@ -161,7 +162,7 @@ def test_auto_past_the_model_then_static_commits_fixed_caches_whole(
         return config
 
     configurator = types.SimpleNamespace(_resolve_memory_pool_config=lambda: resolve(None))
-    settled = pools._settle_run_time_memory(configurator, config, (), {})
+    settled = pool_config.settle_run_time_memory(configurator, config, (), {})
     assert settled is config and len(calls) == 1 and calls[0] > 0  # the budget measured again
     assert torch.equal(module.cos_sin_cache, reference.cos_sin_cache)
 
@@ -286,7 +287,7 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
     from sglang.srt.mem_cache import kv_cache_configurator
 
     monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
-    monkeypatch.setattr(pools, "kv_pool_bytes", lambda c, config: 20_000_000_000)
+    monkeypatch.setattr(pool_config, "kv_pool_bytes", lambda c, config: 20_000_000_000)
     decide(modes.SEGMENTED, explicit_commits=True)
     monkeypatch.setattr(RUNTIME.state, "run_time_room_bytes", 0)
     config = types.SimpleNamespace(max_total_num_tokens=1_000_000, max_running_requests=1024)
@@ -300,7 +301,7 @@ def test_run_time_room_is_kept_out_of_the_kv_budget(
         return config
 
     configurator._resolve_memory_pool_config = lambda: resolve(configurator)
-    pools._settle_run_time_memory(configurator, config, (), {})
+    pool_config.settle_run_time_memory(configurator, config, (), {})
     # A 10M-context table is far past auto's 5% share: the room beyond it is kept free.
     room = 1024 * G + 4 * 1_000_000 - 1_000_000_000
     assert RUNTIME.state.run_time_room_bytes == room and measured == [80_000_000_000 - room]

@@ -448,8 +448,7 @@ def test_a_verify_mask_that_cannot_be_committed_makes_the_draft_build_its_own(
         return "trivial"
 
     assert (
-        verify_mask_buffers.around_build_trivial_verify_input(trivial, worker, small)
-        == "trivial"
+        verify_mask_buffers.around_build_trivial_verify_input(trivial, worker, small) == "trivial"
     )
 
 

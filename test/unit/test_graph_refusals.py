@@ -11,7 +11,7 @@ import textwrap
 import types
 
 import pytest
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import modes, pool_config, refusals
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 
@@ -65,11 +65,15 @@ def _gpu_configurator(model: str = "llama-3.1-8b", **flags) -> types.SimpleNames
     config = json.loads(
         resources.files("sglang_kvalloc.configs").joinpath(f"{model}.json").read_text()
     )
+    from sglang_kvalloc.core import planner
+
     hf_config = types.SimpleNamespace(to_dict=lambda: config)
     return types.SimpleNamespace(
         device="cuda",
         server_args=ServerArgs(model_path="models/tiny-llama", device="cpu", **flags),
         model_config=types.SimpleNamespace(hf_config=hf_config),
+        # upstream's: the model's attention is MLA (model_config.attention_arch)
+        use_mla_backend=planner.model_spec_from_config(config).attention == "mla",
     )
 
 
@@ -104,9 +108,8 @@ def _gpu_configurator(model: str = "llama-3.1-8b", **flags) -> types.SimpleNames
     ],
 )
 def test_backends_whose_graph_buffers_are_not_covered_are_named(flags, model, uncovered) -> None:
-    from sglang_kvalloc.upstream import pools
 
-    found = pools.uncovered_graph_backend(_gpu_configurator(model, **flags))
+    found = refusals.uncovered_graph_backend(_gpu_configurator(model, **flags))
     if uncovered is None:
         assert found is None
     else:
@@ -119,20 +122,18 @@ def test_segmented_refuses_an_uncovered_backend_in_one_line(monkeypatch) -> None
     falls back to static if static fits."""
     from sglang.srt.mem_cache.segmented import backing_choice
 
-    from sglang_kvalloc.upstream import pools
-
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     with pytest.raises(modes.KvAllocModeError) as refused:
-        pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="flashmla"))
+        pool_config.open_backings(_gpu_configurator("deepseek-v3", attention_backend="flashmla"))
     message = str(refused.value)
     assert "\n" not in message and "'flashmla'" in message
     assert "--attention-backend fa3 or triton" in message
     assert "--cuda-graph-backend-decode=disabled" in message
-    pools._open_backings(_gpu_configurator("deepseek-v3", attention_backend="fa3"))
+    pool_config.open_backings(_gpu_configurator("deepseek-v3", attention_backend="fa3"))
     # Off the GPU there are no graph buffers to cover.
     cpu = _gpu_configurator("deepseek-v3", attention_backend="flashmla")
     cpu.device = "cpu"
-    assert pools.uncovered_graph_backend(cpu) is None
+    assert refusals.uncovered_graph_backend(cpu) is None
 
 
 @pytest.mark.parametrize(
@@ -160,15 +161,13 @@ def test_parallelism_segmented_cannot_agree_across_is_refused_in_one_line(
     static where static fits, as for any refusal from `_open_backings`)."""
     from sglang.srt.mem_cache.segmented import backing_choice
 
-    from sglang_kvalloc.upstream import pools
-
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton", **flags)
     if refused is None:
-        pools._open_backings(configurator)
+        pool_config.open_backings(configurator)
         return
     with pytest.raises(modes.KvAllocModeError) as error:
-        pools._open_backings(configurator)
+        pool_config.open_backings(configurator)
     assert "\n" not in str(error.value) and refused in str(error.value)
     assert "--kv-alloc-mode static" in str(error.value)
 
@@ -178,13 +177,11 @@ def test_the_memory_saver_is_served(monkeypatch) -> None:
     torch_memory_saver keeps the weights and graphs."""
     from sglang.srt.mem_cache.segmented import backing_choice
 
-    from sglang_kvalloc.upstream import pools, refusals
-
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
     configurator.server_args.enable_memory_saver = True
     assert refusals.unsupported_feature(configurator, explicit_commits=True) is None
-    pools._open_backings(configurator)
+    pool_config.open_backings(configurator)
 
 
 @pytest.mark.parametrize(
@@ -204,8 +201,6 @@ def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     refusal from `_open_backings`."""
     from sglang.srt.mem_cache.segmented import backing_choice
 
-    from sglang_kvalloc.upstream import pools, refusals
-
     monkeypatch.setattr(backing_choice, "open_backings", lambda device: None)
     monkeypatch.setattr(RUNTIME, "backings", types.SimpleNamespace(faults_in=False))
     configurator = _gpu_configurator("llama-3.1-8b", attention_backend="triton")
@@ -215,6 +210,6 @@ def test_features_segmented_does_not_serve_yet_are_refused_in_one_line(
     for name, value in flags.items():
         setattr(configurator.server_args, name, value)
     with pytest.raises(modes.KvAllocModeError) as error:
-        pools._open_backings(configurator)
+        pool_config.open_backings(configurator)
     message = str(error.value)
     assert "\n" not in message and refused in message and "--kv-alloc-mode static" in message

@@ -10,12 +10,12 @@ import torch
 from decisions import decide
 from fake_cuda import MIB, FakeDriver, FakeVmmApi
 from sglang.srt.disaggregation.decode import DecodeReqToTokenPool
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import modes, refusals
 from sglang.srt.mem_cache.segmented.cuda_backing import CudaBackingFactory, VmmDevice
 from sglang.srt.mem_cache.segmented.lazy_decode_req_to_token import SegmentedDecodeReqToTokenPool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import plugin, refusals
+from sglang_kvalloc.upstream import plugin
 
 MB = 1 << 20
 CONTEXT = 10_000_000  # a 10M-context decode server: 40 MB a row
@@ -125,7 +125,7 @@ def test_auto_counts_the_decode_sides_pre_allocation_rows(
     from sglang.srt.mem_cache import kv_cache_configurator
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import pool_kind
+    from sglang_kvalloc.upstream import auto_pools
 
     disagg = types.SimpleNamespace(
         disaggregation_mode=pd_mode, enable_pd_role_switch=False,
@@ -135,5 +135,5 @@ def test_auto_counts_the_decode_sides_pre_allocation_rows(
     monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
     configurator = types.SimpleNamespace(device="cpu")
     config = types.SimpleNamespace(max_running_requests=4)
-    got = pool_kind.context_scaled_static_bytes(configurator, config, CONTEXT)
+    got = auto_pools.context_scaled_static_bytes(configurator, config, CONTEXT)
     assert got == planner.req_to_token_allocation(4 + extra_rows, CONTEXT, 0).bytes

@@ -13,14 +13,14 @@ import pytest
 import torch
 from decisions import decide
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
-from sglang.srt.mem_cache.segmented import kv_allocators, pd_transfer, scheduler_loop
+from sglang.srt.mem_cache.segmented import kv_allocators, pd_transfer, pool_kind, scheduler_loop
 from sglang.srt.mem_cache.segmented.buffers import SegmentedBuffers
 from sglang.srt.mem_cache.segmented.cpu_backing import CpuBackingFactory
 from sglang.srt.mem_cache.segmented.geometry import SegmentGeometry
 from sglang.srt.mem_cache.segmented.runs import split_runs_at_segment_starts
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
-from sglang_kvalloc.upstream import plugin, pool_kind
+from sglang_kvalloc.upstream import plugin
 
 SIZE = 4096
 SEGMENT = 1024  # 4 segments; the first holds the padding slot

@@ -17,7 +17,7 @@ from decisions import decide
 from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc, MHATokenToKVPool, MLATokenToKVPool
-from sglang.srt.mem_cache.segmented import kv_allocators
+from sglang.srt.mem_cache.segmented import kv_allocators, pool_kind
 from sglang.srt.mem_cache.segmented.kv_pools import (
     SegmentedMHATokenToKVPool,
     SegmentedMLATokenToKVPool,
@@ -26,7 +26,7 @@ from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.mem_cache.segmented.swa_allocator import SegmentedSWATokenToKVPoolAllocator
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
-from sglang_kvalloc.upstream import plugin, pools
+from sglang_kvalloc.upstream import plugin
 
 FULL_SIZE = 2048
 SWA_SIZE = 1024
@@ -250,7 +250,7 @@ def _configurator(**overrides: object) -> types.SimpleNamespace:
 def test_pool_kind_and_whether_kv_commits_on_demand(
     overrides: dict[str, object], kind: str, on_demand: bool
 ) -> None:
-    got_kind, why_not = pools.kv_pool_kind(_configurator(**overrides))
+    got_kind, why_not = pool_kind.kv_pool_kind(_configurator(**overrides))
     assert got_kind == kind
     assert (why_not is None) == on_demand
     if why_not is not None:
@@ -292,9 +292,9 @@ def test_a_platform_pool_class_is_foreseen_by_the_decision(
     monkeypatch.setattr(
         current_platform, "get_kv_pool_cls", lambda kind: VendorPool if kind == "mla" else None
     )
-    kind, why_not = pools.kv_pool_kind(_configurator(use_mla_backend=True))
+    kind, why_not = pool_kind.kv_pool_kind(_configurator(use_mla_backend=True))
     assert kind == "mla" and why_not is not None and "VendorPool" in why_not
-    assert pools.kv_pool_kind(_configurator()) == ("mha", None)
+    assert pool_kind.kv_pool_kind(_configurator()) == ("mha", None)
 
 
 def test_build_hooks_swap_the_pool_class_and_refuse_one_not_foreseen() -> None:

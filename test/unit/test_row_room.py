@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import pytest
 from decisions import decide
-from sglang.srt.mem_cache.segmented import modes
+from sglang.srt.mem_cache.segmented import modes, pool_config
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import plugin, pools
+from sglang_kvalloc.upstream import auto_pools, plugin
 
 MIB = 1 << 20
 G = 2 * MIB
@@ -96,9 +96,10 @@ def explicit_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kv_cache_configurator, "get_req_to_token_extra_context_len", lambda: 0)
     factory = types.SimpleNamespace(faults_in=False, granularity=G)
     monkeypatch.setattr(RUNTIME, "backings", factory)
-    monkeypatch.setattr(
-        pools, "kv_pool_bytes", lambda c, config: config.max_total_num_tokens * CELL
-    )
+    for module in (pool_config, auto_pools):
+        monkeypatch.setattr(
+            module, "kv_pool_bytes", lambda c, config: config.max_total_num_tokens * CELL
+        )
 
 
 def _capacity(mode: str, context: int, budget: int) -> int:
@@ -106,7 +107,7 @@ def _capacity(mode: str, context: int, budget: int) -> int:
     RUNTIME.state.run_time_room_bytes = 0
     configurator, resolve = _configurator(context, budget)
     config = resolve(configurator)
-    return pools._settle_run_time_memory(configurator, config, (), {}).max_total_num_tokens
+    return pool_config.settle_run_time_memory(configurator, config, (), {}).max_total_num_tokens
 
 
 @pytest.mark.parametrize("context", [8192, 32_768, 131_072])
@@ -133,18 +134,17 @@ def test_the_issues_measurement_tiny_llama_at_131072_keeps_most_of_its_pool(
 
 
 @pytest.fixture
-def auto_pools(explicit_commits: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto's pool hook with the device, backings and warnings stubbed; static's
+def auto_hook_stubbed(explicit_commits: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's pool hook with the device and backings stubbed; static's
     context-sized bytes are one int32 table of (requests + 1) rows."""
-    monkeypatch.setattr(pools, "_apply_segment_settings", lambda c, request: None)
-    monkeypatch.setattr(pools, "_open_backings", lambda c: None)
-    monkeypatch.setattr(pools, "_warn_graph_buffers", lambda c: None)
-    monkeypatch.setattr(pools, "kv_pool_kind", lambda c: ("mha", None))
-    monkeypatch.setattr(pools, "context_scaled_static_bytes",
+    monkeypatch.setattr(pool_config, "_apply_segment_settings", lambda c, request: None)
+    monkeypatch.setattr(pool_config, "open_backings", lambda c: None)
+    monkeypatch.setattr(pool_config, "kv_pool_kind", lambda c: ("mha", None))
+    monkeypatch.setattr(auto_pools, "context_scaled_static_bytes",
                         lambda c, config, n: (config.max_running_requests + 1) * n * 4)  # fmt: skip
 
 
-def test_auto_keeps_its_context_within_the_pool_it_ends_with(auto_pools: None) -> None:
+def test_auto_keeps_its_context_within_the_pool_it_ends_with(auto_hook_stubbed: None) -> None:
     """auto at 10M over explicit commits: the clamp to the pool comes before the room is
     kept; the context must follow the pool once the room is settled."""
     configurator, resolve = _configurator(10_000_000, 4 * 10**9)  # a pool of 3.9M tokens
@@ -155,7 +155,7 @@ def test_auto_keeps_its_context_within_the_pool_it_ends_with(auto_pools: None) -
     assert context == config.max_total_num_tokens < 4 * 10**9 // CELL
 
 
-def test_autos_share_is_computed_once_at_the_context_it_clamps_to(auto_pools: None) -> None:
+def test_autos_share_is_computed_once_at_the_context_it_clamps_to(auto_hook_stubbed: None) -> None:
     """Where the scheduler clamps, `decide_auto` scales static's context-sized bytes from the
     context asked for to the clamped one; they were passed at the clamped context already and
     scaled twice: at 10M clamped to 3.9M the share was 39% of the real one, so static could

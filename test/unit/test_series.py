@@ -141,7 +141,8 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
         }
         assert text.count(series.IMPORT_LINE) == (file in decorated), file
     carried = list((package / "srt" / "kvalloc").rglob("*.py"))
-    assert len(carried) >= 15
+    planned = [f for p in series.plan() for f in p.files if not f.startswith(series.IN_TREE)]
+    assert len(carried) == len([f for f in planned if f.endswith(".py")]) >= 10
     for path in carried:
         assert "sglang_kvalloc" not in path.read_text(), path  # imports renamed
     # The modules that would be upstream's are the plugin's very files, at upstream's paths.
@@ -170,11 +171,21 @@ def test_apply_decorates_each_target_once_and_carries_the_modules(tmp_path: Path
     # A feature's flags come with it: the shared budget's PR brings its fields (and their
     # parser's import) to the KvAlloc that PR 1 carried without them.
     fields = (package / "srt/arg_groups/fields/kv_alloc.py").relative_to(tmp_path).as_posix()
-    budget = next(p for p in series.SERIES if p.parts)
+    budget = next(p for p in series.SERIES if any(x.file == series_prs.FIELDS for x in p.parts))
     at = [_git_show(tmp_path, commit, fields) for commit in commits]
     assert "kv_budget" not in at[0] and "parse_bytes" not in at[0]
     assert at[budget.number - 2] == at[0]
     assert at[budget.number - 1].encode() == (series.SOURCE / series_prs.FIELDS).read_bytes()
+    # auto's branch where the mode is decided comes with auto: before it, auto is static.
+    auto = next(p for p in series.SERIES if p.slug == "auto-mode")
+    decided = (package / series.upstream_path(series_prs.POOL_CONFIG)).relative_to(tmp_path)
+    first = next(p.pr.number for p in series.plan() if series_prs.POOL_CONFIG in p.files)
+    at = [
+        _git_show(tmp_path, commits[n - 1], decided.as_posix())
+        for n in range(first, len(commits) + 1)
+    ]
+    assert first < auto.number and "modes.AUTO" not in at[auto.number - first - 1]
+    assert at[auto.number - first].encode() == (series.SOURCE / series_prs.POOL_CONFIG).read_bytes()
     with pytest.raises(series.SeriesError, match="already applied"):
         series.apply(tmp_path, log=lambda _: None)
 

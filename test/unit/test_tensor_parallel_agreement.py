@@ -30,10 +30,9 @@ def _rank_main(rank: int, port: int, queue) -> None:  # type: ignore[no-untyped-
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=2)
         from sglang.srt.mem_cache.segmented import kv_allocators
+        from sglang.srt.mem_cache.segmented.pool_config import make_rank_agreement
         from sglang.srt.mem_cache.segmented.runtime import RUNTIME
         from test_allocator_contracts import _buffers
-
-        from sglang_kvalloc.upstream.pools import make_rank_agreement
 
         RUNTIME.settings.agree = make_rank_agreement(dist.group.WORLD)
         RUNTIME.settings.hold_off_s = 0.0

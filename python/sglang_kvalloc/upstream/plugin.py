@@ -16,6 +16,7 @@ from sglang.srt.mem_cache.segmented import (
     memory_release,
     metrics,
     pd_transfer,
+    pool_config,
     report,
     req_pool_builders,
     rope,
@@ -25,7 +26,7 @@ from sglang.srt.mem_cache.segmented import (
 )
 
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
-from sglang_kvalloc.upstream import auto, cli, pools
+from sglang_kvalloc.upstream import auto, cli
 from sglang_kvalloc.upstream.inline import argument, done_instead, instead, then
 
 # The plugin's form of the AROUND hooks the series writes as inline calls (upstream/inline.py):
@@ -51,8 +52,8 @@ around_check_swa_pool = argument("ps", scheduler_loop.withheld_counted_in_swa_po
 around_registerable_regions = then(pd_transfer.registerable_committed_regions)
 around_allocatable_token_budgets = then(pd_transfer.committed_token_budgets)
 around_from_cli_args = then(cli.checked_cli_args)
-around_profile_available_bytes = then(pools.kv_budget_bytes)
-around_resolve_memory_pool_config = then(pools.mode_decided)
+around_profile_available_bytes = then(pool_config.kv_budget_bytes)
+around_resolve_memory_pool_config = then(pool_config.mode_decided)
 around_can_run_graph = then(attention_graph_buffers.graph_gate, passes_false=True)
 around_local_attention_update_for_replay = argument(
     "buffers", attention_graph_buffers.committed_local_attention_rows

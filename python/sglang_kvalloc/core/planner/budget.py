@@ -7,8 +7,18 @@ import math
 from dataclasses import dataclass
 
 from sglang_kvalloc.core.planner.common import GIB, PlanError
-from sglang_kvalloc.core.planner.decision import AUTO_STATIC_MAX_SHARE
 from sglang_kvalloc.core.planner.model import DEFAULT_SWA_FULL_TOKENS_RATIO, KVPerToken
+
+try:
+    from sglang_kvalloc.in_tree_finder import standalone
+except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
+    from sglang.srt.mem_cache.segmented import row_room as _row_room
+else:
+    # The server's rule (in-tree, standard library only), without upstream's packages where
+    # SGLang is not loaded: the planner's CLI runs where torch does not.
+    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
+RowRoom = _row_room.RowRoom
+req_to_token_room = _row_room.req_to_token_room
 
 # Estimate of what is already resident before weights load (CUDA context, NCCL and
 # custom-allreduce buffers). Upstream measures it (distributed/bootstrap.py
@@ -206,36 +216,3 @@ def resolve_max_num_reqs(
     if max_running_requests is not None:
         return min(max(1, max_running_requests // attn_dp), token_capacity // 2)
     return min(estimated, token_capacity // 2)
-
-
-@dataclass(frozen=True)
-class RowRoom:
-    """What segmented mode's req_to_token rows may commit at run time where memory is
-    committed explicitly (a GPU), and how much of it the KV budget leaves free."""
-
-    committed_at_most: int
-    in_kv_budget: int
-
-
-def req_to_token_room(
-    *,
-    max_running_requests: int,
-    token_capacity: int,
-    table_bytes: int,
-    granularity: int,
-    kv_pool_bytes: int,
-) -> RowRoom:
-    """Rows commit at most one granule per running request plus 4 B per token of the pool,
-    and never more than the whole table (``table_bytes``, upstream's `ReqToTokenPool` at this
-    context, rounded up to granules).
-
-    Upstream pays for its whole table outside the KV budget (from the slack that
-    --mem-fraction-static leaves). Segmented mode takes the same from there, up to the share
-    of the KV pool `auto` accepts for static's context-sized tables: at an ordinary context
-    the KV budget keeps nothing back and the pool holds what static's holds; past it (where
-    static's table would be large, or not fit at all) the rest of the room comes out of the
-    KV budget, so committing rows never eats the activations' slack."""
-    whole = -(-table_bytes // granularity) * granularity
-    room = min(whole, max_running_requests * granularity + 4 * token_capacity)
-    outside = min(whole, int(AUTO_STATIC_MAX_SHARE * kv_pool_bytes))
-    return RowRoom(committed_at_most=room, in_kv_budget=max(0, room - outside))

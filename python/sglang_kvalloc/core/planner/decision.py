@@ -6,12 +6,20 @@ from dataclasses import dataclass
 
 from sglang_kvalloc.core.planner.common import PlanError
 
+try:
+    from sglang_kvalloc.in_tree_finder import standalone
+except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
+    from sglang.srt.mem_cache.segmented import row_room as _row_room
+else:
+    # The server's rule (in-tree, standard library only), without upstream's packages where
+    # SGLang is not loaded: the planner's CLI runs where torch does not.
+    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
+
 # Static is chosen by `auto` when the context-scaled start-up allocations (req_to_token and
-# the cuda-graph index buffers) are at most this share of the KV budget. Below it, static's
-# fixed tables cost little (an ordinary 128K context on one GPU lands at ~2-4%) and static
-# keeps upstream behaviour exactly; above it, the tables eat KV capacity that segmented mode
-# would leave for tokens, and at multi-million contexts they no longer fit at all.
-AUTO_STATIC_MAX_SHARE = 0.05
+# the cuda-graph index buffers) are at most this share of the KV budget (the server's rule,
+# in-tree): below it static keeps upstream behaviour exactly at little cost; above it the
+# tables eat KV capacity that segmented mode would leave for tokens.
+AUTO_STATIC_MAX_SHARE: float = _row_room.CONTEXT_TABLES_MAX_SHARE
 
 
 @dataclass(frozen=True)

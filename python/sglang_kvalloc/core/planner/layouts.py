@@ -12,12 +12,15 @@ from sglang_kvalloc.core.planner.model import LLAMA4_ARCHS, ModelSpec
 
 try:
     from sglang_kvalloc.in_tree_finder import standalone
-except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
+except ImportError:  # in upstream's tree (the series): upstream's own modules, imported as such
     from sglang.srt.mem_cache.segmented import graph_layouts as _graph_layouts
+    from sglang.srt.mem_cache.segmented import row_room as _row_room
 else:
-    # The layouts (standard library only) without upstream's packages where SGLang is not
-    # loaded: the planner's CLI runs where torch does not (in_tree_finder.standalone).
+    # The layouts and the table's size are the server's rules (in-tree, standard library
+    # only), without upstream's packages where SGLang is not loaded: the planner's CLI runs
+    # where torch does not.
     _graph_layouts = standalone("sglang.srt.mem_cache.segmented.graph_layouts")
+    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
 CHUNK_ROWS, FLAT, ROWS = _graph_layouts.CHUNK_ROWS, _graph_layouts.FLAT, _graph_layouts.ROWS
 GraphBatch = _graph_layouts.GraphBatch
 GraphBufferLayout = _graph_layouts.GraphBufferLayout
@@ -101,11 +104,9 @@ def req_to_token_allocation(max_reqs: int, context_len: int, extra: int) -> Allo
     torch.zeros((size + 1, max_context_len), int32), max_context_len = context_len + extra
     (kv_cache_configurator.py _build_req_to_token_pool / _build_default_req_pool).
     """
-    rows = max_reqs + 1
-    cols = context_len + extra
     return Allocation(
         name="req_to_token",
-        bytes=rows * cols * 4,
+        bytes=_row_room.req_to_token_bytes(max_reqs, context_len, extra),
         formula=f"({max_reqs} + 1) x ({context_len} + {extra}) x 4 B",
         upstream="mem_cache/memory_pool.py ReqToTokenPool.__init__",
     )

@@ -1,30 +1,23 @@
-"""Where segmented mode cannot run, said in one line before anything is built: parallelism
-whose ranks could decide apart, serving features it does not serve yet, decode attention
-backends whose cuda-graph buffers it does not cover; and auto's fallback to static where the
-device cannot back segmented mode.
+"""Where segmented mode cannot run, said in one line before anything is built:
+parallelism whose ranks could decide apart, serving features it does not serve yet,
+decode attention backends whose cuda-graph buffers it does not cover.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-from sglang.srt.mem_cache.segmented import modes
-
-from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream.pool_kind import kv_pool_bytes
-
 if TYPE_CHECKING:
     from sglang.srt.arg_groups.model_override_base import ResolvingConfig
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
-    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
 
 def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
-    """Why segmented mode cannot run with the parallelism asked for, as one line (None if it
-    can). Its commits and graph-or-eager choices are agreed within attention TP only: with
-    pipeline stages, or with DP attention ranks that decide graph or eager together before
-    each forward (`can_run_decode_cuda_graph`), ranks could go different ways."""
+    """Why segmented mode cannot run with the parallelism asked for, as one line (None
+    if it can). Its commits and graph-or-eager choices are agreed within attention TP
+    only: with pipeline stages, or with DP attention ranks that decide graph or eager
+    together before each forward (`can_run_decode_cuda_graph`), ranks could go different
+    ways."""
     server_args = configurator.server_args
     if int(getattr(server_args, "pp_size", 1) or 1) > 1:
         return (
@@ -46,14 +39,16 @@ def unsupported_parallelism(configurator: KVCacheConfigurator) -> str | None:
     )
 
 
-def unsupported_feature(configurator: KVCacheConfigurator, *, explicit_commits: bool) -> str | None:
-    """Why segmented mode cannot serve a feature asked for, as one line naming the flag (None
-    if it can). Each would otherwise go wrong without a word: under PD disaggregation, where
-    rows must be committed before they are written (a GPU), upstream's pre-allocation writes
-    req_to_token rows outside the scheduler steps that commit them (on the CPU a write
-    commits, and the KV pool follows `pd_transfer`); HiCache's
-    host pool sits beside an idle policy that would evict the device cache whole; a custom
-    memory pool (Mooncake) is ignored by the pools."""
+def unsupported_feature(
+    configurator: KVCacheConfigurator, *, explicit_commits: bool
+) -> str | None:
+    """Why segmented mode cannot serve a feature asked for, as one line naming the flag
+    (None if it can). Each would otherwise go wrong without a word: under PD
+    disaggregation, where rows must be committed before they are written (a GPU),
+    upstream's pre-allocation writes req_to_token rows outside the scheduler steps that
+    commit them (on the CPU a write commits, and the KV pool follows `pd_transfer`);
+    HiCache's host pool sits beside an idle policy that would evict the device cache
+    whole; a custom memory pool (Mooncake) is ignored by the pools."""
     from sglang.srt.environ import envs
 
     server_args = configurator.server_args
@@ -79,13 +74,14 @@ def unsupported_feature(configurator: KVCacheConfigurator, *, explicit_commits: 
 
 
 # Decode attention backends whose context-sized cuda-graph buffers segmented mode reserves
-# (srt/mem_cache/segmented/attention_graph_buffers.py); torch_native has none.
+# (`attention_graph_buffers`); torch_native has none.
 GRAPH_BACKENDS_COVERED = frozenset({"fa3", "triton", "flashinfer"})
 
 
 def uncovered_graph_backend(configurator: KVCacheConfigurator) -> str | None:
-    """The decode attention backend, named for an operator, when it runs cuda graphs on a GPU
-    and segmented mode does not cover its buffers; None otherwise (also off the GPU)."""
+    """The decode attention backend, named for an operator, when it runs cuda graphs on
+    a GPU and segmented mode does not cover its buffers; None otherwise (also off the
+    GPU)."""
     if not str(configurator.device).startswith("cuda"):
         return None
     from sglang.srt.arg_groups.overrides import attention_backends_of, resolving_view
@@ -95,15 +91,15 @@ def uncovered_graph_backend(configurator: KVCacheConfigurator) -> str | None:
     if decode_graphs_disabled(view, Backend.DISABLED):
         return None
     _, decode = attention_backends_of(view)
-    decode = str(decode or "fa3")  # unset: upstream's Hopper default, as the planner assumes
+    decode = str(
+        decode or "fa3"
+    )  # unset: upstream's Hopper default, as the planner assumes
     if decode == "torch_native":
         return None
     if decode not in GRAPH_BACKENDS_COVERED:
         return repr(decode)
-    if decode == "flashinfer" and configurator.model_config.hf_config is not None:
-        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-        if spec.attention == "mla":
-            return "'flashinfer' with an MLA model (FlashInferMLAAttnBackend)"
+    if decode == "flashinfer" and configurator.use_mla_backend:
+        return "'flashinfer' with an MLA model (FlashInferMLAAttnBackend)"
     return None
 
 
@@ -118,31 +114,3 @@ def decode_graphs_disabled(view: ResolvingConfig, disabled: str) -> bool:
         or getattr(view, "disable_decode_cuda_graph", False)
         or getattr(view, "cuda_graph_backend_decode", None) == disabled
     )
-
-
-def static_if_it_fits(
-    configurator: KVCacheConfigurator,
-    config: MemoryPoolConfig,
-    static_bytes: int,
-    reason: str,
-    why_not: str,
-) -> tuple[str, str]:
-    """auto wanted segmented but the device cannot do it: static if its context-sized tables
-    and the pool fit in free device memory, else a refusal with the numbers."""
-    free = free_device_bytes(configurator)
-    pool = kv_pool_bytes(configurator, config) or 0
-    if free is None or static_bytes + pool <= free:
-        return modes.STATIC, f"{reason}; but {why_not}: static fits, so static"
-    raise modes.KvAllocModeError(
-        f"--kv-alloc-mode auto: {why_not}, and static mode does not fit: its context-sized "
-        f"tables take {static_bytes / 1e9:.2f} GB besides the {pool / 1e9:.2f} GB KV pool, with "
-        f"{free / 1e9:.2f} GB free; lower --context-length or --max-running-requests"
-    )
-
-
-def free_device_bytes(configurator: KVCacheConfigurator) -> int | None:
-    device = str(configurator.device)
-    if not device.startswith("cuda"):
-        return None
-    free, _ = torch.cuda.mem_get_info()
-    return int(free)

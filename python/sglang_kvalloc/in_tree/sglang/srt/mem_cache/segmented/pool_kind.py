@@ -1,5 +1,5 @@
-"""What upstream builds for this model: the KV pool kind (and whether segmented mode commits
-its KV on demand), the pool's bytes, and the context-sized allocations static mode would make.
+"""What upstream builds for this model: the KV pool kind, whether segmented mode commits
+its KV on demand (and why not where it cannot), and the pool's bytes.
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
-
-from sglang_kvalloc.core import planner
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -29,8 +27,8 @@ PD_KV_ON_DEMAND_KINDS = ("mha",)
 
 
 def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
-    """The KV pool kind upstream builds for this model, and why segmented mode cannot commit
-    its KV memory on demand (None where it can)."""
+    """The KV pool kind upstream builds for this model, and why segmented mode cannot
+    commit its KV memory on demand (None where it can)."""
     from sglang.srt.configs.model_config import (
         is_deepseek_dsa,
         is_deepseek_v4,
@@ -58,7 +56,10 @@ def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
         return kind, f"the {kind} KV pool is not segmented in this build"
     str_dtype = str(configurator.kv_cache_dtype_str)
     if str_dtype == "mxfp8" or "fp4" in str_dtype:
-        return kind, f"the block-scaled {str_dtype} KV cache is not segmented in this build"
+        return (
+            kind,
+            f"the block-scaled {str_dtype} KV cache is not segmented in this build",
+        )
     if configurator.kv_shard_rank is not None:
         return kind, "KV-cache sharding uses its own pool, not segmented in this build"
     if not str(configurator.device).startswith(("cpu", "cuda")):
@@ -72,8 +73,8 @@ def kv_pool_kind(configurator: KVCacheConfigurator) -> tuple[str, str | None]:
 
 
 def pd_kv_on_demand_problem(server_args: ServerArgs, kind: str) -> str | None:
-    """Why a PD server's KV pool cannot be committed on demand (None where it can, or where
-    the server is not a PD one)."""
+    """Why a PD server's KV pool cannot be committed on demand (None where it can, or
+    where the server is not a PD one)."""
     pd_mode = str(getattr(server_args, "disaggregation_mode", "null") or "null")
     if pd_mode == "null":
         return None
@@ -92,23 +93,30 @@ def pd_kv_on_demand_problem(server_args: ServerArgs, kind: str) -> str | None:
     if int(getattr(server_args, "page_size", None) or 1) != 1:
         # Only page_size 1 hands out slots whose runs stop at segment starts
         # (`split_runs_at_segment_starts`); a transfer block must lie in one registered segment.
-        return f"a paged KV pool under --disaggregation-mode {pd_mode} is allocated whole"
+        return (
+            f"a paged KV pool under --disaggregation-mode {pd_mode} is allocated whole"
+        )
     return None
 
 
 def _pool_class_problem(configurator: KVCacheConfigurator, kind: str) -> str | None:
-    """Why the pool class upstream's `_build_token_to_kv_pool` will pick for ``kind`` is not
-    the plain one segmented mode subclasses (asked of upstream's own choosers), else None."""
+    """Why the pool class upstream's `_build_token_to_kv_pool` will pick for ``kind`` is
+    not the plain one segmented mode subclasses (asked of upstream's own choosers), else
+    None."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
     from sglang.srt.platforms import current_platform
 
     if kind == "mla":
-        chosen = configurator._resolve_kv_pool_class(kind="mla", default=MLATokenToKVPool)
+        chosen = configurator._resolve_kv_pool_class(
+            kind="mla", default=MLATokenToKVPool
+        )
         plain: type = MLATokenToKVPool
     else:
         if configurator._page_major_enabled():
             return "the page-major KV layout (--enable-page-major-kv-layout) is not segmented"
-        chosen = configurator._resolve_kv_pool_class(kind="mha", default=MHATokenToKVPool)
+        chosen = configurator._resolve_kv_pool_class(
+            kind="mha", default=MHATokenToKVPool
+        )
         plain = MHATokenToKVPool
     if chosen is not plain:
         return f"the {chosen.__name__} pool is not segmented in this build"
@@ -119,7 +127,9 @@ def _pool_class_problem(configurator: KVCacheConfigurator, kind: str) -> str | N
     return None
 
 
-def kv_pool_bytes(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> int | None:
+def kv_pool_bytes(
+    configurator: KVCacheConfigurator, config: MemoryPoolConfig
+) -> int | None:
     """KV bytes of this rank's pool as upstream sized it (None for kinds not modelled here)."""
     from sglang.srt.runtime_context import get_parallel
 
@@ -129,76 +139,23 @@ def kv_pool_bytes(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -
     if kind == "mla":
         per_layer = (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
         return (
-            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+            per_layer
+            * configurator.layer_info.num_effective_layers
+            * config.max_total_num_tokens
         )
     if kind not in ("mha", "hybrid_swa"):
         return None
-    heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
+    heads = mc.get_num_kv_heads(
+        get_parallel().attn_tp_size, get_parallel().attn_dcp_size
+    )
     per_layer = heads * (mc.head_dim + mc.v_head_dim) * itemsize
     if kind == "mha":
         return (
-            per_layer * configurator.layer_info.num_effective_layers * config.max_total_num_tokens
+            per_layer
+            * configurator.layer_info.num_effective_layers
+            * config.max_total_num_tokens
         )
     info = configurator.layer_info
     full = len(info.full_attention_layer_ids) * (config.full_max_total_num_tokens or 0)
     swa = len(info.swa_attention_layer_ids) * (config.swa_max_total_num_tokens or 0)
     return per_layer * (full + swa)
-
-
-def cuda_graph_bytes(
-    configurator: KVCacheConfigurator, context_len: int, *, lazy_too: bool = True
-) -> int:
-    """The attention backend's context-sized cuda-graph buffers, by the planner's formulas (0
-    off CUDA); without ``lazy_too``, only those segmented mode still allocates in full.
-    Computed, not measured."""
-    if not str(configurator.device).startswith("cuda"):
-        return 0
-    try:
-        from sglang.srt.arg_groups.overrides import resolving_view
-
-        view = resolving_view(configurator.server_args)
-        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
-        backend = str(view.attention_backend or "fa3")
-        allocations = planner.cuda_graph_allocations(
-            spec,
-            backend=backend,
-            max_bs=max_bs,
-            context_len=context_len,
-            page_size=configurator.page_size,
-            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
-            speculative_topk=int(view.speculative_eagle_topk or 1),
-            speculative_num_steps=int(view.speculative_num_steps or 0),
-        )
-    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
-        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
-        logger.warning(
-            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
-            "they are left out of auto's decision and the start-up figures.",
-            exc,
-        )
-        return 0
-    return sum(a.bytes for a in allocations if lazy_too or a.lazy is None)
-
-
-def context_scaled_static_bytes(
-    configurator: KVCacheConfigurator, config: MemoryPoolConfig, context_len: int
-) -> int:
-    """What static mode allocates at start in proportion to the context (this process)."""
-    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
-
-    extra = get_req_to_token_extra_context_len()
-    rows = config.max_running_requests + decode_pre_alloc_rows(configurator)
-    total = planner.req_to_token_allocation(rows, context_len, extra).bytes
-    return total + cuda_graph_bytes(configurator, context_len)
-
-
-def decode_pre_alloc_rows(configurator: KVCacheConfigurator) -> int:
-    """The rows a PD decode server's req_to_token holds beyond the running requests (upstream's
-    `_build_req_to_token_pool`, whose reading of the settings this is), 0 elsewhere."""
-    from sglang.srt.runtime_context import get_disagg
-
-    disagg = get_disagg()
-    if disagg.disaggregation_mode != "decode" and not disagg.enable_pd_role_switch:
-        return 0
-    return int(disagg.disaggregation_decode_extra_slots or 0)

@@ -1,0 +1,179 @@
+"""`--kv-alloc-mode auto` where upstream has sized the KV pool: clamp the context to what
+one request can hold, choose static or segmented with exact numbers, say why.
+
+`segmented.pool_config.mode_decided` hands auto over here; the choice weighs what static
+mode allocates at start in proportion to the context (req_to_token and the attention
+backend's cuda-graph buffers, by the planner's formulas) against the KV budget
+(`planner.decide_auto`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.mem_cache.segmented import modes, pool_config
+from sglang.srt.mem_cache.segmented.pool_kind import kv_pool_bytes
+
+from sglang_kvalloc.core import planner
+
+if TYPE_CHECKING:
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+logger = logging.getLogger(__name__)
+
+
+def auto_decided(
+    config: MemoryPoolConfig,
+    configurator: KVCacheConfigurator,
+    request: modes.KvAllocRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> MemoryPoolConfig:
+    """auto: clamp the context to the pool upstream sized (sizing it again with the clamped
+    context), choose the mode, open segmented mode's backings (static where the device
+    cannot, if static fits), and settle the run-time room as `mode_decided` does."""
+    self = configurator
+    capacity = config.max_total_num_tokens // self.page_size * self.page_size
+    context_len = self.model_config.context_len
+    pool_bytes = kv_pool_bytes(self, config) or capacity
+    # At the context asked for: decide_auto scales them to the context it clamps to.
+    decision = planner.decide_auto(
+        requested_context=context_len,
+        model_max_context=context_len,
+        max_context_one_request=capacity,
+        context_scaled_bytes_static=context_scaled_static_bytes(self, config, context_len),
+        budget_bytes=pool_bytes,
+    )
+    if decision.clamped:
+        logger.warning(
+            "--kv-alloc-mode auto: context length %d clamped to %d: the KV pool holds %d "
+            "tokens, so one request cannot use more.",
+            context_len,
+            decision.effective_context,
+            capacity,
+        )
+        self.model_config.context_len = decision.effective_context
+        # max running requests depends on the context; size again with the clamped one.
+        config = pool_config.size_again(self, args, kwargs)
+    static_bytes = context_scaled_static_bytes(self, config, decision.effective_context)
+    mode = decision.mode
+    reason = decision.reason
+    if request.budget is not None and mode != modes.SEGMENTED:
+        mode, reason = modes.SEGMENTED, "--kv-budget: a shared budget is committed on demand"
+    if mode == modes.SEGMENTED:
+        try:
+            pool_config.open_backings(self)
+        except modes.KvAllocModeError as exc:
+            mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
+        else:
+            pool_config.open_budget(self, request)
+    pool_config.decide_mode(self, request, mode, reason)
+    logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
+    config = pool_config.settle_run_time_memory(self, config, args, kwargs)
+    _context_within_pool(self, config)
+    return config
+
+
+def _context_within_pool(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> None:
+    """auto: the room settled after the clamp may leave the pool holding fewer tokens than
+    the clamped context; one request must still fit, so the context follows the pool."""
+    page = configurator.page_size
+    capacity = config.max_total_num_tokens // page * page
+    context = configurator.model_config.context_len
+    if capacity >= context:
+        return
+    logger.warning(
+        "--kv-alloc-mode auto: context length %d clamped to %d: the KV pool holds %d tokens "
+        "once req_to_token's run-time room is kept free.",
+        context,
+        capacity,
+        config.max_total_num_tokens,
+    )
+    configurator.model_config.context_len = capacity
+
+
+def cuda_graph_bytes(configurator: KVCacheConfigurator, context_len: int) -> int:
+    """The attention backend's context-sized cuda-graph buffers static mode allocates, by the
+    planner's formulas (0 off CUDA). Computed, not measured."""
+    if not str(configurator.device).startswith("cuda"):
+        return 0
+    try:
+        from sglang.srt.arg_groups.overrides import resolving_view
+
+        view = resolving_view(configurator.server_args)
+        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
+        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+        backend = str(view.attention_backend or "fa3")
+        allocations = planner.cuda_graph_allocations(
+            spec,
+            backend=backend,
+            max_bs=max_bs,
+            context_len=context_len,
+            page_size=configurator.page_size,
+            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
+            speculative_topk=int(view.speculative_eagle_topk or 1),
+            speculative_num_steps=int(view.speculative_num_steps or 0),
+        )
+    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
+        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
+        logger.warning(
+            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
+            "they are left out of auto's decision.",
+            exc,
+        )
+        return 0
+    return sum(a.bytes for a in allocations)
+
+
+def context_scaled_static_bytes(
+    configurator: KVCacheConfigurator, config: MemoryPoolConfig, context_len: int
+) -> int:
+    """What static mode allocates at start in proportion to the context (this process)."""
+    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
+
+    extra = get_req_to_token_extra_context_len()
+    rows = config.max_running_requests + decode_pre_alloc_rows(configurator)
+    total = planner.req_to_token_allocation(rows, context_len, extra).bytes
+    return total + cuda_graph_bytes(configurator, context_len)
+
+
+def decode_pre_alloc_rows(configurator: KVCacheConfigurator) -> int:
+    """The rows a PD decode server's req_to_token holds beyond the running requests (upstream's
+    `_build_req_to_token_pool`, whose reading of the settings this is), 0 elsewhere."""
+    from sglang.srt.runtime_context import get_disagg
+
+    disagg = get_disagg()
+    if disagg.disaggregation_mode != "decode" and not disagg.enable_pd_role_switch:
+        return 0
+    return int(disagg.disaggregation_decode_extra_slots or 0)
+
+
+def static_if_it_fits(
+    configurator: KVCacheConfigurator,
+    config: MemoryPoolConfig,
+    static_bytes: int,
+    reason: str,
+    why_not: str,
+) -> tuple[str, str]:
+    """auto wanted segmented but the device cannot do it: static if its context-sized tables
+    and the pool fit in free device memory, else a refusal with the numbers."""
+    free = free_device_bytes(configurator)
+    pool = kv_pool_bytes(configurator, config) or 0
+    if free is None or static_bytes + pool <= free:
+        return modes.STATIC, f"{reason}; but {why_not}: static fits, so static"
+    raise modes.KvAllocModeError(
+        f"--kv-alloc-mode auto: {why_not}, and static mode does not fit: its context-sized "
+        f"tables take {static_bytes / 1e9:.2f} GB besides the {pool / 1e9:.2f} GB KV pool, with "
+        f"{free / 1e9:.2f} GB free; lower --context-length or --max-running-requests"
+    )
+
+
+def free_device_bytes(configurator: KVCacheConfigurator) -> int | None:
+    device = str(configurator.device)
+    if not device.startswith("cuda"):
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
