@@ -176,7 +176,8 @@ def around_triton_init_cuda_graph_state(
     *args: Any,
     **kwargs: Any,
 ) -> None:
-    """AROUND `TritonAttnBackend.init_cuda_graph_state`: `cuda_graph_kv_indices` reserved."""
+    """Wraps `TritonAttnBackend.init_cuda_graph_state` (`@kvalloc_hook`):
+    `cuda_graph_kv_indices` reserved."""
     backings = _backings()
     if (
         backings is None or kv_indices_buf is not None
@@ -229,10 +230,10 @@ def around_triton_draft_init_cuda_graph_state(
     max_bs: int,
     max_num_tokens: int,
 ) -> None:
-    """AROUND `TritonMultiStepDraftBackend.init_cuda_graph_state`: the draft steps'
-    shared `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64) reserved;
-    each step's backend gets its row as its caller's buffer, which the triton hook
-    leaves alone."""
+    """Wraps `TritonMultiStepDraftBackend.init_cuda_graph_state` (`@kvalloc_hook`): the
+    draft steps' shared `cuda_graph_kv_indices` (steps x max_bs x topk x context, int64)
+    reserved; each step's backend gets its row as its caller's buffer, which the triton
+    hook leaves alone."""
     return _draft_init(
         original, backend, max_bs, max_num_tokens, triton_draft_kv_indices_layout
     )
@@ -244,7 +245,8 @@ def around_flashinfer_draft_init_cuda_graph_state(
     max_bs: int,
     max_num_tokens: int,
 ) -> None:
-    """AROUND `FlashInferMultiStepDraftBackend.init_cuda_graph_state`: as triton's, int32."""
+    """Wraps `FlashInferMultiStepDraftBackend.init_cuda_graph_state` (`@kvalloc_hook`):
+    as triton's, int32."""
     return _draft_init(
         original, backend, max_bs, max_num_tokens, flashinfer_draft_kv_indices_layout
     )
@@ -278,8 +280,8 @@ def around_fa3_init_cuda_graph_state(
     max_bs: int,
     max_num_tokens: int,
 ) -> None:
-    """AROUND `FlashAttentionBackend.init_cuda_graph_state`: every page table reserved,
-    and Llama-4's local-attention tables."""
+    """Wraps `FlashAttentionBackend.init_cuda_graph_state` (`@kvalloc_hook`): every page
+    table reserved, and Llama-4's local-attention tables."""
     backings = _backings()
     if backings is None:
         return original(backend, max_bs, max_num_tokens)
@@ -328,9 +330,9 @@ def around_flashinfer_init_cuda_graph_state(
     *args: Any,
     **kwargs: Any,
 ) -> None:
-    """AROUND `FlashInferAttnBackend.init_cuda_graph_state`: each wrapper's
-    `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the first
-    index buffer for the other wrappers (a sliding window has two); a clone would
+    """Wraps `FlashInferAttnBackend.init_cuda_graph_state` (`@kvalloc_hook`): each
+    wrapper's `cuda_graph_kv_indices` and the custom mask reserved. Upstream clones the
+    first index buffer for the other wrappers (a sliding window has two); a clone would
     allocate the whole size, so upstream builds one and the others are reserved here."""
     backings = _backings()
     if backings is None or kv_indices_buf is not None:
@@ -415,9 +417,10 @@ def graph_gate(
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """AROUND `DecodeCudaGraphRunner.can_run_graph` (then; and the speculative runners',
-    which override it): a batch the graphs can run gets its lazy buffers committed
-    first; one that cannot be committed runs eager instead. False stays False."""
+    """Called where `DecodeCudaGraphRunner.can_run_graph` returns, with its answer (and
+    the speculative runners', which override it): a batch the graphs can run gets its
+    lazy buffers committed first; one that cannot be committed runs eager instead. False
+    stays False."""
     graph = RUNTIME.graph
     if not ok or not graph.buffers:
         return ok
@@ -455,11 +458,11 @@ def around_capture(
     *args: Any,
     **kwargs: Any,
 ) -> None:
-    """AROUND `DecodeCudaGraphRunner.capture`: capture fills every captured row at the
-    fill value, so that is committed first (a write to an uncommitted range would land
-    on the shared scratch granule); and torch captures in its global mode, where driver
-    calls from another thread can invalidate the capture, so the spare-handle refill
-    thread waits."""
+    """Wraps `DecodeCudaGraphRunner.capture` (`@kvalloc_hook`): capture fills every
+    captured row at the fill value, so that is committed first (a write to an
+    uncommitted range would land on the shared scratch granule); and torch captures in
+    its global mode, where driver calls from another thread can invalidate the capture,
+    so the spare-handle refill thread waits."""
     if RUNTIME.graph.buffers:
         max_bs = int(getattr(runner, "max_bs", 0) or 0)
         fill = int(getattr(runner, "seq_len_fill_value", 1) or 1)
@@ -477,11 +480,11 @@ def around_capture(
 def around_graph_capture(
     original: Callable[..., Any], *args: Any, **kwargs: Any
 ) -> Any:
-    """AROUND `parallel_state.graph_capture`, the context every upstream graph capture
-    runs in (decode, breakable and full prefill, speculative draft runners, row
-    buckets): torch captures in its global mode, where another thread's driver calls
-    invalidate the capture, so the spare-handle refill thread waits until the capture is
-    over."""
+    """Wraps `parallel_state.graph_capture` (`@kvalloc_hook`), the context every
+    upstream graph capture runs in (decode, breakable and full prefill, speculative
+    draft runners, row buckets): torch captures in its global mode, where another
+    thread's driver calls invalidate the capture, so the spare-handle refill thread
+    waits until the capture is over."""
     paused = getattr(RUNTIME.backings, "refill_paused", None)
     if paused is None:
         return original(*args, **kwargs)
@@ -504,12 +507,12 @@ def committed_local_attention_rows(
     *,
     buffers: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """AROUND `LocalAttentionMetadataBuilder.update_for_replay` (argument `buffers`):
-    upstream zeroes the whole local-attention table past the batch before every decode
-    replay (its cost: gpu.md). Where the tables are reserved, rows past the committed
-    ones read zeros already (the scratch granule), so upstream gets views of the
-    committed rows: the same values, without the fill over the rest. Upstream's buffers
-    otherwise."""
+    """Called first in `LocalAttentionMetadataBuilder.update_for_replay`, for its
+    `buffers`: upstream zeroes the whole local-attention table past the batch before
+    every decode replay (its cost: gpu.md). Where the tables are reserved, rows past the
+    committed ones read zeros already (the scratch granule), so upstream gets views of
+    the committed rows: the same values, without the fill over the rest. Upstream's
+    buffers otherwise."""
     local_tables = RUNTIME.graph.local_tables
     if not buffers or not local_tables:
         return buffers

@@ -65,7 +65,7 @@ def swa_sub_pool_rows(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AROUND `TorchNativeAttnBackend._run_sdpa_forward_extend` and
+    """Called first in `TorchNativeAttnBackend._run_sdpa_forward_extend` and
     `_run_sdpa_forward_decode` (arguments `req_to_token`, `req_pool_indices`): where the
     layer reads a segmented SWA sub-pool, the batch's rows as that sub-pool's slot ids
     (upstream's full-to-SWA mapping); the caller's tables otherwise."""

@@ -28,8 +28,8 @@ def _unforeseen_pool(what: str) -> modes.KvAllocModeError:
 def segmented_mha_pool_class(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> type[KVCache]:
-    """AROUND `_build_mha_kv_pool` (argument `mha_pool_class`): the segmented MHA pool
-    class in segmented mode (upstream's choice otherwise)."""
+    """Called first in `_build_mha_kv_pool`, for its `mha_pool_class`: the segmented MHA
+    pool class in segmented mode (upstream's choice otherwise)."""
     pool_class = kwargs.get("mha_pool_class")
     if not builds_kv_on_demand(self):
         return pool_class
@@ -58,7 +58,7 @@ def _segmented_class(
 def segmented_swa_pool_class(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> type[KVCache]:
-    """AROUND `_build_hybrid_swa_kv_pool` (argument `mha_pool_class`): upstream's
+    """Called first in `_build_hybrid_swa_kv_pool`, for its `mha_pool_class`: upstream's
     `SWAKVPool` with both sub-pools (full and sliding-window) segment-committed, in
     segmented mode."""
     pool_class = kwargs.get("mha_pool_class")
@@ -73,7 +73,7 @@ def segmented_swa_pool_class(
 def segmented_mla_pool_class(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> type[KVCache]:
-    """AROUND `_build_mla_kv_pool` (argument `mla_pool_class`): the segmented MLA
+    """Called first in `_build_mla_kv_pool`, for its `mla_pool_class`: the segmented MLA
     (latent cache) pool in segmented mode."""
     pool_class = kwargs.get("mla_pool_class")
     if not builds_kv_on_demand(self):
@@ -90,9 +90,9 @@ def segment_aware_allocator(
     *args: Any,
     **kwargs: Any,
 ) -> BaseTokenToKVPoolAllocator:
-    """AROUND `_build_token_to_kv_pool_allocator` (then): segment-aware allocators over
-    a segmented pool (upstream's token, paged or hybrid SWA allocator, each replaced by
-    its counterpart)."""
+    """Called where `_build_token_to_kv_pool_allocator` returns, with its result:
+    segment-aware allocators over a segmented pool (upstream's token, paged or hybrid
+    SWA allocator, each replaced by its counterpart)."""
     pool = kwargs.get("token_to_kv_pool")
     if not builds_kv_on_demand(self):
         return allocator

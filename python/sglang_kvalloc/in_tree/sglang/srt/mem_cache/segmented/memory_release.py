@@ -56,9 +56,10 @@ def kv_released(
     *args: Any,
     **kwargs: Any,
 ) -> ReleaseMemoryOccupationReqOutput:
-    """AROUND (then) the scheduler's `release_memory_occupation`: once upstream released
-    (the engine idle, the cache flushed, the device synchronized), with ``kv_cache`` in
-    the tags in segmented mode, everything segmented mode committed goes back too."""
+    """Called where the scheduler's `release_memory_occupation` returns, with its
+    result: once upstream released (the engine idle, the cache flushed, the device
+    synchronized), with ``kv_cache`` in the tags in segmented mode, everything segmented
+    mode committed goes back too."""
     if _names_kv(recv_req.tags) and RUNTIME.decision.segmented:
         release(updater.scheduler)
     return result
@@ -71,8 +72,9 @@ def kv_resumed(
     *args: Any,
     **kwargs: Any,
 ) -> ResumeMemoryOccupationReqOutput:
-    """AROUND (then) the scheduler's `resume_memory_occupation`: once upstream resumed,
-    the pools open again (nothing is committed until requests need it)."""
+    """Called where the scheduler's `resume_memory_occupation` returns, with its
+    result: once upstream resumed, the pools open again (nothing is committed until
+    requests need it)."""
     if _names_kv(recv_req.tags) and RUNTIME.state.kv_released:
         resume(updater.scheduler)
     return result

@@ -47,9 +47,9 @@ _FROM_SEGMENTS = {
 def after_collector_init(
     result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `SchedulerMetricsCollector.__init__`: register the gauges, with the
-    collector's gauge class where it names one (upstream's hook for a backend other than
-    prometheus_client), as upstream's own gauges are."""
+    """Called last in `SchedulerMetricsCollector.__init__`: register the gauges, with
+    the collector's gauge class where it names one (upstream's hook for a backend other
+    than prometheus_client), as upstream's own gauges are."""
     from prometheus_client import Gauge as PromGauge
 
     Gauge = getattr(self, "_gauge_cls", None) or PromGauge  # noqa: N806 - upstream's spelling
@@ -78,7 +78,8 @@ def after_collector_init(
 def after_log_stats(
     result: None, self: SchedulerMetricsCollector, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `SchedulerMetricsCollector.log_stats`: refresh the gauges from the live state."""
+    """Called last in `SchedulerMetricsCollector.log_stats`: refresh the gauges from the
+    live state."""
     gauges = getattr(self, "_kvalloc_gauges", None)
     state, decision = RUNTIME.state, RUNTIME.decision
     if gauges is None or not RUNTIME.decided:

@@ -107,9 +107,9 @@ def _registrations(
 def registerable_committed_regions(
     regions: list[tuple[int, int]], manager: MooncakeKVManager
 ) -> list[tuple[int, int]]:
-    """AROUND `MooncakeKVManager._registerable_regions` (then): a segmented KV buffer's
-    whole reservation is replaced by its committed segments' ranges (at registration and
-    at the teardown's deregistration alike)."""
+    """Called where `MooncakeKVManager._registerable_regions` returns, with its result:
+    a segmented KV buffer's whole reservation is replaced by its committed segments'
+    ranges (at registration and at the teardown's deregistration alike)."""
     pools = _registrations(manager, None)
     if not pools:
         return regions
@@ -119,8 +119,8 @@ def registerable_committed_regions(
 
 
 def after_register_buffer_to_engine(result: None, manager: MooncakeKVManager) -> None:
-    """AFTER `MooncakeKVManager.register_buffer_to_engine`: from now on each segment is
-    registered as it is committed and deregistered before it is released."""
+    """Called last in `MooncakeKVManager.register_buffer_to_engine`: from now on each
+    segment is registered as it is committed and deregistered before it is released."""
     listeners = _registrations(manager, manager.engine)
     for listener in listeners:
         listener.buffers.add_listener(listener)
@@ -138,8 +138,9 @@ def after_register_buffer_to_engine(result: None, manager: MooncakeKVManager) ->
 
 
 def before_deregister_buffer_to_engine(manager: MooncakeKVManager) -> None:
-    """BEFORE `MooncakeKVManager.deregister_buffer_to_engine` (teardown): no more
-    registrations follow the segments; the deregistration covers those committed now."""
+    """Called first in `MooncakeKVManager.deregister_buffer_to_engine` (teardown): no
+    more registrations follow the segments; the deregistration covers those committed
+    now."""
     for listener in getattr(manager, "_kv_alloc_segment_registrations", []):
         listener.buffers.remove_listener(listener)
     manager._kv_alloc_segment_registrations = []  # type: ignore[attr-defined]
@@ -167,10 +168,10 @@ def check_committed(
 def before_send_kv_chunk(
     scheduler: Scheduler, req: Req, last_chunk: bool = False, end_idx: int | None = None
 ) -> None:
-    """BEFORE `Scheduler.send_kv_chunk` (prefill side): the pages sent lie in committed
-    memory. They stay committed until the transfer completes: the request holds them
-    until upstream's in-flight queue sees it done, and only wholly free segments are
-    released."""
+    """Called first in `Scheduler.send_kv_chunk` (prefill side): the pages sent lie in
+    committed memory. They stay committed until the transfer completes: the request
+    holds them until upstream's in-flight queue sees it done, and only wholly free
+    segments are released."""
     allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
     if allocator is None or req.kv.req_pool_idx is None:
         return
@@ -192,7 +193,7 @@ def after_pop_preallocated(
     *args: Any,
     **kwargs: Any,
 ) -> None:
-    """AFTER `DecodePreallocQueue.pop_preallocated` (decode side): every page
+    """Called last in `DecodePreallocQueue.pop_preallocated` (decode side): every page
     pre-allocated for a transfer to write into lies in committed memory."""
     allocator = RUNTIME.segmented_allocator(queue.token_to_kv_pool_allocator)
     if allocator is None:
@@ -232,18 +233,18 @@ def preallocation_demand_tokens(queue: DecodePreallocQueue) -> int:
 def before_pop_preallocated(
     queue: DecodePreallocQueue, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `DecodePreallocQueue.pop_preallocated`: commit ahead for the running
-    requests' next decode step and the queue's requests, so pre-allocation finds backed
-    pages."""
+    """Called first in `DecodePreallocQueue.pop_preallocated`: commit ahead for the
+    running requests' next decode step and the queue's requests, so pre-allocation finds
+    backed pages."""
     decode_step(queue.scheduler)
 
 
 def before_next_disagg_decode_batch(
     scheduler: Scheduler, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `Scheduler.get_next_disagg_decode_batch_to_run`: the decode loop's
-    scheduler step (commit ahead, shrink checks), as `get_next_batch_to_run` has on a
-    plain server."""
+    """Called first in `Scheduler.get_next_disagg_decode_batch_to_run`: the decode
+    loop's scheduler step (commit ahead, shrink checks), as `get_next_batch_to_run` has
+    on a plain server."""
     decode_step(scheduler)
 
 
@@ -263,10 +264,10 @@ def decode_step(scheduler: Scheduler) -> None:
 def committed_token_budgets(
     tokens: int, queue: DecodePreallocQueue, *args: Any, **kwargs: Any
 ) -> int:
-    """AROUND `DecodePreallocQueue._allocatable_token_budgets` (then): upstream counts
-    the allocator's available size, which promises the uncommitted segments too;
-    pre-allocation admits by committed free memory only (the commit-ahead above covers
-    the queue's demand)."""
+    """Called where `DecodePreallocQueue._allocatable_token_budgets` returns, with its
+    result: upstream counts the allocator's available size, which promises the
+    uncommitted segments too; pre-allocation admits by committed free memory only (the
+    commit-ahead above covers the queue's demand)."""
     allocator = RUNTIME.segmented_allocator(queue.token_to_kv_pool_allocator)
     if allocator is None:
         return tokens
@@ -276,6 +277,6 @@ def committed_token_budgets(
 def before_next_disagg_prefill_batch(
     scheduler: Scheduler, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `Scheduler.get_next_disagg_prefill_batch_to_run`: the prefill loop's
-    scheduler step, the one `get_next_batch_to_run` has on a plain server."""
+    """Called first in `Scheduler.get_next_disagg_prefill_batch_to_run`: the prefill
+    loop's scheduler step, the one `get_next_batch_to_run` has on a plain server."""
     scheduler_loop.before_get_next_batch_to_run(scheduler)

@@ -25,7 +25,8 @@ def record_configuration(
     *args: Any,
     **kwargs: Any,
 ) -> KVCacheConfigResult:
-    """AROUND `KVCacheConfigurator.configure` (then): record and log what was built."""
+    """Called where `KVCacheConfigurator.configure` returns, with its result: record and
+    log what was built."""
     if self.is_draft_worker:
         return result
     req_to_token = getattr(result.req_to_token_pool, "req_to_token", None)
@@ -63,7 +64,8 @@ def record_configuration(
 def after_get_internal_state(
     result: GetInternalStateReqOutput, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `SchedulerInternalStateController.get_internal_state`: add `kv_alloc`."""
+    """Called last in `SchedulerInternalStateController.get_internal_state`: add
+    `kv_alloc`."""
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         state["kv_alloc"] = RUNTIME.as_dict()

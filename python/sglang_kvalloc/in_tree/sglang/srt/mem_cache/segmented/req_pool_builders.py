@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 def segmented_default_req_pool(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> ReqToTokenPool | None:
-    """AROUND `_build_default_req_pool` (instead): the lazy req_to_token in segmented
-    mode (None: upstream's)."""
+    """Called first in `_build_default_req_pool`; what it builds, if anything, is
+    returned instead: the lazy req_to_token in segmented mode (None: upstream's)."""
     if not builds_lazy_tables(self):
         return None
     from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
@@ -35,8 +35,9 @@ def segmented_default_req_pool(
 def segmented_decode_req_pool(
     self: KVCacheConfigurator, *args: Any, **kwargs: Any
 ) -> ReqToTokenPool | None:
-    """AROUND `_build_decode_req_pool` (instead; a PD decode server): the lazy decode
-    req_to_token in segmented mode, its pre-allocation rows included (None: upstream's)."""
+    """Called first in `_build_decode_req_pool` (a PD decode server); what it builds is
+    returned instead: the lazy decode req_to_token in segmented mode, its pre-allocation
+    rows included (None: upstream's)."""
     if not builds_lazy_tables(self):
         return None
     from sglang.srt.mem_cache.segmented.lazy_decode_req_to_token import (

@@ -102,10 +102,10 @@ def _upstreams_reservation(model: torch.nn.Module, model_config: ModelConfig) ->
 def rope_reserved_lazily(
     model: torch.nn.Module, model_config: ModelConfig, *args: Any, **kwargs: Any
 ) -> bool:
-    """AROUND `reserve_rope_cache_for_long_sequences` (done instead): where segmented
-    mode may run, caches grow with the positions in use instead of being expanded to the
-    context (see above); True where this reserved them, False where upstream's
-    reservation runs."""
+    """Called first in `reserve_rope_cache_for_long_sequences`, which returns at once
+    where it answers True: where segmented mode may run, caches grow with the positions
+    in use instead of being expanded to the context (see above); True where this
+    reserved them, False where upstream's reservation runs."""
     if (
         _UPSTREAMS_OWN
         or not RUNTIME.device
@@ -145,7 +145,8 @@ def rope_reserved_lazily(
 def before_rope_forward(
     self: RotaryEmbedding, positions: torch.Tensor, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE the RoPE forward methods: make the cache cover the positions about to be used."""
+    """Called first in the RoPE forward methods: make the cache cover the positions
+    about to be used."""
     if not getattr(self, "_kvalloc_lazy_rope", False) or positions.numel() == 0:
         return None
     offsets = kwargs.get("offsets", args[2] if len(args) > 2 else None)

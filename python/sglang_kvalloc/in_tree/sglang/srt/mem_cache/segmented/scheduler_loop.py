@@ -112,9 +112,10 @@ def _has_work(scheduler: Scheduler) -> bool:
 def before_get_next_batch_to_run(
     scheduler: Scheduler, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in segmented
-    mode; where req_to_token rows are committed explicitly (a GPU), whatever the KV
-    allocator: release what freed rows held and ready the rows admission may take."""
+    """Called first in `Scheduler.get_next_batch_to_run`: commit ahead (and shrink) in
+    segmented mode; where req_to_token rows are committed explicitly (a GPU), whatever
+    the KV allocator: release what freed rows held and ready the rows admission may
+    take."""
     decision = RUNTIME.decision
     if not decision.kv_on_demand and not decision.explicit_commits:
         return None
@@ -176,14 +177,14 @@ _ROW_ADMITTED = "_kvalloc_row_admitted"
 def row_admission(
     adder: PrefillAdder, req: Req, *args: Any, **kwargs: Any
 ) -> AddReqResult | None:
-    """AROUND `PrefillAdder.add_one_req` (instead): where req_to_token rows are
-    committed explicitly (a GPU), a request that needs a new row is admitted only if the
-    granules it would commit are ready (`SegmentedReqToTokenPool.admit_row`); otherwise
-    it waits (`AddReqResult.OTHER`), as upstream stops adding for other reasons
-    (upstream raises when a row cannot be allocated). A request admitted here that
-    upstream then did not add gives its promise back when the round's next request comes
-    (none comes after the round's last: the next round's `prepare_admission` starts
-    afresh)."""
+    """Called first in `PrefillAdder.add_one_req`; where it answers, that is upstream's
+    answer: where req_to_token rows are committed explicitly (a GPU), a
+    request that needs a new row is admitted only if the granules it would commit are
+    ready (`SegmentedReqToTokenPool.admit_row`); otherwise it waits
+    (`AddReqResult.OTHER`), as upstream stops adding for other reasons (upstream raises
+    when a row cannot be allocated). A request admitted here that upstream then did not
+    add gives its promise back when the round's next request comes (none comes after the
+    round's last: the next round's `prepare_admission` starts afresh)."""
     if not RUNTIME.decision.explicit_commits:
         return None
     pool = RUNTIME.state.req_to_token_pool
@@ -210,12 +211,12 @@ def decode_rows_committed(
     *args: Any,
     **kwargs: Any,
 ) -> bool:
-    """AROUND `ScheduleBatch.check_decode_mem` (then): besides upstream's KV check,
-    every request's req_to_token row covers the positions the next decode steps write
-    (two, for the overlap scheduler), committed here where it does not. A row that
-    cannot grow fails the check, so upstream retracts requests (and aborts the last one)
-    as it does when its KV pool is full, instead of a write landing on the scratch page
-    every uncommitted row reads."""
+    """Called where `ScheduleBatch.check_decode_mem` returns, with its result: besides
+    upstream's KV check, every request's req_to_token row covers the positions the next
+    decode steps write (two, for the overlap scheduler), committed here where it does
+    not. A row that cannot grow fails the check, so upstream retracts requests (and
+    aborts the last one) as it does when its KV pool is full, instead of a write landing
+    on the scratch page every uncommitted row reads."""
     pool = batch.req_to_token_pool
     if not ok or not RUNTIME.decision.explicit_commits:
         return ok
@@ -239,13 +240,13 @@ def decode_rows_committed(
 def before_run_batch(
     scheduler: Scheduler, batch: ScheduleBatch, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `Scheduler.run_batch`: where req_to_token rows are committed explicitly (a
-    GPU), tell the rows how far this batch's kernels read them before it is queued.
-    fa3's metadata gathers every row of the batch to the longest (`req_to_token[rows,
-    :max_seq_len_k]`, in extend, eager decode and the prefill-graph replay), padded
-    graph rows read row 0, and a top-k > 1 verify reads whole rows; with the overlap
-    scheduler the next iteration's commits happen while these reads are in flight, so
-    the granules they cover stay mapped until then."""
+    """Called first in `Scheduler.run_batch`: where req_to_token rows are committed
+    explicitly (a GPU), tell the rows how far this batch's kernels read them before it
+    is queued. fa3's metadata gathers every row of the batch to the longest
+    (`req_to_token[rows, :max_seq_len_k]`, in extend, eager decode and the prefill-graph
+    replay), padded graph rows read row 0, and a top-k > 1 verify reads whole rows; with
+    the overlap scheduler the next iteration's commits happen while these reads are in
+    flight, so the granules they cover stay mapped until then."""
     pool = scheduler.req_to_token_pool
     if batch is None or not RUNTIME.decision.explicit_commits or not batch.reqs:
         return None
@@ -292,11 +293,12 @@ def decode_slots() -> tuple[int, int]:
 
 
 def before_on_idle(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
-    """BEFORE `Scheduler.on_idle`: the idle policy (evict trailing cache, release
-    segments), ahead of upstream's leak check and fully-idle load publish (so both see
-    what was given back) and of its wait for the next request (after which a request may
-    be arriving). Freed req_to_token rows need nothing here: the idle loop still passes
-    the sync point at the top of each iteration, where their fences have passed."""
+    """Called first in `Scheduler.on_idle`: the idle policy (evict trailing cache,
+    release segments), ahead of upstream's leak check and fully-idle load publish (so
+    both see what was given back) and of its wait for the next request (after which a
+    request may be arriving). Freed req_to_token rows need nothing here: the idle loop
+    still passes the sync point at the top of each iteration, where their fences have
+    passed."""
     if not scheduler.is_fully_idle():
         return None
     if RUNTIME.budget is not None:
@@ -310,10 +312,11 @@ def before_on_idle(scheduler: Scheduler, *args: Any, **kwargs: Any) -> None:
 def after_flush_cache(
     flushed: bool, scheduler: Scheduler, *args: Any, **kwargs: Any
 ) -> None:
-    """AFTER `Scheduler.flush_cache`: a flushed cache holds nothing, so in segmented
-    mode every KV segment but each pool's first goes back now (graph-buffer granules and
-    spare handles too), not after the idle hold-off (never, with an `inf` hold-off).
-    Every rank flushes together; the release is agreed as the idle policy's is."""
+    """Called last in `Scheduler.flush_cache`: a flushed cache holds nothing, so in
+    segmented mode every KV segment but each pool's first goes back now (graph-buffer
+    granules and spare handles too), not after the idle hold-off (never, with an `inf`
+    hold-off). Every rank flushes together; the release is agreed as the idle policy's
+    is."""
     allocator = RUNTIME.segmented_allocator(scheduler.token_to_kv_pool_allocator)
     if not flushed or allocator is None:
         return None
@@ -333,9 +336,9 @@ def after_flush_cache(
 def withheld_counted_in_full_pool(
     checker: SchedulerInvariantChecker, ps: PoolStats, *args: Any, **kwargs: Any
 ) -> PoolStats:
-    """AROUND `SchedulerInvariantChecker._check_full_pool` (argument `ps`): tokens
-    withheld after a failed commit are neither free nor used; the leak identity counts
-    them as available, so it still catches real leaks while the pool is smaller."""
+    """Called first in `SchedulerInvariantChecker._check_full_pool`, for its `ps`:
+    tokens withheld after a failed commit are neither free nor used; the leak identity
+    counts them as available, so it still catches real leaks while the pool is smaller."""
     allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
     extra = allocator.withheld_size() if allocator is not None else 0
     if extra:
@@ -346,8 +349,8 @@ def withheld_counted_in_full_pool(
 def withheld_counted_in_swa_pool(
     checker: SchedulerInvariantChecker, ps: PoolStats, *args: Any, **kwargs: Any
 ) -> PoolStats:
-    """AROUND `SchedulerInvariantChecker._check_swa_pool` (argument `ps`): the same for
-    the sliding-window sub-pool of a segmented hybrid SWA allocator."""
+    """Called first in `SchedulerInvariantChecker._check_swa_pool`, for its `ps`: the
+    same for the sliding-window sub-pool of a segmented hybrid SWA allocator."""
     allocator = RUNTIME.segmented_allocator(checker.token_to_kv_pool_allocator)
     # Upstream checks the sliding-window side of hybrid SWA allocators only.
     swa = cast("SegmentedSWATokenToKVPoolAllocator | None", allocator)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def before_scheduler_init(
     self: Scheduler, server_args: ServerArgs, *args: Any, **kwargs: Any
 ) -> None:
-    """BEFORE `Scheduler.__init__`: note the request and the device of this process."""
+    """Called first in `Scheduler.__init__`: note the request and the device of this
+    process."""
     note_request(server_args)
     return None
 
