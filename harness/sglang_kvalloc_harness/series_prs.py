@@ -108,6 +108,20 @@ SERIES: tuple[PullRequest, ...] = (
     ),
     PullRequest(
         3,
+        "segmented-page-allocator",
+        "A page allocator that commits segments as pages are needed",
+        "Pages handed out from committed segments, the next committed ahead, trailing "
+        "ones given back once empty for a hold-off; no upstream file changes.",
+        (),
+        (
+            IN_TREE + "srt/mem_cache/segmented/allocator.py",
+            IN_TREE + "srt/mem_cache/segmented/buffers.py",
+        ),
+        tests=("registered/unit/mem_cache/test_segmented_page_allocator.py",),
+        docs=("advanced_features/segmented_page_allocator.md",),
+    ),
+    PullRequest(
+        4,
         "segmented-kv-pool",
         "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
@@ -122,11 +136,11 @@ SERIES: tuple[PullRequest, ...] = (
             IN_TREE + "srt/mem_cache/segmented/swa_allocator.py",
             IN_TREE + "srt/mem_cache/segmented/idle_eviction.py",
         ),
-        tests=("registered/unit/mem_cache/test_segmented_page_allocator.py",),
+        tests=("registered/unit/mem_cache/test_segmented_kv_pool.py",),
         docs=("advanced_features/segmented_kv_cache.md",),
     ),
     PullRequest(
-        4,
+        5,
         "cuda-vmm-backing",
         "The CUDA virtual-memory backing",
         "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
@@ -138,7 +152,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(
-        5,
+        6,
         "lazy-cuda-graph-buffers",
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
@@ -147,7 +161,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/lazy_cuda_graph_buffers.md",),
     ),
     PullRequest(
-        6,
+        7,
         "auto-mode",
         "auto: clamp the context to what the device holds and choose the mode",
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
@@ -160,7 +174,7 @@ SERIES: tuple[PullRequest, ...] = (
         parts=(Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),),
     ),
     PullRequest(
-        7,
+        8,
         "kv-alloc-observability",
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
@@ -169,7 +183,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(
-        8,
+        9,
         "rl-memory-release",
         "Release and resume of memory occupation in segmented mode (RL)",
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
@@ -179,7 +193,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_memory_release.md",),
     ),
     PullRequest(
-        9,
+        10,
         "pd-segmented-kv",
         "PD disaggregation with the KV pool committed on demand",
         "Both PD loops commit ahead; the transfer engine registers committed segments only.",
@@ -189,7 +203,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_pd_disaggregation.md",),
     ),
     PullRequest(
-        10,
+        11,
         "kv-shared-budget",
         "Several segmented servers share one KV budget on a device (--kv-budget)",
         "A ledger each server reserves in before it commits; a waiting server is given way.",
