@@ -149,6 +149,7 @@ SERIES: tuple[PullRequest, ...] = (
             IN_TREE + "srt/mem_cache/segmented/cuda_backing.py",
             IN_TREE + "srt/mem_cache/segmented/cuda_vmm.py",
         ),
+        tests=("registered/unit/mem_cache/test_cuda_vmm_kv_backing.py",),
         docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(
