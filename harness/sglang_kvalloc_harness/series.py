@@ -122,10 +122,16 @@ def _module_file(module: str) -> str | None:
     return None
 
 
-def _imports(rel: str, *, lazy: bool = False) -> set[str]:
+def _imports(rel: str, *, lazy: bool = False, at: int | None = None) -> set[str]:
     """Package-relative files a module imports from this package at import time (``lazy``:
-    also those imported inside functions)."""
-    tree = ast.parse((SOURCE / rel).read_text())
+    also those imported inside functions); ``at``: as the file is once PR ``at`` is applied
+    (without the parts later PRs bring)."""
+    text = (SOURCE / rel).read_text()
+    for pr in SERIES if at is not None else ():
+        for part in pr.parts if pr.number > at else ():
+            if part.file == rel:
+                text = cut_part(text, part)
+    tree = ast.parse(text)
     found: set[str] = set()
     nodes = _run_time_nodes(tree) if lazy else _module_level(tree.body)
     for node in nodes:
@@ -224,7 +230,7 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
     for p in planned:
         for rel in p.files:
             if rel.endswith(".py"):
-                for dep in sorted(_imports(rel, lazy=True)):
+                for dep in sorted(_imports(rel, lazy=True, at=p.pr.number)):
                     if owner.get(dep, 0) > p.pr.number:
                         p.forward.append((rel, dep, owner[dep]))
     unowned = sorted(

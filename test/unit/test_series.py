@@ -333,3 +333,16 @@ def test_each_pr_has_a_docs_page_in_upstreams_layout_naming_what_the_series_writ
     (tmp_path / "test").mkdir()
     written = series.carry_tests(package, series.SERIES[0])
     assert tmp_path / "docs" / series.SERIES[0].docs[0] in written
+
+
+def test_a_lazy_import_a_later_part_brings_is_no_forward_reference() -> None:
+    """The listing's forward references read each file as its PR writes it: auto's branch
+    of `pool_config.py` (and its import of auto's module) comes with auto's PR, so the PR
+    that carries the file has no such import; one it has (the budget's) is listed."""
+    planned = {p.pr.slug: p for p in series.plan()}
+    forward = planned["lazy-context-tables"].forward
+    assert (
+        "in_tree/sglang/srt/mem_cache/segmented/pool_config.py",
+        "upstream/auto_pools.py",
+    ) not in {(rel, dep) for rel, dep, _ in forward}
+    assert any(dep.endswith("segmented/kv_budget.py") for _, dep, _ in forward)
