@@ -77,8 +77,11 @@ def _cgroup_headroom() -> int | None:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             root, limit_name, usage_name, cache_key = (
-                "/sys/fs/cgroup" + path, "memory.max", "memory.current", "inactive_file"
-            )  # fmt: skip
+                "/sys/fs/cgroup" + path,
+                "memory.max",
+                "memory.current",
+                "inactive_file",
+            )
         elif "memory" in controllers.split(","):
             root, limit_name, usage_name, cache_key = (
                 "/sys/fs/cgroup/memory" + path,

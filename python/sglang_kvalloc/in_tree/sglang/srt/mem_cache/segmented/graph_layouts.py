@@ -1,6 +1,6 @@
 """The shapes and fill patterns of attention backends' context-sized cuda-graph buffers,
-and what one replay commits of them (torch-free: the planner sizes them; `graph_buffers`
-commits them).
+and what one replay commits of them (torch-free, so an estimate outside a server can
+size them too; `graph_buffers` commits them).
 
 Upstream sizes these buffers by max batch x context at capture (a triton ``kv_indices``
 of ``max_num_tokens x context`` int64 is 41 GB at 512 x 10M). A graph reads them at
@@ -25,8 +25,8 @@ Two layouts cover the index buffers:
   committed, which holds zeros already: harmless, as every reader of uncommitted memory
   expects zeros.
 
-`GraphBufferLayout.commit_bytes` is what a batch commits from empty; the planner prints
-it and `LazyGraphBuffer` commits exactly that (one shared function).
+`GraphBufferLayout.commit_bytes` is what a batch commits from empty; `LazyGraphBuffer`
+commits exactly that, and an estimate prints the same (one shared function).
 """
 
 from __future__ import annotations
@@ -316,11 +316,23 @@ def fa3_local_attention_layouts(
     per_block = -(-chunk // page_size)
     return [
         GraphBufferLayout(
-            "fa3 local_block_table", CHUNK_ROWS, virtual, per_block, 4, page_size,
+            "fa3 local_block_table",
+            CHUNK_ROWS,
+            virtual,
+            per_block,
+            4,
+            page_size,
             chunk_positions=chunk,
         ),
-        GraphBufferLayout("fa3 local_seqused_k", CHUNK_ROWS, virtual, 1, 4, chunk_positions=chunk),
         GraphBufferLayout(
-            "fa3 local_query_start_loc", CHUNK_ROWS, virtual + 1, 1, 4, chunk_positions=chunk
+            "fa3 local_seqused_k", CHUNK_ROWS, virtual, 1, 4, chunk_positions=chunk
         ),
-    ]  # fmt: skip
+        GraphBufferLayout(
+            "fa3 local_query_start_loc",
+            CHUNK_ROWS,
+            virtual + 1,
+            1,
+            4,
+            chunk_positions=chunk,
+        ),
+    ]

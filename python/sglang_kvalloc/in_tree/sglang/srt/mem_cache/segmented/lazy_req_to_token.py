@@ -124,8 +124,9 @@ class SegmentedReqToTokenPool(ReqToTokenPool):
         self._row_commits: RowCommits | None = None
         worst = ""
         if not self._factory.faults_in:
-            self._row_commits = RowCommits(self._backing, rows, self._row_bytes,
-                                           commits_unused=True)  # fmt: skip
+            self._row_commits = RowCommits(
+                self._backing, rows, self._row_bytes, commits_unused=True
+            )
             granule = self._backing.granularity
             self._commit_padding_row()  # the padding row cuda-graph batches point at
             self._factory.keep_spares(granule, 2)

@@ -71,8 +71,12 @@ class FixedAddressRope:
         # computed in float32 and stored in the cache's dtype, as upstream does.
         inv_freq = module._compute_inv_freq(module.base).to(device=self.view.device)
         start = module.position_start + self.rows
-        t = torch.arange(start, module.position_start + new_rows, dtype=inv_freq.dtype,
-                         device=self.view.device)  # fmt: skip
+        t = torch.arange(
+            start,
+            module.position_start + new_rows,
+            dtype=inv_freq.dtype,
+            device=self.view.device,
+        )
         freqs = torch.einsum("i,j->ij", t, inv_freq)
         rows = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype=self.dtype)
         self.view[self.rows : new_rows].copy_(rows)

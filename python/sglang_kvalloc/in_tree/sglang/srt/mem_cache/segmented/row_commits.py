@@ -125,8 +125,11 @@ class RowCommits:
                 else (granule * g, (granule + 1) * g)
             )
             read = any(self._read_in_flight(x) for x in range(lo // g, hi // g))
-            self.backing.commit(granule * self.granularity, self.granularity,
-                                unused=self.commits_unused and not read)  # fmt: skip
+            self.backing.commit(
+                granule * self.granularity,
+                self.granularity,
+                unused=self.commits_unused and not read,
+            )
             self.commits += 1
             if read:  # the backing waited for the device: nothing queued reads any more
                 self._exposed.clear()
