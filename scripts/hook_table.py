@@ -25,8 +25,10 @@ def _why(hook: object) -> str:
     doc = inspect.getdoc(hook) or ""
     text = " ".join(doc.split())
     text = re.sub(r"^(BEFORE|AFTER|AROUND|REPLACE) `[^`]+`( \([^)]*\))?:\s*", "", text)
-    # The in-tree functions say where upstream's function calls them, up to the first colon.
-    text = re.sub(r"^(Called (first|last|where) |Wraps `)[^:]*:\s*", "", text)
+    # The in-tree functions say where upstream's function calls them: "Wraps `X`
+    # (`@kvalloc_hook`)" or "Called first in `X` (...)" up to the colon outside parentheses.
+    text = re.sub(r"^Wraps `[^`]+` \(`@kvalloc_hook`\)[:,]?\s*", "", text)
+    text = re.sub(r"^Called (first|last|where) [^:(]*(\([^)]*\)[^:(]*)*:\s*", "", text)
     sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
     return sentence.replace("|", "\\|")
 

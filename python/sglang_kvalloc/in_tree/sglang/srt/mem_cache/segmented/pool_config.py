@@ -74,7 +74,9 @@ def mode_decided(
     if mode == modes.SEGMENTED:
         open_backings(self)  # a device that cannot do it says so now, in one line
         open_budget(self, request)
-    decide_mode(self, request, mode, "chosen explicitly")
+    # Where auto is not decided above (a build without it), it keeps upstream's pools.
+    reason = "chosen explicitly" if request.mode == mode else "upstream's pools"
+    decide_mode(self, request, mode, reason)
     return settle_run_time_memory(self, config, args, kwargs)
 
 

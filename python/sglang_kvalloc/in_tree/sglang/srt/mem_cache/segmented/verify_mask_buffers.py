@@ -93,8 +93,9 @@ def around_build_eagle_verify_input(
     *args: Any,
     **kwargs: Any,
 ) -> EagleVerifyInput:
-    """Wraps `eagle_worker_common.build_eagle_verify_input` (`@kvalloc_hook`) (the draft
-    stage's tail, which writes the verify mask into the target backend's buffer)."""
+    """Wraps `eagle_worker_common.build_eagle_verify_input` (`@kvalloc_hook`): the draft
+    stage's tail writes the verify mask into the target backend's buffer, committed
+    first."""
     backend = kwargs["target_worker"].model_runner.attn_backend
     with _verify_mask_written(backend, batch, int(kwargs["num_draft_tokens"])):
         return original(batch, *args, **kwargs)
@@ -107,8 +108,8 @@ def around_build_trivial_verify_input(
     *args: Any,
     **kwargs: Any,
 ) -> EagleVerifyInput:
-    """Wraps `EAGLEWorkerV2._build_trivial_verify_input` (`@kvalloc_hook`) (zero draft
-    steps: the mask is filled with True, one token per request)."""
+    """Wraps `EAGLEWorkerV2._build_trivial_verify_input` (`@kvalloc_hook`): with zero
+    draft steps the mask is filled with True, one token per request, committed first."""
     backend = worker._target_worker.model_runner.attn_backend
     with _verify_mask_written(backend, batch, 1):
         return original(worker, batch, *args, **kwargs)
