@@ -8,8 +8,9 @@ defaults with upstream's own functions.
 
 One module per question: `model` (the model's shapes and KV bytes per token), `budget` (the
 memory budget, the pool, the request slots), `layouts` (the context-sized buffers and what
-segmented mode commits of them), `decision` (auto's choice), `plans` (the whole plan) and
-`render` (the report the CLI prints; imported by the CLI only).
+segmented mode commits of them), `decision` (auto's choice), `plans` (the whole plan),
+`server_rules` (the in-tree rules it shares with the server) and `render` (the report the
+CLI prints; imported by the CLI only).
 """
 
 from __future__ import annotations

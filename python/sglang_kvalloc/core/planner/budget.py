@@ -8,15 +8,8 @@ from dataclasses import dataclass
 
 from sglang_kvalloc.core.planner.common import GIB, PlanError
 from sglang_kvalloc.core.planner.model import DEFAULT_SWA_FULL_TOKENS_RATIO, KVPerToken
+from sglang_kvalloc.core.planner.server_rules import row_room as _row_room
 
-try:
-    from sglang_kvalloc.in_tree_finder import standalone
-except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
-    from sglang.srt.mem_cache.segmented import row_room as _row_room
-else:
-    # The server's rule (in-tree, standard library only), without upstream's packages where
-    # SGLang is not loaded: the planner's CLI runs where torch does not.
-    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
 RowRoom = _row_room.RowRoom
 req_to_token_room = _row_room.req_to_token_room
 

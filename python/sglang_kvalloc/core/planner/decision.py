@@ -5,15 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sglang_kvalloc.core.planner.common import PlanError
-
-try:
-    from sglang_kvalloc.in_tree_finder import standalone
-except ImportError:  # in upstream's tree (the series): upstream's own module, imported as such
-    from sglang.srt.mem_cache.segmented import row_room as _row_room
-else:
-    # The server's rule (in-tree, standard library only), without upstream's packages where
-    # SGLang is not loaded: the planner's CLI runs where torch does not.
-    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
+from sglang_kvalloc.core.planner.server_rules import row_room as _row_room
 
 # Static is chosen by `auto` when the context-scaled start-up allocations (req_to_token and
 # the cuda-graph index buffers) are at most this share of the KV budget (the server's rule,

@@ -9,18 +9,9 @@ from typing import Any
 
 from sglang_kvalloc.core.planner.common import MIB, PlanError
 from sglang_kvalloc.core.planner.model import LLAMA4_ARCHS, ModelSpec
+from sglang_kvalloc.core.planner.server_rules import graph_layouts as _graph_layouts
+from sglang_kvalloc.core.planner.server_rules import row_room as _row_room
 
-try:
-    from sglang_kvalloc.in_tree_finder import standalone
-except ImportError:  # in upstream's tree (the series): upstream's own modules, imported as such
-    from sglang.srt.mem_cache.segmented import graph_layouts as _graph_layouts
-    from sglang.srt.mem_cache.segmented import row_room as _row_room
-else:
-    # The layouts and the table's size are the server's rules (in-tree, standard library
-    # only), without upstream's packages where SGLang is not loaded: the planner's CLI runs
-    # where torch does not.
-    _graph_layouts = standalone("sglang.srt.mem_cache.segmented.graph_layouts")
-    _row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
 CHUNK_ROWS, FLAT, ROWS = _graph_layouts.CHUNK_ROWS, _graph_layouts.FLAT, _graph_layouts.ROWS
 GraphBatch = _graph_layouts.GraphBatch
 GraphBufferLayout = _graph_layouts.GraphBufferLayout
