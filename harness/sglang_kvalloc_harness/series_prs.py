@@ -16,6 +16,12 @@ IN_TREE = "in_tree/sglang/"  # package-relative folder of the files at their ups
 DECORATOR_MODULE = IN_TREE + "srt/plugins/hook_decorator.py"
 FIELDS = IN_TREE + "srt/arg_groups/fields/kv_alloc.py"  # the flags, declared as upstream's
 POOL_CONFIG = IN_TREE + "srt/mem_cache/segmented/pool_config.py"  # the mode decided
+ROW_ROOM = IN_TREE + "srt/mem_cache/segmented/row_room.py"
+GRAPH_LAYOUTS = IN_TREE + "srt/mem_cache/segmented/graph_layouts.py"
+AUTO_RULE = "# `auto`'s choice between static and segmented, by the same share."
+AUTO_GRAPH_BYTES = (
+    "# What static mode allocates of these buffers at the context, which `auto` weighs."
+)
 AFTER_AUTO = "    mode = modes.SEGMENTED if request.mode == modes.SEGMENTED else modes.STATIC"
 
 
@@ -167,12 +173,17 @@ SERIES: tuple[PullRequest, ...] = (
         "auto: clamp the context to what the device holds and choose the mode",
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
         ("auto.clamp_context_before_resolve",),
-        ("upstream/auto.py", "upstream/auto_pools.py"),
+        ("upstream/auto.py", IN_TREE + "srt/mem_cache/segmented/auto_pools.py"),
         tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
         docs=("advanced_features/kv_alloc_auto.md",),
         # Its branch where the mode is decided (segmented.pool_config.mode_decided), which
-        # the earlier PRs write without it: there auto is upstream's static.
-        parts=(Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),),
+        # the earlier PRs write without it: there auto is upstream's static. Its rule (the
+        # share, in row_room) and static's graph buffers (graph_layouts) come with it too.
+        parts=(
+            Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),
+            Part(ROW_ROOM, AUTO_RULE),
+            Part(GRAPH_LAYOUTS, AUTO_GRAPH_BYTES),
+        ),
     ),
     PullRequest(
         8,

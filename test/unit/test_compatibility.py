@@ -40,7 +40,7 @@ def test_every_refusal_quoted_is_the_line_the_code_says() -> None:
         for f in (
             "in_tree/sglang/srt/mem_cache/segmented/refusals.py",
             "in_tree/sglang/srt/mem_cache/segmented/pool_config.py",
-            "upstream/auto_pools.py",
+            "in_tree/sglang/srt/mem_cache/segmented/auto_pools.py",
             "in_tree/sglang/srt/mem_cache/segmented/backing_choice.py",
         )
     )

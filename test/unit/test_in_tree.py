@@ -165,11 +165,11 @@ def test_the_series_names_of_the_other_modules_are_the_plugins_own_objects(
     module, not a second copy with its own state: an upstream-style test names it so and runs
     the same with the plugin and in the patched tree. The module keeps its own spec; where
     upstream has a `srt/kvalloc/` of its own (the series applied), the name is upstream's."""
-    from sglang_kvalloc.upstream import auto_pools
+    from sglang_kvalloc.upstream import auto
 
-    alias = importlib.import_module("sglang.srt.kvalloc.upstream.auto_pools")
-    assert alias is auto_pools and alias.auto_decided is auto_pools.auto_decided
-    assert auto_pools.__spec__.name == "sglang_kvalloc.upstream.auto_pools"
+    alias = importlib.import_module("sglang.srt.kvalloc.upstream.auto")
+    assert alias is auto and alias.clamp_context_in_launcher is auto.clamp_context_in_launcher
+    assert auto.__spec__.name == "sglang_kvalloc.upstream.auto"
     assert sys.modules["sglang.srt.kvalloc"] is sys.modules["sglang_kvalloc"]
     finder = next(f for f in sys.meta_path if isinstance(f, in_tree_finder.SeriesNameFinder))
     assert finder.find_spec("sglang.srt.kvalloc.no_such_module") is None

@@ -123,9 +123,9 @@ def test_auto_counts_the_decode_sides_pre_allocation_rows(
     pre-allocation rows too (`_build_req_to_token_pool`)."""
     from sglang.srt import runtime_context
     from sglang.srt.mem_cache import kv_cache_configurator
+    from sglang.srt.mem_cache.segmented import auto_pools
 
     from sglang_kvalloc.core import planner
-    from sglang_kvalloc.upstream import auto_pools
 
     disagg = types.SimpleNamespace(
         disaggregation_mode=pd_mode, enable_pd_role_switch=False,

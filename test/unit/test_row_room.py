@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import pytest
 from decisions import decide
-from sglang.srt.mem_cache.segmented import modes, pool_config
+from sglang.srt.mem_cache.segmented import auto_pools, modes, pool_config
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 from sglang_kvalloc.core import planner
-from sglang_kvalloc.upstream import auto_pools, plugin
+from sglang_kvalloc.upstream import plugin
 
 MIB = 1 << 20
 G = 2 * MIB

@@ -336,3 +336,91 @@ def fa3_local_attention_layouts(
             chunk_positions=chunk,
         ),
     ]
+
+
+# What static mode allocates of these buffers at the context, which `auto` weighs.
+@dataclass(frozen=True)
+class AttentionGraphShape:
+    """What decides which context-sized cuda-graph buffers a backend allocates, each
+    as the backend reads it at init."""
+
+    mla: bool = False
+    # flashinfer: a second wrapper (and index buffer) for a sliding window.
+    two_wrappers: bool = False
+    # fa3: a sliding-window twin of each page table.
+    hybrid_swa: bool = False
+    # fa3: Llama-4's chunked local attention, its chunk.
+    local_attention_chunk: int | None = None
+    draft_tokens: int = 0
+    topk: int = 1
+    draft_steps: int = 0
+
+
+def context_sized_graph_bytes(
+    backend: str,
+    max_bs: int,
+    context_len: int,
+    page_size: int,
+    shape: AttentionGraphShape,
+) -> int:
+    """Bytes of the decode runner's attention backend's context-sized cuda-graph
+    buffers at upstream's size, and with multi-step speculative decoding those of the
+    draft worker's backend (the same kind). ``max_bs`` is the captured batch."""
+    if max_bs <= 0 or backend == "torch_native":
+        return 0
+    draft = shape.draft_tokens
+    tokens = max_bs * max(1, draft)
+    mask = verify_mask_layout(max_bs, draft, context_len).reserved_bytes if draft else 0
+    if backend == "triton":
+        target = triton_kv_indices_layout(tokens, context_len).reserved_bytes
+        target += mask
+    elif backend == "flashinfer" and shape.mla:
+        target = max_bs * context_len * 4
+    elif backend == "flashinfer":
+        wrappers = 2 if shape.two_wrappers else 1
+        indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
+        target = wrappers * indices.reserved_bytes
+        target += flashinfer_custom_mask_layout(tokens, context_len).reserved_bytes
+    elif backend == "fa3":
+        target = _fa3_bytes(max_bs, context_len, page_size, shape)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    if not draft or shape.draft_steps <= 1:
+        return target
+    steps, topk = shape.draft_steps, shape.topk
+    if backend == "triton":
+        layout = triton_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        return target + layout.reserved_bytes
+    if backend == "flashinfer":
+        layout = flashinfer_draft_kv_indices_layout(steps, max_bs, topk, context_len)
+        return target + layout.reserved_bytes
+    if backend == "fa3":  # steps - 1 draft backends, each but the verify mask
+        return target + (steps - 1) * (target - (mask if topk > 1 else 0))
+    return target
+
+
+def _fa3_bytes(
+    max_bs: int, context_len: int, page_size: int, shape: AttentionGraphShape
+) -> int:
+    """fa3: its page tables (with a sliding-window twin each on a hybrid model), with
+    EAGLE top-k > 1 the per-position tables and the verify mask, its strided indices,
+    and Llama-4's local-attention buffers."""
+    draft = shape.draft_tokens
+    tables = 1 + (1 if shape.hybrid_swa else 0)
+    if draft:
+        tables += 3 + (2 if shape.hybrid_swa else 0)
+    total = (
+        tables * fa3_page_table_layout(max_bs, context_len, page_size).reserved_bytes
+    )
+    if draft and shape.topk > 1:
+        total += 2 * fa3_page_table_layout(max_bs, context_len, 1).reserved_bytes
+        total += verify_mask_layout(max_bs, draft, context_len).reserved_bytes
+        if shape.hybrid_swa:
+            spec_table = fa3_swa_spec_page_table_layout(max_bs, draft, context_len)
+            total += spec_table.reserved_bytes
+    total += (1 + (2 if draft else 0)) * -(-context_len // page_size) * 8
+    chunk = shape.local_attention_chunk
+    if chunk:
+        layouts = fa3_local_attention_layouts(max_bs, context_len, chunk, page_size)
+        total += sum(layout.reserved_bytes for layout in layouts)
+    return total

@@ -67,7 +67,7 @@ def mode_decided(
         self.server_args, modes.REQUESTED_CONTEXT_ATTR, self.server_args.context_length
     )
     if request.mode == modes.AUTO:
-        from sglang.srt.kvalloc.upstream.auto_pools import auto_decided
+        from sglang.srt.mem_cache.segmented.auto_pools import auto_decided
 
         return auto_decided(config, self, request, args, kwargs)
     mode = modes.SEGMENTED if request.mode == modes.SEGMENTED else modes.STATIC

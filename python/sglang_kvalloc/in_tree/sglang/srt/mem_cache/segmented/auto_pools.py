@@ -1,10 +1,9 @@
 """`--kv-alloc-mode auto` where upstream has sized the KV pool: clamp the context to what
 one request can hold, choose static or segmented with exact numbers, say why.
 
-`segmented.pool_config.mode_decided` hands auto over here; the choice weighs what static
-mode allocates at start in proportion to the context (req_to_token and the attention
-backend's cuda-graph buffers, by the planner's formulas) against the KV budget
-(`planner.decide_auto`).
+`pool_config.mode_decided` hands auto over here; the choice weighs what static mode
+allocates at start in proportion to the context (req_to_token and the attention
+backend's cuda-graph buffers) against the KV budget (`row_room.decide_auto`).
 """
 
 from __future__ import annotations
@@ -13,10 +12,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sglang.srt.mem_cache.segmented import modes, pool_config
-from sglang.srt.mem_cache.segmented.pool_kind import kv_pool_bytes
 
-from sglang_kvalloc.core import planner
+from sglang.srt.mem_cache.segmented import modes, pool_config
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    AttentionGraphShape,
+    context_sized_graph_bytes,
+)
+from sglang.srt.mem_cache.segmented.pool_kind import kv_pool_bytes
+from sglang.srt.mem_cache.segmented.row_room import decide_auto, req_to_token_bytes
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -40,11 +43,13 @@ def auto_decided(
     context_len = self.model_config.context_len
     pool_bytes = kv_pool_bytes(self, config) or capacity
     # At the context asked for: decide_auto scales them to the context it clamps to.
-    decision = planner.decide_auto(
+    decision = decide_auto(
         requested_context=context_len,
         model_max_context=context_len,
         max_context_one_request=capacity,
-        context_scaled_bytes_static=context_scaled_static_bytes(self, config, context_len),
+        context_scaled_bytes_static=context_scaled_static_bytes(
+            self, config, context_len
+        ),
         budget_bytes=pool_bytes,
     )
     if decision.clamped:
@@ -62,12 +67,17 @@ def auto_decided(
     mode = decision.mode
     reason = decision.reason
     if request.budget is not None and mode != modes.SEGMENTED:
-        mode, reason = modes.SEGMENTED, "--kv-budget: a shared budget is committed on demand"
+        mode, reason = (
+            modes.SEGMENTED,
+            "--kv-budget: a shared budget is committed on demand",
+        )
     if mode == modes.SEGMENTED:
         try:
             pool_config.open_backings(self)
         except modes.KvAllocModeError as exc:
-            mode, reason = static_if_it_fits(self, config, static_bytes, reason, str(exc))
+            mode, reason = static_if_it_fits(
+                self, config, static_bytes, reason, str(exc)
+            )
         else:
             pool_config.open_budget(self, request)
     pool_config.decide_mode(self, request, mode, reason)
@@ -77,7 +87,9 @@ def auto_decided(
     return config
 
 
-def _context_within_pool(configurator: KVCacheConfigurator, config: MemoryPoolConfig) -> None:
+def _context_within_pool(
+    configurator: KVCacheConfigurator, config: MemoryPoolConfig
+) -> None:
     """auto: the room settled after the clamp may leave the pool holding fewer tokens than
     the clamped context; one request must still fit, so the context follows the pool."""
     page = configurator.page_size
@@ -96,47 +108,50 @@ def _context_within_pool(configurator: KVCacheConfigurator, config: MemoryPoolCo
 
 
 def cuda_graph_bytes(configurator: KVCacheConfigurator, context_len: int) -> int:
-    """The attention backend's context-sized cuda-graph buffers static mode allocates, by the
-    planner's formulas (0 off CUDA). Computed, not measured."""
+    """The attention backend's context-sized cuda-graph buffers static mode allocates
+    (0 off CUDA). Computed, not measured."""
     if not str(configurator.device).startswith("cuda"):
         return 0
-    try:
-        from sglang.srt.arg_groups.overrides import resolving_view
+    from sglang.srt.arg_groups.overrides import resolving_view
 
-        view = resolving_view(configurator.server_args)
-        spec = planner.model_spec_from_config(configurator.model_config.hf_config.to_dict())
-        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
-        backend = str(view.attention_backend or "fa3")
-        allocations = planner.cuda_graph_allocations(
-            spec,
-            backend=backend,
-            max_bs=max_bs,
-            context_len=context_len,
-            page_size=configurator.page_size,
-            speculative_draft_tokens=int(view.speculative_num_draft_tokens or 0),
-            speculative_topk=int(view.speculative_eagle_topk or 1),
-            speculative_num_steps=int(view.speculative_num_steps or 0),
-        )
-    except (planner.PlanError, KeyError, ValueError, AttributeError) as exc:
-        # Counted as 0: auto could then choose static where the graph buffers are gigabytes.
+    view = resolving_view(configurator.server_args)
+    model = configurator.model_config
+    chunk = model.attention_chunk_size if model.is_local_attention_model else None
+    shape = AttentionGraphShape(
+        mla=bool(configurator.use_mla_backend),
+        two_wrappers=model.sliding_window_size is not None,
+        hybrid_swa=bool(model.is_hybrid_swa),
+        local_attention_chunk=chunk,
+        draft_tokens=int(view.speculative_num_draft_tokens or 0),
+        topk=int(view.speculative_eagle_topk or 1),
+        draft_steps=int(view.speculative_num_steps or 0),
+    )
+    max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+    backend = str(view.attention_backend or "fa3")
+    page = configurator.page_size
+    try:
+        return context_sized_graph_bytes(backend, max_bs, context_len, page, shape)
+    except ValueError as exc:
+        # Counted as 0: auto could then choose static where the buffers are gigabytes.
         logger.warning(
-            "kv-alloc: the attention backend's cuda-graph buffers could not be estimated (%s); "
-            "they are left out of auto's decision.",
+            "kv-alloc: the attention backend's cuda-graph buffers could not be "
+            "estimated (%s); they are left out of auto's decision.",
             exc,
         )
         return 0
-    return sum(a.bytes for a in allocations)
 
 
 def context_scaled_static_bytes(
     configurator: KVCacheConfigurator, config: MemoryPoolConfig, context_len: int
 ) -> int:
     """What static mode allocates at start in proportion to the context (this process)."""
-    from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
+    from sglang.srt.mem_cache.kv_cache_configurator import (
+        get_req_to_token_extra_context_len,
+    )
 
     extra = get_req_to_token_extra_context_len()
     rows = config.max_running_requests + decode_pre_alloc_rows(configurator)
-    total = planner.req_to_token_allocation(rows, context_len, extra).bytes
+    total = req_to_token_bytes(rows, context_len, extra)
     return total + cuda_graph_bytes(configurator, context_len)
 
 
