@@ -70,10 +70,11 @@ printf '%s\nimport sglang_kvalloc_harness.kernels.bootstrap\n' "$out/harness" > 
 
 # 4. The plugin is not there; the series is.
 "$scratch/bin/python" - <<'EOF'
-import importlib.metadata as md, importlib.util, sglang.srt.kvalloc as k
+import importlib.metadata as md, importlib.util, sglang.srt.mem_cache.segmented as k
 ours = [e for e in md.entry_points(group="sglang.srt.plugins") if "kvalloc" in e.value]
 assert not ours, f"the plugin's entry point is installed: {ours}"
 assert importlib.util.find_spec("sglang_kvalloc.upstream") is None, "the plugin is importable"
+assert importlib.util.find_spec("sglang.srt.kvalloc") is None, "a srt/kvalloc/ in the tree"
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.arg_groups.fields.kv_alloc import KvAlloc
 assert KvAlloc in ServerArgs._NAMESPACES, "KvAlloc not listed in _INPUT_NAMESPACES"

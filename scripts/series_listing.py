@@ -18,28 +18,25 @@ END = "<!-- series: end -->"
 
 
 def table() -> list[str]:
-    """Per PR: files and code lines at upstream's own paths, under srt/kvalloc/, the upstream
-    functions that call the change inline, those decorated, and the other lines written
-    inline into upstream's code."""
+    """Per PR: files and code lines at upstream's own paths (with the lines it brings to
+    files an earlier PR carries), the upstream functions that call the change inline, those
+    decorated, and the other lines written inline into upstream's code."""
     from sglang_kvalloc_harness.series import SERIES, sizes
 
     rows = [
-        "| PR | at upstream paths: files, code lines | under `srt/kvalloc/`: files, code lines "
-        "| upstream functions calling it inline | upstream functions decorated "
-        "| other lines written inline |",
-        "|---|---|---|---|---|---|",
+        "| PR | at upstream paths: new files, code lines | upstream functions calling it "
+        "inline | upstream functions decorated | other lines written inline |",
+        "|---|---|---|---|---|",
     ]
     every = sizes()  # one plan of the series for the rows and the total
     for s in every:
         rows.append(
             f"| {s.number}/{len(SERIES)} `{s.slug}` | {s.at_upstream_paths[0]}, "
-            f"{s.at_upstream_paths[1]:,} | {s.under_kvalloc[0]}, {s.under_kvalloc[1]:,} "
-            f"| {s.inline_calls} | {s.decorated} | {s.inserted} |"
+            f"{s.at_upstream_paths[1]:,} | {s.inline_calls} | {s.decorated} | {s.inserted} |"
         )
     rows.append(
         f"| all | {sum(s.at_upstream_paths[0] for s in every)}, "
-        f"{sum(s.at_upstream_paths[1] for s in every):,} | "
-        f"{sum(s.under_kvalloc[0] for s in every)}, {sum(s.under_kvalloc[1] for s in every):,} "
+        f"{sum(s.at_upstream_paths[1] for s in every):,} "
         f"| {sum(s.inline_calls for s in every)} | {sum(s.decorated for s in every)} "
         f"| {sum(s.inserted for s in every)} |"
     )

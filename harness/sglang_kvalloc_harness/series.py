@@ -7,11 +7,10 @@ PATH is the user's copy of upstream 0.5.23: a clone (``PATH/python/sglang``), th
 directory itself (``.../site-packages/sglang``), or a folder holding it. Each pull request of
 `SERIES` is applied in merge order:
 
-- this project's modules that the PR's hooks need (their import closure, lazy imports too):
-  those that would be upstream's (``in_tree/``, which the plugin imports through
-  `in_tree_finder`, itself not carried) are copied byte for byte to their upstream paths
-  (``srt/mem_cache/segmented/`` ...); the others are written into ``sglang/srt/kvalloc/``,
-  with ``sglang_kvalloc.`` renamed to ``sglang.srt.kvalloc.``;
+- this project's modules that the PR's hooks need (their import closure, lazy imports too),
+  all of them ``in_tree/`` files (which the plugin imports through `in_tree_finder`, itself
+  not carried), copied byte for byte to their upstream paths (``srt/mem_cache/segmented/``
+  ...); a module outside ``in_tree/`` in a PR's closure is an error;
 - each upstream function a hook of the PR targets (``upstream/plugin.py``) calls that hook's
   function inline where its shape allows (BEFORE hooks first, AFTER hooks last:
   `series_edits.inline_shape`), else gets one decorator line, ``@kvalloc_hook("AROUND",
@@ -57,30 +56,26 @@ from sglang_kvalloc_harness.series_edits import (
 from sglang_kvalloc_harness.series_prs import DECORATOR_MODULE, IN_TREE, SERIES, PullRequest
 
 PACKAGE = "sglang_kvalloc"
-UPSTREAM_PACKAGE = "sglang.srt.kvalloc"
 UPSTREAM_VERSION = "0.5.23"
 SOURCE = Path(plugin.__file__).resolve().parents[1]  # the product package, python/sglang_kvalloc
 # The series' tests in upstream's form, at their paths under upstream's test/, and its docs
 # pages, at their paths under upstream's docs/.
 UPSTREAM_TESTS = SOURCE.parents[1] / "upstream_tests"
 UPSTREAM_DOCS = SOURCE.parents[1] / "upstream_docs"
-# Never part of the series: the plugin's registration (replaced by the edits), the
-# import hook that loads plugins early (upstream loads its own), and the CLIs outside the server.
+# Never part of the series: the plugin's own layer (replaced by the edits), the import hook
+# that loads plugins early (upstream loads its own), and the CLIs outside the server with the
+# planner they run.
 NOT_IN_SERIES = (
-    "upstream/plugin.py",
-    "upstream/inline.py",  # the plugin's wrappers of the functions the series calls inline
+    "upstream/",  # the plugin's registration, wrappers, fields and resolution step: the series
+    # writes the calls, the fields and the step inline instead
     "early_plugins.py",
     "on_import.py",  # the plugin's modules hooked on import; the series edits them inline
     "plan.py",
     "budget.py",
-    "core/planner/render.py",  # the planner CLI's report
+    "core/",  # the capacity planner (its CLI's estimate, outside any server)
     "in_tree_finder.py",
-    "upstream/fields.py",  # the plugin's way to list KvAlloc; the series lists it inline
+    "__init__.py",  # the plugin package's: it installs in_tree_finder
 )
-# The package's own __init__ installs `in_tree_finder` (not carried: the series puts those
-# files at their upstream paths); in upstream's tree the package is this docstring.
-PACKAGE_INIT = "__init__.py"
-PACKAGE_INIT_TEXT = '"""--kv-alloc-mode modules not (yet) at their own upstream paths."""\n'
 UPSTREAM_ROOT = "sglang.srt."
 # The installed upstream (the series' version): where each hook's call goes is read there.
 INSTALLED = Path(sglang.__file__).resolve().parent
@@ -108,9 +103,7 @@ def _excluded(rel: str) -> bool:
 def _module_file(module: str) -> str | None:
     """Package-relative file of a ``sglang_kvalloc.*`` module or of an upstream name served
     from ``in_tree/``, or None."""
-    if module == UPSTREAM_PACKAGE or module.startswith(UPSTREAM_PACKAGE + "."):
-        module = PACKAGE + module.removeprefix(UPSTREAM_PACKAGE)  # a series name of ours
-    elif module.startswith(UPSTREAM_ROOT):
+    if module.startswith(UPSTREAM_ROOT):
         found = in_tree_finder.in_tree_file(module)
         return str(found[0].relative_to(SOURCE)) if found is not None else None
     parts = module.split(".")[1:]
@@ -173,7 +166,8 @@ def _closure(roots: set[str]) -> set[str]:
         seen.add(rel)
         # Every package a module sits in comes with it (its __init__).
         parts = rel.split("/")[:-1]
-        for i in range(len(parts) + 1):
+        # (an in_tree/ file's packages are upstream's, from in_tree/sglang/ down)
+        for i in range(2 if rel.startswith(IN_TREE) else 0, len(parts) + 1):
             init = "/".join(parts[:i] + ["__init__.py"])
             if (SOURCE / init).is_file() and init not in seen:
                 todo.append(init)
@@ -202,21 +196,22 @@ def plan(package: Path = INSTALLED) -> list[PlannedPR]:
                 f"hook {hook.__module__}.{hook.__name__} on {target} belongs to "
                 f"{len(owners)} PRs of the series (must be exactly one)"
             )
-        module = hook.__module__.replace(PACKAGE + ".", UPSTREAM_PACKAGE + ".", 1)
+        module = hook.__module__
         edit = Edit(target, hook_type, f"{module}:{hook.__name__}")
         form = inline_form(package, edit, hook, targets)
         assigns = getattr(hook, INLINE_ARGUMENT, None) if form == "argument" else None
         owners[0].edits.append(dataclasses.replace(edit, form=form, assigns=assigns))
     carried: set[str] = set()
     for p in planned:
-        roots = {_module_file(e.hook.partition(":")[0].replace(UPSTREAM_PACKAGE, PACKAGE, 1))
-                 for e in p.edits}  # fmt: skip
+        roots = {_module_file(e.hook.partition(":")[0]) for e in p.edits}
         roots |= set(p.pr.files)
         if any(not e.inline for e in p.edits):  # the first PR that decorates brings the decorator
             roots.add(DECORATOR_MODULE)
         roots.discard(None)  # type: ignore[arg-type]
         new = sorted(r for r in _closure(roots) if not _excluded(r)) if roots else []  # type: ignore[arg-type]
         for rel in new:
+            if not rel.startswith(IN_TREE):
+                raise SeriesError(f"PR {p.pr.number} needs {rel}, which is not in {IN_TREE}")
             if rel not in carried:
                 carried.add(rel)
                 p.files.append(rel)
@@ -281,42 +276,15 @@ def upstream_version(package: Path) -> str:
 
 
 def upstream_path(rel: str) -> str:
-    """Where one of this project's files goes in upstream's package: its own path for an
-    ``in_tree/`` file, else under ``srt/kvalloc/``."""
-    if rel.startswith(IN_TREE):
-        return rel.removeprefix(IN_TREE)
-    return f"srt/kvalloc/{rel}"
-
-
-# Upstream's pre-commit as ruff runs it: isort with sglang first-party, then black at 88.
-UPSTREAM_FORMAT = (
-    ("check", "--isolated", "--select", "I", "--fix", "--exit-zero",
-     "--config", "lint.isort.known-first-party=['sglang']"),
-    ("format", "--isolated", "--line-length", "88"),
-)  # fmt: skip
+    """Where one of this project's ``in_tree/`` files goes in upstream's package."""
+    return rel.removeprefix(IN_TREE)
 
 
 @functools.cache
 def carried_text(rel: str) -> str:
-    """The text one of this project's files has in upstream's tree: an ``in_tree/`` file as
-    it is (written as upstream code), another with its imports renamed and formatted as
-    upstream's pre-commit formats (`UPSTREAM_FORMAT`)."""
-    if rel.startswith(IN_TREE):
-        return (SOURCE / rel).read_text()
-    if rel == PACKAGE_INIT:
-        return PACKAGE_INIT_TEXT
-    text = re.sub(rf"\b{PACKAGE}\b", UPSTREAM_PACKAGE, (SOURCE / rel).read_text())
-    if not rel.endswith(".py"):
-        return text
-    for step in UPSTREAM_FORMAT:
-        done = subprocess.run(
-            [sys.executable, "-m", "ruff", *step, "--stdin-filename", Path(rel).name, "-"],
-            input=text, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise SeriesError(f"{rel}: ruff {step[0]} failed: {done.stderr.strip()}")
-        text = done.stdout
-    return text
+    """The text one of this project's ``in_tree/`` files has in upstream's tree: as it is
+    (written as upstream code)."""
+    return (SOURCE / rel).read_text()
 
 
 def text_at(rel: str, number: int) -> str:
@@ -436,8 +404,9 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
         raise SeriesError(
             f"{package} is SGLang {version}; the series is for {UPSTREAM_VERSION} (--force to try)"
         )
-    if (package / "srt" / "kvalloc").exists():
-        raise SeriesError(f"{package / 'srt' / 'kvalloc'} exists: the series is already applied")
+    first = package / upstream_path(SERIES[0].files[0])  # the flag's fields
+    if first.exists():
+        raise SeriesError(f"{first} exists: the series is already applied")
     root = _git_root(package) if commit else None
     if root is not None and _git(root, "status", "--porcelain", "--", str(package)).strip():
         raise SeriesError(f"{package} has uncommitted changes; commit or stash them first")
@@ -472,13 +441,13 @@ def apply(path: Path, *, commit: bool = True, force: bool = False, log=print) ->
 @dataclass(frozen=True)
 class PrSize:
     """What one PR adds, in code lines (non-blank, non-comment): files at their own upstream
-    paths (byte for byte from ``in_tree/``), files under ``srt/kvalloc/``, and the upstream
-    functions that call the change inline, and those it decorates (one added line each)."""
+    paths (byte for byte from ``in_tree/``), the lines it brings to files an earlier PR
+    carries, the upstream functions that call the change inline, and those it decorates
+    (one added line each)."""
 
     number: int
     slug: str
     at_upstream_paths: tuple[int, int]  # (files, code lines)
-    under_kvalloc: tuple[int, int]
     inline_calls: int
     decorated: int
     inserted: int  # lines written inline into upstream's files
@@ -489,20 +458,12 @@ def sizes() -> list[PrSize]:
     out = []
     for p in plan():
         n = p.pr.number
-        own = [code_lines(text_at(r, n)) for r in p.files if r.startswith(IN_TREE)]
-        rest = [
-            code_lines(text_at(r, n))
-            for r in p.files
-            if not r.startswith(IN_TREE) and r.endswith(".py")
-        ]
-        for rel, added in part_lines(p.pr):
-            (own if rel.startswith(IN_TREE) else rest).append(added)
+        own = [code_lines(text_at(r, n)) for r in p.files]
         # a part's lines count as code lines of the PR, in no new file
-        own_files = sum(r.startswith(IN_TREE) for r in p.files)
-        rest_files = sum(not r.startswith(IN_TREE) and r.endswith(".py") for r in p.files)
+        own += [added for _, added in part_lines(p.pr)]
         inserted = sum(len(i.lines) for i in p.pr.insertions)
         out.append(
-            PrSize(p.pr.number, p.pr.slug, (own_files, sum(own)), (rest_files, sum(rest)),
+            PrSize(p.pr.number, p.pr.slug, (len(p.files), sum(own)),
                    sum(e.inline for e in p.edits), sum(not e.inline for e in p.edits), inserted)
         )  # fmt: skip
     return out

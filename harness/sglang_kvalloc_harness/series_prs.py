@@ -22,6 +22,8 @@ AUTO_RULE = "# `auto`'s choice between static and segmented, by the same share."
 AUTO_GRAPH_BYTES = (
     "# What static mode allocates of these buffers at the context, which `auto` weighs."
 )
+DRAFT_FOLLOWS = "    if self.is_draft_worker and RUNTIME.state.clamped_context_length is not None:"
+DRAFT_OR_AGAIN = "    if self.is_draft_worker or id(self) in _SIZING_AGAIN:"
 AFTER_AUTO = "    mode = modes.SEGMENTED if request.mode == modes.SEGMENTED else modes.STATIC"
 
 
@@ -51,7 +53,7 @@ SERIES: tuple[PullRequest, ...] = (
         "kv-alloc-mode-flag",
         "--kv-alloc-mode on ServerArgs and Engine",
         "The flag, its companions and their checks; static is upstream unchanged.",
-        ("cli.*",),
+        ("kv_alloc_hook.*",),
         (FIELDS,),
         (
             # The fields are declared as upstream declares fields: a namespace Struct listed
@@ -172,14 +174,15 @@ SERIES: tuple[PullRequest, ...] = (
         "auto-mode",
         "auto: clamp the context to what the device holds and choose the mode",
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
-        ("auto.clamp_context_before_resolve",),
-        ("upstream/auto.py", IN_TREE + "srt/mem_cache/segmented/auto_pools.py"),
+        ("auto_context.*",),
+        (IN_TREE + "srt/mem_cache/segmented/auto_pools.py",),
         tests=("registered/unit/server_args/test_kv_alloc_auto_context.py",),
         docs=("advanced_features/kv_alloc_auto.md",),
         # Its branch where the mode is decided (segmented.pool_config.mode_decided), which
         # the earlier PRs write without it: there auto is upstream's static. Its rule (the
         # share, in row_room) and static's graph buffers (graph_layouts) come with it too.
         parts=(
+            Part(POOL_CONFIG, DRAFT_FOLLOWS, end=DRAFT_OR_AGAIN),
             Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),
             Part(ROW_ROOM, AUTO_RULE),
             Part(GRAPH_LAYOUTS, AUTO_GRAPH_BYTES),

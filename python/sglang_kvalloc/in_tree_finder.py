@@ -78,67 +78,10 @@ class InTreeFinder(importlib.abc.MetaPathFinder):
         )
 
 
-# Where the upstream series writes this package's other modules (renamed so): an upstream-style
-# test names them there, and `SeriesNameFinder` gives it this package's own module objects.
-SERIES_PACKAGE = "sglang.srt.kvalloc"
-
-
-class _SameModuleLoader(importlib.abc.Loader):
-    """Loads a name as another name's module object: one module, two names (no second copy
-    of its state)."""
-
-    def __init__(self, real_name: str) -> None:
-        self.real_name = real_name
-        self.real_spec: importlib.machinery.ModuleSpec | None = None
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        module = importlib.import_module(self.real_name)
-        self.real_spec = module.__spec__
-        return module
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        # importlib stamped this name's spec on the module: it keeps its own.
-        module.__spec__ = self.real_spec
-
-
-class SeriesNameFinder(importlib.abc.MetaPathFinder):
-    """``sglang.srt.kvalloc.X`` is ``sglang_kvalloc.X``, where upstream's tree has no
-    ``srt/kvalloc/`` of its own (the series applied). Consulted first: the path finder would
-    otherwise load a second copy from the aliased package's folder."""
-
-    def find_spec(
-        self,
-        fullname: str,
-        path: object = None,
-        target: types.ModuleType | None = None,
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != SERIES_PACKAGE and not fullname.startswith(SERIES_PACKAGE + "."):
-            return None
-        if _upstream_has_series_package():
-            return None
-        real_name = __package__ + fullname[len(SERIES_PACKAGE) :]
-        real = importlib.util.find_spec(real_name)
-        if real is None:
-            return None
-        return importlib.machinery.ModuleSpec(
-            fullname,
-            _SameModuleLoader(real_name),
-            is_package=real.submodule_search_locations is not None,
-        )
-
-
-def _upstream_has_series_package() -> bool:
-    srt = sys.modules.get("sglang.srt")
-    return any(Path(p, "kvalloc").is_dir() for p in getattr(srt, "__path__", ()))
-
-
 def install() -> None:
-    """Consult `InTreeFinder` after every other finder, `SeriesNameFinder` first
-    (idempotent)."""
+    """Consult `InTreeFinder` after every other finder (idempotent)."""
     if not any(isinstance(f, InTreeFinder) for f in sys.meta_path):
         sys.meta_path.append(InTreeFinder())
-    if not any(isinstance(f, SeriesNameFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, SeriesNameFinder())
 
 
 def standalone(name: str) -> types.ModuleType:

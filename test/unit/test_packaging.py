@@ -79,9 +79,8 @@ except Exception as exc:  # ImportError, or OSError from a CUDA build
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    # The plugin's early loading, the series' names of its modules (answering only
-    # sglang.srt.kvalloc.*) and the in-tree modules (consulted after upstream's own).
-    assert lines["finders"] == "['EarlyPluginLoading', 'SeriesNameFinder', 'InTreeFinder']"
+    # The plugin's early loading and the in-tree modules (consulted after upstream's own).
+    assert lines["finders"] == "['EarlyPluginLoading', 'InTreeFinder']"
     assert lines["modules"] == (  # on_import: the names of the modules hooked on import
         "['sglang_kvalloc', 'sglang_kvalloc.early_plugins', 'sglang_kvalloc.in_tree_finder',"
         " 'sglang_kvalloc.on_import']"

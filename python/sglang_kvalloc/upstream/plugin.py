@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from sglang.srt.arg_groups import kv_alloc_hook
 from sglang.srt.mem_cache.segmented import (
     attention_graph_buffers,
+    auto_context,
     cpu_attention,
     kv_pool_builders,
     memory_release,
@@ -26,7 +28,7 @@ from sglang.srt.mem_cache.segmented import (
 )
 
 from sglang_kvalloc.on_import import ON_IMPORT_MODULES
-from sglang_kvalloc.upstream import auto, cli
+from sglang_kvalloc.upstream import cli
 from sglang_kvalloc.upstream.inline import argument, done_instead, instead, then
 
 # The plugin's form of the AROUND hooks the series writes as inline calls (upstream/inline.py):
@@ -51,7 +53,8 @@ around_check_full_pool = argument("ps", scheduler_loop.withheld_counted_in_full_
 around_check_swa_pool = argument("ps", scheduler_loop.withheld_counted_in_swa_pool)
 around_registerable_regions = then(pd_transfer.registerable_committed_regions)
 around_allocatable_token_budgets = then(pd_transfer.committed_token_budgets)
-around_from_cli_args = then(cli.checked_cli_args)
+around_from_cli_args = then(kv_alloc_hook.checked_cli_args)
+around_get_init_info = then(auto_context.clamped_context_in_init_info)
 around_profile_available_bytes = then(pool_config.kv_budget_bytes)
 around_resolve_memory_pool_config = then(pool_config.mode_decided)
 around_can_run_graph = then(attention_graph_buffers.graph_gate, passes_false=True)
@@ -61,6 +64,7 @@ around_local_attention_update_for_replay = argument(
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+ENGINE = "sglang.srt.entrypoints.engine.Engine"
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 WEIGHT_UPDATER = (
     "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
@@ -112,10 +116,12 @@ def hooks() -> list[tuple[str, object, str]]:
     return [
         # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
         (f"{SERVER_ARGS}.from_cli_args", around_from_cli_args, "AROUND"),
-        # auto: a segment size checked against the model, and the context clamped in the
-        # launcher, to the model and the estimated pool.
-        (f"{SERVER_ARGS}.resolve_once", auto.clamp_context_before_resolve, "BEFORE"),
-        (f"{SERVER_ARGS}.resolved_dict", cli.after_resolved_dict, "AFTER"),
+        # auto: the context clamped to the model's maximum in the launcher; where the
+        # scheduler clamps it to the pool, its handshake brings the clamp to the tokenizer.
+        (f"{SERVER_ARGS}.resolve_once", auto_context.clamp_context_to_model, "BEFORE"),
+        (f"{SCHEDULER}.get_init_info", around_get_init_info, "AROUND"),
+        (f"{ENGINE}._set_startup_time", auto_context.context_from_scheduler, "AFTER"),
+        (f"{SERVER_ARGS}.resolved_dict", kv_alloc_hook.after_resolved_dict, "AFTER"),
         # Segmented on the CPU: RoPE caches grow with the positions in use, not the context.
         (f"{SCHEDULER}.__init__", scheduler_request.before_scheduler_init, "BEFORE"),
         (RESERVE_ROPE, around_reserve_rope_cache, "AROUND"),

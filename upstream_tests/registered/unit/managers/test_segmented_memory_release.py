@@ -16,7 +16,6 @@ import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_CUDA_GRAPH, GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.disaggregation.utils import DisaggregationMode
-from sglang.srt.kvalloc.core.planner import layouts
 from sglang.srt.managers import io_struct
 from sglang.srt.managers.scheduler_components.weight_updater import (
     SchedulerWeightUpdaterManager as Updater,
@@ -29,7 +28,10 @@ from sglang.srt.mem_cache.segmented import (
     modes,
 )
 from sglang.srt.mem_cache.segmented.graph_buffers import LazyGraphBuffer
-from sglang.srt.mem_cache.segmented.graph_layouts import GraphBatch
+from sglang.srt.mem_cache.segmented.graph_layouts import (
+    GraphBatch,
+    fa3_page_table_layout,
+)
 from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToTokenPool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
@@ -97,7 +99,7 @@ class TestSegmentedMemoryRelease(CustomTestCase):
         )
         buffers = kv.segmented_buffers  # the reservations the segments commit in
         rows = SegmentedReqToTokenPool(4, 100_000, "cpu", False)
-        layout = layouts.fa3_page_table_layout(4, 100_000, 1)
+        layout = fa3_page_table_layout(4, 100_000, 1)
         graph = LazyGraphBuffer(layout, RUNTIME.backings(layout.reserved_bytes))
         RUNTIME.graph.buffers.append(graph)
         # A request served and finished: 2500 slots written, its row, a replay's table.

@@ -1,4 +1,5 @@
-"""``--kv-alloc-mode auto`` clamps ``--context-length`` when ServerArgs is resolved.
+"""``--kv-alloc-mode auto`` clamps ``--context-length`` to the model when ServerArgs is
+resolved; the clamp to the pool the scheduler sizes reaches the tokenizer.
 
 CPU only: a local config.json, nothing downloaded, no weights loaded.
 
@@ -9,9 +10,12 @@ import json
 import os
 import tempfile
 import unittest
+from types import SimpleNamespace
 from unittest import mock
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.mem_cache.segmented import auto_context
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
 from sglang.srt.server_args import ServerArgs, prepare_server_args
 from sglang.test.ci.ci_register import register_cpu_ci
@@ -22,8 +26,6 @@ register_cpu_ci(est_time=10, suite="base-a-test-cpu")
 MODEL_MAX = 4096
 HUGE = 10_000_000
 OVERRIDE = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
-# Small weights, large KV per token (16 layers x 8 KV heads x 256 x K and V): a pool in
-# device memory holds far more than MODEL_MAX tokens and far fewer than HUGE.
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -81,18 +83,41 @@ class TestKvAllocAutoContext(CustomTestCase):
         self.assertEqual(ModelConfig.from_server_args(args).context_len, MODEL_MAX)
         self.assertTrue(any(f"clamped to {MODEL_MAX}" in x for x in lines), lines)
 
-    def test_auto_with_the_override_clamps_to_what_the_device_holds(self):
+    def test_auto_with_the_override_leaves_the_pool_to_the_scheduler(self):
         with mock.patch.dict(os.environ, {OVERRIDE: "1"}):
-            args, lines = self._resolve_logged(
-                "--kv-alloc-mode", "auto", "--context-length", str(HUGE)
-            )
-            context = args.context_length
-            self.assertGreater(context, MODEL_MAX)  # the override is honoured
-            self.assertLess(context, HUGE)  # but the pool cannot hold HUGE tokens
-            self.assertEqual(ModelConfig.from_server_args(args).context_len, context)
-        clamped = [x for x in lines if f"clamped to {context}" in x]
-        self.assertTrue(clamped, lines)
-        self.assertIn("KV pool", clamped[0])
+            args = self._args("--kv-alloc-mode", "auto", "--context-length", str(HUGE))
+            args.resolve_once()
+            # What the device holds is known once the scheduler sized the pool.
+            self.assertEqual(args.context_length, HUGE)
+            self.assertEqual(ModelConfig.from_server_args(args).context_len, HUGE)
+
+    def test_the_schedulers_clamp_reaches_the_tokenizer(self):
+        """The scheduler's handshake carries auto's clamp; the tokenizer, /v1/models and
+        /server_info then serve the clamped context."""
+        RUNTIME.state.clamped_context_length = 12_345
+        self.addCleanup(setattr, RUNTIME.state, "clamped_context_length", None)
+        info = auto_context.clamped_context_in_init_info({"status": "ready"}, None)
+        self.assertEqual(info[auto_context.CLAMPED_CONTEXT_KEY], 12_345)
+        args = self._args("--kv-alloc-mode", "auto", "--context-length", "2048")
+        tokenizer = SimpleNamespace(
+            context_len=HUGE,
+            model_config=SimpleNamespace(context_len=HUGE),
+            server_args=args,
+        )
+        started = SimpleNamespace(scheduler_infos=[info, dict(info)])
+        auto_context.context_from_scheduler(None, tokenizer, started, 0.0)
+        self.assertEqual(tokenizer.context_len, 12_345)
+        self.assertEqual(tokenizer.model_config.context_len, 12_345)
+        self.assertEqual(args.context_length, 12_345)
+        # Without a clamp in the handshake, upstream's context stays.
+        RUNTIME.state.clamped_context_length = None
+        info = auto_context.clamped_context_in_init_info({"status": "ready"}, None)
+        self.assertNotIn(auto_context.CLAMPED_CONTEXT_KEY, info)
+        tokenizer.context_len = HUGE
+        auto_context.context_from_scheduler(
+            None, tokenizer, SimpleNamespace(scheduler_infos=[info]), 0.0
+        )
+        self.assertEqual(tokenizer.context_len, HUGE)
 
     def test_an_ordinary_context_is_left_as_upstream_resolves_it(self):
         self._no_override()

@@ -6,12 +6,15 @@ the pool).
 `handle_kv_alloc` runs in `run_resolution_pipeline` right after
 `handle_gpu_memory_settings`, for every record (the command line and `sglang.Engine`),
 and raises `ValueError` with one line as the other steps do. `kv_alloc_problem` is the
-same check as a string, for the command line to report as an argparse error.
+same check as a string, which `ServerArgs.from_cli_args` reports as an argparse error
+(one line, exit 2) before anything is resolved. `/server_info` shows the mode in force.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import argparse
+import math
+from typing import TYPE_CHECKING, Any, Optional
 
 from sglang.srt.mem_cache.segmented import geometry, modes
 
@@ -62,3 +65,33 @@ def handle_kv_alloc(server_args: ServerArgs) -> None:
     problem = kv_alloc_problem(server_args)
     if problem is not None:
         raise modes.KvAllocModeError(problem)
+
+
+def checked_cli_args(
+    server_args: ServerArgs, cls: type[ServerArgs], args: argparse.Namespace
+) -> ServerArgs:
+    """Called where `ServerArgs.from_cli_args` returns, with its result: what argparse
+    could not check is an argparse error all the same (one line, exit 2, no
+    traceback)."""
+    try:
+        problem = kv_alloc_problem(server_args)
+    except modes.KvAllocModeError as exc:  # a bad value from the environment
+        problem = str(exc)
+    if problem is not None:
+        argparse.ArgumentParser(usage=argparse.SUPPRESS).error(problem)
+    return server_args
+
+
+def after_resolved_dict(
+    result: dict[str, Any], self: ServerArgs, *args: Any, **kwargs: Any
+) -> None:
+    """Called where `ServerArgs.resolved_dict` returns, with its result: `/server_info`
+    shows the mode asked for (the field, else the environment, else the default), not
+    None where the field was left unset; a hold-off of inf (never give memory back) is
+    null there, as JSON has no infinity (upstream's `/server_info` answers 500 on
+    one)."""
+    result[modes.SERVER_ARGS_ATTR] = modes.requested_mode(self)
+    hold_off = result.get(modes.HOLD_OFF_ATTR)
+    if isinstance(hold_off, float) and not math.isfinite(hold_off):
+        result[modes.HOLD_OFF_ATTR] = None
+    return None

@@ -20,6 +20,7 @@ from sglang.srt.mem_cache.segmented.graph_layouts import (
 )
 from sglang.srt.mem_cache.segmented.pool_kind import kv_pool_bytes
 from sglang.srt.mem_cache.segmented.row_room import decide_auto, req_to_token_bytes
+from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 
 if TYPE_CHECKING:
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -84,6 +85,8 @@ def auto_decided(
     logger.info("--kv-alloc-mode auto chose %s: %s", mode, reason)
     config = pool_config.settle_run_time_memory(self, config, args, kwargs)
     _context_within_pool(self, config)
+    if self.model_config.context_len < context_len:
+        RUNTIME.state.clamped_context_length = self.model_config.context_len
     return config
 
 

@@ -89,6 +89,8 @@ class KvAllocState:
 
     requested_context_length: int | None = None
     effective_context_length: int | None = None
+    # auto: the context it clamped to where the pool was sized (the tokenizer follows).
+    clamped_context_length: int | None = None
     token_capacity: int | None = None
     max_running_requests: int | None = None
     req_to_token_bytes: int | None = None
