@@ -93,22 +93,20 @@ class TestKvAllocAutoContext(CustomTestCase):
 
     def test_the_schedulers_clamp_reaches_the_tokenizer(self):
         """The scheduler's handshake carries auto's clamp; the tokenizer, /v1/models and
-        /server_info then serve the clamped context."""
+        /server_info then report the clamped context."""
         RUNTIME.state.clamped_context_length = 12_345
         self.addCleanup(setattr, RUNTIME.state, "clamped_context_length", None)
         info = auto_context.clamped_context_in_init_info({"status": "ready"}, None)
         self.assertEqual(info[auto_context.CLAMPED_CONTEXT_KEY], 12_345)
-        args = self._args("--kv-alloc-mode", "auto", "--context-length", "2048")
+        # /server_info lays the handshake over the resolved arguments.
+        self.assertEqual(info["context_length"], 12_345)
         tokenizer = SimpleNamespace(
-            context_len=HUGE,
-            model_config=SimpleNamespace(context_len=HUGE),
-            server_args=args,
+            context_len=HUGE, model_config=SimpleNamespace(context_len=HUGE)
         )
         started = SimpleNamespace(scheduler_infos=[info, dict(info)])
         auto_context.context_from_scheduler(None, tokenizer, started, 0.0)
         self.assertEqual(tokenizer.context_len, 12_345)
         self.assertEqual(tokenizer.model_config.context_len, 12_345)
-        self.assertEqual(args.context_length, 12_345)
         # Without a clamp in the handshake, upstream's context stays.
         RUNTIME.state.clamped_context_length = None
         info = auto_context.clamped_context_in_init_info({"status": "ready"}, None)

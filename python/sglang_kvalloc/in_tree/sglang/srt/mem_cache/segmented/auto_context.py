@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OVERRIDE_ENV = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
-# The key of the scheduler's start-up handshake that carries auto's clamp.
-CLAMPED_CONTEXT_KEY = "kv_alloc_clamped_context_len"
+# The key of the scheduler's start-up handshake that carries auto's clamp: upstream's own
+# field name, as `/server_info` lays the handshake over the resolved arguments.
+CLAMPED_CONTEXT_KEY = "context_length"
 
 
 def _override_allowed() -> bool:
@@ -93,7 +94,8 @@ def clamped_context_in_init_info(
     result: dict[str, Any], scheduler: Scheduler, *args: Any, **kwargs: Any
 ) -> dict[str, Any]:
     """Called where `Scheduler.get_init_info` returns, with its result: where auto
-    clamped the context to the pool, the handshake carries the clamp."""
+    clamped the context to the pool, the handshake carries the clamp (and
+    `/server_info`, which lays the handshake over the arguments, reports it)."""
     clamped = RUNTIME.state.clamped_context_length
     if clamped is not None:
         result[CLAMPED_CONTEXT_KEY] = clamped
@@ -109,7 +111,7 @@ def context_from_scheduler(
 ) -> None:
     """Called where `Engine._set_startup_time` returns: where the schedulers clamped the
     context to their pools, the tokenizer checks requests against it and `/v1/models`
-    and `/server_info` report it."""
+    reports it (the resolved arguments stay as resolved: they are read-only)."""
     infos = scheduler_init_result.scheduler_infos
     clamps = [int(i[CLAMPED_CONTEXT_KEY]) for i in infos if CLAMPED_CONTEXT_KEY in i]
     model_config = getattr(tokenizer_manager, "model_config", None)
@@ -126,4 +128,3 @@ def context_from_scheduler(
     )
     tokenizer_manager.context_len = context
     model_config.context_len = context
-    tokenizer_manager.server_args.context_length = context
