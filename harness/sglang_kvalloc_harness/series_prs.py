@@ -95,17 +95,25 @@ SERIES: tuple[PullRequest, ...] = (
     ),
     PullRequest(
         2,
-        "lazy-context-tables",
-        "Segmented mode where the pool is sized; lazy req_to_token and RoPE cache",
-        "Segmented mode opens its backing where upstream sizes the KV pool, keeps room for "
-        "what it commits at run time, and reserves the tables sized by the context.",
+        "segmented-kv-mode",
+        "Segmented mode decided where the KV pool is sized",
+        "Opens the device's backing where upstream sizes the KV pool, refuses in one line "
+        "what segmented mode cannot serve, and keeps room for what it commits at run time.",
         (
             "pool_config.mode_decided",
             "scheduler_request.*",
-            "req_pool_builders.*",
             "pool_config.kv_budget_bytes",
-            "rope.*",
         ),
+        tests=("registered/unit/mem_cache/test_segmented_mode_decision.py",),
+        docs=("advanced_features/segmented_kv_mode.md",),
+    ),
+    PullRequest(
+        3,
+        "lazy-req-to-token",
+        "req_to_token reserved whole, its rows committed as requests use them",
+        "Segmented mode's req_to_token (and a PD decode server's) over a reservation of "
+        "the full shape: a row's used prefix is committed, a freed row given back.",
+        ("req_pool_builders.*",),
         (
             IN_TREE + "srt/mem_cache/segmented/row_commits.py",
             IN_TREE + "srt/mem_cache/segmented/lazy_req_to_token.py",
@@ -115,7 +123,17 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/lazy_context_tables.md",),
     ),
     PullRequest(
-        3,
+        4,
+        "lazy-rope-cache",
+        "RoPE caches grown with the positions in use in segmented mode",
+        "The cos/sin caches keep the model's length and grow as positions reach past it "
+        "(CPU), or sit at one address committed as positions reach it (CUDA).",
+        ("rope.*",),
+        tests=("registered/unit/layers/test_lazy_rope_cache.py",),
+        docs=("advanced_features/lazy_rope_cache.md",),
+    ),
+    PullRequest(
+        5,
         "segmented-page-allocator",
         "A page allocator that commits segments as pages are needed",
         "Pages handed out from committed segments, the next committed ahead, trailing "
@@ -129,7 +147,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_page_allocator.md",),
     ),
     PullRequest(
-        4,
+        6,
         "segmented-kv-pool",
         "Segment-aware allocators and the segmented MHA, hybrid SWA and MLA pools",
         "KV memory committed a segment at a time ahead of demand, given back when idle.",
@@ -148,7 +166,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_cache.md",),
     ),
     PullRequest(
-        5,
+        7,
         "cuda-vmm-backing",
         "The CUDA virtual-memory backing",
         "Segmented mode on NVIDIA GPUs: address space reserved, 2 MiB granules committed.",
@@ -161,7 +179,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/cuda_vmm_kv_backing.md",),
     ),
     PullRequest(
-        6,
+        8,
         "lazy-cuda-graph-buffers",
         "Attention backends' cuda-graph buffers reserved, committed per replay",
         "triton, fa3 and flashinfer index buffers and the verify mask, committed per batch.",
@@ -170,7 +188,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/lazy_cuda_graph_buffers.md",),
     ),
     PullRequest(
-        7,
+        9,
         "auto-mode",
         "auto: clamp the context to what the device holds and choose the mode",
         "Resolves auto once upstream has sized the pool; says what it chose and why.",
@@ -189,7 +207,7 @@ SERIES: tuple[PullRequest, ...] = (
         ),
     ),
     PullRequest(
-        8,
+        10,
         "kv-alloc-observability",
         "Start-up report, /server_info and sglang:kv_* gauges",
         "What mode is in force, why, the capacity and what is committed.",
@@ -198,7 +216,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/kv_alloc_observability.md",),
     ),
     PullRequest(
-        9,
+        11,
         "rl-memory-release",
         "Release and resume of memory occupation in segmented mode (RL)",
         "kv_cache released gives back every segment, row, graph buffer and RoPE granule.",
@@ -208,7 +226,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_memory_release.md",),
     ),
     PullRequest(
-        10,
+        12,
         "pd-segmented-kv",
         "PD disaggregation with the KV pool committed on demand",
         "Both PD loops commit ahead; the transfer engine registers committed segments only.",
@@ -218,7 +236,7 @@ SERIES: tuple[PullRequest, ...] = (
         docs=("advanced_features/segmented_kv_pd_disaggregation.md",),
     ),
     PullRequest(
-        11,
+        13,
         "kv-shared-budget",
         "Several segmented servers share one KV budget on a device (--kv-budget)",
         "A ledger each server reserves in before it commits; a waiting server is given way.",

@@ -1,4 +1,4 @@
-"""The CUDA backing's upstream-style test (PR 5's, registered for upstream's CUDA CI and
+"""The CUDA backing's upstream-style test (PR 7's, registered for upstream's CUDA CI and
 skipped on the CPU) runs here over the fake CUDA driver, which enforces the driver's rules
 and reports free memory as the device would: the test's own claims are checked where no
 GPU is, and a call it makes that the backing does not have fails here first."""

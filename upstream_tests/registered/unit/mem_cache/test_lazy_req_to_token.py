@@ -1,8 +1,7 @@
-"""Segmented mode's context-scaled tables on the CPU: req_to_token is reserved at its full
-size (max requests x context) and only the rows requests write hold memory (an mmap whose
-pages a first write commits, measured with mincore), a freed row gives its pages back, and
-the table reads as upstream's does; the RoPE cache grows with the positions in use instead
-of being expanded to the context. Static mode keeps upstream's own. CPU only.
+"""Segmented mode's req_to_token on the CPU: reserved at its full size (max requests x
+context) and only the rows requests write hold memory (an mmap whose pages a first write
+commits, measured with mincore), a freed row gives its pages back, and the table reads as
+upstream's does. Static mode keeps upstream's own. CPU only.
 
     python -m pytest test/registered/unit/mem_cache/test_lazy_req_to_token.py -v
 """
@@ -14,7 +13,6 @@ from unittest import mock
 import torch
 
 from sglang.srt import runtime_context
-from sglang.srt.layers.rotary_embedding import base
 from sglang.srt.managers.schedule_batch import ReqKvInfo
 from sglang.srt.mem_cache import kv_cache_configurator
 from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
@@ -24,7 +22,6 @@ from sglang.srt.mem_cache.segmented.lazy_req_to_token import SegmentedReqToToken
 from sglang.srt.mem_cache.segmented.req_pool_builders import segmented_default_req_pool
 from sglang.srt.mem_cache.segmented.runtime import RUNTIME
 from sglang.srt.plugins import load_plugins
-from sglang.srt.utils import common
 from sglang.test.ci.ci_register import register_cpu_ci
 from sglang.test.test_utils import CustomTestCase
 
@@ -118,32 +115,6 @@ class TestLazyReqToToken(CustomTestCase):
         self.assertTrue(torch.equal(ours_t[ours[5000]], theirs_t[theirs[5000]]))
         got, want = ours_t[ours[900], :900], theirs_t[theirs[900], :900]
         self.assertTrue(torch.equal(got, want))
-
-    def test_the_rope_cache_grows_with_the_positions_in_use(self):
-        spec = NS(speculative_num_steps=0, speculative_num_draft_tokens=0)
-        self._patch([common], "get_model", lambda: NS(context_length=None))
-        self._patch([common], "get_spec", lambda: spec)
-        hf_config = NS(max_position_embeddings=4096)
-        config = NS(context_len=100_000, hf_text_config=hf_config)
-        ropes = {}
-        for mode in (modes.STATIC, modes.SEGMENTED):
-            RUNTIME.reset()
-            self._mode(mode)
-            with mock.patch.object(base, "_is_cpu", True):  # the CPU engine's module
-                rope = base.RotaryEmbedding(64, 64, 4096, 1e4, True, torch.float32)
-            model = torch.nn.Module()
-            model.rotary_emb = ropes[mode] = rope
-            common.reserve_rope_cache_for_long_sequences(model, config)
-        upstream, lazy = ropes[modes.STATIC], ropes[modes.SEGMENTED]
-        self.assertGreaterEqual(upstream.cos_sin_cache.shape[0], 100_000)
-        self.assertEqual(lazy.cos_sin_cache.shape[0], 4096)  # the model's own length
-        positions, (q, k) = torch.tensor([5, 20_000]), torch.randn(2, 2, 64)
-        got = lazy.forward_native(positions, q.clone(), k.clone())
-        rows = lazy.cos_sin_cache.shape[0]
-        self.assertTrue(20_000 < rows < 100_000, rows)
-        self.assertTrue(torch.equal(lazy.cos_sin_cache, upstream.cos_sin_cache[:rows]))
-        want = upstream.forward_native(positions, q.clone(), k.clone())
-        self.assertTrue(all(map(torch.equal, got, want)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The KV pools and allocators of segmented mode, built where upstream builds its own:
 the segment-committed subclass of the pool class upstream chose, and the segment-aware
-counterpart of its allocator. PR 4 of the upstream series (the segmented KV pool)."""
+counterpart of its allocator."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """What was built, for the operator: one start-up line with the mode, why, the capacity
-and the tables; `kv_alloc` in the scheduler's internal state (`/server_info`). PR 6 of
-the upstream series (observability)."""
+and the tables; `kv_alloc` in the scheduler's internal state (`/server_info`)."""
 
 from __future__ import annotations
 

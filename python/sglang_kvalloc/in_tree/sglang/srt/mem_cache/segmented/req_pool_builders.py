@@ -1,6 +1,6 @@
 """The req_to_token pools of segmented mode, built where upstream builds its own: the
 lazy table (reserved, rows committed as requests use them) in place of upstream's, for
-the target worker only. PR 3 of the upstream series (lazy context tables)."""
+the target worker only."""
 
 from __future__ import annotations
 
