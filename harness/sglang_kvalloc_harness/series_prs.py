@@ -22,8 +22,6 @@ AUTO_RULE = "# `auto`'s choice between static and segmented, by the same share."
 AUTO_GRAPH_BYTES = (
     "# What static mode allocates of these buffers at the context, which `auto` weighs."
 )
-DRAFT_FOLLOWS = "    if self.is_draft_worker and RUNTIME.state.clamped_context_length is not None:"
-DRAFT_OR_AGAIN = "    if self.is_draft_worker or id(self) in _SIZING_AGAIN:"
 AFTER_AUTO = "    mode = modes.SEGMENTED if request.mode == modes.SEGMENTED else modes.STATIC"
 
 
@@ -200,7 +198,6 @@ SERIES: tuple[PullRequest, ...] = (
         # the earlier PRs write without it: there auto is upstream's static. Its rule (the
         # share, in row_room) and static's graph buffers (graph_layouts) come with it too.
         parts=(
-            Part(POOL_CONFIG, DRAFT_FOLLOWS, end=DRAFT_OR_AGAIN),
             Part(POOL_CONFIG, "    if request.mode == modes.AUTO:", end=AFTER_AUTO),
             Part(ROW_ROOM, AUTO_RULE),
             Part(GRAPH_LAYOUTS, AUTO_GRAPH_BYTES),

@@ -117,8 +117,11 @@ def hooks() -> list[tuple[str, object, str]]:
         # --kv-alloc-mode (a ServerArgs field, upstream/fields.py): checks, /server_info.
         (f"{SERVER_ARGS}.from_cli_args", around_from_cli_args, "AROUND"),
         # auto: the context clamped to the model's maximum in the launcher; where the
-        # scheduler clamps it to the pool, its handshake brings the clamp to the tokenizer.
+        # scheduler clamps it to the pool, a draft model and the scheduler's own config
+        # follow, and its handshake brings the clamp to the tokenizer.
         (f"{SERVER_ARGS}.resolve_once", auto_context.clamp_context_to_model, "BEFORE"),
+        (f"{CONFIGURATOR}.configure", auto_context.draft_follows_clamp, "BEFORE"),
+        (f"{SCHEDULER}.init_memory_pools", auto_context.scheduler_follows_clamp, "AFTER"),
         (f"{SCHEDULER}.get_init_info", around_get_init_info, "AROUND"),
         (f"{ENGINE}._set_startup_time", auto_context.context_from_scheduler, "AFTER"),
         (f"{SERVER_ARGS}.resolved_dict", kv_alloc_hook.after_resolved_dict, "AFTER"),

@@ -117,6 +117,33 @@ class TestKvAllocAutoContext(CustomTestCase):
         )
         self.assertEqual(tokenizer.context_len, HUGE)
 
+    def test_a_draft_model_and_the_schedulers_config_follow_the_clamp(self):
+        """The draft model was built with the target's context before the target's pool
+        was sized; its configurator (and the scheduler's own config) take the clamp."""
+
+        def configurator(draft):
+            return SimpleNamespace(
+                is_draft_worker=draft, model_config=SimpleNamespace(context_len=HUGE)
+            )
+
+        scheduler = SimpleNamespace(model_config=SimpleNamespace(context_len=HUGE))
+        draft, target = configurator(True), configurator(False)
+        for follower in (draft, target):
+            auto_context.draft_follows_clamp(follower, pre_model_load_memory=0)
+        auto_context.scheduler_follows_clamp(None, scheduler)
+        self.assertEqual(draft.model_config.context_len, HUGE)  # no clamp: upstream's
+        self.assertEqual(scheduler.model_config.context_len, HUGE)
+        RUNTIME.state.clamped_context_length = 12_345
+        self.addCleanup(setattr, RUNTIME.state, "clamped_context_length", None)
+        for follower in (draft, target):
+            auto_context.draft_follows_clamp(follower, pre_model_load_memory=0)
+        auto_context.scheduler_follows_clamp(None, scheduler)
+        self.assertEqual(draft.model_config.context_len, 12_345)
+        self.assertEqual(
+            target.model_config.context_len, HUGE
+        )  # its own, clamped by auto
+        self.assertEqual(scheduler.model_config.context_len, 12_345)
+
     def test_an_ordinary_context_is_left_as_upstream_resolves_it(self):
         self._no_override()
         for mode in ("static", "auto"):

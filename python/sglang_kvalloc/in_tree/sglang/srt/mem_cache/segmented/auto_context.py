@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from sglang.srt.managers.multi_tokenizer_mixin import MultiTokenizerRouter
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,26 @@ def clamp_context_to_model(server_args: ServerArgs, *args: Any, **kwargs: Any) -
         OVERRIDE_ENV,
     )
     server_args.context_length = model_max
+
+
+def draft_follows_clamp(
+    configurator: KVCacheConfigurator, *args: Any, **kwargs: Any
+) -> None:
+    """Called first in `KVCacheConfigurator.configure`: a speculative draft model was
+    built with the target's context before the target's pool was sized; where auto
+    clamped that, the draft serves the clamp too, so its attention backends (made
+    after the pools) size their buffers for it."""
+    clamped = RUNTIME.state.clamped_context_length
+    if configurator.is_draft_worker and clamped is not None:
+        configurator.model_config.context_len = clamped
+
+
+def scheduler_follows_clamp(result: None, scheduler: Scheduler) -> None:
+    """Called where `Scheduler.init_memory_pools` returns: the scheduler's own model
+    config (its start-up line, the `context_len` gauge) states the clamped context."""
+    clamped = RUNTIME.state.clamped_context_length
+    if clamped is not None:
+        scheduler.model_config.context_len = clamped
 
 
 def clamped_context_in_init_info(

@@ -117,24 +117,26 @@ def cuda_graph_bytes(configurator: KVCacheConfigurator, context_len: int) -> int
         return 0
     from sglang.srt.arg_groups.overrides import resolving_view
 
-    view = resolving_view(configurator.server_args)
     model = configurator.model_config
-    chunk = model.attention_chunk_size if model.is_local_attention_model else None
-    shape = AttentionGraphShape(
-        mla=bool(configurator.use_mla_backend),
-        two_wrappers=model.sliding_window_size is not None,
-        hybrid_swa=bool(model.is_hybrid_swa),
-        local_attention_chunk=chunk,
-        draft_tokens=int(view.speculative_num_draft_tokens or 0),
-        topk=int(view.speculative_eagle_topk or 1),
-        draft_steps=int(view.speculative_num_steps or 0),
-    )
-    max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
-    backend = str(view.attention_backend or "fa3")
-    page = configurator.page_size
     try:
+        view = resolving_view(configurator.server_args)
+        chunk = model.attention_chunk_size if model.is_local_attention_model else None
+        # As the backends read them: the runner's sliding window, its MLA choice.
+        shape = AttentionGraphShape(
+            mla=bool(configurator.use_mla_backend),
+            sliding_window=configurator.sliding_window_size is not None,
+            encoder_decoder=bool(model.is_encoder_decoder),
+            hybrid_swa=bool(model.is_hybrid_swa),
+            local_attention_chunk=chunk,
+            draft_tokens=int(view.speculative_num_draft_tokens or 0),
+            topk=int(view.speculative_eagle_topk or 1),
+            draft_steps=int(view.speculative_num_steps or 0),
+        )
+        max_bs = int(view.cuda_graph_config.decode.max_bs or 0)
+        backend = str(view.attention_backend or "fa3")
+        page = configurator.page_size
         return context_sized_graph_bytes(backend, max_bs, context_len, page, shape)
-    except ValueError as exc:
+    except (ValueError, AttributeError) as exc:
         # Counted as 0: auto could then choose static where the buffers are gigabytes.
         logger.warning(
             "kv-alloc: the attention backend's cuda-graph buffers could not be "

@@ -345,9 +345,12 @@ class AttentionGraphShape:
     as the backend reads it at init."""
 
     mla: bool = False
-    # flashinfer: a second wrapper (and index buffer) for a sliding window.
-    two_wrappers: bool = False
-    # fa3: a sliding-window twin of each page table.
+    # The runner's sliding window is set: flashinfer's second wrapper (and index buffer),
+    # fa3's per-draft-token verify table with top-k > 1.
+    sliding_window: bool = False
+    # flashinfer's second wrapper for cross attention.
+    encoder_decoder: bool = False
+    # fa3: a sliding-window twin of each page table (a sliding-window KV pool).
     hybrid_swa: bool = False
     # fa3: Llama-4's chunked local attention, its chunk.
     local_attention_chunk: int | None = None
@@ -377,7 +380,7 @@ def context_sized_graph_bytes(
     elif backend == "flashinfer" and shape.mla:
         target = max_bs * context_len * 4
     elif backend == "flashinfer":
-        wrappers = 2 if shape.two_wrappers else 1
+        wrappers = 2 if shape.sliding_window or shape.encoder_decoder else 1
         indices = flashinfer_kv_indices_layout(tokens, context_len, page_size)
         target = wrappers * indices.reserved_bytes
         target += flashinfer_custom_mask_layout(tokens, context_len).reserved_bytes
@@ -415,7 +418,7 @@ def _fa3_bytes(
     if draft and shape.topk > 1:
         total += 2 * fa3_page_table_layout(max_bs, context_len, 1).reserved_bytes
         total += verify_mask_layout(max_bs, draft, context_len).reserved_bytes
-        if shape.hybrid_swa:
+        if shape.sliding_window:
             spec_table = fa3_swa_spec_page_table_layout(max_bs, draft, context_len)
             total += spec_table.reserved_bytes
     total += (1 + (2 if draft else 0)) * -(-context_len // page_size) * 8

@@ -59,9 +59,6 @@ def mode_decided(
     """The pool config `_resolve_memory_pool_config` returns, once the mode is decided:
     upstream's own where static is in force; sized again where segmented mode keeps
     memory for its run-time commits (and, for auto, where the context was clamped)."""
-    if self.is_draft_worker and RUNTIME.state.clamped_context_length is not None:
-        # auto clamped the target model's context to its pool: the draft model follows.
-        self.model_config.context_len = RUNTIME.state.clamped_context_length
     if self.is_draft_worker or id(self) in _SIZING_AGAIN:
         return config
     request = scheduler_request.note_request(self.server_args)
