@@ -224,10 +224,11 @@ class TestOneServerEach:
         # meta device: its shape and bytes, nothing allocated) is 82 GB, more than this machine
         # has, and the planner says the same.
         import psutil
-        from sglang.srt.mem_cache.kv_cache_configurator import get_req_to_token_extra_context_len
         from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-        reqs, extra = 2048, get_req_to_token_extra_context_len()  # upstream's slots at this pool
+        # Upstream's request slots at this pool, and its table's headroom without speculative
+        # decoding (`get_req_to_token_extra_context_len`, which needs a server's config).
+        reqs, extra = 2048, 4
         table = ReqToTokenPool(
             size=reqs, max_context_len=10_000_000 + extra, device="meta", enable_memory_saver=False
         ).req_to_token
