@@ -2,18 +2,15 @@
 (in-tree modules, standard library only), loaded once for every part of the planner.
 
 Where SGLang is not loaded (the planner's CLI runs where torch does not), a standalone
-load of the same files (`in_tree_finder.standalone`); in upstream's tree (the series),
-upstream's own modules.
+load of the same files (`in_tree_finder.standalone`); in a server process, upstream's
+names for them. The planner is not part of the upstream series.
 """
 
 from __future__ import annotations
 
-try:
-    from sglang_kvalloc.in_tree_finder import standalone
-except ImportError:  # in upstream's tree (the series): upstream's own modules, imported as such
-    from sglang.srt.mem_cache.segmented import graph_layouts, row_room
-else:
-    graph_layouts = standalone("sglang.srt.mem_cache.segmented.graph_layouts")
-    row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
+from sglang_kvalloc.in_tree_finder import standalone
+
+graph_layouts = standalone("sglang.srt.mem_cache.segmented.graph_layouts")
+row_room = standalone("sglang.srt.mem_cache.segmented.row_room")
 
 __all__ = ["graph_layouts", "row_room"]
